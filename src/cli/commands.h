@@ -1,0 +1,13 @@
+// One function per subcommand, each in its own file under cli/; main() registers them all.
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+namespace nibble::cli {
+
+void add_logits_command(CLI::App& app);
+void add_quantize_command(CLI::App& app);
+
+}  // namespace nibble::cli
