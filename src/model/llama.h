@@ -1,0 +1,45 @@
+// The llama-like family: Llama, Mistral, Qwen2, Qwen3. One decoder: pre-RMSNorm attention with GQA and
+// RoPE (optional q/k/v/o biases, optional per-head QK RMSNorm), pre-RMSNorm SwiGLU MLP, final norm, lm_head
+// (optionally tied to the embeddings). Differences between the four are ModelConfig fields.
+#pragma once
+
+#include <memory>
+
+#include "checkpoint/safetensors.h"
+#include "model/model.h"
+#include "ops/linear/linear.h"
+#include "ops/rope/rope.h"
+
+namespace nibble {
+
+class LlamaModel final : public Model {
+public:
+    LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, QuantConfig quant, ThreadPool& pool);
+
+    const ModelConfig& config() const override { return config_; }
+    const QuantConfig& quant_config() const override { return quant_; }
+    KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size) const override;
+    void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) override;
+    int64_t weight_bytes() const override;
+
+private:
+    struct Layer {
+        std::vector<float> attn_norm;        // [n_embd]
+        LinearWeight q, k, v, o;             // q [n_heads*head_dim, n_embd], k/v [n_kv_heads*head_dim, n_embd]
+        std::vector<float> q_norm, k_norm;   // [head_dim], Qwen3 only
+        std::vector<float> mlp_norm;         // [n_embd]
+        LinearWeight gate, up, down;         // gate/up [n_ff, n_embd], down [n_embd, n_ff]
+    };
+
+    std::unique_ptr<Checkpoint> ckpt_;  // owns the mmap every weight view points into
+    ModelConfig config_;
+    QuantConfig quant_;
+    ThreadPool& pool_;
+    Tensor embed_;                      // [vocab, n_embd]
+    std::vector<Layer> layers_;
+    std::vector<float> final_norm_;     // [n_embd]
+    LinearWeight lm_head_;              // [vocab, n_embd]
+    RopeTable rope_;
+};
+
+}  // namespace nibble

@@ -1,0 +1,43 @@
+// The interface every architecture implements: one batched forward over sequences of different lengths,
+// each with its own block table into the shared paged KV cache. The engine's ModelRunner drives it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "checkpoint/model_config.h"
+#include "checkpoint/quant_config.h"
+#include "ops/attention/attention.h"
+#include "ops/attention/kv_cache.h"
+
+namespace nibble {
+
+struct ForwardSequence {
+    std::span<const int32_t> tokens;  // the new tokens of this step, at positions kv.start_pos ...
+    SequenceKv kv;                    // block table covering start_pos + tokens.size() positions
+    bool all_logits = false;          // logits for every new token; otherwise only for the last one
+};
+
+class Model {
+public:
+    virtual ~Model() = default;
+    virtual const ModelConfig& config() const = 0;
+    virtual const QuantConfig& quant_config() const = 0;
+    // KV cache shape for n_blocks blocks of block_size tokens.
+    virtual KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size) const = 0;
+    // Runs the new tokens of every sequence through the model, appending their K/V to the cache.
+    // logits: [rows, vocab], rows in sequence order (all new tokens or only the last, per sequence).
+    virtual void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) = 0;
+    // Bytes of weights as stored (what the forward streams per step).
+    virtual int64_t weight_bytes() const = 0;
+};
+
+// Reads DIR's config.json and quantization config, maps architectures[0] to its implementation and binds
+// the weights (views into the checkpoint's mmap). The model keeps `pool` for its CPU work.
+std::unique_ptr<Model> load_model(const std::string& dir, ThreadPool& pool);
+
+}  // namespace nibble
