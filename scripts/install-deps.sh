@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(
     build-essential cmake ninja-build ccache pkg-config git
     nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libyaml-cpp-dev libfmt-dev libspdlog-dev
-    libpcre2-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev
+    libpcre2-dev libicu-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev
     clang libclang-rt-dev
     python3 python3-jinja2 python3-numpy
     nodejs
