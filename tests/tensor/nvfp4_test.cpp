@@ -34,23 +34,6 @@ Quantized quantize(const std::vector<float>& x, float global_scale) {
 
 uint8_t code_at(const Quantized& q, size_t i) { return (q.packed[i / 2] >> (4 * (i % 2))) & 0x0f; }
 
-// Rows with what real tensors have: gaussian bulk, outliers, all-zero blocks, -0.0, blocks far below the
-// tensor's amax (whose scales are E4M3 subnormals or floored).
-std::vector<float> mixed_row(std::mt19937& rng, size_t k) {
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> x(k);
-    for (size_t b = 0; b < k / kNvfp4BlockSize; ++b) {
-        const int kind = static_cast<int>(b % 7);
-        const float magnitude = kind == 3 ? 1e-4f : kind == 4 ? 1e-8f : kind == 5 ? 30.0f : 1.0f;
-        for (int i = 0; i < kNvfp4BlockSize; ++i) {
-            float v = normal(rng) * magnitude;
-            if (kind == 6) v = (i % 3 == 0) ? -0.0f : 0.0f;
-            x[b * kNvfp4BlockSize + i] = v;
-        }
-    }
-    return x;
-}
-
 float amax_of(const std::vector<float>& x) {
     float amax = 0.0f;
     for (float v : x) amax = std::max(amax, std::fabs(v));
@@ -68,6 +51,23 @@ TEST(Nvfp4, GlobalScaleIsAmaxOver2688) {
 }
 
 #if defined(NIBBLE_TEST_HAVE_CUDA_REFERENCE)
+
+// Rows with what real tensors have: gaussian bulk, outliers, all-zero blocks, -0.0, blocks far below the
+// tensor's amax (whose scales are E4M3 subnormals or floored).
+std::vector<float> mixed_row(std::mt19937& rng, size_t k) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(k);
+    for (size_t b = 0; b < k / kNvfp4BlockSize; ++b) {
+        const int kind = static_cast<int>(b % 7);
+        const float magnitude = kind == 3 ? 1e-4f : kind == 4 ? 1e-8f : kind == 5 ? 30.0f : 1.0f;
+        for (int i = 0; i < kNvfp4BlockSize; ++i) {
+            float v = normal(rng) * magnitude;
+            if (kind == 6) v = (i % 3 == 0) ? -0.0f : 0.0f;
+            x[b * kNvfp4BlockSize + i] = v;
+        }
+    }
+    return x;
+}
 
 // The recipe of nvfp4.h, written with CUDA's conversions only.
 TEST(Nvfp4, ScalesAndCodesMatchTheRecipeBuiltFromCudaConversions) {
