@@ -58,9 +58,11 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
     NIBBLE_CHECK(!ec, "cannot list {}: {}", dir, ec.message());
     std::sort(found.begin(), found.end());
     NIBBLE_CHECK(!found.empty(), "{}: no {} and no {} in the folder", dir, kSingleFile, kIndexFile);
-    NIBBLE_CHECK(found.size() == 1 && found[0] == kSingleFile,
-                 "{}: found {} but no {}; without an index the folder must hold exactly one file, {}", dir,
-                 fmt::format("{}", fmt::join(found, ", ")), kIndexFile, kSingleFile);
+    // Other .safetensors files beside model.safetensors (Mistral's consolidated.safetensors, a tool's
+    // outputs) are not part of the transformers checkpoint and are ignored, as transformers ignores them.
+    NIBBLE_CHECK(std::find(found.begin(), found.end(), kSingleFile) != found.end(),
+                 "{}: found {} but neither {} nor {}", dir, fmt::format("{}", fmt::join(found, ", ")), kSingleFile,
+                 kIndexFile);
     load_single((folder / kSingleFile).string());
 }
 
