@@ -65,12 +65,23 @@ KvCacheShape LlamaModel::kv_cache_shape(int64_t n_blocks, int64_t block_size) co
                         .head_dim = config_.head_dim};
 }
 
+std::vector<const LinearWeight*> LlamaModel::linear_weights() const {
+    std::vector<const LinearWeight*> all;
+    for (const auto& L : layers_)
+        for (const LinearWeight* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) all.push_back(w);
+    if (!config_.tied_embeddings) all.push_back(&lm_head_);
+    return all;
+}
+
 int64_t LlamaModel::weight_bytes() const {
     int64_t total = embed_.numel() * static_cast<int64_t>(dtype_size(embed_.dtype));
-    for (const auto& L : layers_)
-        for (const LinearWeight* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) total += w->stored_bytes();
-    if (!config_.tied_embeddings) total += lm_head_.stored_bytes();
+    for (const LinearWeight* w : linear_weights()) total += w->stored_bytes();
     return total;
+}
+
+void LlamaModel::linear(const LinearWeight& w, const float* x, int64_t m, float* y) {
+    if (observer_ != nullptr) observer_->observe(w, x, m);
+    linear_cpu(pool_, x, m, w, y);
 }
 
 void LlamaModel::forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) {
@@ -110,9 +121,9 @@ void LlamaModel::forward(std::span<const ForwardSequence> seqs, KvCache& cache, 
         const Layer& L = layers_[static_cast<size_t>(il)];
         // attention block
         rmsnorm_cpu(x.data(), m, d, L.attn_norm.data(), c.norm_eps, h.data());
-        linear_cpu(pool_, h.data(), m, L.q, q.data());
-        linear_cpu(pool_, h.data(), m, L.k, k.data());
-        linear_cpu(pool_, h.data(), m, L.v, v.data());
+        linear(L.q, h.data(), m, q.data());
+        linear(L.k, h.data(), m, k.data());
+        linear(L.v, h.data(), m, v.data());
         if (c.qk_norm) {
             rmsnorm_cpu(q.data(), m * c.n_heads, hd, L.q_norm.data(), c.norm_eps, q.data());
             rmsnorm_cpu(k.data(), m * c.n_kv_heads, hd, L.k_norm.data(), c.norm_eps, k.data());
@@ -125,14 +136,14 @@ void LlamaModel::forward(std::span<const ForwardSequence> seqs, KvCache& cache, 
             paged_attention_cpu(pool_, q.data() + row * q_dim, n, cache, il, seqs[si].kv, attn_params,
                                 attn.data() + row * q_dim);
         }
-        linear_cpu(pool_, attn.data(), m, L.o, proj.data());
+        linear(L.o, attn.data(), m, proj.data());
         for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
         // MLP block
         rmsnorm_cpu(x.data(), m, d, L.mlp_norm.data(), c.norm_eps, h.data());
-        linear_cpu(pool_, h.data(), m, L.gate, gate.data());
-        linear_cpu(pool_, h.data(), m, L.up, up.data());
+        linear(L.gate, h.data(), m, gate.data());
+        linear(L.up, h.data(), m, up.data());
         silu_mul_cpu(gate.data(), up.data(), m * c.n_ff, gate.data());
-        linear_cpu(pool_, gate.data(), m, L.down, proj.data());
+        linear(L.down, gate.data(), m, proj.data());
         for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     }
 
@@ -151,7 +162,7 @@ void LlamaModel::forward(std::span<const ForwardSequence> seqs, KvCache& cache, 
         std::copy_n(x.data() + rows[static_cast<size_t>(i)] * d, d, last.data() + i * d);
     rmsnorm_cpu(last.data(), r, d, final_norm_.data(), c.norm_eps, last.data());
     logits.resize(static_cast<size_t>(r * c.vocab_size));
-    linear_cpu(pool_, last.data(), r, lm_head_, logits.data());
+    linear(lm_head_, last.data(), r, logits.data());
 }
 
 }  // namespace nibble

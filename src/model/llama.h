@@ -21,6 +21,8 @@ public:
     KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size) const override;
     void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) override;
     int64_t weight_bytes() const override;
+    std::vector<const LinearWeight*> linear_weights() const override;
+    void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
 
 private:
     struct Layer {
@@ -31,6 +33,9 @@ private:
         LinearWeight gate, up, down;         // gate/up [n_ff, n_embd], down [n_embd, n_ff]
     };
 
+    // y = x W^T through the CPU backend, shown to the observer first.
+    void linear(const LinearWeight& w, const float* x, int64_t m, float* y);
+
     std::unique_ptr<Checkpoint> ckpt_;  // owns the mmap every weight view points into
     ModelConfig config_;
     QuantConfig quant_;
@@ -40,6 +45,7 @@ private:
     std::vector<float> final_norm_;     // [n_embd]
     LinearWeight lm_head_;              // [vocab, n_embd]
     RopeTable rope_;
+    LinearInputObserver* observer_ = nullptr;
 };
 
 }  // namespace nibble

@@ -13,6 +13,7 @@
 #include "checkpoint/quant_config.h"
 #include "ops/attention/attention.h"
 #include "ops/attention/kv_cache.h"
+#include "ops/linear/linear.h"
 
 namespace nibble {
 
@@ -20,6 +21,14 @@ struct ForwardSequence {
     std::span<const int32_t> tokens;  // the new tokens of this step, at positions kv.start_pos ...
     SequenceKv kv;                    // block table covering start_pos + tokens.size() positions
     bool all_logits = false;          // logits for every new token; otherwise only for the last one
+};
+
+// Sees the input of every linear layer during forward; calibration records activation ranges with it.
+class LinearInputObserver {
+public:
+    virtual ~LinearInputObserver() = default;
+    //   x [m, w.n_in]
+    virtual void observe(const LinearWeight& w, const float* x, int64_t m) = 0;
 };
 
 class Model {
@@ -34,6 +43,11 @@ public:
     virtual void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) = 0;
     // Bytes of weights as stored (what the forward streams per step).
     virtual int64_t weight_bytes() const = 0;
+    // Every linear layer bound from the checkpoint, in forward order (a tied lm_head is not listed: it is
+    // the embedding table).
+    virtual std::vector<const LinearWeight*> linear_weights() const = 0;
+    // nullptr to stop observing. The observer must outlive the forwards it sees.
+    virtual void set_linear_input_observer(LinearInputObserver* observer) = 0;
 };
 
 // Reads DIR's config.json and quantization config, maps architectures[0] to its implementation and binds
