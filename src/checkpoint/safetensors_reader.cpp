@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "base/error.h"
 #include "checkpoint/safetensors.h"
@@ -57,12 +58,13 @@ TensorInfo parse_entry(const std::string& name, const json& entry, size_t data_s
         NIBBLE_CHECK(dim.has_value(), "{}: tensor {}: shape {} holds {}, not a non-negative integer", file, name,
                      sh->dump(), d.dump());
         t.shape.push_back(static_cast<int64_t>(*dim));
-        // Checked at every step, so a zero dim after an overflowing product is still refused.
-        overflow = overflow || __builtin_mul_overflow(numel, *dim, &numel);
+        // Checked at every step against int64 (what Shape::numel() multiplies in), so a zero dim after
+        // an overflowing product is still refused.
+        overflow = overflow || __builtin_mul_overflow(numel, *dim, &numel) ||
+                   numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
     }
     uint64_t nbytes = 0;
-    overflow = overflow || numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-               __builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(t.dtype)), &nbytes);
+    overflow = overflow || __builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(t.dtype)), &nbytes);
     NIBBLE_CHECK(!overflow, "{}: tensor {}: shape {} has too many elements", file, name, sh->dump());
 
     auto off = entry.find("data_offsets");

@@ -32,7 +32,9 @@ Declared make_declared(const std::string& where, const std::string& name, DType 
     uint64_t numel = 1;
     for (int i = 0; i < shape.ndim; ++i) {
         NIBBLE_CHECK(shape[i] >= 0, "{}: tensor {}: negative dimension in {}", where, name, shape.str());
-        NIBBLE_CHECK(!__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[i]), &numel),
+        // int64 bound: what Shape::numel() and readers multiply in.
+        NIBBLE_CHECK(!__builtin_mul_overflow(numel, static_cast<uint64_t>(shape[i]), &numel) &&
+                         numel <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
                      "{}: tensor {}: shape {} has too many elements", where, name, shape.str());
     }
     uint64_t nbytes = 0;

@@ -53,6 +53,10 @@ TEST(SafetensorsErrors, BadHeaders) {
         {"overflow_then_zero",
          R"({"w": {"dtype": "U8", "shape": [4294967296, 4294967296, 0], "data_offsets": [0, 0]}})", 8, "w",
          "too many elements"},
+        // Found by the fuzzer: fits uint64 but not int64 (Shape::numel), then a zero dim.
+        {"int64_overflow_then_zero",
+         R"({"w": {"dtype": "F64", "shape": [4294966792, 4294967296, 0], "data_offsets": [0, 0]}})", 8, "w",
+         "too many elements"},
         {"nbytes_overflow", R"({"w": {"dtype": "F64", "shape": [4611686018427387904], "data_offsets": [0, 8]}})", 8,
          "w", "too many elements"},
         {"offsets_not_array", R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": {"b": 0}}})", 8, "w",

@@ -143,6 +143,8 @@ TEST(Safetensors, WriterErrors) {
         w.declare("b", DType::BF16, {3});
         expect_error([&] { w.declare("a", DType::F32, {2}); }, {path, "a", "twice"});
         expect_error([&] { w.declare("neg", DType::F32, {-1}); }, {path, "neg", "negative"});
+        expect_error([&] { w.declare("big", DType::U8, {4294967296, 4294967296, 0}); },
+                     {path, "big", "too many elements"});
         expect_error([&] { w.write("b", buf, 6); }, {path, "b", "out of order", "a"});
         expect_error([&] { w.write("a", buf, 7); }, {path, "a", "7 bytes", "8 bytes"});
         w.write("a", buf, 8);
