@@ -137,15 +137,11 @@ Value py_split(const std::string& s, const Value* sep_v, const Value* max_v, boo
             for (auto [a, b] : words) parts.push_back(join_range(a, b));
         } else if (!from_right) {
             for (size_t k = 0; k < static_cast<size_t>(maxsplit); ++k) parts.push_back(join_range(words[k].first, words[k].second));
-            size_t rest = words[static_cast<size_t>(maxsplit)].first;
-            size_t end = cps.size();
-            while (end > rest && py_isspace(cps[end - 1])) --end;
-            parts.push_back(join_range(rest, end));
+            // The remainder keeps its trailing whitespace, as Python's does.
+            parts.push_back(join_range(words[static_cast<size_t>(maxsplit)].first, cps.size()));
         } else {
             size_t first_kept = words.size() - static_cast<size_t>(maxsplit);
-            size_t begin = 0;
-            while (begin < cps.size() && py_isspace(cps[begin])) ++begin;
-            parts.push_back(join_range(begin, words[first_kept - 1].second));
+            parts.push_back(join_range(0, words[first_kept - 1].second));
             for (size_t k = first_kept; k < words.size(); ++k) parts.push_back(join_range(words[k].first, words[k].second));
         }
     } else {

@@ -559,6 +559,9 @@ private:
                     e->children.push_back(std::move(index));
                     node = std::move(e);
                 }
+            } else if (is_op("(")) {
+                // Calls are valid after attributes and items as well as after filters and tests.
+                node = parse_call(std::move(node));
             } else {
                 return node;
             }
