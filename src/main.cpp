@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
     spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
     nibble::cli::add_logits_command(app);
     nibble::cli::add_quantize_command(app);
+    nibble::cli::add_tokenize_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
