@@ -76,7 +76,8 @@ private:
 
 // All tensors of a model folder: model.safetensors, or the shards listed by model.safetensors.index.json
 // (every listed shard must exist and hold exactly the tensors the index maps to it; no tensor may be in
-// two shards). Without an index the folder's only *.safetensors file must be model.safetensors.
+// two shards). Without an index the folder must hold model.safetensors; other *.safetensors files beside it
+// (Mistral's consolidated.safetensors, a tool's outputs) are ignored, as transformers ignores them.
 class Checkpoint {
 public:
     explicit Checkpoint(const std::string& dir);
