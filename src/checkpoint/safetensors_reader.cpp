@@ -15,8 +15,10 @@ namespace {
 
 using json = nlohmann::json;
 
-// {"name": {"shape": [..]}} is 3 containers deep; nothing valid goes deeper.
+// {"name": {"shape": [..]}} is 3 containers deep; nothing valid goes deeper. No valid array (shape,
+// data_offsets) is longer than Shape::kMaxDims; the bound keeps a hostile header's parse tree small.
 constexpr int kMaxHeaderDepth = 3;
+constexpr size_t kMaxHeaderArray = 16;
 
 // A non-negative integer that fits `limit`, or nullopt (floats such as 2.0 are refused too).
 std::optional<uint64_t> as_count(const json& v, uint64_t limit) {
@@ -92,7 +94,7 @@ TensorInfo parse_entry(const std::string& name, const json& entry, size_t data_s
 std::vector<TensorInfo> parse_safetensors_header(const char* text, size_t text_size, size_t data_size,
                                                  const std::string& file,
                                                  std::map<std::string, std::string>* metadata) {
-    json header = parse_json_strict(text, text_size, file + ": header", kMaxHeaderDepth);
+    json header = parse_json_strict(text, text_size, file + ": header", kMaxHeaderDepth, kMaxHeaderArray);
     NIBBLE_CHECK(header.is_object(), "{}: header is a JSON {}, not an object", file, header.type_name());
 
     std::vector<TensorInfo> tensors;

@@ -9,16 +9,28 @@
 
 namespace nibble {
 
-nlohmann::json parse_json_strict(const char* text, size_t size, const std::string& what, int max_depth) {
+nlohmann::json parse_json_strict(const char* text, size_t size, const std::string& what, int max_depth,
+                                 size_t max_array_size) {
     using json = nlohmann::json;
-    // One set of seen keys per open container (arrays get an unused set, which keeps push/pop simple).
-    std::vector<std::set<std::string>> open;
+    struct Open {
+        bool is_array = false;
+        size_t n_elements = 0;
+        std::set<std::string> keys;  // objects only
+    };
+    std::vector<Open> open;
+    // Counts one element of the innermost open array.
+    auto count_element = [&] {
+        if (open.empty() || !open.back().is_array) return;
+        NIBBLE_CHECK(++open.back().n_elements <= max_array_size, "{}: JSON array longer than {} elements", what,
+                     max_array_size);
+    };
     auto callback = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
         switch (event) {
             case json::parse_event_t::object_start:
             case json::parse_event_t::array_start:
                 NIBBLE_CHECK(depth < max_depth, "{}: JSON nests deeper than {} levels", what, max_depth);
-                open.emplace_back();
+                count_element();
+                open.push_back({event == json::parse_event_t::array_start, 0, {}});
                 break;
             case json::parse_event_t::object_end:
             case json::parse_event_t::array_end:
@@ -26,11 +38,12 @@ nlohmann::json parse_json_strict(const char* text, size_t size, const std::strin
                 break;
             case json::parse_event_t::key: {
                 const auto& key = parsed.get_ref<const std::string&>();
-                NIBBLE_CHECK(!open.empty() && open.back().insert(key).second, "{}: duplicate key \"{}\"",
+                NIBBLE_CHECK(!open.empty() && open.back().keys.insert(key).second, "{}: duplicate key \"{}\"",
                              what, key);
                 break;
             }
             case json::parse_event_t::value:
+                count_element();
                 break;
         }
         return true;

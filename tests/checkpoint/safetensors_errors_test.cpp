@@ -25,6 +25,8 @@ struct BadHeader {
 
 TEST(SafetensorsErrors, BadHeaders) {
     const std::string ok_entry = R"({"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
+    std::string long_list = "1";  // 100000 ones: refused while parsing, before a large tree is built
+    for (int i = 1; i < 100000; ++i) long_list += ",1";
     const std::vector<BadHeader> cases = {
         {"not_json", R"({"w": {"dtype": "F32",)", 8, "", "not valid JSON"},
         {"not_object", R"([1, 2, 3])", 8, "", "not an object"},
@@ -88,6 +90,8 @@ TEST(SafetensorsErrors, BadHeaders) {
         {"duplicate_field", R"({"w": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}})", 8,
          "dtype", "duplicate key"},
         {"too_deep", R"({"w": {"dtype": "F32", "shape": [[2]], "data_offsets": [0, 8]}})", 8, "", "deeper"},
+        {"long_array", "{\"w\": {\"dtype\": \"U8\", \"shape\": [" + long_list + "], \"data_offsets\": [0, 1]}}", 8,
+         "", "array longer than 16"},
         {"very_deep", std::string(100000, '[') + std::string(100000, ']'), 8, "", "deeper"},
     };
     TempDir dir;
