@@ -30,7 +30,7 @@ std::unique_ptr<Model> load_model(const std::string& dir, ThreadPool& pool) {
     QuantConfig quant = load_quant_config(dir, json);
     auto ckpt = std::make_unique<Checkpoint>(dir);
     log::info("loading {} ({} layers, hidden {}, {} weights) from {}", config.arch_name, config.n_layers,
-              config.n_embd, quant_method_name(quant.method), dir);
+              config.n_embd, quant.method == QuantMethod::None ? "unquantized" : quant_method_name(quant.method), dir);
     switch (config.arch) {
         case Arch::Llama:
         case Arch::Mistral:

@@ -1,0 +1,72 @@
+// The engine: requests in, tokens out, continuous batching in between. One thread (the engine loop)
+// runs steps: Scheduler picks running decodes first, then prefill chunks, under the token budget;
+// the ModelRunner runs one batched forward; the sampler picks tokens; each request's sink receives
+// its new tokens. submit/abort/finish_sequence are thread-safe and may be called from HTTP threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "engine/request.h"
+
+namespace nibble {
+
+class Model;
+
+enum class KvCacheDtype { Auto, Bf16, Fp8, Nvfp4, F32 };
+
+struct EngineConfig {
+    int64_t max_model_len = 4096;          // prompt + generated tokens per sequence
+    int64_t max_num_seqs = 256;            // sequences running at once
+    int64_t max_num_batched_tokens = 2048; // tokens per step (decodes + prefill chunks)
+    int64_t block_size = 16;               // tokens per KV block
+    int64_t num_blocks = 0;                // KV blocks in the pool (from the memory plan)
+    bool enable_prefix_caching = true;
+    KvCacheDtype kv_cache_dtype = KvCacheDtype::Auto;
+    std::vector<int32_t> eos_token_ids;    // end generation unless ignore_eos
+};
+
+struct EngineStats {
+    int64_t num_running = 0, num_waiting = 0;
+    int64_t kv_blocks_total = 0, kv_blocks_used = 0;
+    int64_t prefix_cache_queries = 0, prefix_cache_hits = 0;  // in tokens
+    int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
+    int64_t num_preemptions = 0;
+};
+
+// Called on the engine thread with each step's output of one request. Must return quickly; it may call
+// Engine::abort / finish_sequence (they take effect at the next step).
+using OutputSink = std::function<void(const RequestOutput&)>;
+
+class Engine {
+public:
+    Engine(Model& model, const EngineConfig& config);
+    ~Engine();  // stops the loop; pending requests finish with FinishReason::Abort
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    // Queues a request (validated: empty prompt, prompt + max_tokens beyond max_model_len, n < 1 ... are
+    // nibble::Error with a message naming the field, thrown here, before anything is queued).
+    void submit(GenerationRequest request, OutputSink sink);
+    // Cancels a request: its sequences finish with Abort and their blocks are freed at the next step.
+    void abort(const std::string& request_id);
+    // Ends one sequence (the server saw a stop string): finishes with `reason`, frees its blocks.
+    void finish_sequence(const std::string& request_id, int index, FinishReason reason);
+
+    // Runs the loop on a thread of its own until stop() (serving), or ...
+    void start();
+    void stop();
+    // ... runs one step on the caller's thread (tests, offline use). Returns false when idle.
+    bool step();
+
+    EngineStats stats() const;
+    const EngineConfig& config() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nibble
