@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/request.h"
 
@@ -22,7 +23,7 @@ struct EngineConfig {
     int64_t max_num_seqs = 256;            // sequences running at once
     int64_t max_num_batched_tokens = 2048; // tokens per step (decodes + prefill chunks)
     int64_t block_size = 16;               // tokens per KV block
-    int64_t num_blocks = 0;                // KV blocks in the pool (from the memory plan)
+    int64_t num_blocks = 0;                // KV blocks in the pool (from the memory plan); must be > 0
     bool enable_prefix_caching = true;
     KvCacheDtype kv_cache_dtype = KvCacheDtype::Auto;
     std::vector<int32_t> eos_token_ids;    // end generation unless ignore_eos
@@ -63,6 +64,10 @@ public:
 
     EngineStats stats() const;
     const EngineConfig& config() const;
+    // Throws nibble::Error naming the first broken invariant of the scheduler queues and the block pool
+    // (ref counts, free/LRU lists, prefix-cache map); tests call it after every step. Not while the loop
+    // thread runs.
+    void check_invariants() const;
 
 private:
     struct Impl;

@@ -34,11 +34,6 @@ enum class FinishReason {
     Abort,   // cancelled (client gone) or failed
 };
 
-struct TokenLogprob {
-    int32_t token = 0;
-    float logprob = 0.0f;
-};
-
 // New tokens of one of the request's n sequences since the last step.
 struct SequenceOutput {
     int index = 0;                      // which of the n choices

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
+#include <unordered_map>
 #include <vector>
 
 #include "base/error.h"
@@ -22,6 +24,72 @@ std::mt19937_64 make_sampling_rng(const SamplingParams& params) {
     if (params.seed) return std::mt19937_64(*params.seed);
     std::random_device rd;
     return std::mt19937_64((static_cast<uint64_t>(rd()) << 32) ^ rd());
+}
+
+std::mt19937_64 make_sampling_rng(const SamplingParams& params, int index) {
+    if (!params.seed) return make_sampling_rng(params);
+    return std::mt19937_64(*params.seed + static_cast<uint64_t>(index));
+}
+
+namespace {
+float& logit_at(std::span<float> logits, int32_t id) {
+    NIBBLE_CHECK(id >= 0 && static_cast<size_t>(id) < logits.size(), "token id {} is outside the vocabulary [0, {})",
+                 id, logits.size());
+    return logits[static_cast<size_t>(id)];
+}
+}  // namespace
+
+void mask_tokens(std::span<float> logits, std::span<const int32_t> ids) {
+    for (int32_t id : ids) logit_at(logits, id) = -std::numeric_limits<float>::infinity();
+}
+
+void apply_logit_bias(std::span<float> logits, const std::map<int32_t, float>& bias) {
+    for (const auto& [id, b] : bias) logit_at(logits, id) += b;
+}
+
+void apply_penalties(std::span<float> logits, const PenaltyParams& p, std::span<const int32_t> prompt,
+                     std::span<const int32_t> output) {
+    if (p.repetition_penalty != 1.0f) {
+        std::vector<bool> seen(logits.size(), false);
+        auto penalize = [&](int32_t id) {
+            float& l = logit_at(logits, id);
+            if (seen[static_cast<size_t>(id)]) return;
+            seen[static_cast<size_t>(id)] = true;
+            l = l > 0.0f ? l / p.repetition_penalty : l * p.repetition_penalty;
+        };
+        for (int32_t id : prompt) penalize(id);
+        for (int32_t id : output) penalize(id);
+    }
+    if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
+        std::unordered_map<int32_t, int64_t> count;
+        for (int32_t id : output) ++count[id];
+        for (const auto& [id, c] : count)
+            logit_at(logits, id) -= p.frequency_penalty * static_cast<float>(c) + p.presence_penalty;
+    }
+}
+
+std::vector<float> log_softmax(std::span<const float> logits) {
+    NIBBLE_CHECK(!logits.empty(), "log_softmax: empty logits");
+    const double top = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    for (float l : logits) sum += std::exp(static_cast<double>(l) - top);
+    const double log_z = top + std::log(sum);
+    std::vector<float> out(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<float>(static_cast<double>(logits[i]) - log_z);
+    return out;
+}
+
+std::vector<TokenLogprob> top_logprobs(std::span<const float> logprobs, int k) {
+    const size_t n = std::min<size_t>(static_cast<size_t>(std::max(k, 0)), logprobs.size());
+    std::vector<int32_t> ids(logprobs.size());
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n), ids.end(), [&](int32_t a, int32_t b) {
+        const float la = logprobs[static_cast<size_t>(a)], lb = logprobs[static_cast<size_t>(b)];
+        return la > lb || (la == lb && a < b);
+    });
+    std::vector<TokenLogprob> out;
+    for (size_t i = 0; i < n; ++i) out.push_back({ids[i], logprobs[static_cast<size_t>(ids[i])]});
+    return out;
 }
 
 namespace {

@@ -1,0 +1,157 @@
+#include "engine/memory_plan.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <map>
+
+#include <fmt/format.h>
+
+#include "base/error.h"
+#include "model/model.h"
+#include "tensor/nvfp4.h"
+
+namespace nibble {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string lower(std::string_view s) {
+    std::string out(s);
+    for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return out;
+}
+
+}  // namespace
+
+KvDtype resolve_kv_cache_dtype(std::string_view requested, const QuantConfig& quant, KvDtype unquantized) {
+    if (requested == "auto") {
+        switch (quant.kv_cache) {
+            case KvCacheQuant::Fp8: return KvDtype::Fp8;
+            case KvCacheQuant::Nvfp4: return KvDtype::Nvfp4;
+            case KvCacheQuant::None: return unquantized;
+        }
+    }
+    if (auto d = kv_dtype_from_name(requested)) return *d;
+    fail("--kv-cache-dtype '{}' is not supported (supported: auto, bf16, fp8, nvfp4, f32; aliases bfloat16, "
+         "fp8_e4m3, float32)",
+         requested);
+}
+
+std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
+                                                                    const QuantConfig& quant) {
+    const int64_t dense_size = static_cast<int64_t>(dtype_size(config.dtype));
+    const std::string dense_name = lower(dtype_name(config.dtype));
+    std::map<std::string, int64_t> by;
+    for (const WeightSpec& w : expected_weights(config)) {
+        if (w.kind == WeightSpec::Kind::Dense) {
+            by[dense_name] += w.shape.numel() * dense_size;
+            continue;
+        }
+        const LinearSpec& l = w.linear;
+        const int64_t nk = l.n_out * l.n_in;
+        if (l.bias) by[dense_name] += l.n_out * dense_size;
+        const bool quantized = quant.method != QuantMethod::None && !quant.is_excluded(l.module);
+        const int64_t activation_scale = quant.weight_only ? 0 : 4;
+        if (!quantized) {
+            by[dense_name] += nk * dense_size;
+            continue;
+        }
+        switch (quant.method) {
+            case QuantMethod::ModelOptNvfp4:
+            case QuantMethod::CompressedTensorsNvfp4:
+                NIBBLE_CHECK(l.n_in % kNvfp4BlockSize == 0, "{}: input dimension {} is not a multiple of 16",
+                             l.module, l.n_in);
+                by["nvfp4"] += nk / 2 + nk / kNvfp4BlockSize + 4 + activation_scale;
+                break;
+            case QuantMethod::ModelOptFp8: by["fp8"] += nk + 4 + activation_scale; break;
+            case QuantMethod::None: break;
+        }
+    }
+    if (quant.kv_cache != KvCacheQuant::None) by["kv_scales"] += 8 * config.n_layers;
+    std::vector<std::pair<std::string, int64_t>> out;
+    for (const auto& [name, bytes] : by)
+        if (bytes > 0) out.emplace_back(name, bytes);
+    return out;
+}
+
+MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const PlanOptions& o) {
+    MemoryPlan p;
+    p.max_model_len = o.max_model_len == 0 ? c.max_position_embeddings : o.max_model_len;
+    p.max_num_seqs = o.max_num_seqs;
+    p.max_num_batched_tokens = o.max_num_batched_tokens;
+    p.block_size = o.block_size;
+    p.device_memory = o.device_memory;
+    NIBBLE_CHECK(p.max_model_len > 0, "--max-model-len must be positive, got {}", p.max_model_len);
+    NIBBLE_CHECK(p.max_model_len <= c.max_position_embeddings,
+                 "--max-model-len {} exceeds the model's max_position_embeddings {}", p.max_model_len,
+                 c.max_position_embeddings);
+    NIBBLE_CHECK(o.max_num_seqs > 0, "--max-num-seqs must be positive, got {}", o.max_num_seqs);
+    NIBBLE_CHECK(o.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive, got {}",
+                 o.max_num_batched_tokens);
+    NIBBLE_CHECK(o.block_size > 0, "--block-size must be positive, got {}", o.block_size);
+    NIBBLE_CHECK(o.gpu_memory_utilization > 0 && o.gpu_memory_utilization <= 1,
+                 "--gpu-memory-utilization must be in (0, 1], got {}", o.gpu_memory_utilization);
+    NIBBLE_CHECK(o.kv_cache_memory_bytes >= 0, "--kv-cache-memory-bytes must not be negative");
+    NIBBLE_CHECK(o.device_memory > 0, "device memory must be positive, got {}", o.device_memory);
+
+    p.weights_by_format = weight_bytes_by_format(c, quant);
+    for (const auto& [name, bytes] : p.weights_by_format) p.weights_bytes += bytes;
+
+    const int64_t t = o.max_num_batched_tokens;
+    const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    const int64_t logit_rows = std::min(o.max_num_seqs, t);
+    p.activation_bytes = t * (3 * c.n_embd + 2 * q_dim + 2 * kv_dim + 2 * c.n_ff) * 4;
+    p.logits_bytes = logit_rows * c.vocab_size * 4;
+    p.attention_scratch_bytes = logit_rows * c.n_heads * kAttentionSplits * (c.head_dim + 2) * 4;
+
+    p.kv_dtype = resolve_kv_cache_dtype(o.kv_cache_dtype, quant, o.auto_kv_dtype);
+    const KvCacheShape shape{.n_layers = c.n_layers,
+                             .n_blocks = 0,
+                             .block_size = o.block_size,
+                             .n_kv_heads = c.n_kv_heads,
+                             .head_dim = c.head_dim,
+                             .dtype = p.kv_dtype,
+                             .k_scales = {},
+                             .v_scales = {}};
+    NIBBLE_CHECK(p.kv_dtype != KvDtype::Nvfp4 || c.head_dim % kNvfp4BlockSize == 0,
+                 "--kv-cache-dtype nvfp4 needs head_dim to be a multiple of {}, the model's is {}", kNvfp4BlockSize,
+                 c.head_dim);
+    p.kv_bytes_per_token = shape.bytes_per_token();
+    p.kv_block_bytes = 2 * c.n_layers * shape.block_bytes();
+
+    p.usable_memory = static_cast<int64_t>(std::floor(o.gpu_memory_utilization * static_cast<double>(o.device_memory)));
+    const int64_t fixed = p.weights_bytes + p.workspace_bytes();
+    if (o.kv_cache_memory_bytes > 0) {
+        p.kv_cache_bytes = o.kv_cache_memory_bytes;
+        NIBBLE_CHECK(fixed + p.kv_cache_bytes <= o.device_memory,
+                     "the plan does not fit: weights {:.2f} GiB + workspace {:.2f} GiB + --kv-cache-memory-bytes "
+                     "{:.2f} GiB exceed the device's {:.2f} GiB by {:.2f} GiB",
+                     p.weights_bytes / kGiB, p.workspace_bytes() / kGiB, p.kv_cache_bytes / kGiB,
+                     o.device_memory / kGiB, (fixed + p.kv_cache_bytes - o.device_memory) / kGiB);
+    } else {
+        NIBBLE_CHECK(fixed < p.usable_memory,
+                     "the plan does not fit: weights {:.2f} GiB + workspace {:.2f} GiB exceed the usable {:.2f} GiB "
+                     "({} x {:.2f} GiB) by {:.2f} GiB",
+                     p.weights_bytes / kGiB, p.workspace_bytes() / kGiB, p.usable_memory / kGiB,
+                     o.gpu_memory_utilization, o.device_memory / kGiB, (fixed - p.usable_memory) / kGiB);
+        p.kv_cache_bytes = p.usable_memory - fixed;
+    }
+    p.kv_blocks = p.kv_cache_bytes / p.kv_block_bytes;
+    p.kv_tokens = p.kv_blocks * o.block_size;
+    p.max_concurrency = static_cast<double>(p.kv_tokens) / static_cast<double>(p.max_model_len);
+    if (p.kv_tokens < p.max_model_len) {
+        const int64_t short_tokens = p.max_model_len - p.kv_tokens;
+        fail("the plan does not fit: the KV cache ({} {}) holds {} tokens, {} fewer than one --max-model-len {} "
+             "sequence (about {:.2f} GiB more KV memory needed; lower --max-model-len, use a smaller "
+             "--kv-cache-dtype or raise --gpu-memory-utilization)",
+             p.kv_cache_bytes / kGiB < 0.01 ? fmt::format("{} bytes", p.kv_cache_bytes)
+                                            : fmt::format("{:.2f} GiB", p.kv_cache_bytes / kGiB),
+             kv_dtype_name(p.kv_dtype), p.kv_tokens, short_tokens, p.max_model_len,
+             static_cast<double>(short_tokens) * static_cast<double>(p.kv_bytes_per_token) / kGiB);
+    }
+    return p;
+}
+
+}  // namespace nibble

@@ -1,0 +1,79 @@
+// The memory plan: where a device's memory goes when serving a model, computed from config.json and the
+// quantization config alone, before any weight is read (no safetensors file is opened, not even a header):
+//   weights    the architecture's tensor list (model/ expected_weights) priced by the quantization config:
+//              dense tensors in config.json's dtype; NVFP4 linears n*k/2 (E2M1) + n*k/16 (E4M3 scales) + 4
+//              (global scale) + 4 (activation scale, absent for weight-only); FP8 linears n*k + 4 + 4; biases
+//              in the dense dtype; 8 bytes of KV scales per layer when the checkpoint declares a KV scheme.
+//   workspace  activations of one step, max_num_batched_tokens rows x the forward's buffer widths
+//              (3*hidden + 2*q_dim + 2*kv_dim + 2*intermediate) x 4 bytes (float32, the widest any backend
+//              uses); logits, min(max_num_seqs, max_num_batched_tokens) rows x vocab x 4; attention scratch,
+//              split-K decode partials for the same rows: n_heads x kAttentionSplits x (head_dim + 2) x 4.
+//   KV cache   kv_cache_memory_bytes when given, else gpu_memory_utilization x device memory - weights -
+//              workspace; cut into blocks of block_size tokens (KvCacheShape::block_bytes() per layer for K
+//              and for V), kv_tokens = blocks x block_size, max_concurrency = kv_tokens / max_model_len.
+// A plan that does not fit (weights and workspace beyond the usable memory, or less KV than one
+// max_model_len sequence) is a nibble::Error that says by how much.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "checkpoint/model_config.h"
+#include "checkpoint/quant_config.h"
+#include "ops/attention/kv_cache.h"
+
+namespace nibble {
+
+// Split-K partitions a decode row's attention may use (flash-decoding); the scratch above is sized for it.
+inline constexpr int64_t kAttentionSplits = 32;
+
+// --kv-cache-dtype: "auto" is the checkpoint's KV scheme when it declares one (ModelOpt kv_cache_quant_algo
+// or kv_cache_scheme: fp8 or nvfp4, as vLLM resolves it), else `unquantized` (the backend's activation
+// dtype: f32 on the CPU reference, bf16 on CUDA). Other names: kv_dtype_from_name; anything else (fp8_e5m2
+// included) is an error naming the value and the accepted ones.
+KvDtype resolve_kv_cache_dtype(std::string_view requested, const QuantConfig& quant, KvDtype unquantized);
+
+struct PlanOptions {
+    int64_t max_model_len = 0;             // tokens per sequence; 0: config's max_position_embeddings
+    int64_t max_num_seqs = 256;
+    int64_t max_num_batched_tokens = 2048;
+    int64_t block_size = 16;
+    std::string kv_cache_dtype = "auto";
+    KvDtype auto_kv_dtype = KvDtype::Bf16;  // what "auto" means without a checkpoint KV scheme
+    double gpu_memory_utilization = 0.9;    // fraction of device_memory the plan may use
+    int64_t kv_cache_memory_bytes = 0;      // > 0: exactly this much KV cache (utilization then unused)
+    int64_t device_memory = 0;              // bytes of the device; must be > 0
+};
+
+struct MemoryPlan {
+    // weights
+    int64_t weights_bytes = 0;
+    std::vector<std::pair<std::string, int64_t>> weights_by_format;  // "nvfp4", "fp8", "bf16", ... > 0 only
+    // workspace
+    int64_t activation_bytes = 0, logits_bytes = 0, attention_scratch_bytes = 0;
+    int64_t workspace_bytes() const { return activation_bytes + logits_bytes + attention_scratch_bytes; }
+    // KV cache
+    KvDtype kv_dtype = KvDtype::Bf16;
+    int64_t kv_bytes_per_token = 0;   // K and V, all layers, with NVFP4's scales
+    int64_t kv_block_bytes = 0;       // one block of K and V in every layer
+    int64_t kv_cache_bytes = 0;       // the KV budget (blocks x kv_block_bytes <= it)
+    int64_t kv_blocks = 0;
+    int64_t kv_tokens = 0;
+    // limits
+    int64_t device_memory = 0;
+    int64_t usable_memory = 0;        // gpu_memory_utilization x device_memory
+    int64_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0, block_size = 0;
+    double max_concurrency = 0;       // kv_tokens / max_model_len
+};
+
+// Bytes of the model's weights as stored, by format (the "weights" line above).
+std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
+                                                                    const QuantConfig& quant);
+
+// Throws nibble::Error for bad options or a plan that does not fit.
+MemoryPlan plan_memory(const ModelConfig& config, const QuantConfig& quant, const PlanOptions& options);
+
+}  // namespace nibble

@@ -1,0 +1,33 @@
+#include "engine/model_runner.h"
+
+#include <algorithm>
+
+#include "base/error.h"
+
+namespace nibble {
+
+CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size)
+    : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size)) {}
+
+void CpuModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
+    std::vector<ForwardSequence> seqs;
+    seqs.reserve(batch.size());
+    for (const RunnerSequence& s : batch)
+        seqs.push_back({.tokens = s.tokens,
+                        .kv = {.block_table = s.block_table.data(),
+                               .n_table = static_cast<int64_t>(s.block_table.size()),
+                               .start_pos = s.start_pos},
+                        .all_logits = false});
+    model_.forward(seqs, cache_, rows_);
+    const size_t vocab = static_cast<size_t>(vocab_size());
+    NIBBLE_CHECK(rows_.size() == batch.size() * vocab, "forward returned {} logits for {} sequences of vocab {}",
+                 rows_.size(), batch.size(), vocab);
+    // Keep only the rows that are sampled (a prefill chunk that does not end its prompt needs none).
+    logits.clear();
+    for (size_t i = 0; i < batch.size(); ++i)
+        if (batch[i].needs_logits)
+            logits.insert(logits.end(), rows_.begin() + static_cast<std::ptrdiff_t>(i * vocab),
+                          rows_.begin() + static_cast<std::ptrdiff_t>((i + 1) * vocab));
+}
+
+}  // namespace nibble

@@ -1,0 +1,39 @@
+// One of a request's n sequences as the scheduler sees it: its tokens (prompt, then output), the KV blocks
+// holding them, how many of them are computed, and where it stands. The tokens still to compute are
+// tokens[num_computed ..]: a whole prompt on admission, one token per decode step, everything again after
+// a preemption (recompute). The engine owns Sequence objects; the scheduler holds pointers to them.
+// State that a later architecture keeps beside the KV blocks (a Mamba layer's conv/SSM state, issue 7)
+// belongs here too, allocated and freed where block_table is (Scheduler::admit, preempt, finish).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "engine/block_pool.h"
+
+namespace nibble {
+
+enum class SequenceStatus { Waiting, Running, Finished };
+
+struct Sequence {
+    int64_t id = 0;                      // engine-wide, increasing with arrival
+    int index = 0;                       // which of the request's n samples
+    std::vector<int32_t> tokens;         // prompt then output
+    int64_t n_prompt = 0;
+    std::vector<int32_t> block_table;    // [ceil(computed or scheduled tokens / block_size)] physical blocks
+    std::vector<BlockLink> chain;        // prefix-cache identity of the leading full computed blocks
+    int64_t num_computed = 0;            // tokens whose K/V are in the cache
+    int64_t num_cached_tokens = -1;      // prompt tokens found in the prefix cache at first admission
+    SequenceStatus status = SequenceStatus::Waiting;
+    // Sample i > 0 of a request waits for sample 0's prompt to be computed, then shares its full prompt
+    // blocks (reference counts) and computes only the tail. Cleared once admitted.
+    const Sequence* parent = nullptr;
+
+    int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+    int64_t num_output() const { return num_tokens() - n_prompt; }
+    std::span<const int32_t> prompt() const { return std::span(tokens).first(static_cast<size_t>(n_prompt)); }
+    std::span<const int32_t> output() const { return std::span(tokens).subspan(static_cast<size_t>(n_prompt)); }
+};
+
+}  // namespace nibble
