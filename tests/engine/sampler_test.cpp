@@ -1,10 +1,13 @@
 // Sampler: greedy, filters, determinism, and frequencies against the exact distribution.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <vector>
 
+#include "base/error.h"
 #include "engine/sampler.h"
 
 namespace nibble {
@@ -67,6 +70,62 @@ TEST(Sampler, ValidateNamesTheField) {
     EXPECT_NE(SamplingParams{.temperature = -1.0f}.validate().find("temperature"), std::string::npos);
     EXPECT_NE(SamplingParams{.top_k = -2}.validate().find("top_k"), std::string::npos);
     EXPECT_NE(SamplingParams{.min_p = 2.0f}.validate().find("min_p"), std::string::npos);
+}
+
+// Penalties by their published formulas: OpenAI's "mu[j] - c[j] * alpha_frequency - float(c[j] > 0) *
+// alpha_presence" over output counts, and HF's RepetitionPenaltyLogitsProcessor "score < 0 ? score * p :
+// score / p" once per distinct token of prompt and output.
+TEST(Sampler, PenaltiesFollowOpenAIAndHFFormulas) {
+    const std::vector<float> base = {2.0f, -1.0f, 0.5f, 3.0f, -2.0f, 1.0f};
+    const std::vector<int32_t> prompt = {0, 4, 4}, output = {1, 3, 3, 3, 0};
+    std::vector<float> l = base;
+    apply_penalties(l, {.presence_penalty = 0.5f, .frequency_penalty = 0.25f, .repetition_penalty = 1.0f}, prompt, output);
+    const std::vector<int> count = {1, 1, 0, 3, 0, 0};
+    for (size_t j = 0; j < base.size(); ++j)
+        EXPECT_FLOAT_EQ(l[j], base[j] - count[j] * 0.25f - (count[j] > 0 ? 0.5f : 0.0f)) << j;
+    l = base;
+    apply_penalties(l, {.presence_penalty = 0.0f, .frequency_penalty = 0.0f, .repetition_penalty = 2.0f}, prompt, output);
+    const std::vector<bool> seen = {true, true, false, true, true, false};
+    for (size_t j = 0; j < base.size(); ++j) {
+        const float want = !seen[j] ? base[j] : base[j] < 0 ? base[j] * 2.0f : base[j] / 2.0f;
+        EXPECT_FLOAT_EQ(l[j], want) << j;
+    }
+}
+
+TEST(Sampler, LogitBiasAndMaskSteerGreedy) {
+    std::vector<float> l = {1.0f, 5.0f, 2.0f};
+    apply_logit_bias(l, {{0, 10.0f}, {1, -1.0f}});
+    EXPECT_FLOAT_EQ(l[0], 11.0f);
+    EXPECT_FLOAT_EQ(l[1], 4.0f);
+    mask_tokens(l, std::vector<int32_t>{0});
+    EXPECT_EQ(l[0], -std::numeric_limits<float>::infinity());
+    std::mt19937_64 rng(1);
+    EXPECT_EQ(sample_token(l, {.temperature = 0.0f}, rng), 1);
+    EXPECT_THROW(apply_logit_bias(l, {{3, 1.0f}}), Error);
+}
+
+TEST(Sampler, LogSoftmaxAndTopLogprobs) {
+    const std::vector<float> l = {1.0f, 3.0f, 3.0f, -2.0f};
+    const auto lp = log_softmax(l);
+    long double z = 0;
+    for (float v : l) z += std::exp(static_cast<long double>(v));
+    for (size_t j = 0; j < l.size(); ++j) EXPECT_NEAR(lp[j], static_cast<double>(l[j] - std::log(z)), 1e-6);
+    const auto top = top_logprobs(lp, 3);
+    ASSERT_EQ(top.size(), 3u);
+    EXPECT_EQ(top[0].token, 1);  // ties: lowest id first
+    EXPECT_EQ(top[1].token, 2);
+    EXPECT_EQ(top[2].token, 0);
+    EXPECT_TRUE(top_logprobs(lp, 0).empty());
+    EXPECT_EQ(top_logprobs(lp, 10).size(), 4u);
+}
+
+TEST(Sampler, StreamsOfOneSeedDifferPerIndexAndRepeat) {
+    SamplingParams p{.temperature = 1.0f, .seed = 7};
+    auto a0 = make_sampling_rng(p, 0), a1 = make_sampling_rng(p, 1), b1 = make_sampling_rng(p, 1);
+    EXPECT_EQ(a0(), std::mt19937_64(7)());
+    const uint64_t x = a1();
+    EXPECT_EQ(x, b1());
+    EXPECT_EQ(x, std::mt19937_64(8)());
 }
 
 }  // namespace

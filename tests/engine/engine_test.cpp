@@ -1,0 +1,439 @@
+// Engine end to end on the golden fixture models (tests/golden/fixtures/*/model: tiny random-weight
+// checkpoints made by transformers). References nobody here wrote or that take an independent path:
+//  - greedy tokens from recomputing the whole sequence with Model::forward each step (no paging, no
+//    batching, no prefix cache), compared with the engine alone, among 16 concurrent requests, without
+//    prefix caching and with a pool small enough to force preemption;
+//  - logprobs against log_softmax of transformers' logits (expected.safetensors), tolerance as in
+//    tests/golden/golden_test.cpp: max(8 * fp64_gap, 1e-5 * max(1, max|logit|)), doubled for log-softmax
+//    (the log-normaliser adds at most one more logit error);
+//  - cached_prompt_tokens by vLLM's rule: full blocks of 16 found, leaving at least one token to compute.
+// The invariant checker runs after every step.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "base/error.h"
+#include "base/thread_pool.h"
+#include "checkpoint/safetensors.h"
+#include "engine/engine.h"
+#include "model/model.h"
+
+namespace nibble {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path fixture(const std::string& name) { return fs::path(NIBBLE_SOURCE_DIR) / "tests/golden/fixtures" / name; }
+
+struct Reference {
+    std::vector<int32_t> tokens;
+    std::vector<float> logits;  // [n, vocab]
+    int64_t vocab = 0;
+    double tol = 0;
+};
+
+Reference load_reference(const std::string& name) {
+    SafetensorsFile f((fixture(name) / "expected.safetensors").string());
+    const TensorInfo* t = f.find("tokens");
+    const TensorInfo* l = f.find("logits");
+    EXPECT_TRUE(t && l);
+    Reference r;
+    if (!t || !l) return r;
+    r.tokens.resize(static_cast<size_t>(t->shape.numel()));
+    std::memcpy(r.tokens.data(), t->data, r.tokens.size() * 4);
+    r.logits.resize(static_cast<size_t>(l->shape.numel()));
+    std::memcpy(r.logits.data(), l->data, r.logits.size() * 4);
+    r.vocab = l->shape[1];
+    const double gap = std::stod(f.metadata().at("fp64_gap"));
+    const double max_abs = std::stod(f.metadata().at("max_abs_logit"));
+    r.tol = std::max(8.0 * gap, 1e-5 * std::max(1.0, max_abs));
+    return r;
+}
+
+struct Fixture {
+    explicit Fixture(const std::string& name) : pool(2), model(load_model((fixture(name) / "model").string(), pool)) {}
+    ThreadPool pool;
+    std::unique_ptr<Model> model;
+};
+
+// Logits of the last token of `seq`, computed from scratch (a fresh cache, one prefill).
+std::vector<float> last_logits(Model& m, const std::vector<int32_t>& seq) {
+    const int64_t n = static_cast<int64_t>(seq.size()), blocks = (n + 15) / 16;
+    KvCache cache(m.kv_cache_shape(blocks, 16));
+    std::vector<int32_t> table(static_cast<size_t>(blocks));
+    for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(i);
+    ForwardSequence fs{.tokens = seq, .kv = {.block_table = table.data(), .n_table = blocks, .start_pos = 0}, .all_logits = false};
+    std::vector<float> logits;
+    m.forward(std::span(&fs, 1), cache, logits);
+    return logits;
+}
+
+std::vector<int32_t> greedy_reference(Model& m, std::vector<int32_t> seq, int64_t max_tokens) {
+    std::vector<int32_t> out;
+    for (int64_t i = 0; i < max_tokens; ++i) {
+        auto l = last_logits(m, seq);
+        const int32_t t = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+        out.push_back(t);
+        seq.push_back(t);
+    }
+    return out;
+}
+
+// What the sinks received, per request and sample index.
+struct Collector {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::map<std::string, std::map<int, std::vector<int32_t>>> tokens;
+    std::map<std::string, std::map<int, std::vector<float>>> logprobs;
+    std::map<std::string, std::map<int, std::vector<std::vector<TokenLogprob>>>> top;
+    std::map<std::string, std::map<int, FinishReason>> finish;
+    std::map<std::string, std::string> error;
+    std::map<std::string, int64_t> cached;
+    std::map<std::string, bool> finished;
+
+    OutputSink sink() {
+        return [this](const RequestOutput& o) {
+            std::lock_guard lock(mutex);
+            for (const auto& s : o.outputs) {
+                auto& t = tokens[o.request_id][s.index];
+                t.insert(t.end(), s.tokens.begin(), s.tokens.end());
+                auto& l = logprobs[o.request_id][s.index];
+                l.insert(l.end(), s.logprobs.begin(), s.logprobs.end());
+                auto& tp = top[o.request_id][s.index];
+                tp.insert(tp.end(), s.top_logprobs.begin(), s.top_logprobs.end());
+                if (s.finish) finish[o.request_id][s.index] = *s.finish;
+            }
+            if (!o.error.empty()) error[o.request_id] = o.error;
+            cached[o.request_id] = o.cached_prompt_tokens;
+            finished[o.request_id] = o.finished;
+            cv.notify_all();
+        };
+    }
+};
+
+void run_to_end(Engine& engine) {
+    int steps = 0;
+    while (engine.step()) {
+        ASSERT_NO_THROW(engine.check_invariants());
+        ASSERT_LT(++steps, 10000);
+    }
+    EXPECT_NO_THROW(engine.check_invariants());
+}
+
+EngineConfig config_for(int64_t num_blocks = 64) {
+    return EngineConfig{.max_model_len = 128,
+                        .max_num_seqs = 256,
+                        .max_num_batched_tokens = 2048,
+                        .block_size = 16,
+                        .num_blocks = num_blocks,
+                        .enable_prefix_caching = true,
+                        .kv_cache_dtype = KvCacheDtype::Auto,
+                        .eos_token_ids = {2}};
+}
+
+GenerationRequest greedy(const std::string& id, std::vector<int32_t> prompt, int64_t max_tokens) {
+    GenerationRequest r;
+    r.id = id;
+    r.prompt = std::move(prompt);
+    r.sampling.temperature = 0.0f;
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    return r;
+}
+
+// 16 prompts of lengths 5 .. 80: prefixes of one long sequence (they share prefix blocks) and rotations.
+std::vector<std::vector<int32_t>> sixteen_prompts(const std::vector<int32_t>& base40, int64_t vocab) {
+    std::vector<int32_t> base;
+    for (int j = 0; j < 120; ++j) base.push_back(static_cast<int32_t>((base40[static_cast<size_t>(j % 40)] + j / 40) % vocab));
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 16; ++i) {
+        const size_t len = static_cast<size_t>(5 + 5 * i);
+        std::vector<int32_t> p;
+        for (size_t j = 0; j < len; ++j) p.push_back(base[(i % 2 == 0 ? j : j + static_cast<size_t>(i)) % base.size()]);
+        prompts.push_back(p);
+    }
+    return prompts;
+}
+
+TEST(Engine, GreedyIsTheSameAloneConcurrentUncachedAndPreempted) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    const auto prompts = sixteen_prompts(ref.tokens, ref.vocab);
+    const int64_t max_tokens = 8;
+
+    std::vector<std::vector<int32_t>> expected;
+    for (const auto& p : prompts) expected.push_back(greedy_reference(*fx.model, p, max_tokens));
+
+    // Alone: one request at a time, each in a fresh engine.
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        Engine engine(*fx.model, config_for());
+        Collector c;
+        engine.submit(greedy("r", prompts[i], max_tokens), c.sink());
+        run_to_end(engine);
+        EXPECT_EQ(c.tokens["r"][0], expected[i]) << "alone, prompt " << i;
+        EXPECT_EQ(c.finish["r"][0], FinishReason::Length);
+    }
+
+    struct Variant {
+        const char* name;
+        EngineConfig config;
+    };
+    EngineConfig batched = config_for();
+    batched.max_num_batched_tokens = 64;  // chunked prefills beside decodes
+    batched.max_num_seqs = 8;
+    EngineConfig uncached = batched;
+    uncached.enable_prefix_caching = false;
+    EngineConfig tiny = batched;
+    tiny.num_blocks = 8;  // the longest request needs 6 blocks: preemption is certain
+    for (const Variant& v : {Variant{"concurrent", batched}, Variant{"no prefix caching", uncached},
+                             Variant{"tiny pool", tiny}}) {
+        Engine engine(*fx.model, v.config);
+        Collector c;
+        for (size_t i = 0; i < prompts.size(); ++i)
+            engine.submit(greedy(fmt::format("r{}", i), prompts[i], max_tokens), c.sink());
+        run_to_end(engine);
+        for (size_t i = 0; i < prompts.size(); ++i) {
+            const std::string id = fmt::format("r{}", i);
+            EXPECT_EQ(c.tokens[id][0], expected[i]) << v.name << ", prompt " << i;
+            EXPECT_TRUE(c.finished[id]);
+        }
+        const EngineStats st = engine.stats();
+        EXPECT_EQ(st.num_running, 0);
+        EXPECT_EQ(st.num_waiting, 0);
+        EXPECT_EQ(st.kv_blocks_used, 0) << v.name;
+        EXPECT_EQ(st.generation_tokens_total, 16 * max_tokens);
+        if (v.config.num_blocks == 8) {
+            EXPECT_GT(st.num_preemptions, 0);
+        }
+        if (v.config.enable_prefix_caching && v.config.num_blocks > 8) {
+            EXPECT_GT(st.prefix_cache_hits, 0);
+        }
+        if (!v.config.enable_prefix_caching) {
+            EXPECT_EQ(st.prefix_cache_hits, 0);
+        }
+    }
+}
+
+TEST(Engine, LogprobsAreLogSoftmaxOfTransformersLogits) {
+    for (const char* name : {"llama_gqa", "qwen3_qknorm", "mistral"}) {
+        Fixture fx(name);
+        const Reference ref = load_reference(name);
+        const int64_t n = static_cast<int64_t>(ref.tokens.size()), vocab = ref.vocab;
+        // log_softmax of transformers' logits for the last prompt position, in long double.
+        const float* row = ref.logits.data() + (n - 1) * vocab;
+        long double top = *std::max_element(row, row + vocab), z = 0;
+        for (int64_t i = 0; i < vocab; ++i) z += std::exp(static_cast<long double>(row[i]) - top);
+        std::vector<double> lsm(static_cast<size_t>(vocab));
+        for (int64_t i = 0; i < vocab; ++i) lsm[static_cast<size_t>(i)] = static_cast<double>(row[i] - top - std::log(z));
+        const double tol = 2 * ref.tol;
+
+        Engine engine(*fx.model, config_for());
+        Collector c;
+        GenerationRequest r = greedy("lp", ref.tokens, 1);
+        r.top_logprobs = 5;
+        r.repetition_penalty = 1.3f;  // logprobs stay those of the raw logits
+        engine.submit(r, c.sink());
+        run_to_end(engine);
+        ASSERT_EQ(c.tokens["lp"][0].size(), 1u) << name;
+        const int32_t tok = c.tokens["lp"][0][0];
+        ASSERT_EQ(c.logprobs["lp"][0].size(), 1u);
+        EXPECT_NEAR(c.logprobs["lp"][0][0], lsm[static_cast<size_t>(tok)], tol) << name;
+        std::vector<double> sorted = lsm;
+        std::sort(sorted.rbegin(), sorted.rend());
+        ASSERT_EQ(c.top["lp"][0].size(), 1u);
+        const auto& top5 = c.top["lp"][0][0];
+        ASSERT_EQ(top5.size(), 5u);
+        for (size_t k = 0; k < 5; ++k) {
+            EXPECT_NEAR(top5[k].logprob, sorted[k], tol) << name << " rank " << k;
+            EXPECT_NEAR(top5[k].logprob, lsm[static_cast<size_t>(top5[k].token)], tol) << name << " rank " << k;
+        }
+    }
+}
+
+TEST(Engine, ReportsCachedPromptTokensOnARepeatedPrompt) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    Engine engine(*fx.model, config_for());
+    Collector c;
+    engine.submit(greedy("first", ref.tokens, 4), c.sink());
+    run_to_end(engine);
+    engine.submit(greedy("again", ref.tokens, 4), c.sink());
+    run_to_end(engine);
+    std::vector<int32_t> longer(ref.tokens.begin(), ref.tokens.begin() + 32);  // exactly 2 blocks
+    engine.submit(greedy("two-blocks", longer, 4), c.sink());
+    run_to_end(engine);
+    EXPECT_EQ(c.cached["first"], 0);
+    EXPECT_EQ(c.cached["again"], 32);       // 40 tokens: 2 full blocks of 16
+    EXPECT_EQ(c.cached["two-blocks"], 16);  // 32 tokens: the last block is recomputed for its logits
+    EXPECT_EQ(c.tokens["again"][0], c.tokens["first"][0]);
+    const EngineStats st = engine.stats();
+    EXPECT_EQ(st.prefix_cache_queries, 40 + 40 + 32);
+    EXPECT_EQ(st.prefix_cache_hits, 32 + 16);
+    EXPECT_EQ(st.prompt_tokens_total, 40 + 40 + 32);
+}
+
+TEST(Engine, AbortFreesBlocksAtOnce) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    EngineConfig cfg = config_for();
+    cfg.enable_prefix_caching = false;
+    Engine engine(*fx.model, cfg);
+    Collector c;
+    engine.submit(greedy("long", ref.tokens, 60), c.sink());
+    engine.submit(greedy("other", ref.tokens, 3), c.sink());
+    for (int i = 0; i < 3; ++i) {
+        engine.step();
+        engine.check_invariants();
+    }
+    EXPECT_GT(engine.stats().kv_blocks_used, 0);
+    engine.abort("long");
+    run_to_end(engine);
+    EXPECT_EQ(c.finish["long"][0], FinishReason::Abort);
+    EXPECT_TRUE(c.finished["long"]);
+    EXPECT_TRUE(c.error["long"].empty());
+    EXPECT_EQ(c.tokens["long"][0].size(), 3u);
+    EXPECT_EQ(c.tokens["other"][0], greedy_reference(*fx.model, ref.tokens, 3));
+    EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+    engine.abort("long");  // unknown by now: ignored
+    EXPECT_FALSE(engine.step());
+}
+
+TEST(Engine, SeededSamplesAreReproducibleAndDiffer) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    GenerationRequest r = greedy("n3", ref.tokens, 10);
+    r.sampling = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f, .seed = 1234};
+    r.n = 3;
+    std::map<int, std::vector<int32_t>> runs[2];
+    for (auto& run : runs) {
+        Engine engine(*fx.model, config_for());
+        Collector c;
+        engine.submit(r, c.sink());
+        run_to_end(engine);
+        run = c.tokens["n3"];
+        EXPECT_TRUE(c.finished["n3"]);
+        EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+    }
+    EXPECT_EQ(runs[0], runs[1]);
+    ASSERT_EQ(runs[0].size(), 3u);
+    EXPECT_NE(runs[0][0], runs[0][1]);
+    EXPECT_NE(runs[0][1], runs[0][2]);
+    // Sample i draws from stream seed + i over the model's logits (recomputed here from scratch).
+    for (int i = 0; i < 3; ++i) {
+        auto rng = make_sampling_rng(r.sampling, i);
+        std::vector<int32_t> seq = ref.tokens, out;
+        for (int t = 0; t < 10; ++t) {
+            out.push_back(sample_token(last_logits(*fx.model, seq), r.sampling, rng));
+            seq.push_back(out.back());
+        }
+        EXPECT_EQ(runs[0][i], out) << "sample " << i;
+    }
+}
+
+TEST(Engine, StopsOnEosAndStopIdsAfterMinTokens) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    const auto expected = greedy_reference(*fx.model, ref.tokens, 8);
+    Engine engine(*fx.model, config_for());
+    Collector c;
+    GenerationRequest r = greedy("stop", ref.tokens, 8);
+    r.stop_token_ids = {expected[2]};
+    engine.submit(r, c.sink());
+    GenerationRequest m = greedy("min", ref.tokens, 8);
+    m.stop_token_ids = {expected[2]};
+    m.min_tokens = 8;
+    engine.submit(m, c.sink());
+    run_to_end(engine);
+    // Stops at the first occurrence of the stop id, which is included.
+    const auto first = std::find(expected.begin(), expected.end(), expected[2]) - expected.begin();
+    EXPECT_EQ(c.tokens["stop"][0], std::vector<int32_t>(expected.begin(), expected.begin() + first + 1));
+    EXPECT_EQ(c.finish["stop"][0], FinishReason::Stop);
+    // Under min_tokens the stop id is masked: never produced, and the request runs to max_tokens.
+    EXPECT_EQ(c.tokens["min"][0].size(), 8u);
+    EXPECT_EQ(std::count(c.tokens["min"][0].begin(), c.tokens["min"][0].end(), expected[2]), 0);
+    EXPECT_EQ(c.finish["min"][0], FinishReason::Length);
+}
+
+TEST(Engine, AFailingSinkFailsOnlyItsRequest) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    Engine engine(*fx.model, config_for());
+    Collector c;
+    int calls = 0;
+    RequestOutput last;
+    engine.submit(greedy("bad", ref.tokens, 5), [&](const RequestOutput& o) {
+        if (++calls == 1) throw std::runtime_error("client went away");
+        last = o;
+    });
+    engine.submit(greedy("good", ref.tokens, 5), c.sink());
+    run_to_end(engine);
+    EXPECT_EQ(calls, 2);
+    EXPECT_TRUE(last.finished);
+    EXPECT_NE(last.error.find("client went away"), std::string::npos);
+    EXPECT_EQ(c.tokens["good"][0], greedy_reference(*fx.model, ref.tokens, 5));
+    EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+}
+
+TEST(Engine, RefusesBadRequestsNamingTheField) {
+    Fixture fx("llama_gqa");
+    Engine engine(*fx.model, config_for());
+    Collector c;
+    auto message = [&](GenerationRequest r) {
+        try {
+            engine.submit(std::move(r), c.sink());
+        } catch (const Error& e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    EXPECT_NE(message(greedy("a", {}, 4)).find("prompt"), std::string::npos);
+    EXPECT_NE(message(greedy("b", {1, 2}, 200)).find("max_model_len"), std::string::npos);
+    EXPECT_NE(message(greedy("c", {1, 100000}, 4)).find("vocabulary"), std::string::npos);
+    GenerationRequest n0 = greedy("d", {1, 2}, 4);
+    n0.n = 0;
+    EXPECT_NE(message(n0).find("n must"), std::string::npos);
+    GenerationRequest pen = greedy("e", {1, 2}, 4);
+    pen.presence_penalty = 3;
+    EXPECT_NE(message(pen).find("presence_penalty"), std::string::npos);
+    EXPECT_EQ(message(greedy("f", {1, 2}, 4)), "");
+    EXPECT_NE(message(greedy("f", {1, 2}, 4)).find("in flight"), std::string::npos);
+    run_to_end(engine);
+    EXPECT_EQ(message(greedy("f", {1, 2}, 4)), "");  // finished: the id may be used again
+}
+
+TEST(Engine, LoopThreadServesConcurrentSubmitters) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    const auto prompts = sixteen_prompts(ref.tokens, ref.vocab);
+    Engine engine(*fx.model, config_for());
+    engine.start();
+    Collector c;
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i)
+        threads.emplace_back([&, i] { engine.submit(greedy(fmt::format("t{}", i), prompts[static_cast<size_t>(i)], 6), c.sink()); });
+    for (auto& t : threads) t.join();
+    {
+        std::unique_lock lock(c.mutex);
+        ASSERT_TRUE(c.cv.wait_for(lock, std::chrono::seconds(60), [&] {
+            int done = 0;
+            for (const auto& [id, f] : c.finished) done += f ? 1 : 0;
+            return done == 4;
+        }));
+    }
+    engine.stop();
+    for (int i = 0; i < 4; ++i)
+        EXPECT_EQ(c.tokens[fmt::format("t{}", i)][0], greedy_reference(*fx.model, prompts[static_cast<size_t>(i)], 6));
+}
+
+}  // namespace
+}  // namespace nibble
