@@ -1,7 +1,7 @@
 // Builtins of the chat-template interpreter: jinja2's filters and tests, the globals of transformers'
 // environment (raise_exception, strftime_now, range, namespace, dict), and the Python str/dict/list
 // methods templates call. Each follows the Python implementation's observable behaviour.
-// Case mapping (upper/lower/title/capitalize) covers ASCII letters only.
+// Case mapping follows Python's full Unicode mappings (through ICU).
 #include "tokenizer/chat_template_eval.h"
 
 #include "base/error.h"
@@ -10,6 +10,9 @@
 #include <cmath>
 #include <ctime>
 #include <set>
+
+#include <unicode/uchar.h>
+#include <unicode/ustring.h>
 
 namespace nibble::jinja {
 namespace {
@@ -78,37 +81,84 @@ std::string py_strip(const std::string& s, const Value* chars, bool left, bool r
 
 char ascii_upper(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c; }
 char ascii_lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; }
-std::string upper(std::string s) {
-    for (char& c : s) c = ascii_upper(c);
-    return s;
-}
-std::string lower(std::string s) {
-    for (char& c : s) c = ascii_lower(c);
-    return s;
-}
-bool is_cased(const std::string& ch) {
-    auto b = static_cast<unsigned char>(ch[0]);
-    if (ch.size() == 1) return (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z');
-    auto cps = decode(ch);
-    uint32_t cp = cps.empty() ? 0 : cps[0];
-    return (cp >= 0xc0 && cp <= 0x24f && cp != 0xd7 && cp != 0xf7) || (cp >= 0x370 && cp <= 0x52f);
-}
-// Python's str.title().
-std::string py_title(const std::string& s) {
+
+std::string encode_cp(uint32_t cp) {
     std::string out;
-    bool prev_cased = false;
-    for (const auto& ch : utf8_chars(s)) {
-        bool cased = is_cased(ch);
-        if (ch.size() == 1) out += prev_cased ? ascii_lower(ch[0]) : ascii_upper(ch[0]);
-        else out += ch;
-        prev_cased = cased;
+    if (cp < 0x80) {
+        out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+        out += static_cast<char>(0xc0 | (cp >> 6));
+        out += static_cast<char>(0x80 | (cp & 0x3f));
+    } else if (cp < 0x10000) {
+        out += static_cast<char>(0xe0 | (cp >> 12));
+        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+        out += static_cast<char>(0x80 | (cp & 0x3f));
+    } else {
+        out += static_cast<char>(0xf0 | (cp >> 18));
+        out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
+        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+        out += static_cast<char>(0x80 | (cp & 0x3f));
     }
     return out;
 }
-std::string py_capitalize(const std::string& s) {
-    std::string out = lower(s);
-    if (!out.empty()) out[0] = ascii_upper(out[0]);
+
+// Full Unicode case mapping (root locale, as Python's str.upper/lower: "ß".upper() == "SS").
+std::string icu_case(const std::string& s, bool to_upper) {
+    bool ascii = std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+    if (ascii) {
+        std::string out = s;
+        for (char& c : out) c = to_upper ? ascii_upper(c) : ascii_lower(c);
+        return out;
+    }
+    UErrorCode err = U_ZERO_ERROR;
+    int32_t n16 = 0;
+    u_strFromUTF8WithSub(nullptr, 0, &n16, s.data(), static_cast<int32_t>(s.size()), 0xfffd, nullptr, &err);
+    err = U_ZERO_ERROR;
+    std::u16string src(static_cast<size_t>(n16), u'\0');
+    u_strFromUTF8WithSub(src.data(), n16, nullptr, s.data(), static_cast<int32_t>(s.size()), 0xfffd, nullptr, &err);
+    std::u16string dst(src.size() * 3 + 8, u'\0');
+    err = U_ZERO_ERROR;
+    int32_t m = to_upper ? u_strToUpper(dst.data(), static_cast<int32_t>(dst.size()), src.data(), n16, "", &err)
+                         : u_strToLower(dst.data(), static_cast<int32_t>(dst.size()), src.data(), n16, "", &err);
+    if (U_FAILURE(err)) render_fail("case mapping failed");
+    std::string out(static_cast<size_t>(m) * 3 + 4, '\0');
+    int32_t n8 = 0;
+    err = U_ZERO_ERROR;
+    u_strToUTF8(out.data(), static_cast<int32_t>(out.size()), &n8, dst.data(), m, &err);
+    if (U_FAILURE(err)) render_fail("case mapping failed");
+    out.resize(static_cast<size_t>(n8));
     return out;
+}
+std::string upper(const std::string& s) { return icu_case(s, true); }
+std::string lower(const std::string& s) { return icu_case(s, false); }
+bool is_cased(uint32_t cp) { return u_hasBinaryProperty(static_cast<UChar32>(cp), UCHAR_CASED); }
+std::string title_cp(uint32_t cp) { return encode_cp(static_cast<uint32_t>(u_totitle(static_cast<UChar32>(cp)))); }
+
+// Python's str.title(): a cased character after an uncased one is title-cased, the rest of each run
+// of cased characters lowered (as a run, so a final sigma becomes ς).
+std::string py_title(const std::string& s) {
+    std::string out;
+    auto cps = decode(s);
+    size_t i = 0;
+    while (i < cps.size()) {
+        if (!is_cased(cps[i])) {
+            out += encode_cp(cps[i++]);
+            continue;
+        }
+        out += title_cp(cps[i++]);
+        std::string run;
+        while (i < cps.size() && is_cased(cps[i])) run += encode_cp(cps[i++]);
+        out += lower(run);
+    }
+    return out;
+}
+// Python's str.capitalize(): the first character title-cased, the rest lowered.
+std::string py_capitalize(const std::string& s) {
+    auto cps = decode(s);
+    if (cps.empty()) return s;
+    std::string rest;
+    for (size_t i = 1; i < cps.size(); ++i) rest += encode_cp(cps[i]);
+    return title_cp(cps[0]) + lower(rest);
 }
 
 // str.split(sep=None, maxsplit=-1) and rsplit.
@@ -567,23 +617,30 @@ Value Interpreter::apply_filter(const std::string& name, const Value& v, CallArg
     if (name == "lower") return Value::from_string(lower(soft_str(v)));
     if (name == "capitalize") return Value::from_string(py_capitalize(soft_str(v)));
     if (name == "title") {
-        // jinja2 splits at runs of [-\s({\[<] and capitalizes each word.
-        std::string s = soft_str(v), out;
-        auto chars = utf8_chars(s);
-        bool word_start = true;
-        for (const auto& ch : chars) {
-            bool sep = ch.size() == 1 && (ch[0] == '-' || ch[0] == '(' || ch[0] == '{' || ch[0] == '[' || ch[0] == '<' ||
-                                          ch[0] == ' ' || ch[0] == '\t' || ch[0] == '\n' || ch[0] == '\r' ||
-                                          ch[0] == '\f' || ch[0] == '\v');
-            if (!sep && ch.size() > 1) sep = py_isspace(decode(ch)[0]);
-            if (sep) {
-                out += ch;
-                word_start = true;
+        // jinja2: re.split(r"([-\s({\[<]+)"), then item[0].upper() + item[1:].lower() for each item.
+        std::string out, word;
+        bool in_sep = false;
+        auto flush = [&]() {
+            if (word.empty()) return;
+            if (in_sep) {
+                out += word;
             } else {
-                out += ch.size() == 1 ? std::string(1, word_start ? ascii_upper(ch[0]) : ascii_lower(ch[0])) : ch;
-                word_start = false;
+                auto chars = utf8_chars(word);
+                std::string rest;
+                for (size_t k = 1; k < chars.size(); ++k) rest += chars[k];
+                out += upper(chars[0]) + lower(rest);
             }
+            word.clear();
+        };
+        for (uint32_t cp : decode(soft_str(v))) {
+            bool sep = cp == '-' || cp == '(' || cp == '{' || cp == '[' || cp == '<' || py_isspace(cp);
+            if (sep != in_sep) {
+                flush();
+                in_sep = sep;
+            }
+            word += encode_cp(cp);
         }
+        flush();
         return Value::from_string(std::move(out));
     }
     if (name == "replace") {

@@ -118,8 +118,17 @@ const Snippet snippets[] = {
     {"{{ s.replace('l', 'L') }} {{ s.replace('l', 'L', 1) }} {{ s.find('o') }} {{ s.find('z') }} {{ s.count('l') }} {{ '-'.join(['a', 'b']) }} {{ '{} and {}'.format('x', 1) }} {{ '{0}{name}'.format('a', name='b') }}", R"({"s": "hello world"})"},
     {"{{ \"they're bill's friends\".title() }} {{ 'x1y'.isalpha() }} {{ '123'.isdigit() }} {{ '  '.isspace() }} {{ 'a\nb\r\nc'.splitlines() }} {{ s.lower() }} {{ s.index('l') }}", R"({"s": "MiXeD"})"},
     {"[{{ s.strip() }}] {{ s.split() | length }}", R"({"s": "\u00a0\u2003 unicode\u3000spaces \u00a0"})"},
+    {"{{ s | upper }}|{{ s | lower }}|{{ s | title }}|{{ s | capitalize }}|{{ s.upper() }}|{{ s.title() }}|{{ s.capitalize() }}", R"({"s": "éCOLE straße ǆungla ΣΊΣΥΦΟΣ 日本abc o'neil"})"},
     {"{{ l.append(1) }}", R"({"l": []})"},
     {"{{ d.update({}) }}", R"({"d": {}})"},
+    // More printing and lookups.
+    {"{{ 'abc'[5] }}|{{ d.x.y }}|{{ 12345678901234 }}|{{ [1, 2] | join }}|{{ [1, 2] == (1, 2) }}|{{ '%.2f' | format(3.14159) }}|[{{ loop }}]|{{ 'a' ~ [1] }}|{{ 1e-7 | tojson }}", R"({"d": {"x": null}})"},
+    {"{% for x in d.items() %}{{ x }}{% endfor %} {% for x in d %}{{ x }}{% endfor %} {{ d.values() | list }} {{ d.keys() | list }}", R"({"d": {"a": 1, "b": [2]}})"},
+    {"  {{ 'var at line start keeps its indent' }}\n  {% if true %}x{% endif %}", "{}"},
+    {"{% macro m(ns) %}{% set ns.v = ns.v + 1 %}{% endmacro %}{% set n = namespace(v=1) %}{{ m(n) }}{{ m(n) }}{{ n.v }}", "{}"},
+    {"{{ 10 // 0 }}", "{}"},
+    {"{{ x is string and x.startswith('a') }} {{ y is string and y.startswith('a') }} {{ none | string | length }}", R"({"x": "abc", "y": 5})"},
+    {"{% set c = m.content %}{{ c if c is string else c | map(attribute='text') | join }}|{{ m2.content[0]['text'] }}", R"({"m": {"content": [{"type": "text", "text": "part1"}, {"type": "text", "text": "part2"}]}, "m2": {"content": [{"text": "t"}]}})"},
     // Globals.
     {"{{ range(3) | list }} {{ range(1, 7, 2) | list }} {{ range(3, 0, -1) | join }} {{ dict(a=1, b=2) }} {{ namespace(a=1).a }}", "{}"},
     {"{{ raise_exception('custom failure') }}", "{}"},
