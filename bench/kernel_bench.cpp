@@ -1,0 +1,173 @@
+// nibble-kernel-bench: times the decode GEMV kernels (NVFP4 and BF16 weights, BF16 activations) at the
+// Llama-3.1-8B projection shapes for m = 1, 4, 16, against the card's measured device-to-device copy
+// bandwidth. Method: random weights filled on the device (never zeros); several weight copies, together
+// at least 4x the L2 size, launched in turn so each launch streams its weights from HBM; a warm-up batch;
+// then >= 50 timed batches (CUDA events around one launch per copy), reporting the median time per launch.
+// Bandwidth counts the bytes each launch must move: weights (+ NVFP4 scales), activations, outputs.
+// The copy reference is the median of 20 cudaMemcpy of 1 GiB, counted as bytes read + bytes written.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_check.h"
+#include "cuda/device_buffer.h"
+#include "cuda/fill_random.h"
+#include "ops/linear/linear_cuda.h"
+
+namespace {
+
+using nibble::DType;
+using nibble::cuda::DeviceBuffer;
+
+struct Events {
+    cudaEvent_t start{}, stop{};
+    Events() {
+        NIBBLE_CUDA_CHECK(cudaEventCreate(&start));
+        NIBBLE_CUDA_CHECK(cudaEventCreate(&stop));
+    }
+    ~Events() {
+        (void)cudaEventDestroy(start);
+        (void)cudaEventDestroy(stop);
+    }
+};
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Median milliseconds of `reps` timed calls of body() after `warmup` untimed ones.
+template <class F>
+double time_ms(cudaStream_t stream, int warmup, int reps, F&& body) {
+    Events ev;
+    for (int i = 0; i < warmup; ++i) body();
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+        NIBBLE_CUDA_CHECK(cudaEventRecord(ev.start, stream));
+        body();
+        NIBBLE_CUDA_CHECK(cudaEventRecord(ev.stop, stream));
+        NIBBLE_CUDA_CHECK(cudaEventSynchronize(ev.stop));
+        float t = 0;
+        NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&t, ev.start, ev.stop));
+        ms.push_back(t);
+    }
+    return median(ms);
+}
+
+struct Row {
+    std::string shape, format;
+    int m;
+    double us, gbps, frac;
+};
+
+}  // namespace
+
+int main() {
+    try {
+        cudaDeviceProp prop{};
+        NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        int driver = 0, runtime = 0;
+        NIBBLE_CUDA_CHECK(cudaDriverGetVersion(&driver));
+        NIBBLE_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+        std::printf("device: %s, %d SMs, L2 %d MB, %.1f GB, driver %d, runtime %d\n", prop.name,
+                    prop.multiProcessorCount, prop.l2CacheSize >> 20, prop.totalGlobalMem / 1e9, driver, runtime);
+        cudaStream_t stream;
+        NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
+
+        // Copy bandwidth: 1 GiB device to device, read + write.
+        const size_t copy_bytes = size_t{1} << 30;
+        double copy_gbps = 0;
+        {
+            DeviceBuffer a(copy_bytes), b(copy_bytes);
+            nibble::cuda::fill_random_u32(a.as<uint32_t>(), copy_bytes / 4, 1, ~0u, 0, stream);
+            const double ms = time_ms(stream, 3, 20, [&] {
+                NIBBLE_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), copy_bytes, cudaMemcpyDeviceToDevice, stream));
+            });
+            copy_gbps = 2.0 * copy_bytes / (ms * 1e-3) / 1e9;
+            std::printf("copy: 1 GiB device-to-device in %.3f ms = %.0f GB/s (read + write)\n", ms, copy_gbps);
+        }
+
+        struct Shape {
+            const char* name;
+            int64_t n, k;
+        };
+        const Shape shapes[] = {{"qkvo 4096x4096", 4096, 4096},
+                                {"gate/up 14336x4096", 14336, 4096},
+                                {"down 4096x14336", 4096, 14336},
+                                {"lm_head 128256x4096", 128256, 4096}};
+        const int ms_list[] = {1, 4, 16};
+        const int reps = 50;
+        std::vector<Row> rows;
+        uint64_t seed = 1234;
+
+        for (const auto& s : shapes) {
+            for (bool nvfp4 : {true, false}) {
+                const size_t wbytes = nvfp4 ? static_cast<size_t>(s.n * s.k / 2) : static_cast<size_t>(s.n * s.k * 2);
+                const size_t sbytes = nvfp4 ? static_cast<size_t>(s.n * s.k / 16) : 0;
+                const size_t copies = std::max<size_t>(
+                    2, (4 * static_cast<size_t>(prop.l2CacheSize) + wbytes + sbytes - 1) / (wbytes + sbytes));
+                std::vector<DeviceBuffer> w, sc;
+                for (size_t c = 0; c < copies; ++c) {
+                    w.emplace_back(wbytes);
+                    // NVFP4 codes: any byte. BF16: random sign and mantissa, exponent 120..127 (|v| < 2).
+                    nibble::cuda::fill_random_u32(w.back().as<uint32_t>(), wbytes / 4, ++seed,
+                                                  nvfp4 ? ~0u : 0x83ff83ffu, nvfp4 ? 0u : 0x3c003c00u, stream);
+                    if (nvfp4) {
+                        sc.emplace_back(sbytes);
+                        // E4M3 scales 0x20..0x3f: 2^-3 .. 1.875, never NaN.
+                        nibble::cuda::fill_random_u32(sc.back().as<uint32_t>(), sbytes / 4, ++seed, 0x1f1f1f1fu,
+                                                      0x20202020u, stream);
+                    }
+                }
+                const int max_m = 16;
+                DeviceBuffer x(static_cast<size_t>(max_m * s.k * 2)), y(static_cast<size_t>(max_m * s.n * 2));
+                nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
+                                              stream);
+                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                for (int m : ms_list) {
+                    size_t next = 0;
+                    auto launch = [&] {
+                        for (size_t c = 0; c < copies; ++c, ++next) {
+                            const size_t i = next % copies;
+                            if (nvfp4) {
+                                nibble::cuda::Nvfp4DeviceWeight dw{w[i].as<uint8_t>(), sc[i].as<uint8_t>(), 0.01f, s.n,
+                                                                   s.k};
+                                nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
+                            } else {
+                                nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n, s.k, nullptr,
+                                                        y.get(), stream);
+                            }
+                        }
+                    };
+                    const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
+                    const double bytes = static_cast<double>(wbytes + sbytes) + 2.0 * m * (s.k + s.n);
+                    const double gbps = bytes / (ms * 1e-3) / 1e9;
+                    rows.push_back({s.name, nvfp4 ? "nvfp4" : "bf16", m, ms * 1e3, gbps, gbps / copy_gbps});
+                    std::printf("%-20s %-6s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n", s.name,
+                                nvfp4 ? "nvfp4" : "bf16", m, copies, ms * 1e3, gbps, 100 * gbps / copy_gbps);
+                }
+            }
+        }
+
+        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|\n");
+        for (const auto& r : rows) {
+            if (r.format != "nvfp4") continue;
+            const auto b = std::find_if(rows.begin(), rows.end(),
+                                        [&](const Row& o) { return o.format == "bf16" && o.shape == r.shape && o.m == r.m; });
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n", r.shape.c_str(), r.m, r.us,
+                        r.gbps, 100 * r.frac, b->us, b->gbps, 100 * b->frac, b->us / r.us);
+        }
+        std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);
+        NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+        return 0;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "nibble-kernel-bench: %s\n", e.what());
+        return 1;
+    }
+}

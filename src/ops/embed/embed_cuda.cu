@@ -1,0 +1,55 @@
+// Embedding gather kernel: one block per token, 16-byte vectors of 8 BF16 values per thread.
+#include <cuda_bf16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "cuda/vec8.cuh"
+#include "ops/embed/embed_cuda.h"
+
+namespace nibble::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    embed_kernel(const __nv_bfloat16* __restrict__ table, int64_t vocab, int64_t d,
+                 const int32_t* __restrict__ tokens, T* __restrict__ out) {
+    const int64_t i = blockIdx.x;
+    const int32_t tok = tokens[i];
+    const bool valid = tok >= 0 && tok < vocab;
+    const __nv_bfloat16* src = table + (valid ? static_cast<int64_t>(tok) : 0) * d;
+    T* dst = out + i * d;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * 8; c < d; c += kThreads * 8) {
+        float v[8];
+        if (valid) {
+            load8(src + c, v);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = __uint_as_float(0x7fffffffu);
+        }
+        store8(dst + c, v);
+    }
+}
+
+}  // namespace
+
+void embed(const uint16_t* table, int64_t vocab, int64_t d, const int32_t* tokens, int64_t m, DType out_dtype,
+           void* out, cudaStream_t stream) {
+    if (out_dtype != DType::F32 && out_dtype != DType::BF16)
+        throw std::invalid_argument("embed: output must be F32 or BF16");
+    if (d <= 0 || d % 8 != 0) throw std::invalid_argument("embed: d = " + std::to_string(d) + " must be a multiple of 8");
+    if (m <= 0) return;
+    const auto* t = reinterpret_cast<const __nv_bfloat16*>(table);
+    if (out_dtype == DType::F32)
+        embed_kernel<float><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(t, vocab, d, tokens,
+                                                                               static_cast<float*>(out));
+    else
+        embed_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
+            t, vocab, d, tokens, static_cast<__nv_bfloat16*>(out));
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,19 @@
+// CUDA launcher for the embedding gather: rows of a BF16 table to F32 or BF16 activations (exact: BF16
+// to F32 widens without rounding). Plain C++ plus cuda_runtime.h types.
+//   table [vocab, d] BF16 (d % 8 == 0, 16-byte aligned); tokens [m] int32 (device); out [m, d]
+// Token ids are validated by the caller on the host (embed_cpu's check); a device kernel cannot throw,
+// so an id outside [0, vocab) yields a row of NaN rather than an out-of-bounds read.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "tensor/dtype.h"
+
+namespace nibble::cuda {
+
+void embed(const uint16_t* table, int64_t vocab, int64_t d, const int32_t* tokens, int64_t m, DType out_dtype,
+           void* out, cudaStream_t stream);
+
+}  // namespace nibble::cuda

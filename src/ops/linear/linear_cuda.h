@@ -1,0 +1,40 @@
+// CUDA launchers for the decode-side linear layer y[m, n] = x[m, k] W^T (+ bias): weight-only GEMV /
+// skinny GEMM for 1..16 activation rows (larger m runs in tiles of 16, streaming the weights again).
+// Activations and outputs share one dtype, F32 or BF16; accumulation is float32. Plain C++ plus
+// cuda_runtime.h types: includable from host code.
+//
+// Layouts (device pointers, row-major, the checkpoint's own byte order):
+//   x     [m, k]            F32 or BF16
+//   NVFP4 packed [n, k / 2] E2M1 pairs, element 2i in the low nibble; scales [n, k / 16] E4M3;
+//         value = e2m1 * e4m3 * global_scale (see tensor/nvfp4.h)
+//   BF16  w [n, k]
+//   bias  [n] float32, or null
+//   y     [m, n]            same dtype as x
+// Preconditions (checked, std::invalid_argument): NVFP4 k % 32 == 0, BF16 k % 16 == 0; 16-byte aligned
+// x, W and scale rows follow from those when the base pointers are 16-byte aligned (cudaMalloc's are).
+// E4M3 scale codes 0x7f/0xff (NaN) are not detected: checkpoints never hold them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "tensor/dtype.h"
+
+namespace nibble::cuda {
+
+struct Nvfp4DeviceWeight {
+    const uint8_t* packed = nullptr;  // [n, k / 2]
+    const uint8_t* scales = nullptr;  // [n, k / 16]
+    float global_scale = 1.0f;
+    int64_t n = 0, k = 0;
+};
+
+void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
+                cudaStream_t stream);
+
+//   w [n, k] BF16
+void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
+               void* y, cudaStream_t stream);
+
+}  // namespace nibble::cuda

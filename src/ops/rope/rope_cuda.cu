@@ -1,0 +1,86 @@
+// RoPE kernel: one thread per (token, head, 4 consecutive pair indices). The 4 "a" values and the 4 "b"
+// values (half a rotary dimension apart) are each one vector access (16 bytes in F32, 8 in BF16).
+// sincosf is the accurate version (2 ulp over the whole range; no fast-math), so large positions work.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "ops/rope/rope_cuda.h"
+
+namespace nibble::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float (&v)[4]) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    v[0] = __uint_as_float(u.x << 16), v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16), v[3] = __uint_as_float(u.y & 0xffff0000u);
+}
+__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, const float (&v)[4]) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(T* __restrict__ x, int64_t m, int64_t n_heads, int64_t head_dim,
+                const int64_t* __restrict__ positions, const float* __restrict__ inv_freq, int64_t half) {
+    const int64_t quads = half / 4;
+    const int64_t total = m * n_heads * quads;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
+         t += static_cast<int64_t>(gridDim.x) * kThreads) {
+        const int64_t q = t % quads, th = t / quads;  // th = token * n_heads + head
+        const int64_t token = th / n_heads;
+        const float pos = static_cast<float>(positions[token]);
+        T* v = x + th * head_dim + q * 4;
+        float a[4], b[4];
+        load4(v, a);
+        load4(v + half, b);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float angle = pos * inv_freq[q * 4 + e];
+            float s, c;
+            sincosf(angle, &s, &c);
+            const float na = a[e] * c - b[e] * s;
+            const float nb = b[e] * c + a[e] * s;
+            a[e] = na, b[e] = nb;
+        }
+        store4(v, a);
+        store4(v + half, b);
+    }
+}
+
+}  // namespace
+
+void rope_apply(void* x, DType dtype, int64_t m, int64_t n_heads, int64_t head_dim, const int64_t* positions,
+                const float* inv_freq, int64_t rotary_dim, cudaStream_t stream) {
+    if (dtype != DType::F32 && dtype != DType::BF16)
+        throw std::invalid_argument("rope_apply: activations must be F32 or BF16");
+    if (rotary_dim <= 0 || rotary_dim % 8 != 0 || rotary_dim > head_dim || head_dim % 4 != 0)
+        throw std::invalid_argument("rope_apply: rotary_dim " + std::to_string(rotary_dim) + " / head_dim " +
+                                    std::to_string(head_dim) + " unsupported (rotary_dim % 8, head_dim % 4)");
+    const int64_t total = m * n_heads * (rotary_dim / 8);
+    if (total == 0) return;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
+    if (dtype == DType::F32)
+        rope_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<float*>(x), m, n_heads, head_dim, positions,
+                                                            inv_freq, rotary_dim / 2);
+    else
+        rope_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(static_cast<__nv_bfloat16*>(x), m, n_heads,
+                                                                    head_dim, positions, inv_freq, rotary_dim / 2);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace nibble::cuda
