@@ -17,6 +17,7 @@
 
 #include "base/error.h"
 #include "checkpoint/json_fields.h"
+#include "checkpoint/model_config_detail.h"
 
 namespace nibble {
 
@@ -50,7 +51,7 @@ const ArchDefaults& arch_defaults(const JsonObject& c) {
     for (const auto& a : kArchs)
         if (a.name == archs[0]) return a;
     fail("{}: architectures[0] '{}' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, "
-         "Qwen2ForCausalLM, Qwen3ForCausalLM)",
+         "Qwen2ForCausalLM, Qwen3ForCausalLM, NemotronHForCausalLM)",
          c.source(), archs[0]);
 }
 
@@ -199,6 +200,7 @@ int64_t parse_sliding_window(const JsonObject& c, Arch arch, int64_t n_layers) {
 }  // namespace
 
 std::string_view arch_name(Arch arch) {
+    if (arch == Arch::NemotronH) return "NemotronHForCausalLM";
     for (const auto& a : kArchs)
         if (a.arch == arch) return a.name;
     return "unknown";
@@ -206,6 +208,8 @@ std::string_view arch_name(Arch arch) {
 
 ModelConfig parse_model_config(const nlohmann::json& config, const std::string& source) {
     JsonObject c(config, source);
+    if (auto archs = c.opt_string_list("architectures"); archs && !archs->empty() && (*archs)[0] == "NemotronHForCausalLM")
+        return parse_nemotron_h_config(config, source);
     const ArchDefaults& defaults = arch_defaults(c);
 
     ModelConfig m;
@@ -263,6 +267,7 @@ ModelConfig parse_model_config(const nlohmann::json& config, const std::string& 
     case Arch::Qwen2:
         m.qkv_bias = true;  // Qwen2Attention: q/k/v bias=True, o_proj bias=False, whatever the config says
         break;
+    case Arch::NemotronH: break;  // parsed by parse_nemotron_h_config
     case Arch::Qwen3: {
         bool attention_bias = c.opt_bool("attention_bias").value_or(false);
         m.qkv_bias = m.o_bias = attention_bias;
@@ -277,6 +282,21 @@ ModelConfig parse_model_config(const nlohmann::json& config, const std::string& 
     m.bos_token_ids = token_ids(c, "bos_token_id", defaults.bos_token_id);
     m.eos_token_ids = token_ids(c, "eos_token_id", defaults.eos_token_id);
     return m;
+}
+
+DType config_detail::dtype(const JsonObject& c) { return parse_dtype(c); }
+std::vector<int64_t> config_detail::token_ids(const JsonObject& c, std::string_view key,
+                                              std::optional<int64_t> fallback) {
+    return nibble::token_ids(c, key, fallback);
+}
+
+bool ModelConfig::has_layer(LayerKind kind) const { return count_layers(kind) > 0; }
+
+int64_t ModelConfig::count_layers(LayerKind kind) const {
+    if (layer_kinds.empty()) return kind == LayerKind::Attention || kind == LayerKind::Mlp ? n_layers : 0;
+    int64_t n = 0;
+    for (LayerKind k : layer_kinds) n += k == kind ? 1 : 0;
+    return n;
 }
 
 ModelConfig load_model_config(const std::string& dir) {

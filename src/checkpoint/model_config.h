@@ -12,11 +12,16 @@
 //   max_position_embeddings  Llama 2048, Mistral 131072, Qwen2/Qwen3 32768
 //   bos/eos_token_id     Llama/Mistral 1/2, Qwen2/Qwen3 none
 //   sliding_window       Mistral 4096 (null: none); Qwen2/Qwen3 only with use_sliding_window (refused)
+// Qwen2-MoE / Qwen3-MoE (Qwen2MoeConfig, Qwen3MoeConfig): num_experts (transformers 5 may write it as
+// num_local_experts, its attribute_map target), num_experts_per_tok, moe_intermediate_size and (Qwen2-MoE)
+// shared_expert_intermediate_size are shape fields and required; norm_topk_prob false, decoder_sparse_step 1,
+// mlp_only_layers [] (null: []); head_dim hidden / heads; num_key_value_heads Qwen2-MoE 16, Qwen3-MoE 4.
 // Common: rms_norm_eps 1e-6, rope_theta 10000, hidden_act silu, tie_word_embeddings false,
 // attention_bias/mlp_bias false; dtype F32 when neither torch_dtype nor dtype is given (what transformers
 // loads then).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -34,6 +39,47 @@ enum class Arch {
     Mistral,  // MistralForCausalLM
     Qwen2,    // Qwen2ForCausalLM: bias on q/k/v projections
     Qwen3,    // Qwen3ForCausalLM: RMSNorm on q and k per head (QK-norm)
+    Qwen2Moe, // Qwen2MoeForCausalLM: Qwen2 attention; MoE MLPs with a sigmoid-gated shared expert
+    Qwen3Moe, // Qwen3MoeForCausalLM: Qwen3 attention (QK-norm); MoE MLPs
+    NemotronH,  // NemotronHForCausalLM: hybrid Mamba2 / attention (no RoPE) / relu^2 MLP / MoE, one mixer per layer
+};
+
+// The mixer of one layer of a hybrid model (NemotronH's hybrid_override_pattern M, *, -, E).
+enum class LayerKind { Mamba, Attention, Mlp, Moe };
+
+// Mamba2 mixer sizes and discretization constants (NemotronH field names in comments).
+struct MambaConfig {
+    int64_t n_heads = 0;          // mamba_num_heads
+    int64_t head_dim = 0;         // mamba_head_dim; d_inner = n_heads * head_dim
+    int64_t state_size = 0;       // ssm_state_size
+    int64_t n_groups = 1;         // n_groups: B and C are shared by n_heads / n_groups heads
+    int64_t conv_kernel = 4;      // conv_kernel
+    int64_t chunk_size = 128;     // chunk_size (of the chunked prefill scan)
+    bool conv_bias = true;        // use_conv_bias
+    bool proj_bias = false;       // use_bias (in_proj / out_proj)
+    float dt_min = 0.0f, dt_max = INFINITY;  // time_step_limit: dt is clamped to it after softplus
+    float time_step_min = 0.001f, time_step_max = 0.1f, time_step_floor = 1e-4f;  // init only
+    int64_t d_inner() const { return n_heads * head_dim; }
+    int64_t conv_dim() const { return d_inner() + 2 * n_groups * state_size; }  // channels of x, B, C
+    int64_t in_proj_dim() const { return d_inner() + conv_dim() + n_heads; }    // z, x, B, C, dt
+};
+
+enum class MoeScoring { Softmax, Sigmoid };
+
+// Mixture-of-experts layer: router, top-k, experts, optional shared expert(s).
+struct MoeConfig {
+    int64_t n_experts = 0;              // n_routed_experts / num_experts
+    int64_t top_k = 0;                  // num_experts_per_tok
+    int64_t n_ff = 0;                   // moe_intermediate_size (per expert)
+    int64_t n_shared_experts = 0;       // n_shared_experts (NemotronH: one MLP of n_ff_shared)
+    int64_t n_ff_shared = 0;            // moe_shared_expert_intermediate_size
+    MoeScoring scoring = MoeScoring::Softmax;
+    bool score_correction_bias = false; // gate.e_score_correction_bias added for the choice only
+    int64_t n_group = 1, topk_group = 1;// grouped top-k: keep the topk_group best groups of experts
+    bool norm_topk_prob = false;        // renormalise the chosen k weights to sum 1
+    float routed_scaling_factor = 1.0f; // multiplies the routed weights
+    bool gated_experts = true;          // SwiGLU (gate, up, down); false: act(up) then down (NemotronH relu^2)
+    bool shared_expert_gate = false;    // Qwen2-MoE: the shared expert's output times sigmoid(shared_expert_gate x)
 };
 
 enum class RopeType {
@@ -74,11 +120,27 @@ struct ModelConfig {
     std::string hidden_act = "silu";
     DType dtype = DType::F32;       // torch_dtype / dtype: F32, F16 or BF16
     std::vector<int64_t> bos_token_ids, eos_token_ids;  // int or list in the file; empty for null
+    // Hybrid models (NemotronH): one mixer per layer; empty for the llama family (attention + MLP each).
+    std::vector<LayerKind> layer_kinds;
+    MambaConfig mamba;                  // NemotronH
+    MoeConfig moe;                      // MoE layers
+    std::string mlp_act = "silu";       // NemotronH mlp_hidden_act: relu2 (relu(x)^2), non-gated MLPs
+    bool residual_in_fp32 = false;      // NemotronH; our residual stream is float32 anyway
+    bool has_layer(LayerKind kind) const;
+    // Qwen2-MoE / Qwen3-MoE (every layer has attention): layer il's MLP is the MoE block when moe.n_experts > 0,
+    // (il + 1) % decoder_sparse_step == 0 and il is not in mlp_only_layers (transformers' decoder-layer rule);
+    // otherwise it is the dense n_ff MLP.
+    int64_t decoder_sparse_step = 1;    // decoder_sparse_step
+    std::vector<int64_t> mlp_only_layers;  // mlp_only_layers
+    bool is_moe_layer(int64_t il) const;
+    int64_t count_layers(LayerKind kind) const;
 };
 
 // Parses a config.json object; `source` names the file in messages ("config.json: rope_scaling.rope_type
 // 'yarn' is not supported (supported: default, linear, llama3)").
 ModelConfig parse_model_config(const nlohmann::json& config, const std::string& source);
+// NemotronHForCausalLM's config (NemotronHConfig of transformers; parse_model_config dispatches to it).
+ModelConfig parse_nemotron_h_config(const nlohmann::json& config, const std::string& source);
 // Reads DIR/config.json.
 ModelConfig load_model_config(const std::string& dir);
 
