@@ -7,6 +7,7 @@
 #include "base/error.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <ctime>
 #include <set>
@@ -299,8 +300,9 @@ std::string py_format(const std::string& f, CallArgs& args) {
                 if (auto_index >= args.positional.size()) render_fail("Replacement index out of range");
                 v = &args.positional[auto_index++];
             } else if (std::all_of(field.begin(), field.end(), [](char d) { return d >= '0' && d <= '9'; })) {
-                size_t k = std::stoul(field);
-                if (k >= args.positional.size()) render_fail("Replacement index out of range");
+                size_t k = 0;
+                auto res = std::from_chars(field.data(), field.data() + field.size(), k);
+                if (res.ec != std::errc() || k >= args.positional.size()) render_fail("Replacement index out of range");
                 v = &args.positional[k];
             } else {
                 for (auto& [key, value] : args.keyword)
@@ -498,7 +500,9 @@ Value get_path(Interpreter& in, const Value& item, const std::string& path) {
         size_t dot = path.find('.', start);
         std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
         bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; });
-        cur = in.get_item(cur, numeric ? Value::from_int(std::stoll(part)) : Value::from_string(part));
+        int64_t index = 0;
+        if (numeric && std::from_chars(part.data(), part.data() + part.size(), index).ec != std::errc()) numeric = false;
+        cur = in.get_item(cur, numeric ? Value::from_int(index) : Value::from_string(part));
         if (dot == std::string::npos) break;
         start = dot + 1;
     }
@@ -1014,11 +1018,12 @@ std::unordered_map<std::string, Value> make_globals() {
         int64_t start = p.size() == 1 ? 0 : p[0], stop = p.size() == 1 ? p[0] : p[1], step = p.size() == 3 ? p[2] : 1;
         if (step == 0) render_fail("range() arg 3 must not be zero");
         std::vector<Value> out;
-        for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+        for (int64_t i = start; step > 0 ? i < stop : i > stop;) {
             // jinja2's sandbox refuses ranges longer than MAX_RANGE (100000).
             if (out.size() >= 100000) render_fail("Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
             in.step();
             out.push_back(Value::from_int(i));
+            if (__builtin_add_overflow(i, step, &i)) break;
         }
         return Value::new_list(std::move(out));
     });

@@ -402,10 +402,11 @@ Value Interpreter::eval_slice(const Value& subject, const Value& start_v, const 
     int64_t e = clamp(stop, s < 0 ? -1 : n);
     std::vector<Value> out_items;
     std::string out_str;
-    for (int64_t i = b; s > 0 ? i < e : i > e; i += s) {
+    for (int64_t i = b; s > 0 ? i < e : i > e;) {
         step();
         if (is_string) out_str += chars[static_cast<size_t>(i)];
         else out_items.push_back(items[static_cast<size_t>(i)]);
+        if (__builtin_add_overflow(i, s, &i)) break;
     }
     if (is_string) return Value::from_string(std::move(out_str));
     return Value::new_list(std::move(out_items), subject.list->is_tuple);
@@ -454,7 +455,10 @@ bool Interpreter::compare(const std::string& op, const Value& a, const Value& b)
         size_t n = std::min(a.list->items.size(), b.list->items.size());
         size_t i = 0;
         while (i < n && values_equal(a.list->items[i], b.list->items[i])) ++i;
-        if (i < n) return compare(op, a.list->items[i], b.list->items[i]);
+        if (i < n) {
+            // values_equal above has already refused over-deep values, so this recursion is bounded.
+            return compare(op, a.list->items[i], b.list->items[i]);
+        }
         c = a.list->items.size() < b.list->items.size() ? -1 : a.list->items.size() > b.list->items.size() ? 1 : 0;
     } else {
         if (a.kind == Kind::undefined) undefined_error(a);

@@ -12,12 +12,41 @@ namespace nibble::jinja {
 
 void render_fail(const std::string& message) { throw RenderError(message); }
 
+namespace {
+// Values nest only as deep as this (a template can build [[[...]]] in a loop); the recursive
+// printers and comparisons refuse deeper values instead of overflowing the stack.
+constexpr int max_value_depth = 512;
+void check_depth(int depth) {
+    if (depth > max_value_depth) render_fail("value nested too deeply");
+}
+}  // namespace
+
+// Records `child` as a member of a container of depth `depth`.
+static void note_child(int& depth, bool& has_namespace, const Value& child) {
+    int child_depth = 0;
+    if (child.kind == Kind::list) {
+        child_depth = child.list->depth;
+        has_namespace = has_namespace || child.list->has_namespace;
+    } else if (child.kind == Kind::dict) {
+        child_depth = child.dict->depth;
+        has_namespace = has_namespace || child.dict->has_namespace || child.dict->kind == DictKind::namespace_obj;
+    }
+    depth = std::max(depth, child_depth + 1);
+    check_depth(depth);
+}
+
 const Value* Dict::find(const std::string& key) const {
     auto it = index.find(key);
     return it == index.end() ? nullptr : &items[it->second].second;
 }
 
 void Dict::set(const std::string& key, Value value) {
+    if (kind == DictKind::namespace_obj) {
+        bool holds_namespace = (value.kind == Kind::list && value.list->has_namespace) ||
+                               (value.kind == Kind::dict && (value.dict->has_namespace || value.dict->kind == DictKind::namespace_obj));
+        if (holds_namespace) render_fail("a namespace attribute cannot hold a namespace (not supported)");
+    }
+    note_child(depth, has_namespace, value);
     auto it = index.find(key);
     if (it != index.end()) {
         items[it->second].second = std::move(value);
@@ -68,6 +97,7 @@ Value Value::new_list(std::vector<Value> items, bool tuple) {
     v.list = std::make_shared<List>();
     v.list->items = std::move(items);
     v.list->is_tuple = tuple;
+    for (const auto& item : v.list->items) note_child(v.list->depth, v.list->has_namespace, item);
     return v;
 }
 Value Value::new_dict(DictKind kind) {
@@ -84,27 +114,34 @@ Value Value::function(std::string name, NativeFn fn) {
     return v;
 }
 
-Value Value::from_json(const nlohmann::ordered_json& j) {
+static Value from_json_at(const nlohmann::ordered_json& j, int depth);
+Value Value::from_json(const nlohmann::ordered_json& j) { return from_json_at(j, 0); }
+
+static Value from_json_at(const nlohmann::ordered_json& j, int depth) {
+    check_depth(depth);
     switch (j.type()) {
-    case nlohmann::ordered_json::value_t::null: return none();
-    case nlohmann::ordered_json::value_t::boolean: return from_bool(j.get<bool>());
-    case nlohmann::ordered_json::value_t::number_integer: return from_int(j.get<int64_t>());
+    case nlohmann::ordered_json::value_t::null: return Value::none();
+    case nlohmann::ordered_json::value_t::boolean: return Value::from_bool(j.get<bool>());
+    case nlohmann::ordered_json::value_t::number_integer: return Value::from_int(j.get<int64_t>());
     case nlohmann::ordered_json::value_t::number_unsigned: {
         uint64_t u = j.get<uint64_t>();
-        if (u > static_cast<uint64_t>(INT64_MAX)) return from_float(static_cast<double>(u));
-        return from_int(static_cast<int64_t>(u));
+        if (u > static_cast<uint64_t>(INT64_MAX)) return Value::from_float(static_cast<double>(u));
+        return Value::from_int(static_cast<int64_t>(u));
     }
-    case nlohmann::ordered_json::value_t::number_float: return from_float(j.get<double>());
-    case nlohmann::ordered_json::value_t::string: return from_string(j.get<std::string>());
+    case nlohmann::ordered_json::value_t::number_float: return Value::from_float(j.get<double>());
+    case nlohmann::ordered_json::value_t::string: return Value::from_string(j.get<std::string>());
     case nlohmann::ordered_json::value_t::array: {
-        Value v = new_list();
+        Value v = Value::new_list();
         v.list->items.reserve(j.size());
-        for (const auto& item : j) v.list->items.push_back(from_json(item));
+        for (const auto& item : j) {
+            v.list->items.push_back(from_json_at(item, depth + 1));
+            note_child(v.list->depth, v.list->has_namespace, v.list->items.back());
+        }
         return v;
     }
     case nlohmann::ordered_json::value_t::object: {
-        Value v = new_dict();
-        for (auto it = j.begin(); it != j.end(); ++it) v.dict->set(it.key(), from_json(it.value()));
+        Value v = Value::new_dict();
+        for (auto it = j.begin(); it != j.end(); ++it) v.dict->set(it.key(), from_json_at(it.value(), depth + 1));
         return v;
     }
     default: render_fail("the context holds a value JSON cannot express (binary)");
@@ -237,14 +274,18 @@ std::string string_repr(const std::string& s) {
     return out;
 }
 
-std::string to_repr(const Value& v) {
+static std::string repr_at(const Value& v, int depth);
+std::string to_repr(const Value& v) { return repr_at(v, 0); }
+
+static std::string repr_at(const Value& v, int depth) {
+    check_depth(depth);
     switch (v.kind) {
     case Kind::string: return string_repr(v.string);
     case Kind::list: {
         std::string out = v.list->is_tuple ? "(" : "[";
         for (size_t i = 0; i < v.list->items.size(); ++i) {
             if (i) out += ", ";
-            out += to_repr(v.list->items[i]);
+            out += repr_at(v.list->items[i], depth + 1);
         }
         if (v.list->is_tuple && v.list->items.size() == 1) out += ",";
         out += v.list->is_tuple ? ")" : "]";
@@ -257,10 +298,11 @@ std::string to_repr(const Value& v) {
         for (const auto& [key, value] : v.dict->items) {
             if (!first) out += ", ";
             first = false;
-            out += string_repr(key) + ": " + to_repr(value);
+            out += string_repr(key) + ": " + repr_at(value, depth + 1);
         }
         return out + "}";
     }
+    case Kind::undefined: return "Undefined";  // jinja2's Undefined.__repr__
     default: return to_str(v);
     }
 }
@@ -311,6 +353,7 @@ static void json_string(std::string& out, const std::string& s, bool ensure_asci
 }
 
 static void json_dump(std::string& out, const Value& v, const JsonDumpOptions& o, int level) {
+    check_depth(level);
     auto newline = [&](int lvl) {
         out += '\n';
         for (int k = 0; k < lvl; ++k) out += *o.indent;
@@ -373,7 +416,11 @@ std::string json_dumps(const Value& v, const JsonDumpOptions& options) {
     return out;
 }
 
-bool values_equal(const Value& a, const Value& b) {
+static bool equal_at(const Value& a, const Value& b, int depth);
+bool values_equal(const Value& a, const Value& b) { return equal_at(a, b, 0); }
+
+static bool equal_at(const Value& a, const Value& b, int depth) {
+    check_depth(depth);
     if (a.is_number() && b.is_number()) {
         if (a.kind == Kind::floating || b.kind == Kind::floating) {
             auto as_double = [](const Value& v) {
@@ -395,7 +442,7 @@ bool values_equal(const Value& a, const Value& b) {
         if (a.list == b.list) return true;
         if (a.list->is_tuple != b.list->is_tuple || a.list->items.size() != b.list->items.size()) return false;
         for (size_t i = 0; i < a.list->items.size(); ++i)
-            if (!values_equal(a.list->items[i], b.list->items[i])) return false;
+            if (!equal_at(a.list->items[i], b.list->items[i], depth + 1)) return false;
         return true;
     }
     case Kind::dict: {
@@ -404,7 +451,7 @@ bool values_equal(const Value& a, const Value& b) {
         if (a.dict->items.size() != b.dict->items.size()) return false;
         for (const auto& [key, value] : a.dict->items) {
             const Value* other = b.dict->find(key);
-            if (!other || !values_equal(value, *other)) return false;
+            if (!other || !equal_at(value, *other, depth + 1)) return false;
         }
         return true;
     }

@@ -45,9 +45,14 @@ struct Callable {
     NativeFn fn;
 };
 
+// Nesting is tracked as values are built (lists and plain dicts are immutable once built), so a
+// template cannot build values deep enough to overflow the stack when printed or destroyed; a
+// namespace may not hold another namespace, which also rules out reference cycles.
 struct List {
     std::vector<Value> items;
     bool is_tuple = false;
+    int depth = 1;
+    bool has_namespace = false;
 };
 
 enum class DictKind : uint8_t { plain, namespace_obj, loop };
@@ -57,6 +62,8 @@ struct Dict {
     std::vector<std::pair<std::string, Value>> items;
     std::unordered_map<std::string, size_t> index;
     DictKind kind = DictKind::plain;
+    int depth = 1;
+    bool has_namespace = false;
 
     const Value* find(const std::string& key) const;
     void set(const std::string& key, Value value);

@@ -129,6 +129,8 @@ const Snippet snippets[] = {
     {"{{ 10 // 0 }}", "{}"},
     {"{{ x is string and x.startswith('a') }} {{ y is string and y.startswith('a') }} {{ none | string | length }}", R"({"x": "abc", "y": 5})"},
     {"{% set c = m.content %}{{ c if c is string else c | map(attribute='text') | join }}|{{ m2.content[0]['text'] }}", R"({"m": {"content": [{"type": "text", "text": "part1"}, {"type": "text", "text": "part2"}]}, "m2": {"content": [{"text": "t"}]}})"},
+    {"{{ 'abc'[1::9223372036854775807] }} {{ range(9223372036854775800, 9223372036854775807, 5) | list }} {{ [[1]] | map(attribute='99999999999999999999') | list }}", "{}"},
+    {"{{ '{99999999999999999999}'.format(1) }}", "{}"},
     // Globals.
     {"{{ range(3) | list }} {{ range(1, 7, 2) | list }} {{ range(3, 0, -1) | join }} {{ dict(a=1, b=2) }} {{ namespace(a=1).a }}", "{}"},
     {"{{ raise_exception('custom failure') }}", "{}"},
@@ -210,6 +212,12 @@ TEST(ChatTemplateSnippets, LimitsStopRunawayTemplates) {
     EXPECT_THROW(big.render(nlohmann::ordered_json::object(), limits), Error);
     auto recursion = ChatTemplate::parse("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "t");
     EXPECT_THROW(recursion.render(nlohmann::ordered_json::object()), Error);
+    // Values built deeper than the interpreter's nesting limit, and namespaces holding namespaces
+    // (which could form reference cycles), are refused rather than risking the stack.
+    auto nest = ChatTemplate::parse("{% set ns = namespace(x=[]) %}{% for i in range(2000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x | length }}", "t");
+    EXPECT_THROW(nest.render(nlohmann::ordered_json::object()), Error);
+    auto cycle = ChatTemplate::parse("{% set ns = namespace() %}{% set ns.self = [ns] %}", "t");
+    EXPECT_THROW(cycle.render(nlohmann::ordered_json::object()), Error);
     std::string deep(5000, '(');
     EXPECT_THROW(ChatTemplate::parse("{{ " + deep + " }}", "t"), Error);
 }
