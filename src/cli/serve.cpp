@@ -1,0 +1,228 @@
+// `nibble serve [MODEL_DIR] [vLLM-named flags]`: loads the model, plans memory, starts the engine loop and
+// the OpenAI-compatible HTTP server, and runs until SIGINT/SIGTERM. Without MODEL_DIR it serves the
+// built-in tiny model (default_model.h). Flags are parsed by server/serve_args (vLLM's names; unsupported
+// vLLM flags refused by name), so CLI11 hands this subcommand its arguments untouched.
+#include <CLI/CLI.hpp>
+
+#include <csignal>
+#include <fstream>
+#include <pthread.h>
+#include <set>
+#include <thread>
+#include <unistd.h>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "base/thread_pool.h"
+#include "cli/commands.h"
+#include "cli/default_model.h"
+#include "engine/engine.h"
+#include "engine/memory_plan.h"
+#include "model/model.h"
+#include "server/http_server.h"
+#include "server/serve_args.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+
+namespace nibble::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+using server::ServeOptions;
+
+// generation_config.json as vLLM's --generation-config reads it: sampling defaults for requests that leave
+// them out, and extra end-of-sequence ids.
+void read_generation_config(const ServeOptions& o, const fs::path& model_dir, ojson& defaults,
+                            std::set<int32_t>& eos) {
+    if (o.generation_config == "vllm") return;
+    const fs::path dir = o.generation_config == "auto" ? model_dir : fs::path(o.generation_config);
+    const fs::path path = dir / "generation_config.json";
+    if (!fs::exists(path)) {
+        NIBBLE_CHECK(o.generation_config == "auto", "--generation-config {}: {} does not exist", o.generation_config,
+                     path.string());
+        return;
+    }
+    std::ifstream in(path);
+    ojson j;
+    try {
+        j = ojson::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+        fail("{}: not valid JSON: {}", path.string(), e.what());
+    }
+    for (const char* key : {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"}) {
+        if (!j.contains(key) || j[key].is_null()) continue;
+        NIBBLE_CHECK(j[key].is_number(), "{}: {} must be a number", path.string(), key);
+        defaults[key] = j[key];
+    }
+    // top_k 0 means "off" in transformers; leave the request's default alone then.
+    if (defaults.contains("top_k") && defaults["top_k"].get<double>() <= 0) defaults.erase("top_k");
+    if (j.contains("do_sample") && j["do_sample"].is_boolean() && !j["do_sample"].get<bool>()) defaults["temperature"] = 0.0;
+    if (j.contains("eos_token_id")) {
+        const auto& e = j["eos_token_id"];
+        if (e.is_number_integer()) eos.insert(e.get<int32_t>());
+        for (const auto& v : e)
+            if (e.is_array() && v.is_number_integer()) eos.insert(v.get<int32_t>());
+    }
+}
+
+int64_t host_memory() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    NIBBLE_CHECK(pages > 0 && page > 0, "cannot read the machine's physical memory; pass --kv-cache-memory-bytes");
+    return static_cast<int64_t>(pages) * page;
+}
+
+std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1 << 30)); }
+
+// The CPU backend keeps the KV cache in host memory. Unless --kv-cache-memory-bytes says otherwise it takes
+// what max_num_seqs full-length sequences need, but at most a quarter of the machine's memory.
+MemoryPlan make_plan(const ServeOptions& o, const Model& model, int64_t max_model_len) {
+    PlanOptions po;
+    po.max_model_len = max_model_len;
+    po.max_num_seqs = o.max_num_seqs;
+    po.max_num_batched_tokens = o.max_num_batched_tokens.value_or(2048);
+    po.block_size = o.block_size;
+    po.kv_cache_dtype = o.kv_cache_dtype == KvCacheDtype::Auto    ? "auto"
+                        : o.kv_cache_dtype == KvCacheDtype::Bf16  ? "bf16"
+                        : o.kv_cache_dtype == KvCacheDtype::Fp8   ? "fp8"
+                        : o.kv_cache_dtype == KvCacheDtype::Nvfp4 ? "nvfp4"
+                                                                  : "f32";
+    po.auto_kv_dtype = KvDtype::F32;
+    po.gpu_memory_utilization = o.gpu_memory_utilization;
+    po.device_memory = host_memory();
+    if (o.kv_cache_memory_bytes) {
+        po.kv_cache_memory_bytes = *o.kv_cache_memory_bytes;
+        return plan_memory(model.config(), model.quant_config(), po);
+    }
+    po.kv_cache_memory_bytes = po.device_memory / 4;
+    const MemoryPlan probe = plan_memory(model.config(), model.quant_config(), po);
+    const int64_t blocks_per_seq = (max_model_len + o.block_size - 1) / o.block_size;
+    const int64_t wanted = probe.kv_block_bytes * blocks_per_seq * o.max_num_seqs;
+    po.kv_cache_memory_bytes = std::min(po.kv_cache_memory_bytes, wanted);
+    return plan_memory(model.config(), model.quant_config(), po);
+}
+
+void log_plan(const MemoryPlan& p) {
+    log::info("memory plan: weights {} + workspace {} + KV cache {} ({} blocks of {} tokens, {} bytes/token)",
+              gib(p.weights_bytes), gib(p.workspace_bytes()), gib(p.kv_blocks * p.kv_block_bytes), p.kv_blocks,
+              p.block_size, p.kv_bytes_per_token);
+    log::info("memory plan: {} KV tokens, max concurrency {:.2f} at max_model_len {}", p.kv_tokens,
+              p.max_concurrency, p.max_model_len);
+}
+
+void run_serve(const std::vector<std::string>& args) {
+    const ServeOptions o = server::parse_serve_args(args);
+    if (o.help) {
+        std::fputs(server::serve_usage().c_str(), stdout);
+        return;
+    }
+    // Signals go to a waiting thread only (threads started below inherit the mask); writes to a closed
+    // socket report EPIPE instead of killing the process.
+    std::signal(SIGPIPE, SIG_IGN);
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+    fs::path model_dir = o.model_dir;
+    if (model_dir.empty()) {
+        model_dir = ensure_default_model(default_model_dir());
+        log::warn("no MODEL_DIR given: serving nibble's built-in tiny model ({}). Its weights are random, so its "
+                  "text is MEANINGLESS; it is here to try the API. Serve a real checkpoint with "
+                  "`nibble serve /path/to/model`.",
+                  model_dir.string());
+    }
+    ThreadPool pool(0);
+    std::unique_ptr<Model> model = load_model(model_dir.string(), pool);
+    const ModelConfig& mc = model->config();
+    tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(model_dir);
+
+    int64_t max_model_len = o.max_model_len.value_or(mc.max_position_embeddings);
+    NIBBLE_CHECK(max_model_len > 0, "--max-model-len: the model's config.json gives no max_position_embeddings");
+    NIBBLE_CHECK(mc.max_position_embeddings <= 0 || max_model_len <= mc.max_position_embeddings,
+                 "--max-model-len {} is more than the model's max_position_embeddings ({})", max_model_len,
+                 mc.max_position_embeddings);
+
+    const MemoryPlan plan = make_plan(o, *model, max_model_len);
+    log_plan(plan);
+
+    std::set<int32_t> eos;
+    for (int64_t id : mc.eos_token_ids) eos.insert(static_cast<int32_t>(id));
+    if (tok.eos_id()) eos.insert(static_cast<int32_t>(*tok.eos_id()));
+    server::ServerConfig sc;
+    read_generation_config(o, model_dir, sc.sampling_defaults, eos);
+
+    EngineConfig ec;
+    ec.max_model_len = max_model_len;
+    ec.max_num_seqs = o.max_num_seqs;
+    ec.max_num_batched_tokens = plan.max_num_batched_tokens;
+    ec.block_size = o.block_size;
+    ec.num_blocks = plan.kv_blocks;
+    ec.enable_prefix_caching = o.enable_prefix_caching;
+    ec.kv_cache_dtype = plan.kv_dtype == KvDtype::F32 ? KvCacheDtype::F32
+                        : plan.kv_dtype == KvDtype::Bf16 ? KvCacheDtype::Bf16
+                        : plan.kv_dtype == KvDtype::Fp8  ? KvCacheDtype::Fp8
+                                                         : KvCacheDtype::Nvfp4;
+    for (int32_t id : eos)
+        if (id >= 0 && id < mc.vocab_size) ec.eos_token_ids.push_back(id);
+
+    sc.host = o.host;
+    sc.port = o.port;
+    sc.api_key = o.api_key;
+    sc.model_names = o.served_model_names.empty() ? std::vector<std::string>{o.model_dir.empty() ? "nibble-tiny-random"
+                                                                                                 : o.model_dir}
+                                                  : o.served_model_names;
+    sc.model_root = model_dir.string();
+    sc.max_model_len = max_model_len;
+    sc.http_threads = static_cast<int>(std::clamp<int64_t>(2 * o.max_num_seqs, 64, 1024));
+    if (!o.reasoning_parser.empty()) sc.reasoning_parser = server::reasoning_parser_kind(o.reasoning_parser);
+    if (!o.tool_call_parser.empty()) sc.tool_call_parser = server::tool_parser_kind(o.tool_call_parser);
+    sc.enable_auto_tool_choice = o.enable_auto_tool_choice;
+    std::optional<fs::path> template_file;
+    if (!o.chat_template.empty()) {
+        NIBBLE_CHECK(fs::exists(o.chat_template), "--chat-template {}: no such file", o.chat_template);
+        template_file = o.chat_template;
+    }
+    sc.chat_template = load_chat_template(model_dir, false, template_file);
+    sc.chat_template_with_tools = load_chat_template(model_dir, true, template_file);
+    if (!sc.chat_template) log::warn("{} has no chat template: /v1/chat/completions answers 400 (use --chat-template)",
+                                     model_dir.string());
+    {
+        std::ifstream in(model_dir / "tokenizer_config.json");
+        if (in.good()) sc.special_tokens = special_tokens_from_config(ojson::parse(in));
+    }
+
+    Engine engine(*model, ec);
+    engine.start();
+    server::HttpServer http(engine, tok, sc);
+    const int port = http.bind();
+    log::info("serving {} as \"{}\" on http://{}:{} (max_model_len {}, max_num_seqs {}, prefix caching {})",
+              model_dir.string(), sc.model_names[0], o.host, port, max_model_len, o.max_num_seqs,
+              o.enable_prefix_caching ? "on" : "off");
+    std::thread waiter([&] {
+        int sig = 0;
+        sigwait(&stop_signals, &sig);
+        log::info("signal {}: shutting down", sig);
+        http.stop();
+    });
+    http.run();
+    // run() also returns when listening fails; wake the waiter so it can be joined.
+    pthread_kill(waiter.native_handle(), SIGTERM);
+    waiter.join();
+    engine.stop();
+}
+
+}  // namespace
+
+void add_serve_command(CLI::App& app) {
+    CLI::App* cmd = app.add_subcommand("serve", "serve a model over an OpenAI-compatible HTTP API (vLLM's flags)");
+    // Every argument goes to serve_args, which knows vLLM's flags; CLI11 only routes.
+    cmd->set_help_flag();
+    cmd->allow_extras();
+    cmd->prefix_command();
+    cmd->callback([cmd] { run_serve(cmd->remaining()); });
+}
+
+}  // namespace nibble::cli
