@@ -11,6 +11,7 @@
 //    null, and then only on layers i >= max_window_layers (or as layer_types says in transformers 5).
 #include "checkpoint/model_config.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -33,11 +34,13 @@ struct ArchDefaults {
     std::optional<int64_t> bos_token_id, eos_token_id;
 };
 
-constexpr std::array<ArchDefaults, 4> kArchs{{
+constexpr std::array<ArchDefaults, 6> kArchs{{
     {Arch::Llama, "LlamaForCausalLM", std::nullopt, std::nullopt, 2048, 1, 2},
     {Arch::Mistral, "MistralForCausalLM", 8, std::nullopt, 4096 * 32, 1, 2},
     {Arch::Qwen2, "Qwen2ForCausalLM", 32, std::nullopt, 32768, std::nullopt, std::nullopt},
     {Arch::Qwen3, "Qwen3ForCausalLM", 32, 128, 32768, std::nullopt, std::nullopt},
+    {Arch::Qwen2Moe, "Qwen2MoeForCausalLM", 16, std::nullopt, 32768, std::nullopt, std::nullopt},
+    {Arch::Qwen3Moe, "Qwen3MoeForCausalLM", 4, std::nullopt, 32768, std::nullopt, std::nullopt},
 }};
 
 constexpr double kDefaultRopeTheta = 10000.0;      // default_theta of RotaryEmbeddingConfigMixin
@@ -51,7 +54,8 @@ const ArchDefaults& arch_defaults(const JsonObject& c) {
     for (const auto& a : kArchs)
         if (a.name == archs[0]) return a;
     fail("{}: architectures[0] '{}' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, "
-         "Qwen2ForCausalLM, Qwen3ForCausalLM, NemotronHForCausalLM)",
+         "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
+         "NemotronHForCausalLM)",
          c.source(), archs[0]);
 }
 
@@ -170,7 +174,8 @@ int64_t parse_sliding_window(const JsonObject& c, Arch arch, int64_t n_layers) {
         if (w && *w <= 0) c.fail_field("sliding_window", fmt::format("must be positive or null, got {}", *w));
         return w.value_or(0);
     }
-    if (arch != Arch::Qwen2 && arch != Arch::Qwen3) return 0;  // Llama has no sliding window
+    const bool moe = arch == Arch::Qwen2Moe || arch == Arch::Qwen3Moe;
+    if (arch != Arch::Qwen2 && arch != Arch::Qwen3 && !moe) return 0;  // Llama has no sliding window
     bool use = c.opt_bool("use_sliding_window").value_or(false);
     auto window = c.has("sliding_window") ? c.opt_int("sliding_window", NullIs::Absent)
                                           : std::optional<int64_t>(kQwenSlidingWindow);
@@ -185,6 +190,10 @@ int64_t parse_sliding_window(const JsonObject& c, Arch arch, int64_t n_layers) {
                 fail("{}: layer_types[{}] '{}' is not supported (supported: full_attention)", c.source(), i, t);
             any_sliding |= t == "sliding_attention";
         }
+    } else if (moe) {
+        // Qwen3MoeConfig slides every layer when use_sliding_window is set; Qwen2MoeConfig the layers below
+        // max_window_layers (transformers 5) or above it (4.x): either way some layer would.
+        any_sliding = true;
     } else {
         int64_t max_window_layers = c.opt_int("max_window_layers").value_or(kQwenMaxWindowLayers);
         any_sliding = max_window_layers < n_layers;
@@ -193,11 +202,60 @@ int64_t parse_sliding_window(const JsonObject& c, Arch arch, int64_t n_layers) {
         fail("{}: use_sliding_window=true is not supported (some layers would use sliding-window attention, "
              "per {}; only full attention is implemented for {})",
              c.source(), layer_types ? "layer_types" : "max_window_layers",
-             arch == Arch::Qwen2 ? "Qwen2" : "Qwen3");
+             arch_name(arch));
     return 0;
 }
 
+// The MoE fields of Qwen2MoeConfig / Qwen3MoeConfig (model_config.h).
+void parse_qwen_moe(const JsonObject& c, ModelConfig& m) {
+    MoeConfig& moe = m.moe;
+    // transformers 5's Qwen3MoeConfig maps num_experts to num_local_experts (attribute_map), so a config it
+    // writes may carry either spelling.
+    auto experts = c.opt_int("num_experts", NullIs::Absent);
+    auto local = c.opt_int("num_local_experts", NullIs::Absent);
+    if (experts && local && *experts != *local)
+        fail("{}: num_experts {} and num_local_experts {} disagree", c.source(), *experts, *local);
+    if (!experts && !local) c.fail_field("num_experts", "is required (nor is num_local_experts given)");
+    moe.n_experts = experts ? *experts : *local;
+    if (moe.n_experts < 0) c.fail_field(experts ? "num_experts" : "num_local_experts", "must not be negative");
+    moe.scoring = MoeScoring::Softmax;
+    moe.gated_experts = true;
+    moe.norm_topk_prob = c.opt_bool("norm_topk_prob").value_or(false);
+    if (moe.n_experts > 0) {
+        moe.top_k = c.get_int("num_experts_per_tok");
+        if (moe.top_k < 1 || moe.top_k > moe.n_experts)
+            c.fail_field("num_experts_per_tok",
+                         fmt::format("must be between 1 and the {} experts, got {}", moe.n_experts, moe.top_k));
+        moe.n_ff = positive_int(c, "moe_intermediate_size", std::nullopt);
+    }
+    if (m.arch == Arch::Qwen2Moe) {
+        // Qwen2MoeSparseMoeBlock always has one shared expert (an MLP of shared_expert_intermediate_size)
+        // whose output is scaled by sigmoid(shared_expert_gate x).
+        moe.n_shared_experts = 1;
+        moe.n_ff_shared = positive_int(c, "shared_expert_intermediate_size", std::nullopt);
+        moe.shared_expert_gate = true;
+    }
+    m.decoder_sparse_step = c.opt_int("decoder_sparse_step").value_or(1);
+    if (m.decoder_sparse_step < 1)
+        c.fail_field("decoder_sparse_step", fmt::format("must be at least 1, got {}", m.decoder_sparse_step));
+    if (const auto* v = c.find("mlp_only_layers"); v != nullptr && !v->is_null()) {
+        if (!v->is_array()) c.fail_field("mlp_only_layers", "must be a list of layer indices or null");
+        for (size_t i = 0; i < v->size(); ++i) {
+            const auto& x = (*v)[i];
+            if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() >= m.n_layers)
+                fail("{}: {}[{}] must be a layer index in 0..{}, got {}", c.source(), c.field("mlp_only_layers"),
+                     i, m.n_layers - 1, describe_json_value(x));
+            m.mlp_only_layers.push_back(x.get<int64_t>());
+        }
+    }
+}
+
 }  // namespace
+
+bool ModelConfig::is_moe_layer(int64_t il) const {
+    if (moe.n_experts <= 0 || (il + 1) % decoder_sparse_step != 0) return false;
+    return std::find(mlp_only_layers.begin(), mlp_only_layers.end(), il) == mlp_only_layers.end();
+}
 
 std::string_view arch_name(Arch arch) {
     if (arch == Arch::NemotronH) return "NemotronHForCausalLM";
@@ -272,6 +330,18 @@ ModelConfig parse_model_config(const nlohmann::json& config, const std::string& 
         bool attention_bias = c.opt_bool("attention_bias").value_or(false);
         m.qkv_bias = m.o_bias = attention_bias;
         m.qk_norm = true;
+        break;
+    }
+    case Arch::Qwen2Moe:
+        // Qwen2MoeAttention: q/k/v bias = qkv_bias (transformers 5, default true; always true in 4.x), o_proj none.
+        m.qkv_bias = c.opt_bool("qkv_bias").value_or(true);
+        parse_qwen_moe(c, m);
+        break;
+    case Arch::Qwen3Moe: {
+        bool attention_bias = c.opt_bool("attention_bias").value_or(false);
+        m.qkv_bias = m.o_bias = attention_bias;
+        m.qk_norm = true;
+        parse_qwen_moe(c, m);
         break;
     }
     }
