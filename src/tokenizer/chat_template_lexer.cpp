@@ -6,12 +6,53 @@
 
 #include "base/error.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace nibble::jinja {
 namespace {
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+// Byte length of the whitespace character (Python's str.isspace(), which jinja2's \s and
+// str.rstrip() use) starting at s[i], or 0.
+size_t space_len(const std::string& s, size_t i) {
+    auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0x80) return (is_space(static_cast<char>(b)) || (b >= 0x1c && b <= 0x1f)) ? 1 : 0;
+    auto at = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0; };
+    if (b == 0xc2 && (at(1) == 0x85 || at(1) == 0xa0)) return 2;
+    if (b == 0xe1 && at(1) == 0x9a && at(2) == 0x80) return 3;                      // U+1680
+    if (b == 0xe2 && at(1) == 0x80 && (at(2) <= 0x8a || at(2) == 0xa8 || at(2) == 0xa9 || at(2) == 0xaf))
+        return 3;                                                                   // U+2000-200A, 2028, 2029, 202F
+    if (b == 0xe2 && at(1) == 0x81 && at(2) == 0x9f) return 3;                      // U+205F
+    if (b == 0xe3 && at(1) == 0x80 && at(2) == 0x80) return 3;                      // U+3000
+    return 0;
+}
+// Length of `text` without its trailing whitespace (Python's str.rstrip()).
+size_t rstripped_size(const std::string& text) {
+    size_t end = 0;
+    for (size_t i = 0; i < text.size();) {
+        size_t n = space_len(text, i);
+        if (n == 0) {
+            auto b = static_cast<unsigned char>(text[i]);
+            i += b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 1;
+            end = std::min(i, text.size());
+        } else {
+            i += n;
+        }
+    }
+    return end;
+}
+// Whether text[from:] is non-empty and all whitespace.
+bool all_space_from(const std::string& text, size_t from) {
+    if (from >= text.size()) return false;
+    for (size_t i = from; i < text.size();) {
+        size_t n = space_len(text, i);
+        if (n == 0) return false;
+        i += n;
+    }
+    return true;
+}
+
 bool is_digit(char c) { return c >= '0' && c <= '9'; }
 bool is_name_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
 bool is_name_char(char c) { return is_name_start(c) || is_digit(c); }
@@ -62,18 +103,11 @@ public:
             char sign = p + 2 < src_.size() && (src_[p + 2] == '-' || src_[p + 2] == '+') ? src_[p + 2] : 0;
             std::string text = src_.substr(pos_, p - pos_);
             if (sign == '-') {
-                size_t end = text.size();
-                while (end > 0 && is_space(text[end - 1])) --end;
-                text.resize(end);
+                text.resize(rstripped_size(text));
             } else if (sign != '+' && kind != '{') {
                 size_t l_pos = text.rfind('\n');
                 l_pos = l_pos == std::string::npos ? 0 : l_pos + 1;
-                if (l_pos > 0 || line_starting) {
-                    bool all_space = l_pos < text.size();
-                    for (size_t k = l_pos; k < text.size(); ++k)
-                        if (!is_space(text[k])) all_space = false;
-                    if (all_space) text.resize(l_pos);
-                }
+                if ((l_pos > 0 || line_starting) && all_space_from(text, l_pos)) text.resize(l_pos);
             }
             emit_data(std::move(text), p);
             advance_to(p + 2 + (sign ? 1 : 0));
@@ -110,7 +144,11 @@ private:
 
     void skip_space() {
         size_t q = pos_;
-        while (q < src_.size() && is_space(src_[q])) ++q;
+        while (q < src_.size()) {
+            size_t n = space_len(src_, q);
+            if (n == 0) break;
+            q += n;
+        }
         advance_to(q);
     }
 
@@ -164,16 +202,11 @@ private:
             if (src_.compare(k, 2, "%}") != 0) error("missing end of raw directive");
             std::string text = src_.substr(pos_, p - pos_);
             if (sign == '-') {
-                while (!text.empty() && is_space(text.back())) text.pop_back();
+                text.resize(rstripped_size(text));
             } else if (sign != '+') {
                 size_t l_pos = text.rfind('\n');
                 l_pos = l_pos == std::string::npos ? 0 : l_pos + 1;
-                if (l_pos > 0) {
-                    bool all_space = l_pos < text.size();
-                    for (size_t m = l_pos; m < text.size(); ++m)
-                        if (!is_space(text[m])) all_space = false;
-                    if (all_space) text.resize(l_pos);
-                }
+                if (l_pos > 0 && all_space_from(text, l_pos)) text.resize(l_pos);
             }
             emit_data(std::move(text), p);
             advance_to(k + 2);

@@ -55,6 +55,7 @@ const Snippet snippets[] = {
     {"  {# comment -#}   x {#- c2 #}\ny\r\nz\r\n", "{}"},
     {"{{ 'a' }}\n{{ 'b' }}\n{% if true %}{{ 'c' }}{% endif %}\n\n", "{}"},
     {"line1\n\t {% set x = 1 %}\t\nline2 {% if x %}yes{% endif +%}\nline3", "{}"},
+    {"a\u00a0\u3000 {%- if true -%}\u2003 b \u00a0\n{{- 'c' }}\n\u3000{% if true %}d{% endif %}\u00a0{#- x #}", "{}"},
     {"{% raw %}{{ not evaluated }} {% if %}{% endraw %}\n  {% raw -%}  x  {%- endraw %}", "{}"},
     // Control flow.
     {"{% if a %}A{% elif b %}B{% else %}C{% endif %}{% if not a and not b %}!{% endif %}", R"({"b": 1})"},
