@@ -110,6 +110,6 @@ inline void expect_close(const std::vector<float>& got, const std::vector<float>
 }
 
 constexpr double kEpsF32 = 0x1p-24;  // unit roundoff of float32 (half an ulp at 1)
-constexpr double kEpsBf16 = 0x1p-9;  // unit roundoff of bfloat16
+constexpr double kEpsBf16 = 0x1p-8;  // unit roundoff of bfloat16 (8 significant bits: ulp(1) = 2^-7)
 
 }  // namespace nibble::test

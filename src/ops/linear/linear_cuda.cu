@@ -3,8 +3,9 @@
 // One warp owns R consecutive output rows at a time and sweeps k with 16-byte streaming loads (evict-
 // first, so the weights do not push the activations out of L1/L2); the loads of the next step are issued
 // before the current step's math (double buffering), so each lane keeps 2 x R x 16 bytes in flight.
-// Activations are re-read through L1 (__ldg) for each group of R rows: that traffic is MT * 4 / R bytes
-// per weight element, which is why R grows as the M tile shrinks.
+// Activations are re-read through L1 (__ldg) for each group of R rows: MT * 2 (BF16) or MT * 4 (F32) / R
+// bytes per weight element. Measured (docs/perf.md): the NVFP4 kernel is bound by instruction issue
+// (~5.3 SASS instructions a weight at m = 1), not by bytes, and m >= 4 belongs on the tensor cores.
 //
 // NVFP4 decode in registers: a 32-bit word holds 8 E2M1 codes. Code s.eem placed as fp16 bits
 // s.00eem.000000000 is the fp16 number e2m1 * 2^-14 exactly (normals and the one subnormal code both
@@ -25,7 +26,7 @@
 namespace nibble::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;  // small blocks spread a 4096-row matrix over all SMs
 constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
@@ -270,10 +271,12 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-// Rows per warp for an M tile: activation re-reads cost MT * 4 / R bytes of L1 per weight element.
+// Rows per warp for an M tile: activation re-reads cost MT * 2 (BF16) or MT * 4 (F32) / R bytes of L1
+// and MT / R widening ops per weight element, but a larger R leaves fewer warps (n / R) to hide latency:
+// R = 4 at m = 1 measured 34% of copy bandwidth at 4096x4096 against 87% at 128256x4096 (docs/perf.md).
 template <int MT>
 constexpr int rows_per_warp() {
-    return MT <= 2 ? 4 : MT <= 8 ? 2 : 1;
+    return MT <= 8 ? 2 : 1;
 }
 
 int grid_for(int64_t n, int rows, int device_sms) {
