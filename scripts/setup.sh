@@ -1,27 +1,13 @@
 #!/usr/bin/env bash
-# Fresh machine to working nibble: installs the Debian packages, builds build/nibble (with the CUDA backend
-# when nvcc is present), then runs the main job on a tiny model committed with the tests: quantize a
-# BF16 Qwen3 checkpoint to NVFP4 and compare its logits with the BF16 original and with transformers'.
+# Fresh machine to a running server: installs the Debian packages, builds build/nibble (with the CUDA backend
+# when nvcc is present), then runs `nibble serve` with no model: a built-in tiny model with random weights
+# (its text is meaningless) on http://127.0.0.1:8000, to try the OpenAI-compatible API (README shows curl and
+# openai-client calls). Serve a real checkpoint with `build/nibble serve /path/to/model`. Arguments go to
+# CMake (e.g. -DNIBBLE_CUDA=OFF). The NVFP4 quantization demo is scripts/demo-quantize.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh "$@"
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-src=tests/golden/fixtures/qwen3_qknorm/model
-tokens=$(python3 scripts/fixture_tokens.py tests/golden/fixtures/qwen3_qknorm/expected.safetensors)
-echo "== nibble quantize $src -> NVFP4 (ModelOpt layout)"
-build/nibble quantize "$src" "$work/nvfp4" --layout modelopt 2>/dev/null | tail -n 1
-build/nibble logits --model "$src" --tokens "$tokens" --out "$work/bf16.safetensors" 2>/dev/null
-build/nibble logits --model "$work/nvfp4" --tokens "$tokens" --out "$work/nvfp4.safetensors" 2>/dev/null
-# The NVFP4 fixture holds the same weights quantized by torch, with transformers' logits on its own tokens.
-ref_tokens=$(python3 scripts/fixture_tokens.py tests/golden/fixtures/qwen3_nvfp4_modelopt/expected.safetensors)
-build/nibble logits --model "$work/nvfp4" --tokens "$ref_tokens" --out "$work/nvfp4-ref-tokens.safetensors" 2>/dev/null
-echo "== BF16 logits against transformers (BF16 weights)"
-python3 scripts/compare_logits.py tests/golden/fixtures/qwen3_qknorm/expected.safetensors "$work/bf16.safetensors"
-echo "== NVFP4 logits against transformers (the same NVFP4 weights, quantized by torch, dequantized)"
-python3 scripts/compare_logits.py tests/golden/fixtures/qwen3_nvfp4_modelopt/expected.safetensors \
-    "$work/nvfp4-ref-tokens.safetensors"
-echo "== NVFP4 logits against BF16 (quantization error on this tiny random model)"
-python3 scripts/compare_logits.py "$work/bf16.safetensors" "$work/nvfp4.safetensors"
+echo "== nibble serve (built-in tiny model; Ctrl-C stops it)"
+exec build/nibble serve
