@@ -600,8 +600,14 @@ Value Interpreter::eval(const Expr& e, Frame& frame) {
         return get_item(obj, eval(*e.children[1], frame));
     }
     case ExprKind::slice: {
-        Value subject = eval(*e.children[0], frame);
         auto part = [&](size_t i) { return e.children[i] ? eval(*e.children[i], frame) : Value::none(); };
+        if (!e.children[0]) {
+            // A slice inside a tuple subscript (`x[1, :]`): no value here indexes by a tuple, so the
+            // lookup gives Undefined as in jinja2; the slice object itself stands in as None.
+            part(1), part(2), part(3);
+            return Value::none();
+        }
+        Value subject = eval(*e.children[0], frame);
         Value start = part(1), stop = part(2), stp = part(3);
         return eval_slice(subject, start, stop, stp);
     }

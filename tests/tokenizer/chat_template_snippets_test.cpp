@@ -145,6 +145,7 @@ const Snippet snippets[] = {
     {"{% do x %}", "{}"},
     {"{# never closed", "{}"},
     {"{{ (1, 2 }}", "{}"},
+    {"{{ [1, 2][1,:] }}", "{}"},  // found by chat_template_fuzz
     {"{% for %}{% endfor %}", "{}"},
 };
 
