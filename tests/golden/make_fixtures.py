@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 VOCAB = 512
 HIDDEN = 64
@@ -106,7 +107,31 @@ CASES = {
     "qwen3_nvfp4_modelopt": dict(base="qwen3_qknorm", quant="modelopt_nvfp4"),
     "llama_nvfp4_ct": dict(base="llama_gqa", quant="ct_nvfp4"),
     "llama_fp8_modelopt": dict(base="llama_gqa", quant="modelopt_fp8"),
+    # MoE: 8 experts of width 32, top-2 renormalised; layer 0 is dense (mlp_only_layers), layer 1 MoE. No
+    # head_dim in the config: Qwen3-MoE then takes hidden / heads (Qwen3's default would be 128).
+    "qwen3_moe": dict(seed=7, n=40, cls=(Qwen3MoeConfig, Qwen3MoeForCausalLM), dtype=torch.bfloat16,
+                      classic=False,
+                      kw=common(rms_norm_eps=1e-6, use_sliding_window=False, rope_parameters=rope(1000000.0),
+                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0])),
+    # Every linear NVFP4 (experts one by one) except the router mlp.gate and lm_head, as ModelOpt exports.
+    "qwen3_moe_nvfp4_modelopt": dict(base="qwen3_moe", quant="modelopt_nvfp4"),
+    # Qwen2-MoE in the classic spelling: 4 experts top-2 without renormalisation, a shared expert (width 64)
+    # behind its sigmoid gate, q/k/v bias; decoder_sparse_step 2 makes layer 1 MoE and layer 0 dense.
+    "qwen2_moe": dict(seed=8, n=33, cls=(Qwen2MoeConfig, Qwen2MoeForCausalLM), dtype=torch.bfloat16,
+                      classic=True,
+                      kw=common(rms_norm_eps=1e-6, use_sliding_window=False, rope_parameters=rope(1000000.0),
+                                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=64, norm_topk_prob=False,
+                                decoder_sparse_step=2)),
 }
+
+
+# Cases with a maker of their own (a different architecture's model and checkpoint layout).
+import nemotron_h_fixtures  # noqa: E402  (tests/golden/, next to this script)
+
+CASES["nemotron_h"] = dict(make=nemotron_h_fixtures.make_nemotron_case)
+CASES["nemotron_h_nvfp4_modelopt"] = dict(make=nemotron_h_fixtures.make_nemotron_case)
 
 
 def make_tokens(n, salt):
@@ -155,6 +180,7 @@ def build_base(name):
         if model.lm_head.weight is not model.model.embed_tokens.weight:
             raise RuntimeError(f"{name}: lm_head is not tied to embed_tokens")
     randomize(model, case["seed"])
+    eager_experts(model)
     # Round the parameters only: model.to(dtype) would also round buffers such as RoPE's inv_freq.
     with torch.no_grad():
         for p in model.parameters():
@@ -354,6 +380,128 @@ def quantized_modules(model):
 
 
 # ------------------------------------------------------------------------------------------------
+# MoE: transformers 5 holds a layer's experts fused (mlp.experts.gate_up_proj [E, 2I, H] with gate rows first,
+# mlp.experts.down_proj [E, H, I]; transposed where the module says experts_are_transposed); checkpoints hold
+# them per expert (mlp.experts.{e}.gate_proj.weight [I, H] ...), as published Qwen MoE checkpoints and the
+# ModelOpt / llm-compressor exports do. The fixtures store them per expert; transformers' own loading of that
+# layout (reload_logits) must reproduce the in-memory model.
+# ------------------------------------------------------------------------------------------------
+
+
+def is_moe(model):
+    return "moe" in model.config.model_type
+
+
+def eager_experts(model):
+    """The expert loop (index_add_ per expert, in expert order) rather than batched/grouped kernels."""
+    model.config._experts_implementation = "eager"
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None:
+            cfg._experts_implementation = "eager"
+
+
+def fused_experts(model):
+    """{prefix 'model.layers.L.mlp.experts.': module} of the fused expert modules."""
+    return {name + ".": mod for name, mod in model.named_modules()
+            if hasattr(mod, "gate_up_proj") and isinstance(getattr(mod, "gate_up_proj"), torch.nn.Parameter)}
+
+
+def unfuse(tensors, model):
+    """Per-expert tensors from a state dict that holds fused ones (unchanged if it holds none)."""
+    out = dict(tensors)
+    for prefix, mod in fused_experts(model).items():
+        if prefix + "gate_up_proj" not in out:
+            continue
+        transposed = bool(getattr(mod, "experts_are_transposed", False))
+        gate_up = out.pop(prefix + "gate_up_proj")
+        down = out.pop(prefix + "down_proj")
+        n_e = gate_up.shape[0]
+        for e in range(n_e):
+            gu = gate_up[e].t() if transposed else gate_up[e]  # [2I, H]
+            dn = down[e].t() if transposed else down[e]        # [H, I]
+            i = gu.shape[0] // 2
+            if dn.shape != (gu.shape[1], i):
+                raise RuntimeError(f"{prefix}: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} "
+                                   "do not fit the expected fused layout")
+            out[f"{prefix}{e}.gate_proj.weight"] = gu[:i].contiguous()
+            out[f"{prefix}{e}.up_proj.weight"] = gu[i:].contiguous()
+            out[f"{prefix}{e}.down_proj.weight"] = dn.contiguous()
+    return out
+
+
+def model_state(model, weights):
+    """The model's state dict filled from per-expert float32 `weights` (fused where the model fuses)."""
+    state = model.state_dict()
+    fused = fused_experts(model)
+    for k in state:
+        if k in weights:
+            state[k] = weights[k]
+            continue
+        prefix = k.rsplit(".", 1)[0] + "."
+        if prefix not in fused:
+            raise RuntimeError(f"{k}: no stored tensor for it")
+        transposed = bool(getattr(fused[prefix], "experts_are_transposed", False))
+        n_e = state[k].shape[0]
+        if k.endswith("gate_up_proj"):
+            parts = [torch.cat([weights[f"{prefix}{e}.gate_proj.weight"], weights[f"{prefix}{e}.up_proj.weight"]])
+                     for e in range(n_e)]
+        elif k.endswith("down_proj"):
+            parts = [weights[f"{prefix}{e}.down_proj.weight"] for e in range(n_e)]
+        else:
+            raise RuntimeError(f"{k}: unknown fused tensor")
+        t = torch.stack([p.t() if transposed else p for p in parts])
+        if t.shape != state[k].shape:
+            raise RuntimeError(f"{k}: rebuilt {tuple(t.shape)} != model's {tuple(state[k].shape)}")
+        state[k] = t
+    return state
+
+
+def moe_modules(weights):
+    """Linear modules a ModelOpt NVFP4 export quantizes, by stored name: attention, dense MLPs, every expert's
+    and the shared expert's projections; not the routers (mlp.gate), shared_expert_gate or lm_head."""
+    return sorted(k[:-len(".weight")] for k in weights
+                  if k.endswith(".weight") and k.split(".")[-2] in LINEAR_SUFFIXES)
+
+
+def moe_routing_stats(model, tokens, weights):
+    """Input amax of every expert projection (tokens routed to it only), the other linears' input amax, and
+    the smallest gap between the k-th and (k+1)-th router probability over all tokens and MoE layers (a top-k
+    choice that close could flip between two float32 implementations)."""
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    captured = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("SparseMoeBlock"):
+            def hook(m, args, name=name):
+                captured[name] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        forward(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    amax, margin = {}, float("inf")
+    for name, h in captured.items():
+        probs = F.softmax(h @ weights[name + ".gate.weight"].t(), dim=-1, dtype=torch.float32)
+        top = probs.topk(k + 1, dim=-1)
+        margin = min(margin, (top.values[:, k - 1] - top.values[:, k]).min().item())
+        for e in range(cfg.num_experts):
+            rows = (top.indices[:, :k] == e).any(-1)
+            p = f"{name}.experts.{e}."
+            if not rows.any():
+                for s in ("gate_proj", "up_proj", "down_proj"):
+                    amax[p + s] = 0.0
+                continue
+            x = h[rows]
+            amax[p + "gate_proj"] = amax[p + "up_proj"] = x.abs().max().item()
+            mid = F.silu(x @ weights[p + "gate_proj.weight"].t()) * (x @ weights[p + "up_proj.weight"].t())
+            amax[p + "down_proj"] = mid.abs().max().item()
+    return amax, margin
+
+
+# ------------------------------------------------------------------------------------------------
 # Config files
 # ------------------------------------------------------------------------------------------------
 
@@ -374,18 +522,18 @@ def to_classic(config):
     return out
 
 
-def modelopt_hf_quant_config(algo):
-    q = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+def modelopt_hf_quant_config(algo, exclude=("lm_head",)):
+    q = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": list(exclude)}
     if algo == "NVFP4":
         q["group_size"] = NVFP4_BLOCK
     return {"producer": MODELOPT_PRODUCER, "quantization": q}
 
 
-def modelopt_nvfp4_quantization_config():
+def modelopt_nvfp4_quantization_config(exclude=("lm_head",)):
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK}
     return {"config_groups": {"group_0": {"input_activations": dict(fp4), "weights": dict(fp4),
                                           "targets": ["Linear"]}},
-            "ignore": ["lm_head"], "quant_algo": "NVFP4", "group_size": NVFP4_BLOCK, "kv_cache_scheme": None,
+            "ignore": list(exclude), "quant_algo": "NVFP4", "group_size": NVFP4_BLOCK, "kv_cache_scheme": None,
             "producer": MODELOPT_PRODUCER, "quant_method": "modelopt"}
 
 
@@ -425,11 +573,14 @@ def reload_logits(config, weights, tokens):
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
+        eager_experts(model)
         return forward(model.eval(), tokens)
 
 
 def make_case(name, out_dir):
     case = CASES[name]
+    if "make" in case:
+        return case["make"](name, out_dir, sys.modules[__name__])
     base_name = case.get("base", name)
     base = CASES[base_name]
     salt = base["seed"] + (100 if "quant" in case else 0)
@@ -449,7 +600,7 @@ def make_case(name, out_dir):
         stored_model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json")) as f:
             config = json.load(f)
-        stored = load_file(os.path.join(tmp, "model.safetensors"))
+        stored = unfuse(load_file(os.path.join(tmp, "model.safetensors")), model)
         extra = sorted(set(os.listdir(tmp)) - {"config.json", "model.safetensors", "generation_config.json"})
         if extra:
             notes.append(f"save_pretrained also wrote {extra} (not kept)")
@@ -461,8 +612,10 @@ def make_case(name, out_dir):
     tensors = dict(stored)
     dequantized = {}
     quant = case.get("quant")
+    moe = is_moe(model)
+    routing_margin = None
     if quant:
-        modules = quantized_modules(model)
+        modules = moe_modules(weights) if moe else quantized_modules(model)
         for mod in modules:
             w = weights[mod + ".weight"]
             if quant == "modelopt_nvfp4":
@@ -475,14 +628,21 @@ def make_case(name, out_dir):
             for suffix, t in q.items():
                 tensors[f"{mod}.{suffix}"] = t
             weights[mod + ".weight"] = deq
-            if mod.startswith("model.layers.0.") and mod.endswith(("q_proj", "down_proj")):
+            if (mod.startswith("model.layers.0.") and mod.endswith(("q_proj", "down_proj"))) or \
+                    mod.endswith("experts.0.down_proj"):
                 dequantized[mod + ".weight"] = deq.contiguous()
-        state = model.state_dict()
-        for k in state:
-            if k in weights:
-                state[k] = weights[k]
-        model.load_state_dict(state, strict=True)
-        amax = input_amax(model, tokens, modules)
+        if moe:
+            model.load_state_dict(model_state(model, weights), strict=True)
+            expert_amax, routing_margin = moe_routing_stats(model, tokens, weights)
+            amax = input_amax(model, tokens, [m for m in modules if ".experts." not in m])
+            amax.update({m: a for m, a in expert_amax.items() if m in modules})
+        else:
+            state = model.state_dict()
+            for k in state:
+                if k in weights:
+                    state[k] = weights[k]
+            model.load_state_dict(state, strict=True)
+            amax = input_amax(model, tokens, modules)
         for mod in modules:
             if quant == "modelopt_nvfp4":
                 tensors[mod + ".input_scale"] = torch.tensor(amax[mod] / (FP4_MAX * FP8_MAX),
@@ -492,9 +652,13 @@ def make_case(name, out_dir):
                                                                     dtype=torch.float32)
             else:
                 tensors[mod + ".input_scale"] = torch.tensor(amax[mod] / FP8_MAX, dtype=torch.float32)
+        # ModelOpt lists every linear it left unquantized (its default config disables *mlp.gate.*, the MoE
+        # routers, and *mlp.shared_expert_gate.*).
+        exclude = ["lm_head"] + sorted(k[:-len(".weight")] for k in weights
+                                       if k.endswith((".mlp.gate.weight", ".mlp.shared_expert_gate.weight")))
         if quant == "modelopt_nvfp4":
-            config["quantization_config"] = modelopt_nvfp4_quantization_config()
-            write_json(os.path.join(model_dir, "hf_quant_config.json"), modelopt_hf_quant_config("NVFP4"))
+            config["quantization_config"] = modelopt_nvfp4_quantization_config(exclude)
+            write_json(os.path.join(model_dir, "hf_quant_config.json"), modelopt_hf_quant_config("NVFP4", exclude))
         elif quant == "ct_nvfp4":
             config["quantization_config"] = ct_nvfp4_quantization_config()
         else:
@@ -502,9 +666,12 @@ def make_case(name, out_dir):
         save_file(dequantized, os.path.join(folder, "dequantized.safetensors"), metadata={"format": "pt"})
     else:
         # The in-memory model must hold exactly what was stored.
+        expected_state = model_state(model, weights) if moe else weights
         for k, v in model.state_dict().items():
-            if k in weights and not torch.equal(v, weights[k]):
+            if k in expected_state and not torch.equal(v, expected_state[k]):
                 raise RuntimeError(f"{k}: stored weight differs from the model's")
+        if moe:
+            _, routing_margin = moe_routing_stats(model, tokens, weights)
 
     write_json(os.path.join(model_dir, "config.json"), config)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(model_dir, "model.safetensors"),
@@ -525,10 +692,17 @@ def make_case(name, out_dir):
             "weights_seed": str(base["seed"]), "tokens_salt": str(salt),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "reference": "transformers float32 eager forward, one pass, no KV cache"}
+    if routing_margin is not None:
+        # A top-k choice this close to a tie could flip between two float32 implementations.
+        meta["min_router_topk_margin"] = f"{routing_margin:.9g}"
+        if routing_margin < 1e-4:
+            raise RuntimeError(f"{name}: router top-k margin {routing_margin:.3g} is too small; change the seed")
     save_file({"tokens": torch.tensor(tokens, dtype=torch.int32), "logits": logits.contiguous()},
               os.path.join(folder, "expected.safetensors"), metadata=meta)
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    if routing_margin is not None:
+        print(f"[{name}] min router top-k margin {routing_margin:.3g}")
     print(f"[{name}] n={n} fp64_gap={gap:.3g} max|logit|={logits.abs().max().item():.4g} "
           f"min_top2_margin={margin:.3g} reload_gap={reload_gap:.3g} bytes={size} files={files}")
     for note in notes:

@@ -9,7 +9,7 @@
 // Routers:
 //   softmax (Mixtral, Qwen2-MoE, Qwen3-MoE): p = softmax(logits) in float32, the top_k largest p, divided by
 //   their sum when norm_topk_prob (transformers' Qwen3MoeSparseMoeBlock / Qwen2MoeTopKRouter).
-//   The sigmoid + correction-bias + grouped top-k router (DeepSeek V3, Nemotron-H) is added beside it.
+//   sigmoid + correction bias + grouped top-k (DeepSeek V3, Nemotron-H): moe_route_sigmoid_cpu below.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,17 @@ struct MoeRouting {
 // CPU is unspecified there; random-weight fixtures never tie). logits [m, n_experts].
 MoeRouting moe_route_softmax_cpu(const float* logits, int64_t m, int64_t n_experts, int64_t top_k,
                                  bool norm_topk_prob);
+
+// Sigmoid router with a score-correction bias and grouped top-k (DeepSeek V3, Nemotron-H; transformers'
+// NemotronHMoE.route_tokens_to_experts): s = sigmoid(logits); choice = s + correction_bias (nullptr: 0);
+// the experts split into n_group equal groups, each scored by the sum of its two best choice values, and
+// only the topk_group best groups stay eligible; the top_k eligible experts by choice are picked (best
+// first, ties to the lower id) and weighted by s (not choice), divided by (their sum + 1e-20) when
+// norm_topk_prob, then multiplied by routed_scaling_factor.
+//   logits [m, n_experts]; correction_bias [n_experts]
+MoeRouting moe_route_sigmoid_cpu(const float* logits, int64_t m, int64_t n_experts, int64_t top_k,
+                                 const float* correction_bias, int64_t n_group, int64_t topk_group,
+                                 bool norm_topk_prob, float routed_scaling_factor);
 
 // y = x W^T as the model computes it (through its backend, shown to its calibration observer).
 //   x [rows, w.n_in], y [rows, w.n_out]
