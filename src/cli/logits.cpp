@@ -12,6 +12,7 @@
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
 #include "cli/commands.h"
+#include "engine/memory_plan.h"
 #include "model/model.h"
 
 namespace nibble::cli {
@@ -25,6 +26,7 @@ struct LogitsOptions {
     size_t threads = 0;
     int64_t block_size = 16;
     int64_t chunk = 0;  // tokens per forward; 0 = the whole sequence in one prefill
+    std::string kv_cache_dtype = "auto";  // auto: the checkpoint's KV scheme, else f32 (exact)
 };
 
 std::vector<int32_t> parse_token_list(const std::string& text) {
@@ -59,7 +61,8 @@ void run_logits(const LogitsOptions& opt) {
 
     // One sequence owning blocks 0 .. n_blocks-1 of a cache just large enough for it.
     const int64_t n_blocks = (n + opt.block_size - 1) / opt.block_size;
-    KvCache cache(model->kv_cache_shape(n_blocks, opt.block_size));
+    const KvDtype kv_dtype = resolve_kv_cache_dtype(opt.kv_cache_dtype, model->quant_config(), KvDtype::F32);
+    KvCache cache(model->kv_cache_shape(n_blocks, opt.block_size, kv_dtype));
     std::vector<int32_t> block_table(static_cast<size_t>(n_blocks));
     for (int64_t b = 0; b < n_blocks; ++b) block_table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
 
@@ -94,6 +97,8 @@ void add_logits_command(CLI::App& app) {
     cmd->add_option("--threads", opt->threads, "CPU threads (0: all cores)");
     cmd->add_option("--block-size", opt->block_size, "KV cache block size in tokens");
     cmd->add_option("--chunk", opt->chunk, "tokens per forward step (0: all at once); exercises the KV cache");
+    cmd->add_option("--kv-cache-dtype", opt->kv_cache_dtype,
+                    "KV cache format: auto (the checkpoint's KV scheme, else f32), f32, bf16, fp8, nvfp4");
     cmd->callback([opt] { run_logits(*opt); });
 }
 

@@ -12,39 +12,117 @@
 
 namespace nibble {
 
+LlamaSpec llama_spec(const ModelConfig& c) {
+    const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    LlamaSpec spec;
+    spec.embed = "model.embed_tokens.weight";
+    for (int64_t il = 0; il < c.n_layers; ++il) {
+        const std::string p = fmt::format("model.layers.{}.", il);
+        LlamaLayerSpec L;
+        L.attn_norm = p + "input_layernorm.weight";
+        L.mlp_norm = p + "post_attention_layernorm.weight";
+        L.q = {p + "self_attn.q_proj", q_dim, c.n_embd, c.qkv_bias};
+        L.k = {p + "self_attn.k_proj", kv_dim, c.n_embd, c.qkv_bias};
+        L.v = {p + "self_attn.v_proj", kv_dim, c.n_embd, c.qkv_bias};
+        L.o = {p + "self_attn.o_proj", c.n_embd, q_dim, c.o_bias};
+        if (c.qk_norm) {
+            L.q_norm = p + "self_attn.q_norm.weight";
+            L.k_norm = p + "self_attn.k_norm.weight";
+        }
+        L.gate = {p + "mlp.gate_proj", c.n_ff, c.n_embd, c.mlp_bias};
+        L.up = {p + "mlp.up_proj", c.n_ff, c.n_embd, c.mlp_bias};
+        L.down = {p + "mlp.down_proj", c.n_embd, c.n_ff, c.mlp_bias};
+        L.k_scale = p + "self_attn.k_proj.k_scale";
+        L.v_scale = p + "self_attn.v_proj.v_scale";
+        L.k_scale_ct = p + "self_attn.k_scale";
+        L.v_scale_ct = p + "self_attn.v_scale";
+        spec.layers.push_back(std::move(L));
+    }
+    spec.final_norm = "model.norm.weight";
+    if (!c.tied_embeddings) spec.lm_head = LinearSpec{"lm_head", c.vocab_size, c.n_embd, false};
+    return spec;
+}
+
+std::vector<WeightSpec> llama_expected_weights(const ModelConfig& c) {
+    const LlamaSpec spec = llama_spec(c);
+    std::vector<WeightSpec> out;
+    auto dense = [&](const std::string& name, Shape shape) {
+        WeightSpec& w = out.emplace_back();
+        w.kind = WeightSpec::Kind::Dense;
+        w.name = name;
+        w.shape = shape;
+    };
+    auto linear = [&](const LinearSpec& l) {
+        WeightSpec& w = out.emplace_back();
+        w.kind = WeightSpec::Kind::Linear;
+        w.linear = l;
+    };
+    dense(spec.embed, Shape{c.vocab_size, c.n_embd});
+    for (const LlamaLayerSpec& L : spec.layers) {
+        dense(L.attn_norm, Shape{c.n_embd});
+        for (const LinearSpec* l : {&L.q, &L.k, &L.v, &L.o}) linear(*l);
+        if (!L.q_norm.empty()) {
+            dense(L.q_norm, Shape{c.head_dim});
+            dense(L.k_norm, Shape{c.head_dim});
+        }
+        dense(L.mlp_norm, Shape{c.n_embd});
+        for (const LinearSpec* l : {&L.gate, &L.up, &L.down}) linear(*l);
+    }
+    dense(spec.final_norm, Shape{c.n_embd});
+    if (spec.lm_head) linear(*spec.lm_head);
+    return out;
+}
+
 LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, QuantConfig quant, ThreadPool& pool)
     : ckpt_(std::move(ckpt)), config_(std::move(config)), quant_(std::move(quant)), pool_(pool) {
     const auto& c = config_;
     const Checkpoint& ck = *ckpt_;
-    const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    const LlamaSpec spec = llama_spec(c);
 
-    const TensorInfo& embed = ck.get("model.embed_tokens.weight");
+    const TensorInfo& embed = ck.get(spec.embed);
     NIBBLE_CHECK((embed.dtype == DType::F32 || embed.dtype == DType::F16 || embed.dtype == DType::BF16) &&
                      embed.shape == (Shape{c.vocab_size, c.n_embd}),
-                 "tensor model.embed_tokens.weight in {}: expected F32, F16 or BF16 {}, got {} {}", embed.file,
+                 "tensor {} in {}: expected F32, F16 or BF16 {}, got {} {}", spec.embed, embed.file,
                  Shape{c.vocab_size, c.n_embd}.str(), dtype_name(embed.dtype), embed.shape.str());
     embed_ = embed.view();
 
     layers_.resize(static_cast<size_t>(c.n_layers));
+    bool any_kv_scale = false;
     for (int64_t il = 0; il < c.n_layers; ++il) {
         Layer& L = layers_[static_cast<size_t>(il)];
-        const std::string p = fmt::format("model.layers.{}.", il);
-        L.attn_norm = load_vector(ck, p + "input_layernorm.weight", c.n_embd);
-        L.mlp_norm = load_vector(ck, p + "post_attention_layernorm.weight", c.n_embd);
-        L.q = load_linear(ck, quant_, {p + "self_attn.q_proj", q_dim, c.n_embd, c.qkv_bias});
-        L.k = load_linear(ck, quant_, {p + "self_attn.k_proj", kv_dim, c.n_embd, c.qkv_bias});
-        L.v = load_linear(ck, quant_, {p + "self_attn.v_proj", kv_dim, c.n_embd, c.qkv_bias});
-        L.o = load_linear(ck, quant_, {p + "self_attn.o_proj", c.n_embd, q_dim, c.o_bias});
-        if (c.qk_norm) {
-            L.q_norm = load_vector(ck, p + "self_attn.q_norm.weight", c.head_dim);
-            L.k_norm = load_vector(ck, p + "self_attn.k_norm.weight", c.head_dim);
+        const LlamaLayerSpec& S = spec.layers[static_cast<size_t>(il)];
+        L.attn_norm = load_vector(ck, S.attn_norm, c.n_embd);
+        L.mlp_norm = load_vector(ck, S.mlp_norm, c.n_embd);
+        L.q = load_linear(ck, quant_, S.q);
+        L.k = load_linear(ck, quant_, S.k);
+        L.v = load_linear(ck, quant_, S.v);
+        L.o = load_linear(ck, quant_, S.o);
+        if (!S.q_norm.empty()) {
+            L.q_norm = load_vector(ck, S.q_norm, c.head_dim);
+            L.k_norm = load_vector(ck, S.k_norm, c.head_dim);
         }
-        L.gate = load_linear(ck, quant_, {p + "mlp.gate_proj", c.n_ff, c.n_embd, c.mlp_bias});
-        L.up = load_linear(ck, quant_, {p + "mlp.up_proj", c.n_ff, c.n_embd, c.mlp_bias});
-        L.down = load_linear(ck, quant_, {p + "mlp.down_proj", c.n_embd, c.n_ff, c.mlp_bias});
+        L.gate = load_linear(ck, quant_, S.gate);
+        L.up = load_linear(ck, quant_, S.up);
+        L.down = load_linear(ck, quant_, S.down);
+        // KV cache scales (amax / 448), either naming; a layer without one gets vLLM's default 1.0.
+        auto kv_scale = [&](const std::string& modelopt, const std::string& ct) {
+            const std::string* name = ck.has(modelopt) ? &modelopt : ck.has(ct) ? &ct : nullptr;
+            if (name == nullptr) return 1.0f;
+            any_kv_scale = true;
+            const float v = load_scalar(ck, *name);
+            NIBBLE_CHECK(std::isfinite(v) && v > 0.0f, "tensor {}: KV cache scale {} must be finite and positive",
+                         *name, v);
+            return v;
+        };
+        k_scales_.push_back(kv_scale(S.k_scale, S.k_scale_ct));
+        v_scales_.push_back(kv_scale(S.v_scale, S.v_scale_ct));
     }
-    final_norm_ = load_vector(ck, "model.norm.weight", c.n_embd);
-    if (c.tied_embeddings) {
+    if (!any_kv_scale) {
+        k_scales_.clear();
+        v_scales_.clear();
+    }
+    final_norm_ = load_vector(ck, spec.final_norm, c.n_embd);
+    if (!spec.lm_head) {
         lm_head_.name = "lm_head (tied to model.embed_tokens)";
         lm_head_.format = WeightFormat::Dense;
         lm_head_.dtype = embed_.dtype;
@@ -52,17 +130,20 @@ LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, Qua
         lm_head_.n_out = c.vocab_size;
         lm_head_.n_in = c.n_embd;
     } else {
-        lm_head_ = load_linear(ck, quant_, {"lm_head", c.vocab_size, c.n_embd, false});
+        lm_head_ = load_linear(ck, quant_, *spec.lm_head);
     }
     rope_ = make_rope_table(c.rope, c.head_dim);
 }
 
-KvCacheShape LlamaModel::kv_cache_shape(int64_t n_blocks, int64_t block_size) const {
+KvCacheShape LlamaModel::kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype) const {
     return KvCacheShape{.n_layers = config_.n_layers,
                         .n_blocks = n_blocks,
                         .block_size = block_size,
                         .n_kv_heads = config_.n_kv_heads,
-                        .head_dim = config_.head_dim};
+                        .head_dim = config_.head_dim,
+                        .dtype = dtype,
+                        .k_scales = k_scales_,
+                        .v_scales = v_scales_};
 }
 
 std::vector<const LinearWeight*> LlamaModel::linear_weights() const {

@@ -4,13 +4,34 @@
 #pragma once
 
 #include <memory>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "checkpoint/safetensors.h"
 #include "model/model.h"
+#include "model/weights.h"
 #include "ops/linear/linear.h"
 #include "ops/rope/rope.h"
 
 namespace nibble {
+
+// The llama family's tensor list for a config: what LlamaModel binds, and (flattened) expected_weights().
+struct LlamaLayerSpec {
+    std::string attn_norm, mlp_norm;    // [n_embd]
+    std::string q_norm, k_norm;         // [head_dim], Qwen3 only (empty otherwise)
+    LinearSpec q, k, v, o, gate, up, down;
+    std::string k_scale, v_scale;       // ModelOpt's KV cache scales (optional F32 scalars)
+    std::string k_scale_ct, v_scale_ct; // the same in compressed-tensors' naming
+};
+struct LlamaSpec {
+    std::string embed;                  // [vocab, n_embd]
+    std::vector<LlamaLayerSpec> layers;
+    std::string final_norm;             // [n_embd]
+    std::optional<LinearSpec> lm_head;  // absent when tied to the embeddings
+};
+LlamaSpec llama_spec(const ModelConfig& config);
+std::vector<WeightSpec> llama_expected_weights(const ModelConfig& config);
 
 class LlamaModel final : public Model {
 public:
@@ -18,7 +39,7 @@ public:
 
     const ModelConfig& config() const override { return config_; }
     const QuantConfig& quant_config() const override { return quant_; }
-    KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size) const override;
+    KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype = KvDtype::F32) const override;
     void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) override;
     int64_t weight_bytes() const override;
     std::vector<const LinearWeight*> linear_weights() const override;
@@ -44,6 +65,7 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> final_norm_;     // [n_embd]
     LinearWeight lm_head_;              // [vocab, n_embd]
+    std::vector<float> k_scales_, v_scales_;  // [n_layers] the checkpoint's KV cache scales, or empty
     RopeTable rope_;
     LinearInputObserver* observer_ = nullptr;
 };

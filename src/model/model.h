@@ -13,7 +13,9 @@
 #include "checkpoint/quant_config.h"
 #include "ops/attention/attention.h"
 #include "ops/attention/kv_cache.h"
+#include "model/weights.h"
 #include "ops/linear/linear.h"
+#include "tensor/tensor.h"
 
 namespace nibble {
 
@@ -36,8 +38,9 @@ public:
     virtual ~Model() = default;
     virtual const ModelConfig& config() const = 0;
     virtual const QuantConfig& quant_config() const = 0;
-    // KV cache shape for n_blocks blocks of block_size tokens.
-    virtual KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size) const = 0;
+    // KV cache shape for n_blocks blocks of block_size tokens stored as `dtype`, with the checkpoint's
+    // per-layer k/v scales (kv_cache.h) when it has them.
+    virtual KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype = KvDtype::F32) const = 0;
     // Runs the new tokens of every sequence through the model, appending their K/V to the cache.
     // logits: [rows, vocab], rows in sequence order (all new tokens or only the last, per sequence).
     virtual void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) = 0;
@@ -49,6 +52,21 @@ public:
     // nullptr to stop observing. The observer must outlive the forwards it sees.
     virtual void set_linear_input_observer(LinearInputObserver* observer) = 0;
 };
+
+// One entry of an architecture's tensor list: a linear layer, stored as the quantization config says (dense,
+// FP8 or NVFP4 with its scales), or a dense float tensor (embedding, norm weight) in the checkpoint's dtype.
+// Each architecture builds its model from its own list, and `nibble plan` counts bytes from the same list.
+struct WeightSpec {
+    enum class Kind { Linear, Dense };
+    Kind kind = Kind::Dense;
+    LinearSpec linear;  // Linear: module name, n_out, n_in, bias
+    std::string name;   // Dense: tensor name
+    Shape shape;        // Dense
+};
+
+// The tensors a checkpoint of `config`'s architecture holds (without quantization scales, which follow from
+// the quantization config), in forward order.
+std::vector<WeightSpec> expected_weights(const ModelConfig& config);
 
 // Reads DIR's config.json and quantization config, maps architectures[0] to its implementation and binds
 // the weights (views into the checkpoint's mmap). The model keeps `pool` for its CPU work.

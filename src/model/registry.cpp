@@ -24,6 +24,17 @@ nlohmann::json read_config_json(const std::string& dir) {
 }
 }  // namespace
 
+std::vector<WeightSpec> expected_weights(const ModelConfig& config) {
+    switch (config.arch) {
+        case Arch::Llama:
+        case Arch::Mistral:
+        case Arch::Qwen2:
+        case Arch::Qwen3: return llama_expected_weights(config);
+        default: break;  // architectures whose files list their own tensors are added here
+    }
+    fail("architecture {} has no tensor list", config.arch_name);
+}
+
 std::unique_ptr<Model> load_model(const std::string& dir, ThreadPool& pool) {
     const nlohmann::json json = read_config_json(dir);
     ModelConfig config = parse_model_config(json, dir + "/config.json");
@@ -37,6 +48,7 @@ std::unique_ptr<Model> load_model(const std::string& dir, ThreadPool& pool) {
         case Arch::Qwen2:
         case Arch::Qwen3:
             return std::make_unique<LlamaModel>(std::move(ckpt), std::move(config), std::move(quant), pool);
+        default: break;
     }
     fail("{}: architecture {} has no implementation", dir, config.arch_name);
 }

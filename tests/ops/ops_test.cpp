@@ -68,9 +68,9 @@ TEST(LinearCpu, Nvfp4EqualsDenseOfDequantizedWeights) {
         nvfp4_dequantize_row(packed.data() + r * k / 2, scales.data() + r * k / 16, k, global, deq.data() + r * k);
     }
     LinearWeight q{.name = "q", .format = WeightFormat::Nvfp4, .dtype = DType::U8, .n_out = n, .n_in = k,
-                   .data = packed.data(), .block_scales = scales.data(), .scale = global};
+                   .data = packed.data(), .block_scales = scales.data(), .scale = global, .bias = {}};
     LinearWeight d{.name = "d", .format = WeightFormat::Dense, .dtype = DType::F32, .n_out = n, .n_in = k,
-                   .data = deq.data()};
+                   .data = deq.data(), .bias = {}};
     ThreadPool pool(2);
     std::vector<float> yq(static_cast<size_t>(m * n), NAN), yd(static_cast<size_t>(m * n), NAN);
     linear_cpu(pool, x.data(), m, q, yq.data());
@@ -89,7 +89,7 @@ TEST(LinearCpu, Fp8AppliesPerTensorScale) {
     std::vector<uint8_t> w8(wf.size());
     for (size_t i = 0; i < wf.size(); ++i) w8[i] = e4m3_from_float(wf[i]);
     LinearWeight w{.name = "f", .format = WeightFormat::Fp8, .dtype = DType::F8_E4M3, .n_out = n, .n_in = k,
-                   .data = w8.data(), .scale = 0.25f};
+                   .data = w8.data(), .scale = 0.25f, .bias = {}};
     std::vector<float> row(static_cast<size_t>(k));
     w.dequantize_row(2, row.data());
     for (int64_t i = 0; i < k; ++i) EXPECT_EQ(row[static_cast<size_t>(i)], e4m3_to_float(w8[static_cast<size_t>(2 * k + i)]) * 0.25f);

@@ -24,12 +24,14 @@ struct SequenceKv {
     int64_t start_pos = 0;  // position of the first new token (= tokens already cached)
 };
 
-// Stores K and V of n new tokens at positions start_pos .. start_pos + n - 1.
+// Stores K and V of n new tokens at positions start_pos .. start_pos + n - 1, quantized to the cache's
+// dtype with the layer's scales (kv_cache.h). Throws for a non-finite value written to an FP8/NVFP4 cache.
 //   k, v [n, n_kv_heads, head_dim]
 void kv_cache_write_cpu(KvCache& cache, int64_t layer, const SequenceKv& seq, int64_t n, const float* k,
                         const float* v);
 
-// out[i] = softmax(q[i] . K[0 .. start_pos + i] * scale) V, per query head (causal, sliding window).
+// out[i] = softmax(q[i] . K[0 .. start_pos + i] * scale) V, per query head (causal, sliding window), with K
+// and V read in the cache's stored format and dequantized one row at a time.
 //   q, out [n, n_heads, head_dim]
 void paged_attention_cpu(ThreadPool& pool, const float* q, int64_t n, const KvCache& cache, int64_t layer,
                          const SequenceKv& seq, const AttentionParams& params, float* out);

@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "base/error.h"
@@ -21,11 +20,16 @@ std::pair<int64_t, int64_t> locate(const SequenceKv& seq, int64_t block_size, in
 void kv_cache_write_cpu(KvCache& cache, int64_t layer, const SequenceKv& seq, int64_t n, const float* k,
                         const float* v) {
     const auto& s = cache.shape();
-    const int64_t row = s.n_kv_heads * s.head_dim;
+    const int64_t hd = s.head_dim, row = s.n_kv_heads * hd;
+    const float k_scale = cache.k_layer_scale(layer), v_scale = cache.v_layer_scale(layer);
     for (int64_t i = 0; i < n; ++i) {
         auto [block, slot] = locate(seq, s.block_size, seq.start_pos + i);
-        std::memcpy(cache.k_block(layer, block) + slot * row, k + i * row, static_cast<size_t>(row) * 4);
-        std::memcpy(cache.v_block(layer, block) + slot * row, v + i * row, static_cast<size_t>(row) * 4);
+        uint8_t* kb = cache.k_block(layer, block);
+        uint8_t* vb = cache.v_block(layer, block);
+        for (int64_t h = 0; h < s.n_kv_heads; ++h) {
+            kv_encode_head(s, k_scale, k + i * row + h * hd, kb, slot, h);
+            kv_encode_head(s, v_scale, v + i * row + h * hd, vb, slot, h);
+        }
     }
 }
 
@@ -38,10 +42,13 @@ void paged_attention_cpu(ThreadPool& pool, const float* q, int64_t n, const KvCa
                  p.n_heads, p.n_kv_heads, p.head_dim, s.n_kv_heads, s.head_dim);
     const int64_t group = p.n_heads / p.n_kv_heads;
     const int64_t hd = p.head_dim;
-    const int64_t kv_row = s.n_kv_heads * hd;
+    const float k_scale = cache.k_layer_scale(layer), v_scale = cache.v_layer_scale(layer);
+    // Each K/V row is dequantized from the stored format into a head_dim-long local buffer right before
+    // use (the CPU twin of dequantizing in registers); no dequantized copy of the cache exists.
     pool.parallel_for(static_cast<size_t>(n * p.n_heads), 1, [&](size_t begin, size_t end) {
         std::vector<float> scores;
         std::vector<double> acc(static_cast<size_t>(hd));
+        std::vector<float> kv(static_cast<size_t>(hd));
         for (size_t job = begin; job < end; ++job) {
             const int64_t i = static_cast<int64_t>(job) / p.n_heads;
             const int64_t h = static_cast<int64_t>(job) % p.n_heads;
@@ -53,9 +60,9 @@ void paged_attention_cpu(ThreadPool& pool, const float* q, int64_t n, const KvCa
             float max_score = -INFINITY;
             for (int64_t j = first; j <= pos; ++j) {
                 auto [block, slot] = locate(seq, s.block_size, j);
-                const float* kv = cache.k_block(layer, block) + slot * kv_row + kvh * hd;
+                kv_decode_head(s, k_scale, cache.k_block(layer, block), slot, kvh, kv.data());
                 float dotp = 0.0f;
-                for (int64_t d = 0; d < hd; ++d) dotp += qv[d] * kv[d];
+                for (int64_t d = 0; d < hd; ++d) dotp += qv[d] * kv[static_cast<size_t>(d)];
                 const float sc = dotp * p.scale;
                 scores[static_cast<size_t>(j - first)] = sc;
                 max_score = std::max(max_score, sc);
@@ -68,9 +75,9 @@ void paged_attention_cpu(ThreadPool& pool, const float* q, int64_t n, const KvCa
             std::fill(acc.begin(), acc.end(), 0.0);
             for (int64_t j = first; j <= pos; ++j) {
                 auto [block, slot] = locate(seq, s.block_size, j);
-                const float* vv = cache.v_block(layer, block) + slot * kv_row + kvh * hd;
+                kv_decode_head(s, v_scale, cache.v_block(layer, block), slot, kvh, kv.data());
                 const double w = scores[static_cast<size_t>(j - first)];
-                for (int64_t d = 0; d < hd; ++d) acc[static_cast<size_t>(d)] += w * vv[d];
+                for (int64_t d = 0; d < hd; ++d) acc[static_cast<size_t>(d)] += w * kv[static_cast<size_t>(d)];
             }
             float* o = out + (i * p.n_heads + h) * hd;
             for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<float>(acc[static_cast<size_t>(d)] / denom);

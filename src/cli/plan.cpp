@@ -1,0 +1,175 @@
+// `nibble plan MODEL_DIR [serve flags] [--device-memory BYTES] [--json]`: where memory will go when serving
+// the model, from config.json and the quantization config alone (engine/memory_plan.h; no weight and no
+// safetensors header is read). Device memory defaults to the first CUDA device's when this build has CUDA
+// and one is present, else the machine's physical memory. Prints an aligned table, or with --json one object
+// (byte counts as integers).
+#include <CLI/CLI.hpp>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "base/error.h"
+#include "checkpoint/model_config.h"
+#include "checkpoint/quant_config.h"
+#include "cli/commands.h"
+#include "engine/memory_plan.h"
+#if defined(NIBBLE_HAVE_CUDA)
+#include "cuda/device_info.h"
+#endif
+
+namespace nibble::cli {
+
+namespace {
+
+struct PlanCliOptions {
+    std::string model_dir;
+    PlanOptions plan;
+    int64_t device_memory = 0;  // 0: detect
+    bool json = false;
+};
+
+struct Device {
+    int64_t memory = 0;
+    std::string name;
+    bool cuda = false;
+};
+
+Device detect_device() {
+#if defined(NIBBLE_HAVE_CUDA)
+    try {
+        if (cuda::device_count() > 0) {
+            const cuda::DeviceInfo info = cuda::query_device(0);
+            return {info.total_memory, info.name, true};
+        }
+    } catch (const Error&) {
+        // a broken driver: plan for the host instead, as if no GPU were present
+    }
+#endif
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    NIBBLE_CHECK(pages > 0 && page > 0, "cannot read the machine's physical memory; pass --device-memory BYTES");
+    return {static_cast<int64_t>(pages) * page, "host memory", false};
+}
+
+std::string bytes_text(double b) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024.0 && u < 4) {
+        b /= 1024.0;
+        ++u;
+    }
+    return u == 0 ? fmt::format("{:.0f} B", b) : fmt::format("{:.2f} {}", b, units[u]);
+}
+
+void run_plan(const PlanCliOptions& opt) {
+    const std::string config_path = opt.model_dir + "/config.json";
+    std::ifstream in(config_path);
+    NIBBLE_CHECK(in.good(), "{}: cannot open (is {} a Hugging Face model folder?)", config_path, opt.model_dir);
+    nlohmann::json json;
+    try {
+        json = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+        fail("{}: not valid JSON: {}", config_path, e.what());
+    }
+    const ModelConfig config = parse_model_config(json, config_path);
+    const QuantConfig quant = load_quant_config(opt.model_dir, json);
+
+    Device device;
+    if (opt.device_memory > 0) {
+        device = {opt.device_memory, "--device-memory", false};
+    } else {
+        NIBBLE_CHECK(opt.device_memory == 0, "--device-memory must be positive, got {}", opt.device_memory);
+        device = detect_device();
+    }
+    PlanOptions po = opt.plan;
+    po.device_memory = device.memory;
+    // "auto" means what serving on this machine would store: bf16 on a GPU, the CPU reference's f32 otherwise.
+    po.auto_kv_dtype = device.cuda ? KvDtype::Bf16 : KvDtype::F32;
+    const MemoryPlan p = plan_memory(config, quant, po);
+
+    if (opt.json) {
+        nlohmann::json weights_by_format = nlohmann::json::object();
+        for (const auto& [name, bytes] : p.weights_by_format) weights_by_format[name] = bytes;
+        const nlohmann::json out = {
+            {"model", opt.model_dir},
+            {"architecture", config.arch_name},
+            {"weights_quantization", quant.method == QuantMethod::None ? "none" : quant_method_name(quant.method)},
+            {"device", device.name},
+            {"device_memory", p.device_memory},
+            {"gpu_memory_utilization", opt.plan.gpu_memory_utilization},
+            {"usable_memory", p.usable_memory},
+            {"weights_bytes", p.weights_bytes},
+            {"weights_bytes_by_format", weights_by_format},
+            {"workspace_bytes", p.workspace_bytes()},
+            {"activation_bytes", p.activation_bytes},
+            {"logits_bytes", p.logits_bytes},
+            {"attention_scratch_bytes", p.attention_scratch_bytes},
+            {"kv_cache_dtype", kv_dtype_name(p.kv_dtype)},
+            {"kv_bytes_per_token", p.kv_bytes_per_token},
+            {"kv_cache_bytes", p.kv_cache_bytes},
+            {"block_size", p.block_size},
+            {"kv_blocks", p.kv_blocks},
+            {"kv_tokens", p.kv_tokens},
+            {"max_model_len", p.max_model_len},
+            {"max_num_seqs", p.max_num_seqs},
+            {"max_num_batched_tokens", p.max_num_batched_tokens},
+            {"max_concurrency", p.max_concurrency},
+        };
+        std::printf("%s\n", out.dump(2).c_str());
+        return;
+    }
+    std::string weights_detail;
+    for (const auto& [name, bytes] : p.weights_by_format)
+        weights_detail += fmt::format("{}{} {}", weights_detail.empty() ? "" : ", ", name, bytes_text(static_cast<double>(bytes)));
+    auto row = [](const std::string& what, const std::string& value, const std::string& detail) {
+        std::printf("%s\n", fmt::format("{:<17} {:>12}  {}", what, value, detail).c_str());
+    };
+    std::printf("%s\n", fmt::format("{} ({}, {} layers, weights {})", opt.model_dir, config.arch_name, config.n_layers,
+                                    quant.method == QuantMethod::None ? "unquantized" : quant_method_name(quant.method))
+                            .c_str());
+    row("device memory", bytes_text(static_cast<double>(p.device_memory)), device.name);
+    row("usable", bytes_text(static_cast<double>(p.usable_memory)),
+        fmt::format("x {} --gpu-memory-utilization", opt.plan.gpu_memory_utilization));
+    row("weights", bytes_text(static_cast<double>(p.weights_bytes)), weights_detail);
+    row("workspace", bytes_text(static_cast<double>(p.workspace_bytes())),
+        fmt::format("activations {}, logits {}, attention {} ({} batched tokens)",
+                    bytes_text(static_cast<double>(p.activation_bytes)), bytes_text(static_cast<double>(p.logits_bytes)),
+                    bytes_text(static_cast<double>(p.attention_scratch_bytes)), p.max_num_batched_tokens));
+    row("KV per token", bytes_text(static_cast<double>(p.kv_bytes_per_token)),
+        fmt::format("{} ({} bytes)", kv_dtype_name(p.kv_dtype), p.kv_bytes_per_token));
+    row("KV cache", bytes_text(static_cast<double>(p.kv_cache_bytes)),
+        fmt::format("{} blocks of {} tokens, {} per block", p.kv_blocks, p.block_size,
+                    bytes_text(static_cast<double>(p.kv_block_bytes))));
+    row("KV tokens", fmt::format("{}", p.kv_tokens), "");
+    row("max concurrency", fmt::format("{:.2f}x", p.max_concurrency),
+        fmt::format("sequences of --max-model-len {} (--max-num-seqs {})", p.max_model_len, p.max_num_seqs));
+}
+
+}  // namespace
+
+void add_plan_command(CLI::App& app) {
+    auto opt = std::make_shared<PlanCliOptions>();
+    auto* cmd = app.add_subcommand("plan", "Show where memory goes when serving a model (reads config files only)");
+    cmd->add_option("MODEL_DIR", opt->model_dir, "Hugging Face model folder")->required();
+    cmd->add_option("--max-model-len", opt->plan.max_model_len,
+                    "tokens per sequence (default: the model's max_position_embeddings)");
+    cmd->add_option("--max-num-seqs", opt->plan.max_num_seqs, "sequences running at once")->capture_default_str();
+    cmd->add_option("--max-num-batched-tokens", opt->plan.max_num_batched_tokens, "tokens per step")
+        ->capture_default_str();
+    cmd->add_option("--kv-cache-dtype", opt->plan.kv_cache_dtype, "auto, bf16, fp8, nvfp4 (f32: the CPU reference)")
+        ->capture_default_str();
+    cmd->add_option("--gpu-memory-utilization", opt->plan.gpu_memory_utilization,
+                    "fraction of device memory to use")
+        ->capture_default_str();
+    cmd->add_option("--kv-cache-memory-bytes", opt->plan.kv_cache_memory_bytes,
+                    "KV cache size in bytes (overrides --gpu-memory-utilization)");
+    cmd->add_option("--block-size", opt->plan.block_size, "tokens per KV block")->capture_default_str();
+    cmd->add_option("--device-memory", opt->device_memory,
+                    "device memory in bytes (default: the GPU's, else the machine's physical memory)");
+    cmd->add_flag("--json", opt->json, "print the plan as a JSON object");
+    cmd->callback([opt] { run_plan(*opt); });
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,171 @@
+// The memory plan from config files alone: weight bytes of real architectures (Llama-3.1-8B against the
+// total_size its Hugging Face index publishes; every golden fixture against the sizes of the tensors its
+// safetensors file really holds), KV bytes per token per dtype, the KV arithmetic and the refusals.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "checkpoint/model_config.h"
+#include "checkpoint/quant_config.h"
+#include "checkpoint/safetensors.h"
+#include "engine/memory_plan.h"
+
+namespace nibble {
+namespace {
+
+namespace fs = std::filesystem;
+
+// meta-llama/Llama-3.1-8B-Instruct config.json (shape fields as published).
+nlohmann::json llama31_8b_config() {
+    return nlohmann::json::parse(R"({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})");
+}
+
+// ModelOpt's hf_quant_config.json of an NVFP4 export with an FP8 KV cache (lm_head left in BF16).
+nlohmann::json modelopt_nvfp4_quant() {
+    return nlohmann::json::parse(R"({"producer": {"name": "modelopt", "version": "0.29.0"},
+        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "group_size": 16,
+                         "exclude_modules": ["lm_head"]}})");
+}
+
+constexpr int64_t kGiB = int64_t{1} << 30;
+
+PlanOptions options(int64_t device_memory) {
+    PlanOptions o;
+    o.device_memory = device_memory;
+    o.max_model_len = 8192;
+    return o;
+}
+
+TEST(MemoryPlan, Llama31_8bBf16WeightsEqualPublishedTotalSize) {
+    const ModelConfig c = parse_model_config(llama31_8b_config(), "config.json");
+    const MemoryPlan p = plan_memory(c, QuantConfig{}, options(80 * kGiB));
+    // model.safetensors.index.json of meta-llama/Llama-3.1-8B-Instruct: "total_size": 16060522496
+    // (8,030,261,248 BF16 parameters).
+    EXPECT_EQ(p.weights_bytes, 16060522496);
+    ASSERT_EQ(p.weights_by_format.size(), 1u);
+    EXPECT_EQ(p.weights_by_format[0].first, "bf16");
+}
+
+TEST(MemoryPlan, Llama31_8bNvfp4Weights) {
+    const ModelConfig c = parse_model_config(llama31_8b_config(), "config.json");
+    const QuantConfig q = parse_hf_quant_config(modelopt_nvfp4_quant(), "hf_quant_config.json");
+    const MemoryPlan p = plan_memory(c, q, options(80 * kGiB));
+    // Per layer, NVFP4 linears q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up 14336x4096, down 4096x14336:
+    // n*k/2 packed + n*k/16 E4M3 scales + weight_scale_2 + input_scale (F32 scalars); two BF16 norms; the
+    // k_proj.k_scale / v_proj.v_scale scalars of the FP8 KV cache. Embeddings, lm_head and final norm BF16.
+    const int64_t nk_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096;
+    const int64_t nvfp4 = 32 * (nk_layer / 2 + nk_layer / 16 + 7 * 8);
+    const int64_t bf16 = 2 * 128256 * 4096 * 2 + (32 * 2 + 1) * 4096 * 2;
+    EXPECT_EQ(p.weights_bytes, nvfp4 + bf16 + 32 * 8);
+    EXPECT_EQ(p.kv_dtype, KvDtype::Fp8) << "auto takes the checkpoint's KV scheme";
+}
+
+TEST(MemoryPlan, KvBytesPerTokenPerDtype) {
+    const ModelConfig c = parse_model_config(llama31_8b_config(), "config.json");
+    // 32 layers x (K, V) x 8 heads x 128: 4, 2, 1 bytes per value; NVFP4 64 bytes + 8 scales per head row.
+    const std::pair<const char*, int64_t> cases[] = {
+        {"f32", 262144}, {"bf16", 131072}, {"auto", 131072}, {"fp8", 65536}, {"nvfp4", 36864}};
+    for (const auto& [name, bytes] : cases) {
+        PlanOptions o = options(80 * kGiB);
+        o.kv_cache_dtype = name;
+        EXPECT_EQ(plan_memory(c, QuantConfig{}, o).kv_bytes_per_token, bytes) << name;
+    }
+}
+
+TEST(MemoryPlan, KvTokensFromBudget) {
+    const ModelConfig c = parse_model_config(llama31_8b_config(), "config.json");
+    PlanOptions o = options(80 * kGiB);
+    o.kv_cache_dtype = "bf16";
+    o.kv_cache_memory_bytes = 10 * kGiB + 12345;
+    const MemoryPlan exact = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(exact.kv_block_bytes, 16 * 131072);
+    EXPECT_EQ(exact.kv_blocks, (10 * kGiB + 12345) / (16 * 131072));
+    EXPECT_EQ(exact.kv_tokens, exact.kv_blocks * 16);
+    EXPECT_DOUBLE_EQ(exact.max_concurrency, static_cast<double>(exact.kv_tokens) / 8192);
+
+    o.kv_cache_memory_bytes = 0;
+    o.gpu_memory_utilization = 0.5;
+    const MemoryPlan util = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(util.usable_memory, 40 * kGiB);
+    EXPECT_EQ(util.kv_cache_bytes, 40 * kGiB - util.weights_bytes - util.workspace_bytes());
+    EXPECT_EQ(util.kv_blocks, util.kv_cache_bytes / util.kv_block_bytes);
+    // The workspace follows the formula in memory_plan.h.
+    EXPECT_EQ(util.activation_bytes, 2048 * (3 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) * 4);
+    EXPECT_EQ(util.logits_bytes, 256 * 128256 * 4);
+}
+
+TEST(MemoryPlan, RefusesPlansThatDoNotFit) {
+    const ModelConfig c = parse_model_config(llama31_8b_config(), "config.json");
+    try {  // 16 GB of BF16 weights on an 8 GiB device
+        plan_memory(c, QuantConfig{}, options(8 * kGiB));
+        FAIL() << "expected an error";
+    } catch (const std::exception& e) {
+        EXPECT_NE(std::string(e.what()).find("exceed the usable 7.20 GiB"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find(" by "), std::string::npos) << e.what();
+    }
+    try {  // fits the weights, not one 131072-token sequence of BF16 KV (16 GiB)
+        PlanOptions o = options(24 * kGiB);
+        o.max_model_len = 131072;
+        o.kv_cache_dtype = "bf16";
+        plan_memory(c, QuantConfig{}, o);
+        FAIL() << "expected an error";
+    } catch (const std::exception& e) {
+        EXPECT_NE(std::string(e.what()).find("fewer than one --max-model-len 131072 sequence"), std::string::npos)
+            << e.what();
+    }
+    PlanOptions bad = options(80 * kGiB);
+    bad.kv_cache_dtype = "fp8_e5m2";
+    EXPECT_THROW(plan_memory(c, QuantConfig{}, bad), std::exception);
+    bad = options(80 * kGiB);
+    bad.max_model_len = 131073;
+    EXPECT_THROW(plan_memory(c, QuantConfig{}, bad), std::exception);
+}
+
+// Every golden fixture: the plan's weight bytes, from config files alone, equal the bytes of the tensors
+// the fixture's model.safetensors really holds.
+TEST(MemoryPlan, GoldenFixtureWeightsEqualSafetensorsSizes) {
+    const fs::path root = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures";
+    int n = 0;
+    for (const auto& entry : fs::directory_iterator(root)) {
+        const fs::path dir = entry.path() / "model";
+        if (!fs::is_regular_file(dir / "config.json")) continue;
+        std::ifstream in(dir / "config.json");
+        const nlohmann::json json = nlohmann::json::parse(in);
+        const ModelConfig c = parse_model_config(json, (dir / "config.json").string());
+        const QuantConfig q = load_quant_config(dir.string(), json);
+        int64_t plan = 0;
+        for (const auto& [name, bytes] : weight_bytes_by_format(c, q)) plan += bytes;
+        const Checkpoint ckpt(dir.string());
+        int64_t real = 0;
+        for (const auto& name : ckpt.names()) real += static_cast<int64_t>(ckpt.get(name).nbytes);
+        EXPECT_EQ(plan, real) << entry.path().filename();
+        ++n;
+    }
+    EXPECT_GE(n, 9);
+}
+
+TEST(MemoryPlan, AutoKvDtypeFollowsCheckpoint) {
+    QuantConfig q;
+    EXPECT_EQ(resolve_kv_cache_dtype("auto", q, KvDtype::F32), KvDtype::F32);
+    EXPECT_EQ(resolve_kv_cache_dtype("auto", q, KvDtype::Bf16), KvDtype::Bf16);
+    q.kv_cache = KvCacheQuant::Nvfp4;
+    EXPECT_EQ(resolve_kv_cache_dtype("auto", q, KvDtype::Bf16), KvDtype::Nvfp4);
+    EXPECT_EQ(resolve_kv_cache_dtype("bf16", q, KvDtype::F32), KvDtype::Bf16);
+    EXPECT_THROW(resolve_kv_cache_dtype("int8", q, KvDtype::F32), std::exception);
+}
+
+}  // namespace
+}  // namespace nibble
