@@ -5,17 +5,24 @@
 // then >= 50 timed batches (CUDA events around one launch per copy), reporting the median time per launch.
 // Bandwidth counts the bytes each launch must move: weights (+ NVFP4 scales), activations, outputs.
 // The copy reference is the median of 20 cudaMemcpy of 1 GiB, counted as bytes read + bytes written.
+// Decode attention over the paged KV cache (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim
+// 128, block size 16, shuffled block tables) at contexts 4K/32K/128K, batch 1/8/32, per KV dtype: one
+// layer's attention per launch (split-K + combine), enough layer copies to be >= 4x the L2, reporting the
+// GB/s of KV bytes read. `nibble-kernel-bench gemv` or `attention` runs one part; no argument runs both.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
 #include "cuda/fill_random.h"
+#include "ops/attention/attention_cuda.h"
 #include "ops/linear/linear_cuda.h"
 
 namespace {
@@ -65,9 +72,96 @@ struct Row {
     double us, gbps, frac;
 };
 
+// Decode attention: bytes of K and V read per launch over time, per KV dtype, context and batch.
+void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
+    using nibble::KvDtype;
+    const int64_t n_heads = 32, nkv = 8, hd = 128, bs = 16;
+    const int64_t contexts[] = {4096, 32768, 131072};
+    const int64_t batches[] = {1, 8, 32};
+    const KvDtype dtypes[] = {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4};
+    struct ARow {
+        int64_t ctx, batch;
+        KvDtype dt;
+        double us, gbps;
+        int splits;
+    };
+    std::vector<ARow> rows;
+    uint64_t seed = 99;
+    std::mt19937_64 rng(7);
+    for (int64_t ctx : contexts) {
+        for (int64_t batch : batches) {
+            const int64_t blocks_per_seq = ctx / bs, n_blocks = batch * blocks_per_seq;
+            // Shuffled physical blocks, one table row per sequence.
+            std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+            std::iota(ids.begin(), ids.end(), 0);
+            std::shuffle(ids.begin(), ids.end(), rng);
+            std::vector<int32_t> q_start(static_cast<size_t>(batch + 1)), start_pos(static_cast<size_t>(batch), static_cast<int32_t>(ctx - 1));
+            for (int64_t s = 0; s <= batch; ++s) q_start[static_cast<size_t>(s)] = static_cast<int32_t>(s);
+            DeviceBuffer d_bt(ids.size() * 4), d_qs(q_start.size() * 4), d_sp(start_pos.size() * 4);
+            d_bt.upload(ids.data(), d_bt.bytes());
+            d_qs.upload(q_start.data(), d_qs.bytes());
+            d_sp.upload(start_pos.data(), d_sp.bytes());
+            nibble::cuda::AttentionBatch b{batch, batch, d_qs.as<int32_t>(), d_sp.as<int32_t>(), d_bt.as<int32_t>(),
+                                           blocks_per_seq, 1, ctx};
+            DeviceBuffer q(static_cast<size_t>(batch * n_heads * hd * 2)), out(q.bytes());
+            nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+            const int splits = nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount);
+            const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, batch, n_heads, hd);
+            DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
+            for (KvDtype dt : dtypes) {
+                const int64_t row_bytes = dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+                const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
+                const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
+                const size_t copies = std::max<size_t>(
+                    1, (4 * static_cast<size_t>(prop.l2CacheSize) + 2 * layer_bytes - 1) / (2 * layer_bytes));
+                std::vector<DeviceBuffer> kb, vb;
+                for (size_t c = 0; c < copies; ++c) {
+                    kb.emplace_back(layer_bytes);
+                    vb.emplace_back(layer_bytes);
+                    // BF16 |v| < 2; E4M3 / E2M1 / scale bytes with bit 3 clear: never a NaN code.
+                    const uint32_t and_mask = dt == KvDtype::Bf16 ? 0x83ff83ffu : 0xf7f7f7f7u;
+                    const uint32_t or_mask = dt == KvDtype::Bf16 ? 0x3c003c00u : 0u;
+                    nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+                    nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+                }
+                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                size_t next = 0;
+                auto launch = [&] {
+                    for (size_t c = 0; c < copies; ++c, ++next) {
+                        const size_t i = next % copies;
+                        nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes, bs,
+                                                      nkv, hd, dt, 0.01f, 0.01f};
+                        nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b,
+                                                      nibble::cuda::AttentionArgs{n_heads, 0.088f, 0}, splits, ws.get(),
+                                                      ws_bytes, out.get(), stream);
+                    }
+                };
+                const int reps = ctx * batch >= 32768 * 8 ? 10 : 30;
+                const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
+                const double bytes = 2.0 * static_cast<double>(batch * ctx * nkv * row_bytes);
+                const double gbps = bytes / (ms * 1e-3) / 1e9;
+                rows.push_back({ctx, batch, dt, ms * 1e3, gbps, splits});
+                std::printf("attention decode ctx=%-6lld batch=%-2lld %-5s splits=%-3d copies=%-3zu %9.1f us %7.0f GB/s %5.1f%% of copy\n",
+                            static_cast<long long>(ctx), static_cast<long long>(batch),
+                            dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", splits, copies, ms * 1e3, gbps,
+                            100 * gbps / copy_gbps);
+            }
+        }
+    }
+    std::printf("\n| context | batch | splits | bf16 us | GB/s | %% copy | fp8 us | GB/s | %% copy | nvfp4 us | GB/s | %% copy | bf16/nvfp4 time |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (size_t i = 0; i + 2 < rows.size(); i += 3) {
+        const ARow &a = rows[i], &f = rows[i + 1], &n = rows[i + 2];
+        std::printf("| %lldK | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n",
+                    static_cast<long long>(a.ctx / 1024), static_cast<long long>(a.batch), a.splits, a.us, a.gbps,
+                    100 * a.gbps / copy_gbps, f.us, f.gbps, 100 * f.gbps / copy_gbps, n.us, n.gbps,
+                    100 * n.gbps / copy_gbps, a.us / n.us);
+    }
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
     try {
         cudaDeviceProp prop{};
         NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -96,6 +190,12 @@ int main() {
             const char* name;
             int64_t n, k;
         };
+        const std::string part = argc > 1 ? argv[1] : "all";
+        if (part == "attention" || part == "all") bench_attention(prop, stream, copy_gbps);
+        if (part == "attention") {
+            NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            return 0;
+        }
         const Shape shapes[] = {{"qkvo 4096x4096", 4096, 4096},
                                 {"gate/up 14336x4096", 14336, 4096},
                                 {"down 4096x14336", 4096, 14336},

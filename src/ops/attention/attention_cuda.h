@@ -1,0 +1,82 @@
+// CUDA launchers for attention over the paged KV cache (ops/attention/kv_cache.h holds the layout contract)
+// and for the KV write that fills it. Cache dtypes: BF16, FP8 (E4M3 x per-layer scale) and NVFP4 (E2M1 x
+// E4M3 per 16 along head_dim x per-layer scale); the F32 cache is the CPU reference's alone. The cache is
+// read in its stored format and dequantized on chip (registers, then the tile in shared memory); no
+// dequantized copy is ever written to device memory. Plain C++ plus cuda_runtime.h types.
+//
+// One kernel serves decode and prefill: a CTA owns one sequence, one KV head, a tile of query rows (query
+// tokens x the query heads of that KV head: GQA reads each K/V row once for the whole group) and one split
+// of the key range (flash-decoding). Online softmax in float32 (base 2), float32 accumulation. With more
+// than one split every CTA writes a partial (unnormalized output, running max, running sum) to the
+// workspace and a combine kernel merges the splits.
+//
+// Layouts (device pointers):
+//   q, out        [n_tokens, n_heads, head_dim] F32 or BF16 (the same dtype); the tokens of sequence s are
+//                 rows q_start[s] .. q_start[s + 1] - 1, at positions start_pos[s] + i
+//   block_tables  [n_seqs, max_blocks] int32 physical block of each logical block
+//   k, v (write)  [n_tokens, n_kv_heads, head_dim] F32 or BF16
+//   slot_mapping  [n_tokens] int64 physical slot block * block_size + offset; negative: skipped
+// Causality as paged_attention_cpu: token i of a sequence attends to positions 0 .. start_pos + i (only
+// the last sliding_window of them when sliding_window > 0); the K/V of the new tokens must have been
+// written to the cache first. Preconditions (std::invalid_argument): head_dim 64 or 128, n_heads a
+// multiple of n_kv_heads with at most 32 query heads per KV head, a cache dtype other than F32.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ops/attention/kv_cache.h"
+#include "tensor/dtype.h"
+
+namespace nibble::cuda {
+
+// One layer of the paged cache on the device: K and V of n_blocks blocks of block_bytes each
+// (KvCacheShape::block_bytes()), and the layer's multipliers (kv_layer_scale(dtype, kv_scale)).
+struct PagedKvLayer {
+    uint8_t* k = nullptr;
+    uint8_t* v = nullptr;
+    int64_t n_blocks = 0;
+    int64_t block_bytes = 0;
+    int64_t block_size = 16;
+    int64_t n_kv_heads = 0;
+    int64_t head_dim = 0;
+    KvDtype dtype = KvDtype::Bf16;
+    float k_scale = 1.0f, v_scale = 1.0f;
+};
+
+// A batch of sequences for one attention call. Pointers are device memory; the bounds are host values.
+struct AttentionBatch {
+    int64_t n_seqs = 0;
+    int64_t n_tokens = 0;                   // q_start[n_seqs]: rows of q and out
+    const int32_t* q_start = nullptr;       // [n_seqs + 1], q_start[0] = 0
+    const int32_t* start_pos = nullptr;     // [n_seqs] tokens cached before the sequence's first new token
+    const int32_t* block_tables = nullptr;  // [n_seqs, max_blocks]
+    int64_t max_blocks = 0;
+    int64_t max_q_len = 0;   // >= every q_start[s + 1] - q_start[s] (the grid is sized by it)
+    int64_t max_kv_len = 0;  // >= every start_pos[s] + its query count (splits divide this range)
+};
+
+struct AttentionArgs {
+    int64_t n_heads = 0;
+    float scale = 1.0f;          // applied to q.k, usually 1/sqrt(head_dim)
+    int64_t sliding_window = 0;  // 0: every earlier position
+};
+
+// How many key-range splits to use so the grid fills `sm_count` SMs (1 when it already does, or the
+// context is short), and the workspace those splits need (0 for one split).
+int paged_attention_splits(const AttentionBatch& batch, int64_t n_kv_heads, int64_t n_heads, int sm_count);
+size_t paged_attention_workspace_bytes(int n_splits, int64_t n_tokens, int64_t n_heads, int64_t head_dim);
+
+void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const AttentionBatch& batch,
+                     const AttentionArgs& args, int n_splits, void* workspace, size_t workspace_bytes, void* out,
+                     cudaStream_t stream);
+
+// Quantizes and stores K and V of n_tokens tokens, bit for bit as kv_encode_head does on the host (same
+// roundings: cuda_fp8.h's conversions for E4M3, E2M1 rounded to nearest even in software). A non-finite
+// input is not detected here (the host path throws for it): it stores what the conversions make of it.
+void kv_cache_write(const void* k, const void* v, DType dtype, int64_t n_tokens, const int64_t* slot_mapping,
+                    const PagedKvLayer& kv, cudaStream_t stream);
+
+}  // namespace nibble::cuda
