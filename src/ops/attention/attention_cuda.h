@@ -20,6 +20,9 @@
 // the last sliding_window of them when sliding_window > 0); the K/V of the new tokens must have been
 // written to the cache first. Preconditions (std::invalid_argument): head_dim 64 or 128, n_heads a
 // multiple of n_kv_heads with at most 32 query heads per KV head, a cache dtype other than F32.
+// Decode with at most 8 query heads per KV head runs on the tensor cores, with q as hi + lo 16-bit parts:
+// BF16 parts for the BF16 cache, fp16 parts for FP8/NVFP4, so there |q| must stay below 65504 (fp16's
+// range; beyond it the output is NaN). Prefill and larger groups run on CUDA cores in float32.
 #pragma once
 
 #include <cuda_runtime.h>
