@@ -53,13 +53,18 @@ struct Engine::Impl {
     Impl(Model& m, const EngineConfig& c)
         : model(m),
           config(c),
-          pool(c.num_blocks, c.block_size, c.enable_prefix_caching),
-          scheduler({.max_num_seqs = c.max_num_seqs, .max_num_batched_tokens = c.max_num_batched_tokens}, pool),
-          runner(m, c.num_blocks, c.block_size),
+          hybrid(!m.mamba_state_shape(c.mamba_ssm_cache_dtype).empty()),
+          pool(c.num_blocks, c.block_size, c.enable_prefix_caching && !hybrid),
+          scheduler({.max_num_seqs = c.max_num_seqs,
+                     .max_num_batched_tokens = c.max_num_batched_tokens,
+                     .num_state_slots = hybrid ? c.max_num_seqs : 0},
+                    pool),
+          runner(m, c.num_blocks, c.block_size, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype),
           vocab(m.config().vocab_size) {}
 
     Model& model;
     EngineConfig config;
+    bool hybrid;  // the model keeps per-sequence recurrent state (no prefix caching, one slot per sequence)
     BlockPool pool;
     Scheduler scheduler;
     CpuModelRunner runner;
@@ -309,7 +314,8 @@ bool Engine::Impl::step() {
                                                                static_cast<size_t>(c.n_tokens)),
                          .block_table = s.block_table,
                          .start_pos = s.num_computed,
-                         .needs_logits = c.sample});
+                         .needs_logits = c.sample,
+                         .state_slot = s.state_slot});
     }
     std::vector<float> logits;
     try {
@@ -372,6 +378,9 @@ Engine::Engine(Model& model, const EngineConfig& config) {
     const int64_t vocab = model.config().vocab_size;
     for (int32_t id : config.eos_token_ids)
         NIBBLE_CHECK(id >= 0 && id < vocab, "engine: eos token id {} is outside the vocabulary [0, {})", id, vocab);
+    if (config.enable_prefix_caching && !model.mamba_state_shape(config.mamba_ssm_cache_dtype).empty())
+        log::warn("prefix caching is not supported for {} (hybrid Mamba state; block-boundary state snapshots are "
+                  "not implemented): disabled", model.config().arch_name);
     impl_ = std::make_unique<Impl>(model, config);
     impl_->update_stats();
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/request.h"
+#include "ops/ssm/ssm_state.h"
 
 namespace nibble {
 
@@ -24,7 +25,10 @@ struct EngineConfig {
     int64_t max_num_batched_tokens = 2048; // tokens per step (decodes + prefill chunks)
     int64_t block_size = 16;               // tokens per KV block
     int64_t num_blocks = 0;                // KV blocks in the pool (from the memory plan); must be > 0
+    // Hybrid models (Mamba layers) cannot reuse blocks without state snapshots, which are not implemented:
+    // the engine turns prefix caching off for them, with a warning naming the architecture.
     bool enable_prefix_caching = true;
+    SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state (vLLM's flag)
     KvCacheDtype kv_cache_dtype = KvCacheDtype::Auto;
     std::vector<int32_t> eos_token_ids;    // end generation unless ignore_eos
 };

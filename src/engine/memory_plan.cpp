@@ -46,7 +46,10 @@ std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelC
     std::map<std::string, int64_t> by;
     for (const WeightSpec& w : expected_weights(config)) {
         if (w.kind == WeightSpec::Kind::Dense) {
-            by[dense_name] += w.shape.numel() * dense_size;
+            if (w.f32 || (w.f32_when_quantized && quant.method != QuantMethod::None))
+                by["f32"] += w.shape.numel() * 4;
+            else
+                by[dense_name] += w.shape.numel() * dense_size;
             continue;
         }
         const LinearSpec& l = w.linear;
@@ -69,7 +72,7 @@ std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelC
             case QuantMethod::None: break;
         }
     }
-    if (quant.kv_cache != KvCacheQuant::None) by["kv_scales"] += 8 * config.n_layers;
+    if (quant.kv_cache != KvCacheQuant::None) by["kv_scales"] += 8 * config.count_layers(LayerKind::Attention);
     std::vector<std::pair<std::string, int64_t>> out;
     for (const auto& [name, bytes] : by)
         if (bytes > 0) out.emplace_back(name, bytes);
@@ -105,9 +108,25 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     p.activation_bytes = t * (3 * c.n_embd + 2 * q_dim + 2 * kv_dim + 2 * c.n_ff) * 4;
     p.logits_bytes = logit_rows * c.vocab_size * 4;
     p.attention_scratch_bytes = logit_rows * c.n_heads * kAttentionSplits * (c.head_dim + 2) * 4;
+    // Hybrid models: the Mamba mixer's rows (in_proj output, conv output, scan output), and one recurrent
+    // state per sequence that may run (conv float32 + SSM in --mamba-ssm-cache-dtype), held beside the KV.
+    const int64_t kv_layers = c.count_layers(LayerKind::Attention);
+    if (c.has_layer(LayerKind::Mamba)) {
+        const MambaConfig& mb = c.mamba;
+        p.activation_bytes += t * (mb.in_proj_dim() + mb.conv_dim() + mb.d_inner()) * 4;
+        const MambaStateShape st{.n_layers = c.count_layers(LayerKind::Mamba),
+                                 .conv_rows = mb.conv_kernel - 1,
+                                 .conv_dim = mb.conv_dim(),
+                                 .n_heads = mb.n_heads,
+                                 .head_dim = mb.head_dim,
+                                 .state_size = mb.state_size,
+                                 .ssm_dtype = o.mamba_ssm_cache_dtype};
+        p.mamba_state_bytes_per_seq = st.bytes();
+        p.mamba_state_bytes = o.max_num_seqs * st.bytes();
+    }
 
     p.kv_dtype = resolve_kv_cache_dtype(o.kv_cache_dtype, quant, o.auto_kv_dtype);
-    const KvCacheShape shape{.n_layers = c.n_layers,
+    const KvCacheShape shape{.n_layers = kv_layers,
                              .n_blocks = 0,
                              .block_size = o.block_size,
                              .n_kv_heads = c.n_kv_heads,
@@ -119,10 +138,10 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
                  "--kv-cache-dtype nvfp4 needs head_dim to be a multiple of {}, the model's is {}", kNvfp4BlockSize,
                  c.head_dim);
     p.kv_bytes_per_token = shape.bytes_per_token();
-    p.kv_block_bytes = 2 * c.n_layers * shape.block_bytes();
+    p.kv_block_bytes = 2 * kv_layers * shape.block_bytes();
 
     p.usable_memory = static_cast<int64_t>(std::floor(o.gpu_memory_utilization * static_cast<double>(o.device_memory)));
-    const int64_t fixed = p.weights_bytes + p.workspace_bytes();
+    const int64_t fixed = p.weights_bytes + p.workspace_bytes() + p.mamba_state_bytes;
     if (o.kv_cache_memory_bytes > 0) {
         p.kv_cache_bytes = o.kv_cache_memory_bytes;
         NIBBLE_CHECK(fixed + p.kv_cache_bytes <= o.device_memory,

@@ -11,6 +11,9 @@
 //   KV cache   kv_cache_memory_bytes when given, else gpu_memory_utilization x device memory - weights -
 //              workspace; cut into blocks of block_size tokens (KvCacheShape::block_bytes() per layer for K
 //              and for V), kv_tokens = blocks x block_size, max_concurrency = kv_tokens / max_model_len.
+//   Mamba state hybrid models (NemotronH): max_num_seqs x (Mamba layers x ((conv_kernel-1) x conv_dim x 4 +
+//              heads x head_dim x state x 4 or 2 per --mamba-ssm-cache-dtype)), counted with the fixed
+//              part (it is taken before the KV budget); KV covers the attention layers only.
 // A plan that does not fit (weights and workspace beyond the usable memory, or less KV than one
 // max_model_len sequence) is a nibble::Error that says by how much.
 #pragma once
@@ -24,6 +27,7 @@
 #include "checkpoint/model_config.h"
 #include "checkpoint/quant_config.h"
 #include "ops/attention/kv_cache.h"
+#include "ops/ssm/ssm_state.h"
 
 namespace nibble {
 
@@ -46,6 +50,7 @@ struct PlanOptions {
     double gpu_memory_utilization = 0.9;    // fraction of device_memory the plan may use
     int64_t kv_cache_memory_bytes = 0;      // > 0: exactly this much KV cache (utilization then unused)
     int64_t device_memory = 0;              // bytes of the device; must be > 0
+    SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
 };
 
 struct MemoryPlan {
@@ -55,6 +60,8 @@ struct MemoryPlan {
     // workspace
     int64_t activation_bytes = 0, logits_bytes = 0, attention_scratch_bytes = 0;
     int64_t workspace_bytes() const { return activation_bytes + logits_bytes + attention_scratch_bytes; }
+    // hybrid models: recurrent state, one per sequence slot (max_num_seqs), beside the KV cache
+    int64_t mamba_state_bytes_per_seq = 0, mamba_state_bytes = 0;
     // KV cache
     KvDtype kv_dtype = KvDtype::Bf16;
     int64_t kv_bytes_per_token = 0;   // K and V, all layers, with NVFP4's scales

@@ -6,18 +6,30 @@
 
 namespace nibble {
 
-CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size)
-    : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size)) {}
+CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, int64_t num_state_slots,
+                               SsmStateDtype ssm_dtype)
+    : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size)) {
+    const MambaStateShape shape = model.mamba_state_shape(ssm_dtype);
+    if (!shape.empty())
+        for (int64_t i = 0; i < num_state_slots; ++i) states_.emplace_back(shape);
+}
 
 void CpuModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
     std::vector<ForwardSequence> seqs;
     seqs.reserve(batch.size());
-    for (const RunnerSequence& s : batch)
+    for (const RunnerSequence& s : batch) {
         seqs.push_back({.tokens = s.tokens,
                         .kv = {.block_table = s.block_table.data(),
                                .n_table = static_cast<int64_t>(s.block_table.size()),
                                .start_pos = s.start_pos},
-                        .all_logits = false});
+                        .all_logits = false,
+                        .state = nullptr});
+        if (!states_.empty()) {
+            NIBBLE_CHECK(s.state_slot >= 0 && s.state_slot < static_cast<int32_t>(states_.size()),
+                         "runner: sequence without a recurrent-state slot ({}) for a hybrid model", s.state_slot);
+            seqs.back().state = &states_[static_cast<size_t>(s.state_slot)];
+        }
+    }
     model_.forward(seqs, cache_, rows_);
     const size_t vocab = static_cast<size_t>(vocab_size());
     NIBBLE_CHECK(rows_.size() == batch.size() * vocab, "forward returned {} logits for {} sequences of vocab {}",

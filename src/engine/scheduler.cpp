@@ -11,6 +11,9 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockPool& pool) : config_(c
     NIBBLE_CHECK(config.max_num_seqs > 0, "max_num_seqs must be positive, got {}", config.max_num_seqs);
     NIBBLE_CHECK(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive, got {}",
                  config.max_num_batched_tokens);
+    NIBBLE_CHECK(config.num_state_slots == 0 || config.num_state_slots >= config.max_num_seqs,
+                 "num_state_slots {} must cover max_num_seqs {}", config.num_state_slots, config.max_num_seqs);
+    for (int64_t i = config.num_state_slots - 1; i >= 0; --i) free_state_slots_.push_back(static_cast<int32_t>(i));
 }
 
 void Scheduler::add(Sequence* seq) {
@@ -34,6 +37,10 @@ void Scheduler::release_blocks(Sequence& seq) {
     seq.block_table.clear();
     seq.chain.clear();
     seq.num_computed = 0;
+    if (seq.state_slot >= 0) {
+        free_state_slots_.push_back(seq.state_slot);
+        seq.state_slot = -1;
+    }
 }
 
 void Scheduler::preempt(Sequence* seq) {
@@ -100,7 +107,12 @@ bool Scheduler::admit(Sequence* seq, int64_t budget, SchedulerOutput& out) {
     std::vector<BlockLink> links;
     bool from_cache = false;
     const Sequence* parent = seq->parent;
-    if (parent != nullptr && parent->status == SequenceStatus::Running) {
+    const bool recurrent = config_.num_state_slots > 0;
+    if (recurrent) {
+        // No block reuse (see SchedulerConfig::num_state_slots); a slot is always free while running_ is
+        // below max_num_seqs.
+        NIBBLE_CHECK(!free_state_slots_.empty(), "scheduler: no free recurrent-state slot");
+    } else if (parent != nullptr && parent->status == SequenceStatus::Running) {
         if (parent->num_computed < parent->n_prompt) return false;  // wait for sample 0's prompt
         const int64_t n = std::min<int64_t>(max_reuse, parent->n_prompt / bs);
         reuse.assign(parent->block_table.begin(), parent->block_table.begin() + n);
@@ -129,6 +141,10 @@ bool Scheduler::admit(Sequence* seq, int64_t budget, SchedulerOutput& out) {
     }
     if (seq->num_cached_tokens < 0) seq->num_cached_tokens = std::min(computed, seq->n_prompt);
     seq->parent = nullptr;
+    if (recurrent) {
+        seq->state_slot = free_state_slots_.back();
+        free_state_slots_.pop_back();
+    }
     allocate(*seq, n);
     seq->status = SequenceStatus::Running;
     waiting_.pop_front();

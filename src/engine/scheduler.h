@@ -21,6 +21,10 @@ namespace nibble {
 struct SchedulerConfig {
     int64_t max_num_seqs = 256;
     int64_t max_num_batched_tokens = 2048;
+    // Hybrid models: slots of per-sequence recurrent state (>= max_num_seqs); 0 for attention-only models.
+    // A sequence holds one while running. Its state covers exactly its computed tokens, so blocks computed
+    // by others (prefix cache, a parent's prompt) cannot be reused: every sequence computes from token 0.
+    int64_t num_state_slots = 0;
 };
 
 // Tokens [seq->num_computed, seq->num_computed + n_tokens) run this step; blocks for them are allocated.
@@ -72,6 +76,7 @@ private:
 
     SchedulerConfig config_;
     BlockPool& pool_;
+    std::vector<int32_t> free_state_slots_;
     std::deque<Sequence*> waiting_;
     std::vector<Sequence*> running_;  // in admission order: the back is the newest
     int64_t num_preemptions_ = 0;

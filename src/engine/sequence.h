@@ -2,8 +2,9 @@
 // holding them, how many of them are computed, and where it stands. The tokens still to compute are
 // tokens[num_computed ..]: a whole prompt on admission, one token per decode step, everything again after
 // a preemption (recompute). The engine owns Sequence objects; the scheduler holds pointers to them.
-// State that a later architecture keeps beside the KV blocks (a Mamba layer's conv/SSM state, issue 7)
-// belongs here too, allocated and freed where block_table is (Scheduler::admit, preempt, finish).
+// Hybrid models keep a recurrent state (Mamba conv/SSM state) per sequence beside its KV blocks: a slot
+// of the runner's state pool, taken where block_table is (Scheduler::admit) and given back where it is
+// released (preempt, finish); a sequence computed from token 0 again starts from a zero state.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,7 @@ struct Sequence {
     std::vector<int32_t> block_table;    // [ceil(computed or scheduled tokens / block_size)] physical blocks
     std::vector<BlockLink> chain;        // prefix-cache identity of the leading full computed blocks
     int64_t num_computed = 0;            // tokens whose K/V are in the cache
+    int32_t state_slot = -1;             // hybrid models: the runner's MambaState slot while running
     int64_t num_cached_tokens = -1;      // prompt tokens found in the prefix cache at first admission
     SequenceStatus status = SequenceStatus::Waiting;
     // Sample i > 0 of a request waits for sample 0's prompt to be computed, then shares its full prompt

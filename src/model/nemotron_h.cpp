@@ -73,7 +73,9 @@ std::vector<WeightSpec> nemotron_h_expected_weights(const ModelConfig& c) {
                 break;
             case LayerKind::Moe:
                 dense(p + "mixer.gate.weight", Shape{c.moe.n_experts, d});
+                out.back().f32_when_quantized = true;
                 dense(p + "mixer.gate.e_score_correction_bias", Shape{c.moe.n_experts});
+                out.back().f32 = true;
                 for (int64_t e = 0; e < c.moe.n_experts; ++e) {
                     linear(fmt::format("{}mixer.experts.{}.up_proj", p, e), c.moe.n_ff, d, c.mlp_bias);
                     linear(fmt::format("{}mixer.experts.{}.down_proj", p, e), d, c.moe.n_ff, c.mlp_bias);
