@@ -27,6 +27,7 @@ struct LogitsOptions {
     int64_t block_size = 16;
     int64_t chunk = 0;  // tokens per forward; 0 = the whole sequence in one prefill
     std::string kv_cache_dtype = "auto";  // auto: the checkpoint's KV scheme, else f32 (exact)
+    std::string mamba_ssm_cache_dtype = "float32";  // hybrid models' SSM state between forwards
 };
 
 std::vector<int32_t> parse_token_list(const std::string& text) {
@@ -66,6 +67,9 @@ void run_logits(const LogitsOptions& opt) {
     std::vector<int32_t> block_table(static_cast<size_t>(n_blocks));
     for (int64_t b = 0; b < n_blocks; ++b) block_table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
 
+    // Hybrid models (Mamba layers) carry the sequence's conv/SSM state from one chunk to the next.
+    MambaState state(model->mamba_state_shape(parse_ssm_state_dtype(opt.mamba_ssm_cache_dtype)));
+
     const int64_t chunk = opt.chunk == 0 ? n : opt.chunk;
     std::vector<float> all(static_cast<size_t>(n * vocab)), step;
     for (int64_t start = 0; start < n; start += chunk) {
@@ -73,7 +77,8 @@ void run_logits(const LogitsOptions& opt) {
         ForwardSequence seq{.tokens = std::span<const int32_t>(tokens).subspan(static_cast<size_t>(start),
                                                                                 static_cast<size_t>(len)),
                             .kv = {.block_table = block_table.data(), .n_table = n_blocks, .start_pos = start},
-                            .all_logits = true};
+                            .all_logits = true,
+                            .state = state.shape().empty() ? nullptr : &state};
         model->forward(std::span(&seq, 1), cache, step);
         std::copy(step.begin(), step.end(), all.begin() + start * vocab);
     }
@@ -99,6 +104,8 @@ void add_logits_command(CLI::App& app) {
     cmd->add_option("--chunk", opt->chunk, "tokens per forward step (0: all at once); exercises the KV cache");
     cmd->add_option("--kv-cache-dtype", opt->kv_cache_dtype,
                     "KV cache format: auto (the checkpoint's KV scheme, else f32), f32, bf16, fp8, nvfp4");
+    cmd->add_option("--mamba-ssm-cache-dtype", opt->mamba_ssm_cache_dtype,
+                    "hybrid models' SSM state between chunks: float32 (default) or bfloat16");
     cmd->callback([opt] { run_logits(*opt); });
 }
 

@@ -15,6 +15,7 @@
 #include "ops/attention/kv_cache.h"
 #include "model/weights.h"
 #include "ops/linear/linear.h"
+#include "ops/ssm/ssm_state.h"
 #include "tensor/tensor.h"
 
 namespace nibble {
@@ -23,6 +24,9 @@ struct ForwardSequence {
     std::span<const int32_t> tokens;  // the new tokens of this step, at positions kv.start_pos ...
     SequenceKv kv;                    // block table covering start_pos + tokens.size() positions
     bool all_logits = false;          // logits for every new token; otherwise only for the last one
+    // Hybrid models: this sequence's Mamba conv/SSM state (owned by the caller, shaped by
+    // mamba_state_shape), continued from kv.start_pos and reset by the model when kv.start_pos is 0.
+    MambaState* state = nullptr;
 };
 
 // Sees the input of every linear layer during forward; calibration records activation ranges with it.
@@ -41,6 +45,9 @@ public:
     // KV cache shape for n_blocks blocks of block_size tokens stored as `dtype`, with the checkpoint's
     // per-layer k/v scales (kv_cache.h) when it has them.
     virtual KvCacheShape kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype = KvDtype::F32) const = 0;
+    // Per-sequence recurrent state the model needs beside the KV cache (Mamba layers); empty for models
+    // without one. Every ForwardSequence of such a model must carry a MambaState of this shape.
+    virtual MambaStateShape mamba_state_shape(SsmStateDtype /*dtype*/) const { return {}; }
     // Runs the new tokens of every sequence through the model, appending their K/V to the cache.
     // logits: [rows, vocab], rows in sequence order (all new tokens or only the last, per sequence).
     virtual void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) = 0;
@@ -62,6 +69,9 @@ struct WeightSpec {
     LinearSpec linear;  // Linear: module name, n_out, n_in, bias
     std::string name;   // Dense: tensor name
     Shape shape;        // Dense
+    // Dense tensors some checkpoints store as F32 whatever config.json's dtype (a MoE router's correction
+    // bias always; the router itself in quantized exports such as ModelOpt's NVFP4 Nemotron-H).
+    bool f32 = false, f32_when_quantized = false;
 };
 
 // The tensors a checkpoint of `config`'s architecture holds (without quantization scales, which follow from

@@ -51,7 +51,7 @@ using nibble::TensorInfo;
 const std::vector<std::string> kCases = {
     "llama_gqa",          "llama3_rope_tied", "llama_attn_bias",      "mistral",
     "qwen2_bias",         "qwen3_qknorm",     "qwen3_nvfp4_modelopt", "llama_nvfp4_ct",
-    "llama_fp8_modelopt",
+    "llama_fp8_modelopt", "nemotron_h",       "nemotron_h_nvfp4_modelopt",
 };
 const std::vector<int> kChunks = {0, 1, 7};  // 0: the whole sequence at once
 
@@ -291,6 +291,7 @@ TEST_P(GoldenDequant, CodecsMatchTorch) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenDequant,
                          ::testing::Values(DequantCase{"qwen3_nvfp4_modelopt", DequantCase::ModelOptNvfp4},
+                                           DequantCase{"nemotron_h_nvfp4_modelopt", DequantCase::ModelOptNvfp4},
                                            DequantCase{"llama_nvfp4_ct", DequantCase::CtNvfp4},
                                            DequantCase{"llama_fp8_modelopt", DequantCase::ModelOptFp8}),
                          [](const auto& info) { return info.param.name; });
