@@ -5,8 +5,6 @@
 
 #include "base/error.h"
 #include "model/weights.h"
-#include "ops/activation/activation.h"
-#include "ops/attention/attention.h"
 #include "ops/embed/embed.h"
 #include "ops/rmsnorm/rmsnorm.h"
 
@@ -91,15 +89,15 @@ LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, Qua
     for (int64_t il = 0; il < c.n_layers; ++il) {
         Layer& L = layers_[static_cast<size_t>(il)];
         const LlamaLayerSpec& S = spec.layers[static_cast<size_t>(il)];
-        L.attn_norm = load_vector(ck, S.attn_norm, c.n_embd);
+        L.attn.norm = load_vector(ck, S.attn_norm, c.n_embd);
         L.mlp_norm = load_vector(ck, S.mlp_norm, c.n_embd);
-        L.q = load_linear(ck, quant_, S.q);
-        L.k = load_linear(ck, quant_, S.k);
-        L.v = load_linear(ck, quant_, S.v);
-        L.o = load_linear(ck, quant_, S.o);
+        L.attn.q = load_linear(ck, quant_, S.q);
+        L.attn.k = load_linear(ck, quant_, S.k);
+        L.attn.v = load_linear(ck, quant_, S.v);
+        L.attn.o = load_linear(ck, quant_, S.o);
         if (!S.q_norm.empty()) {
-            L.q_norm = load_vector(ck, S.q_norm, c.head_dim);
-            L.k_norm = load_vector(ck, S.k_norm, c.head_dim);
+            L.attn.q_norm = load_vector(ck, S.q_norm, c.head_dim);
+            L.attn.k_norm = load_vector(ck, S.k_norm, c.head_dim);
         }
         L.gate = load_linear(ck, quant_, S.gate);
         L.up = load_linear(ck, quant_, S.up);
@@ -149,7 +147,7 @@ KvCacheShape LlamaModel::kv_cache_shape(int64_t n_blocks, int64_t block_size, Kv
 std::vector<const LinearWeight*> LlamaModel::linear_weights() const {
     std::vector<const LinearWeight*> all;
     for (const auto& L : layers_)
-        for (const LinearWeight* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) all.push_back(w);
+        for (const LinearWeight* w : {&L.attn.q, &L.attn.k, &L.attn.v, &L.attn.o, &L.gate, &L.up, &L.down}) all.push_back(w);
     if (!config_.tied_embeddings) all.push_back(&lm_head_);
     return all;
 }
@@ -167,83 +165,22 @@ void LlamaModel::linear(const LinearWeight& w, const float* x, int64_t m, float*
 
 void LlamaModel::forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) {
     const auto& c = config_;
-    const int64_t d = c.n_embd, hd = c.head_dim;
-    const int64_t q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd;
+    const int64_t d = c.n_embd;
+    const TokenBatch batch = flatten_batch(seqs);
+    const int64_t m = batch.m;
+    const ModelLinearFn lin = [this](const LinearWeight& w, const float* x, int64_t rows, float* y) { linear(w, x, rows, y); };
 
-    // Flatten the batch: token rows of all sequences, one after another.
-    std::vector<int32_t> tokens;
-    std::vector<int64_t> positions;
-    std::vector<int64_t> seq_begin;  // first row of each sequence
-    for (const auto& s : seqs) {
-        NIBBLE_CHECK(!s.tokens.empty(), "forward: a sequence with no new tokens");
-        seq_begin.push_back(static_cast<int64_t>(tokens.size()));
-        for (size_t i = 0; i < s.tokens.size(); ++i) {
-            tokens.push_back(s.tokens[i]);
-            positions.push_back(s.kv.start_pos + static_cast<int64_t>(i));
-        }
-    }
-    const int64_t m = static_cast<int64_t>(tokens.size());
-
-    // Activations, [m, width] row-major.
-    std::vector<float> x(static_cast<size_t>(m * d)), h(static_cast<size_t>(m * d));
-    std::vector<float> q(static_cast<size_t>(m * q_dim)), k(static_cast<size_t>(m * kv_dim)),
-        v(static_cast<size_t>(m * kv_dim)), attn(static_cast<size_t>(m * q_dim));
-    std::vector<float> gate(static_cast<size_t>(m * c.n_ff)), up(static_cast<size_t>(m * c.n_ff));
-    std::vector<float> proj(static_cast<size_t>(m * d));
-
-    embed_cpu(embed_, tokens.data(), m, x.data());
-    const AttentionParams attn_params{.n_heads = c.n_heads,
-                                      .n_kv_heads = c.n_kv_heads,
-                                      .head_dim = hd,
-                                      .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                                      .sliding_window = c.sliding_window};
-
+    // Activations, [m, n_embd] row-major.
+    std::vector<float> x(static_cast<size_t>(m * d)), h(static_cast<size_t>(m * d)), proj(static_cast<size_t>(m * d));
+    embed_cpu(embed_, batch.tokens.data(), m, x.data());
     for (int64_t il = 0; il < c.n_layers; ++il) {
         const Layer& L = layers_[static_cast<size_t>(il)];
-        // attention block
-        rmsnorm_cpu(x.data(), m, d, L.attn_norm.data(), c.norm_eps, h.data());
-        linear(L.q, h.data(), m, q.data());
-        linear(L.k, h.data(), m, k.data());
-        linear(L.v, h.data(), m, v.data());
-        if (c.qk_norm) {
-            rmsnorm_cpu(q.data(), m * c.n_heads, hd, L.q_norm.data(), c.norm_eps, q.data());
-            rmsnorm_cpu(k.data(), m * c.n_kv_heads, hd, L.k_norm.data(), c.norm_eps, k.data());
-        }
-        rope_apply_cpu(q.data(), m, c.n_heads, hd, positions.data(), rope_);
-        rope_apply_cpu(k.data(), m, c.n_kv_heads, hd, positions.data(), rope_);
-        for (size_t si = 0; si < seqs.size(); ++si) {
-            const int64_t row = seq_begin[si], n = static_cast<int64_t>(seqs[si].tokens.size());
-            kv_cache_write_cpu(cache, il, seqs[si].kv, n, k.data() + row * kv_dim, v.data() + row * kv_dim);
-            paged_attention_cpu(pool_, q.data() + row * q_dim, n, cache, il, seqs[si].kv, attn_params,
-                                attn.data() + row * q_dim);
-        }
-        linear(L.o, attn.data(), m, proj.data());
-        for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
-        // MLP block
+        attention_block_cpu(pool_, c, L.attn, rope_, seqs, batch, cache, il, lin, x.data());
         rmsnorm_cpu(x.data(), m, d, L.mlp_norm.data(), c.norm_eps, h.data());
-        linear(L.gate, h.data(), m, gate.data());
-        linear(L.up, h.data(), m, up.data());
-        silu_mul_cpu(gate.data(), up.data(), m * c.n_ff, gate.data());
-        linear(L.down, gate.data(), m, proj.data());
+        swiglu_mlp_cpu(L.gate, L.up, L.down, h.data(), m, lin, proj.data());
         for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     }
-
-    // Rows that need logits: every token, or each sequence's last.
-    std::vector<int64_t> rows;
-    for (size_t si = 0; si < seqs.size(); ++si) {
-        const int64_t n = static_cast<int64_t>(seqs[si].tokens.size());
-        if (seqs[si].all_logits)
-            for (int64_t i = 0; i < n; ++i) rows.push_back(seq_begin[si] + i);
-        else
-            rows.push_back(seq_begin[si] + n - 1);
-    }
-    const int64_t r = static_cast<int64_t>(rows.size());
-    std::vector<float> last(static_cast<size_t>(r * d));
-    for (int64_t i = 0; i < r; ++i)
-        std::copy_n(x.data() + rows[static_cast<size_t>(i)] * d, d, last.data() + i * d);
-    rmsnorm_cpu(last.data(), r, d, final_norm_.data(), c.norm_eps, last.data());
-    logits.resize(static_cast<size_t>(r * c.vocab_size));
-    linear(lm_head_, last.data(), r, logits.data());
+    final_logits_cpu(c, seqs, batch, x.data(), final_norm_, lm_head_, lin, logits);
 }
 
 }  // namespace nibble

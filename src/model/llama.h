@@ -10,6 +10,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "model/model.h"
+#include "model/transformer_blocks.h"
 #include "model/weights.h"
 #include "ops/linear/linear.h"
 #include "ops/rope/rope.h"
@@ -47,9 +48,7 @@ public:
 
 private:
     struct Layer {
-        std::vector<float> attn_norm;        // [n_embd]
-        LinearWeight q, k, v, o;             // q [n_heads*head_dim, n_embd], k/v [n_kv_heads*head_dim, n_embd]
-        std::vector<float> q_norm, k_norm;   // [head_dim], Qwen3 only
+        AttentionWeights attn;               // input_layernorm, q/k/v/o, Qwen3's q_norm/k_norm
         std::vector<float> mlp_norm;         // [n_embd]
         LinearWeight gate, up, down;         // gate/up [n_ff, n_embd], down [n_embd, n_ff]
     };

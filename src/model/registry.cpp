@@ -9,6 +9,7 @@
 #include "model/llama.h"
 #include "model/model.h"
 #include "model/nemotron_h.h"
+#include "model/qwen_moe.h"
 
 namespace nibble {
 
@@ -31,8 +32,9 @@ std::vector<WeightSpec> expected_weights(const ModelConfig& config) {
         case Arch::Mistral:
         case Arch::Qwen2:
         case Arch::Qwen3: return llama_expected_weights(config);
+        case Arch::Qwen2Moe:
+        case Arch::Qwen3Moe: return qwen_moe_expected_weights(config);
         case Arch::NemotronH: return nemotron_h_expected_weights(config);
-        default: break;  // architectures whose files list their own tensors are added here
     }
     fail("architecture {} has no tensor list", config.arch_name);
 }
@@ -50,9 +52,11 @@ std::unique_ptr<Model> load_model(const std::string& dir, ThreadPool& pool) {
         case Arch::Qwen2:
         case Arch::Qwen3:
             return std::make_unique<LlamaModel>(std::move(ckpt), std::move(config), std::move(quant), pool);
+        case Arch::Qwen2Moe:
+        case Arch::Qwen3Moe:
+            return std::make_unique<QwenMoeModel>(std::move(ckpt), std::move(config), std::move(quant), pool);
         case Arch::NemotronH:
             return std::make_unique<NemotronHModel>(std::move(ckpt), std::move(config), std::move(quant), pool);
-        default: break;
     }
     fail("{}: architecture {} has no implementation", dir, config.arch_name);
 }
