@@ -223,6 +223,99 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenLogits,
                                     std::to_string(std::get<1>(info.param));
                          });
 
+// KV cache formats: the same fixtures through `nibble logits --kv-cache-dtype bf16|fp8|nvfp4` (no fixture
+// has k_scale/v_scale, so the per-layer scale is the default 1.0). Storing K and V in a format perturbs each
+// cached value by up to the format's relative error u (BF16: unit roundoff 2^-8; FP8 E4M3: 2^-4 in its
+// normal range; NVFP4: E2M1's half-gap of up to one group-scale step, i.e. up to (1 + 2^-4) / 6 of the
+// group's largest value, ~0.18); attention and the layers after it carry that perturbation to the logits.
+// Tolerance: tol + gain * u * max(1, max|logit|). The gain was measured on these fixtures: the worst
+// max|diff| / (u * max(1, max|logit|)) over the nine llama-family cases and both chunkings came out 1.75 for
+// BF16, 1.72 for FP8 and 1.75 for NVFP4 (best 0.65, 0.67, 0.78): the logit error tracks u closely in all three
+// formats. gain = 4, about twice the worst. For NVFP4 that is loose (about 0.7 x max|logit|): it catches a
+// broken cache (garbage, zeros, NaN), not a subtle error; the precise checks are tests/ops/kv_cache_test.cpp
+// (byte layout, attention equal to attention over the dequantized values) and, here, that one-token-per-step
+// decode and one whole prefill agree to float rounding (tol) over the same quantized cache. Each run must
+// also differ from the exact cache by more than tol (the format is really applied), and keep the argmax where
+// the reference's top-2 margin exceeds twice the tolerance (a near-tie the format may flip is skipped).
+struct KvDtypeCase {
+    std::string name;
+    double u;     // the format's relative error, as above
+    double gain;  // measured worst gain x ~2 (above)
+};
+const std::vector<KvDtypeCase> kKvDtypes = {
+    {"bf16", 0x1p-8, 4.0}, {"fp8", 0x1p-4, 4.0}, {"nvfp4", (1 + 0x1p-4) / 6, 4.0}};
+
+class GoldenKvDtype : public ::testing::TestWithParam<std::tuple<std::string, KvDtypeCase, int>> {};
+
+TEST_P(GoldenKvDtype, StayWithinFormatTolerance) {
+    const auto& [name, kv, chunk] = GetParam();
+    const fs::path dir = fixtures_dir() / name;
+    const Reference ref = load_reference(dir);
+    ASSERT_GT(ref.n, 0);
+    double max_abs = 0;
+    for (float x : ref.logits) max_abs = std::max(max_abs, std::fabs(static_cast<double>(x)));
+    const double tol = ref.tol + kv.gain * kv.u * std::max(1.0, max_abs);
+
+    auto run = [&](int chunk_size) -> std::vector<float> {
+        const std::string tag = "golden_kv_" + name + "_" + kv.name + "_chunk" + std::to_string(chunk_size);
+        const fs::path out = fs::path(::testing::TempDir()) / (tag + ".safetensors");
+        const fs::path log = fs::path(::testing::TempDir()) / (tag + ".log");
+        fs::remove(out);
+        const std::string cmd = shell_quote(NIBBLE_BINARY) + " logits --model " +
+                                shell_quote((dir / "model").string()) + " --tokens " + token_list(ref.tokens) +
+                                " --chunk " + std::to_string(chunk_size) + " --kv-cache-dtype " + kv.name +
+                                " --out " + shell_quote(out.string()) + " > " + shell_quote(log.string()) + " 2>&1";
+        const int rc = std::system(cmd.c_str());
+        EXPECT_EQ(rc, 0) << cmd << "\n" << read_text(log);
+        if (rc != 0) return {};
+        SafetensorsFile got_file(out.string());
+        const TensorInfo* got_info = got_file.find("logits");
+        EXPECT_NE(got_info, nullptr) << out << " has no tensor logits";
+        if (got_info == nullptr || got_info->shape != nibble::Shape{ref.n, ref.vocab}) return {};
+        return read_f32(*got_info);
+    };
+    const std::vector<float> got = run(chunk);
+    ASSERT_EQ(got.size(), ref.logits.size());
+    if (chunk != 0) {
+        const std::vector<float> prefill = run(0);
+        ASSERT_EQ(prefill.size(), got.size());
+        double chunk_diff = 0;
+        for (size_t i = 0; i < got.size(); ++i)
+            chunk_diff = std::max(chunk_diff, std::fabs(static_cast<double>(got[i]) - prefill[i]));
+        EXPECT_LE(chunk_diff, ref.tol) << "decode through the quantized cache differs from one prefill";
+    }
+
+    double max_diff = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << "logit " << i;
+        max_diff = std::max(max_diff, std::fabs(static_cast<double>(got[i]) - ref.logits[i]));
+    }
+    EXPECT_LE(max_diff, tol) << "gain " << max_diff / (kv.u * std::max(1.0, max_abs));
+    EXPECT_GT(max_diff, ref.tol) << "a quantized KV cache must differ from the exact one by more than rounding";
+    int checked = 0;
+    for (int64_t i = 0; i < ref.n; ++i) {
+        std::vector<float> row(ref.logits.begin() + i * ref.vocab, ref.logits.begin() + (i + 1) * ref.vocab);
+        std::partial_sort(row.begin(), row.begin() + 2, row.end(), std::greater<float>());
+        if (row[0] - row[1] <= 2 * tol) continue;  // a near-tie the format may legitimately flip
+        ++checked;
+        EXPECT_EQ(argmax_row(got.data() + i * ref.vocab, ref.vocab),
+                  argmax_row(ref.logits.data() + i * ref.vocab, ref.vocab))
+            << "argmax at position " << i;
+    }
+    std::ostringstream gain;
+    gain << std::setprecision(3) << max_diff / (kv.u * std::max(1.0, max_abs));
+    RecordProperty("gain", gain.str());
+    RecordProperty("top1_positions_checked", checked);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenKvDtype,
+                         ::testing::Combine(::testing::ValuesIn(kCases), ::testing::ValuesIn(kKvDtypes),
+                                            ::testing::Values(0, 1)),
+                         [](const auto& info) {
+                             return std::get<0>(info.param) + "_" + std::get<1>(info.param).name + "_chunk" +
+                                    std::to_string(std::get<2>(info.param));
+                         });
+
 // dequantized.safetensors holds layer 0's q_proj and down_proj (and, for MoE, experts.0.down_proj) dequantized to float32 by the generator's
 // torch code (torch's own float8 casts and table lookups). Our codecs must read model.safetensors to the same
 // values: bit-identical for ModelOpt (same left-to-right float32 products), within 2 ulps for
