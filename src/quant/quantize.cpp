@@ -2,6 +2,7 @@
 
 #include <fnmatch.h>
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,19 @@ namespace nibble {
 namespace fs = std::filesystem;
 
 namespace {
+
+// Linear modules kept unquantized whatever --exclude says, as ModelOpt's default config disables their
+// quantizers ("*mlp.gate.*", "*router*", "*block_sparse_moe.gate*" for MoE routers and
+// "*mlp.shared_expert_gate.*" for Qwen2-MoE's shared-expert gate) and llm-compressor's MoE recipes ignore
+// "re:.*mlp.gate$": a router's few weights decide which experts run. They are listed as excluded modules.
+constexpr std::array<const char*, 4> kAlwaysExcluded = {"*.mlp.gate", "*.mlp.shared_expert_gate", "*router*",
+                                                        "*.block_sparse_moe.gate"};
+
+bool always_excluded(const std::string& module) {
+    for (const char* p : kAlwaysExcluded)
+        if (::fnmatch(p, module.c_str(), 0) == 0) return true;
+    return false;
+}
 
 nlohmann::json read_json(const fs::path& path) {
     std::ifstream in(path);
@@ -132,6 +146,10 @@ std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, Thread
     std::vector<std::string> excluded_modules;
     std::set<std::string> used_patterns;
     for (const LinearWeight* w : model->linear_weights()) {
+        if (always_excluded(w->name)) {
+            excluded_modules.push_back(w->name);
+            continue;
+        }
         bool excluded = false;
         for (const auto& p : opt.exclude)
             if (::fnmatch(p.c_str(), w->name.c_str(), 0) == 0) {

@@ -24,7 +24,8 @@ constexpr float kDefaultInputScale = 1.0f;
 struct QuantizeOptions {
     std::string src_dir, dst_dir;
     QuantLayout layout = QuantLayout::ModelOpt;
-    // fnmatch patterns of linear modules kept unquantized; embeddings and norms are never quantized.
+    // fnmatch patterns of linear modules kept unquantized; embeddings, norms and MoE routers (mlp.gate,
+    // mlp.shared_expert_gate: quantize.cpp's kAlwaysExcluded) are never quantized.
     std::vector<std::string> exclude = {"lm_head"};
     // Activation amax per linear module from calibration; modules absent use kDefaultInputScale.
     std::map<std::string, float> input_amax;
