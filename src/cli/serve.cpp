@@ -89,6 +89,7 @@ MemoryPlan make_plan(const ServeOptions& o, const Model& model, int64_t max_mode
                         : o.kv_cache_dtype == KvCacheDtype::Nvfp4 ? "nvfp4"
                                                                   : "f32";
     po.auto_kv_dtype = KvDtype::F32;
+    po.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
     po.gpu_memory_utilization = o.gpu_memory_utilization;
     po.device_memory = host_memory();
     if (o.kv_cache_memory_bytes) {
@@ -161,6 +162,7 @@ void run_serve(const std::vector<std::string>& args) {
     ec.block_size = o.block_size;
     ec.num_blocks = plan.kv_blocks;
     ec.enable_prefix_caching = o.enable_prefix_caching;
+    ec.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
     ec.kv_cache_dtype = plan.kv_dtype == KvDtype::F32 ? KvCacheDtype::F32
                         : plan.kv_dtype == KvDtype::Bf16 ? KvCacheDtype::Bf16
                         : plan.kv_dtype == KvDtype::Fp8  ? KvCacheDtype::Fp8

@@ -32,7 +32,7 @@ const std::set<std::string>& vllm_valued_flags() {
         "--reasoning-parser-plugin", "--compilation-config", "-O", "--kv-transfer-config", "--kv-events-config",
         "--cuda-graph-sizes", "--max-cudagraph-capture-size", "--hf-overrides", "--override-generation-config",
         "--scheduling-policy", "--scheduler-cls", "--config", "--api-server-count", "--num-gpu-blocks-override",
-        "--mamba-ssm-cache-dtype", "--mamba-cache-dtype", "--model-impl", "--logits-processors",
+        "--mamba-cache-dtype", "--model-impl", "--logits-processors",
         "--default-chat-template-kwargs", "--max-logprobs", "--logprobs-mode", "--prefix-caching-hash-algo",
         "--mm-encoder-tp-mode", "--allowed-local-media-path", "--worker-cls", "--worker-extension-cls",
         "--otlp-traces-endpoint", "--collect-detailed-traces", "--show-hidden-metrics-for-version",
@@ -172,6 +172,8 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 else if (v == "fp8" || v == "fp8_e4m3") o.kv_cache_dtype = KvCacheDtype::Fp8;
                 else if (v == "nvfp4") o.kv_cache_dtype = KvCacheDtype::Nvfp4;
                 else fail("--kv-cache-dtype must be auto, bf16, fp8 or nvfp4, got '{}'", v);
+            } else if (name == "--mamba-ssm-cache-dtype") {
+                o.mamba_ssm_cache_dtype = parse_ssm_state_dtype(value());
             } else if (name == "--gpu-memory-utilization") {
                 const std::string v = value();
                 double x = 0.0;
@@ -248,6 +250,7 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --enable-prefix-caching          reuse KV blocks of shared prompt prefixes (default on)
   --no-enable-prefix-caching
   --kv-cache-dtype DTYPE           auto, bf16, fp8 or nvfp4 (default auto)
+  --mamba-ssm-cache-dtype DTYPE    hybrid models' SSM state: auto/float32 or bfloat16 (default float32)
   --gpu-memory-utilization F       fraction of device memory to use (default 0.9)
   --kv-cache-memory-bytes N        KV cache size in bytes (suffixes k, m, g / K, M, G)
   --block-size N                   tokens per KV block (default 16)

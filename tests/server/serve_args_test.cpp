@@ -100,12 +100,12 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
         "--reasoning-parser", "nemotron_v3", "--tool-call-parser", "qwen3_coder", "--enable-auto-tool-choice",
         "--mamba-ssm-cache-dtype", "float32", "--async-scheduling"};
     const std::string err = error_of(recipe);
-    for (const char* flag : {"--tensor-parallel-size", "--reasoning-parser-plugin", "--mamba-ssm-cache-dtype",
-                             "--async-scheduling"})
+    for (const char* flag : {"--tensor-parallel-size", "--reasoning-parser-plugin", "--async-scheduling"})
         EXPECT_NE(err.find(std::string(flag) + " is a vLLM flag nibble does not support"), std::string::npos) << flag;
     // Nothing else is complained about: the supported flags and their values parsed.
     for (const char* ok : {"--max-num-seqs", "--kv-cache-dtype", "--enable-prefix-caching", "--reasoning-parser ",
-                           "--tool-call-parser", "--enable-auto-tool-choice", "--trust-remote-code", "MODEL_DIR"})
+                           "--tool-call-parser", "--enable-auto-tool-choice", "--trust-remote-code",
+                           "--mamba-ssm-cache-dtype", "MODEL_DIR"})
         EXPECT_EQ(err.find(ok), std::string::npos) << ok;
 
     // The same recipe without its unsupported parts is accepted.
@@ -113,8 +113,11 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
         {"nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8", "--served-model-name", "model", "--max-num-seqs", "512",
          "--max-model-len", "262144", "--port", "8000", "--trust-remote-code", "--kv-cache-dtype", "fp8",
          "--enable-prefix-caching", "--reasoning-parser", "nemotron_v3", "--tool-call-parser", "qwen3_coder",
-         "--enable-auto-tool-choice"});
+         "--enable-auto-tool-choice", "--mamba-ssm-cache-dtype", "bfloat16"});
     EXPECT_EQ(o.max_num_seqs, 512);
+    EXPECT_EQ(o.mamba_ssm_cache_dtype, SsmStateDtype::Bf16);
+    EXPECT_NE(error_of({"m", "--mamba-ssm-cache-dtype", "float16"}).find("--mamba-ssm-cache-dtype 'float16'"),
+              std::string::npos);
     EXPECT_EQ(o.max_model_len, 262144);
     EXPECT_EQ(o.kv_cache_dtype, KvCacheDtype::Fp8);
     EXPECT_EQ(o.reasoning_parser, "nemotron_v3");
