@@ -633,8 +633,9 @@ TEST(ModelConfig, RequiredFieldsAndTypes) {
 TEST(ModelConfig, UnsupportedValues) {
     EXPECT_ERROR(with(kLlama31_8B, "architectures", R"(["GPT2LMHeadModel"])"),
                  "config.json: architectures[0] 'GPT2LMHeadModel' is not supported (supported: LlamaForCausalLM, "
-                 "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)");
-    EXPECT_ERROR(with(kLlama31_8B, "architectures", R"(["Qwen2MoeForCausalLM"])"), "'Qwen2MoeForCausalLM' is not supported");
+                 "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
+                 "NemotronHForCausalLM)");
+    EXPECT_ERROR(with(kLlama31_8B, "architectures", R"(["MixtralForCausalLM"])"), "'MixtralForCausalLM' is not supported");
     EXPECT_ERROR(with(kLlama31_8B, "hidden_act", "\"gelu\""),
                  "config.json: hidden_act 'gelu' is not supported (supported: silu)");
     EXPECT_ERROR(with(kLlama31_8B, "hidden_act", "\"relu2\""), "hidden_act 'relu2' is not supported");
