@@ -229,21 +229,25 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenLogits,
 // normal range; NVFP4: E2M1's half-gap of up to one group-scale step, i.e. up to (1 + 2^-4) / 6 of the
 // group's largest value, ~0.18); attention and the layers after it carry that perturbation to the logits.
 // Tolerance: tol + gain * u * max(1, max|logit|). The gain was measured on these fixtures: the worst
-// max|diff| / (u * max(1, max|logit|)) over the nine llama-family cases and both chunkings came out 1.75 for
-// BF16, 1.72 for FP8 and 1.75 for NVFP4 (best 0.65, 0.67, 0.78): the logit error tracks u closely in all three
-// formats. gain = 4, about twice the worst. For NVFP4 that is loose (about 0.7 x max|logit|): it catches a
-// broken cache (garbage, zeros, NaN), not a subtle error; the precise checks are tests/ops/kv_cache_test.cpp
+// max|diff| / (u * max(1, max|logit|)) over the llama-family and Nemotron-H cases and both chunkings came out
+// 1.75 for BF16, 1.72 for FP8 and 2.61 for NVFP4 (nemotron_h_nvfp4_modelopt; the llama family's worst 1.75):
+// the logit error tracks u closely in all three formats. gain = 5, about twice the worst. For NVFP4 that is
+// loose (about 0.9 x max|logit|): it catches a broken cache (garbage, zeros, NaN), not a subtle error; the precise checks are tests/ops/kv_cache_test.cpp
 // (byte layout, attention equal to attention over the dequantized values) and, here, that one-token-per-step
 // decode and one whole prefill agree to float rounding (tol) over the same quantized cache. Each run must
 // also differ from the exact cache by more than tol (the format is really applied), and keep the argmax where
 // the reference's top-2 margin exceeds twice the tolerance (a near-tie the format may flip is skipped).
+// MoE fixtures are held to all of that except the tolerance and the argmax: top-k routing is discontinuous,
+// so a perturbation as small as BF16's switches an expert for some token and moves the logits by a step
+// unrelated to u (measured: qwen3_moe_nvfp4_modelopt 0.19 and qwen2_moe 0.14 with a BF16 cache, gains 18.8
+// and 13.2, about the same absolute jump as with FP8).
 struct KvDtypeCase {
     std::string name;
     double u;     // the format's relative error, as above
     double gain;  // measured worst gain x ~2 (above)
 };
 const std::vector<KvDtypeCase> kKvDtypes = {
-    {"bf16", 0x1p-8, 4.0}, {"fp8", 0x1p-4, 4.0}, {"nvfp4", (1 + 0x1p-4) / 6, 4.0}};
+    {"bf16", 0x1p-8, 5.0}, {"fp8", 0x1p-4, 5.0}, {"nvfp4", (1 + 0x1p-4) / 6, 5.0}};
 
 class GoldenKvDtype : public ::testing::TestWithParam<std::tuple<std::string, KvDtypeCase, int>> {};
 
@@ -290,13 +294,16 @@ TEST_P(GoldenKvDtype, StayWithinFormatTolerance) {
         ASSERT_TRUE(std::isfinite(got[i])) << "logit " << i;
         max_diff = std::max(max_diff, std::fabs(static_cast<double>(got[i]) - ref.logits[i]));
     }
-    EXPECT_LE(max_diff, tol) << "gain " << max_diff / (kv.u * std::max(1.0, max_abs));
+    const bool routed = name.find("moe") != std::string::npos;  // see above
+    if (!routed) {
+        EXPECT_LE(max_diff, tol) << "gain " << max_diff / (kv.u * std::max(1.0, max_abs));
+    }
     EXPECT_GT(max_diff, ref.tol) << "a quantized KV cache must differ from the exact one by more than rounding";
     int checked = 0;
     for (int64_t i = 0; i < ref.n; ++i) {
         std::vector<float> row(ref.logits.begin() + i * ref.vocab, ref.logits.begin() + (i + 1) * ref.vocab);
         std::partial_sort(row.begin(), row.begin() + 2, row.end(), std::greater<float>());
-        if (row[0] - row[1] <= 2 * tol) continue;  // a near-tie the format may legitimately flip
+        if (routed || row[0] - row[1] <= 2 * tol) continue;  // a near-tie the format may legitimately flip
         ++checked;
         EXPECT_EQ(argmax_row(got.data() + i * ref.vocab, ref.vocab),
                   argmax_row(ref.logits.data() + i * ref.vocab, ref.vocab))
