@@ -15,7 +15,17 @@ namespace nibble {
 
 namespace {
 
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+// "7.20 GiB", "512.00 KiB", "100 B": messages must say by how much at any scale.
+std::string bytes_text(int64_t bytes) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double b = static_cast<double>(bytes);
+    int u = 0;
+    while (std::fabs(b) >= 1024.0 && u < 4) {
+        b /= 1024.0;
+        ++u;
+    }
+    return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.2f} {}", b, units[u]);
+}
 
 std::string lower(std::string_view s) {
     std::string out(s);
@@ -142,19 +152,20 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
 
     p.usable_memory = static_cast<int64_t>(std::floor(o.gpu_memory_utilization * static_cast<double>(o.device_memory)));
     const int64_t fixed = p.weights_bytes + p.workspace_bytes() + p.mamba_state_bytes;
+    // "weights W + workspace X [+ Mamba state Y]" for the messages below.
+    const std::string fixed_text =
+        fmt::format("weights {} + workspace {}{}", bytes_text(p.weights_bytes), bytes_text(p.workspace_bytes()),
+                    p.mamba_state_bytes > 0 ? " + Mamba state " + bytes_text(p.mamba_state_bytes) : std::string());
     if (o.kv_cache_memory_bytes > 0) {
         p.kv_cache_bytes = o.kv_cache_memory_bytes;
         NIBBLE_CHECK(fixed + p.kv_cache_bytes <= o.device_memory,
-                     "the plan does not fit: weights {:.2f} GiB + workspace {:.2f} GiB + --kv-cache-memory-bytes "
-                     "{:.2f} GiB exceed the device's {:.2f} GiB by {:.2f} GiB",
-                     p.weights_bytes / kGiB, p.workspace_bytes() / kGiB, p.kv_cache_bytes / kGiB,
-                     o.device_memory / kGiB, (fixed + p.kv_cache_bytes - o.device_memory) / kGiB);
+                     "the plan does not fit: {} + --kv-cache-memory-bytes {} exceed the device's {} by {}", fixed_text,
+                     bytes_text(p.kv_cache_bytes), bytes_text(o.device_memory),
+                     bytes_text(fixed + p.kv_cache_bytes - o.device_memory));
     } else {
-        NIBBLE_CHECK(fixed < p.usable_memory,
-                     "the plan does not fit: weights {:.2f} GiB + workspace {:.2f} GiB exceed the usable {:.2f} GiB "
-                     "({} x {:.2f} GiB) by {:.2f} GiB",
-                     p.weights_bytes / kGiB, p.workspace_bytes() / kGiB, p.usable_memory / kGiB,
-                     o.gpu_memory_utilization, o.device_memory / kGiB, (fixed - p.usable_memory) / kGiB);
+        NIBBLE_CHECK(fixed < p.usable_memory, "the plan does not fit: {} exceed the usable {} ({} x {}) by {}",
+                     fixed_text, bytes_text(p.usable_memory), o.gpu_memory_utilization, bytes_text(o.device_memory),
+                     bytes_text(fixed - p.usable_memory));
         p.kv_cache_bytes = p.usable_memory - fixed;
     }
     p.kv_blocks = p.kv_cache_bytes / p.kv_block_bytes;
@@ -163,12 +174,10 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     if (p.kv_tokens < p.max_model_len) {
         const int64_t short_tokens = p.max_model_len - p.kv_tokens;
         fail("the plan does not fit: the KV cache ({} {}) holds {} tokens, {} fewer than one --max-model-len {} "
-             "sequence (about {:.2f} GiB more KV memory needed; lower --max-model-len, use a smaller "
-             "--kv-cache-dtype or raise --gpu-memory-utilization)",
-             p.kv_cache_bytes / kGiB < 0.01 ? fmt::format("{} bytes", p.kv_cache_bytes)
-                                            : fmt::format("{:.2f} GiB", p.kv_cache_bytes / kGiB),
-             kv_dtype_name(p.kv_dtype), p.kv_tokens, short_tokens, p.max_model_len,
-             static_cast<double>(short_tokens) * static_cast<double>(p.kv_bytes_per_token) / kGiB);
+             "sequence (about {} more KV memory needed; lower --max-model-len, use a smaller --kv-cache-dtype or "
+             "raise --gpu-memory-utilization)",
+             bytes_text(p.kv_cache_bytes), kv_dtype_name(p.kv_dtype), p.kv_tokens, short_tokens, p.max_model_len,
+             bytes_text(short_tokens * p.kv_bytes_per_token));
     }
     return p;
 }
