@@ -265,6 +265,7 @@ struct HttpServer::Impl {
         OutputOptions o;
         o.stop = r.stop;
         o.skip_special_tokens = r.skip_special_tokens;
+        o.tokens_as_ids = r.tokens_as_ids;
         for (int32_t id : r.generation.stop_token_ids) o.stop_token_ids.insert(id);
         if (!r.generation.ignore_eos)
             for (int32_t id : config.eos_token_ids) o.stop_token_ids.insert(id);
@@ -486,17 +487,15 @@ struct HttpServer::Impl {
                     }
                     events += "data: [DONE]\n\n";
                 }
-                if (!events.empty() && !sink.write(events.data(), events.size())) {
-                    // The client went away: free its sequences now.
-                    if (!g->done) engine.abort(g->id);
-                    return false;
-                }
+                if (!events.empty() && !sink.write(events.data(), events.size())) return false;  // releaser aborts
                 if (g->done) sink.done();
                 return true;
             },
             [this, g](bool success) {
                 if (!success && !g->done) {
+                    // The client went away: free its sequences now.
                     engine.abort(g->id);
+                    metrics.count_finished("abort");
                     log::info("{}: client disconnected, request aborted", g->id);
                 }
             });

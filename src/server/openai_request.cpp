@@ -168,6 +168,7 @@ void parse_common(const ojson& body, const RequestLimits& limits, CommonRequest&
     }
     g.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
     r.skip_special_tokens = get_bool(body, "skip_special_tokens").value_or(true);
+    r.tokens_as_ids = get_bool(body, "return_tokens_as_token_ids").value_or(false);
     r.stream = get_bool(body, "stream").value_or(false);
     if (const ojson* options = field(body, "stream_options")) {
         if (!options->is_object()) bad("stream_options", "'stream_options' must be an object");

@@ -34,6 +34,7 @@ struct CommonRequest {
     bool include_usage = false;         // stream_options.include_usage
     bool skip_special_tokens = true;
     bool logprobs = false;              // report logprobs of the chosen tokens
+    bool tokens_as_ids = false;         // vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
 };
 
 struct ChatRequest : CommonRequest {

@@ -63,6 +63,11 @@ void OutputProcessor::finish(ChoiceDelta& delta, const std::string& reason) {
     delta.finish_reason = (num_calls_ > 0 && reason != "abort") ? "tool_calls" : reason;
 }
 
+std::string OutputProcessor::token_text(int32_t id) const {
+    if (options_.tokens_as_ids) return "token_id:" + std::to_string(id);
+    return tokenizer_->decode(std::vector<uint32_t>{static_cast<uint32_t>(id)}, false);
+}
+
 ChoiceDelta OutputProcessor::process(const SequenceOutput& output) {
     ChoiceDelta delta;
     if (finished_) return delta;
@@ -71,12 +76,11 @@ ChoiceDelta OutputProcessor::process(const SequenceOutput& output) {
         ++num_tokens_;
         if (!output.logprobs.empty() && i < output.logprobs.size()) {
             TokenLogprobEntry e;
-            e.token = tokenizer_->decode(std::vector<uint32_t>{static_cast<uint32_t>(id)}, false);
+            e.token = token_text(id);
             e.logprob = output.logprobs[i];
             if (i < output.top_logprobs.size())
                 for (const auto& t : output.top_logprobs[i])
-                    e.top.emplace_back(tokenizer_->decode(std::vector<uint32_t>{static_cast<uint32_t>(t.token)}, false),
-                                       t.logprob);
+                    e.top.emplace_back(token_text(t.token), t.logprob);
             delta.logprobs.push_back(std::move(e));
         }
         // The token that ended the sequence (EOS, a stop id) is not part of the text.

@@ -23,6 +23,7 @@ struct OutputOptions {
     std::vector<std::string> stop;           // stop strings (the text is cut before the first one)
     std::set<int32_t> stop_token_ids;        // EOS and stop ids: their text is not part of the output
     bool skip_special_tokens = true;
+    bool tokens_as_ids = false;              // logprob tokens as "token_id:N" (vLLM's return_tokens_as_token_ids)
     std::optional<ReasoningParserKind> reasoning;
     std::string prompt_text;                 // the rendered prompt (reasoning start state)
     std::optional<ToolParserKind> tools;     // parse tool calls out of the content
@@ -64,6 +65,7 @@ public:
 private:
     void emit_text(std::string text, ChoiceDelta& delta, bool final);
     void finish(ChoiceDelta& delta, const std::string& reason);
+    std::string token_text(int32_t id) const;
 
     const tokenizer::Tokenizer* tokenizer_;
     OutputOptions options_;
