@@ -23,8 +23,9 @@ int main(int argc, char** argv) {
     nibble::cli::add_logits_command(app);
     nibble::cli::add_quantize_command(app);
     nibble::cli::add_tokenize_command(app);
-    nibble::cli::add_plan_command(app);
     nibble::cli::add_serve_command(app);
+    nibble::cli::add_plan_command(app);
+    nibble::cli::add_run_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "base/error.h"
+#include "tokenizer/tokenizer.h"
 
 namespace nibble::cli {
 
@@ -43,9 +44,27 @@ std::vector<std::vector<int32_t>> load_calibration_samples(const std::string& pa
                                                            int64_t max_tokens) {
     NIBBLE_CHECK(max_tokens > 0, "--calibration-max-tokens must be positive");
     if (path.size() >= 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0) return load_jsonl(path, max_tokens);
-    fail("--calibration-data {}: plain-text calibration needs {}'s tokenizer; pass token ids as a .jsonl file of "
-         "{{\"ids\": [...]}} lines",
-         path, model_dir);
+    // Plain text: samples are paragraphs (separated by blank lines), tokenized with the model's tokenizer.
+    std::ifstream in(path);
+    NIBBLE_CHECK(in.good(), "--calibration-data: cannot open {}", path);
+    const auto tok = tokenizer::Tokenizer::load(model_dir);
+    std::vector<std::vector<int32_t>> samples;
+    std::string line, paragraph;
+    auto flush = [&] {
+        if (paragraph.find_first_not_of(" \t\r\n") != std::string::npos) {
+            const auto ids = tok.encode(paragraph, true);
+            const size_t n = std::min(ids.size(), static_cast<size_t>(max_tokens));
+            samples.emplace_back(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n));
+        }
+        paragraph.clear();
+    };
+    while (std::getline(in, line)) {
+        if (line.find_first_not_of(" \t\r") == std::string::npos) flush();
+        else paragraph += line + "\n";
+    }
+    flush();
+    NIBBLE_CHECK(!samples.empty(), "--calibration-data {}: no text", path);
+    return samples;
 }
 
 }  // namespace nibble::cli

@@ -10,7 +10,8 @@ namespace nibble::cli {
 void add_logits_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
-void add_plan_command(CLI::App& app);
 void add_serve_command(CLI::App& app);
+void add_plan_command(CLI::App& app);
+void add_run_command(CLI::App& app);
 
 }  // namespace nibble::cli
