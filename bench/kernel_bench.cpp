@@ -1,5 +1,6 @@
-// nibble-kernel-bench: times the decode GEMV kernels (NVFP4 and BF16 weights, BF16 activations) at the
-// Llama-3.1-8B projection shapes for m = 1, 4, 16, against the card's measured device-to-device copy
+// nibble-kernel-bench: times the decode GEMV kernels (NVFP4 on the tensor cores, the previous CUDA-core
+// NVFP4 kernel, and BF16 weights; BF16 activations) at the Llama-3.1-8B projection shapes for m = 1, 4, 8,
+// 16, against the card's measured device-to-device copy
 // bandwidth. Method: random weights filled on the device (never zeros); several weight copies, together
 // at least 4x the L2 size, launched in turn so each launch streams its weights from HBM; a warm-up batch;
 // then >= 50 timed batches (CUDA events around one launch per copy), reporting the median time per launch.
@@ -200,7 +201,7 @@ int main(int argc, char** argv) {
                                 {"gate/up 14336x4096", 14336, 4096},
                                 {"down 4096x14336", 4096, 14336},
                                 {"lm_head 128256x4096", 128256, 4096}};
-        const int ms_list[] = {1, 4, 16};
+        const int ms_list[] = {1, 4, 8, 16};
         const int reps = 50;
         std::vector<Row> rows;
         uint64_t seed = 1234;
@@ -229,7 +230,9 @@ int main(int argc, char** argv) {
                 nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
                                               stream);
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-                for (int m : ms_list) {
+                for (int m : ms_list)
+                    for (int variant = 0; variant < (nvfp4 ? 2 : 1); ++variant) {  // nvfp4: 0 mma, 1 cuda-core
+                    const std::string format = !nvfp4 ? "bf16" : variant == 0 ? "nvfp4" : "nvfp4-v1";
                     size_t next = 0;
                     auto launch = [&] {
                         for (size_t c = 0; c < copies; ++c, ++next) {
@@ -237,7 +240,11 @@ int main(int argc, char** argv) {
                             if (nvfp4) {
                                 nibble::cuda::Nvfp4DeviceWeight dw{w[i].as<uint8_t>(), sc[i].as<uint8_t>(), 0.01f, s.n,
                                                                    s.k};
-                                nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
+                                if (variant == 0)
+                                    nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
+                                else
+                                    nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw, nullptr, y.get(),
+                                                                       stream);
                             } else {
                                 nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n, s.k, nullptr,
                                                         y.get(), stream);
@@ -247,21 +254,25 @@ int main(int argc, char** argv) {
                     const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
                     const double bytes = static_cast<double>(wbytes + sbytes) + 2.0 * m * (s.k + s.n);
                     const double gbps = bytes / (ms * 1e-3) / 1e9;
-                    rows.push_back({s.name, nvfp4 ? "nvfp4" : "bf16", m, ms * 1e3, gbps, gbps / copy_gbps});
-                    std::printf("%-20s %-6s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n", s.name,
-                                nvfp4 ? "nvfp4" : "bf16", m, copies, ms * 1e3, gbps, 100 * gbps / copy_gbps);
+                    rows.push_back({s.name, format, m, ms * 1e3, gbps, gbps / copy_gbps});
+                    std::printf("%-20s %-8s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n", s.name,
+                                format.c_str(), m, copies, ms * 1e3, gbps, 100 * gbps / copy_gbps);
                 }
             }
         }
 
-        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time |\n");
-        std::printf("|---|---|---|---|---|---|---|---|---|\n");
+        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : rows) {
             if (r.format != "nvfp4") continue;
-            const auto b = std::find_if(rows.begin(), rows.end(),
-                                        [&](const Row& o) { return o.format == "bf16" && o.shape == r.shape && o.m == r.m; });
-            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n", r.shape.c_str(), r.m, r.us,
-                        r.gbps, 100 * r.frac, b->us, b->gbps, 100 * b->frac, b->us / r.us);
+            auto find = [&](const char* f) {
+                return std::find_if(rows.begin(), rows.end(),
+                                    [&](const Row& o) { return o.format == f && o.shape == r.shape && o.m == r.m; });
+            };
+            const auto b = find("bf16"), v1 = find("nvfp4-v1");
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n", r.shape.c_str(),
+                        r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, b->us, b->gbps, 100 * b->frac,
+                        b->us / r.us);
         }
         std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);
         NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -3,9 +3,11 @@
 //
 // Tolerance, per output element: both sides compute y = sum_i w_i x_i (+ b) in float32, in different
 // orders. Each term passes through at most k + 32 roundings on either side (the CPU's dequantized weight
-// w_i = fl(e2m1 * e4m3 * global) one, its product one, accumulation chains of at most k; the device's
-// block sums of 16, the block-scale multiply, the per-lane chain over k / 512 chunks, 5 shuffle levels,
-// the final scale and the bias), so each is within gamma_(k+32) ~ (k + 32) u32 * S of the exact sum,
+// w_i = fl(e2m1 * e4m3 * global) one, its product one, accumulation chains of at most k; the NVFP4
+// device kernel's products are exact (bf16 e2m1 * scale and bf16 or exactly split F32 activations), its
+// sums run through the mma accumulators (at most k / 16 * 3 mma steps of 16 products each), the 8-warp
+// sum, the final scale and the bias; the BF16 kernel's per-lane chains, 5 shuffle levels and the bias),
+// so each is within gamma_(k+32) ~ (k + 32) u32 * S of the exact sum,
 // S = sum_i |w_i x_i| + |b|, and |device - cpu| <= 2 (k + 32) u32 S. A BF16 output adds its own rounding,
 // u_bf16 |y_device| <= u_bf16 (|y_cpu| + that bound).
 #include <gtest/gtest.h>
@@ -146,16 +148,19 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
 struct Shape {
     int64_t n, k;
 };
-// Odd row counts exercise the last partial group of rows; k = 32 is one chunk, 14336 the Llama MLP width.
-const Shape kShapes[] = {{1, 32}, {67, 4096}, {300, 2048}, {45, 14336}};
+// Odd row counts exercise the last partial 16-row tile; k = 32 is one 32-wide chunk, 96 / 160 / 4128 end
+// inside a warp's 8-chunk step (3, 5 and 129 chunks), 14336 is the Llama MLP width.
+const Shape kShapes[] = {{1, 32}, {17, 96}, {129, 160}, {67, 4096}, {33, 4128}, {300, 2048}, {45, 14336}};
 const int64_t kMs[] = {1, 2, 3, 4, 5, 8, 11, 16, 19};
+// The NVFP4 kernel pads m to 8 or 16 tokens: every m from 1 to 19 (19 = a 16-token launch and a 3-token one).
+const int64_t kAllMs[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
 
 TEST(LinearCuda, Nvfp4QuantizedWeights) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
     for (const auto& s : kShapes)
-        for (int64_t m : kMs)
+        for (int64_t m : kAllMs)
             for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1);
 }
 
@@ -163,7 +168,7 @@ TEST(LinearCuda, Nvfp4EveryCode) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
-    for (int64_t m : {1, 4, 16})
+    for (int64_t m : {1, 4, 8, 9, 16, 19})
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, m, bf16, false);
 }
 

@@ -1,18 +1,35 @@
-// Decode GEMV kernels: NVFP4 and BF16 weights, 1..16 activation rows, float32 accumulation on CUDA cores.
+// Decode GEMV kernels. NVFP4 weights: tensor cores (mma.sync m16n8k16, bf16 A/B, fp32 accumulation), 1..16
+// activation rows per launch. BF16 weights: CUDA cores, float32 accumulation.
 //
-// One warp owns R consecutive output rows at a time and sweeps k with 16-byte streaming loads (evict-
-// first, so the weights do not push the activations out of L1/L2); the loads of the next step are issued
-// before the current step's math (double buffering), so each lane keeps 2 x R x 16 bytes in flight.
-// Activations are re-read through L1 (__ldg) for each group of R rows: MT * 2 (BF16) or MT * 4 (F32) / R
-// bytes per weight element. Measured (docs/perf.md): the NVFP4 kernel is bound by instruction issue
-// (~5.3 SASS instructions a weight at m = 1), not by bytes, and m >= 4 belongs on the tensor cores.
+// NVFP4 (gemv_nvfp4_mma_kernel). A CTA owns 16 output rows (the M of the mma) and splits k over its 8 warps;
+// the warps' partial sums meet in shared memory. The weights are the A operand, the activations (up to 8
+// tokens, zero-padded) the B operand, so m = 1..8 costs one mma per 256 weights and m = 9..16 two: the
+// work per weight is the decode, not the FMAs. Lane (g = lane / 4, t = lane % 4) loads 16 bytes (32 codes)
+// of rows g and g + 8 at chunk t of each 4-chunk group, so the 4 lanes of a row read 64 contiguous bytes.
+// The k order inside an mma is a free permutation shared by A and B: lane t's four k slots {2t, 2t+1,
+// 2t+8, 2t+9} take codes (p, p+4) and (p+1, p+5) of one of its words (8 codes), which is the pairing the
+// integer decode below produces with one shift-and-mask per 16-bit half; the activations are permuted to
+// match (one byte permute per pair). Each A pair is multiplied by its block's E4M3 scale before the mma,
+// so blocks of 16 need no separate accumulators and an mma may mix blocks.
 //
-// NVFP4 decode in registers: a 32-bit word holds 8 E2M1 codes. Code s.eem placed as fp16 bits
-// s.00eem.000000000 is the fp16 number e2m1 * 2^-14 exactly (normals and the one subnormal code both
-// scale by 2^14), so integer byte arithmetic and byte permutes decode with no table.
-// Products are summed per block of 16 in float32, then multiplied by that block's E4M3 scale (decoded
-// exactly as float32 bits * 2^120) and added to the row's accumulator; 2^14 and the global scale are
-// applied once at the end.
+// Why bf16 and not fp16 for A/B: the activations arrive as BF16 (or F32). BF16 B is the loaded words as
+// they are; fp16 B would cost a conversion per activation and is exact only for 2^-14 <= |x| <= 65504, a
+// range nothing guarantees (SwiGLU outputs of some models pass 65504; small activations lose bits), and
+// an overflow is silent. On the weight side both are exact: an E2M1 value times a power of two has 2
+// significant bits, times an E4M3 scale 6, within bf16's 8 (and fp16's 11), and bf16's exponent range
+// holds every product below, so nothing rounds. The decode costs the same as the fp16 trick (~3 integer
+// operations per pair, plus one bf16x2 multiply for the scale, which fp16 would need too). F32 activations
+// enter as three bf16 parts x = hi + mid + lo (exact: 3 x 8 bits = float32's 24), three mmas into the same
+// accumulators, so F32 outputs keep float32 accuracy.
+//
+// Exact values along the way (s = the E4M3 scale):
+//   code s.eem placed as bf16 bits s.000000ee.m000000 = e2m1 * 2^-126 (0.5 is a bf16 subnormal, the rest
+//   normal); the scale as bf16 s * 2^118; their product e2m1 * s * 2^-8 lies in [2^-18, 10.5], a normal
+//   bf16 with <= 6 significant bits: exact (fma.rn.bf16x2 keeps subnormal inputs). The epilogue multiplies
+//   by 2^8 * global_scale.
+//
+// BF16 weights (gemv_bf16_kernel): one warp owns R consecutive output rows and sweeps k with 16-byte
+// streaming loads (evict-first), double-buffered; activations re-read through L1 per group of R rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -205,6 +222,218 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// ---- NVFP4 on the tensor cores ----
+
+constexpr int kMmaWarps = 8;  // warps splitting k for one 16-row tile
+constexpr int kMmaThreads = kMmaWarps * 32;
+
+// The 8 E2M1 codes of w (element e in bits 4e..4e+3) as 4 bf16x2 pairs (e, e + 4) for e = 0..3, each
+// e2m1 * 2^-126 exactly: sign to bit 15, eem to bits 8..6 of each half (one shift and mask per part).
+__device__ __forceinline__ void e2m1x8_to_bf16_pairs(uint32_t w, uint32_t (&p)[4]) {
+    constexpr uint32_t kMag = 0x01c001c0u, kSign = 0x80008000u;
+    p[0] = ((w << 6) & kMag) | ((w << 12) & kSign);
+    p[1] = ((w << 2) & kMag) | ((w << 8) & kSign);
+    p[2] = ((w >> 2) & kMag) | ((w << 4) & kSign);
+    p[3] = ((w >> 6) & kMag) | (w & kSign);
+}
+
+// E4M3 code (low 8 bits of b) as a bf16x2 pair (s * 2^118, s * 2^118), exactly: float32 placement gives
+// s * 2^-120 (subnormal codes too), two exact power-of-two multiplies give s * 2^118 (<= 2^127; zero stays
+// zero), and the high half of that float is the bf16 (s has <= 4 significant bits).
+__device__ __forceinline__ uint32_t e4m3_to_bf16x2_scaled(uint32_t b) {
+    const float f = __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20)) * 0x1p127f * 0x1p111f;
+    const uint32_t u = __float_as_uint(f);
+    return __byte_perm(u, 0u, 0x3232);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// bf16x2 of (lo, hi) rounded to nearest; and the floats a pair holds.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+__device__ __forceinline__ float bf16_lo(uint32_t p) { return __uint_as_float(p << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t p) { return __uint_as_float(p & 0xffff0000u); }
+
+// Activation operand of one chunk (32 consecutive k) for one token: BF16 as loaded, F32 as loaded (split
+// into bf16 parts when used).
+template <class XT>
+struct XChunk;
+template <>
+struct XChunk<__nv_bfloat16> {
+    static constexpr int kParts = 1;
+    uint4 v[4];
+    __device__ __forceinline__ void load(const __nv_bfloat16* p) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    }
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = make_uint4(0, 0, 0, 0);
+    }
+    // B pairs (x_{8j+q}, x_{8j+q+4}) for q = 0..3 of word j, part 0.
+    __device__ __forceinline__ void pairs(int j, uint32_t (&b)[kParts][4]) const {
+        const uint4 u = v[j];
+        b[0][0] = __byte_perm(u.x, u.z, 0x5410);
+        b[0][1] = __byte_perm(u.x, u.z, 0x7632);
+        b[0][2] = __byte_perm(u.y, u.w, 0x5410);
+        b[0][3] = __byte_perm(u.y, u.w, 0x7632);
+    }
+};
+template <>
+struct XChunk<float> {
+    static constexpr int kParts = 3;
+    float4 v[8];
+    __device__ __forceinline__ void load(const float* p) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __ldg(reinterpret_cast<const float4*>(p) + i);
+    }
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = make_float4(0, 0, 0, 0);
+    }
+    // x = hi + mid + lo exactly: each residual is exact in float32 and the last fits bf16's 8 bits.
+    __device__ __forceinline__ void pairs(int j, uint32_t (&b)[kParts][4]) const {
+        const float4 a = v[2 * j], c = v[2 * j + 1];
+        const float xs[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float lo = xs[q], hi = xs[q + 4];
+#pragma unroll
+            for (int part = 0; part < 3; ++part) {
+                const uint32_t p = pack_bf16x2(lo, hi);
+                b[part][q] = p;
+                lo -= bf16_lo(p), hi -= bf16_hi(p);
+            }
+        }
+    }
+};
+
+// y[m, n] = x[m, k] W^T for one 16-row tile per CTA, m <= 8 * NT. Step s of a warp covers chunks 8s + t
+// and 8s + 4 + t of rows g and g + 8 (lane t); the next step's weights load before this one's math.
+template <int NT, class XT>
+__global__ void __launch_bounds__(kMmaThreads)
+    gemv_nvfp4_mma_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
+                          const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
+                          XT* __restrict__ y, int64_t n) {
+    constexpr int P = XChunk<XT>::kParts;
+    __shared__ float red[kMmaWarps][NT * 8][16];  // [warp][token][row]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t chunks = k >> 5;
+    const int64_t steps = (chunks + 7) >> 3;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    // Rows past n repeat the last row (loaded, never stored).
+    const int64_t rb0 = min(row0 + g, n - 1) * chunks, rb1 = min(row0 + g + 8, n - 1) * chunks;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+    struct Stage {
+        uint4 q[2][2];        // [chunk][row g, g + 8]
+        uint32_t s[2][2];     // 2 scale codes each
+    };
+    auto load_stage = [&](int64_t step, Stage& st) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t c = step * 8 + h * 4 + t;
+            if (c < chunks) {
+                st.q[h][0] = __ldcs(wq + rb0 + c), st.q[h][1] = __ldcs(wq + rb1 + c);
+                st.s[h][0] = __ldcs(ws + rb0 + c), st.s[h][1] = __ldcs(ws + rb1 + c);
+            } else {  // past k: zero codes (value 0) and zero scales
+                st.q[h][0] = st.q[h][1] = make_uint4(0, 0, 0, 0);
+                st.s[h][0] = st.s[h][1] = 0;
+            }
+        }
+    };
+
+    Stage cur, nxt;
+    int64_t step = warp;
+    if (step < steps) load_stage(step, cur);
+    for (; step < steps; step += kMmaWarps) {
+        if (step + kMmaWarps < steps) load_stage(step + kMmaWarps, nxt);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t c = step * 8 + h * 4 + t;
+            XChunk<XT> xc[NT];
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                const int tok = i * 8 + g;
+                if (c < chunks && tok < m) xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
+                else xc[i].zero();
+            }
+            uint32_t sc[2][2];  // [row][block of the chunk]
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                sc[r][0] = e4m3_to_bf16x2_scaled(cur.s[h][r]);
+                sc[r][1] = e4m3_to_bf16x2_scaled(cur.s[h][r] >> 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {  // word j: codes 8j..8j+7, block j / 2
+                uint32_t pa[2][4];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    e2m1x8_to_bf16_pairs(word_of(cur.q[h][r], j), pa[r]);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) pa[r][q] = bf16x2_mul(pa[r][q], sc[r][j >> 1]);
+                }
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {
+                    if (i * 8 >= m) break;  // warp-uniform
+                    uint32_t b[P][4];
+                    xc[i].pairs(j, b);
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const uint32_t a[4] = {pa[0][2 * half], pa[1][2 * half], pa[0][2 * half + 1],
+                                               pa[1][2 * half + 1]};
+#pragma unroll
+                        for (int part = 0; part < P; ++part)
+                            mma_bf16_16816(acc[i], a, b[part][2 * half], b[part][2 * half + 1]);
+                    }
+                }
+            }
+        }
+        cur = nxt;
+    }
+
+    // Accumulator i: rows g (0, 1) and g + 8 (2, 3), tokens 8i + 2t (0, 2) and 8i + 2t + 1 (1, 3).
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        red[warp][i * 8 + 2 * t][g] = acc[i][0];
+        red[warp][i * 8 + 2 * t + 1][g] = acc[i][1];
+        red[warp][i * 8 + 2 * t][g + 8] = acc[i][2];
+        red[warp][i * 8 + 2 * t + 1][g + 8] = acc[i][3];
+    }
+    __syncthreads();
+    if (threadIdx.x < NT * 8 * 16) {
+        const int r = threadIdx.x & 15, tok = threadIdx.x >> 4;
+        const int64_t row = row0 + r;
+        if (tok < m && row < n) {
+            float s = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kMmaWarps; ++w) s += red[w][tok][r];
+            float out = s * out_scale;
+            if (bias) out += bias[row];
+            store_y(y + static_cast<int64_t>(tok) * n + row, out);
+        }
+    }
+}
+
 // y[m, n] = x[m, k] W^T, W BF16. Chunk c of a row: 32 bytes (elements 16c..16c+15) as two 16-byte loads.
 template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
@@ -302,6 +531,17 @@ void launch_nvfp4(const XT* x, int m, const Nvfp4DeviceWeight& w, const float* b
         out_scale, bias, y, w.n);
 }
 
+template <int NT, class XT>
+void launch_nvfp4_mma(const XT* x, int m, const Nvfp4DeviceWeight& w, const float* bias, XT* y, cudaStream_t stream) {
+    // 2^8 undoes the bf16 placement (e2m1 * 2^-126 times s * 2^118); exact, a power of two.
+    const float out_scale = w.global_scale * 256.0f;
+    const int64_t tiles = (w.n + 15) / 16;
+    if (tiles > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4: n = " + std::to_string(w.n) + " is too large");
+    gemv_nvfp4_mma_kernel<NT, XT><<<static_cast<unsigned>(tiles), kMmaThreads, 0, stream>>>(
+        x, m, w.k, reinterpret_cast<const uint4*>(w.packed), reinterpret_cast<const unsigned short*>(w.scales),
+        out_scale, bias, y, w.n);
+}
+
 template <int MT, class XT>
 void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, const float* bias, XT* y, int sms,
                  cudaStream_t stream) {
@@ -346,6 +586,22 @@ void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& 
     if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
     if ((reinterpret_cast<uintptr_t>(w.packed) % 16) != 0 || (reinterpret_cast<uintptr_t>(w.scales) % 2) != 0)
         throw std::invalid_argument("gemv_nvfp4: packed weights must be 16-byte aligned, scales 2-byte aligned");
+    if (m == 0 || w.n == 0) return;
+    auto body = [&]<class XT>() {
+        run_tiles<XT>(x, m, w.n, w.k, y, [&](const XT* xt, int mt, XT* yt) {
+            if (mt <= 8) launch_nvfp4_mma<1, XT>(xt, mt, w, bias, yt, stream);
+            else launch_nvfp4_mma<2, XT>(xt, mt, w, bias, yt, stream);
+        });
+    };
+    if (dtype == DType::F32) body.template operator()<float>();
+    else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
+                          void* y, cudaStream_t stream) {
+    check_common(x, dtype, m, y, w.n, w.k, "gemv_nvfp4");
+    if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
     if (m == 0 || w.n == 0) return;
     const int sms = current_sm_count();
     auto body = [&]<class XT>() {

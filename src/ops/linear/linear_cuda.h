@@ -1,5 +1,5 @@
 // CUDA launchers for the decode-side linear layer y[m, n] = x[m, k] W^T (+ bias): weight-only GEMV /
-// skinny GEMM for 1..16 activation rows (larger m runs in tiles of 16, streaming the weights again).
+// skinny GEMM for 1..16 activation rows (NVFP4 on the tensor cores) (larger m runs in tiles of 16, streaming the weights again).
 // Activations and outputs share one dtype, F32 or BF16; accumulation is float32. Plain C++ plus
 // cuda_runtime.h types: includable from host code.
 //
@@ -32,6 +32,11 @@ struct Nvfp4DeviceWeight {
 
 void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream);
+
+// The previous CUDA-core NVFP4 kernel, kept only so nibble-kernel-bench can time it beside the tensor-core
+// one on the same card (docs/perf.md); not for production use.
+void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
+                          void* y, cudaStream_t stream);
 
 //   w [n, k] BF16
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
