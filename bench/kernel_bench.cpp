@@ -241,7 +241,7 @@ int main(int argc, char** argv) {
                                 nibble::cuda::Nvfp4DeviceWeight dw{w[i].as<uint8_t>(), sc[i].as<uint8_t>(), 0.01f, s.n,
                                                                    s.k};
                                 if (variant == 0)
-                                    nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
+                                    nibble::cuda::gemv_nvfp4_mma(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
                                 else
                                     nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw, nullptr, y.get(),
                                                                        stream);

@@ -80,9 +80,11 @@ HostWeight random_bf16(std::mt19937_64& rng, int64_t n, int64_t k) {
 }
 
 enum class Kind { Nvfp4Quantized, Nvfp4Raw, Bf16 };
+// Which NVFP4 entry point: the dispatcher, or one of its two kernels forced.
+enum class Nvfp4Path { Dispatch, Mma, CudaCore };
 
 void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int64_t k, int64_t m, bool bf16_acts,
-              bool with_bias) {
+              bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch) {
     SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m) +
                  (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : ""));
     HostWeight h = kind == Kind::Nvfp4Quantized ? quantized_nvfp4(rng, n, k)
@@ -137,7 +139,9 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
         dq.upload(h.packed.data(), dq.bytes());
         ds.upload(h.scales.data(), ds.bytes());
         cuda::Nvfp4DeviceWeight dwt{dq.as<uint8_t>(), ds.as<uint8_t>(), w.scale, n, k};
-        cuda::gemv_nvfp4(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr);
+        auto* f = path == Nvfp4Path::Mma ? &cuda::gemv_nvfp4_mma
+                  : path == Nvfp4Path::CudaCore ? &cuda::gemv_nvfp4_cuda_core : &cuda::gemv_nvfp4;
+        f(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr);
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     }
     test::expect_close(y.download(), ref, tol,
@@ -162,6 +166,20 @@ TEST(LinearCuda, Nvfp4QuantizedWeights) {
     for (const auto& s : kShapes)
         for (int64_t m : kAllMs)
             for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1);
+}
+
+// Both kernels forced, whatever the dispatcher picks (it sends m = 1 to the CUDA-core kernel).
+TEST(LinearCuda, Nvfp4EachKernel) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (auto path : {Nvfp4Path::Mma, Nvfp4Path::CudaCore})
+        for (const auto& s : kShapes)
+            for (int64_t m : {1, 2, 9, 16})
+                for (bool bf16 : {false, true})
+                    run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1, path);
+    for (auto path : {Nvfp4Path::Mma, Nvfp4Path::CudaCore})
+        for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, 1, bf16, false, path);
 }
 
 TEST(LinearCuda, Nvfp4EveryCode) {

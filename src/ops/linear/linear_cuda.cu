@@ -568,6 +568,13 @@ void check_common(const void* x, DType dtype, int64_t m, const void* y, int64_t 
         throw std::invalid_argument(std::string(what) + ": x and y must be 16-byte aligned");
 }
 
+void check_nvfp4(const void* x, DType dtype, int64_t m, const void* y, const Nvfp4DeviceWeight& w) {
+    check_common(x, dtype, m, y, w.n, w.k, "gemv_nvfp4");
+    if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
+    if ((reinterpret_cast<uintptr_t>(w.packed) % 16) != 0 || (reinterpret_cast<uintptr_t>(w.scales) % 2) != 0)
+        throw std::invalid_argument("gemv_nvfp4: packed weights must be 16-byte aligned, scales 2-byte aligned");
+}
+
 template <class XT, class Launch>
 void run_tiles(const void* x, int64_t m, int64_t n, int64_t k, void* y, Launch&& launch) {
     const auto* xt = static_cast<const XT*>(x);
@@ -582,10 +589,20 @@ void run_tiles(const void* x, int64_t m, int64_t n, int64_t k, void* y, Launch&&
 
 void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream) {
-    check_common(x, dtype, m, y, w.n, w.k, "gemv_nvfp4");
-    if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
-    if ((reinterpret_cast<uintptr_t>(w.packed) % 16) != 0 || (reinterpret_cast<uintptr_t>(w.scales) % 2) != 0)
-        throw std::invalid_argument("gemv_nvfp4: packed weights must be 16-byte aligned, scales 2-byte aligned");
+    check_nvfp4(x, dtype, m, y, w);
+    if (m == 0 || w.n == 0) return;
+    // m = 1 below 65536 rows: the CUDA-core kernel measured 12-15% faster (docs/perf.md, version 2);
+    // the tensor-core kernel wins at lm_head size and at every m >= 4.
+    if (m == 1 && w.n < 65536) {
+        gemv_nvfp4_cuda_core(x, dtype, m, w, bias, y, stream);
+        return;
+    }
+    gemv_nvfp4_mma(x, dtype, m, w, bias, y, stream);
+}
+
+void gemv_nvfp4_mma(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
+                    cudaStream_t stream) {
+    check_nvfp4(x, dtype, m, y, w);
     if (m == 0 || w.n == 0) return;
     auto body = [&]<class XT>() {
         run_tiles<XT>(x, m, w.n, w.k, y, [&](const XT* xt, int mt, XT* yt) {
@@ -600,8 +617,7 @@ void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& 
 
 void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
                           void* y, cudaStream_t stream) {
-    check_common(x, dtype, m, y, w.n, w.k, "gemv_nvfp4");
-    if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
+    check_nvfp4(x, dtype, m, y, w);
     if (m == 0 || w.n == 0) return;
     const int sms = current_sm_count();
     auto body = [&]<class XT>() {

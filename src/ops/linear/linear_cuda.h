@@ -33,8 +33,10 @@ struct Nvfp4DeviceWeight {
 void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream);
 
-// The previous CUDA-core NVFP4 kernel, kept only so nibble-kernel-bench can time it beside the tensor-core
-// one on the same card (docs/perf.md); not for production use.
+// gemv_nvfp4 picks one of these two (same contract): the tensor-core kernel, and the CUDA-core kernel,
+// which measured faster only at m = 1 below lm_head size (docs/perf.md). Public for tests and the bench.
+void gemv_nvfp4_mma(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
+                    cudaStream_t stream);
 void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
                           void* y, cudaStream_t stream);
 
