@@ -28,6 +28,9 @@
 //   bf16 with <= 6 significant bits: exact (fma.rn.bf16x2 keeps subnormal inputs). The epilogue multiplies
 //   by 2^8 * global_scale.
 //
+// NVFP4 on CUDA cores (gemv_nvfp4_kernel, the first version): still faster at m = 1 below 65536 rows
+// (measured 12-15%, docs/perf.md), where gemv_nvfp4 sends it; integer E2M1 decode to fp16 bits, fp32 FMAs.
+//
 // BF16 weights (gemv_bf16_kernel): one warp owns R consecutive output rows and sweeps k with 16-byte
 // streaming loads (evict-first), double-buffered; activations re-read through L1 per group of R rows.
 #include <cuda_bf16.h>
