@@ -66,6 +66,12 @@ void apply_generation_config(const fs::path& dir, SamplingParams& params, std::s
     }
 }
 
+// Text may hold NUL bytes (a byte-level token can decode to one): write by size, not as a C string.
+void write_text(const std::string& text) {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+}
+
 void run_generate(const RunOptions& opt) {
     ThreadPool pool(opt.threads);
     auto tok = tokenizer::Tokenizer::load(opt.model_dir);
@@ -134,13 +140,11 @@ void run_generate(const RunOptions& opt) {
         if (generated == 0) t_first = clock::now();
         ++generated;
         if (!opt.ignore_eos && eos.count(next)) break;
-        std::fputs(detok.push(static_cast<uint32_t>(next)).c_str(), stdout);
-        std::fflush(stdout);
+        write_text(detok.push(static_cast<uint32_t>(next)));
         step.assign(1, next);
         if (pos >= max_len) break;
     }
-    std::fputs(detok.finish().c_str(), stdout);
-    std::fputc('\n', stdout);
+    write_text(detok.finish() + "\n");
     const auto t1 = clock::now();
     const double prefill_s = std::chrono::duration<double>(t_first - t0).count();
     const double decode_s = std::chrono::duration<double>(t1 - t_first).count();
