@@ -83,11 +83,7 @@ MemoryPlan make_plan(const ServeOptions& o, const Model& model, int64_t max_mode
     po.max_num_seqs = o.max_num_seqs;
     po.max_num_batched_tokens = o.max_num_batched_tokens.value_or(2048);
     po.block_size = o.block_size;
-    po.kv_cache_dtype = o.kv_cache_dtype == KvCacheDtype::Auto    ? "auto"
-                        : o.kv_cache_dtype == KvCacheDtype::Bf16  ? "bf16"
-                        : o.kv_cache_dtype == KvCacheDtype::Fp8   ? "fp8"
-                        : o.kv_cache_dtype == KvCacheDtype::Nvfp4 ? "nvfp4"
-                                                                  : "f32";
+    po.kv_cache_dtype = o.kv_cache_dtype;
     po.auto_kv_dtype = KvDtype::F32;
     po.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
     po.gpu_memory_utilization = o.gpu_memory_utilization;
@@ -163,10 +159,7 @@ void run_serve(const std::vector<std::string>& args) {
     ec.num_blocks = plan.kv_blocks;
     ec.enable_prefix_caching = o.enable_prefix_caching;
     ec.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
-    ec.kv_cache_dtype = plan.kv_dtype == KvDtype::F32 ? KvCacheDtype::F32
-                        : plan.kv_dtype == KvDtype::Bf16 ? KvCacheDtype::Bf16
-                        : plan.kv_dtype == KvDtype::Fp8  ? KvCacheDtype::Fp8
-                                                         : KvCacheDtype::Nvfp4;
+    ec.kv_cache_dtype = plan.kv_dtype;
     for (int32_t id : eos)
         if (id >= 0 && id < mc.vocab_size) ec.eos_token_ids.push_back(id);
 

@@ -59,7 +59,7 @@ struct Engine::Impl {
                      .max_num_batched_tokens = c.max_num_batched_tokens,
                      .num_state_slots = hybrid ? c.max_num_seqs : 0},
                     pool),
-          runner(m, c.num_blocks, c.block_size, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype),
+          runner(m, c.num_blocks, c.block_size, c.kv_cache_dtype, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype),
           vocab(m.config().vocab_size) {}
 
     Model& model;
@@ -373,8 +373,6 @@ Engine::Engine(Model& model, const EngineConfig& config) {
                  config.num_blocks);
     NIBBLE_CHECK(config.block_size > 0, "engine: block_size must be positive, got {}", config.block_size);
     NIBBLE_CHECK(config.max_model_len > 0, "engine: max_model_len must be positive, got {}", config.max_model_len);
-    NIBBLE_CHECK(config.kv_cache_dtype == KvCacheDtype::Auto || config.kv_cache_dtype == KvCacheDtype::F32,
-                 "engine: this KV cache dtype is not implemented by the CPU model runner yet (only auto/float32)");
     const int64_t vocab = model.config().vocab_size;
     for (int32_t id : config.eos_token_ids)
         NIBBLE_CHECK(id >= 0 && id < vocab, "engine: eos token id {} is outside the vocabulary [0, {})", id, vocab);

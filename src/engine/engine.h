@@ -11,13 +11,12 @@
 #include <vector>
 
 #include "engine/request.h"
+#include "ops/attention/kv_cache.h"
 #include "ops/ssm/ssm_state.h"
 
 namespace nibble {
 
 class Model;
-
-enum class KvCacheDtype { Auto, Bf16, Fp8, Nvfp4, F32 };
 
 struct EngineConfig {
     int64_t max_model_len = 4096;          // prompt + generated tokens per sequence
@@ -29,7 +28,7 @@ struct EngineConfig {
     // the engine turns prefix caching off for them, with a warning naming the architecture.
     bool enable_prefix_caching = true;
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state (vLLM's flag)
-    KvCacheDtype kv_cache_dtype = KvCacheDtype::Auto;
+    KvDtype kv_cache_dtype = KvDtype::F32;  // resolved by the memory plan ("auto" is not a dtype)
     std::vector<int32_t> eos_token_ids;    // end generation unless ignore_eos
 };
 

@@ -6,9 +6,9 @@
 
 namespace nibble {
 
-CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, int64_t num_state_slots,
-                               SsmStateDtype ssm_dtype)
-    : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size)) {
+CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, KvDtype kv_dtype,
+                               int64_t num_state_slots, SsmStateDtype ssm_dtype)
+    : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size, kv_dtype)) {
     const MambaStateShape shape = model.mamba_state_shape(ssm_dtype);
     if (!shape.empty())
         for (int64_t i = 0; i < num_state_slots; ++i) states_.emplace_back(shape);

@@ -34,7 +34,8 @@ class CpuModelRunner final : public ModelRunner {
 public:
     // A KV cache of num_blocks blocks of block_size tokens, shaped by the model.
     // Hybrid models also get num_state_slots recurrent states with the SSM part stored as ssm_dtype.
-    CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, int64_t num_state_slots = 0,
+    CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, KvDtype kv_dtype = KvDtype::F32,
+                   int64_t num_state_slots = 0,
                    SsmStateDtype ssm_dtype = SsmStateDtype::F32);
     int64_t vocab_size() const override { return model_.config().vocab_size; }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;

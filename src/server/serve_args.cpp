@@ -167,10 +167,10 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 o.enable_prefix_caching = false;
             } else if (name == "--kv-cache-dtype") {
                 const std::string v = value();
-                if (v == "auto") o.kv_cache_dtype = KvCacheDtype::Auto;
-                else if (v == "bf16" || v == "bfloat16") o.kv_cache_dtype = KvCacheDtype::Bf16;
-                else if (v == "fp8" || v == "fp8_e4m3") o.kv_cache_dtype = KvCacheDtype::Fp8;
-                else if (v == "nvfp4") o.kv_cache_dtype = KvCacheDtype::Nvfp4;
+                if (v == "auto") o.kv_cache_dtype = v;
+                else if (v == "bf16" || v == "bfloat16") o.kv_cache_dtype = "bf16";
+                else if (v == "fp8" || v == "fp8_e4m3") o.kv_cache_dtype = "fp8";
+                else if (v == "nvfp4") o.kv_cache_dtype = v;
                 else fail("--kv-cache-dtype must be auto, bf16, fp8 or nvfp4, got '{}'", v);
             } else if (name == "--mamba-ssm-cache-dtype") {
                 o.mamba_ssm_cache_dtype = parse_ssm_state_dtype(value());

@@ -23,7 +23,7 @@ struct ServeOptions {
     int64_t max_num_seqs = 256;
     std::optional<int64_t> max_num_batched_tokens;  // default: max(2048, max_model_len) is not assumed: 2048
     bool enable_prefix_caching = true;
-    KvCacheDtype kv_cache_dtype = KvCacheDtype::Auto;
+    std::string kv_cache_dtype = "auto";        // auto, bf16, fp8, nvfp4; resolved by the memory plan
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // --mamba-ssm-cache-dtype (hybrid models)
     double gpu_memory_utilization = 0.9;        // fraction of device memory nibble may use (CUDA backend)
     std::optional<int64_t> kv_cache_memory_bytes;  // KV cache size, overriding the plan

@@ -141,7 +141,7 @@ EngineConfig config_for(int64_t num_blocks = 64) {
                         .block_size = 16,
                         .num_blocks = num_blocks,
                         .enable_prefix_caching = true,
-                        .kv_cache_dtype = KvCacheDtype::Auto,
+                        .kv_cache_dtype = KvDtype::F32,
                         .eos_token_ids = {2}};
 }
 
@@ -225,6 +225,51 @@ TEST(Engine, GreedyIsTheSameAloneConcurrentUncachedAndPreempted) {
         if (!v.config.enable_prefix_caching) {
             EXPECT_EQ(st.prefix_cache_hits, 0);
         }
+    }
+}
+
+// Quantized KV caches (the CPU reference of what the CUDA kernels store): greedy output is the same for a
+// request alone and among 16 concurrent ones with chunked prefill (every token's K/V is quantized once, the
+// same way, whatever the batch), and the cache dtype really is in effect (logprobs differ from float32's).
+TEST(Engine, QuantizedKvCacheIsConsistentAcrossBatching) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    const auto prompts = sixteen_prompts(ref.tokens, ref.vocab);
+    const int64_t max_tokens = 6;
+    auto first_logprob = [&](KvDtype dtype) {
+        EngineConfig cfg = config_for();
+        cfg.kv_cache_dtype = dtype;
+        Engine engine(*fx.model, cfg);
+        Collector c;
+        GenerationRequest r = greedy("r", prompts[15], 1);
+        r.top_logprobs = 0;
+        engine.submit(r, c.sink());
+        run_to_end(engine);
+        return c.logprobs["r"][0].at(0);
+    };
+    const float f32 = first_logprob(KvDtype::F32);
+    for (KvDtype dtype : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+        EXPECT_NE(first_logprob(dtype), f32) << kv_dtype_name(dtype);
+        EngineConfig alone_cfg = config_for();
+        alone_cfg.kv_cache_dtype = dtype;
+        std::vector<std::vector<int32_t>> alone;
+        for (const auto& p : prompts) {
+            Engine engine(*fx.model, alone_cfg);
+            Collector c;
+            engine.submit(greedy("r", p, max_tokens), c.sink());
+            run_to_end(engine);
+            alone.push_back(c.tokens["r"][0]);
+        }
+        EngineConfig batched = alone_cfg;
+        batched.max_num_batched_tokens = 64;
+        batched.max_num_seqs = 8;
+        Engine engine(*fx.model, batched);
+        Collector c;
+        for (size_t i = 0; i < prompts.size(); ++i)
+            engine.submit(greedy(fmt::format("r{}", i), prompts[i], max_tokens), c.sink());
+        run_to_end(engine);
+        for (size_t i = 0; i < prompts.size(); ++i)
+            EXPECT_EQ(c.tokens[fmt::format("r{}", i)][0], alone[i]) << kv_dtype_name(dtype) << ", prompt " << i;
     }
 }
 

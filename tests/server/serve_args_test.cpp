@@ -24,7 +24,7 @@ TEST(ServeArgs, DefaultsAreVllms) {
     EXPECT_EQ(o.host, "127.0.0.1");
     EXPECT_EQ(o.port, 8000);
     EXPECT_TRUE(o.enable_prefix_caching);
-    EXPECT_EQ(o.kv_cache_dtype, KvCacheDtype::Auto);
+    EXPECT_EQ(o.kv_cache_dtype, "auto");
     EXPECT_DOUBLE_EQ(o.gpu_memory_utilization, 0.9);
     EXPECT_EQ(o.max_num_seqs, 256);
     EXPECT_EQ(o.block_size, 16);
@@ -46,7 +46,7 @@ TEST(ServeArgs, SupportedFlagsBothSpellings) {
     EXPECT_EQ(o.max_num_seqs, 512);
     EXPECT_EQ(o.max_num_batched_tokens, 8192);
     EXPECT_FALSE(o.enable_prefix_caching);
-    EXPECT_EQ(o.kv_cache_dtype, KvCacheDtype::Fp8);
+    EXPECT_EQ(o.kv_cache_dtype, "fp8");
     EXPECT_DOUBLE_EQ(o.gpu_memory_utilization, 0.85);
     EXPECT_EQ(o.kv_cache_memory_bytes, int64_t{4} << 30);
     EXPECT_EQ(o.reasoning_parser, "qwen3");
@@ -119,7 +119,7 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
     EXPECT_NE(error_of({"m", "--mamba-ssm-cache-dtype", "float16"}).find("--mamba-ssm-cache-dtype 'float16'"),
               std::string::npos);
     EXPECT_EQ(o.max_model_len, 262144);
-    EXPECT_EQ(o.kv_cache_dtype, KvCacheDtype::Fp8);
+    EXPECT_EQ(o.kv_cache_dtype, "fp8");
     EXPECT_EQ(o.reasoning_parser, "nemotron_v3");
     EXPECT_EQ(o.tool_call_parser, "qwen3_coder");
 }
