@@ -56,6 +56,9 @@ public:
     // Every linear layer bound from the checkpoint, in forward order (a tied lm_head is not listed: it is
     // the embedding table).
     virtual std::vector<const LinearWeight*> linear_weights() const = 0;
+    // fnmatch patterns of linear modules the architecture's published NVFP4 recipe keeps unquantized besides
+    // lm_head (NemotronH: attention layers and the Mamba layer feeding each); `nibble quantize` adds them.
+    virtual std::vector<std::string> default_quant_exclusions() const { return {}; }
     // nullptr to stop observing. The observer must outlive the forwards it sees.
     virtual void set_linear_input_observer(LinearInputObserver* observer) = 0;
 };

@@ -262,6 +262,21 @@ std::vector<const LinearWeight*> NemotronHModel::linear_weights() const {
     return all;
 }
 
+// ModelOpt's Nemotron-H NVFP4 recipe (Nemotron-3-Nano's model card) keeps every attention layer and the Mamba
+// layer right before it in BF16, as "<prefix>layers.{i}.mixer*" patterns.
+std::vector<std::string> NemotronHModel::default_quant_exclusions() const {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        const Layer& L = layers_[i];
+        const bool feeds_attention = i + 1 < layers_.size() && layers_[i + 1].kind == LayerKind::Attention;
+        if (L.kind == LayerKind::Attention || (L.kind == LayerKind::Mamba && feeds_attention)) {
+            const std::string& w = L.kind == LayerKind::Attention ? L.q.name : L.in_proj.name;  // ...mixer.q_proj
+            out.push_back(w.substr(0, w.rfind('.')) + "*");
+        }
+    }
+    return out;
+}
+
 int64_t NemotronHModel::weight_bytes() const {
     int64_t total = embed_.numel() * static_cast<int64_t>(dtype_size(embed_.dtype));
     for (const LinearWeight* w : linear_weights()) total += w->stored_bytes();

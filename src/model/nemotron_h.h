@@ -40,6 +40,7 @@ public:
     void forward(std::span<const ForwardSequence> seqs, KvCache& cache, std::vector<float>& logits) override;
     int64_t weight_bytes() const override;
     std::vector<const LinearWeight*> linear_weights() const override;
+    std::vector<std::string> default_quant_exclusions() const override;
     void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
 
 private:

@@ -2,6 +2,7 @@
 
 #include <fnmatch.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <filesystem>
@@ -145,8 +146,11 @@ std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, Thread
     std::map<std::string, const LinearWeight*> to_quantize;  // by "<module>.weight"
     std::vector<std::string> excluded_modules;
     std::set<std::string> used_patterns;
+    const std::vector<std::string> arch_exclude =
+        opt.architecture_exclusions ? model->default_quant_exclusions() : std::vector<std::string>{};
     for (const LinearWeight* w : model->linear_weights()) {
-        if (always_excluded(w->name)) {
+        const auto arch_match = [&](const std::string& p) { return ::fnmatch(p.c_str(), w->name.c_str(), 0) == 0; };
+        if (always_excluded(w->name) || std::any_of(arch_exclude.begin(), arch_exclude.end(), arch_match)) {
             excluded_modules.push_back(w->name);
             continue;
         }
@@ -164,6 +168,10 @@ std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, Thread
                      "{}: input dimension {} is not a multiple of {}, so it cannot be NVFP4; keep it unquantized "
                      "with --exclude {}",
                      w->name, w->n_in, kNvfp4BlockSize, w->name);
+        // transformers 5's stacked experts ("mixer.experts.up_proj[e]") have no tensor of their own.
+        NIBBLE_CHECK(ckpt.has(w->name + ".weight"),
+                     "{}: linear module has no tensor {}.weight in {}; nibble quantize needs one tensor per module",
+                     w->name, w->name, opt.src_dir);
         to_quantize[w->name + ".weight"] = w;
     }
     for (const auto& p : opt.exclude)

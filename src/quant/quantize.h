@@ -27,6 +27,9 @@ struct QuantizeOptions {
     // fnmatch patterns of linear modules kept unquantized; embeddings, norms and MoE routers (mlp.gate,
     // mlp.shared_expert_gate: quantize.cpp's kAlwaysExcluded) are never quantized.
     std::vector<std::string> exclude = {"lm_head"};
+    // Also keep unquantized what the architecture's published recipe does (Model::default_quant_exclusions():
+    // NemotronH's attention layers and the Mamba layers feeding them, as ModelOpt exports Nemotron-H).
+    bool architecture_exclusions = true;
     // Activation amax per linear module from calibration; modules absent use kDefaultInputScale.
     std::map<std::string, float> input_amax;
     uint64_t max_shard_bytes = 5ull << 30;
