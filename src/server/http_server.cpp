@@ -516,9 +516,13 @@ struct HttpServer::Impl {
                                "tool_choice");
             parser = config.tool_call_parser;
         }
-        const std::string prompt = render(r, r.messages, r.tools);
+        std::string prompt = render(r, r.messages, r.tools);
+        // required / named: the prompt ends with the opening of a call, so the model writes one (no grammar).
+        std::string forced;
+        if (parser && (r.tool_choice == ToolChoice::Required || r.tool_choice == ToolChoice::Named))
+            forced = forced_call_prefix(*parser, r.tool_choice == ToolChoice::Named ? r.tool_choice_name : "");
         GenerationRequest gen = r.generation;
-        gen.prompt = encode(prompt, false);
+        gen.prompt = encode(prompt + forced, false);
         if (gen.prompt.empty()) throw ApiError(400, "the rendered prompt is empty", "messages");
         fit_context(r, gen.prompt.size());
         gen.max_tokens = r.generation.max_tokens;
@@ -537,6 +541,7 @@ struct HttpServer::Impl {
         options.tools = parser;
         if (r.tools) options.tool_defs = *r.tools;
         if (r.tool_choice == ToolChoice::Named) options.only_tool = r.tool_choice_name;
+        options.forced_prefix = forced;
         for (int i = 0; i < gen.n; ++i) g->processors.emplace_back(tok, options);
         g->choices.resize(static_cast<size_t>(gen.n));
         g->completion_offsets.assign(static_cast<size_t>(gen.n), 0);

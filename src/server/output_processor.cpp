@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "base/error.h"
+
 namespace nibble::server {
 
 namespace {
@@ -20,11 +22,15 @@ size_t utf8_boundary(const std::string& s, size_t pos) {
 OutputProcessor::OutputProcessor(const tokenizer::Tokenizer& tokenizer, OutputOptions options)
     : tokenizer_(&tokenizer), options_(std::move(options)), detokenizer_(tokenizer, options_.skip_special_tokens) {
     for (const auto& s : options_.stop) max_stop_ = std::max(max_stop_, s.size());
-    if (options_.reasoning) reasoning_.emplace(*options_.reasoning, options_.prompt_text);
-    if (options_.tools) tool_parser_.emplace(*options_.tools, options_.tool_defs);
+    NIBBLE_CHECK(options_.forced_prefix.empty() || options_.tools, "a forced tool-call prefix needs a tool-call parser");
+    if (options_.reasoning && options_.forced_prefix.empty()) reasoning_.emplace(*options_.reasoning, options_.prompt_text);
+    if (options_.tools) {
+        tool_parser_.emplace(*options_.tools, options_.tool_defs);
+        if (!options_.forced_prefix.empty()) tool_parser_->begin_forced(options_.forced_prefix);
+    }
 }
 
-void OutputProcessor::emit_text(std::string text, ChoiceDelta& delta, bool final) {
+void OutputProcessor::emit_text(std::string text, ChoiceDelta& delta, bool final, bool truncated) {
     std::string content;
     if (reasoning_) {
         ReasoningDelta r = reasoning_->push(text);
@@ -41,7 +47,7 @@ void OutputProcessor::emit_text(std::string text, ChoiceDelta& delta, bool final
     if (tool_parser_) {
         ToolDelta t = tool_parser_->push(content);
         if (final) {
-            ToolDelta f = tool_parser_->finish();
+            ToolDelta f = tool_parser_->finish(truncated);
             t.content += f.content;
             for (auto& c : f.calls) t.calls.push_back(std::move(c));
         }
@@ -58,7 +64,7 @@ void OutputProcessor::emit_text(std::string text, ChoiceDelta& delta, bool final
 
 void OutputProcessor::finish(ChoiceDelta& delta, const std::string& reason) {
     finished_ = true;
-    emit_text(std::move(held_), delta, true);
+    emit_text(std::move(held_), delta, true, reason == "length");
     held_.clear();
     delta.finish_reason = (num_calls_ > 0 && reason != "abort") ? "tool_calls" : reason;
 }

@@ -29,6 +29,9 @@ struct OutputOptions {
     std::optional<ToolParserKind> tools;     // parse tool calls out of the content
     nlohmann::ordered_json tool_defs;        // the request's tools (parameter types)
     std::string only_tool;                   // named tool_choice: calls of other functions are dropped
+    std::string forced_prefix;               // tool_choice required/named: the call opening the prompt ends
+                                             // with (forced_call_prefix); parsed first, never content; the
+                                             // output is then not split into reasoning (it is a call)
 };
 
 struct TokenLogprobEntry {
@@ -63,7 +66,7 @@ public:
     bool called_tools() const { return num_calls_ > 0; }
 
 private:
-    void emit_text(std::string text, ChoiceDelta& delta, bool final);
+    void emit_text(std::string text, ChoiceDelta& delta, bool final, bool truncated = false);
     void finish(ChoiceDelta& delta, const std::string& reason);
     std::string token_text(int32_t id) const;
 

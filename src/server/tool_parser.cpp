@@ -71,9 +71,28 @@ ToolParserKind tool_parser_kind(const std::string& name) {
     fail("--tool-call-parser {} is not supported (supported: hermes, qwen3_coder)", name);
 }
 
+std::string forced_call_prefix(ToolParserKind kind, const std::string& function) {
+    std::string prefix = std::string(kOpen) + "\n";
+    if (kind == ToolParserKind::Hermes) {
+        if (!function.empty()) prefix += "{\"name\": " + ojson(function).dump() + ", \"arguments\": ";
+        return prefix;
+    }
+    prefix += "<function=";
+    if (!function.empty()) prefix += function + ">\n";
+    return prefix;
+}
+
 ToolCallParser::ToolCallParser(ToolParserKind kind, ojson tools) : kind_(kind), tools_(std::move(tools)) {}
 
-std::optional<std::vector<ParsedToolCall>> ToolCallParser::parse_body(std::string_view body) const {
+void ToolCallParser::begin_forced(std::string_view prefix) {
+    NIBBLE_CHECK(prefix.substr(0, kOpen.size()) == kOpen && pending_.empty() && !in_call_ && !any_call_,
+                 "tool-call parser: a forced prefix must open a call before any output (got '{}')", prefix);
+    in_call_ = true;
+    pending_ = prefix.substr(kOpen.size());
+    forced_body_ = pending_.size();
+}
+
+std::optional<std::vector<ParsedToolCall>> ToolCallParser::parse_body(std::string_view body, bool truncated) const {
     std::vector<ParsedToolCall> calls;
     if (kind_ == ToolParserKind::Hermes) {
         ojson call;
@@ -109,6 +128,7 @@ std::optional<std::vector<ParsedToolCall>> ToolCallParser::parse_body(std::strin
         const std::string name(trim(rest.substr(fn + kFn.size(), name_end - fn - kFn.size())));
         if (name.empty()) return std::nullopt;
         size_t fn_end = rest.find(kFnEnd, name_end);
+        if (truncated && fn_end == std::string_view::npos) return std::nullopt;
         std::string_view inner = rest.substr(name_end + 1, fn_end == std::string_view::npos ? std::string_view::npos
                                                                                             : fn_end - name_end - 1);
         ojson args = ojson::object();
@@ -150,7 +170,7 @@ void ToolCallParser::emit_content(ToolDelta& out, std::string text) {
     out.content += text;
 }
 
-void ToolCallParser::drain(ToolDelta& out, bool final) {
+void ToolCallParser::drain(ToolDelta& out, bool final, bool truncated) {
     for (;;) {
         if (!in_call_) {
             const size_t open = pending_.find(kOpen);
@@ -175,15 +195,20 @@ void ToolCallParser::drain(ToolDelta& out, bool final) {
         const size_t close = pending_.find(kClose);
         if (close == std::string::npos && !final) return;
         const std::string body = pending_.substr(0, close);
-        auto calls = parse_body(body);
+        auto calls = parse_body(body, truncated && close == std::string::npos);
         if (calls) {
             for (auto& c : *calls) out.calls.push_back(std::move(c));
             any_call_ = true;
+        } else if (forced_body_ > 0) {
+            // A forced call that does not parse: only what the model wrote is content, not the prompt's part.
+            out.content += body.substr(std::min(forced_body_, body.size()));
+            if (close != std::string::npos) out.content += kClose;
         } else {
             // Not a call after all: the text goes out as the model wrote it.
             std::string raw = std::string(kOpen) + body + (close == std::string::npos ? "" : std::string(kClose));
             out.content += raw;
         }
+        forced_body_ = 0;
         pending_.erase(0, close == std::string::npos ? pending_.size() : close + kClose.size());
         in_call_ = false;
         if (final && pending_.empty()) return;
@@ -193,13 +218,13 @@ void ToolCallParser::drain(ToolDelta& out, bool final) {
 ToolDelta ToolCallParser::push(std::string_view text) {
     pending_ += text;
     ToolDelta out;
-    drain(out, false);
+    drain(out, false, false);
     return out;
 }
 
-ToolDelta ToolCallParser::finish() {
+ToolDelta ToolCallParser::finish(bool truncated) {
     ToolDelta out;
-    drain(out, true);
+    drain(out, true, truncated);
     return out;
 }
 

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import OpenAI from 'openai';
-import { CANNED } from './canned.mjs';
+import { CANNED, OPENINGS } from './canned.mjs';
 
 const MAIN = process.env.NIBBLE_MAIN;
 const CODER = process.env.NIBBLE_CODER;
@@ -233,7 +233,7 @@ test('reasoning (qwen3 parser) is split into reasoning_content, also streamed', 
   assert.equal(s.content, 'The answer is sunny.');
 });
 
-test('tool calls (hermes parser): auto, none, named; whole and streamed', async () => {
+test('tool calls (hermes parser): auto, none; whole and streamed', async () => {
   const params = { model: MODEL, messages: user('Weather in Paris?'), tools: TOOLS, max_tokens: 1, logit_bias: { [IDS.hermes]: 100 } };
   const r = await main.chat.completions.create(params);
   const msg = r.choices[0].message;
@@ -252,17 +252,57 @@ test('tool calls (hermes parser): auto, none, named; whole and streamed', async 
   const none = await main.chat.completions.create({ ...params, tool_choice: 'none' });
   assert.equal(none.choices[0].message.content, CANNED.hermes);
   assert.ok(!none.choices[0].message.tool_calls?.length);
-  // Named choice keeps calls of that function only.
-  const named = await main.chat.completions.create({ ...params, tool_choice: { type: 'function', function: { name: 'get_weather' } } });
-  assert.equal(named.choices[0].message.tool_calls[0].function.name, 'get_weather');
-  const other = await main.chat.completions.create({ ...params, tool_choice: { type: 'function', function: { name: 'get_time' } } });
-  assert.ok(!other.choices[0].message.tool_calls?.length);
   // A follow-up turn carrying the call and its result renders and runs.
   const follow = await main.chat.completions.create({
     model: MODEL, tools: TOOLS, max_tokens: 2, temperature: 0,
     messages: [...user('Weather in Paris?'), msg, { role: 'tool', tool_call_id: msg.tool_calls[0].id, content: 'sunny' }],
   });
   assert.equal(follow.choices[0].message.role, 'assistant');
+});
+
+// tool_choice required / named: the prompt ends with the opening of a call (OPENINGS), and logit_bias makes
+// the model write exactly the rest of the canned call; the response must carry the whole call.
+async function expectForcedCall(client, params, opening, what) {
+  const r = await client.chat.completions.create(params);
+  // The prompt the model saw is the rendered chat plus the opening: count it through /tokenize.
+  const base = client === main ? MAIN : CODER;
+  const auth = client === main ? {} : { authorization: `Bearer ${KEY}` };
+  const rendered = await post(base, '/tokenize', { model: MODEL, messages: params.messages, tools: params.tools }, auth);
+  const text = (await post(base, '/detokenize', { model: MODEL, tokens: rendered.json.tokens }, auth)).json.prompt;
+  const withOpening = await post(base, '/tokenize', { model: MODEL, prompt: text + opening, add_special_tokens: false }, auth);
+  assert.equal(r.usage.prompt_tokens, withOpening.json.count, what);
+  assert.ok(withOpening.json.count > rendered.json.count, what);
+  assert.equal(r.choices[0].finish_reason, 'tool_calls', what);
+  assert.equal(r.choices[0].message.content, null, what);
+  assert.equal(r.choices[0].message.tool_calls.length, 1, what);
+  assert.equal(r.choices[0].message.tool_calls[0].function.name, 'get_weather', what);
+  assert.deepEqual(JSON.parse(r.choices[0].message.tool_calls[0].function.arguments), { city: 'Paris', days: 3 }, what);
+  const s = await streamChat(client, params);
+  assert.equal(s.finish, 'tool_calls', what);
+  assert.equal(s.content, '', what);
+  assert.equal(s.toolCalls.length, 1, what);
+  assert.equal(s.toolCalls[0].name, 'get_weather', what);
+  assert.deepEqual(JSON.parse(s.toolCalls[0].arguments), { city: 'Paris', days: 3 }, what);
+}
+
+// Cut off after one token that does not finish the call: finish length, no call, only the model's text.
+async function expectCutOffCall(client, params, opening, what) {
+  const r = await client.chat.completions.create({ ...params, max_tokens: 1, temperature: 0, ignore_eos: true, logprobs: true });
+  const c = r.choices[0];
+  assert.equal(c.finish_reason, 'length', what);
+  assert.ok(!c.message.tool_calls?.length, what);
+  assert.equal(c.message.content ?? '', c.logprobs.content[0].token, what);
+  assert.ok(!(c.message.content ?? '').includes(opening), what);
+}
+
+const WEATHER = { type: 'function', function: { name: 'get_weather' } };
+
+test('tool_choice required and named (hermes): the prompt opens the call, the model completes it', async () => {
+  const base = { model: MODEL, messages: user('Weather in Paris?'), tools: TOOLS, max_tokens: 1 };
+  await expectForcedCall(main, { ...base, tool_choice: 'required', logit_bias: { [IDS.hermes_required]: 100 } }, OPENINGS.hermes_required, 'required');
+  await expectForcedCall(main, { ...base, tool_choice: WEATHER, logit_bias: { [IDS.hermes_named]: 100 } }, OPENINGS.hermes_named, 'named');
+  await expectCutOffCall(main, { ...base, tool_choice: 'required' }, OPENINGS.hermes_required, 'required, cut off');
+  await expectCutOffCall(main, { ...base, tool_choice: WEATHER }, OPENINGS.hermes_named, 'named, cut off');
 });
 
 test('every bad input gets an OpenAI error object and the right 4xx', async () => {
@@ -283,6 +323,8 @@ test('every bad input gets an OpenAI error object and the right 4xx', async () =
     [{ model: MODEL, messages: user('x'), logit_bias: { 99999: 1 } }, 400, 'logit_bias'],
     [{ model: MODEL, messages: user('x'), stream_options: { include_usage: true } }, 400, 'stream_options'],
     [{ model: MODEL, messages: user('x'), tool_choice: 'required' }, 400, 'tool_choice'],
+    [{ model: MODEL, messages: user('x'), tool_choice: WEATHER }, 400, 'tool_choice'],
+    [{ model: MODEL, messages: user('x'), tools: TOOLS, tool_choice: { type: 'function', function: { name: 'nope' } } }, 400, 'tool_choice'],
     [{ model: MODEL, messages: user('x'.repeat(400)) }, 400, 'messages'],
   ];
   for (const [body, status, param] of cases) {
@@ -424,6 +466,15 @@ test('tool calls (qwen3_coder parser) with schema-typed parameters', async () =>
   assert.deepEqual(JSON.parse(s.toolCalls[0].arguments), { city: 'Paris', days: 3 });
 });
 
+test('tool_choice required and named (qwen3_coder): the prompt opens the call, the model completes it', async () => {
+  // deepseek_r1 would start the output in reasoning; a forced call is not thought, so no <think></think>.
+  const base = { model: MODEL, messages: user('Weather?'), tools: TOOLS, max_tokens: 1 };
+  await expectForcedCall(coder, { ...base, tool_choice: 'required', logit_bias: { [IDS.coder_required]: 100 } }, OPENINGS.coder_required, 'required');
+  await expectForcedCall(coder, { ...base, tool_choice: WEATHER, logit_bias: { [IDS.coder_named]: 100 } }, OPENINGS.coder_named, 'named');
+  await expectCutOffCall(coder, { ...base, tool_choice: 'required' }, OPENINGS.coder_required, 'required, cut off');
+  await expectCutOffCall(coder, { ...base, tool_choice: WEATHER }, OPENINGS.coder_named, 'named, cut off');
+});
+
 test('reasoning (deepseek_r1 parser) starts in the thought', async () => {
   const params = { model: MODEL, messages: user('2+2?'), max_tokens: 1, logit_bias: { [IDS.r1]: 100 } };
   const r = await coder.chat.completions.create(params);
@@ -444,4 +495,10 @@ test('the built-in tiny model serves chat', async () => {
   assert.equal(typeof r.choices[0].message.content, 'string');
   assert.ok(['stop', 'length'].includes(r.choices[0].finish_reason));
   assert.ok(r.usage.completion_tokens >= 1);
+  // No --tool-call-parser: required and named choices cannot be made to work, so they are refused.
+  for (const tool_choice of ['required', WEATHER]) {
+    const bad = await post(DEFAULT, '/v1/chat/completions', { messages: user('x'), tools: TOOLS, tool_choice });
+    assert.equal(bad.status, 400, bad.text);
+    assert.equal(bad.json.error.param, 'tool_choice');
+  }
 });

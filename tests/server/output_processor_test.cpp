@@ -102,5 +102,36 @@ TEST(OutputProcessor, ReasoningAndToolCallsThroughTheTokenizer) {
     EXPECT_EQ(r.finish, "tool_calls");
 }
 
+TEST(OutputProcessor, ForcedToolCallPrefixIsParsedNotOutput) {
+    // tool_choice named: the prompt ended with the call's opening; the model writes the rest. deepseek_r1
+    // would start the output in reasoning, but a forced call is not thought.
+    const std::string call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                             "</function>\n</tool_call>";
+    OutputOptions o;
+    o.reasoning = ReasoningParserKind::DeepSeekR1;
+    o.tools = ToolParserKind::Qwen3Coder;
+    o.forced_prefix = forced_call_prefix(ToolParserKind::Qwen3Coder, "get_weather");
+    o.only_tool = "get_weather";
+    ASSERT_EQ(call.substr(0, o.forced_prefix.size()), o.forced_prefix);
+    const auto rest = ids_of(call.substr(o.forced_prefix.size()));
+    for (size_t step : {1, 4, 100}) {
+        const Result r = feed(rest, o, step, FinishReason::Stop);
+        EXPECT_EQ(r.content, "");
+        EXPECT_EQ(r.reasoning, "");
+        ASSERT_EQ(r.calls.size(), 1u);
+        EXPECT_EQ(r.calls[0].name, "get_weather");
+        EXPECT_EQ(nlohmann::json::parse(r.calls[0].arguments), nlohmann::json::parse(R"({"city": "Paris"})"));
+        EXPECT_EQ(r.finish, "tool_calls");
+        // Cut off by max_tokens before the call closes: finish length, no call, only the model's text.
+        const std::vector<int32_t> cut(rest.begin(), rest.begin() + static_cast<long>(rest.size() / 2));
+        std::vector<uint32_t> u(cut.begin(), cut.end());
+        ASSERT_EQ(fixture_tokenizer().decode(u).find("</function>"), std::string::npos);
+        const Result c = feed(cut, o, step, FinishReason::Length);
+        EXPECT_EQ(c.finish, "length");
+        EXPECT_TRUE(c.calls.empty());
+        EXPECT_EQ(c.content, fixture_tokenizer().decode(u));
+    }
+}
+
 }  // namespace
 }  // namespace nibble::server

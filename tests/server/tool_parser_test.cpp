@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <random>
+#include <tuple>
 
 #include "base/error.h"
 #include "server/tool_parser.h"
@@ -20,20 +21,24 @@ struct Parsed {
     std::vector<ParsedToolCall> calls;
 };
 
-Parsed run(ToolParserKind kind, const ojson& tools, const std::vector<std::string>& pieces) {
+Parsed run(ToolParserKind kind, const ojson& tools, const std::vector<std::string>& pieces,
+           const std::string& forced = "", bool truncated = false) {
     ToolCallParser p(kind, tools);
+    if (!forced.empty()) p.begin_forced(forced);
     Parsed out;
     auto take = [&](ToolDelta d) {
         out.content += d.content;
         for (auto& c : d.calls) out.calls.push_back(std::move(c));
     };
     for (const auto& piece : pieces) take(p.push(piece));
-    take(p.finish());
+    take(p.finish(truncated));
     return out;
 }
 
+// `forced`: the prompt ended with this call opening, so `output` is only what the model wrote after it.
 void expect_parse(ToolParserKind kind, const ojson& tools, const std::string& output, const std::string& content,
-                  const std::vector<std::pair<std::string, ojson>>& calls) {
+                  const std::vector<std::pair<std::string, ojson>>& calls, const std::string& forced = "",
+                  bool truncated = false) {
     auto check = [&](const Parsed& got, const std::string& what) {
         EXPECT_EQ(got.content, content) << what;
         ASSERT_EQ(got.calls.size(), calls.size()) << what;
@@ -42,10 +47,10 @@ void expect_parse(ToolParserKind kind, const ojson& tools, const std::string& ou
             EXPECT_EQ(ojson::parse(got.calls[i].arguments), calls[i].second) << what;
         }
     };
-    check(run(kind, tools, {output}), "whole");
+    check(run(kind, tools, {output}, forced, truncated), "whole");
     std::vector<std::string> bytes;
     for (char c : output) bytes.emplace_back(1, c);
-    check(run(kind, tools, bytes), "byte by byte");
+    check(run(kind, tools, bytes, forced, truncated), "byte by byte");
     std::mt19937 rng(99);
     for (int trial = 0; trial < 200; ++trial) {
         std::vector<std::string> pieces;
@@ -55,7 +60,7 @@ void expect_parse(ToolParserKind kind, const ojson& tools, const std::string& ou
             pieces.push_back(output.substr(at, n));
             at += n;
         }
-        check(run(kind, tools, pieces), "trial " + std::to_string(trial));
+        check(run(kind, tools, pieces, forced, truncated), "trial " + std::to_string(trial));
         if (::testing::Test::HasFailure()) return;
     }
 }
@@ -107,6 +112,70 @@ TEST(ToolParser, Qwen3CoderMultilineValueAndTwoCalls) {
     expect_parse(ToolParserKind::Qwen3Coder, nullptr, out, "",
                  {{"write_file", {{"path", "main.py"}, {"content", "def main():\n    print(\"hi\")\n"}}},
                   {"run", {{"cmd", "python main.py"}}}});
+}
+
+// Calls as the model cards write them (Qwen's function-calling guide; Qwen3-Coder's chat template).
+const std::string kHermesCall =
+    "<tool_call>\n{\"name\": \"get_current_temperature\", \"arguments\": {\"location\": \"San Francisco, CA, USA\"}}\n"
+    "</tool_call>";
+const std::string kCoderCall =
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>";
+
+TEST(ToolParser, ForcedPrefixOpensTheModelCardsCall) {
+    // tool_choice required / named: the prompt suffix must be the start of what the model would write.
+    for (const auto& [kind, call, name] :
+         {std::tuple{ToolParserKind::Hermes, kHermesCall, std::string("get_current_temperature")},
+          std::tuple{ToolParserKind::Qwen3Coder, kCoderCall, std::string("get_weather")}}) {
+        const std::string required = forced_call_prefix(kind, "");
+        const std::string named = forced_call_prefix(kind, name);
+        EXPECT_EQ(call.substr(0, required.size()), required);
+        EXPECT_EQ(call.substr(0, named.size()), named);
+        // The named prefix carries the name and stops before the arguments.
+        EXPECT_GT(named.size(), required.size() + name.size());
+        EXPECT_EQ(call.find(name), named.find(name));
+        EXPECT_EQ(named.find(kind == ToolParserKind::Hermes ? "{\"location\"" : "<parameter="), std::string::npos);
+    }
+    // A name that JSON must escape is escaped: the prefix plus arguments is valid JSON with that name.
+    const std::string odd = "say \"hi\"\\now";
+    const std::string p = forced_call_prefix(ToolParserKind::Hermes, odd);
+    EXPECT_EQ(ojson::parse(p.substr(std::string("<tool_call>").size()) + "{}}").at("name"), odd);
+}
+
+TEST(ToolParser, ForcedPrefixParsedWithTheGeneratedRest) {
+    // Whatever the split between prompt and output, prefix + output parses as the whole call does.
+    const ojson temp = {{"location", "San Francisco, CA, USA"}};
+    for (const std::string& name : {std::string(), std::string("get_current_temperature")}) {
+        const std::string forced = forced_call_prefix(ToolParserKind::Hermes, name);
+        expect_parse(ToolParserKind::Hermes, nullptr, kHermesCall.substr(forced.size()), "",
+                     {{"get_current_temperature", temp}}, forced);
+    }
+    for (const std::string& name : {std::string(), std::string("get_weather")}) {
+        const std::string forced = forced_call_prefix(ToolParserKind::Qwen3Coder, name);
+        expect_parse(ToolParserKind::Qwen3Coder, nullptr, kCoderCall.substr(forced.size()), "",
+                     {{"get_weather", {{"city", "Paris"}}}}, forced);
+    }
+    // A second call after the forced one is parsed as usual.
+    const std::string forced = forced_call_prefix(ToolParserKind::Hermes, "");
+    expect_parse(ToolParserKind::Hermes, nullptr,
+                 kHermesCall.substr(forced.size()) + "\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>", "",
+                 {{"get_current_temperature", temp}, {"g", ojson::object()}}, forced);
+}
+
+TEST(ToolParser, ForcedCallThatDoesNotParseIsOnlyTheModelsText) {
+    // The model refused to write a call: its text is content, the prompt's prefix is not.
+    const std::string hermes = forced_call_prefix(ToolParserKind::Hermes, "");
+    expect_parse(ToolParserKind::Hermes, nullptr, "I would rather not.", "I would rather not.", {}, hermes);
+    expect_parse(ToolParserKind::Hermes, nullptr, "oops</tool_call>", "oops</tool_call>", {}, hermes);
+    // Cut off by max_tokens inside the arguments: no call, and no arguments made up.
+    const std::string named = forced_call_prefix(ToolParserKind::Hermes, "get_current_temperature");
+    expect_parse(ToolParserKind::Hermes, nullptr, "{\"location\": \"San Fr", "{\"location\": \"San Fr", {}, named, true);
+    const std::string coder = forced_call_prefix(ToolParserKind::Qwen3Coder, "get_weather");
+    expect_parse(ToolParserKind::Qwen3Coder, nullptr, "<parameter=city>\nPar", "<parameter=city>\nPar", {}, coder, true);
+    // Nothing generated at all.
+    expect_parse(ToolParserKind::Qwen3Coder, nullptr, "", "", {}, coder, true);
+    // Not cut off (the model stopped): an unclosed qwen3_coder call still counts, as without forcing.
+    expect_parse(ToolParserKind::Qwen3Coder, nullptr, "<parameter=city>\nParis\n</parameter>\n", "",
+                 {{"get_weather", {{"city", "Paris"}}}}, coder);
 }
 
 TEST(ToolParser, Names) {
