@@ -23,6 +23,7 @@ namespace {
 struct QuantizeCliOptions {
     std::string src, dst, format = "nvfp4", layout = "modelopt", calibration;
     std::vector<std::string> exclude = {"lm_head"};
+    bool no_architecture_exclusions = false;
     size_t threads = 0;
     int64_t calibration_max_tokens = 512;
 };
@@ -34,6 +35,7 @@ void run_quantize(const QuantizeCliOptions& cli) {
     opt.src_dir = cli.src;
     opt.dst_dir = cli.dst;
     opt.layout = cli.layout == "modelopt" ? QuantLayout::ModelOpt : QuantLayout::CompressedTensors;
+    opt.architecture_exclusions = !cli.no_architecture_exclusions;
     opt.exclude.clear();
     for (const auto& e : cli.exclude)
         if (!e.empty()) opt.exclude.push_back(e);
@@ -87,6 +89,9 @@ void add_quantize_command(CLI::App& app) {
                     "linear modules kept unquantized, fnmatch patterns, comma-separated (default lm_head; "
                     "--exclude '' quantizes every linear)")
         ->delimiter(',');
+    cmd->add_flag("--no-architecture-exclusions", opt->no_architecture_exclusions,
+                  "quantize also what the architecture's published recipe keeps in BF16 (NemotronH: attention "
+                  "layers and the Mamba layer before each)");
     cmd->add_option("--calibration-data", opt->calibration,
                     "text file (tokenized with the model's tokenizer; samples separated by blank lines) or "
                     ".jsonl of {\"ids\": [...]} lines, run through the model to set activation scales");
