@@ -30,10 +30,7 @@ LlamaSpec llama_spec(const ModelConfig& c) {
         L.gate = {p + "mlp.gate_proj", c.n_ff, c.n_embd, c.mlp_bias};
         L.up = {p + "mlp.up_proj", c.n_ff, c.n_embd, c.mlp_bias};
         L.down = {p + "mlp.down_proj", c.n_embd, c.n_ff, c.mlp_bias};
-        L.k_scale = p + "self_attn.k_proj.k_scale";
-        L.v_scale = p + "self_attn.v_proj.v_scale";
-        L.k_scale_ct = p + "self_attn.k_scale";
-        L.v_scale_ct = p + "self_attn.v_scale";
+        L.attn_prefix = p + "self_attn.";
         spec.layers.push_back(std::move(L));
     }
     spec.final_norm = "model.norm.weight";
@@ -85,7 +82,7 @@ LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, Qua
     embed_ = embed.view();
 
     layers_.resize(static_cast<size_t>(c.n_layers));
-    bool any_kv_scale = false;
+    KvScales kv_scales;
     for (int64_t il = 0; il < c.n_layers; ++il) {
         Layer& L = layers_[static_cast<size_t>(il)];
         const LlamaLayerSpec& S = spec.layers[static_cast<size_t>(il)];
@@ -102,31 +99,14 @@ LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, Qua
         L.gate = load_linear(ck, quant_, S.gate);
         L.up = load_linear(ck, quant_, S.up);
         L.down = load_linear(ck, quant_, S.down);
-        // KV cache scales (amax / 448), either naming; a layer without one gets vLLM's default 1.0.
-        auto kv_scale = [&](const std::string& modelopt, const std::string& ct) {
-            const std::string* name = ck.has(modelopt) ? &modelopt : ck.has(ct) ? &ct : nullptr;
-            if (name == nullptr) return 1.0f;
-            any_kv_scale = true;
-            const float v = load_scalar(ck, *name);
-            NIBBLE_CHECK(std::isfinite(v) && v > 0.0f, "tensor {}: KV cache scale {} must be finite and positive",
-                         *name, v);
-            return v;
-        };
-        k_scales_.push_back(kv_scale(S.k_scale, S.k_scale_ct));
-        v_scales_.push_back(kv_scale(S.v_scale, S.v_scale_ct));
+        kv_scales.add_layer(ck, S.attn_prefix);
     }
-    if (!any_kv_scale) {
-        k_scales_.clear();
-        v_scales_.clear();
-    }
+    kv_scales.finish();
+    k_scales_ = std::move(kv_scales.k);
+    v_scales_ = std::move(kv_scales.v);
     final_norm_ = load_vector(ck, spec.final_norm, c.n_embd);
     if (!spec.lm_head) {
-        lm_head_.name = "lm_head (tied to model.embed_tokens)";
-        lm_head_.format = WeightFormat::Dense;
-        lm_head_.dtype = embed_.dtype;
-        lm_head_.data = embed_.data;
-        lm_head_.n_out = c.vocab_size;
-        lm_head_.n_in = c.n_embd;
+        lm_head_ = tied_lm_head(embed_, "model.embed_tokens");
     } else {
         lm_head_ = load_linear(ck, quant_, *spec.lm_head);
     }
@@ -134,14 +114,7 @@ LlamaModel::LlamaModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config, Qua
 }
 
 KvCacheShape LlamaModel::kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype) const {
-    return KvCacheShape{.n_layers = config_.n_layers,
-                        .n_blocks = n_blocks,
-                        .block_size = block_size,
-                        .n_kv_heads = config_.n_kv_heads,
-                        .head_dim = config_.head_dim,
-                        .dtype = dtype,
-                        .k_scales = k_scales_,
-                        .v_scales = v_scales_};
+    return attention_kv_cache_shape(config_, config_.n_layers, n_blocks, block_size, dtype, k_scales_, v_scales_);
 }
 
 std::vector<const LinearWeight*> LlamaModel::linear_weights() const {

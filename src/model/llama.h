@@ -22,8 +22,7 @@ struct LlamaLayerSpec {
     std::string attn_norm, mlp_norm;    // [n_embd]
     std::string q_norm, k_norm;         // [head_dim], Qwen3 only (empty otherwise)
     LinearSpec q, k, v, o, gate, up, down;
-    std::string k_scale, v_scale;       // ModelOpt's KV cache scales (optional F32 scalars)
-    std::string k_scale_ct, v_scale_ct; // the same in compressed-tensors' naming
+    std::string attn_prefix;            // "model.layers.{il}.self_attn.": where the optional KV cache scales live
 };
 struct LlamaSpec {
     std::string embed;                  // [vocab, n_embd]

@@ -1,4 +1,5 @@
 #include "model/nemotron_h.h"
+#include "model/transformer_blocks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -106,7 +107,7 @@ NemotronHModel::NemotronHModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig con
                  Shape{c.vocab_size, d}.str(), dtype_name(embed.dtype), embed.shape.str());
     embed_ = embed.view();
 
-    bool any_kv_scale = false;
+    KvScales kv_scales;
     layers_.resize(static_cast<size_t>(c.n_layers));
     for (int64_t il = 0; il < c.n_layers; ++il) {
         Layer& L = layers_[static_cast<size_t>(il)];
@@ -135,16 +136,7 @@ NemotronHModel::NemotronHModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig con
                 L.k = load_linear(ck, quant_, {mx + "k_proj", kv_dim, d, false});
                 L.v = load_linear(ck, quant_, {mx + "v_proj", kv_dim, d, false});
                 L.o = load_linear(ck, quant_, {mx + "o_proj", d, q_dim, false});
-                auto kv_scale = [&](const std::string& name) {
-                    if (!ck.has(name)) return 1.0f;
-                    any_kv_scale = true;
-                    const float v = load_scalar(ck, name);
-                    NIBBLE_CHECK(std::isfinite(v) && v > 0.0f, "tensor {}: KV cache scale {} must be finite and positive",
-                                 name, v);
-                    return v;
-                };
-                k_scales_.push_back(kv_scale(mx + "k_proj.k_scale"));
-                v_scales_.push_back(kv_scale(mx + "v_proj.v_scale"));
+                kv_scales.add_layer(ck, mx);
                 break;
             }
             case LayerKind::Mlp:
@@ -206,32 +198,19 @@ NemotronHModel::NemotronHModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig con
             }
         }
     }
-    if (!any_kv_scale) {
-        k_scales_.clear();
-        v_scales_.clear();
-    }
+    kv_scales.finish();
+    k_scales_ = std::move(kv_scales.k);
+    v_scales_ = std::move(kv_scales.v);
     final_norm_ = load_vector(ck, prefix + "norm_f.weight", d);
     if (c.tied_embeddings) {
-        lm_head_.name = "lm_head (tied to " + embed_name + ")";
-        lm_head_.format = WeightFormat::Dense;
-        lm_head_.dtype = embed_.dtype;
-        lm_head_.data = embed_.data;
-        lm_head_.n_out = c.vocab_size;
-        lm_head_.n_in = d;
+        lm_head_ = tied_lm_head(embed_, embed_name);
     } else {
         lm_head_ = load_linear(ck, quant_, {"lm_head", c.vocab_size, d, false});
     }
 }
 
 KvCacheShape NemotronHModel::kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype) const {
-    return KvCacheShape{.n_layers = n_attention_,
-                        .n_blocks = n_blocks,
-                        .block_size = block_size,
-                        .n_kv_heads = config_.n_kv_heads,
-                        .head_dim = config_.head_dim,
-                        .dtype = dtype,
-                        .k_scales = k_scales_,
-                        .v_scales = v_scales_};
+    return attention_kv_cache_shape(config_, n_attention_, n_blocks, block_size, dtype, k_scales_, v_scales_);
 }
 
 MambaStateShape NemotronHModel::mamba_state_shape(SsmStateDtype dtype) const {

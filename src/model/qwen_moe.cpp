@@ -87,16 +87,7 @@ QwenMoeModel::QwenMoeModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config,
         w.down = load_linear(ck, quant_, {p + "down_proj", c.n_embd, n_ff, false});
         return w;
     };
-    bool any_kv_scale = false;
-    // KV cache scales (amax / 448) in ModelOpt's or compressed-tensors' naming; 1.0 (vLLM's default) if absent.
-    auto kv_scale = [&](const std::string& modelopt, const std::string& ct) {
-        const std::string* name = ck.has(modelopt) ? &modelopt : ck.has(ct) ? &ct : nullptr;
-        if (name == nullptr) return 1.0f;
-        any_kv_scale = true;
-        const float v = load_scalar(ck, *name);
-        NIBBLE_CHECK(std::isfinite(v) && v > 0.0f, "tensor {}: KV cache scale {} must be finite and positive", *name, v);
-        return v;
-    };
+    KvScales kv_scales;
     layers_.resize(static_cast<size_t>(c.n_layers));
     for (int64_t il = 0; il < c.n_layers; ++il) {
         Layer& L = layers_[static_cast<size_t>(il)];
@@ -120,21 +111,14 @@ QwenMoeModel::QwenMoeModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config,
                     L.shared_gate = load_linear(ck, quant_, {p + "mlp.shared_expert_gate", 1, c.n_embd, false});
             }
         }
-        k_scales_.push_back(kv_scale(p + "self_attn.k_proj.k_scale", p + "self_attn.k_scale"));
-        v_scales_.push_back(kv_scale(p + "self_attn.v_proj.v_scale", p + "self_attn.v_scale"));
+        kv_scales.add_layer(ck, p + "self_attn.");
     }
-    if (!any_kv_scale) {
-        k_scales_.clear();
-        v_scales_.clear();
-    }
+    kv_scales.finish();
+    k_scales_ = std::move(kv_scales.k);
+    v_scales_ = std::move(kv_scales.v);
     final_norm_ = load_vector(ck, "model.norm.weight", c.n_embd);
     if (c.tied_embeddings) {
-        lm_head_.name = "lm_head (tied to model.embed_tokens)";
-        lm_head_.format = WeightFormat::Dense;
-        lm_head_.dtype = embed_.dtype;
-        lm_head_.data = embed_.data;
-        lm_head_.n_out = c.vocab_size;
-        lm_head_.n_in = c.n_embd;
+        lm_head_ = tied_lm_head(embed_, "model.embed_tokens");
     } else {
         lm_head_ = load_linear(ck, quant_, {"lm_head", c.vocab_size, c.n_embd, false});
     }
@@ -142,14 +126,7 @@ QwenMoeModel::QwenMoeModel(std::unique_ptr<Checkpoint> ckpt, ModelConfig config,
 }
 
 KvCacheShape QwenMoeModel::kv_cache_shape(int64_t n_blocks, int64_t block_size, KvDtype dtype) const {
-    return KvCacheShape{.n_layers = config_.n_layers,
-                        .n_blocks = n_blocks,
-                        .block_size = block_size,
-                        .n_kv_heads = config_.n_kv_heads,
-                        .head_dim = config_.head_dim,
-                        .dtype = dtype,
-                        .k_scales = k_scales_,
-                        .v_scales = v_scales_};
+    return attention_kv_cache_shape(config_, config_.n_layers, n_blocks, block_size, dtype, k_scales_, v_scales_);
 }
 
 std::vector<const LinearWeight*> QwenMoeModel::linear_weights() const {

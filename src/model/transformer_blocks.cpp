@@ -102,4 +102,48 @@ void final_logits_cpu(const ModelConfig& c, std::span<const ForwardSequence> seq
     linear(lm_head, last.data(), r, logits.data());
 }
 
+void KvScales::add_layer(const Checkpoint& ckpt, const std::string& attn_prefix) {
+    auto one = [&](const std::string& modelopt, const std::string& ct) {
+        const std::string* name = ckpt.has(modelopt) ? &modelopt : ckpt.has(ct) ? &ct : nullptr;
+        if (name == nullptr) return 1.0f;
+        any = true;
+        const float value = load_scalar(ckpt, *name);
+        NIBBLE_CHECK(std::isfinite(value) && value > 0.0f, "tensor {}: KV cache scale {} must be finite and positive",
+                     *name, value);
+        return value;
+    };
+    k.push_back(one(attn_prefix + "k_proj.k_scale", attn_prefix + "k_scale"));
+    v.push_back(one(attn_prefix + "v_proj.v_scale", attn_prefix + "v_scale"));
+}
+
+void KvScales::finish() {
+    if (any) return;
+    k.clear();
+    v.clear();
+}
+
+LinearWeight tied_lm_head(const Tensor& embed, const std::string& embed_name) {
+    LinearWeight w;
+    w.name = "lm_head (tied to " + embed_name + ")";
+    w.format = WeightFormat::Dense;
+    w.dtype = embed.dtype;
+    w.data = embed.data;
+    w.n_out = embed.shape[0];
+    w.n_in = embed.shape[1];
+    return w;
+}
+
+KvCacheShape attention_kv_cache_shape(const ModelConfig& config, int64_t n_kv_layers, int64_t n_blocks,
+                                      int64_t block_size, KvDtype dtype, const std::vector<float>& k_scales,
+                                      const std::vector<float>& v_scales) {
+    return KvCacheShape{.n_layers = n_kv_layers,
+                        .n_blocks = n_blocks,
+                        .block_size = block_size,
+                        .n_kv_heads = config.n_kv_heads,
+                        .head_dim = config.head_dim,
+                        .dtype = dtype,
+                        .k_scales = k_scales,
+                        .v_scales = v_scales};
+}
+
 }  // namespace nibble

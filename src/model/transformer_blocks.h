@@ -61,4 +61,25 @@ void final_logits_cpu(const ModelConfig& config, std::span<const ForwardSequence
                       const float* x, const std::vector<float>& final_norm, const LinearWeight& lm_head,
                       const ModelLinearFn& linear, std::vector<float>& logits);
 
+// The checkpoint's per-layer KV cache scales (amax / 448; ops/attention/kv_cache.h says how each cache dtype
+// uses them): ModelOpt's `<attn>k_proj.k_scale` / `<attn>v_proj.v_scale` or compressed-tensors'
+// `<attn>k_scale` / `<attn>v_scale`. A layer without one gets vLLM's default 1.0.
+struct KvScales {
+    std::vector<float> k, v;  // [attention layers]
+    bool any = false;         // the checkpoint has at least one
+    // attn_prefix: the attention module with its dot, e.g. "model.layers.3.self_attn."
+    void add_layer(const Checkpoint& ckpt, const std::string& attn_prefix);
+    // Empties both lists when the checkpoint has none at all (the cache then uses 1.0 everywhere).
+    void finish();
+};
+
+// lm_head as the embedding table itself (tie_word_embeddings): a dense view, no copy.
+//   embed [vocab, n_embd]
+LinearWeight tied_lm_head(const Tensor& embed, const std::string& embed_name);
+
+// The paged KV cache of a model whose attention layers (n_kv_layers of them) share n_kv_heads x head_dim.
+KvCacheShape attention_kv_cache_shape(const ModelConfig& config, int64_t n_kv_layers, int64_t n_blocks,
+                                      int64_t block_size, KvDtype dtype, const std::vector<float>& k_scales,
+                                      const std::vector<float>& v_scales);
+
 }  // namespace nibble
