@@ -3,6 +3,7 @@
 // methods templates call. Each follows the Python implementation's observable behaviour.
 // Case mapping follows Python's full Unicode mappings (through ICU).
 #include "tokenizer/chat_template_eval.h"
+#include "tokenizer/utf8.h"
 
 #include "base/error.h"
 
@@ -85,21 +86,7 @@ char ascii_lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 3
 
 std::string encode_cp(uint32_t cp) {
     std::string out;
-    if (cp < 0x80) {
-        out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-        out += static_cast<char>(0xc0 | (cp >> 6));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    } else if (cp < 0x10000) {
-        out += static_cast<char>(0xe0 | (cp >> 12));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    } else {
-        out += static_cast<char>(0xf0 | (cp >> 18));
-        out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    }
+    tokenizer::append_utf8(out, static_cast<char32_t>(cp));
     return out;
 }
 

@@ -3,6 +3,7 @@
 // `-%}`/`-}}`/`-#}` all whitespace after it, a plain `%}` or `#}` eats one following newline, and
 // spaces/tabs between a line start and `{%` or `{#` are dropped unless the tag opens with `+`.
 #include "tokenizer/chat_template_ast.h"
+#include "tokenizer/utf8.h"
 
 #include "base/error.h"
 
@@ -57,23 +58,7 @@ bool is_digit(char c) { return c >= '0' && c <= '9'; }
 bool is_name_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
 bool is_name_char(char c) { return is_name_start(c) || is_digit(c); }
 
-void append_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-        out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-        out += static_cast<char>(0xc0 | (cp >> 6));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    } else if (cp < 0x10000) {
-        out += static_cast<char>(0xe0 | (cp >> 12));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    } else {
-        out += static_cast<char>(0xf0 | (cp >> 18));
-        out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-        out += static_cast<char>(0x80 | (cp & 0x3f));
-    }
-}
+using tokenizer::append_utf8;  // one UTF-8 encoder for the whole tokenizer module (utf8.h)
 
 class Lexer {
 public:
