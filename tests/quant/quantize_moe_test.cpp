@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include "quant_test_util.h"
 #include "base/thread_pool.h"
 #include "checkpoint/quant_config.h"
 #include "checkpoint/safetensors.h"
@@ -22,32 +23,7 @@ namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixture(const std::string& name) {
-    return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures" / name;
-}
-
-struct TempDir {
-    fs::path path;
-    explicit TempDir(const std::string& tag) {
-        path = fs::temp_directory_path() / ("nibble-quant-moe-test-" + tag + "-" + std::to_string(::getpid()));
-        fs::remove_all(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
-
-float read_scalar(const Checkpoint& c, const std::string& name) {
-    const TensorInfo& t = c.get(name);
-    EXPECT_EQ(t.dtype, DType::F32) << name;
-    float v;
-    std::memcpy(&v, t.data, 4);
-    return v;
-}
-
-bool same_bytes(const TensorInfo& a, const TensorInfo& b) {
-    return a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes &&
-           std::memcmp(a.data, b.data, a.nbytes) == 0;
-}
+using namespace quant_test;
 
 TEST(QuantizeMoe, ModelOptExpertsBitIdenticalToTorchRecipeRouterKept) {
     TempDir out("qwen3");

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <unistd.h>
 
+#include "quant_test_util.h"
 #include "base/thread_pool.h"
 #include "checkpoint/quant_config.h"
 #include "checkpoint/safetensors.h"
@@ -25,24 +26,7 @@ namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixture(const std::string& name) {
-    return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures" / name;
-}
-
-struct TempDir {
-    fs::path path;
-    explicit TempDir(const std::string& tag) {
-        path = fs::temp_directory_path() / ("nibble-quant-nemotron-test-" + tag + "-" + std::to_string(::getpid()));
-        fs::remove_all(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
-
-bool same_bytes(const TensorInfo& a, const TensorInfo& b) {
-    return a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes &&
-           std::memcmp(a.data, b.data, a.nbytes) == 0;
-}
+using namespace quant_test;
 
 std::vector<float> floats(const TensorInfo& t) {
     std::vector<float> v(static_cast<size_t>(t.shape.numel()));

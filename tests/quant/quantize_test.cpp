@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "quant_test_util.h"
 #include "base/thread_pool.h"
 #include "checkpoint/quant_config.h"
 #include "checkpoint/safetensors.h"
@@ -20,38 +21,7 @@ namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixture(const std::string& name) {
-    return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures" / name;
-}
-
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        path = fs::temp_directory_path() / ("nibble-quant-test-" + std::to_string(::getpid()) + "-" +
-                                            std::to_string(counter()++));
-        fs::remove_all(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-    static int& counter() {
-        static int n = 0;
-        return n;
-    }
-};
-
-float read_scalar(const Checkpoint& c, const std::string& name) {
-    const TensorInfo& t = c.get(name);
-    EXPECT_EQ(t.dtype, DType::F32) << name;
-    EXPECT_EQ(t.shape.numel(), 1) << name;
-    float v;
-    std::memcpy(&v, t.data, 4);
-    return v;
-}
-
-bool same_bytes(const TensorInfo& a, const TensorInfo& b) {
-    return a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes &&
-           std::memcmp(a.data, b.data, a.nbytes) == 0;
-}
+using namespace quant_test;
 
 // Codes of two quantized tensors (E2M1 nibbles or E4M3 bytes) equal but for rare neighbours.
 void expect_codes_close(const TensorInfo& a, const TensorInfo& b, bool nibbles) {
