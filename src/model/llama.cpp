@@ -125,6 +125,30 @@ std::vector<const LinearWeight*> LlamaModel::linear_weights() const {
     return all;
 }
 
+bool LlamaModel::decoder_view(DecoderView& out) const {
+    out = DecoderView{};
+    out.embed = embed_;
+    for (const Layer& L : layers_)
+        out.layers.push_back({.attn_norm = &L.attn.norm,
+                              .mlp_norm = &L.mlp_norm,
+                              .q_norm = &L.attn.q_norm,
+                              .k_norm = &L.attn.k_norm,
+                              .q = &L.attn.q,
+                              .k = &L.attn.k,
+                              .v = &L.attn.v,
+                              .o = &L.attn.o,
+                              .gate = &L.gate,
+                              .up = &L.up,
+                              .down = &L.down});
+    out.final_norm = &final_norm_;
+    out.lm_head = &lm_head_;
+    out.tied_lm_head = config_.tied_embeddings;
+    out.rope = rope_;
+    out.k_scales = k_scales_;
+    out.v_scales = v_scales_;
+    return true;
+}
+
 int64_t LlamaModel::weight_bytes() const {
     int64_t total = embed_.numel() * static_cast<int64_t>(dtype_size(embed_.dtype));
     for (const LinearWeight* w : linear_weights()) total += w->stored_bytes();

@@ -44,6 +44,7 @@ public:
     int64_t weight_bytes() const override;
     std::vector<const LinearWeight*> linear_weights() const override;
     void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
+    bool decoder_view(DecoderView& out) const override;
 
 private:
     struct Layer {

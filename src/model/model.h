@@ -13,6 +13,7 @@
 #include "checkpoint/quant_config.h"
 #include "ops/attention/attention.h"
 #include "ops/attention/kv_cache.h"
+#include "model/decoder_view.h"
 #include "model/weights.h"
 #include "ops/linear/linear.h"
 #include "ops/ssm/ssm_state.h"
@@ -61,6 +62,9 @@ public:
     virtual std::vector<std::string> default_quant_exclusions() const { return {}; }
     // nullptr to stop observing. The observer must outlive the forwards it sees.
     virtual void set_linear_input_observer(LinearInputObserver* observer) = 0;
+    // The weights as a dense pre-norm decoder (decoder_view.h), for backends that run that shape of model;
+    // false for architectures that are not one (MoE, hybrids).
+    virtual bool decoder_view(DecoderView& /*out*/) const { return false; }
 };
 
 // One entry of an architecture's tensor list: a linear layer, stored as the quantization config says (dense,

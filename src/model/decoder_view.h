@@ -1,0 +1,34 @@
+// A backend-neutral view of a dense pre-norm decoder's weights (the llama family), for backends that copy
+// the weights elsewhere (the CUDA backend uploads them to the device). Pointers refer into the Model, which
+// must outlive the view; nothing is copied.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ops/linear/linear.h"
+#include "ops/rope/rope.h"
+#include "tensor/tensor.h"
+
+namespace nibble {
+
+struct DecoderLayerView {
+    const std::vector<float>* attn_norm = nullptr;  // [n_embd]
+    const std::vector<float>* mlp_norm = nullptr;   // [n_embd]
+    const std::vector<float>* q_norm = nullptr;     // [head_dim], empty vector when the model has none
+    const std::vector<float>* k_norm = nullptr;     // [head_dim]
+    const LinearWeight *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+    const LinearWeight *gate = nullptr, *up = nullptr, *down = nullptr;
+};
+
+struct DecoderView {
+    Tensor embed;                                   // [vocab, n_embd] F32, F16 or BF16 (host memory)
+    std::vector<DecoderLayerView> layers;
+    const std::vector<float>* final_norm = nullptr;  // [n_embd]
+    const LinearWeight* lm_head = nullptr;           // [vocab, n_embd]; the embedding itself when tied
+    bool tied_lm_head = false;
+    RopeTable rope;
+    std::vector<float> k_scales, v_scales;           // [n_layers] the checkpoint's KV scales, or empty
+};
+
+}  // namespace nibble
