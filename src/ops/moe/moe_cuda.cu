@@ -1,0 +1,556 @@
+// MoE kernels (ops/moe/moe_cuda.h).
+//
+// Routers: one CTA of 128 threads per token; logits (and scores) in shared memory; top-k as k rounds of a
+// block argmax with (score desc, id asc) order, which is a stable sort's first k: the CPU's choice.
+// Permutation: one warp per expert, ballots over the pair ids in order (so token order inside an expert
+// is kept without a sort); a count pass, then a place pass that also derives offsets and the active list.
+// Grouped GEMV: CUDA cores, one warp per output row, lanes over 32-wide chunks of k (16 bytes of E2M1
+// codes + 2 E4M3 scales, the decode of ops/linear/nvfp4_decode.cuh), tokens in tiles of 8; the gate and
+// up rows of a SwiGLU expert are read in the same pass and the activation is applied in the epilogue.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "cuda/vec8.cuh"
+#include "ops/linear/nvfp4_decode.cuh"
+#include "ops/moe/moe_cuda.h"
+
+namespace nibble::cuda {
+namespace {
+
+constexpr int kRouteThreads = 128;
+constexpr int kMaxTopK = 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// a ranks before b: larger score, then lower id; id < 0 is "none".
+__device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
+    if (ai < 0) return false;
+    if (bi < 0) return true;
+    return av > bv || (av == bv && ai < bi);
+}
+
+// The best (value, id) over the block; every thread gets the result. scratch_v/i [32].
+__device__ __forceinline__ int block_argmax(float v, int id, float* scratch_v, int* scratch_i) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+        if (ranks_before(ov, oi, v, id)) v = ov, id = oi;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // scratch free (an earlier call may still be reading it)
+    if (lane == 0) scratch_v[warp] = v, scratch_i[warp] = id;
+    __syncthreads();
+    constexpr int kWarps = kRouteThreads / 32;
+    v = lane < kWarps ? scratch_v[lane] : 0.0f;
+    id = lane < kWarps ? scratch_i[lane] : -1;
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+        if (ranks_before(ov, oi, v, id)) v = ov, id = oi;
+    }
+    return id;
+}
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* scratch /* [32] */) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, ov) : v + ov;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    constexpr int kWarps = kRouteThreads / 32;
+    v = lane < kWarps ? scratch[lane] : (is_max ? -INFINITY : 0.0f);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, ov) : v + ov;
+    }
+    return v;
+}
+
+// Shared memory of a router CTA: score [n_experts], aux [n_experts] (softmax: unused; sigmoid: s),
+// taken [n_experts] flags, and for the sigmoid router group_score [n_group], group_taken [n_group].
+template <class LT>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_softmax_kernel(const LT* __restrict__ logits, int n_experts, int top_k, bool norm_topk_prob,
+                         int32_t* __restrict__ ids, float* __restrict__ weights) {
+    extern __shared__ float smem[];
+    __shared__ float scratch_v[32];
+    __shared__ int scratch_i[32];
+    __shared__ int chosen[kMaxTopK];
+    float* score = smem;                                                   // [n_experts] logits
+    unsigned char* taken = reinterpret_cast<unsigned char*>(smem + n_experts);  // [n_experts]
+    const int64_t t = blockIdx.x;
+    const LT* l = logits + t * n_experts;
+    float mx = -INFINITY;
+    for (int e = threadIdx.x; e < n_experts; e += kRouteThreads) {
+        const float v = load1(l + e);
+        score[e] = v;
+        taken[e] = 0;
+        mx = fmaxf(mx, v);
+    }
+    mx = block_reduce(mx, true, scratch_v);
+    float sum = 0.0f;
+    for (int e = threadIdx.x; e < n_experts; e += kRouteThreads) sum += expf(score[e] - mx);
+    sum = block_reduce(sum, false, scratch_v);
+    for (int j = 0; j < top_k; ++j) {
+        float bv = 0.0f;
+        int bi = -1;
+        for (int e = threadIdx.x; e < n_experts; e += kRouteThreads)
+            if (!taken[e] && ranks_before(score[e], e, bv, bi)) bv = score[e], bi = e;
+        const int best = block_argmax(bv, bi, scratch_v, scratch_i);
+        if (threadIdx.x == 0) {
+            chosen[j] = best;
+            taken[best] = 1;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float p[kMaxTopK];
+        float total = 0.0f;
+        for (int j = 0; j < top_k; ++j) {
+            p[j] = expf(score[chosen[j]] - mx) / sum;
+            total += p[j];
+        }
+        for (int j = 0; j < top_k; ++j) {
+            ids[t * top_k + j] = chosen[j];
+            weights[t * top_k + j] = norm_topk_prob ? p[j] / total : p[j];
+        }
+    }
+}
+
+template <class LT>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_sigmoid_kernel(const LT* __restrict__ logits, int n_experts, int top_k,
+                         const float* __restrict__ correction_bias, int n_group, int topk_group,
+                         bool norm_topk_prob, float routed_scaling_factor, int32_t* __restrict__ ids,
+                         float* __restrict__ weights) {
+    extern __shared__ float smem[];
+    __shared__ float scratch_v[32];
+    __shared__ int scratch_i[32];
+    __shared__ int chosen[kMaxTopK];
+    float* choice = smem;                  // [n_experts] s + bias
+    float* sig = smem + n_experts;         // [n_experts] s
+    float* group_score = sig + n_experts;  // [n_group]
+    unsigned char* taken = reinterpret_cast<unsigned char*>(group_score + n_group);  // [n_experts]
+    unsigned char* eligible = taken + n_experts;                                      // [n_group]
+    const int per_group = n_experts / n_group;
+    const int64_t t = blockIdx.x;
+    const LT* l = logits + t * n_experts;
+    for (int e = threadIdx.x; e < n_experts; e += kRouteThreads) {
+        const float s = 1.0f / (1.0f + expf(-load1(l + e)));
+        sig[e] = s;
+        choice[e] = s + (correction_bias != nullptr ? correction_bias[e] : 0.0f);
+        taken[e] = 0;
+    }
+    __syncthreads();
+    // Group score: the sum of its two best choice values (the CPU's scan, tie to "second").
+    for (int g = threadIdx.x; g < n_group; g += kRouteThreads) {
+        float best = -INFINITY, second = -INFINITY;
+        for (int e = g * per_group; e < (g + 1) * per_group; ++e) {
+            const float v = choice[e];
+            if (v > best) {
+                second = best;
+                best = v;
+            } else if (v > second) {
+                second = v;
+            }
+        }
+        group_score[g] = per_group >= 2 ? best + second : best;
+        eligible[g] = 0;
+    }
+    __syncthreads();
+    for (int i = 0; i < topk_group; ++i) {
+        float bv = 0.0f;
+        int bi = -1;
+        for (int g = threadIdx.x; g < n_group; g += kRouteThreads)
+            if (!eligible[g] && ranks_before(group_score[g], g, bv, bi)) bv = group_score[g], bi = g;
+        const int best = block_argmax(bv, bi, scratch_v, scratch_i);
+        if (threadIdx.x == 0) eligible[best] = 1;
+        __syncthreads();
+    }
+    for (int j = 0; j < top_k; ++j) {
+        float bv = 0.0f;
+        int bi = -1;
+        for (int e = threadIdx.x; e < n_experts; e += kRouteThreads)
+            if (!taken[e] && eligible[e / per_group] && ranks_before(choice[e], e, bv, bi)) bv = choice[e], bi = e;
+        const int best = block_argmax(bv, bi, scratch_v, scratch_i);
+        if (threadIdx.x == 0) {
+            chosen[j] = best;
+            taken[best] = 1;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int j = 0; j < top_k; ++j) total += sig[chosen[j]];
+        const float denom = norm_topk_prob ? total + 1e-20f : 1.0f;
+        for (int j = 0; j < top_k; ++j) {
+            ids[t * top_k + j] = chosen[j];
+            weights[t * top_k + j] = sig[chosen[j]] / denom * routed_scaling_factor;
+        }
+    }
+}
+
+// ---- permutation ----
+
+constexpr int kPermuteWarps = 4;
+
+// counts[e] = pairs with id e; one warp per expert.
+__global__ void __launch_bounds__(kPermuteWarps * 32)
+    permute_count_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts, int32_t* __restrict__ counts) {
+    const int e = blockIdx.x * kPermuteWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= n_experts) return;
+    int count = 0;
+    for (int base = 0; base < n_pairs; base += 32) {
+        const int i = base + lane;
+        count += __popc(__ballot_sync(0xffffffffu, i < n_pairs && ids[i] == e));
+    }
+    if (lane == 0) counts[e] = count;
+}
+
+// Offsets, the active list and the sorted pairs; one warp per expert, pairs placed in index order.
+__global__ void __launch_bounds__(kPermuteWarps * 32)
+    permute_place_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
+                         const int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                         int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+                         int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    const int e = blockIdx.x * kPermuteWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= n_experts) return;
+    int before = 0, active_before = 0;  // pairs and active experts with a lower id
+    for (int i = lane; i < e; i += 32) {
+        const int c = counts[i];
+        before += c;
+        active_before += c > 0 ? 1 : 0;
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        before += __shfl_xor_sync(0xffffffffu, before, o);
+        active_before += __shfl_xor_sync(0xffffffffu, active_before, o);
+    }
+    const int count = counts[e];
+    if (lane == 0) {
+        offsets[e] = before;
+        if (count > 0) active_experts[active_before] = e;
+        if (e == n_experts - 1) {
+            offsets[n_experts] = before + count;
+            *n_active = active_before + (count > 0 ? 1 : 0);
+        }
+    }
+    int placed = 0;
+    for (int base = 0; base < n_pairs; base += 32) {
+        const int i = base + lane;
+        const bool mine = i < n_pairs && ids[i] == e;
+        const unsigned mask = __ballot_sync(0xffffffffu, mine);
+        if (mine) {
+            const int pos = before + placed + __popc(mask & ((1u << lane) - 1u));
+            sorted_pairs[pos] = i;
+            pair_position[i] = pos;
+        }
+        placed += __popc(mask);
+    }
+}
+
+// ---- grouped NVFP4 GEMV ----
+
+constexpr int kGemvWarps = 4;  // output rows per CTA (one per warp)
+constexpr int kTokenTile = 8;
+
+enum class Epilogue { None, SwiGlu, Relu2 };
+
+// out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list), rows
+// blockIdx.x * 4 + warp. Input row of position p: x[sorted_pairs[p] / top_k] when kGather (the token),
+// else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
+template <class XT, bool kGather, Epilogue kEpi>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
+                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, const int32_t* __restrict__ offsets,
+                          const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ active_experts,
+                          const int32_t* __restrict__ n_active, float* __restrict__ out) {
+    constexpr bool kGated = kEpi == Epilogue::SwiGlu;
+    if (static_cast<int>(blockIdx.y) >= *n_active) return;
+    const int e = active_experts[blockIdx.y];
+    const int lane = threadIdx.x & 31;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+    if (row >= n) return;  // the whole warp; no block barrier below
+    const int begin = offsets[e], count = offsets[e + 1] - begin;
+    const int64_t chunks = k >> 5;
+    const Nvfp4DeviceWeight w1 = w1s[e];
+    const uint4* q1 = reinterpret_cast<const uint4*>(w1.packed) + row * chunks;
+    const unsigned short* s1 = reinterpret_cast<const unsigned short*>(w1.scales) + row * chunks;
+    const uint4* q0 = nullptr;
+    const unsigned short* s0 = nullptr;
+    float scale0 = 0.0f;
+    if constexpr (kGated) {
+        const Nvfp4DeviceWeight w0 = w0s[e];
+        q0 = reinterpret_cast<const uint4*>(w0.packed) + row * chunks;
+        s0 = reinterpret_cast<const unsigned short*>(w0.scales) + row * chunks;
+        scale0 = w0.global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
+    }
+    const float scale1 = w1.global_scale * 16384.0f;
+
+    for (int t0 = 0; t0 < count; t0 += kTokenTile) {
+        const int nb = min(kTokenTile, count - t0);
+        const XT* xr[kTokenTile];
+#pragma unroll
+        for (int i = 0; i < kTokenTile; ++i) {
+            const int p = begin + t0 + min(i, nb - 1);
+            const int64_t src = kGather ? sorted_pairs[p] / top_k : p;
+            xr[i] = x + src * k;
+        }
+        float acc0[kTokenTile], acc1[kTokenTile];
+#pragma unroll
+        for (int i = 0; i < kTokenTile; ++i) acc0[i] = acc1[i] = 0.0f;
+        for (int64_t c = lane; c < chunks; c += 32) {
+            const uint4 qa = __ldg(q1 + c);
+            const uint32_t sa = __ldg(s1 + c);
+            uint4 qb = make_uint4(0, 0, 0, 0);
+            uint32_t sb = 0;
+            if constexpr (kGated) qb = __ldg(q0 + c), sb = __ldg(s0 + c);
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 16
+                float part0[kTokenTile], part1[kTokenTile];
+#pragma unroll
+                for (int i = 0; i < kTokenTile; ++i) part0[i] = part1[i] = 0.0f;
+#pragma unroll
+                for (int j = 2 * b; j < 2 * b + 2; ++j) {  // words of 8 codes
+                    float wa[8], wb[8];
+                    e2m1x8_to_float(word_of(qa, j), wa);
+                    if constexpr (kGated) e2m1x8_to_float(word_of(qb, j), wb);
+#pragma unroll
+                    for (int i = 0; i < kTokenTile; ++i) {
+                        if (i >= nb) break;  // warp-uniform
+                        float xv[8];
+                        load8(xr[i] + c * 32 + 8 * j, xv);
+#pragma unroll
+                        for (int q = 0; q < 8; ++q) {
+                            part1[i] = fmaf(wa[q], xv[q], part1[i]);
+                            if constexpr (kGated) part0[i] = fmaf(wb[q], xv[q], part0[i]);
+                        }
+                    }
+                }
+                const float sca = e4m3_exact(sa >> (8 * b));
+                const float scb = kGated ? e4m3_exact(sb >> (8 * b)) : 0.0f;
+#pragma unroll
+                for (int i = 0; i < kTokenTile; ++i) {
+                    acc1[i] = fmaf(part1[i], sca, acc1[i]);
+                    if constexpr (kGated) acc0[i] = fmaf(part0[i], scb, acc0[i]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < kTokenTile; ++i) {
+            if (i >= nb) break;  // warp-uniform
+            const float u = warp_sum(acc1[i]) * scale1;
+            float v = u;
+            if constexpr (kEpi == Epilogue::SwiGlu) {
+                const float g = warp_sum(acc0[i]) * scale0;
+                v = g / (1.0f + expf(-g)) * u;
+            } else if constexpr (kEpi == Epilogue::Relu2) {
+                v = u > 0.0f ? u * u : 0.0f;
+            }
+            if (lane == 0) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
+        }
+    }
+}
+
+constexpr int kCombineThreads = 256;
+
+template <class YT>
+__global__ void __launch_bounds__(kCombineThreads)
+    combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids, const float* __restrict__ weights,
+                   const int32_t* __restrict__ pair_position, int top_k, int64_t n_embd, const YT* __restrict__ shared,
+                   YT* __restrict__ y) {
+    __shared__ int order_pos[kMaxTopK];
+    __shared__ float order_w[kMaxTopK];
+    const int64_t t = blockIdx.x;
+    if (threadIdx.x == 0) {  // the token's choices by expert id ascending (insertion sort, top_k <= 32)
+        int id[kMaxTopK];
+        for (int j = 0; j < top_k; ++j) {
+            const int e = ids[t * top_k + j];
+            int i = j;
+            for (; i > 0 && id[i - 1] > e; --i) {
+                id[i] = id[i - 1];
+                order_pos[i] = order_pos[i - 1];
+                order_w[i] = order_w[i - 1];
+            }
+            id[i] = e;
+            order_pos[i] = pair_position[t * top_k + j];
+            order_w[i] = weights[t * top_k + j];
+        }
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < n_embd; c += kCombineThreads) {
+        float acc = 0.0f;
+        for (int j = 0; j < top_k; ++j) acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
+        if (shared != nullptr) acc += load1(shared + t * n_embd + c);
+        store1(y + t * n_embd + c, acc);
+    }
+}
+
+// ---- host side ----
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+void check_dtype(DType dtype, const char* what) {
+    if (dtype != DType::F32 && dtype != DType::BF16) bad(std::string(what) + ": activations must be F32 or BF16");
+}
+
+void check_router(DType dtype, int64_t m, int64_t n_experts, int64_t top_k, const char* what) {
+    check_dtype(dtype, what);
+    if (m < 0 || m > 0x7fffffff) bad(std::string(what) + ": m = " + std::to_string(m) + " out of range");
+    if (n_experts < 1 || n_experts > 1024 || top_k < 1 || top_k > kMaxTopK || top_k > n_experts)
+        bad(std::string(what) + ": top_k " + std::to_string(top_k) + " of " + std::to_string(n_experts) +
+            " experts (need 1 <= top_k <= min(32, n_experts), n_experts <= 1024)");
+}
+
+void check_aligned(const void* p, const char* what, const char* name) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) bad(std::string(what) + ": " + name + " must be 16-byte aligned");
+}
+
+unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
+    return static_cast<unsigned>(std::min<int64_t>(m * top_k, n_experts));
+}
+
+void check_experts(const MoeDeviceExperts& ex, int64_t m, int64_t top_k, const char* what) {
+    if (ex.n_experts < 1 || ex.n_experts > 1024) bad(std::string(what) + ": n_experts must be in 1..1024");
+    if (ex.n_embd <= 0 || ex.n_embd % 32 != 0 || ex.n_ff <= 0 || ex.n_ff % 32 != 0)
+        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " and n_ff " + std::to_string(ex.n_ff) +
+            " must be positive multiples of 32");
+    if (top_k < 1 || top_k > ex.n_experts || m < 0 || m * top_k > 0x7fffffff)
+        bad(std::string(what) + ": m " + std::to_string(m) + " x top_k " + std::to_string(top_k) + " out of range");
+    if (ex.up == nullptr || ex.down == nullptr) bad(std::string(what) + ": expert weight arrays missing");
+}
+
+}  // namespace
+
+void moe_route_softmax(const void* logits, DType dtype, int64_t m, int64_t n_experts, int64_t top_k,
+                       bool norm_topk_prob, int32_t* ids, float* weights, cudaStream_t stream) {
+    check_router(dtype, m, n_experts, top_k, "moe_route_softmax");
+    if (m == 0) return;
+    const size_t smem = static_cast<size_t>(n_experts) * 5;
+    const int ne = static_cast<int>(n_experts), k = static_cast<int>(top_k);
+    if (dtype == DType::F32)
+        route_softmax_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
+            static_cast<const float*>(logits), ne, k, norm_topk_prob, ids, weights);
+    else
+        route_softmax_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
+            static_cast<const __nv_bfloat16*>(logits), ne, k, norm_topk_prob, ids, weights);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_experts, int64_t top_k,
+                       const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                       float routed_scaling_factor, int32_t* ids, float* weights, cudaStream_t stream) {
+    check_router(dtype, m, n_experts, top_k, "moe_route_sigmoid");
+    if (n_group < 1 || n_experts % n_group != 0 || topk_group < 1 || topk_group > n_group)
+        bad("moe_route_sigmoid: " + std::to_string(n_experts) + " experts in " + std::to_string(n_group) +
+            " groups, keeping " + std::to_string(topk_group));
+    if (top_k > topk_group * (n_experts / n_group))
+        bad("moe_route_sigmoid: top_k " + std::to_string(top_k) + " of " +
+            std::to_string(topk_group * (n_experts / n_group)) + " eligible experts");
+    if (m == 0) return;
+    // choice, sig [n_experts] float; group_score [n_group] float; taken [n_experts], eligible [n_group] bytes
+    const size_t smem = static_cast<size_t>(n_experts) * 9 + static_cast<size_t>(n_group) * 5;
+    const int ne = static_cast<int>(n_experts), k = static_cast<int>(top_k);
+    const int ng = static_cast<int>(n_group), kg = static_cast<int>(topk_group);
+    if (dtype == DType::F32)
+        route_sigmoid_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
+            static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob, routed_scaling_factor,
+            ids, weights);
+    else
+        route_sigmoid_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
+            static_cast<const __nv_bfloat16*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
+            routed_scaling_factor, ids, weights);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts, const MoePermutation& perm,
+                 cudaStream_t stream) {
+    if (n_experts < 1 || n_experts > 1024 || top_k < 1 || m < 0 || m * top_k > 0x7fffffff)
+        bad("moe_permute: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_experts " +
+            std::to_string(n_experts) + " out of range");
+    const int n_pairs = static_cast<int>(m * top_k), ne = static_cast<int>(n_experts);
+    const unsigned blocks = static_cast<unsigned>((n_experts + kPermuteWarps - 1) / kPermuteWarps);
+    permute_count_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts);
+    permute_place_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts, perm.offsets,
+                                                                    perm.sorted_pairs, perm.pair_position,
+                                                                    perm.active_experts, perm.n_active);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
+                          MoeActivation act, const MoePermutation& perm, float* h, cudaStream_t stream) {
+    const char* what = "moe_experts_up_nvfp4";
+    check_dtype(dtype, what);
+    check_experts(experts, m, top_k, what);
+    check_aligned(x, what, "x");
+    check_aligned(h, what, "h");
+    if (act == MoeActivation::SwiGlu && experts.gate == nullptr) bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
+    if (m == 0) return;
+    const dim3 grid(static_cast<unsigned>((experts.n_ff + kGemvWarps - 1) / kGemvWarps),
+                    grid_y_for(m, top_k, experts.n_experts));
+    const int k = static_cast<int>(top_k);
+    auto launch = [&]<class XT, Epilogue kEpi>() {
+        moe_gemv_nvfp4_kernel<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
+            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, perm.offsets,
+            perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+    };
+    const bool swiglu = act == MoeActivation::SwiGlu;
+    if (dtype == DType::F32) {
+        if (swiglu) launch.template operator()<float, Epilogue::SwiGlu>();
+        else launch.template operator()<float, Epilogue::Relu2>();
+    } else {
+        if (swiglu) launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
+        else launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
+    }
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
+                            const MoePermutation& perm, float* o, cudaStream_t stream) {
+    const char* what = "moe_experts_down_nvfp4";
+    check_experts(experts, m, top_k, what);
+    check_aligned(h, what, "h");
+    check_aligned(o, what, "o");
+    if (m == 0) return;
+    const dim3 grid(static_cast<unsigned>((experts.n_embd + kGemvWarps - 1) / kGemvWarps),
+                    grid_y_for(m, top_k, experts.n_experts));
+    moe_gemv_nvfp4_kernel<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
+        h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, perm.offsets,
+        perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position, int64_t m,
+                 int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y, cudaStream_t stream) {
+    check_dtype(dtype, "moe_combine");
+    if (top_k < 1 || top_k > kMaxTopK || n_embd <= 0 || m < 0 || m > 0x7fffffff)
+        bad("moe_combine: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_embd " +
+            std::to_string(n_embd) + " out of range");
+    if (m == 0) return;
+    const int k = static_cast<int>(top_k);
+    if (dtype == DType::F32)
+        combine_kernel<float><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
+            o, ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared), static_cast<float*>(y));
+    else
+        combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
+            o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
+            static_cast<__nv_bfloat16*>(y));
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace nibble::cuda

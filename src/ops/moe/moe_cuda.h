@@ -1,0 +1,90 @@
+// CUDA launchers of the MoE op (ops/moe/moe.h holds the semantics and the CPU references): routing, the
+// token permutation by expert, the grouped NVFP4 expert GEMVs for decode, and the weighted combine. Plain
+// C++ plus cuda_runtime.h types: includable from host code.
+//
+// A step runs, on one stream:
+//   moe_route_softmax or moe_route_sigmoid   logits -> ids, weights        [m, top_k] each
+//   moe_permute                              ids -> counts, offsets, sorted pairs, active experts
+//   moe_experts_up_nvfp4                     x -> h  = act(x W_up^T [, x W_gate^T])   in sorted order
+//   moe_experts_down_nvfp4                   h -> o  = h W_down^T                     in sorted order
+//   moe_combine                              o, weights -> y (+ the shared expert's output)
+// A "pair" is (token t, choice j), index t * top_k + j. Sorted order groups the pairs by expert id
+// ascending and keeps token order inside an expert (what moe_experts_cpu gathers).
+//
+// Routing ties (both routers): candidates are ranked by their score, equal scores by the lower expert
+// (group) id, as the CPU references do. The softmax router ranks by logit (softmax is monotone, so this
+// is the CPU's order by probability, except that two different logits whose float32 probabilities round
+// equal are ordered by logit here and by id on the CPU: a difference below one ulp of p). The sigmoid
+// router ranks by sigmoid(logit) + bias computed with CUDA's expf (max 2 ulp): choices whose scores lie
+// within a few ulps of each other may order differently than the CPU's libm; equal logits and bias give
+// equal scores on both and so the same (lower-id) choice. Weights are float32, within a few ulps.
+//
+// Expert weights are NVFP4 (ops/linear/linear_cuda.h's layout), one Nvfp4DeviceWeight per expert in
+// device arrays; all experts share n_embd and n_ff (their n / k fields are not read). The grouped GEMV
+// reads only the active experts' weights: one CTA row tile per (active expert, 4 output rows), all tokens
+// routed to that expert in tiles of 8 (a tile past the first re-reads the rows, from L1/L2, which decode
+// rarely needs: at m = 64, top_k = 8 over 128 experts an expert gets 4 tokens on average).
+// Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
+// Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
+// 1 <= top_k <= n_experts <= 1024 (routers: top_k <= 32).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe.h"
+#include "tensor/dtype.h"
+
+namespace nibble::cuda {
+
+// Softmax router (moe_route_softmax_cpu): logits [m, n_experts] F32 or BF16 -> ids [m, top_k] int32,
+// weights [m, top_k] float32, best first.
+void moe_route_softmax(const void* logits, DType dtype, int64_t m, int64_t n_experts, int64_t top_k,
+                       bool norm_topk_prob, int32_t* ids, float* weights, cudaStream_t stream);
+
+// Sigmoid router with correction bias and grouped top-k (moe_route_sigmoid_cpu). correction_bias
+// [n_experts] float32 or null.
+void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_experts, int64_t top_k,
+                       const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                       float routed_scaling_factor, int32_t* ids, float* weights, cudaStream_t stream);
+
+// The permutation of m * top_k pairs by expert; caller-allocated device buffers.
+struct MoePermutation {
+    int32_t* counts = nullptr;          // [n_experts] pairs routed to each expert
+    int32_t* offsets = nullptr;         // [n_experts + 1] exclusive prefix sum of counts
+    int32_t* sorted_pairs = nullptr;    // [m * top_k] pair index at each sorted position
+    int32_t* pair_position = nullptr;   // [m * top_k] sorted position of each pair (the inverse)
+    int32_t* active_experts = nullptr;  // [n_experts] experts with count > 0, ascending, in the first n_active
+    int32_t* n_active = nullptr;        // [1]
+};
+
+// ids [m, top_k] int32 (each in 0..n_experts-1; out-of-range ids are dropped, not routed) -> perm.
+void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts, const MoePermutation& perm,
+                 cudaStream_t stream);
+
+struct MoeDeviceExperts {
+    const Nvfp4DeviceWeight* gate = nullptr;  // device array [n_experts], each [n_ff, n_embd]; SwiGlu only
+    const Nvfp4DeviceWeight* up = nullptr;    // device array [n_experts], each [n_ff, n_embd]
+    const Nvfp4DeviceWeight* down = nullptr;  // device array [n_experts], each [n_embd, n_ff]
+    int64_t n_experts = 0, n_embd = 0, n_ff = 0;
+};
+
+// h[p] = act(x[token of sorted pair p]) for the m * top_k sorted positions p:
+//   SwiGlu: silu(x W_gate^T) * (x W_up^T);  Relu2: relu(x W_up^T)^2
+//   x [m, n_embd] F32 or BF16; h [m * top_k, n_ff] float32
+void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
+                          MoeActivation act, const MoePermutation& perm, float* h, cudaStream_t stream);
+
+// o[p] = h[p] W_down^T of the expert of sorted position p.  h [m * top_k, n_ff]; o [m * top_k, n_embd]
+void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
+                            const MoePermutation& perm, float* o, cudaStream_t stream);
+
+// y[t] = sum over the token's choices in ascending expert id of weights[t, j] * o[pair_position[t, j]],
+// from zero (moe_experts_cpu's order), then + shared[t] when shared is not null.
+//   o [m * top_k, n_embd] float32; ids, weights [m, top_k]; shared, y [m, n_embd] in dtype (F32 or BF16)
+void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position, int64_t m,
+                 int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y, cudaStream_t stream);
+
+}  // namespace nibble::cuda
