@@ -663,6 +663,440 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
         decode_mma_kernel<KV, 128><<<grid, kThreads, 0, stream>>>(p);
 }
 
+// ---- Prefill on the tensor cores (flash-attention-2 style; BF16 q) ----
+//
+// CTA: 8 warps, one (sequence, KV head, tile of kPfRows = 128 rows, key split); a row is (query token, query
+// head of the KV head's group), token-major, so each K/V tile is read once for the whole group and 128 /
+// group tokens share a CTA (rows past tokens x group are padding, never stored). Warp w owns rows 16w ..
+// 16w + 15 for the whole key range: S = Q K^T and O += P V with mma.sync m16n8k16, fp32 accumulation, online
+// softmax in fp32 (base 2) on the accumulators (a row's 64 keys of a tile live on the 4 lanes of a quad).
+// Keys go in tiles of kPfKeys = 64, aligned to multiples of 64; keys outside the CTA's range (causal end,
+// sliding window start, split bounds) are loaded as zeros and masked only in tiles that straddle a bound.
+// K/V tiles are 16-bit [64][HD] in shared memory, 16-byte chunks XOR-swizzled by row % 8 so ldmatrix (K) and
+// ldmatrix.trans (V) are free of bank conflicts; two stages, one __syncthreads a tile:
+//   BF16 cache: cp.async of tile t+1 into the other stage while tile t is computed; BF16 mma (q as is, P
+//     rounded to BF16).
+//   FP8 / NVFP4: the raw bytes of tile t+1 are loaded into registers one tile ahead and dequantized into
+//     the other stage during tile t (every element once per CTA, between the two mma phases so the ALU
+//     work overlaps the tensor cores); fp16 mma: e4m3 and e2m1 * e4m3-scale are exact in fp16, q is
+//     converted BF16 -> fp16 (exact for 2^-14 <= |q| < 65504), P rounded to fp16. The layer scales go into
+//     the score factor and the output, once. NVFP4 words are unpacked as pairs (n_j, n_j+4) of nibbles (no
+//     nibble spreading), so each 8-dim chunk of K, V and Q is stored in the order 0,4,1,5,2,6,3,7: the
+//     Q.K sum is order-free, the output undoes it when stored.
+// Q is staged through the second stage's memory (ldmatrix into registers once) before the first tile lands
+// there. Registers / shared memory per block (ptxas -v, sm_90a, CUDA 13.0): see kPrefillResources below.
+constexpr int kPfWarps = 8;
+constexpr int kPfThreads = 32 * kPfWarps;
+constexpr int kPfRows = 16 * kPfWarps;
+constexpr int kPfKeys = 64;
+// A batch takes the prefill kernel when some sequence has at least this many rows (tokens x group): one
+// m16 row block. Fewer rows (decode, a few speculative tokens with a small group) stay on the decode /
+// CUDA-core kernels, where a 128-row tile would be mostly padding.
+constexpr int64_t kPfMinRows = 16;
+// Resident CTAs per SM of the prefill kernel (register-limited: __launch_bounds__(256, 1)); the split
+// heuristic fills SMs with this many.
+constexpr int kPfCtasPerSm = 1;
+
+template <int HD>
+constexpr size_t prefill_smem_bytes() {
+    return 2 * 2 * static_cast<size_t>(kPfKeys) * HD * 2;  // 2 stages x (K, V) x [64][HD] 16-bit
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of 16-byte chunk `ch` of row `row` in a [rows][HD] 16-bit tile.
+template <int HD>
+__device__ __forceinline__ uint32_t swizzled(int row, int ch) {
+    return static_cast<uint32_t>(row * (HD * 2) + ((ch ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// 16 bytes global -> shared; zeros (nothing read) when !valid.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <bool BF16MMA>
+__device__ __forceinline__ uint32_t pack_pair(float x, float y) {  // x in the low half
+    if constexpr (BF16MMA) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+        const __half2 h = __floats2half2_rn(x, y);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    }
+}
+
+// 8 BF16 q values (one 16-byte chunk) -> 8 fp16 values, in the order 0,4,1,5,2,6,3,7 when PERM.
+template <bool PERM>
+__device__ __forceinline__ uint4 q_chunk_to_f16(const uint4& raw) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    float e[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        e[2 * j] = __uint_as_float(w[j] << 16);
+        e[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+    uint32_t h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = PERM ? pack_pair<false>(e[j], e[j + 4]) : pack_pair<false>(e[2 * j], e[2 * j + 1]);
+    return make_uint4(h[0], h[1], h[2], h[3]);
+}
+
+// Dequantizes raw chunk `c` (16 bytes) of key row `kk` into the fp16 tile (layer scale not applied).
+// FP8: 16 elements, dims 16c .. 16c + 15 -> 16-bit chunks 2c, 2c + 1. NVFP4: 32 elements, dims 32c .. 32c + 31
+// -> chunks 4c .. 4c + 3, word i -> chunk 4c + i in the order 0,4,1,5,2,6,3,7; `scales` holds the two group
+// scales (low byte: dims 32c .. 32c + 15).
+template <KvDtype KV, int HD>
+__device__ __forceinline__ void dequant_to_tile(const uint4& raw, uint32_t scales, uint8_t* tile, int kk, int c) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (KV == KvDtype::Fp8) {
+        uint32_t h[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+                    static_cast<__nv_fp8x2_storage_t>((w[j] >> (16 * half)) & 0xffffu), __NV_E4M3);
+                h[2 * j + half] = static_cast<uint32_t>(r.x) | static_cast<uint32_t>(r.y) << 16;
+            }
+        }
+        *reinterpret_cast<uint4*>(tile + swizzled<HD>(kk, 2 * c)) = make_uint4(h[0], h[1], h[2], h[3]);
+        *reinterpret_cast<uint4*>(tile + swizzled<HD>(kk, 2 * c + 1)) = make_uint4(h[4], h[5], h[6], h[7]);
+    } else {
+        // Nibbles j and j + 4 of a word sit at bits 4j and 16 + 4j of (word >> 4j): magnitude to fp16 bits
+        // 9..11 and sign to bit 15 of each half gives e2m1 * 2^-14 exactly (code 1 is the subnormal 2^-15),
+        // then * 2^14 and * the group scale, both exact in fp16 (as the decode kernel does).
+        const __half2 k16 = __float2half2_rn(16384.0f);
+        const __half2 s_lo = scale_h2(scales), s_hi = scale_h2(scales >> 8);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            uint32_t h[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t s = w[i] >> (4 * j);
+                const uint32_t bits = ((s << 9) & 0x0e000e00u) | ((s << 12) & 0x80008000u);
+                __half2 v = *reinterpret_cast<const __half2*>(&bits);
+                v = __hmul2(__hmul2(v, k16), i < 2 ? s_lo : s_hi);
+                h[j] = *reinterpret_cast<const uint32_t*>(&v);
+            }
+            *reinterpret_cast<uint4*>(tile + swizzled<HD>(kk, 4 * c + i)) = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
+}
+
+template <KvDtype KV, int HD>
+__global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnParams p) {
+    constexpr bool BF = KV == KvDtype::Bf16;
+    constexpr bool PERM = KV == KvDtype::Nvfp4;
+    constexpr int CH = HD / 8;                  // 16-byte chunks of a 16-bit row
+    constexpr int KSTEPS = HD / 16;             // k-steps of Q K^T
+    constexpr int NT = HD / 8;                  // n-tiles of the output
+    constexpr int KT = kPfKeys / 8;             // n-tiles of S
+    constexpr int TILE = kPfKeys * HD * 2;      // bytes of the K (or V) tile of a stage
+    constexpr int ROW_BYTES = KV == KvDtype::Bf16 ? HD * 2 : KV == KvDtype::Fp8 ? HD : HD / 2;
+    constexpr int CPR = ROW_BYTES / 16;         // raw 16-byte chunks of a stored row
+    constexpr int NCH = kPfKeys * CPR;          // raw chunks of a K (or V) tile
+    constexpr int ITER = (NCH + kPfThreads - 1) / kPfThreads;
+    static_assert(kPfRows * HD * 2 <= 2 * TILE, "Q is staged in one stage");
+    static_assert(KSTEPS % 2 == 0 && NT % 2 == 0, "x4 ldmatrix pairs");
+
+    extern __shared__ __align__(16) uint8_t pf_smem[];  // [2 stages][K, V][kPfKeys][HD] 16-bit
+    uint8_t* const stage0 = pf_smem;
+    uint8_t* const stage1 = pf_smem + 2 * TILE;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int seq = blockIdx.y;
+    const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
+    const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
+    const int q0 = p.q_start[seq];
+    const int n_q = p.q_start[seq + 1] - q0;
+    const int tile_q0 = static_cast<int>(blockIdx.x) * p.q_tile;
+    if (tile_q0 >= n_q) return;
+    const int tile_nq = min(p.q_tile, n_q - tile_q0);
+    const int nrows = tile_nq * p.group;
+    const int pos_first = p.start_pos[seq] + tile_q0;  // position of the tile's first query token
+    const int pos_last = pos_first + tile_nq - 1;
+    const int window = p.sliding_window;
+    int lo = window > 0 ? max(0, pos_first - window + 1) : 0;
+    int hi = pos_last + 1;  // exclusive
+    lo = max(lo, split * p.keys_per_split);
+    hi = min(hi, (split + 1) * p.keys_per_split);
+    const int k_first = lo < hi ? lo / kPfKeys * kPfKeys : 0;
+    const int n_tiles = lo < hi ? (hi - k_first + kPfKeys - 1) / kPfKeys : 0;
+    // Keys in [full_lo, full_hi) are attended by every row of the tile: tiles inside need no mask.
+    const int full_lo = max(lo, window > 0 ? pos_last - window + 1 : 0);
+    const int full_hi = min(hi, pos_first + 1);
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+
+    // This lane's rows (g and g + 8 of the warp's 16): their key bounds.
+    int row_lo[2], row_hi[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int qpos = pos_first + (16 * warp + g + 8 * i) / p.group;
+        row_lo[i] = max(lo, window > 0 ? qpos - window + 1 : 0);
+        row_hi[i] = min(hi, qpos + 1);
+    }
+
+    // Raw K/V of one tile in registers (FP8 / NVFP4): chunk tid + 256 it of each; zeros outside [lo, hi).
+    uint4 rk[ITER], rv[ITER];
+    uint32_t sk[ITER], sv[ITER];
+    auto load_raw = [&](int k0) {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int ch = tid + it * kPfThreads;
+            const int key = k0 + ch / CPR;
+            rk[it] = rv[it] = make_uint4(0, 0, 0, 0);
+            sk[it] = sv[it] = 0;
+            if (ch < NCH && key >= lo && key < hi) {
+                const int64_t base = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes;
+                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                const int64_t off = base + row * ROW_BYTES + (ch % CPR) * 16;
+                rk[it] = __ldg(reinterpret_cast<const uint4*>(p.k + off));
+                rv[it] = __ldg(reinterpret_cast<const uint4*>(p.v + off));
+                if constexpr (KV == KvDtype::Nvfp4) {
+                    const int64_t soff = base + static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES +
+                                         row * (HD / 16) + (ch % CPR) * 2;
+                    sk[it] = __ldg(reinterpret_cast<const unsigned short*>(p.k + soff));
+                    sv[it] = __ldg(reinterpret_cast<const unsigned short*>(p.v + soff));
+                }
+            }
+        }
+    };
+    auto dequant_raw = [&](uint8_t* stage) {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int ch = tid + it * kPfThreads;
+            if (ch < NCH) {
+                dequant_to_tile<KV, HD>(rk[it], sk[it], stage, ch / CPR, ch % CPR);
+                dequant_to_tile<KV, HD>(rv[it], sv[it], stage + TILE, ch / CPR, ch % CPR);
+            }
+        }
+    };
+    // BF16 K/V of one tile straight into a stage.
+    auto load_bf16 = [&](int k0, uint8_t* stage) {
+#pragma unroll
+        for (int i = tid; i < kPfKeys * CH; i += kPfThreads) {
+            const int kk = i / CH, ch = i % CH, key = k0 + kk;
+            const bool ok = key >= lo && key < hi;
+            int64_t off = 0;
+            if (ok) {
+                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                off = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes + row * (HD * 2) + ch * 16;
+            }
+            cp_async16(smem_addr(stage + swizzled<HD>(kk, ch)), p.k + off, ok);
+            cp_async16(smem_addr(stage + TILE + swizzled<HD>(kk, ch)), p.v + off, ok);
+        }
+        cp_async_commit();
+    };
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    if (n_tiles > 0) {  // uniform over the CTA
+        // Q rows into stage 1 (zeros past nrows), the first tile into stage 0.
+        for (int i = tid; i < kPfRows * CH; i += kPfThreads) {
+            const int r = i / CH, ch = i % CH;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r < nrows) {
+                const int64_t token = q0 + tile_q0 + r / p.group;
+                const int64_t src = (token * p.n_heads + kvh * p.group + r % p.group) * HD + ch * 8;
+                val = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + src));
+                if constexpr (!BF) val = q_chunk_to_f16<PERM>(val);
+            }
+            *reinterpret_cast<uint4*>(stage1 + swizzled<HD>(r, ch)) = val;
+        }
+        if constexpr (BF) {
+            load_bf16(k_first, stage0);
+            cp_async_wait_all();
+        } else {
+            load_raw(k_first);
+            dequant_raw(stage0);
+        }
+        __syncthreads();
+        uint32_t qa[KSTEPS][4];
+        {
+            const int row = 16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+            for (int s = 0; s < KSTEPS; ++s) ldsm_x4(smem_addr(stage1 + swizzled<HD>(row, 2 * s + (lane >> 4))), qa[s]);
+        }
+        __syncthreads();  // stage 1 is free for tile 1
+        if constexpr (!BF) {
+            if (n_tiles > 1) load_raw(k_first + kPfKeys);
+        }
+
+        for (int tt = 0; tt < n_tiles; ++tt) {
+            const int k0 = k_first + tt * kPfKeys;
+            uint8_t* const cur = (tt & 1) ? stage1 : stage0;
+            uint8_t* const nxt = (tt & 1) ? stage0 : stage1;
+            if constexpr (BF) {
+                if (tt + 1 < n_tiles) load_bf16(k0 + kPfKeys, nxt);
+            }
+
+            // S = Q K^T: lane (g, t) holds rows g (s[j][0..1]) and g + 8 (s[j][2..3]), keys 8j + 2t, + 1.
+            float s[KT][4];
+#pragma unroll
+            for (int j = 0; j < KT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            const uint32_t kbase = smem_addr(cur);
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ks += 2) {
+#pragma unroll
+                for (int j = 0; j < KT; ++j) {
+                    uint32_t kb[4];  // keys 8j .. 8j + 7, chunks 2ks .. 2ks + 3 (k-steps ks and ks + 1)
+                    ldsm_x4(kbase + swizzled<HD>(8 * j + (lane & 7), 2 * ks + (lane >> 3)), kb);
+                    mma16816<BF>(s[j], qa[ks], kb[0], kb[1]);
+                    mma16816<BF>(s[j], qa[ks + 1], kb[2], kb[3]);
+                }
+            }
+
+            // The next tile's raw bytes -> the other stage (read by nobody since the last barrier), then the
+            // raw loads of the tile after it.
+            if constexpr (!BF) {
+                if (tt + 1 < n_tiles) {
+                    dequant_raw(nxt);
+                    if (tt + 2 < n_tiles) load_raw(k0 + 2 * kPfKeys);
+                }
+            }
+
+            if (k0 < full_lo || k0 + kPfKeys > full_hi) {
+#pragma unroll
+                for (int j = 0; j < KT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + 8 * j + 2 * t + (e & 1);
+                        if (key < row_lo[e >> 1] || key >= row_hi[e >> 1]) s[j][e] = -INFINITY;
+                    }
+            }
+
+            // Online softmax (base 2, scores times qk_scale > 0 so the max commutes with the scaling).
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < KT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[i], mx * p.qk_scale);
+                const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // rows with nothing attended yet
+                const float alpha = exp2f(m[i] - m_use);
+                m[i] = m_new;
+                float rs = 0.0f;
+#pragma unroll
+                for (int j = 0; j < KT; ++j) {
+#pragma unroll
+                    for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                        s[j][e] = exp2f(fmaf(s[j][e], p.qk_scale, -m_use));
+                        rs += s[j][e];
+                    }
+                }
+                l[i] = l[i] * alpha + rs;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) o[n][2 * i] *= alpha, o[n][2 * i + 1] *= alpha;
+            }
+
+            // O += P V: P as the A operand straight from the accumulators (k-step kk = keys 16kk .. 16kk + 15).
+            const uint32_t vbase = kbase + TILE;
+#pragma unroll
+            for (int kk = 0; kk < kPfKeys / 16; ++kk) {
+                const uint32_t pa[4] = {pack_pair<BF>(s[2 * kk][0], s[2 * kk][1]),
+                                        pack_pair<BF>(s[2 * kk][2], s[2 * kk][3]),
+                                        pack_pair<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack_pair<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                const int vrow = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+                for (int n = 0; n < NT; n += 2) {
+                    uint32_t vb[4];  // keys 16kk .. 16kk + 15 of dims 8n .. 8n + 15
+                    ldsm_x4_trans(vbase + swizzled<HD>(vrow, n + (lane >> 4)), vb);
+                    mma16816<BF>(o[n], pa, vb[0], vb[1]);
+                    mma16816<BF>(o[n + 1], pa, vb[2], vb[3]);
+                }
+            }
+            if constexpr (BF) cp_async_wait_all();
+            __syncthreads();  // the next stage has landed; this one may be overwritten
+        }
+    }
+
+    // Row sums over the quad, then the output (one split) or this split's partial.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = 16 * warp + g + 8 * i;
+        if (r >= nrows) continue;
+        const int64_t token = q0 + tile_q0 + r / p.group;
+        const int64_t hrow = token * p.n_heads + kvh * p.group + r % p.group;
+        // Dims of o[n][2i], o[n][2i + 1]: 8n + 2t, + 1, or 8n + t, + 4 in the NVFP4 order.
+        const int d0 = PERM ? t : 2 * t, d1 = PERM ? t + 4 : 2 * t + 1;
+        if (p.n_splits == 1) {
+            const float inv = l[i] > 0.0f ? p.v_scale / l[i] : 0.0f;
+            __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + hrow * HD;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                if constexpr (PERM) {
+                    out[8 * n + d0] = __float2bfloat16_rn(o[n][2 * i] * inv);
+                    out[8 * n + d1] = __float2bfloat16_rn(o[n][2 * i + 1] * inv);
+                } else {
+                    const __nv_bfloat162 v2 = __floats2bfloat162_rn(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+                    *reinterpret_cast<__nv_bfloat162*>(out + 8 * n + d0) = v2;
+                }
+            }
+        } else {
+            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
+            float* po = p.part_o + prow * HD;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                po[8 * n + d0] = o[n][2 * i] * p.v_scale;
+                po[8 * n + d1] = o[n][2 * i + 1] * p.v_scale;
+            }
+            if (t == 0) {
+                p.part_m[prow] = m[i];
+                p.part_l[prow] = l[i];
+            }
+        }
+    }
+}
+
+template <KvDtype KV, int HD>
+void launch_prefill_mma_hd(const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    constexpr size_t smem = prefill_smem_bytes<HD>();
+    auto kernel = prefill_mma_kernel<KV, HD>;
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, kPfThreads, smem, stream>>>(p);
+}
+
+template <KvDtype KV>
+void launch_prefill_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    if (hd == 64)
+        launch_prefill_mma_hd<KV, 64>(p, grid, stream);
+    else
+        launch_prefill_mma_hd<KV, 128>(p, grid, stream);
+}
+
+// Whether a batch's prefill can take the tensor-core kernel (q BF16 and a positive scale also needed:
+// paged_attention checks those).
+bool prefill_rows_enough(int64_t group, int64_t max_q_len) {
+    return max_q_len > 1 && max_q_len * group >= kPfMinRows;
+}
+
 template <KvDtype KV, int HD, int NJ>
 void launch_attention(const AttnParams& p, dim3 grid, cudaStream_t stream) {
     constexpr size_t smem = attn_smem_bytes<HD, NJ>();
@@ -832,6 +1266,22 @@ void launch_write(const void* k, const void* v, int64_t n_tokens, const int64_t*
 int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t n_heads, int sm_count) {
     if (n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / n_kv_heads;
+    if (prefill_rows_enough(group, b.max_q_len)) {
+        // Tensor-core prefill: few CTAs, each long. Pick the split count s that minimizes the waves per
+        // split, ceil(ctas s / slots) / s (the busiest SM's share of the work), plus 1% a split for the
+        // partials and the combine; at least 512 keys a split, at most 16 splits.
+        const int64_t q_tile = std::max<int64_t>(1, kPfRows / group);
+        const int64_t ctas = b.n_seqs * n_kv_heads * ((b.max_q_len + q_tile - 1) / q_tile);
+        const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(sm_count) * kPfCtasPerSm);
+        const int64_t most = std::clamp<int64_t>(b.max_kv_len / 512, 1, 16);
+        int best = 1;
+        double best_cost = 1e30;
+        for (int64_t s = 1; s <= most; ++s) {
+            const double cost = static_cast<double>((ctas * s + slots - 1) / slots) / static_cast<double>(s) + 0.01 * s;
+            if (cost < best_cost) best_cost = cost, best = static_cast<int>(s);
+        }
+        return best;
+    }
     const int64_t q_tile = b.max_q_len > 1 ? std::max<int64_t>(1, 32 / group) : 1;
     const int64_t ctas = b.n_seqs * n_kv_heads * ((b.max_q_len + q_tile - 1) / q_tile);
     const int64_t want = (4 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;  // ~4 CTAs per SM
@@ -854,7 +1304,11 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     if (b.n_seqs <= 0 || b.n_tokens <= 0 || b.max_q_len <= 0) return;
     const int64_t group = args.n_heads / kv.n_kv_heads;
     const int nj = rows_per_warp(group, b.max_q_len);
-    const int64_t q_tile = b.max_q_len > 1 ? (4 * nj) / group : 1;
+    // Prefill (some sequence with >= 16 rows of query tokens x group) with BF16 q runs on the tensor cores;
+    // F32 q (the CPU-parity path) and a non-positive scale keep the CUDA-core kernel.
+    const bool prefill_mma = dtype == DType::BF16 && args.scale > 0.0f && prefill_rows_enough(group, b.max_q_len);
+    const int64_t q_tile = prefill_mma ? kPfRows / group : b.max_q_len > 1 ? (4 * nj) / group : 1;
+    const int64_t key_align = prefill_mma ? kPfKeys : kKeyTile;  // splits start on key-tile boundaries
 
     AttnParams p{};
     p.q = q;
@@ -872,7 +1326,7 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     p.v_scale = kv.v_scale;
     p.sliding_window = static_cast<int>(args.sliding_window);
     const int64_t per_split = (b.max_kv_len + n_splits - 1) / n_splits;
-    p.keys_per_split = static_cast<int>(std::max<int64_t>(kKeyTile, (per_split + kKeyTile - 1) / kKeyTile * kKeyTile));
+    p.keys_per_split = static_cast<int>(std::max<int64_t>(key_align, (per_split + key_align - 1) / key_align * key_align));
     p.n_splits = n_splits;
     p.q_start = b.q_start;
     p.start_pos = b.start_pos;
@@ -888,7 +1342,13 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     }
     const dim3 grid(static_cast<unsigned>((b.max_q_len + q_tile - 1) / q_tile), static_cast<unsigned>(b.n_seqs),
                     static_cast<unsigned>(kv.n_kv_heads * n_splits));
-    if (b.max_q_len == 1 && group <= 8) {
+    if (prefill_mma) {
+        switch (kv.dtype) {
+            case KvDtype::Bf16: launch_prefill_mma<KvDtype::Bf16>(kv.head_dim, p, grid, stream); break;
+            case KvDtype::Fp8: launch_prefill_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream); break;
+            default: launch_prefill_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream); break;
+        }
+    } else if (b.max_q_len == 1 && group <= 8) {
         switch (kv.dtype) {  // decode on the tensor cores
             case KvDtype::Bf16: launch_decode_mma<KvDtype::Bf16>(kv.head_dim, p, grid, stream); break;
             case KvDtype::Fp8: launch_decode_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream); break;
