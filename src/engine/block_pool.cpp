@@ -17,8 +17,14 @@ uint64_t hash_block_tokens(uint64_t parent_hash, std::span<const int32_t> tokens
     return XXH3_64bits(bytes.data(), bytes.size());
 }
 
-BlockPool::BlockPool(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, BlockHashFn hash)
+BlockPool::BlockPool(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, BlockHashFn hash,
+                     int64_t num_snapshots)
     : block_size_(block_size), prefix_caching_(enable_prefix_caching), hash_(std::move(hash)) {
+    NIBBLE_CHECK(num_snapshots >= 0 && num_snapshots < (int64_t{1} << 31),
+                 "KV block pool: num_snapshots must be in [0, 2^31), got {}", num_snapshots);
+    NIBBLE_CHECK(num_snapshots == 0 || enable_prefix_caching, "KV block pool: state snapshots need prefix caching");
+    snapshot_owner_.assign(static_cast<size_t>(num_snapshots), kSnapshotFree);
+    for (int64_t s = num_snapshots - 1; s >= 0; --s) free_snapshots_.push_back(static_cast<int32_t>(s));
     NIBBLE_CHECK(num_blocks > 0 && num_blocks < (int64_t{1} << 31), "KV block pool: num_blocks must be in [1, 2^31), got {}",
                  num_blocks);
     NIBBLE_CHECK(block_size > 0, "KV block pool: block_size must be positive, got {}", block_size);
@@ -96,6 +102,11 @@ void BlockPool::uncache(int32_t block) {
     if (!b.cached) return;
     auto it = by_hash_.find(b.hash);
     if (it != by_hash_.end() && it->second == block) by_hash_.erase(it);
+    if (b.snapshot >= 0) {  // the snapshot belongs to the cache entry: evicted with it
+        snapshot_owner_[static_cast<size_t>(b.snapshot)] = kSnapshotFree;
+        free_snapshots_.push_back(b.snapshot);
+        b.snapshot = -1;
+    }
     b.cached = false;
     b.tokens.clear();
     b.hash = b.cid = 0;
@@ -173,6 +184,84 @@ void BlockPool::check_invariants(std::span<const std::span<const int32_t>> table
     }
     NIBBLE_CHECK(n_cached == by_hash_.size(), "invariant: {} blocks cached but {} hash map entries", n_cached,
                  by_hash_.size());
+
+    std::vector<int> on_free_snapshots(snapshot_owner_.size(), 0);
+    for (int32_t s : free_snapshots_) {
+        NIBBLE_CHECK(s >= 0 && static_cast<size_t>(s) < snapshot_owner_.size(),
+                     "invariant: free snapshot {} out of range", s);
+        ++on_free_snapshots[static_cast<size_t>(s)];
+    }
+    for (size_t s = 0; s < snapshot_owner_.size(); ++s) {
+        const int32_t owner = snapshot_owner_[s];
+        NIBBLE_CHECK(on_free_snapshots[s] == (owner == kSnapshotFree ? 1 : 0),
+                     "invariant: snapshot {} is {} but on the free snapshot list {} times", s,
+                     owner == kSnapshotFree ? "free" : "taken", on_free_snapshots[s]);
+        if (owner >= 0) {
+            NIBBLE_CHECK(static_cast<size_t>(owner) < n && blocks_[static_cast<size_t>(owner)].cached &&
+                             blocks_[static_cast<size_t>(owner)].snapshot == static_cast<int32_t>(s),
+                         "invariant: snapshot {} says block {} owns it, which is not a cached block holding it", s,
+                         owner);
+        }
+    }
+    for (size_t i = 0; i < n; ++i) {
+        const int32_t s = blocks_[i].snapshot;
+        if (s < 0) continue;
+        NIBBLE_CHECK(blocks_[i].cached, "invariant: uncached block {} holds snapshot {}", i, s);
+        NIBBLE_CHECK(static_cast<size_t>(s) < snapshot_owner_.size() &&
+                         snapshot_owner_[static_cast<size_t>(s)] == static_cast<int32_t>(i),
+                     "invariant: block {} holds snapshot {} owned elsewhere", i, s);
+    }
+}
+
+int64_t BlockPool::num_attached_snapshots() const {
+    return std::count_if(snapshot_owner_.begin(), snapshot_owner_.end(), [](int32_t o) { return o >= 0; });
+}
+
+int32_t BlockPool::reserve_snapshot() {
+    if (!free_snapshots_.empty()) {
+        const int32_t s = free_snapshots_.back();
+        free_snapshots_.pop_back();
+        snapshot_owner_[static_cast<size_t>(s)] = kSnapshotReserved;
+        return s;
+    }
+    for (int32_t block : lru_)  // least recently released first
+        if (blocks_[static_cast<size_t>(block)].snapshot >= 0) return detach_snapshot(block);
+    return -1;
+}
+
+void BlockPool::free_snapshot(int32_t snapshot) {
+    NIBBLE_CHECK(snapshot >= 0 && static_cast<size_t>(snapshot) < snapshot_owner_.size() &&
+                     snapshot_owner_[static_cast<size_t>(snapshot)] == kSnapshotReserved,
+                 "state snapshot {}: freed but not reserved", snapshot);
+    snapshot_owner_[static_cast<size_t>(snapshot)] = kSnapshotFree;
+    free_snapshots_.push_back(snapshot);
+}
+
+bool BlockPool::attach_snapshot(int32_t block, int32_t snapshot) {
+    Block& b = blocks_[index(block)];
+    NIBBLE_CHECK(snapshot >= 0 && static_cast<size_t>(snapshot) < snapshot_owner_.size() &&
+                     snapshot_owner_[static_cast<size_t>(snapshot)] == kSnapshotReserved,
+                 "state snapshot {}: attached to block {} but not reserved", snapshot, block);
+    if (!b.cached || b.snapshot >= 0) return false;
+    b.snapshot = snapshot;
+    snapshot_owner_[static_cast<size_t>(snapshot)] = block;
+    return true;
+}
+
+int32_t BlockPool::detach_snapshot(int32_t block) {
+    Block& b = blocks_[index(block)];
+    const int32_t s = b.snapshot;
+    if (s < 0) return -1;
+    b.snapshot = -1;
+    snapshot_owner_[static_cast<size_t>(s)] = kSnapshotReserved;
+    return s;
+}
+
+int32_t BlockPool::cached_block(const BlockLink& link) const {
+    if (link.cid == 0) return -1;
+    auto it = by_hash_.find(link.hash);
+    if (it == by_hash_.end() || blocks_[static_cast<size_t>(it->second)].cid != link.cid) return -1;
+    return it->second;
 }
 
 }  // namespace nibble

@@ -11,6 +11,14 @@
 // becomes uncached).
 //
 // Block states:  free (ref 0, uncached) | cached on the LRU (ref 0) | in use (ref > 0, cached or not).
+//
+// Hybrid models (recurrent Mamba state): a KV block alone cannot resume a sequence, the state at its end is
+// needed too. The pool then also owns num_snapshots state-snapshot ids (the memory itself lives in the
+// ModelRunner). A snapshot is free, reserved (a sequence will save its state into it after this step's
+// forward), or attached to one cached block: the state after that block's last token. It lives and dies
+// with the block's cache entry (uncache(): eviction from the LRU or a collision frees it). When none is free,
+// reserve_snapshot() takes the one of the least recently used unreferenced cached block holding one (the
+// block itself stays cached for its KV).
 #pragma once
 
 #include <cstdint>
@@ -36,7 +44,7 @@ class BlockPool {
 public:
     // hash: replaceable so tests can force collisions.
     BlockPool(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching,
-              BlockHashFn hash = hash_block_tokens);
+              BlockHashFn hash = hash_block_tokens, int64_t num_snapshots = 0);
 
     int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
     int64_t block_size() const { return block_size_; }
@@ -71,7 +79,28 @@ public:
     // Throws nibble::Error naming the first broken invariant: ref counts equal the references in `tables`
     // (every live sequence's block table), no table holds a block twice, every unreferenced block is on
     // exactly one of the free and LRU lists (LRU iff cached), and the hash map and the cached flags agree.
+    // With snapshots: each is free, reserved or attached to exactly one cached block, and the free list
+    // holds exactly the free ones.
     void check_invariants(std::span<const std::span<const int32_t>> tables) const;
+
+    // State snapshots (hybrid models; see the header comment). Ids are [0, num_snapshots).
+    int64_t num_snapshots() const { return static_cast<int64_t>(snapshot_owner_.size()); }
+    int64_t num_free_snapshots() const { return static_cast<int64_t>(free_snapshots_.size()); }
+    int64_t num_attached_snapshots() const;
+    // The snapshot attached to a block, or -1.
+    int32_t snapshot_of(int32_t block) const { return blocks_[index(block)].snapshot; }
+    // A snapshot id for the caller to fill (free, else taken from the LRU-most unreferenced cached block that
+    // has one), or -1 if every snapshot is reserved or attached to a block in use.
+    int32_t reserve_snapshot();
+    // Gives a reserved snapshot back (the sequence that reserved it ended or did not fill it).
+    void free_snapshot(int32_t snapshot);
+    // Attaches a reserved, filled snapshot to a cached block. False (the snapshot stays reserved: the caller
+    // frees it) if the block is not cached or already has one.
+    bool attach_snapshot(int32_t block, int32_t snapshot);
+    // Detaches a block's snapshot and returns it reserved to the caller (-1 if it had none).
+    int32_t detach_snapshot(int32_t block);
+    // The cached block registered under a link (the one a chain ends at), or -1.
+    int32_t cached_block(const BlockLink& link) const;
 
 private:
     struct Block {
@@ -83,6 +112,7 @@ private:
         uint64_t cid = 0;              // when cached
         BlockLink parent;              // when cached
         std::vector<int32_t> tokens;   // when cached: [block_size]
+        int32_t snapshot = -1;         // when cached: the state after this block, or -1
     };
     size_t index(int32_t block) const;
     void uncache(int32_t block);
@@ -95,6 +125,9 @@ private:
     std::list<int32_t> lru_;                          // cached, ref 0; least recently released first
     std::unordered_map<uint64_t, int32_t> by_hash_;   // cached blocks
     uint64_t next_cid_ = 1;
+    static constexpr int32_t kSnapshotFree = -2, kSnapshotReserved = -1;
+    std::vector<int32_t> snapshot_owner_;   // [num_snapshots]: kSnapshotFree, kSnapshotReserved or a block
+    std::vector<int32_t> free_snapshots_;   // reserve_snapshot() pops the back
 };
 
 }  // namespace nibble

@@ -47,6 +47,12 @@ struct Command {
     FinishReason reason = FinishReason::Stop;
 };
 
+// Hybrid models: state snapshots the engine keeps (0 when prefix caching is off).
+int64_t snapshots_for(const Model& m, const EngineConfig& c) {
+    if (m.mamba_state_shape(c.mamba_ssm_cache_dtype).empty() || !c.enable_prefix_caching) return 0;
+    return c.mamba_prefix_snapshots < 0 ? c.max_num_seqs : c.mamba_prefix_snapshots;
+}
+
 }  // namespace
 
 struct Engine::Impl {
@@ -54,17 +60,25 @@ struct Engine::Impl {
         : model(m),
           config(c),
           hybrid(!m.mamba_state_shape(c.mamba_ssm_cache_dtype).empty()),
-          pool(c.num_blocks, c.block_size, c.enable_prefix_caching && !hybrid),
+          snapshots(snapshots_for(m, c)),
+          pool(c.num_blocks, c.block_size, c.enable_prefix_caching && (!hybrid || snapshots > 0), hash_block_tokens,
+               snapshots),
           scheduler({.max_num_seqs = c.max_num_seqs,
                      .max_num_batched_tokens = c.max_num_batched_tokens,
-                     .num_state_slots = hybrid ? c.max_num_seqs : 0},
+                     .num_state_slots = hybrid ? c.max_num_seqs : 0,
+                     .snapshot_interval = hybrid ? c.mamba_snapshot_interval : 0},
                     pool),
-          runner(m, c.num_blocks, c.block_size, c.kv_cache_dtype, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype),
-          vocab(m.config().vocab_size) {}
+          runner(m, c.num_blocks, c.block_size, c.kv_cache_dtype, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype,
+                 snapshots),
+          vocab(m.config().vocab_size) {
+        NIBBLE_CHECK(runner.num_state_snapshots() == snapshots, "engine: the runner keeps {} state snapshots, not {}",
+                     runner.num_state_snapshots(), snapshots);
+    }
 
     Model& model;
     EngineConfig config;
-    bool hybrid;  // the model keeps per-sequence recurrent state (no prefix caching, one slot per sequence)
+    bool hybrid;  // the model keeps per-sequence recurrent state (one slot per sequence)
+    int64_t snapshots;  // hybrid prefix caching: recurrent-state snapshots (0: off)
     BlockPool pool;
     Scheduler scheduler;
     CpuModelRunner runner;
@@ -284,6 +298,8 @@ void Engine::Impl::update_stats() {
     st.prompt_tokens_total = prompt_tokens_total;
     st.generation_tokens_total = generation_tokens_total;
     st.num_preemptions = scheduler.num_preemptions();
+    st.state_snapshots_total = pool.num_snapshots();
+    st.state_snapshots_used = pool.num_attached_snapshots();
     std::lock_guard lock(mutex);
     for (const auto& cmd : inbox) st.num_waiting += cmd.kind == Command::Kind::Submit ? 1 : 0;
     stats = st;
@@ -319,7 +335,13 @@ bool Engine::Impl::step() {
     }
     std::vector<float> logits;
     try {
+        // A sequence resuming on cached blocks starts from the state after the last of them; a chunk ending
+        // on a snapshot point leaves its state in the reserved snapshot (the scheduler attaches it).
+        for (const ScheduledChunk& c : out.chunks)
+            if (c.seq->restore_snapshot >= 0) runner.restore_state_snapshot(c.seq->restore_snapshot, c.seq->state_slot);
         runner.execute(batch, logits);
+        for (const ScheduledChunk& c : out.chunks)
+            if (c.seq->save_snapshot >= 0) runner.save_state_snapshot(c.seq->state_slot, c.seq->save_snapshot);
     } catch (const std::exception& e) {
         for (const ScheduledChunk& c : out.chunks) fail(*owner.at(c.seq), fmt::format("forward failed: {}", e.what()));
         deliver_all();
@@ -376,9 +398,13 @@ Engine::Engine(Model& model, const EngineConfig& config) {
     const int64_t vocab = model.config().vocab_size;
     for (int32_t id : config.eos_token_ids)
         NIBBLE_CHECK(id >= 0 && id < vocab, "engine: eos token id {} is outside the vocabulary [0, {})", id, vocab);
-    if (config.enable_prefix_caching && !model.mamba_state_shape(config.mamba_ssm_cache_dtype).empty())
-        log::warn("prefix caching is not supported for {} (hybrid Mamba state; block-boundary state snapshots are "
-                  "not implemented): disabled", model.config().arch_name);
+    NIBBLE_CHECK(config.mamba_snapshot_interval >= 0 && config.mamba_snapshot_interval % config.block_size == 0,
+                 "engine: the Mamba state snapshot interval {} must be a non-negative multiple of block_size {}",
+                 config.mamba_snapshot_interval, config.block_size);
+    if (config.enable_prefix_caching && config.mamba_prefix_snapshots == 0 &&
+        !model.mamba_state_shape(config.mamba_ssm_cache_dtype).empty())
+        log::warn("prefix caching is off for {}: a hybrid model resumes only from a Mamba state snapshot and "
+                  "--mamba-prefix-snapshots is 0", model.config().arch_name);
     impl_ = std::make_unique<Impl>(model, config);
     impl_->update_stats();
 }

@@ -24,10 +24,13 @@ struct EngineConfig {
     int64_t max_num_batched_tokens = 2048; // tokens per step (decodes + prefill chunks)
     int64_t block_size = 16;               // tokens per KV block
     int64_t num_blocks = 0;                // KV blocks in the pool (from the memory plan); must be > 0
-    // Hybrid models (Mamba layers) cannot reuse blocks without state snapshots, which are not implemented:
-    // the engine turns prefix caching off for them, with a warning naming the architecture.
     bool enable_prefix_caching = true;
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state (vLLM's flag)
+    // Hybrid models (Mamba layers) reuse cached blocks only up to one holding a snapshot of the recurrent
+    // state (Scheduler: where they are taken; BlockPool: their life). Snapshots kept (the memory plan counts
+    // them): -1 one per sequence slot (max_num_seqs), 0 none (prefix caching then off for hybrids).
+    int64_t mamba_prefix_snapshots = -1;
+    int64_t mamba_snapshot_interval = 2048;  // tokens between prefill snapshots, a multiple of block_size; 0 none
     KvDtype kv_cache_dtype = KvDtype::F32;  // resolved by the memory plan ("auto" is not a dtype)
     std::vector<int32_t> eos_token_ids;    // end generation unless ignore_eos
 };
@@ -38,6 +41,7 @@ struct EngineStats {
     int64_t prefix_cache_queries = 0, prefix_cache_hits = 0;  // in tokens
     int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
     int64_t num_preemptions = 0;
+    int64_t state_snapshots_total = 0, state_snapshots_used = 0;  // hybrid prefix caching (attached ones)
 };
 
 // Called on the engine thread with each step's output of one request. Must return quickly; it may call

@@ -6,13 +6,40 @@
 
 namespace nibble {
 
+void ModelRunner::save_state_snapshot(int32_t, int32_t) {
+    fail("this model runner keeps no recurrent-state snapshots (num_state_snapshots() is 0)");
+}
+
+void ModelRunner::restore_state_snapshot(int32_t, int32_t) {
+    fail("this model runner keeps no recurrent-state snapshots (num_state_snapshots() is 0)");
+}
+
 CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, KvDtype kv_dtype,
-                               int64_t num_state_slots, SsmStateDtype ssm_dtype)
+                               int64_t num_state_slots, SsmStateDtype ssm_dtype, int64_t num_state_snapshots)
     : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size, kv_dtype)) {
     const MambaStateShape shape = model.mamba_state_shape(ssm_dtype);
-    if (!shape.empty())
+    if (!shape.empty()) {
         for (int64_t i = 0; i < num_state_slots; ++i) states_.emplace_back(shape);
+        for (int64_t i = 0; i < num_state_snapshots; ++i) snapshots_.emplace_back(shape);
+    }
 }
+
+MambaState& CpuModelRunner::slot(int32_t state_slot) {
+    NIBBLE_CHECK(state_slot >= 0 && state_slot < static_cast<int32_t>(states_.size()),
+                 "runner: recurrent-state slot {} out of range [0, {})", state_slot, states_.size());
+    return states_[static_cast<size_t>(state_slot)];
+}
+
+MambaState& CpuModelRunner::snapshot(int32_t id) {
+    NIBBLE_CHECK(id >= 0 && id < static_cast<int32_t>(snapshots_.size()), "runner: state snapshot {} out of range [0, {})",
+                 id, snapshots_.size());
+    return snapshots_[static_cast<size_t>(id)];
+}
+
+// Whole-object copies: the shapes are equal, so the vectors keep their storage.
+void CpuModelRunner::save_state_snapshot(int32_t state_slot, int32_t id) { snapshot(id) = slot(state_slot); }
+
+void CpuModelRunner::restore_state_snapshot(int32_t id, int32_t state_slot) { slot(state_slot) = snapshot(id); }
 
 void CpuModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
     std::vector<ForwardSequence> seqs;

@@ -2,7 +2,9 @@
 // rows the sampler needs. The interface is backend-neutral (the CUDA backend implements it too, owning
 // device buffers and CUDA graphs); CpuModelRunner drives Model::forward on the CPU and owns the KV cache.
 // Hybrid models' per-sequence recurrent state lives in a pool of MambaState slots owned by the runner
-// (one per sequence that may run at once); RunnerSequence names the slot.
+// (one per sequence that may run at once); RunnerSequence names the slot. With prefix caching, the runner
+// also keeps state snapshots (the state after some cached block, see BlockPool) and copies between slots
+// and snapshots on the engine's word; a runner without them says 0 and hybrid prefix caching stays off.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +30,13 @@ public:
     // One forward over the batch, appending every new token's K/V to the cache.
     //   logits [number of entries with needs_logits, vocab], in batch order.
     virtual void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) = 0;
+
+    // Hybrid prefix caching. Snapshots this runner holds, ids [0, n): 0 by default (feature off).
+    virtual int64_t num_state_snapshots() const { return 0; }
+    // Copies a slot's whole recurrent state (conv and SSM, every Mamba layer) into a snapshot, and back.
+    // Ordered with execute() as called (a device runner enqueues them on its forward stream).
+    virtual void save_state_snapshot(int32_t state_slot, int32_t snapshot);
+    virtual void restore_state_snapshot(int32_t snapshot, int32_t state_slot);
 };
 
 class CpuModelRunner final : public ModelRunner {
@@ -36,14 +45,21 @@ public:
     // Hybrid models also get num_state_slots recurrent states with the SSM part stored as ssm_dtype.
     CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, KvDtype kv_dtype = KvDtype::F32,
                    int64_t num_state_slots = 0,
-                   SsmStateDtype ssm_dtype = SsmStateDtype::F32);
+                   SsmStateDtype ssm_dtype = SsmStateDtype::F32, int64_t num_state_snapshots = 0);
     int64_t vocab_size() const override { return model_.config().vocab_size; }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
+    int64_t num_state_snapshots() const override { return static_cast<int64_t>(snapshots_.size()); }
+    void save_state_snapshot(int32_t state_slot, int32_t snapshot) override;
+    void restore_state_snapshot(int32_t snapshot, int32_t state_slot) override;
 
 private:
+    MambaState& slot(int32_t state_slot);
+    MambaState& snapshot(int32_t id);
+
     Model& model_;
     KvCache cache_;
     std::vector<MambaState> states_;  // [num_state_slots], empty for attention-only models
+    std::vector<MambaState> snapshots_;  // [num_state_snapshots], same shape as the slots
     std::vector<float> rows_;  // [batch size, vocab]: the forward's last-token rows
 };
 

@@ -13,6 +13,9 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockPool& pool) : config_(c
                  config.max_num_batched_tokens);
     NIBBLE_CHECK(config.num_state_slots == 0 || config.num_state_slots >= config.max_num_seqs,
                  "num_state_slots {} must cover max_num_seqs {}", config.num_state_slots, config.max_num_seqs);
+    NIBBLE_CHECK(config.snapshot_interval >= 0 && config.snapshot_interval % pool.block_size() == 0,
+                 "the Mamba state snapshot interval {} must be a multiple of the block size {}",
+                 config.snapshot_interval, pool.block_size());
     for (int64_t i = config.num_state_slots - 1; i >= 0; --i) free_state_slots_.push_back(static_cast<int32_t>(i));
 }
 
@@ -31,7 +34,52 @@ void Scheduler::allocate(Sequence& seq, int64_t n_tokens) {
     for (int64_t i = blocks_needed(seq, n_tokens); i > 0; --i) seq.block_table.push_back(pool_.allocate());
 }
 
+namespace {
+
+enum class SnapshotPoint { None, Kept, Rolling };
+
+// What a hybrid sequence's state after `end` computed tokens is to the prefix cache (SchedulerConfig::
+// snapshot_interval says why these points).
+SnapshotPoint snapshot_point(const Sequence& seq, int64_t end, int64_t block_size, int64_t interval) {
+    if (end <= 0 || end % block_size != 0) return SnapshotPoint::None;
+    if (interval > 0 && end % interval == 0) return SnapshotPoint::Kept;
+    if (end == (seq.n_prompt - 1) / block_size * block_size || end == seq.shared_point) return SnapshotPoint::Kept;
+    return end >= seq.n_prompt ? SnapshotPoint::Rolling : SnapshotPoint::None;
+}
+
+}  // namespace
+
+int64_t Scheduler::cut_at_snapshot_point(const Sequence& seq, int64_t n_tokens) const {
+    if (!snapshots_on()) return n_tokens;
+    const int64_t bs = pool_.block_size(), start = seq.num_computed, end = start + n_tokens;
+    // A shared point comes first (it costs a step more when the prompt point follows in the same chunk): a
+    // prefix that two prompts have shared is the likeliest to come again.
+    if (seq.shared_point > start && seq.shared_point <= end) return seq.shared_point - start;
+    int64_t point = 0;  // the last kept point in (start, end]
+    if (config_.snapshot_interval > 0) point = end / config_.snapshot_interval * config_.snapshot_interval;
+    const int64_t prompt_point = (seq.n_prompt - 1) / bs * bs;
+    if (prompt_point <= end) point = std::max(point, prompt_point);
+    return point > start ? point - start : n_tokens;
+}
+
+void Scheduler::reserve_snapshot(Sequence& seq, int64_t n_tokens) {
+    if (!snapshots_on()) return;
+    const SnapshotPoint point =
+        snapshot_point(seq, seq.num_computed + n_tokens, pool_.block_size(), config_.snapshot_interval);
+    if (point == SnapshotPoint::None) return;
+    if (point == SnapshotPoint::Rolling && seq.rolling_block >= 0) {
+        // The previous decode snapshot gives way to this one (same id, no new memory).
+        seq.save_snapshot = pool_.detach_snapshot(seq.rolling_block);
+        seq.rolling_block = -1;
+        if (seq.save_snapshot >= 0) return;
+    }
+    seq.save_snapshot = pool_.reserve_snapshot();
+}
+
 void Scheduler::release_blocks(Sequence& seq) {
+    if (seq.save_snapshot >= 0) pool_.free_snapshot(seq.save_snapshot);
+    seq.save_snapshot = seq.restore_snapshot = seq.rolling_block = -1;
+    seq.shared_point = 0;
     // Tail first: the LRU then evicts a sequence's last blocks before its first, which more requests share.
     for (auto it = seq.block_table.rbegin(); it != seq.block_table.rend(); ++it) pool_.release(*it);
     seq.block_table.clear();
@@ -66,7 +114,7 @@ SchedulerOutput Scheduler::schedule() {
                 ++i;
                 continue;
             }
-            const int64_t n = std::min(left, budget);
+            const int64_t n = cut_at_snapshot_point(*seq, std::min(left, budget));
             bool self_preempted = false;
             while (pool_.num_free() < blocks_needed(*seq, n)) {
                 // The newest running sequence not yet scheduled (running_[i] itself at the latest): its
@@ -83,6 +131,7 @@ SchedulerOutput Scheduler::schedule() {
             }
             if (self_preempted) continue;  // running_[i] is now the next sequence
             allocate(*seq, n);
+            reserve_snapshot(*seq, n);
             out.chunks.push_back({.seq = seq, .n_tokens = n, .sample = n == left});
             scheduled.insert(seq);
             budget -= n;
@@ -108,10 +157,24 @@ bool Scheduler::admit(Sequence* seq, int64_t budget, SchedulerOutput& out) {
     bool from_cache = false;
     const Sequence* parent = seq->parent;
     const bool recurrent = config_.num_state_slots > 0;
+    int32_t restore = -1;
     if (recurrent) {
-        // No block reuse (see SchedulerConfig::num_state_slots); a slot is always free while running_ is
-        // below max_num_seqs.
+        // A slot is always free while running_ is below max_num_seqs.
         NIBBLE_CHECK(!free_state_slots_.empty(), "scheduler: no free recurrent-state slot");
+        if (snapshots_on()) {
+            // Sample i > 0 waits for sample 0's prompt (and its snapshot), then finds it in the cache.
+            if (parent != nullptr && parent->status == SequenceStatus::Running && parent->num_computed < parent->n_prompt)
+                return false;
+            // Reuse up to the deepest matched block with a state snapshot; the rest is recomputed.
+            BlockPool::Match m = pool_.match_prefix(seq->tokens, max_reuse);
+            size_t k = m.blocks.size();
+            while (k > 0 && pool_.snapshot_of(m.blocks[k - 1]) < 0) --k;
+            reuse.assign(m.blocks.begin(), m.blocks.begin() + static_cast<std::ptrdiff_t>(k));
+            links.assign(m.links.begin(), m.links.begin() + static_cast<std::ptrdiff_t>(k));
+            if (k > 0) restore = pool_.snapshot_of(reuse.back());
+            seq->shared_point = static_cast<int64_t>(m.blocks.size()) * bs;
+            from_cache = true;
+        }
     } else if (parent != nullptr && parent->status == SequenceStatus::Running) {
         if (parent->num_computed < parent->n_prompt) return false;  // wait for sample 0's prompt
         const int64_t n = std::min<int64_t>(max_reuse, parent->n_prompt / bs);
@@ -125,7 +188,9 @@ bool Scheduler::admit(Sequence* seq, int64_t budget, SchedulerOutput& out) {
     }
 
     const int64_t computed = static_cast<int64_t>(reuse.size()) * bs;
-    const int64_t n = std::min(seq->num_tokens() - computed, budget);
+    seq->num_computed = computed;  // waiting: 0 before; reset below if it must wait
+    const int64_t n = cut_at_snapshot_point(*seq, std::min(seq->num_tokens() - computed, budget));
+    seq->num_computed = 0;
     const int64_t new_blocks = (computed + n + bs - 1) / bs - static_cast<int64_t>(reuse.size());
     int64_t reuse_evictable = 0;  // reused blocks now on the LRU list count in num_free() until acquired
     for (int32_t b : reuse) reuse_evictable += pool_.ref_count(b) == 0 ? 1 : 0;
@@ -144,8 +209,10 @@ bool Scheduler::admit(Sequence* seq, int64_t budget, SchedulerOutput& out) {
     if (recurrent) {
         seq->state_slot = free_state_slots_.back();
         free_state_slots_.pop_back();
+        seq->restore_snapshot = restore;
     }
     allocate(*seq, n);
+    reserve_snapshot(*seq, n);
     seq->status = SequenceStatus::Running;
     waiting_.pop_front();
     running_.push_back(seq);
@@ -158,6 +225,7 @@ void Scheduler::finish_chunk(const ScheduledChunk& chunk) {
     seq.num_computed += chunk.n_tokens;
     NIBBLE_CHECK(seq.num_computed <= seq.num_tokens(), "sequence {}: computed {} of {} tokens", seq.id,
                  seq.num_computed, seq.num_tokens());
+    seq.restore_snapshot = -1;  // the runner restored it before this forward
     if (!pool_.prefix_caching()) return;
     const int64_t bs = pool_.block_size();
     while (static_cast<int64_t>(seq.chain.size()) < seq.num_computed / bs) {
@@ -166,6 +234,20 @@ void Scheduler::finish_chunk(const ScheduledChunk& chunk) {
         auto tokens = std::span(seq.tokens).subspan(j * static_cast<size_t>(bs), static_cast<size_t>(bs));
         seq.chain.push_back(pool_.cache_block(seq.block_table[j], parent, tokens));
     }
+    if (seq.save_snapshot < 0) return;
+    // The runner saved the state after this chunk: attach it to the cached block ending here (this
+    // sequence's, or the first copy of the same chain); if that block has one already, it is not needed.
+    const int32_t snapshot = seq.save_snapshot;
+    seq.save_snapshot = -1;
+    const size_t j = static_cast<size_t>(seq.num_computed / bs) - 1;
+    const int32_t block = pool_.cached_block(seq.chain[j]);
+    if (block < 0 || !pool_.attach_snapshot(block, snapshot)) {
+        pool_.free_snapshot(snapshot);
+        return;
+    }
+    if (block == seq.block_table[j] &&
+        snapshot_point(seq, seq.num_computed, bs, config_.snapshot_interval) == SnapshotPoint::Rolling)
+        seq.rolling_block = block;
 }
 
 void Scheduler::finish(Sequence* seq) {
@@ -197,6 +279,9 @@ void Scheduler::check_invariants() const {
         NIBBLE_CHECK(static_cast<int64_t>(s->chain.size()) <= s->num_computed / bs,
                      "invariant: sequence {} chains {} blocks but computed only {} tokens", s->id, s->chain.size(),
                      s->num_computed);
+        NIBBLE_CHECK(s->save_snapshot < 0 && s->restore_snapshot < 0,
+                     "invariant: sequence {} holds snapshot {} to save / {} to restore between steps", s->id,
+                     s->save_snapshot, s->restore_snapshot);
         tables.emplace_back(s->block_table);
     }
     for (const Sequence* s : waiting_) {
@@ -207,6 +292,9 @@ void Scheduler::check_invariants() const {
                      "invariant: waiting sequence {} holds {} blocks, {} computed tokens", s->id, s->block_table.size(),
                      s->num_computed);
     }
+    // Between steps no snapshot is reserved: each reservation is attached or freed by finish_chunk or release.
+    const int64_t reserved = pool_.num_snapshots() - pool_.num_free_snapshots() - pool_.num_attached_snapshots();
+    NIBBLE_CHECK(reserved == 0, "invariant: {} state snapshots reserved between steps (leaked)", reserved);
     pool_.check_invariants(tables);
 }
 

@@ -23,8 +23,25 @@ struct SchedulerConfig {
     int64_t max_num_batched_tokens = 2048;
     // Hybrid models: slots of per-sequence recurrent state (>= max_num_seqs); 0 for attention-only models.
     // A sequence holds one while running. Its state covers exactly its computed tokens, so blocks computed
-    // by others (prefix cache, a parent's prompt) cannot be reused: every sequence computes from token 0.
+    // by others (prefix cache, a parent's prompt) can be reused only up to a block that carries a state
+    // snapshot (the pool's snapshots; without any, every sequence computes from token 0).
     int64_t num_state_slots = 0;
+    // Hybrid prefix caching: where states are snapshotted (each point is a block boundary, so a later prompt
+    // sharing the blocks up to it resumes there):
+    //   - every snapshot_interval tokens of a prefill (a multiple of the block size; 0: none), bounding the
+    //     recompute of a partly shared long prompt;
+    //   - the prompt's last reusable boundary, ((n_prompt - 1) / block_size) * block_size: the same prompt
+    //     again (or n > 1 samples) resumes there;
+    //   - where a prompt's match of cached KV blocks ends, when it goes deeper than the deepest snapshot
+    //     (the prefix is shared, e.g. a system prompt, but no state was kept at its end): the next prompt
+    //     sharing it resumes there;
+    //   - in decode, each block boundary, replacing the sequence's previous decode snapshot: when it ends,
+    //     its last full block keeps one, so the next turn of a conversation (this prompt + output + more)
+    //     resumes there.
+    // The state exists only at a chunk's end, so a prefill chunk that crosses a point is cut to end at the
+    // last point it crosses (its remaining tokens run next step), as vLLM's block-aligned Mamba caching does;
+    // a shared point is taken before any other in the chunk.
+    int64_t snapshot_interval = 0;
 };
 
 // Tokens [seq->num_computed, seq->num_computed + n_tokens) run this step; blocks for them are allocated.
@@ -73,6 +90,11 @@ private:
     void preempt(Sequence* seq);
     // Tries to start the waiting queue's head with up to `budget` tokens; false if it must wait.
     bool admit(Sequence* seq, int64_t budget, SchedulerOutput& out);
+    bool snapshots_on() const { return config_.num_state_slots > 0 && pool_.num_snapshots() > 0; }
+    // Hybrid prefix caching: n_tokens cut so that the chunk ends at its last snapshot point, if it crosses one.
+    int64_t cut_at_snapshot_point(const Sequence& seq, int64_t n_tokens) const;
+    // Reserves seq.save_snapshot when a chunk of n_tokens ends at a snapshot point (none free: no snapshot).
+    void reserve_snapshot(Sequence& seq, int64_t n_tokens);
 
     SchedulerConfig config_;
     BlockPool& pool_;

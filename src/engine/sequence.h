@@ -4,7 +4,10 @@
 // a preemption (recompute). The engine owns Sequence objects; the scheduler holds pointers to them.
 // Hybrid models keep a recurrent state (Mamba conv/SSM state) per sequence beside its KV blocks: a slot
 // of the runner's state pool, taken where block_table is (Scheduler::admit) and given back where it is
-// released (preempt, finish); a sequence computed from token 0 again starts from a zero state.
+// released (preempt, finish); a sequence computed from token 0 again starts from a zero state. With prefix
+// caching on, a hybrid sequence admitted on cached blocks restores its slot from the snapshot attached to
+// the last of them (restore_snapshot), and a chunk that ends on a snapshot point saves the state into a
+// reserved snapshot (save_snapshot) that finish_chunk attaches to the block ending there.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +29,10 @@ struct Sequence {
     std::vector<BlockLink> chain;        // prefix-cache identity of the leading full computed blocks
     int64_t num_computed = 0;            // tokens whose K/V are in the cache
     int32_t state_slot = -1;             // hybrid models: the runner's MambaState slot while running
+    int32_t restore_snapshot = -1;       // hybrid: load the slot from this snapshot before the next forward
+    int32_t save_snapshot = -1;          // hybrid: reserved; the state after this step's chunk goes there
+    int32_t rolling_block = -1;          // hybrid: the block of its latest decode snapshot (replaced at the next)
+    int64_t shared_point = 0;            // hybrid: end of the cached KV blocks it matched at admission
     int64_t num_cached_tokens = -1;      // prompt tokens found in the prefix cache at first admission
     SequenceStatus status = SequenceStatus::Waiting;
     // Sample i > 0 of a request waits for sample 0's prompt to be computed, then shares its full prompt

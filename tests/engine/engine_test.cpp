@@ -169,6 +169,12 @@ std::vector<std::vector<int32_t>> sixteen_prompts(const std::vector<int32_t>& ba
     return prompts;
 }
 
+// The longest of sixteen_prompts (80 tokens).
+std::vector<int32_t> base_of(const std::vector<std::vector<int32_t>>& prompts) {
+    return *std::max_element(prompts.begin(), prompts.end(),
+                             [](const auto& x, const auto& y) { return x.size() < y.size(); });
+}
+
 TEST(Engine, GreedyIsTheSameAloneConcurrentUncachedAndPreempted) {
     Fixture fx("llama_gqa");
     const Reference ref = load_reference("llama_gqa");
@@ -273,10 +279,10 @@ TEST(Engine, QuantizedKvCacheIsConsistentAcrossBatching) {
     }
 }
 
-// A hybrid model (Mamba2 + attention + MoE): each running sequence holds a recurrent-state slot, prefix
-// caching is off (no state snapshots), and greedy output is the same alone, batched with chunked prefill,
-// and with a pool so small that sequences are preempted and recompute from token 0. The reference is a
-// fresh one-prefill forward per step; its first token is also checked against transformers' logits.
+// A hybrid model (Mamba2 + attention + MoE): each running sequence holds a recurrent-state slot, and greedy
+// output is the same alone, batched with chunked prefill, and with a pool so small that sequences are
+// preempted and recompute, with prefix caching (resuming from state snapshots) off and on. The reference
+// is a fresh one-prefill forward per step; its first token is also checked against transformers' logits.
 TEST(Engine, HybridGreedyIsTheSameAloneConcurrentAndPreempted) {
     for (const char* name : {"nemotron_h", "nemotron_h_nvfp4_modelopt"}) {
         Fixture fx(name);
@@ -297,7 +303,14 @@ TEST(Engine, HybridGreedyIsTheSameAloneConcurrentAndPreempted) {
         tiny.num_blocks = 6;  // preemption is certain
         EngineConfig bf16_state = batched;
         bf16_state.mamba_ssm_cache_dtype = SsmStateDtype::Bf16;
-        for (const auto& [label, cfg] : {std::pair{"concurrent", batched}, std::pair{"tiny pool", tiny}}) {
+        bf16_state.enable_prefix_caching = false;
+        EngineConfig uncached = batched, tiny_uncached = tiny;
+        uncached.enable_prefix_caching = tiny_uncached.enable_prefix_caching = false;
+        EngineConfig cached_small_interval = batched;
+        cached_small_interval.mamba_snapshot_interval = 32;
+        for (const auto& [label, cfg] :
+             {std::pair{"concurrent", batched}, std::pair{"tiny pool", tiny}, std::pair{"uncached", uncached},
+              std::pair{"tiny pool, uncached", tiny_uncached}, std::pair{"snapshot every 32", cached_small_interval}}) {
             Collector c;
             Engine engine(*fx.model, cfg);
             for (size_t i = 0; i < prompts.size(); ++i)
@@ -306,13 +319,19 @@ TEST(Engine, HybridGreedyIsTheSameAloneConcurrentAndPreempted) {
             for (size_t i = 0; i < prompts.size(); ++i)
                 EXPECT_EQ(c.tokens[fmt::format("r{}", i)][0], expected[i]) << name << ", " << label << ", prompt " << i;
             const EngineStats st = engine.stats();
-            EXPECT_EQ(st.prefix_cache_hits, 0) << "prefix caching must be off for a hybrid model";
+            if (!cfg.enable_prefix_caching) {
+                EXPECT_EQ(st.prefix_cache_hits, 0) << label;
+                EXPECT_EQ(st.state_snapshots_total, 0) << label;
+            } else if (cfg.num_blocks > 6) {
+                EXPECT_GT(st.prefix_cache_hits, 0) << label;  // the prompts share prefixes
+            }
             EXPECT_EQ(st.kv_blocks_used, 0);
             if (cfg.num_blocks == 6) {
                 EXPECT_GT(st.num_preemptions, 0);
             }
         }
-        // A repeated prompt is recomputed (no cached tokens), and a bf16 SSM state still runs to the end.
+        // Without prefix caching a repeated prompt is recomputed (no cached tokens), and a bf16 SSM state
+        // still runs to the end.
         Collector c;
         Engine engine(*fx.model, bf16_state);
         engine.submit(greedy("a", ref.tokens, 3), c.sink());
@@ -323,6 +342,181 @@ TEST(Engine, HybridGreedyIsTheSameAloneConcurrentAndPreempted) {
         EXPECT_EQ(c.tokens["b"][0].size(), 3u);
         EXPECT_EQ(c.tokens["b"][0], c.tokens["a"][0]);
     }
+}
+
+// Hybrid prefix caching resumes from the deepest cached block that carries a state snapshot. Prompt A
+// (100 tokens) runs first; then prompts sharing its first L tokens (L = 20, 37, 50, 70, 99, 100, none a
+// multiple of the 32-token snapshot interval) and diverging after, one at a time. Worked by hand from the
+// snapshot points (scheduler.h): A's one prefill chunk is cut at 96 (its prompt point; the interval points
+// it crosses are not taken, only a chunk's end has a state), so A leaves a snapshot at 96; each later prompt
+// leaves one at its own prompt point or interval point on A's chain (16, 32, 48, 64), so the next finds one
+// deeper. Greedy output equals the from-scratch reference for every prompt and snapshot interval.
+TEST(Engine, HybridPrefixCachingResumesFromTheDeepestSnapshot) {
+    Fixture fx("nemotron_h");
+    const Reference ref = load_reference("nemotron_h");
+    std::vector<int32_t> base;  // 120 tokens
+    for (int j = 0; j < 120; ++j)
+        base.push_back(static_cast<int32_t>((ref.tokens[static_cast<size_t>(j) % ref.tokens.size()] + j / 40) % ref.vocab));
+    const std::vector<int32_t> a(base.begin(), base.begin() + 100);
+    std::vector<std::vector<int32_t>> prompts = {a};
+    const std::vector<int> shared = {20, 37, 50, 70, 99, 100};
+    for (int l : shared) {
+        std::vector<int32_t> p(base.begin(), base.begin() + l);
+        for (int k = 0; k < 10; ++k)  // differs from base[l + k]
+            p.push_back(static_cast<int32_t>((base[static_cast<size_t>(l + k)] + 1 + k) % ref.vocab));
+        prompts.push_back(p);
+    }
+    prompts.push_back(a);  // A again
+    const int64_t max_tokens = 6;
+    std::vector<std::vector<int32_t>> expected;
+    for (const auto& p : prompts) expected.push_back(greedy_reference(*fx.model, p, max_tokens));
+
+    for (int64_t interval : {32, 0, 48, 2048}) {
+        EngineConfig cfg = config_for();
+        cfg.max_num_seqs = 4;
+        cfg.mamba_prefix_snapshots = 64;  // enough that none is taken back (the scarce case is tested below)
+        cfg.mamba_snapshot_interval = interval;
+        Engine engine(*fx.model, cfg);
+        Collector c;
+        for (size_t i = 0; i < prompts.size(); ++i) {
+            const std::string id = fmt::format("p{}", i);
+            engine.submit(greedy(id, prompts[i], max_tokens), c.sink());
+            run_to_end(engine);
+            EXPECT_EQ(c.tokens[id][0], expected[i]) << "interval " << interval << ", prompt " << i;
+        }
+        const EngineStats st = engine.stats();
+        EXPECT_GT(st.state_snapshots_used, 0);
+        EXPECT_LE(st.state_snapshots_used, st.state_snapshots_total);
+        EXPECT_EQ(c.cached["p0"], 0);
+        EXPECT_EQ(c.cached[fmt::format("p{}", prompts.size() - 1)], 96) << "A again resumes at its prompt point";
+        if (interval == 32) {
+            const std::vector<int64_t> want = {0, 16, 32, 48, 96, 96};  // L = 20, 37, 50, 70, 99, 100
+            for (size_t k = 0; k < shared.size(); ++k)
+                EXPECT_EQ(c.cached[fmt::format("p{}", k + 1)], want[k]) << "shared " << shared[k];
+        }
+    }
+}
+
+// Snapshots live and die with their blocks: preemption, cancellation and eviction give them back (the
+// invariant checker, run after every step, also finds a reservation left over between steps), and with only
+// two snapshots the engine keeps taking new ones from the least recently used cached blocks.
+TEST(Engine, HybridSnapshotsAreFreedByPreemptionAbortAndEviction) {
+    Fixture fx("nemotron_h");
+    const Reference ref = load_reference("nemotron_h");
+    const auto prompts = sixteen_prompts(ref.tokens, ref.vocab);
+    const int64_t max_tokens = 6;
+    std::vector<std::vector<int32_t>> expected;
+    for (const auto& p : prompts) expected.push_back(greedy_reference(*fx.model, p, max_tokens));
+
+    // A pool of 7 blocks (the longest request needs 6) and 2 snapshots: preemption and eviction are certain.
+    EngineConfig cfg = config_for(7);
+    cfg.max_num_batched_tokens = 24;
+    cfg.max_num_seqs = 4;
+    cfg.mamba_prefix_snapshots = 2;
+    cfg.mamba_snapshot_interval = 32;
+    Engine engine(*fx.model, cfg);
+    Collector c;
+    for (size_t i = 0; i < prompts.size(); ++i)
+        engine.submit(greedy(fmt::format("r{}", i), prompts[i], max_tokens), c.sink());
+    run_to_end(engine);
+    for (size_t i = 0; i < prompts.size(); ++i)
+        EXPECT_EQ(c.tokens[fmt::format("r{}", i)][0], expected[i]) << "prompt " << i;
+    EngineStats st = engine.stats();
+    EXPECT_GT(st.num_preemptions, 0);
+    EXPECT_EQ(st.state_snapshots_total, 2);
+    EXPECT_LE(st.state_snapshots_used, 2);
+    EXPECT_EQ(st.kv_blocks_used, 0);
+
+    // Eviction: 7 fresh single-block prompts take every block; each evicted block gives its snapshot back.
+    for (int i = 0; i < 7; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 17; ++j) p.push_back(static_cast<int32_t>((300 + 7 * i + j) % ref.vocab));
+        engine.submit(greedy(fmt::format("fresh{}", i), p, 1), c.sink());
+    }
+    run_to_end(engine);
+    st = engine.stats();
+    EXPECT_LE(st.state_snapshots_used, 2);
+
+    // Cancellation mid-prefill and mid-decode: nothing stays reserved or held.
+    std::vector<int32_t> long_prompt(base_of(prompts));
+    engine.submit(greedy("long", long_prompt, 20), c.sink());
+    engine.submit(greedy("other", prompts[3], 3), c.sink());
+    for (int i = 0; i < 5; ++i) {
+        engine.step();
+        engine.check_invariants();
+    }
+    engine.abort("long");
+    run_to_end(engine);
+    EXPECT_EQ(c.finish["long"][0], FinishReason::Abort);
+    EXPECT_EQ(c.tokens["other"][0], greedy_reference(*fx.model, prompts[3], 3));
+    EXPECT_EQ(engine.stats().kv_blocks_used, 0);
+}
+
+// The measurement in docs/perf.md ("Prefix caching for hybrid models"): agent-style conversations on the
+// tiny nemotron_h fixture. A 300-token system prompt (instructions and a tool list), then 6 turns, each
+// prompt the previous prompt + the model's reply (24 greedy tokens) + a 20-token user/tool message; three
+// such conversations with the same system prompt and different messages, one after another. Cached-token
+// fraction = cached prompt tokens / prompt tokens, per conversation; the replies equal the engine's with
+// prefix caching off.
+TEST(Engine, HybridPrefixCachingHitRateOnAgentConversations) {
+    Fixture fx("nemotron_h");
+    const int64_t vocab = fx.model->config().vocab_size;
+    auto tokens = [&](int n, int seed) {
+        std::vector<int32_t> t;
+        for (int j = 0; j < n; ++j) t.push_back(static_cast<int32_t>((seed * 131 + j * 17 + (j * j) % 7) % vocab));
+        return t;
+    };
+    const std::vector<int32_t> system = tokens(300, 1);
+    const int turns = 6, conversations = 3;
+    std::map<bool, std::map<std::string, std::vector<int32_t>>> replies;
+    for (bool caching : {false, true}) {
+        EngineConfig cfg = config_for(256);
+        cfg.max_model_len = 1024;  // NemotronH has no position encoding: the fixture's 128 is not a limit
+        cfg.enable_prefix_caching = caching;
+        Engine engine(*fx.model, cfg);
+        Collector c;
+        std::vector<int64_t> prompt_total(conversations, 0), cached_total(conversations, 0);
+        std::vector<int64_t> first_turn_cached(conversations, 0);
+        for (int conv = 0; conv < conversations; ++conv) {
+            std::vector<int32_t> prompt = system;
+            for (int turn = 0; turn < turns; ++turn) {
+                const auto user = tokens(20, 100 * conv + turn + 2);
+                prompt.insert(prompt.end(), user.begin(), user.end());
+                const std::string id = fmt::format("c{}t{}", conv, turn);
+                engine.submit(greedy(id, prompt, 24), c.sink());
+                run_to_end(engine);
+                const std::vector<int32_t>& reply = c.tokens[id][0];
+                EXPECT_EQ(reply.size(), 24u);
+                prompt_total[static_cast<size_t>(conv)] += static_cast<int64_t>(prompt.size());
+                cached_total[static_cast<size_t>(conv)] += c.cached[id];
+                if (turn == 0) first_turn_cached[static_cast<size_t>(conv)] = c.cached[id];
+                prompt.insert(prompt.end(), reply.begin(), reply.end());
+                replies[caching][id] = reply;
+            }
+        }
+        for (int conv = 0; conv < conversations; ++conv) {
+            const auto i = static_cast<size_t>(conv);
+            const double fraction = static_cast<double>(cached_total[i]) / static_cast<double>(prompt_total[i]);
+            if (caching)
+                std::printf("conversation %d: cached %lld of %lld prompt tokens (%.3f), first turn %lld\n", conv,
+                            static_cast<long long>(cached_total[i]), static_cast<long long>(prompt_total[i]), fraction,
+                            static_cast<long long>(first_turn_cached[i]));
+            if (!caching) {
+                EXPECT_EQ(cached_total[i], 0);
+                continue;
+            }
+            // Turns after the first resume at the previous turn's last full block (within 16 + 20 tokens of
+            // the end). The first conversation leaves no snapshot inside the system prompt; the second finds
+            // its KV blocks without one and leaves a snapshot where they end (288); the third resumes there.
+            EXPECT_GT(fraction, 0.8) << conv;
+            EXPECT_EQ(first_turn_cached[i], conv < 2 ? 0 : 288) << conv;
+        }
+        if (caching)
+            std::printf("snapshots attached at the end: %lld of %lld\n",
+                        static_cast<long long>(engine.stats().state_snapshots_used),
+                        static_cast<long long>(engine.stats().state_snapshots_total));
+    }
+    EXPECT_EQ(replies[true], replies[false]);
 }
 
 TEST(Engine, LogprobsAreLogSoftmaxOfTransformersLogits) {
