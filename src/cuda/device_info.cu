@@ -30,6 +30,17 @@ DeviceInfo query_device(int index) {
     info.l2_bytes = prop.l2CacheSize;
     info.total_memory = static_cast<int64_t>(prop.totalGlobalMem);
     info.memory_bus_bits = prop.memoryBusWidth;
+    info.smem_per_block = static_cast<int64_t>(prop.sharedMemPerBlock);
+    info.smem_reserved_per_block = static_cast<int64_t>(prop.reservedSharedMemPerBlock);
+    info.max_threads_per_block = prop.maxThreadsPerBlock;
+    info.max_threads_per_sm = prop.maxThreadsPerMultiProcessor;
+    info.max_blocks_per_sm = prop.maxBlocksPerMultiProcessor;
+    info.integrated = prop.integrated != 0;
+    // CUDA 13's cudaDeviceProp has no memory clock; the attribute may be 0 on integrated devices.
+    if (cudaDeviceGetAttribute(&info.memory_clock_khz, cudaDevAttrMemoryClockRate, index) != cudaSuccess) {
+        (void)cudaGetLastError();
+        info.memory_clock_khz = 0;
+    }
     NIBBLE_CUDA_CHECK(cudaDriverGetVersion(&info.driver_version));
     NIBBLE_CUDA_CHECK(cudaRuntimeGetVersion(&info.runtime_version));
     return info;
