@@ -1,0 +1,523 @@
+// Device tests of the MoE kernels (ops/moe/moe_cuda.h) against the CPU references of ops/moe/moe.h, on
+// fresh random inputs with every device output poisoned first (0xff bytes: NaN floats, -1 ints).
+//
+// Routing: expert ids must equal the CPU's exactly. Random logits are redrawn (per token) when two
+// candidates that decide the choice lie within 1e-5 (relative) of each other, since the device's expf
+// (2 ulp, CUDA guide) and glibc's (1 ulp) may round them apart; a separate test draws integer logits so
+// that exact ties abound and both sides must apply the lower-id rule. Weights: the softmax weight is
+// exp(l - max) / sum (n_experts-term sum) and then / (a top_k-term sum): each side within
+// (n_experts + top_k + 4) u32 relative, so |dev - cpu| <= 2 (n_experts + top_k + 4) u32 |w|; sigmoid
+// 1 / (1 + exp(-l)) is within 5 u32 per side, then a top_k-term sum, a division and a multiply:
+// 2 (top_k + 8) u32 |w|.
+//
+// Experts (permute, up, down, combine against moe_experts_cpu with linear_cpu over the same NVFP4
+// weights): each GEMV output differs by at most 2 (k + 32) u32 S, S = sum |w x| (the bound of
+// linear_cuda_test.cpp); the activation propagates it (SwiGLU: |silu'| <= 1.1; relu^2: 2 |u|), plus
+// 12 u32 |a| for expf, the division and the multiply on either side; the down GEMV adds
+// sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine sum |w_j| do_j + 2 (top_k + 1) u32
+// (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "device_test_util.h"
+#include "ops/linear/linear.h"
+#include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe.h"
+#include "ops/moe/moe_cuda.h"
+#include "tensor/nvfp4.h"
+
+namespace nibble {
+namespace {
+
+using test::DeviceActs;
+using test::DeviceOut;
+using test::kEpsBf16;
+using test::kEpsF32;
+
+template <class T>
+cuda::DeviceBuffer upload_vec(const std::vector<T>& v) {
+    cuda::DeviceBuffer b(std::max<size_t>(v.size(), 1) * sizeof(T));
+    if (!v.empty()) b.upload(v.data(), v.size() * sizeof(T));
+    return b;
+}
+
+template <class T>
+std::vector<T> download_vec(const cuda::DeviceBuffer& b, size_t n) {
+    std::vector<T> v(n);
+    if (n > 0) b.download(v.data(), n * sizeof(T));
+    return v;
+}
+
+cuda::DeviceBuffer poisoned(size_t bytes) {
+    cuda::DeviceBuffer b(std::max<size_t>(bytes, 4));
+    b.fill_bytes(0xff);
+    return b;
+}
+
+// True when no two of the first `decisive + 1` values of `scores` (sorted descending) are closer than
+// 1e-5 relative without being equal: the ranks the choice depends on cannot flip by a few ulps.
+bool clear_margins(std::vector<double> scores, size_t decisive) {
+    std::sort(scores.begin(), scores.end(), std::greater<>());
+    for (size_t i = 0; i + 1 < scores.size() && i < decisive; ++i) {
+        const double a = scores[i], b = scores[i + 1];
+        if (a != b && a - b < 1e-5 * std::max(1.0, std::fabs(a))) return false;
+    }
+    return true;
+}
+
+double sigmoid_d(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+
+// Whether one token's sigmoid-router choice is clear (see clear_margins): the topk_group-th group score
+// apart from the next, and the first top_k + 1 eligible choice values apart.
+bool sigmoid_choice_clear(const float* l, const std::vector<float>& bias, int64_t n_experts, int64_t n_group,
+                          int64_t topk_group, int64_t top_k) {
+    const int64_t per_group = n_experts / n_group;
+    std::vector<double> choice(static_cast<size_t>(n_experts)), group(static_cast<size_t>(n_group));
+    for (int64_t e = 0; e < n_experts; ++e)
+        choice[static_cast<size_t>(e)] =
+            static_cast<double>(static_cast<float>(sigmoid_d(l[e]))) + static_cast<double>(bias[static_cast<size_t>(e)]);
+    for (int64_t g = 0; g < n_group; ++g) {
+        // the two best of a group make its score: a near tie between its second and third changes nothing
+        std::vector<double> in(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+        std::sort(in.begin(), in.end(), std::greater<>());
+        group[static_cast<size_t>(g)] = per_group >= 2 ? in[0] + in[1] : in[0];
+    }
+    std::vector<size_t> gorder(static_cast<size_t>(n_group));
+    std::iota(gorder.begin(), gorder.end(), size_t{0});
+    std::stable_sort(gorder.begin(), gorder.end(), [&](size_t a, size_t b) { return group[a] > group[b]; });
+    if (topk_group < n_group) {
+        const double a = group[gorder[static_cast<size_t>(topk_group - 1)]], b = group[gorder[static_cast<size_t>(topk_group)]];
+        if (a - b < 1e-5 * std::max(1.0, std::fabs(a))) return false;
+    }
+    std::vector<double> eligible;
+    for (int64_t i = 0; i < topk_group; ++i) {
+        const auto g = static_cast<int64_t>(gorder[static_cast<size_t>(i)]);
+        for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e) eligible.push_back(choice[static_cast<size_t>(e)]);
+    }
+    return clear_margins(eligible, static_cast<size_t>(top_k));
+}
+
+struct DeviceRouting {
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+};
+
+DeviceRouting download_routing(const cuda::DeviceBuffer& ids, const cuda::DeviceBuffer& w, size_t n) {
+    return {download_vec<int32_t>(ids, n), download_vec<float>(w, n)};
+}
+
+void expect_routing(const MoeRouting& ref, const DeviceRouting& got, double rel_tol, const std::string& what) {
+    ASSERT_EQ(got.ids.size(), ref.ids.size());
+    int bad_ids = 0;
+    for (size_t i = 0; i < ref.ids.size(); ++i)
+        if (got.ids[i] != ref.ids[i] && ++bad_ids <= 5)
+            ADD_FAILURE() << what << ": token " << i / static_cast<size_t>(ref.top_k) << " choice "
+                          << i % static_cast<size_t>(ref.top_k) << ": expert " << got.ids[i] << ", CPU "
+                          << ref.ids[i];
+    EXPECT_EQ(bad_ids, 0) << what;
+    std::vector<double> tol(ref.weights.size());
+    for (size_t i = 0; i < tol.size(); ++i) tol[i] = rel_tol * std::fabs(ref.weights[i]);
+    test::expect_close(got.weights, ref.weights, tol, what + " weights");
+}
+
+void run_softmax(std::mt19937_64& rng, int64_t m, int64_t n_experts, int64_t top_k, bool norm, bool bf16,
+                 bool integer_logits) {
+    const std::string what = "softmax m=" + std::to_string(m) + " E=" + std::to_string(n_experts) +
+                             " k=" + std::to_string(top_k) + (norm ? " norm" : "") + (bf16 ? " bf16" : " f32") +
+                             (integer_logits ? " ties" : "");
+    std::vector<float> logits(static_cast<size_t>(m * n_experts));
+    std::uniform_int_distribution<int> small(-2, 1);
+    for (int64_t t = 0; t < m; ++t) {
+        float* l = logits.data() + t * n_experts;
+        for (;;) {
+            const auto v = test::random_normal(rng, static_cast<size_t>(n_experts), 2.0f);
+            for (int64_t e = 0; e < n_experts; ++e)
+                l[e] = integer_logits ? static_cast<float>(small(rng)) : (bf16 ? test::round_bf16(v[static_cast<size_t>(e)]) : v[static_cast<size_t>(e)]);
+            if (integer_logits) break;
+            // BF16 logits tie often, and exactly: equal values are fine, near ones are not.
+            if (clear_margins(std::vector<double>(l, l + n_experts), static_cast<size_t>(top_k))) break;
+        }
+    }
+    DeviceActs dl;
+    dl.upload(logits, bf16);
+    const MoeRouting ref = moe_route_softmax_cpu(logits.data(), m, n_experts, top_k, norm);
+    const size_t n = static_cast<size_t>(m * top_k);
+    auto ids = poisoned(n * 4), w = poisoned(n * 4);
+    cuda::moe_route_softmax(dl.buf.get(), bf16 ? DType::BF16 : DType::F32, m, n_experts, top_k, norm,
+                            ids.as<int32_t>(), w.as<float>(), nullptr);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    expect_routing(ref, download_routing(ids, w, n), 2.0 * static_cast<double>(n_experts + top_k + 4) * kEpsF32, what);
+}
+
+struct SigmoidShape {
+    int64_t n_experts, n_group, topk_group, top_k;
+};
+
+void run_sigmoid(std::mt19937_64& rng, int64_t m, const SigmoidShape& s, bool norm, bool with_bias, bool bf16,
+                 bool integer_logits) {
+    const std::string what = "sigmoid m=" + std::to_string(m) + " E=" + std::to_string(s.n_experts) + " groups " +
+                             std::to_string(s.topk_group) + "/" + std::to_string(s.n_group) + " k=" +
+                             std::to_string(s.top_k) + (norm ? " norm" : "") + (with_bias ? " bias" : "") +
+                             (bf16 ? " bf16" : " f32") + (integer_logits ? " ties" : "");
+    std::vector<float> bias(static_cast<size_t>(s.n_experts), 0.0f);
+    if (with_bias) bias = test::random_normal(rng, bias.size(), 0.1f);
+    std::vector<float> logits(static_cast<size_t>(m * s.n_experts));
+    // Integer logits in 0..3: sigmoid values and sums of two differ by >= 0.009 unless equal.
+    std::uniform_int_distribution<int> small(0, 3);
+    for (int64_t t = 0; t < m; ++t) {
+        float* l = logits.data() + t * s.n_experts;
+        if (integer_logits) {
+            for (int64_t e = 0; e < s.n_experts; ++e) l[e] = static_cast<float>(small(rng));
+            continue;
+        }
+        do {
+            const auto v = test::random_normal(rng, static_cast<size_t>(s.n_experts), 2.0f);
+            for (int64_t e = 0; e < s.n_experts; ++e)
+                l[e] = bf16 ? test::round_bf16(v[static_cast<size_t>(e)]) : v[static_cast<size_t>(e)];
+        } while (!sigmoid_choice_clear(l, bias, s.n_experts, s.n_group, s.topk_group, s.top_k));
+    }
+    DeviceActs dl;
+    dl.upload(logits, bf16);
+    const MoeRouting ref = moe_route_sigmoid_cpu(logits.data(), m, s.n_experts, s.top_k,
+                                                 with_bias ? bias.data() : nullptr, s.n_group, s.topk_group, norm, 2.5f);
+    auto dbias = upload_vec(bias);
+    const size_t n = static_cast<size_t>(m * s.top_k);
+    auto ids = poisoned(n * 4), w = poisoned(n * 4);
+    cuda::moe_route_sigmoid(dl.buf.get(), bf16 ? DType::BF16 : DType::F32, m, s.n_experts, s.top_k,
+                            with_bias ? dbias.as<float>() : nullptr, s.n_group, s.topk_group, norm, 2.5f,
+                            ids.as<int32_t>(), w.as<float>(), nullptr);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    expect_routing(ref, download_routing(ids, w, n), 2.0 * static_cast<double>(s.top_k + 8) * kEpsF32, what);
+}
+
+TEST(MoeCuda, SoftmaxRouter) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t m : {1, 7, 64})
+        for (int64_t ne : {8, 60, 128, 512})
+            for (int64_t k : {1, 2, 8})
+                for (bool norm : {false, true})
+                    for (bool bf16 : {false, true}) run_softmax(rng, m, ne, k, norm, bf16, false);
+}
+
+TEST(MoeCuda, SoftmaxRouterTiesGoToLowerId) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t ne : {8, 128})
+        for (bool bf16 : {false, true}) run_softmax(rng, 33, ne, 8, true, bf16, true);
+}
+
+const SigmoidShape kSigmoidShapes[] = {{128, 8, 4, 6}, {128, 1, 1, 8}, {256, 8, 4, 8}, {16, 4, 2, 3}, {64, 8, 8, 1}};
+
+TEST(MoeCuda, SigmoidRouter) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (const auto& s : kSigmoidShapes)
+        for (int64_t m : {1, 5, 64})
+            for (bool norm : {false, true})
+                for (bool bias : {false, true}) run_sigmoid(rng, m, s, norm, bias, false, false);
+    for (const auto& s : kSigmoidShapes) run_sigmoid(rng, 16, s, true, true, true, false);  // BF16 logits
+}
+
+TEST(MoeCuda, SigmoidRouterTiesGoToLowerId) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (const auto& s : kSigmoidShapes)
+        for (bool bf16 : {false, true}) run_sigmoid(rng, 40, s, true, false, bf16, true);
+}
+
+// Random distinct expert ids per token, or a skewed draw where every token picks from a few experts.
+std::vector<int32_t> random_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t n_experts, bool skewed) {
+    std::vector<int32_t> ids(static_cast<size_t>(m * top_k));
+    std::vector<int32_t> all(static_cast<size_t>(n_experts));
+    std::iota(all.begin(), all.end(), 0);
+    const int64_t pool = skewed ? std::min(n_experts, top_k + 1) : n_experts;
+    for (int64_t t = 0; t < m; ++t) {
+        std::shuffle(all.begin(), all.begin() + pool, rng);
+        std::copy_n(all.begin(), top_k, ids.begin() + t * top_k);
+    }
+    return ids;
+}
+
+struct DevicePermutation {
+    cuda::DeviceBuffer counts, offsets, sorted, position, active, n_active;
+    cuda::MoePermutation view;
+    DevicePermutation(int64_t n_pairs, int64_t n_experts)
+        : counts(poisoned(static_cast<size_t>(n_experts) * 4)),
+          offsets(poisoned(static_cast<size_t>(n_experts + 1) * 4)),
+          sorted(poisoned(static_cast<size_t>(n_pairs) * 4)),
+          position(poisoned(static_cast<size_t>(n_pairs) * 4)),
+          active(poisoned(static_cast<size_t>(n_experts) * 4)),
+          n_active(poisoned(4)) {
+        view = {counts.as<int32_t>(),   offsets.as<int32_t>(), sorted.as<int32_t>(),
+                position.as<int32_t>(), active.as<int32_t>(),  n_active.as<int32_t>()};
+    }
+};
+
+TEST(MoeCuda, Permute) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t m : {1, 3, 64, 300})
+        for (int64_t ne : {8, 128, 1000})
+            for (int64_t k : {1, 6, 8})
+                for (bool skewed : {false, true}) {
+                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
+                                 (skewed ? " skewed" : ""));
+                    const int64_t n_pairs = m * k;
+                    const auto ids = random_ids(rng, m, k, ne, skewed);
+                    // Expected: a stable sort of pair indices by expert id.
+                    std::vector<int32_t> sorted(static_cast<size_t>(n_pairs)), position(sorted.size());
+                    std::iota(sorted.begin(), sorted.end(), 0);
+                    std::stable_sort(sorted.begin(), sorted.end(),
+                                     [&](int32_t a, int32_t b) { return ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)]; });
+                    for (size_t p = 0; p < sorted.size(); ++p) position[static_cast<size_t>(sorted[p])] = static_cast<int32_t>(p);
+                    std::vector<int32_t> counts(static_cast<size_t>(ne), 0), offsets(static_cast<size_t>(ne + 1), 0), active;
+                    for (int32_t e : ids) ++counts[static_cast<size_t>(e)];
+                    for (int64_t e = 0; e < ne; ++e) {
+                        offsets[static_cast<size_t>(e + 1)] = offsets[static_cast<size_t>(e)] + counts[static_cast<size_t>(e)];
+                        if (counts[static_cast<size_t>(e)] > 0) active.push_back(static_cast<int32_t>(e));
+                    }
+
+                    auto dids = upload_vec(ids);
+                    DevicePermutation dp(n_pairs, ne);
+                    cuda::moe_permute(dids.as<int32_t>(), m, k, ne, dp.view, nullptr);
+                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                    EXPECT_EQ(download_vec<int32_t>(dp.counts, counts.size()), counts);
+                    EXPECT_EQ(download_vec<int32_t>(dp.offsets, offsets.size()), offsets);
+                    EXPECT_EQ(download_vec<int32_t>(dp.sorted, sorted.size()), sorted);
+                    EXPECT_EQ(download_vec<int32_t>(dp.position, position.size()), position);
+                    EXPECT_EQ(download_vec<int32_t>(dp.n_active, 1)[0], static_cast<int32_t>(active.size()));
+                    EXPECT_EQ(download_vec<int32_t>(dp.active, active.size()), active);
+                }
+}
+
+// ---- experts ----
+
+struct HostNvfp4 {
+    std::vector<uint8_t> packed, scales;
+    float global = 1.0f;
+    cuda::DeviceBuffer dpacked, dscales;
+};
+
+HostNvfp4 quantized(std::mt19937_64& rng, int64_t n, int64_t k, float sigma) {
+    HostNvfp4 h;
+    auto dense = test::random_normal(rng, static_cast<size_t>(n * k), sigma);
+    float amax = 0;
+    for (float v : dense) amax = std::max(amax, std::fabs(v));
+    h.global = nvfp4_global_scale(amax);
+    h.packed.resize(static_cast<size_t>(n * k / 2));
+    h.scales.resize(static_cast<size_t>(n * k / 16));
+    for (int64_t r = 0; r < n; ++r)
+        nvfp4_quantize_row(dense.data() + r * k, k, h.global, h.packed.data() + r * k / 2, h.scales.data() + r * k / 16);
+    h.dpacked = upload_vec(h.packed);
+    h.dscales = upload_vec(h.scales);
+    return h;
+}
+
+LinearWeight as_linear(const HostNvfp4& h, int64_t n, int64_t k) {
+    LinearWeight w;
+    w.name = "expert";
+    w.format = WeightFormat::Nvfp4;
+    w.dtype = DType::U8;
+    w.n_out = n, w.n_in = k;
+    w.data = h.packed.data();
+    w.block_scales = h.scales.data();
+    w.scale = h.global;
+    return w;
+}
+
+std::vector<float> dequantized(const LinearWeight& w) {
+    std::vector<float> out(static_cast<size_t>(w.n_out * w.n_in));
+    for (int64_t r = 0; r < w.n_out; ++r) w.dequantize_row(r, out.data() + r * w.n_in);
+    return out;
+}
+
+struct ExpertsCase {
+    MoeActivation act;
+    int64_t n_experts, n_embd, n_ff, top_k;
+};
+
+void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16, bool skewed,
+                 bool with_shared) {
+    const bool gated = c.act == MoeActivation::SwiGlu;
+    const std::string what = std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
+                             " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) + " k=" +
+                             std::to_string(c.top_k) + " m=" + std::to_string(m) + (bf16 ? " bf16" : " f32") +
+                             (skewed ? " skewed" : "") + (with_shared ? " shared" : "");
+    SCOPED_TRACE(what);
+    const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
+    std::vector<HostNvfp4> gate, up, down;
+    std::vector<MoeExpertWeights> cpu_experts(static_cast<size_t>(c.n_experts));
+    std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
+    for (int64_t e = 0; e < c.n_experts; ++e) {
+        if (gated) gate.push_back(quantized(rng, ff, d, 0.1f));
+        up.push_back(quantized(rng, ff, d, 0.1f));
+        down.push_back(quantized(rng, d, ff, 0.1f));
+    }
+    for (int64_t e = 0; e < c.n_experts; ++e) {
+        const auto i = static_cast<size_t>(e);
+        MoeExpertWeights& w = cpu_experts[i];
+        if (gated) {
+            w.gate = as_linear(gate[i], ff, d);
+            dgate.push_back({gate[i].dpacked.as<uint8_t>(), gate[i].dscales.as<uint8_t>(), gate[i].global, ff, d});
+        }
+        w.up = as_linear(up[i], ff, d);
+        w.down = as_linear(down[i], d, ff);
+        dup.push_back({up[i].dpacked.as<uint8_t>(), up[i].dscales.as<uint8_t>(), up[i].global, ff, d});
+        ddown.push_back({down[i].dpacked.as<uint8_t>(), down[i].dscales.as<uint8_t>(), down[i].global, d, ff});
+    }
+    auto dgate_arr = upload_vec(dgate), dup_arr = upload_vec(dup), ddown_arr = upload_vec(ddown);
+
+    MoeRouting routing;
+    routing.m = m, routing.top_k = k;
+    routing.ids = random_ids(rng, m, k, c.n_experts, skewed);
+    std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
+    routing.weights.resize(routing.ids.size());
+    for (auto& w : routing.weights) w = wdist(rng);
+
+    auto x = test::random_normal(rng, static_cast<size_t>(m * d));
+    DeviceActs dx;
+    dx.upload(x, bf16);
+    std::vector<float> shared;
+    DeviceActs dshared;
+    if (with_shared) {
+        shared = test::random_normal(rng, static_cast<size_t>(m * d), 0.5f);
+        dshared.upload(shared, bf16);
+    }
+
+    std::vector<float> ref(static_cast<size_t>(m * d));
+    moe_experts_cpu(x.data(), d, cpu_experts, routing, c.act,
+                    [&](const LinearWeight& w, const float* in, int64_t rows, float* out) { linear_cpu(pool, in, rows, w, out); },
+                    ref.data());
+    if (with_shared)
+        for (size_t i = 0; i < ref.size(); ++i) ref[i] += shared[i];
+
+    // Tolerance (see the file comment), from the dequantized weights in double.
+    std::vector<double> tol(ref.size(), 0.0), mag(ref.size(), 0.0);
+    {
+        std::vector<std::vector<float>> dg(static_cast<size_t>(c.n_experts)), du(dg.size()), dd(dg.size());
+        std::vector<double> a(static_cast<size_t>(ff)), da(a.size());
+        for (int64_t t = 0; t < m; ++t) {
+            const float* xt = x.data() + t * d;
+            for (int64_t j = 0; j < k; ++j) {
+                const auto e = static_cast<size_t>(routing.ids[static_cast<size_t>(t * k + j)]);
+                const double rw = routing.weights[static_cast<size_t>(t * k + j)];
+                if (du[e].empty()) {
+                    if (gated) dg[e] = dequantized(cpu_experts[e].gate);
+                    du[e] = dequantized(cpu_experts[e].up);
+                    dd[e] = dequantized(cpu_experts[e].down);
+                }
+                for (int64_t r = 0; r < ff; ++r) {
+                    double u = 0, su = 0, g = 0, sg = 0;
+                    for (int64_t i = 0; i < d; ++i) {
+                        const double pu = static_cast<double>(du[e][static_cast<size_t>(r * d + i)]) * xt[i];
+                        u += pu, su += std::fabs(pu);
+                        if (gated) {
+                            const double pg = static_cast<double>(dg[e][static_cast<size_t>(r * d + i)]) * xt[i];
+                            g += pg, sg += std::fabs(pg);
+                        }
+                    }
+                    const double eu = 2.0 * static_cast<double>(d + 32) * kEpsF32 * su;
+                    const double eg = 2.0 * static_cast<double>(d + 32) * kEpsF32 * sg;
+                    const auto ri = static_cast<size_t>(r);
+                    if (gated) {
+                        const double sil = g / (1.0 + std::exp(-g));
+                        a[ri] = sil * u;
+                        da[ri] = 1.1 * std::fabs(u) * eg + std::fabs(sil) * eu + eg * eu + 12.0 * kEpsF32 * std::fabs(a[ri]);
+                    } else {
+                        a[ri] = u > 0 ? u * u : 0.0;
+                        da[ri] = 2.0 * std::fabs(u) * eu + eu * eu + 12.0 * kEpsF32 * std::fabs(a[ri]);
+                    }
+                }
+                for (int64_t r = 0; r < d; ++r) {
+                    double o = 0, so = 0, dsum = 0;
+                    for (int64_t i = 0; i < ff; ++i) {
+                        const double w = dd[e][static_cast<size_t>(r * ff + i)];
+                        o += w * a[static_cast<size_t>(i)];
+                        so += std::fabs(w * a[static_cast<size_t>(i)]);
+                        dsum += std::fabs(w) * da[static_cast<size_t>(i)];
+                    }
+                    const double doo = dsum + 2.0 * static_cast<double>(ff + 32) * kEpsF32 * so;
+                    const auto oi = static_cast<size_t>(t * d + r);
+                    tol[oi] += std::fabs(rw) * doo;
+                    mag[oi] += std::fabs(rw * o);
+                }
+            }
+        }
+        for (size_t i = 0; i < tol.size(); ++i) {
+            if (with_shared) mag[i] += std::fabs(shared[i]);
+            tol[i] += 2.0 * static_cast<double>(k + 1) * kEpsF32 * mag[i];
+            if (bf16) tol[i] = tol[i] * (1 + kEpsBf16) + kEpsBf16 * std::fabs(ref[i]);
+        }
+    }
+
+    const int64_t n_pairs = m * k;
+    auto dids = upload_vec(routing.ids);
+    auto dweights = upload_vec(routing.weights);
+    DevicePermutation dp(n_pairs, c.n_experts);
+    auto h = poisoned(static_cast<size_t>(n_pairs * ff) * 4);
+    auto o = poisoned(static_cast<size_t>(n_pairs * d) * 4);
+    DeviceOut y(ref.size(), bf16);
+    const cuda::MoeDeviceExperts ex{gated ? dgate_arr.as<cuda::Nvfp4DeviceWeight>() : nullptr,
+                                    dup_arr.as<cuda::Nvfp4DeviceWeight>(), ddown_arr.as<cuda::Nvfp4DeviceWeight>(),
+                                    c.n_experts, d, ff};
+    const DType dt = bf16 ? DType::BF16 : DType::F32;
+    cuda::moe_permute(dids.as<int32_t>(), m, k, c.n_experts, dp.view, nullptr);
+    cuda::moe_experts_up_nvfp4(dx.buf.get(), dt, m, k, ex, c.act, dp.view, h.as<float>(), nullptr);
+    cuda::moe_experts_down_nvfp4(h.as<float>(), m, k, ex, dp.view, o.as<float>(), nullptr);
+    cuda::moe_combine(o.as<float>(), dids.as<int32_t>(), dweights.as<float>(), dp.view.pair_position, m, k, d,
+                      with_shared ? dshared.buf.get() : nullptr, dt, y.buf.get(), nullptr);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    test::expect_close(y.download(), ref, tol, what);
+}
+
+// Qwen3-MoE-like (SwiGLU) and NemotronH-like (relu^2, odd multiples of 32) shapes at small scale.
+const ExpertsCase kExpertCases[] = {
+    {MoeActivation::SwiGlu, 16, 256, 128, 4},
+    {MoeActivation::SwiGlu, 64, 128, 96, 8},
+    {MoeActivation::Relu2, 16, 224, 160, 6},
+    {MoeActivation::Relu2, 8, 96, 1056, 2},
+};
+
+TEST(MoeCuda, ExpertsNvfp4) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& c : kExpertCases)
+        for (int64_t m : {1, 3, 17, 64})
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, false, m % 2 == 1);
+}
+
+// Every token on the same few experts: more than one 8-token tile per expert, most experts idle.
+TEST(MoeCuda, ExpertsNvfp4Skewed) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& c : kExpertCases)
+        for (int64_t m : {9, 40})
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, true, true);
+}
+
+TEST(MoeCuda, RejectsBadArguments) {
+    NIBBLE_REQUIRE_GPU();
+    cuda::DeviceBuffer buf(1 << 16);
+    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F16, 1, 8, 2, true, buf.as<int32_t>(), buf.as<float>(), nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F32, 1, 8, 9, true, buf.as<int32_t>(), buf.as<float>(), nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(cuda::moe_route_sigmoid(buf.get(), DType::F32, 1, 10, 2, nullptr, 4, 2, true, 1.0f, buf.as<int32_t>(),
+                                         buf.as<float>(), nullptr),
+                 std::invalid_argument);  // 10 experts in 4 groups
+    const cuda::MoeDeviceExperts ex{nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 48, 64};
+    cuda::MoePermutation perm;
+    EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, ex, MoeActivation::Relu2, perm, buf.as<float>(), nullptr),
+                 std::invalid_argument);  // n_embd 48 not a multiple of 32
+}
+
+}  // namespace
+}  // namespace nibble
