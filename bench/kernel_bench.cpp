@@ -9,7 +9,12 @@
 // Decode attention over the paged KV cache (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim
 // 128, block size 16, shuffled block tables) at contexts 4K/32K/128K, batch 1/8/32, per KV dtype: one
 // layer's attention per launch (split-K + combine), enough layer copies to be >= 4x the L2, reporting the
-// GB/s of KV bytes read. `nibble-kernel-bench gemv` or `attention` runs one part; no argument runs both.
+// GB/s of KV bytes read. Prefill attention (same shape): 512 new query tokens of one sequence after 0, 8K,
+// 32K and 64K cached tokens, per KV dtype, one layer per launch (the launcher's kernel and splits), reporting
+// TFLOP/s with FLOPs = 4 * head_dim * n_heads * (attended (query, key) pairs, causal counted exactly:
+// sum over the 512 queries of depth + i + 1), and what 32 such layers cost per token (the attention share of
+// a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention` or `prefill` runs one part;
+// no argument runs all three.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -160,6 +165,93 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
     }
 }
 
+// Prefill attention: 512 query tokens after `depth` cached ones, TFLOP/s per KV dtype.
+void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
+    using nibble::KvDtype;
+    const int64_t n_heads = 32, nkv = 8, hd = 128, bs = 16, n_q = 512, n_layers = 32;
+    const int64_t depths[] = {0, 8192, 32768, 65536};
+    const KvDtype dtypes[] = {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4};
+    struct PRow {
+        int64_t depth;
+        KvDtype dt;
+        double us, tflops;
+        int splits;
+    };
+    std::vector<PRow> rows;
+    uint64_t seed = 499;
+    std::mt19937_64 rng(11);
+    for (int64_t depth : depths) {
+        const int64_t kv_len = depth + n_q;
+        const int64_t n_blocks = (kv_len + bs - 1) / bs;
+        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+        std::iota(ids.begin(), ids.end(), 0);
+        std::shuffle(ids.begin(), ids.end(), rng);
+        const std::vector<int32_t> q_start = {0, static_cast<int32_t>(n_q)}, start_pos = {static_cast<int32_t>(depth)};
+        DeviceBuffer d_bt(ids.size() * 4), d_qs(q_start.size() * 4), d_sp(start_pos.size() * 4);
+        d_bt.upload(ids.data(), d_bt.bytes());
+        d_qs.upload(q_start.data(), d_qs.bytes());
+        d_sp.upload(start_pos.data(), d_sp.bytes());
+        nibble::cuda::AttentionBatch b{1, n_q, d_qs.as<int32_t>(), d_sp.as<int32_t>(), d_bt.as<int32_t>(), n_blocks, n_q,
+                                       kv_len};
+        DeviceBuffer q(static_cast<size_t>(n_q * n_heads * hd * 2)), out(q.bytes());
+        nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        const int splits = nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount);
+        const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, n_q, n_heads, hd);
+        DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
+        // Attended (query, key) pairs: query i sits at position depth + i and sees depth + i + 1 keys.
+        const double pairs = static_cast<double>(n_q) * static_cast<double>(depth) + n_q * (n_q + 1) / 2.0;
+        const double flops = 4.0 * static_cast<double>(hd * n_heads) * pairs;
+        for (KvDtype dt : dtypes) {
+            const int64_t row_bytes = dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+            const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
+            const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
+            const size_t copies = std::clamp<size_t>(
+                (4 * static_cast<size_t>(prop.l2CacheSize) + 2 * layer_bytes - 1) / (2 * layer_bytes), 1, 64);
+            std::vector<DeviceBuffer> kb, vb;
+            for (size_t c = 0; c < copies; ++c) {
+                kb.emplace_back(layer_bytes);
+                vb.emplace_back(layer_bytes);
+                // BF16 |v| < 2; E4M3 / E2M1 / scale bytes with bit 3 clear: never a NaN code.
+                const uint32_t and_mask = dt == KvDtype::Bf16 ? 0x83ff83ffu : 0xf7f7f7f7u;
+                const uint32_t or_mask = dt == KvDtype::Bf16 ? 0x3c003c00u : 0u;
+                nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+                nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+            }
+            NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+            size_t next = 0;
+            auto launch = [&] {
+                for (size_t c = 0; c < copies; ++c, ++next) {
+                    const size_t i = next % copies;
+                    nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes, bs,
+                                                  nkv, hd, dt, 0.01f, 0.01f};
+                    nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b,
+                                                  nibble::cuda::AttentionArgs{n_heads, 0.088f, 0}, splits, ws.get(),
+                                                  ws_bytes, out.get(), stream);
+                }
+            };
+            const int reps = depth >= 32768 ? 10 : 20;
+            const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
+            const double tflops = flops / (ms * 1e-3) / 1e12;
+            rows.push_back({depth, dt, ms * 1e3, tflops, splits});
+            std::printf("attention prefill q=%lld depth=%-6lld %-5s splits=%-2d copies=%-3zu %9.1f us %6.1f TFLOP/s "
+                        "(%.3g FLOP)  32 layers: %.0f tok/s\n",
+                        static_cast<long long>(n_q), static_cast<long long>(depth),
+                        dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", splits, copies, ms * 1e3,
+                        tflops, flops, static_cast<double>(n_q) / (n_layers * ms * 1e-3));
+        }
+    }
+    std::printf("\n| depth | splits | bf16 us | TFLOP/s | fp8 us | TFLOP/s | nvfp4 us | TFLOP/s | nvfp4/bf16 time | "
+                "attention-only pp512 tok/s (32 layers, bf16 / nvfp4) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (size_t i = 0; i + 2 < rows.size(); i += 3) {
+        const PRow &a = rows[i], &f = rows[i + 1], &n = rows[i + 2];
+        std::printf("| %lldK | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f / %.0f |\n",
+                    static_cast<long long>(a.depth / 1024), a.splits, a.us, a.tflops, f.us, f.tflops, n.us, n.tflops,
+                    n.us / a.us, static_cast<double>(n_q) / (n_layers * a.us * 1e-6),
+                    static_cast<double>(n_q) / (n_layers * n.us * 1e-6));
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,7 +285,8 @@ int main(int argc, char** argv) {
         };
         const std::string part = argc > 1 ? argv[1] : "all";
         if (part == "attention" || part == "all") bench_attention(prop, stream, copy_gbps);
-        if (part == "attention") {
+        if (part == "prefill" || part == "all") bench_prefill_attention(prop, stream);
+        if (part == "attention" || part == "prefill") {
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }

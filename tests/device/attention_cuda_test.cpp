@@ -5,7 +5,9 @@
 //    cuda_fp8.h / cuda_fp4.h's host conversions by tests/tensor), including a sweep of the E2M1 ties;
 //  - attention (decode with split-K, prefill with causal mask, start_pos > 0 and sliding window) is compared
 //    element-wise with a tolerance derived per element below, the cache contents being the same bytes.
-//    Decode with GQA <= 8 runs the tensor-core kernel, GQA 16/32 and prefill the CUDA-core one.
+//    Decode with GQA <= 8 runs the tensor-core decode kernel; prefill with BF16 q (>= 16 rows of query
+//    tokens x group) the tensor-core prefill kernel; decode with GQA 16/32 and prefill with F32 q the
+//    CUDA-core one.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -230,25 +232,38 @@ struct AttnCase {
 //    tree), the combine over warps and splits, the layer scale, the division:
 //    <= (2 tiles + splits + 160) u sum_j (w_j / l) |v_jd|.
 //  * The CPU accumulates in double: u |o_d| for its final rounding.
+//  * Tensor-core prefill kernel: P goes into the P.V mma rounded to 16 bits (relative p_rel: BF16 2^-8 for the
+//    BF16 cache, fp16 2^-11 for FP8/NVFP4; plus p_abs below the format's normal range: fp16 subnormals are
+//    2^-24 apart, so 2^-25 in units of the row's final max, which only shrinks the running max's values)
+//    while l sums the fp32 P: <= sum_j (p_rel w_j / l + p_abs / l) |v_jd|. q is exact in the BF16 mma; for
+//    the fp16 mma it is converted BF16 -> fp16, exact except below 2^-14 (fp16 subnormals, error <= 2^-25):
+//    each score moves by <= q_abs scale sum_d |k_jd|, added to delta_j.
 // The tolerance is 1.2x their sum; BF16 output adds one BF16 rounding.
 struct RowRef {
     std::vector<double> o, tol;
 };
 
-RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd,
-                     int64_t first, int64_t last, float scale, int64_t keys_per_split, int n_splits) {
+// Rounding of P and q in the prefill kernel's 16-bit mma (zeros for the other kernels).
+struct MmaRounding {
+    double p_rel = 0, p_abs = 0, q_abs = 0;
+};
+
+RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd, int64_t first, int64_t last,
+                     float scale, int64_t keys_per_split, int n_splits, const MmaRounding& mr) {
     const int64_t n = last - first + 1;
-    std::vector<double> s(static_cast<size_t>(n)), a(static_cast<size_t>(n));
+    std::vector<double> s(static_cast<size_t>(n)), a(static_cast<size_t>(n)), ksum(static_cast<size_t>(n));
     double m = -INFINITY, a_max = 0;
     for (int64_t j = 0; j < n; ++j) {
         const float* kj = k + (first + j) * hd;
-        double dot = 0, abs = 0;
+        double dot = 0, abs = 0, kabs = 0;
         for (int64_t d = 0; d < hd; ++d) {
             dot += static_cast<double>(q[d]) * kj[d];
             abs += std::fabs(static_cast<double>(q[d]) * kj[d]);
+            kabs += std::fabs(static_cast<double>(kj[d]));
         }
         s[static_cast<size_t>(j)] = dot * scale;
         a[static_cast<size_t>(j)] = abs * scale;
+        ksum[static_cast<size_t>(j)] = kabs * std::fabs(scale);
         m = std::max(m, s[static_cast<size_t>(j)]);
         a_max = std::max(a_max, abs * scale);
     }
@@ -262,15 +277,18 @@ RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd,
     // Tiles of 32 keys in each split ([z * keys_per_split, (z + 1) * keys_per_split) intersected with the range).
     const int64_t tiles = (n + 31) / 32 + n_splits;
     std::vector<double> e_score(static_cast<size_t>(hd), 0.0), sum_abs(static_cast<size_t>(hd), 0.0),
-        prefix(static_cast<size_t>(hd), 0.0), run(static_cast<size_t>(hd), 0.0);
+        prefix(static_cast<size_t>(hd), 0.0), run(static_cast<size_t>(hd), 0.0), e_p(static_cast<size_t>(hd), 0.0);
     for (int64_t j = 0; j < n; ++j) {
         const int64_t key = first + j;
         if (key % keys_per_split == 0) std::fill(run.begin(), run.end(), 0.0);
         const double w = s[static_cast<size_t>(j)] / l;
-        const double delta = 1.5 * kEpsF32 * ((3.0 * hd + 80) * a[static_cast<size_t>(j)] + 2 * a_max + 8);
+        const double delta = 1.5 * kEpsF32 * ((3.0 * hd + 80) * a[static_cast<size_t>(j)] + 2 * a_max + 8) +
+                             mr.q_abs * ksum[static_cast<size_t>(j)];
+        const double p_err = mr.p_rel * w + mr.p_abs / l;
         for (int64_t d = 0; d < hd; ++d) {
             const double vj = v[static_cast<size_t>(key * hd + d)];
             e_score[static_cast<size_t>(d)] += w * delta * std::fabs(vj - r.o[static_cast<size_t>(d)]);
+            e_p[static_cast<size_t>(d)] += p_err * std::fabs(vj);
             sum_abs[static_cast<size_t>(d)] += w * std::fabs(vj);
             run[static_cast<size_t>(d)] += w * vj;
             prefix[static_cast<size_t>(d)] += std::fabs(run[static_cast<size_t>(d)]);
@@ -279,7 +297,7 @@ RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd,
     r.tol.resize(static_cast<size_t>(hd));
     for (int64_t d = 0; d < hd; ++d) {
         const size_t i = static_cast<size_t>(d);
-        r.tol[i] = 1.2 * (1.01 * e_score[i] + 2 * kEpsF32 * prefix[i] +
+        r.tol[i] = 1.2 * (1.01 * e_score[i] + e_p[i] + 2 * kEpsF32 * prefix[i] +
                           (2.0 * tiles + n_splits + 160) * kEpsF32 * sum_abs[i] + kEpsF32 * std::fabs(r.o[i]));
     }
     return r;
@@ -362,9 +380,16 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
                           out.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 
-    // The launcher's split boundaries (attention_cuda.cu): ceil(max_kv / splits) rounded up to 32 keys.
+    // Which kernel runs (attention_cuda.cu): the tensor-core prefill kernel for BF16 q with >= 16 rows of
+    // query tokens x group in some sequence. Its split boundaries: ceil(max_kv / splits) rounded up to its
+    // 64-key tile (32 for the other kernels).
+    const bool tc_prefill = c.bf16 && max_q > 1 && max_q * group >= 16;
+    const int64_t align = tc_prefill ? 64 : 32;
     const int64_t per = (max_kv + splits - 1) / splits;
-    const int64_t keys_per_split = std::max<int64_t>(32, (per + 31) / 32 * 32);
+    const int64_t keys_per_split = std::max<int64_t>(align, (per + align - 1) / align * align);
+    MmaRounding mr;
+    if (tc_prefill && c.dtype == KvDtype::Bf16) mr = {kEpsBf16, 0x1p-126, 0.0};
+    if (tc_prefill && c.dtype != KvDtype::Bf16) mr = {0x1p-11, 0x1p-25, 0x1p-25};
     std::vector<double> tol(q.size());
     const int64_t rows = n_tokens * c.n_heads;
     pool.parallel_for(static_cast<size_t>(rows), 1, [&](size_t begin, size_t end) {
@@ -380,7 +405,7 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
             const float* kh = kd[si].data() + kvh * s.kv_len * hd;
             const float* vh = vd[si].data() + kvh * s.kv_len * hd;
             const RowRef r = row_tolerance(q.data() + rr * static_cast<size_t>(hd), kh, vh, hd, first, pos, scale,
-                                           keys_per_split, splits);
+                                           keys_per_split, splits, mr);
             for (int64_t d = 0; d < hd; ++d) {
                 const size_t i = rr * static_cast<size_t>(hd) + static_cast<size_t>(d);
                 const double fp = r.tol[static_cast<size_t>(d)];
@@ -388,7 +413,7 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
             }
         }
     });
-    std::printf("[  detail  ] %s splits=%d\n", name.c_str(), splits);
+    std::printf("[  detail  ] %s splits=%d%s\n", name.c_str(), splits, tc_prefill ? " (tensor-core prefill)" : "");
     test::expect_close(out.download(), ref, tol, "paged attention " + name);
 }
 
@@ -429,6 +454,41 @@ TEST(PagedAttentionCuda, PrefillMatchesCpu) {
     }
     attention_case(pool, rng, {KvDtype::Nvfp4, 16, 4, 64, true, 200, seqs});     // sliding window
     attention_case(pool, rng, {KvDtype::Fp8, 8, 8, 128, false, 0, seqs, 3});     // prefill with split-K
+}
+
+// The tensor-core prefill kernel (BF16 q): one batch mixing a fresh prompt, chunks after cached tokens
+// (start_pos > 0), lengths off the 64-key tile and off the 128-row tile, a 1-token sequence and a 7-token
+// one; GQA 1, 3 (rows of a tile not a multiple of the group), 4, 8 and 32 (4 tokens a tile); head_dim 64
+// and 128; sliding windows longer and shorter than a key tile; explicit splits (some empty).
+TEST(PagedAttentionCuda, PrefillTensorCoresMatchCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const std::vector<SeqSpec> mixed = {{600, 600}, {1400, 250}, {50, 7}, {1, 1}, {300, 129}, {77, 77}};
+    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+        attention_case(pool, rng, {dt, 32, 8, 128, true, 0, mixed});    // GQA 4
+        attention_case(pool, rng, {dt, 16, 2, 64, true, 0, mixed});     // GQA 8, head_dim 64
+        attention_case(pool, rng, {dt, 4, 4, 128, true, 0, mixed});     // GQA 1
+        attention_case(pool, rng, {dt, 8, 8, 64, true, 0, mixed});      // GQA 1, head_dim 64
+        attention_case(pool, rng, {dt, 12, 4, 128, true, 0, mixed});    // GQA 3: 42 tokens, 126 of 128 rows
+        attention_case(pool, rng, {dt, 32, 1, 128, true, 0, {{300, 40}, {64, 64}, {5, 2}}});  // GQA 32
+        attention_case(pool, rng, {dt, 16, 4, 128, true, 200, mixed});  // window > key tile
+        attention_case(pool, rng, {dt, 16, 2, 64, true, 37, mixed});    // window < key tile
+        attention_case(pool, rng, {dt, 16, 4, 128, true, 0, mixed, 3});  // split-K
+        attention_case(pool, rng, {dt, 8, 2, 64, true, 100, {{3000, 70}, {40, 40}}, 37});  // empty splits
+    }
+}
+
+// Long prefill on the tensor cores: 512 queries after 16K cached tokens (one split, then the launcher's
+// choice of splits for a grid of few CTAs).
+TEST(PagedAttentionCuda, PrefillTensorCoresLongMatchesCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+        attention_case(pool, rng, {dt, 16, 4, 128, true, 0, {{16384 + 512, 512}}, 1});
+        attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{8192 + 40, 40}, {1000, 100}}});
+    }
 }
 
 }  // namespace

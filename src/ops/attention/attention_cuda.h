@@ -4,11 +4,16 @@
 // read in its stored format and dequantized on chip (registers, then the tile in shared memory); no
 // dequantized copy is ever written to device memory. Plain C++ plus cuda_runtime.h types.
 //
-// One kernel serves decode and prefill: a CTA owns one sequence, one KV head, a tile of query rows (query
-// tokens x the query heads of that KV head: GQA reads each K/V row once for the whole group) and one split
-// of the key range (flash-decoding). Online softmax in float32 (base 2), float32 accumulation. With more
-// than one split every CTA writes a partial (unnormalized output, running max, running sum) to the
-// workspace and a combine kernel merges the splits.
+// Every kernel has a CTA own one sequence, one KV head, a tile of query rows (query tokens x the query
+// heads of that KV head: GQA reads each K/V row once for the whole group) and one split of the key range
+// (flash-decoding). Online softmax in float32 (base 2), float32 accumulation. With more than one split every
+// CTA writes a partial (unnormalized output, running max, running sum) to the workspace and a combine
+// kernel merges the splits. Which kernel runs:
+//   prefill with BF16 q (some sequence with >= 16 rows of query tokens x group, and scale > 0): the
+//     tensor-core prefill kernel (flash-attention-2 style, mma.sync m16n8k16, 128 rows x 64-key tiles);
+//   decode (one query token a sequence) with at most 8 query heads per KV head: the tensor-core decode
+//     kernel;
+//   otherwise (F32 q, larger decode groups, a few rows): the CUDA-core kernel, float32 throughout.
 //
 // Layouts (device pointers):
 //   q, out        [n_tokens, n_heads, head_dim] F32 or BF16 (the same dtype); the tokens of sequence s are
@@ -20,9 +25,10 @@
 // the last sliding_window of them when sliding_window > 0); the K/V of the new tokens must have been
 // written to the cache first. Preconditions (std::invalid_argument): head_dim 64 or 128, n_heads a
 // multiple of n_kv_heads with at most 32 query heads per KV head, a cache dtype other than F32.
-// Decode with at most 8 query heads per KV head runs on the tensor cores, with q as hi + lo 16-bit parts:
-// BF16 parts for the BF16 cache, fp16 parts for FP8/NVFP4, so there |q| must stay below 65504 (fp16's
-// range; beyond it the output is NaN). Prefill and larger groups run on CUDA cores in float32.
+// Tensor-core decode takes q as hi + lo 16-bit parts: BF16 parts for the BF16 cache, fp16 parts for
+// FP8/NVFP4. Tensor-core prefill takes q as is (BF16) for the BF16 cache and converted to fp16 for
+// FP8/NVFP4, and P rounded to BF16 / fp16 in the P.V product (the dequantized K/V are exact in either). On
+// the FP8/NVFP4 paths |q| must stay below 65504 (fp16's range; beyond it the output is NaN).
 #pragma once
 
 #include <cuda_runtime.h>
