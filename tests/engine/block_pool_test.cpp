@@ -178,6 +178,58 @@ TEST(BlockPool, WithoutPrefixCachingNothingIsCached) {
     check(pool, {});
 }
 
+// State snapshots (hybrid models): attached only to cached blocks, one per block; taken back from the
+// least recently used unreferenced block when none is free (the block stays cached); freed with the block's
+// cache entry on eviction.
+TEST(BlockPool, SnapshotsLiveAndDieWithTheirBlocks) {
+    BlockPool pool(4, 2, true, hash_block_tokens, 2);
+    EXPECT_THROW(BlockPool(4, 2, false, hash_block_tokens, 1), Error);  // snapshots need prefix caching
+    const auto x = iota_tokens(2, 10), y = iota_tokens(3, 20);
+    Table tx = compute(pool, x), ty = compute(pool, y);  // ty[1] holds a partial block: never cached
+    const int32_t s0 = pool.reserve_snapshot();
+    ASSERT_GE(s0, 0);
+    check(pool, {tx, ty});  // a reserved snapshot is neither free nor attached
+    EXPECT_FALSE(pool.attach_snapshot(ty[1], s0));  // uncached block
+    EXPECT_TRUE(pool.attach_snapshot(tx[0], s0));
+    EXPECT_EQ(pool.snapshot_of(tx[0]), s0);
+    const int32_t s1 = pool.reserve_snapshot();
+    ASSERT_GE(s1, 0);
+    EXPECT_FALSE(pool.attach_snapshot(tx[0], s1));  // one per block: the caller frees the spare
+    pool.free_snapshot(s1);
+    EXPECT_THROW(pool.free_snapshot(s1), Error);  // not reserved any more
+    EXPECT_TRUE(pool.attach_snapshot(ty[0], pool.reserve_snapshot()));
+    EXPECT_EQ(pool.num_free_snapshots(), 0);
+    EXPECT_EQ(pool.num_attached_snapshots(), 2);
+    check(pool, {tx, ty});
+    // Both in use: nothing can be taken back.
+    EXPECT_EQ(pool.reserve_snapshot(), -1);
+    // Released (x first, so x is the LRU head): the next reservation takes x's, and x stays cached.
+    release_all(pool, tx);
+    release_all(pool, ty);
+    check(pool, {});
+    const int32_t taken = pool.reserve_snapshot();
+    EXPECT_EQ(taken, s0);
+    EXPECT_EQ(pool.snapshot_of(tx[0]), -1);
+    EXPECT_EQ(pool.match_prefix(x, 1).blocks, (Table{tx[0]}));
+    pool.free_snapshot(taken);
+    check(pool, {});
+    // Eviction: allocating every block uncaches y's block and gives its snapshot back.
+    EXPECT_EQ(pool.num_attached_snapshots(), 1);
+    Table all = {pool.allocate(), pool.allocate(), pool.allocate(), pool.allocate()};
+    EXPECT_EQ(pool.num_attached_snapshots(), 0);
+    EXPECT_EQ(pool.num_free_snapshots(), 2);
+    check(pool, {all});
+    // The link a chain ends at names its cached block.
+    release_all(pool, all);
+    Table tz = compute(pool, x);
+    const BlockLink link = pool.match_prefix(x, 1).links.at(0);
+    EXPECT_EQ(pool.cached_block(link), tz[0]);
+    EXPECT_EQ(pool.cached_block({link.hash, link.cid + 1}), -1);
+    EXPECT_EQ(pool.cached_block({}), -1);
+    release_all(pool, tz);
+    check(pool, {});
+}
+
 TEST(BlockPool, InvariantCheckerCatchesBrokenBookkeeping) {
     BlockPool pool(4, 2, true);
     Table a = {pool.allocate(), pool.allocate()};

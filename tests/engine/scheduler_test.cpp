@@ -14,8 +14,9 @@ namespace nibble {
 namespace {
 
 struct Harness {
-    Harness(int64_t num_blocks, int64_t block_size, SchedulerConfig config, bool caching = true)
-        : pool(num_blocks, block_size, caching), scheduler(config, pool) {}
+    Harness(int64_t num_blocks, int64_t block_size, SchedulerConfig config, bool caching = true,
+            int64_t num_snapshots = 0)
+        : pool(num_blocks, block_size, caching, hash_block_tokens, num_snapshots), scheduler(config, pool) {}
 
     Sequence* add(int n_prompt, int first_token = 0) {
         auto s = std::make_unique<Sequence>();
@@ -209,6 +210,73 @@ TEST(Scheduler, SamplesOfOneRequestShareThePromptBlocks) {
         EXPECT_EQ(h.pool.ref_count(c->block_table[0]), 1);
         h.step();
     }
+}
+
+// Hybrid prefix caching (SchedulerConfig::snapshot_interval gives the points). Block size 4, interval 16.
+TEST(Scheduler, HybridChunksEndAtSnapshotPointsAndResumeFromThem) {
+    Harness h(64, 4, {.max_num_seqs = 4, .max_num_batched_tokens = 64, .num_state_slots = 4, .snapshot_interval = 16},
+              true, 8);
+    // A 30-token prompt: one chunk would cover the interval point 16 and the prompt point 28; it is cut at
+    // the last (28), the state there is kept on block 6, then the 2 tail tokens run.
+    Sequence* a = h.add(30, 0);
+    auto out = h.scheduler.schedule();
+    EXPECT_EQ(h.tokens_of(out, a), 28);
+    EXPECT_GE(a->save_snapshot, 0);
+    for (const auto& c : out.chunks) h.scheduler.finish_chunk(c);
+    EXPECT_NO_THROW(h.scheduler.check_invariants());
+    EXPECT_GE(h.pool.snapshot_of(a->block_table[6]), 0);
+    EXPECT_EQ(h.pool.snapshot_of(a->block_table[3]), -1);  // 16: crossed inside the chunk, no state there
+    out = h.step();
+    EXPECT_EQ(h.tokens_of(out, a), 2);
+    // Decode: each block boundary at or past the prompt keeps a snapshot, replacing the previous one,
+    // except interval points (32), which stay.
+    while (a->num_computed < 32) h.step();
+    EXPECT_GE(h.pool.snapshot_of(a->block_table[7]), 0);
+    while (a->num_computed < 36) h.step();
+    const int32_t at36 = h.pool.snapshot_of(a->block_table[8]);
+    EXPECT_GE(at36, 0);
+    while (a->num_computed < 40) h.step();
+    EXPECT_EQ(h.pool.snapshot_of(a->block_table[8]), -1);
+    EXPECT_EQ(h.pool.snapshot_of(a->block_table[9]), at36);  // the same snapshot moved on
+    EXPECT_GE(h.pool.snapshot_of(a->block_table[7]), 0);     // the interval point stays
+    EXPECT_GE(h.pool.snapshot_of(a->block_table[6]), 0);     // and so does the prompt point
+    EXPECT_EQ(h.pool.num_attached_snapshots(), 3);
+
+    // The same prompt again resumes from block 6's snapshot: 28 tokens cached, 2 to compute.
+    Sequence* b = h.add(30, 0);
+    out = h.scheduler.schedule();
+    EXPECT_EQ(h.tokens_of(out, b), 2);
+    EXPECT_EQ(b->num_computed, 28);
+    EXPECT_EQ(b->restore_snapshot, h.pool.snapshot_of(a->block_table[6]));
+    EXPECT_EQ(b->block_table[6], a->block_table[6]);
+    for (const auto& c : out.chunks) {
+        h.scheduler.finish_chunk(c);
+        if (c.sample) c.seq->tokens.push_back(7);
+    }
+    EXPECT_EQ(b->restore_snapshot, -1);
+    EXPECT_NO_THROW(h.scheduler.check_invariants());
+
+    // A prompt sharing only 22 tokens: 5 cached KV blocks (20 tokens) but no snapshot among them, so it
+    // computes from 0, and its first chunk ends where the shared blocks end (20) to keep a state there.
+    Sequence* c = h.add(40, 0);
+    for (int i = 22; i < 40; ++i) c->tokens[static_cast<size_t>(i)] = 1000 + i;
+    out = h.scheduler.schedule();
+    EXPECT_EQ(c->num_computed, 0);
+    EXPECT_EQ(h.tokens_of(out, c), 20);
+    EXPECT_GE(c->save_snapshot, 0);
+    for (const auto& ch : out.chunks) {
+        h.scheduler.finish_chunk(ch);
+        if (ch.sample) ch.seq->tokens.push_back(7);
+    }
+    // c's own block 4 duplicates a's chain, so the snapshot goes to the cached copy, a's block 4.
+    EXPECT_FALSE(h.pool.is_cached(c->block_table[4]));
+    EXPECT_GE(h.pool.snapshot_of(a->block_table[4]), 0);
+    EXPECT_NO_THROW(h.scheduler.check_invariants());
+
+    // Ending sequences give back their slots and reservations; the snapshots stay with the cached blocks.
+    for (Sequence* s : {a, b, c}) h.scheduler.finish(s);
+    EXPECT_NO_THROW(h.scheduler.check_invariants());
+    EXPECT_EQ(h.pool.num_free_snapshots() + h.pool.num_attached_snapshots(), 8);
 }
 
 }  // namespace
