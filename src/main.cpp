@@ -2,6 +2,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <cstring>
 #include <exception>
 
 #include "base/error.h"
@@ -26,6 +27,10 @@ int main(int argc, char** argv) {
     nibble::cli::add_serve_command(app);
     nibble::cli::add_plan_command(app);
     nibble::cli::add_run_command(app);
+    // vLLM's -tp is a two-letter short flag, which CLI11 cannot declare: spell it out before parsing.
+    char tp_long[] = "--tensor-parallel-size";
+    for (int i = 1; i < argc; ++i)
+        if (std::strcmp(argv[i], "-tp") == 0) argv[i] = tp_long;
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

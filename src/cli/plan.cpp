@@ -2,7 +2,8 @@
 // the model, from config.json and the quantization config alone (engine/memory_plan.h; no weight and no
 // safetensors header is read). Device memory defaults to the first CUDA device's when this build has CUDA
 // and one is present, else the machine's physical memory. Prints an aligned table, or with --json one object
-// (byte counts as integers).
+// (byte counts as integers). With --tensor-parallel-size N every figure is per GPU (rank 0's share: weights,
+// workspace and KV heads of one rank); --nnodes etc. are accepted as on serve and checked.
 #include <CLI/CLI.hpp>
 #include <unistd.h>
 
@@ -16,6 +17,8 @@
 #include "checkpoint/quant_config.h"
 #include "cli/commands.h"
 #include "engine/memory_plan.h"
+#include "parallel/parallel_options.h"
+#include "parallel/tensor_parallel.h"
 #if defined(NIBBLE_HAVE_CUDA)
 #include "cuda/device_info.h"
 #endif
@@ -27,6 +30,7 @@ namespace {
 struct PlanCliOptions {
     std::string model_dir;
     PlanOptions plan;
+    ParallelOptions parallel;
     int64_t device_memory = 0;  // 0: detect
     bool json = false;
 };
@@ -75,6 +79,7 @@ void run_plan(const PlanCliOptions& opt) {
     }
     const ModelConfig config = parse_model_config(json, config_path);
     const QuantConfig quant = load_quant_config(opt.model_dir, json);
+    check_parallel_options(opt.parallel);
 
     Device device;
     if (opt.device_memory > 0) {
@@ -85,6 +90,7 @@ void run_plan(const PlanCliOptions& opt) {
     }
     PlanOptions po = opt.plan;
     po.device_memory = device.memory;
+    po.tensor_parallel_size = opt.parallel.tensor_parallel_size;
     // "auto" means what serving on this machine would store: bf16 on a GPU, the CPU reference's f32 otherwise.
     po.auto_kv_dtype = device.cuda ? KvDtype::Bf16 : KvDtype::F32;
     const MemoryPlan p = plan_memory(config, quant, po);
@@ -100,7 +106,13 @@ void run_plan(const PlanCliOptions& opt) {
             {"device_memory", p.device_memory},
             {"gpu_memory_utilization", opt.plan.gpu_memory_utilization},
             {"usable_memory", p.usable_memory},
+            {"tensor_parallel_size", p.tensor_parallel_size},
+            {"nnodes", opt.parallel.nnodes},
+            {"kv_heads_per_gpu", p.tensor_parallel_size == 1 ? config.n_kv_heads
+                                                              : tensor_parallel_layout(config, p.tensor_parallel_size, 0)
+                                                                    .kv_heads.size()},
             {"weights_bytes", p.weights_bytes},
+            {"model_weights_bytes", p.model_weights_bytes},
             {"weights_bytes_by_format", weights_by_format},
             {"workspace_bytes", p.workspace_bytes()},
             {"activation_bytes", p.activation_bytes},
@@ -129,16 +141,26 @@ void run_plan(const PlanCliOptions& opt) {
     std::printf("%s\n", fmt::format("{} ({}, {} layers, weights {})", opt.model_dir, config.arch_name, config.n_layers,
                                     quant.method == QuantMethod::None ? "unquantized" : quant_method_name(quant.method))
                             .c_str());
+    if (p.tensor_parallel_size > 1)
+        std::printf("%s\n", fmt::format("tensor-parallel size {} ({} node{}): every figure below is per GPU",
+                                        p.tensor_parallel_size, opt.parallel.nnodes, opt.parallel.nnodes == 1 ? "" : "s")
+                                .c_str());
     row("device memory", bytes_text(static_cast<double>(p.device_memory)), device.name);
     row("usable", bytes_text(static_cast<double>(p.usable_memory)),
         fmt::format("x {} --gpu-memory-utilization", opt.plan.gpu_memory_utilization));
+    if (p.tensor_parallel_size > 1)
+        weights_detail += fmt::format(" (the whole model: {})", bytes_text(static_cast<double>(p.model_weights_bytes)));
     row("weights", bytes_text(static_cast<double>(p.weights_bytes)), weights_detail);
     row("workspace", bytes_text(static_cast<double>(p.workspace_bytes())),
         fmt::format("activations {}, logits {}, attention {} ({} batched tokens)",
                     bytes_text(static_cast<double>(p.activation_bytes)), bytes_text(static_cast<double>(p.logits_bytes)),
                     bytes_text(static_cast<double>(p.attention_scratch_bytes)), p.max_num_batched_tokens));
     row("KV per token", bytes_text(static_cast<double>(p.kv_bytes_per_token)),
-        fmt::format("{} ({} bytes)", kv_dtype_name(p.kv_dtype), p.kv_bytes_per_token));
+        fmt::format("{} ({} bytes{})", kv_dtype_name(p.kv_dtype), p.kv_bytes_per_token,
+                    p.tensor_parallel_size == 1
+                        ? std::string()
+                        : fmt::format(", {} KV heads per GPU",
+                                      tensor_parallel_layout(config, p.tensor_parallel_size, 0).kv_heads.size())));
     row("KV cache", bytes_text(static_cast<double>(p.kv_cache_bytes)),
         fmt::format("{} blocks of {} tokens, {} per block", p.kv_blocks, p.block_size,
                     bytes_text(static_cast<double>(p.kv_block_bytes))));
@@ -168,6 +190,15 @@ void add_plan_command(CLI::App& app) {
     cmd->add_option("--block-size", opt->plan.block_size, "tokens per KV block")->capture_default_str();
     cmd->add_option("--device-memory", opt->device_memory,
                     "device memory in bytes (default: the GPU's, else the machine's physical memory)");
+    cmd->add_option("--tensor-parallel-size", opt->parallel.tensor_parallel_size,
+                    "GPUs the model is split over (alias -tp); the plan is then per GPU")
+        ->capture_default_str();
+    cmd->add_option("--nnodes", opt->parallel.nnodes, "machines taking part")->capture_default_str();
+    cmd->add_option("--node-rank", opt->parallel.node_rank, "this machine's index")->capture_default_str();
+    cmd->add_option("--master-addr", opt->parallel.master_addr, "node 0's address (NCCL bootstrap)")
+        ->capture_default_str();
+    cmd->add_option("--master-port", opt->parallel.master_port, "node 0's TCP port (NCCL bootstrap)")
+        ->capture_default_str();
     cmd->add_flag("--json", opt->json, "print the plan as a JSON object");
     cmd->callback([opt] { run_plan(*opt); });
 }

@@ -114,6 +114,7 @@ void run_serve(const std::vector<std::string>& args) {
         std::fputs(server::serve_usage().c_str(), stdout);
         return;
     }
+    refuse_multi_gpu_serving(o.parallel);  // before any loading: a TP > 1 request must never run as TP 1
     // Signals go to a waiting thread only (threads started below inherit the mask); writes to a closed
     // socket report EPIPE instead of killing the process.
     std::signal(SIGPIPE, SIG_IGN);

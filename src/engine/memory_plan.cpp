@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "model/model.h"
+#include "parallel/tensor_parallel.h"
 #include "tensor/nvfp4.h"
 
 namespace nibble {
@@ -51,10 +52,16 @@ KvDtype resolve_kv_cache_dtype(std::string_view requested, const QuantConfig& qu
 
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
                                                                     const QuantConfig& quant) {
+    return weight_bytes_by_format(expected_weights(config), config, quant);
+}
+
+std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const std::vector<WeightSpec>& weights,
+                                                                    const ModelConfig& config,
+                                                                    const QuantConfig& quant) {
     const int64_t dense_size = static_cast<int64_t>(dtype_size(config.dtype));
     const std::string dense_name = lower(dtype_name(config.dtype));
     std::map<std::string, int64_t> by;
-    for (const WeightSpec& w : expected_weights(config)) {
+    for (const WeightSpec& w : weights) {
         if (w.kind == WeightSpec::Kind::Dense) {
             if (w.f32 || (w.f32_when_quantized && quant.method != QuantMethod::None))
                 by["f32"] += w.shape.numel() * 4;
@@ -108,16 +115,30 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
                  "--gpu-memory-utilization must be in (0, 1], got {}", o.gpu_memory_utilization);
     NIBBLE_CHECK(o.kv_cache_memory_bytes >= 0, "--kv-cache-memory-bytes must not be negative");
     NIBBLE_CHECK(o.device_memory > 0, "device memory must be positive, got {}", o.device_memory);
+    check_tensor_parallel(c, o.tensor_parallel_size);
 
-    p.weights_by_format = weight_bytes_by_format(c, quant);
+    const int64_t tp = o.tensor_parallel_size;
+    p.tensor_parallel_size = tp;
+    for (const auto& [name, bytes] : weight_bytes_by_format(c, quant)) p.model_weights_bytes += bytes;
+    // Per GPU: rank 0's share (the largest) and the widths its blocks run with.
+    ModelConfig rank = c;
+    if (tp == 1) {
+        p.weights_by_format = weight_bytes_by_format(c, quant);
+    } else {
+        check_tensor_parallel_quant(c, quant, tp);
+        rank = rank_config(c, tensor_parallel_layout(c, tp, 0));
+        p.weights_by_format = weight_bytes_by_format(llama_rank_expected_weights(c, tp, 0), c, quant);
+    }
     for (const auto& [name, bytes] : p.weights_by_format) p.weights_bytes += bytes;
 
     const int64_t t = o.max_num_batched_tokens;
-    const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    const int64_t q_dim = rank.n_heads * rank.head_dim, kv_dim = rank.n_kv_heads * rank.head_dim;
     const int64_t logit_rows = std::min(o.max_num_seqs, t);
-    p.activation_bytes = t * (3 * c.n_embd + 2 * q_dim + 2 * kv_dim + 2 * c.n_ff) * 4;
-    p.logits_bytes = logit_rows * c.vocab_size * 4;
-    p.attention_scratch_bytes = logit_rows * c.n_heads * kAttentionSplits * (c.head_dim + 2) * 4;
+    p.activation_bytes = t * (3 * rank.n_embd + 2 * q_dim + 2 * kv_dim + 2 * rank.n_ff) * 4;
+    // With tp > 1 the all-gather's [tp, rows, ceil(vocab / tp)] buffer sits beside the assembled logits.
+    const int64_t gather_width = tp == 1 ? 0 : tp * ((c.vocab_size + tp - 1) / tp);
+    p.logits_bytes = logit_rows * (c.vocab_size + gather_width) * 4;
+    p.attention_scratch_bytes = logit_rows * rank.n_heads * kAttentionSplits * (rank.head_dim + 2) * 4;
     // Hybrid models: the Mamba mixer's rows (in_proj output, conv output, scan output), and one recurrent
     // state per sequence that may run (conv float32 + SSM in --mamba-ssm-cache-dtype), held beside the KV.
     const int64_t kv_layers = c.count_layers(LayerKind::Attention);
@@ -139,7 +160,7 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     const KvCacheShape shape{.n_layers = kv_layers,
                              .n_blocks = 0,
                              .block_size = o.block_size,
-                             .n_kv_heads = c.n_kv_heads,
+                             .n_kv_heads = rank.n_kv_heads,
                              .head_dim = c.head_dim,
                              .dtype = p.kv_dtype,
                              .k_scales = {},

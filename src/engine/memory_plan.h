@@ -14,6 +14,12 @@
 //   Mamba state hybrid models (NemotronH): max_num_seqs x (Mamba layers x ((conv_kernel-1) x conv_dim x 4 +
 //              heads x head_dim x state x 4 or 2 per --mamba-ssm-cache-dtype)), counted with the fixed
 //              part (it is taken before the KV budget); KV covers the attention layers only.
+//   tensor parallel (tensor_parallel_size N > 1, llama family): everything above is per GPU, for rank 0 (the
+//              largest: parallel/tensor_parallel.h): weights are rank 0's shards (query/KV heads, intermediate
+//              columns and vocabulary rows divided by N, row-parallel biases, norms and global scales whole);
+//              activations use the rank's head and intermediate widths, logits add the all-gather buffer
+//              (rows x N x ceil(vocab/N) x 4 beside rows x vocab x 4), attention scratch the rank's heads, and
+//              the KV cache holds the rank's KV heads (one per rank when N exceeds n_kv_heads: replicated).
 // A plan that does not fit (weights and workspace beyond the usable memory, or less KV than one
 // max_model_len sequence) is a nibble::Error that says by how much.
 #pragma once
@@ -26,6 +32,7 @@
 
 #include "checkpoint/model_config.h"
 #include "checkpoint/quant_config.h"
+#include "model/model.h"
 #include "ops/attention/kv_cache.h"
 #include "ops/ssm/ssm_state.h"
 
@@ -51,11 +58,14 @@ struct PlanOptions {
     int64_t kv_cache_memory_bytes = 0;      // > 0: exactly this much KV cache (utilization then unused)
     int64_t device_memory = 0;              // bytes of the device; must be > 0
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
+    int64_t tensor_parallel_size = 1;       // GPUs one model is split over; the plan is per GPU
 };
 
 struct MemoryPlan {
+    int64_t tensor_parallel_size = 1;  // every byte count below is per GPU (rank 0's)
     // weights
     int64_t weights_bytes = 0;
+    int64_t model_weights_bytes = 0;   // the whole model's, unsharded (= weights_bytes at tensor_parallel_size 1)
     std::vector<std::pair<std::string, int64_t>> weights_by_format;  // "nvfp4", "fp8", "bf16", ... > 0 only
     // workspace
     int64_t activation_bytes = 0, logits_bytes = 0, attention_scratch_bytes = 0;
@@ -78,6 +88,10 @@ struct MemoryPlan {
 
 // Bytes of the model's weights as stored, by format (the "weights" line above).
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
+                                                                    const QuantConfig& quant);
+// The same over a given tensor list (a tensor-parallel rank's shards: llama_rank_expected_weights).
+std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const std::vector<WeightSpec>& weights,
+                                                                    const ModelConfig& config,
                                                                     const QuantConfig& quant);
 
 // Throws nibble::Error for bad options or a plan that does not fit.

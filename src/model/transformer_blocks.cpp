@@ -40,9 +40,9 @@ AttentionWeights load_attention(const Checkpoint& ckpt, const QuantConfig& quant
     return w;
 }
 
-void attention_block_cpu(ThreadPool& pool, const ModelConfig& c, const AttentionWeights& w, const RopeTable& rope,
-                         std::span<const ForwardSequence> seqs, const TokenBatch& batch, KvCache& cache,
-                         int64_t layer, const ModelLinearFn& linear, float* x) {
+void attention_cpu(ThreadPool& pool, const ModelConfig& c, const AttentionWeights& w, const RopeTable& rope,
+                   std::span<const ForwardSequence> seqs, const TokenBatch& batch, KvCache& cache, int64_t layer,
+                   const ModelLinearFn& linear, const float* x, float* out) {
     const int64_t m = batch.m, d = c.n_embd, hd = c.head_dim;
     const int64_t q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd;
     std::vector<float> h(static_cast<size_t>(m * d)), q(static_cast<size_t>(m * q_dim)),
@@ -68,8 +68,15 @@ void attention_block_cpu(ThreadPool& pool, const ModelConfig& c, const Attention
         paged_attention_cpu(pool, q.data() + row * q_dim, n, cache, layer, seqs[si].kv, params,
                             attn.data() + row * q_dim);
     }
-    linear(w.o, attn.data(), m, h.data());
-    for (int64_t i = 0; i < m * d; ++i) x[i] += h[static_cast<size_t>(i)];
+    linear(w.o, attn.data(), m, out);
+}
+
+void attention_block_cpu(ThreadPool& pool, const ModelConfig& c, const AttentionWeights& w, const RopeTable& rope,
+                         std::span<const ForwardSequence> seqs, const TokenBatch& batch, KvCache& cache,
+                         int64_t layer, const ModelLinearFn& linear, float* x) {
+    std::vector<float> out(static_cast<size_t>(batch.m * c.n_embd));
+    attention_cpu(pool, c, w, rope, seqs, batch, cache, layer, linear, x, out.data());
+    for (size_t i = 0; i < out.size(); ++i) x[i] += out[i];
 }
 
 void swiglu_mlp_cpu(const LinearWeight& gate, const LinearWeight& up, const LinearWeight& down, const float* h,

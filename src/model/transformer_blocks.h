@@ -45,6 +45,14 @@ struct AttentionWeights {
 AttentionWeights load_attention(const Checkpoint& ckpt, const QuantConfig& quant, const ModelConfig& config,
                                 const std::string& prefix);
 
+// out = o_proj(attention(rope(qk_norm(q, k)), v)) of rmsnorm(x), writing this step's K/V into the cache; x is
+// only read. The attention block without its residual add: a tensor-parallel rank (config with its own head
+// counts, w its shards) all-reduces `out`, a partial sum, before adding it.
+//   x, out [batch.m, n_embd]
+void attention_cpu(ThreadPool& pool, const ModelConfig& config, const AttentionWeights& w, const RopeTable& rope,
+                   std::span<const ForwardSequence> seqs, const TokenBatch& batch, KvCache& cache, int64_t layer,
+                   const ModelLinearFn& linear, const float* x, float* out);
+
 // x += o_proj(attention(rope(qk_norm(q, k)), v)) of rmsnorm(x), writing this step's K/V into the cache.
 //   x [batch.m, n_embd]
 void attention_block_cpu(ThreadPool& pool, const ModelConfig& config, const AttentionWeights& w, const RopeTable& rope,

@@ -17,7 +17,7 @@ namespace {
 const std::set<std::string>& vllm_valued_flags() {
     static const std::set<std::string> flags = {
         "--model", "--tokenizer", "--tokenizer-mode", "--revision", "--code-revision", "--tokenizer-revision",
-        "--dtype", "--seed", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
+        "--dtype", "--seed", "--pipeline-parallel-size", "-pp",
         "--data-parallel-size", "-dp", "--data-parallel-size-local", "--data-parallel-address",
         "--data-parallel-rpc-port", "--data-parallel-start-rank", "--data-parallel-backend",
         "--decode-context-parallel-size", "--distributed-executor-backend", "--max-parallel-loading-workers",
@@ -209,6 +209,16 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 o.chat_template = value();
             } else if (name == "--generation-config") {
                 o.generation_config = value();
+            } else if (name == "--tensor-parallel-size" || name == "-tp") {
+                o.parallel.tensor_parallel_size = parse_int(value(), name, 1);
+            } else if (name == "--nnodes") {
+                o.parallel.nnodes = parse_int(value(), name, 1);
+            } else if (name == "--node-rank") {
+                o.parallel.node_rank = parse_int(value(), name, 0);
+            } else if (name == "--master-addr") {
+                o.parallel.master_addr = value();
+            } else if (name == "--master-port") {
+                o.parallel.master_port = parse_int(value(), name, 1);
             } else if (name == "--trust-remote-code") {
                 no_value();  // accepted for recipes' sake; nibble runs no code from model folders
             } else if (is_vllm_flag(name)) {
@@ -227,6 +237,11 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
         problems.push_back(fmt::format("nibble serve takes one MODEL_DIR, got {}: {}", positional.size(),
                                        fmt::join(positional, " ")));
     if (!positional.empty()) o.model_dir = positional[0];
+    try {
+        check_parallel_options(o.parallel);
+    } catch (const Error& e) {
+        problems.push_back(e.what());
+    }
     if (o.enable_auto_tool_choice && o.tool_call_parser.empty())
         problems.push_back("--enable-auto-tool-choice needs --tool-call-parser");
     if (!problems.empty()) fail("nibble serve: {}", fmt::join(problems, "; "));
@@ -260,6 +275,12 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --chat-template FILE             a Jinja chat template replacing the model's
   --generation-config auto|vllm|DIR  sampling defaults from DIR/generation_config.json (auto: MODEL_DIR)
   --trust-remote-code              accepted; nibble runs no code from model folders
+  --tensor-parallel-size, -tp N    GPUs to split the model over (default 1; more needs the multi-GPU runner,
+                                   not in this build: see `nibble plan --tensor-parallel-size N`)
+  --nnodes N                       machines taking part (default 1)
+  --node-rank N                    this machine's index (default 0)
+  --master-addr ADDR               node 0's address for the NCCL bootstrap (default 127.0.0.1)
+  --master-port PORT               node 0's TCP port for the NCCL bootstrap (default 29501)
 )";
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "parallel/parallel_options.h"
 
 namespace nibble::server {
 
@@ -33,6 +34,7 @@ struct ServeOptions {
     bool enable_auto_tool_choice = false;
     std::string chat_template;                  // file overriding the model's template
     std::string generation_config = "auto";     // auto: DIR/generation_config.json; vllm: none; or a folder
+    ParallelOptions parallel;                   // --tensor-parallel-size/-tp, --nnodes, --node-rank, --master-addr/-port
     bool help = false;
 };
 

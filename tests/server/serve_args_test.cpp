@@ -83,11 +83,34 @@ TEST(ServeArgs, BadValuesNamed) {
 TEST(ServeArgs, VllmFlagsRefusedByName) {
     EXPECT_NE(error_of({"m", "--enforce-eager"}).find("--enforce-eager is a vLLM flag nibble does not support"),
               std::string::npos);
-    EXPECT_NE(error_of({"m", "--tensor-parallel-size", "8"}).find("--tensor-parallel-size is a vLLM flag"),
+    EXPECT_NE(error_of({"m", "--pipeline-parallel-size", "2"}).find("--pipeline-parallel-size is a vLLM flag"),
               std::string::npos);
-    EXPECT_NE(error_of({"m", "-tp", "2"}).find("-tp is a vLLM flag"), std::string::npos);
     EXPECT_NE(error_of({"m", "--no-enable-chunked-prefill"}).find("--no-enable-chunked-prefill is a vLLM flag"),
               std::string::npos);
+}
+
+// The multi-GPU flags (vLLM's names) parse into ParallelOptions; serving with more than one rank is refused
+// later, by nibble serve itself (parallel_options.h), never here.
+TEST(ServeArgs, ParallelFlags) {
+    const ServeOptions d = parse_serve_args({"m"});
+    EXPECT_EQ(d.parallel.tensor_parallel_size, 1);
+    EXPECT_EQ(d.parallel.nnodes, 1);
+    EXPECT_EQ(d.parallel.node_rank, 0);
+    EXPECT_EQ(d.parallel.master_addr, "127.0.0.1");
+    EXPECT_EQ(d.parallel.master_port, 29501);
+    const ServeOptions o = parse_serve_args({"m", "--tensor-parallel-size", "8", "--nnodes", "2", "--node-rank=1",
+                                             "--master-addr", "10.0.0.1", "--master-port", "29600"});
+    EXPECT_EQ(o.parallel.tensor_parallel_size, 8);
+    EXPECT_EQ(o.parallel.nnodes, 2);
+    EXPECT_EQ(o.parallel.node_rank, 1);
+    EXPECT_EQ(o.parallel.master_addr, "10.0.0.1");
+    EXPECT_EQ(o.parallel.master_port, 29600);
+    EXPECT_EQ(parse_serve_args({"m", "-tp", "4"}).parallel.tensor_parallel_size, 4);
+    EXPECT_NE(error_of({"m", "-tp", "0"}).find("-tp must be at least 1"), std::string::npos);
+    EXPECT_NE(error_of({"m", "-tp", "3", "--nnodes", "2"}).find("multiple of --nnodes 2"), std::string::npos);
+    EXPECT_NE(error_of({"m", "--nnodes", "2", "-tp", "2", "--node-rank", "2"}).find("--node-rank must be in [0, 2)"),
+              std::string::npos);
+    EXPECT_NE(error_of({"m", "--master-port", "70000"}).find("--master-port"), std::string::npos);
 }
 
 // The recipe users run today (NVIDIA's Nemotron 3 vLLM recipe shape): every supported part parses and
@@ -100,10 +123,10 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
         "--reasoning-parser", "nemotron_v3", "--tool-call-parser", "qwen3_coder", "--enable-auto-tool-choice",
         "--mamba-ssm-cache-dtype", "float32", "--async-scheduling"};
     const std::string err = error_of(recipe);
-    for (const char* flag : {"--tensor-parallel-size", "--reasoning-parser-plugin", "--async-scheduling"})
+    for (const char* flag : {"--reasoning-parser-plugin", "--async-scheduling"})
         EXPECT_NE(err.find(std::string(flag) + " is a vLLM flag nibble does not support"), std::string::npos) << flag;
     // Nothing else is complained about: the supported flags and their values parsed.
-    for (const char* ok : {"--max-num-seqs", "--kv-cache-dtype", "--enable-prefix-caching", "--reasoning-parser ",
+    for (const char* ok : {"--tensor-parallel-size", "--max-num-seqs", "--kv-cache-dtype", "--enable-prefix-caching", "--reasoning-parser ",
                            "--tool-call-parser", "--enable-auto-tool-choice", "--trust-remote-code",
                            "--mamba-ssm-cache-dtype", "MODEL_DIR"})
         EXPECT_EQ(err.find(ok), std::string::npos) << ok;

@@ -1,0 +1,92 @@
+// NcclCommunicator: NCCL collectives behind the Communicator interface. Host code only (no kernels); a .cu
+// file so that it is built only when NIBBLE_CUDA is on. No fmt here (nvcc): errors are std::runtime_error.
+#include "parallel/nccl_communicator.h"
+
+#include <nccl.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_check.h"
+#include "parallel/tcp_rendezvous.h"
+
+namespace nibble {
+
+namespace {
+
+[[noreturn]] void throw_nccl_error(ncclResult_t rc, const char* expr, const char* file, int line) {
+    throw std::runtime_error(std::string("NCCL error ") + ncclGetErrorString(rc) + " in " + expr + " at " + file +
+                             ":" + std::to_string(line));
+}
+
+#define NIBBLE_NCCL_CHECK(expr)                                                  \
+    do {                                                                         \
+        ncclResult_t nibble_nccl_rc_ = (expr);                                   \
+        if (nibble_nccl_rc_ != ncclSuccess)                                      \
+            throw_nccl_error(nibble_nccl_rc_, #expr, __FILE__, __LINE__);        \
+    } while (0)
+
+ncclDataType_t nccl_dtype(DType dtype, const char* what) {
+    switch (dtype) {
+        case DType::F32: return ncclFloat32;
+        case DType::BF16: return ncclBfloat16;
+        default: break;
+    }
+    throw std::runtime_error(std::string("NcclCommunicator::") + what + ": dtype " + std::string(dtype_name(dtype)) +
+                             " is not supported (F32 or BF16)");
+}
+
+void check_count(int64_t count, const char* what) {
+    if (count < 0) throw std::runtime_error(std::string("NcclCommunicator::") + what + ": negative count");
+}
+
+}  // namespace
+
+NcclCommunicator::NcclCommunicator(const NcclBootstrap& b, cudaStream_t stream)
+    : stream_(stream), rank_(b.rank), world_size_(b.world_size), device_(b.device) {
+    if (b.world_size < 1 || b.rank < 0 || b.rank >= b.world_size)
+        throw std::runtime_error("NcclCommunicator: rank " + std::to_string(b.rank) + " is outside a group of " +
+                                 std::to_string(b.world_size));
+    NIBBLE_CUDA_CHECK(cudaSetDevice(b.device));
+    std::vector<uint8_t> id_bytes(sizeof(ncclUniqueId), 0);
+    if (b.rank == 0) {
+        ncclUniqueId id;
+        NIBBLE_NCCL_CHECK(ncclGetUniqueId(&id));
+        std::memcpy(id_bytes.data(), &id, sizeof id);
+    }
+    const RendezvousOptions ro{.master_addr = b.master_addr,
+                               .master_port = b.master_port,
+                               .world_size = b.world_size,
+                               .rank = b.rank,
+                               .timeout_ms = b.timeout_ms};
+    id_bytes = rendezvous_broadcast(ro, id_bytes);
+    if (id_bytes.size() != sizeof(ncclUniqueId))
+        throw std::runtime_error("NcclCommunicator: rank 0 sent an id of " + std::to_string(id_bytes.size()) +
+                                 " bytes, NCCL's is " + std::to_string(sizeof(ncclUniqueId)) +
+                                 " (different NCCL versions on the nodes?)");
+    ncclUniqueId id;
+    std::memcpy(&id, id_bytes.data(), sizeof id);
+    ncclComm_t comm = nullptr;
+    NIBBLE_NCCL_CHECK(ncclCommInitRank(&comm, b.world_size, id, b.rank));
+    comm_ = comm;
+}
+
+NcclCommunicator::~NcclCommunicator() {
+    if (comm_ != nullptr) ncclCommDestroy(comm_);
+}
+
+void NcclCommunicator::all_reduce_sum(void* data, int64_t count, DType dtype) {
+    check_count(count, "all_reduce_sum");
+    NIBBLE_NCCL_CHECK(ncclAllReduce(data, data, static_cast<size_t>(count), nccl_dtype(dtype, "all_reduce_sum"),
+                                    ncclSum, comm_, stream_));
+}
+
+void NcclCommunicator::all_gather(const void* send, int64_t count, DType dtype, void* recv) {
+    check_count(count, "all_gather");
+    NIBBLE_NCCL_CHECK(ncclAllGather(send, recv, static_cast<size_t>(count), nccl_dtype(dtype, "all_gather"), comm_,
+                                    stream_));
+}
+
+}  // namespace nibble

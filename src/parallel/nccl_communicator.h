@@ -1,0 +1,50 @@
+// The Communicator of a multi-GPU group: one process (or thread) per GPU, collectives by NCCL on device
+// memory. CUDA builds only (nccl_communicator.cu); include this header only from code built with NIBBLE_CUDA.
+// NCCL's own header stays inside the .cu file.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "parallel/communicator.h"
+
+struct ncclComm;  // nccl.h's communicator (ncclComm_t is a pointer to it)
+
+namespace nibble {
+
+struct NcclBootstrap {
+    int world_size = 1;
+    int rank = 0;                           // global rank, 0 .. world_size-1 (ParallelOptions::global_rank)
+    int device = 0;                         // this rank's CUDA device
+    std::string master_addr = "127.0.0.1";  // where rank 0 hands out the NCCL unique id (tcp_rendezvous.h)
+    int master_port = 29501;
+    int timeout_ms = 300000;
+};
+
+class NcclCommunicator final : public Communicator {
+public:
+    // Collective over all ranks: rank 0 makes the NCCL unique id and sends it to the others over TCP, then
+    // every rank joins with ncclCommInitRank on its device. Collectives are enqueued on `stream` (of that
+    // device): buffers are device memory, and results are there once the stream reaches them.
+    NcclCommunicator(const NcclBootstrap& bootstrap, cudaStream_t stream);
+    ~NcclCommunicator() override;
+    NcclCommunicator(const NcclCommunicator&) = delete;
+    NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+    int rank() const override { return rank_; }
+    int world_size() const override { return world_size_; }
+    int device() const { return device_; }
+    cudaStream_t stream() const { return stream_; }
+    // data: device memory [count]; F32 or BF16 (NCCL sums BF16 in its own order and precision).
+    void all_reduce_sum(void* data, int64_t count, DType dtype) override;
+    // send: device memory [count]; recv: device memory [world_size, count].
+    void all_gather(const void* send, int64_t count, DType dtype, void* recv) override;
+
+private:
+    ncclComm* comm_ = nullptr;
+    cudaStream_t stream_ = nullptr;
+    int rank_ = 0, world_size_ = 1, device_ = 0;
+};
+
+}  // namespace nibble
