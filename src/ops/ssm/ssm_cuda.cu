@@ -1,0 +1,279 @@
+// Mamba2 kernels (ops/ssm/ssm_cuda.h): conv1d (+ state shift), the selective scan, grouped gated RMSNorm.
+#include <cuda_bf16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "cuda/vec8.cuh"
+#include "ops/ssm/ssm_cuda.h"
+
+namespace nibble::cuda {
+namespace {
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+// torch.nn.functional.softplus with threshold 20 (linear above it), as ssm_cpu.cpp.
+__device__ __forceinline__ float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+// The sequence holding token t: the largest s with seq_starts[s] <= t (empty sequences are skipped).
+__device__ __forceinline__ int sequence_of(const int32_t* __restrict__ seq_starts, int n_seqs, int64_t t) {
+    int lo = 0, hi = n_seqs;  // seq_starts[lo] <= t < seq_starts[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (seq_starts[mid] <= t) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+constexpr int kConvThreads = 256;
+constexpr int kMaxConvKernel = 8;
+
+// out[t, c] for every (token, channel); reads the conv states, never writes them.
+template <class T>
+__global__ void __launch_bounds__(kConvThreads)
+    conv1d_kernel(const T* __restrict__ x, int64_t x_stride, int64_t n_tokens, int channels,
+                  const int32_t* __restrict__ seq_starts, int n_seqs, const float* __restrict__ weight,
+                  const float* __restrict__ bias, int kernel, float* const* __restrict__ states, T* __restrict__ out) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
+    if (idx >= n_tokens * channels) return;
+    const int64_t t = idx / channels;
+    const int c = static_cast<int>(idx - t * channels);
+    const int s = sequence_of(seq_starts, n_seqs, t);
+    const int64_t start = seq_starts[s], local = t - start;
+    const float* state = states[s];
+    float acc = bias != nullptr ? bias[c] : 0.0f;
+    for (int j = 0; j < kernel; ++j) {
+        const int64_t src = local - (kernel - 1) + j;  // < 0: from the state
+        const float v = src >= 0 ? load1(x + (start + src) * x_stride + c)
+                                 : state[(kernel - 1 + src) * channels + c];
+        acc += weight[static_cast<int64_t>(c) * kernel + j] * v;
+    }
+    store1(out + t * channels + c, silu(acc));
+}
+
+// state <- the last kernel - 1 rows of (state ++ the sequence's inputs), per (sequence, channel). Rows are
+// written in ascending order and row r reads row len + r >= r, so nothing is read after being overwritten.
+template <class T>
+__global__ void __launch_bounds__(kConvThreads)
+    conv1d_state_kernel(const T* __restrict__ x, int64_t x_stride, int channels,
+                        const int32_t* __restrict__ seq_starts, int n_seqs, int kernel, float* const* states) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
+    if (idx >= static_cast<int64_t>(n_seqs) * channels) return;
+    const int s = static_cast<int>(idx / channels), c = static_cast<int>(idx % channels);
+    const int64_t start = seq_starts[s], len = seq_starts[s + 1] - start;
+    if (len == 0) return;
+    float* state = states[s];
+    const int hist = kernel - 1;
+    for (int r = 0; r < hist; ++r) {
+        const int64_t q = len + r;  // index into (state rows ++ inputs)
+        state[static_cast<int64_t>(r) * channels + c] =
+            q < hist ? state[q * channels + c] : load1(x + (start + q - hist) * x_stride + c);
+    }
+}
+
+constexpr int kScanWarps = 4;
+constexpr int kMaxStatePerLane = 8;  // state_size <= 256
+
+__device__ __forceinline__ float load_state(const float* p) { return *p; }
+__device__ __forceinline__ float load_state(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_state(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_state(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+struct ScanArgs {
+    int n_heads, head_dim, state_size, heads_per_group, row_tiles;
+    const float* A;
+    const float* D;
+    const float* dt_bias;
+    float dt_min, dt_max;
+    int64_t xbc_stride, dt_stride, b_off, c_off, d_inner;
+};
+
+// One warp per (sequence, head, head_dim row i); lane holds state[h, i, lane + 32 q].
+template <class T, class ST>
+__global__ void __launch_bounds__(kScanWarps * 32)
+    scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc, const T* __restrict__ dt,
+                void* const* __restrict__ states, T* __restrict__ y) {
+    const int lane = threadIdx.x & 31;
+    const int h = blockIdx.x / a.row_tiles;
+    const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
+    if (i >= a.head_dim) return;  // the whole warp
+    const int s = blockIdx.y;
+    const int64_t begin = seq_starts[s], end = seq_starts[s + 1];
+    if (begin == end) return;
+    const int N = a.state_size, g = h / a.heads_per_group;
+    ST* st = static_cast<ST*>(states[s]) + (static_cast<int64_t>(h) * a.head_dim + i) * N;
+    float hs[kMaxStatePerLane];
+#pragma unroll
+    for (int q = 0; q < kMaxStatePerLane; ++q) {
+        const int k = lane + 32 * q;
+        hs[q] = k < N ? load_state(st + k) : 0.0f;
+    }
+    const float A = a.A[h], Dh = a.D[h], bias = a.dt_bias[h];
+    for (int64_t t = begin; t < end; ++t) {
+        const T* row = xbc + t * a.xbc_stride;
+        const float xv = load1(row + static_cast<int64_t>(h) * a.head_dim + i);
+        const T* B = row + a.b_off + static_cast<int64_t>(g) * N;
+        const T* C = row + a.c_off + static_cast<int64_t>(g) * N;
+        const float d = fminf(fmaxf(softplus(load1(dt + t * a.dt_stride + h) + bias), a.dt_min), a.dt_max);
+        const float dA = expf(d * A);
+        const float dx = d * xv;
+        float acc = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kMaxStatePerLane; ++q) {
+            const int k = lane + 32 * q;
+            if (k < N) {
+                hs[q] = hs[q] * dA + dx * load1(B + k);
+                acc += hs[q] * load1(C + k);
+            }
+        }
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) store1(y + t * a.d_inner + static_cast<int64_t>(h) * a.head_dim + i, acc + Dh * xv);
+    }
+#pragma unroll
+    for (int q = 0; q < kMaxStatePerLane; ++q) {
+        const int k = lane + 32 * q;
+        if (k < N) store_state(st + k, hs[q]);
+    }
+}
+
+constexpr int kNormThreads = 128;
+
+__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < kNormThreads / 32 ? scratch[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One CTA per (row, group).
+template <class T>
+__global__ void __launch_bounds__(kNormThreads)
+    gated_rmsnorm_kernel(const T* y, const T* __restrict__ z, int64_t z_stride, int64_t d, int64_t group_size,
+                         const float* __restrict__ weight, float eps, T* out) {
+    __shared__ float scratch[32];
+    const int64_t groups = d / group_size;
+    const int64_t r = blockIdx.x / groups, g0 = (blockIdx.x % groups) * group_size;
+    const T* yr = y + r * d;
+    const T* zr = z + r * z_stride;
+    float ss = 0.0f;
+    for (int64_t i = g0 + threadIdx.x; i < g0 + group_size; i += kNormThreads) {
+        const float gv = load1(yr + i) * silu(load1(zr + i));
+        ss = fmaf(gv, gv, ss);
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
+    T* orow = out + r * d;
+    for (int64_t i = g0 + threadIdx.x; i < g0 + group_size; i += kNormThreads) {
+        const float gv = load1(yr + i) * silu(load1(zr + i));  // this thread's own elements: out may alias y
+        store1(orow + i, weight[i] * (gv * inv));
+    }
+}
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+void check_dtype(DType dtype, const char* what) {
+    if (dtype != DType::F32 && dtype != DType::BF16) bad(std::string(what) + ": activations must be F32 or BF16");
+}
+
+unsigned blocks_for(int64_t n, int threads, const char* what) {
+    const int64_t b = (n + threads - 1) / threads;
+    if (b > 0x7fffffff) bad(std::string(what) + ": too many elements");
+    return static_cast<unsigned>(b);
+}
+
+}  // namespace
+
+void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens, int64_t channels,
+                  const int32_t* seq_starts, int64_t n_seqs, const float* weight, const float* bias, int64_t kernel,
+                  float* const* conv_states, void* out, cudaStream_t stream) {
+    const char* what = "mamba_conv1d";
+    check_dtype(dtype, what);
+    if (kernel < 1 || kernel > kMaxConvKernel) bad("mamba_conv1d: kernel " + std::to_string(kernel) + " not in 1..8");
+    if (channels <= 0 || channels > 0x7fffffff || x_stride < channels || n_tokens < 0 || n_seqs < 1 ||
+        n_seqs > 0x7fffffff)
+        bad("mamba_conv1d: channels " + std::to_string(channels) + ", x_stride " + std::to_string(x_stride) +
+            ", n_tokens " + std::to_string(n_tokens) + ", n_seqs " + std::to_string(n_seqs) + " out of range");
+    const int ch = static_cast<int>(channels), ns = static_cast<int>(n_seqs), kw = static_cast<int>(kernel);
+    auto body = [&]<class T>() {
+        const T* xt = static_cast<const T*>(x);
+        if (n_tokens > 0)
+            conv1d_kernel<T><<<blocks_for(n_tokens * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
+                xt, x_stride, n_tokens, ch, seq_starts, ns, weight, bias, kw, conv_states, static_cast<T*>(out));
+        if (kernel > 1 && n_tokens > 0)
+            conv1d_state_kernel<T><<<blocks_for(n_seqs * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
+                xt, x_stride, ch, seq_starts, ns, kw, conv_states);
+    };
+    if (dtype == DType::F32) body.template operator()<float>();
+    else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs, const void* xbc,
+              int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype, void* const* ssm_states,
+              SsmStateDtype state_dtype, void* y, cudaStream_t stream) {
+    check_dtype(dtype, "ssm_scan");
+    if (p.n_heads < 1 || p.n_groups < 1 || p.n_heads % p.n_groups != 0 || p.head_dim < 1 || p.state_size < 1 ||
+        p.state_size > 32 * kMaxStatePerLane || p.n_heads > 0x7fff || p.head_dim > 0x7fff)
+        bad("ssm_scan: " + std::to_string(p.n_heads) + " heads in " + std::to_string(p.n_groups) + " groups, head_dim " +
+            std::to_string(p.head_dim) + ", state_size " + std::to_string(p.state_size) +
+            " (state_size must be 1..256, heads a multiple of groups)");
+    const int64_t d_inner = p.n_heads * p.head_dim;
+    if (xbc_stride < d_inner + 2 * p.n_groups * p.state_size || dt_stride < p.n_heads || n_seqs < 1 || n_seqs > 65535)
+        bad("ssm_scan: xbc_stride " + std::to_string(xbc_stride) + " / dt_stride " + std::to_string(dt_stride) +
+            " shorter than a row, or n_seqs " + std::to_string(n_seqs) + " not in 1..65535");
+    if (p.A == nullptr || p.D == nullptr || p.dt_bias == nullptr) bad("ssm_scan: A, D and dt_bias are required");
+    if (n_tokens == 0) return;
+    ScanArgs a{};
+    a.n_heads = static_cast<int>(p.n_heads);
+    a.head_dim = static_cast<int>(p.head_dim);
+    a.state_size = static_cast<int>(p.state_size);
+    a.heads_per_group = static_cast<int>(p.n_heads / p.n_groups);
+    a.row_tiles = static_cast<int>((p.head_dim + kScanWarps - 1) / kScanWarps);
+    a.A = p.A, a.D = p.D, a.dt_bias = p.dt_bias;
+    a.dt_min = p.dt_min, a.dt_max = p.dt_max;
+    a.xbc_stride = xbc_stride, a.dt_stride = dt_stride;
+    a.b_off = d_inner, a.c_off = d_inner + p.n_groups * p.state_size, a.d_inner = d_inner;
+    const dim3 grid(static_cast<unsigned>(a.n_heads * a.row_tiles), static_cast<unsigned>(n_seqs));
+    auto body = [&]<class T, class ST>() {
+        scan_kernel<T, ST><<<grid, kScanWarps * 32, 0, stream>>>(a, seq_starts, static_cast<const T*>(xbc),
+                                                                static_cast<const T*>(dt), ssm_states,
+                                                                static_cast<T*>(y));
+    };
+    const bool f32_state = state_dtype == SsmStateDtype::F32;
+    if (dtype == DType::F32) {
+        if (f32_state) body.template operator()<float, float>();
+        else body.template operator()<float, __nv_bfloat16>();
+    } else {
+        if (f32_state) body.template operator()<__nv_bfloat16, float>();
+        else body.template operator()<__nv_bfloat16, __nv_bfloat16>();
+    }
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void gated_rmsnorm(const void* y, const void* z, int64_t z_stride, DType dtype, int64_t m, int64_t d,
+                   int64_t group_size, const float* weight, float eps, void* out, cudaStream_t stream) {
+    check_dtype(dtype, "gated_rmsnorm");
+    if (group_size <= 0 || d <= 0 || d % group_size != 0 || z_stride < d || m < 0)
+        bad("gated_rmsnorm: width " + std::to_string(d) + " is not a multiple of group " + std::to_string(group_size) +
+            " (or z_stride " + std::to_string(z_stride) + " < width)");
+    if (m == 0) return;
+    const int64_t ctas = m * (d / group_size);
+    if (ctas > 0x7fffffff) bad("gated_rmsnorm: too many rows");
+    auto body = [&]<class T>() {
+        gated_rmsnorm_kernel<T><<<static_cast<unsigned>(ctas), kNormThreads, 0, stream>>>(
+            static_cast<const T*>(y), static_cast<const T*>(z), z_stride, d, group_size, weight, eps,
+            static_cast<T*>(out));
+    };
+    if (dtype == DType::F32) body.template operator()<float>();
+    else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace nibble::cuda
