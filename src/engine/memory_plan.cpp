@@ -154,6 +154,10 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
                                  .ssm_dtype = o.mamba_ssm_cache_dtype};
         p.mamba_state_bytes_per_seq = st.bytes();
         p.mamba_state_bytes = o.max_num_seqs * st.bytes();
+        NIBBLE_CHECK(o.mamba_prefix_snapshots >= -1, "--mamba-prefix-snapshots must be -1 (auto) or more, got {}",
+                     o.mamba_prefix_snapshots);
+        p.mamba_snapshots = o.mamba_prefix_snapshots < 0 ? o.max_num_seqs : o.mamba_prefix_snapshots;
+        p.mamba_snapshot_bytes = p.mamba_snapshots * st.bytes();
     }
 
     p.kv_dtype = resolve_kv_cache_dtype(o.kv_cache_dtype, quant, o.auto_kv_dtype);
@@ -172,11 +176,13 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     p.kv_block_bytes = 2 * kv_layers * shape.block_bytes();
 
     p.usable_memory = static_cast<int64_t>(std::floor(o.gpu_memory_utilization * static_cast<double>(o.device_memory)));
-    const int64_t fixed = p.weights_bytes + p.workspace_bytes() + p.mamba_state_bytes;
-    // "weights W + workspace X [+ Mamba state Y]" for the messages below.
+    const int64_t fixed = p.weights_bytes + p.workspace_bytes() + p.mamba_state_bytes + p.mamba_snapshot_bytes;
+    // "weights W + workspace X [+ Mamba state Y [+ Mamba state snapshots Z]]" for the messages below.
     const std::string fixed_text =
-        fmt::format("weights {} + workspace {}{}", bytes_text(p.weights_bytes), bytes_text(p.workspace_bytes()),
-                    p.mamba_state_bytes > 0 ? " + Mamba state " + bytes_text(p.mamba_state_bytes) : std::string());
+        fmt::format("weights {} + workspace {}{}{}", bytes_text(p.weights_bytes), bytes_text(p.workspace_bytes()),
+                    p.mamba_state_bytes > 0 ? " + Mamba state " + bytes_text(p.mamba_state_bytes) : std::string(),
+                    p.mamba_snapshot_bytes > 0 ? " + Mamba state snapshots " + bytes_text(p.mamba_snapshot_bytes)
+                                               : std::string());
     if (o.kv_cache_memory_bytes > 0) {
         p.kv_cache_bytes = o.kv_cache_memory_bytes;
         NIBBLE_CHECK(fixed + p.kv_cache_bytes <= o.device_memory,

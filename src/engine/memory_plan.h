@@ -13,7 +13,9 @@
 //              and for V), kv_tokens = blocks x block_size, max_concurrency = kv_tokens / max_model_len.
 //   Mamba state hybrid models (NemotronH): max_num_seqs x (Mamba layers x ((conv_kernel-1) x conv_dim x 4 +
 //              heads x head_dim x state x 4 or 2 per --mamba-ssm-cache-dtype)), counted with the fixed
-//              part (it is taken before the KV budget); KV covers the attention layers only.
+//              part (it is taken before the KV budget); KV covers the attention layers only. With prefix
+//              caching, mamba_prefix_snapshots more states of the same size (the snapshots cached blocks keep,
+//              engine/block_pool.h), also fixed: -1 means one per sequence slot (max_num_seqs), 0 none.
 //   tensor parallel (tensor_parallel_size N > 1, llama family): everything above is per GPU, for rank 0 (the
 //              largest: parallel/tensor_parallel.h): weights are rank 0's shards (query/KV heads, intermediate
 //              columns and vocabulary rows divided by N, row-parallel biases, norms and global scales whole);
@@ -58,6 +60,7 @@ struct PlanOptions {
     int64_t kv_cache_memory_bytes = 0;      // > 0: exactly this much KV cache (utilization then unused)
     int64_t device_memory = 0;              // bytes of the device; must be > 0
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
+    int64_t mamba_prefix_snapshots = -1;    // hybrid prefix caching: -1 max_num_seqs, 0 none (caching off)
     int64_t tensor_parallel_size = 1;       // GPUs one model is split over; the plan is per GPU
 };
 
@@ -72,6 +75,8 @@ struct MemoryPlan {
     int64_t workspace_bytes() const { return activation_bytes + logits_bytes + attention_scratch_bytes; }
     // hybrid models: recurrent state, one per sequence slot (max_num_seqs), beside the KV cache
     int64_t mamba_state_bytes_per_seq = 0, mamba_state_bytes = 0;
+    // hybrid models with prefix caching: state snapshots kept by cached blocks, mamba_state_bytes_per_seq each
+    int64_t mamba_snapshots = 0, mamba_snapshot_bytes = 0;
     // KV cache
     KvDtype kv_dtype = KvDtype::Bf16;
     int64_t kv_bytes_per_token = 0;   // K and V, all layers, with NVFP4's scales

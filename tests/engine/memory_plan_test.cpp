@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "base/error.h"
 #include "checkpoint/model_config.h"
 #include "checkpoint/quant_config.h"
 #include "checkpoint/safetensors.h"
@@ -165,6 +166,65 @@ TEST(MemoryPlan, AutoKvDtypeFollowsCheckpoint) {
     EXPECT_EQ(resolve_kv_cache_dtype("auto", q, KvDtype::Bf16), KvDtype::Nvfp4);
     EXPECT_EQ(resolve_kv_cache_dtype("bf16", q, KvDtype::F32), KvDtype::Bf16);
     EXPECT_THROW(resolve_kv_cache_dtype("int8", q, KvDtype::F32), std::exception);
+}
+
+// Hybrid models: the Mamba state per sequence slot and, with prefix caching, the state snapshots cached
+// blocks keep, both fixed memory taken before the KV budget. Shape of Nemotron-3-Nano-30B-A3B (52 layers:
+// 23 Mamba2, 23 MoE, 6 attention; mamba_num_heads 64, mamba_head_dim 64, ssm_state_size 128, n_groups 8,
+// conv_kernel 4; 2 KV heads of 128) on the tiny fixture's config. One state, by hand:
+//   conv  23 x (4 - 1) x (64*64 + 2*8*128 = 6144) x 4 B             =  1,695,744
+//   SSM   23 x 64 x 64 x 128 x 4 B (float32) or 2 B (bfloat16)     = 48,234,496 or 24,117,248
+//   total 49,930,240 B (47.6 MiB) float32, 25,812,992 B (24.6 MiB) bfloat16
+// against 6 x 2 x 2 x 128 x 2 = 6,144 B of bf16 KV per token: one snapshot weighs as much as the KV of
+// 8,127 tokens (4,201 with a bfloat16 SSM state).
+TEST(MemoryPlan, HybridStateSnapshotsAreFixedMemory) {
+    std::ifstream in(fs::path(NIBBLE_SOURCE_DIR) / "tests/golden/fixtures/nemotron_h/model/config.json");
+    nlohmann::json j = nlohmann::json::parse(in);
+    j.erase("layers_block_type");
+    j.erase("mtp_layers_block_type");
+    j["hybrid_override_pattern"] = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME";
+    j["num_hidden_layers"] = 52;
+    j["hidden_size"] = 2688;
+    j["mamba_num_heads"] = 64;
+    j["mamba_head_dim"] = 64;
+    j["ssm_state_size"] = 128;
+    j["n_groups"] = 8;
+    j["conv_kernel"] = 4;
+    j["num_attention_heads"] = 32;
+    j["num_key_value_heads"] = 2;
+    j["head_dim"] = 128;
+    j["max_position_embeddings"] = 262144;
+    const ModelConfig c = parse_model_config(j, "nano-shape");
+    ASSERT_EQ(c.count_layers(LayerKind::Mamba), 23);
+    ASSERT_EQ(c.count_layers(LayerKind::Attention), 6);
+    PlanOptions o = options(80 * kGiB);
+    o.kv_cache_dtype = "bf16";
+    o.max_num_seqs = 64;
+    const MemoryPlan with = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(with.kv_bytes_per_token, 6144);
+    EXPECT_EQ(with.mamba_state_bytes_per_seq, 49930240);
+    EXPECT_EQ(with.mamba_state_bytes, 64 * int64_t{49930240});
+    EXPECT_EQ(with.mamba_snapshots, 64);  // -1: one per sequence slot
+    EXPECT_EQ(with.mamba_snapshot_bytes, 64 * int64_t{49930240});
+    o.mamba_prefix_snapshots = 0;
+    const MemoryPlan without = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(without.mamba_snapshot_bytes, 0);
+    EXPECT_EQ(without.kv_cache_bytes - with.kv_cache_bytes, with.mamba_snapshot_bytes);
+    o.mamba_prefix_snapshots = 10;
+    o.mamba_ssm_cache_dtype = SsmStateDtype::Bf16;
+    const MemoryPlan bf16 = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(bf16.mamba_state_bytes_per_seq, 25812992);
+    EXPECT_EQ(bf16.mamba_snapshot_bytes, 10 * int64_t{25812992});
+    o.mamba_prefix_snapshots = -2;
+    EXPECT_THROW(plan_memory(c, QuantConfig{}, o), Error);
+    // A refusal names the snapshots among the fixed memory.
+    o.mamba_prefix_snapshots = 4000;
+    try {
+        plan_memory(c, QuantConfig{}, o);
+        ADD_FAILURE() << "4000 bfloat16 snapshots (96 GiB) cannot fit in 80 GiB";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("Mamba state snapshots"), std::string::npos) << e.what();
+    }
 }
 
 }  // namespace
