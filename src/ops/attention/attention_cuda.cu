@@ -687,7 +687,7 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
 // there.
 // Resources per block (ptxas -v, sm_90a, CUDA 13.0, -O3): 256 threads, dynamic shared memory
 // prefill_smem_bytes<HD>() = 64 KiB (HD 128) / 32 KiB (HD 64), no static shared memory, 1 barrier, no
-// spills; registers BF16 / FP8 / NVFP4: 232 / 244 / 240 (HD 128), 184 / 194 / 190 (HD 64). So one CTA
+// spills; registers BF16 / FP8 / NVFP4: 222 / 252 / 248 (HD 128), 174 / 190 / 194 (HD 64). So one CTA
 // (8 warps) per SM, register-bound (kPfCtasPerSm).
 constexpr int kPfWarps = 8;
 constexpr int kPfThreads = 32 * kPfWarps;
@@ -989,6 +989,7 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
             }
 
             // Online softmax (base 2, scores times qk_scale > 0 so the max commutes with the scaling).
+            float alpha[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 float mx = -INFINITY;
@@ -998,7 +999,7 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m[i], mx * p.qk_scale);
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // rows with nothing attended yet
-                const float alpha = exp2f(m[i] - m_use);
+                alpha[i] = exp2f(m[i] - m_use);
                 m[i] = m_new;
                 float rs = 0.0f;
 #pragma unroll
@@ -1009,9 +1010,16 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
                         rs += s[j][e];
                     }
                 }
-                l[i] = l[i] * alpha + rs;
+                l[i] = l[i] * alpha[i] + rs;
+            }
+            // Once the row maxima settle (most tiles of a long context) alpha is 1 for the whole warp: skip
+            // the rescale of the accumulators (exact either way).
+            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-                for (int n = 0; n < NT; ++n) o[n][2 * i] *= alpha, o[n][2 * i + 1] *= alpha;
+                for (int n = 0; n < NT; ++n) {
+                    o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+                    o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+                }
             }
 
             // O += P V: P as the A operand straight from the accumulators (k-step kk = keys 16kk .. 16kk + 15).
