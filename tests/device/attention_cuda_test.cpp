@@ -234,7 +234,8 @@ struct AttnCase {
 //  * The CPU accumulates in double: u |o_d| for its final rounding.
 //  * Tensor-core prefill kernel: P goes into the P.V mma rounded to 16 bits (relative p_rel: BF16 2^-8 for the
 //    BF16 cache, fp16 2^-11 for FP8/NVFP4; plus p_abs below the format's normal range: fp16 subnormals are
-//    2^-24 apart, so 2^-25 in units of the row's final max, which only shrinks the running max's values)
+//    2^-24 apart, so 2^-25 in units of the row's final max, which only shrinks the running max's values;
+//    for BF16 2^-125 covers the exp2 flushing results below 2^-126 to zero)
 //    while l sums the fp32 P: <= sum_j (p_rel w_j / l + p_abs / l) |v_jd|. q is exact in the BF16 mma; for
 //    the fp16 mma it is converted BF16 -> fp16, exact except below 2^-14 (fp16 subnormals, error <= 2^-25):
 //    each score moves by <= q_abs scale sum_d |k_jd|, added to delta_j.
@@ -388,7 +389,7 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
     const int64_t per = (max_kv + splits - 1) / splits;
     const int64_t keys_per_split = std::max<int64_t>(align, (per + align - 1) / align * align);
     MmaRounding mr;
-    if (tc_prefill && c.dtype == KvDtype::Bf16) mr = {kEpsBf16, 0x1p-126, 0.0};
+    if (tc_prefill && c.dtype == KvDtype::Bf16) mr = {kEpsBf16, 0x1p-125, 0.0};  // P < 2^-126 may flush to 0
     if (tc_prefill && c.dtype != KvDtype::Bf16) mr = {0x1p-11, 0x1p-25, 0x1p-25};
     std::vector<double> tol(q.size());
     const int64_t rows = n_tokens * c.n_heads;

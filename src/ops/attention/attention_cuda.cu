@@ -734,6 +734,14 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// 2^x in one MUFU op (exp2f adds range fix-ups for results below 2^-126, which only P could reach: it
+// flushes them to 0, an error of < 2^-126 in units of the row max).
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <bool BF16MMA>
 __device__ __forceinline__ uint32_t pack_pair(float x, float y) {  // x in the low half
     if constexpr (BF16MMA) {
@@ -999,14 +1007,14 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m[i], mx * p.qk_scale);
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // rows with nothing attended yet
-                alpha[i] = exp2f(m[i] - m_use);
+                alpha[i] = exp2_ftz(m[i] - m_use);
                 m[i] = m_new;
                 float rs = 0.0f;
 #pragma unroll
                 for (int j = 0; j < KT; ++j) {
 #pragma unroll
                     for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                        s[j][e] = exp2f(fmaf(s[j][e], p.qk_scale, -m_use));
+                        s[j][e] = exp2_ftz(fmaf(s[j][e], p.qk_scale, -m_use));
                         rs += s[j][e];
                     }
                 }
