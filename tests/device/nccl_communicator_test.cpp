@@ -1,0 +1,133 @@
+// NcclCommunicator on real GPUs: one rank on one GPU (all-reduce of fresh random data leaves it unchanged,
+// all-gather copies it into a poisoned receive buffer, F32 and BF16, bit for bit: a sum over one rank is the
+// value itself), and, when the machine has two or more GPUs, two ranks as two threads bootstrapped over the
+// TCP rendezvous on 127.0.0.1, checked against the host sum (a + b: one rounding, the same in any order).
+#include <gtest/gtest.h>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <thread>
+
+#include "cuda/cuda_check.h"
+#include "device_test_util.h"
+#include "parallel/nccl_communicator.h"
+
+namespace nibble {
+namespace {
+
+// A TCP port nobody listens on right now.
+int free_port() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    ::close(fd);
+    return ntohs(a.sin_port);
+}
+
+// Random values as raw bytes of `dtype` (F32 or BF16).
+std::vector<uint8_t> random_bytes(std::mt19937_64& rng, size_t n, DType dtype) {
+    const std::vector<float> v = test::random_normal(rng, n, 2.0f);
+    std::vector<uint8_t> out(n * dtype_size(dtype));
+    for (size_t i = 0; i < n; ++i) {
+        if (dtype == DType::F32) {
+            std::memcpy(out.data() + 4 * i, &v[i], 4);
+        } else {
+            const uint16_t b = bf16_from_float(v[i]);
+            std::memcpy(out.data() + 2 * i, &b, 2);
+        }
+    }
+    return out;
+}
+
+TEST(NcclCommunicator, OneRankAllReduceAndAllGatherReturnTheInput) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    cudaStream_t stream = nullptr;
+    NIBBLE_CUDA_CHECK(cudaSetDevice(0));
+    NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
+    {
+        NcclCommunicator comm({.world_size = 1, .rank = 0, .device = 0, .master_port = free_port()}, stream);
+        EXPECT_EQ(comm.rank(), 0);
+        EXPECT_EQ(comm.world_size(), 1);
+        for (DType dtype : {DType::F32, DType::BF16}) {
+            SCOPED_TRACE(std::string(dtype_name(dtype)));
+            for (size_t n : {size_t{1}, size_t{1000}, size_t{1} << 20}) {
+                const std::vector<uint8_t> host = random_bytes(rng, n, dtype);
+                cuda::DeviceBuffer data(host.size());
+                data.upload(host.data(), host.size());
+                comm.all_reduce_sum(data.get(), static_cast<int64_t>(n), dtype);
+                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                std::vector<uint8_t> back(host.size());
+                data.download(back.data(), back.size());
+                EXPECT_EQ(back, host) << "all_reduce_sum of " << n;
+
+                cuda::DeviceBuffer recv(host.size());
+                recv.fill_bytes(0xff);
+                comm.all_gather(data.get(), static_cast<int64_t>(n), dtype, recv.get());
+                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                std::vector<uint8_t> gathered(host.size());
+                recv.download(gathered.data(), gathered.size());
+                EXPECT_EQ(gathered, host) << "all_gather of " << n;
+            }
+        }
+        EXPECT_THROW(comm.all_reduce_sum(nullptr, 4, DType::I32), std::runtime_error);
+    }
+    NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(NcclCommunicator, TwoRanksOnTwoGpusSumAndGather) {
+    NIBBLE_REQUIRE_GPU();
+    if (cuda::device_count() < 2) GTEST_SKIP() << "needs two GPUs";
+    std::mt19937_64 rng(test::fresh_seed());
+    const size_t n = 4096;
+    const int port = free_port();
+    std::vector<std::vector<float>> host(2);
+    for (auto& h : host) h = test::random_normal(rng, n);
+    std::vector<std::vector<float>> reduced(2, std::vector<float>(n)), gathered(2, std::vector<float>(2 * n));
+    std::vector<std::string> errors(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r) {
+        threads.emplace_back([&, r] {
+            try {
+                NIBBLE_CUDA_CHECK(cudaSetDevice(r));
+                cudaStream_t stream = nullptr;
+                NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
+                {
+                    NcclCommunicator comm({.world_size = 2, .rank = r, .device = r, .master_port = port, .timeout_ms = 60000},
+                                          stream);
+                    cuda::DeviceBuffer data(n * 4), send(n * 4), recv(2 * n * 4);
+                    data.upload(host[static_cast<size_t>(r)].data(), n * 4);
+                    send.upload(host[static_cast<size_t>(r)].data(), n * 4);
+                    recv.fill_bytes(0xff);
+                    comm.all_reduce_sum(data.get(), static_cast<int64_t>(n), DType::F32);
+                    comm.all_gather(send.get(), static_cast<int64_t>(n), DType::F32, recv.get());
+                    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                    data.download(reduced[static_cast<size_t>(r)].data(), n * 4);
+                    recv.download(gathered[static_cast<size_t>(r)].data(), 2 * n * 4);
+                }
+                NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            } catch (const std::exception& e) {
+                errors[static_cast<size_t>(r)] = e.what();
+            }
+        });
+    }
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r) {
+        ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+        for (size_t i = 0; i < n; ++i) {
+            ASSERT_EQ(reduced[static_cast<size_t>(r)][i], host[0][i] + host[1][i]) << "rank " << r << " element " << i;
+            ASSERT_EQ(gathered[static_cast<size_t>(r)][i], host[0][i]);
+            ASSERT_EQ(gathered[static_cast<size_t>(r)][n + i], host[1][i]);
+        }
+    }
+}
+
+}  // namespace
+}  // namespace nibble
