@@ -32,6 +32,7 @@ struct PlanCliOptions {
     PlanOptions plan;
     ParallelOptions parallel;
     int64_t device_memory = 0;  // 0: detect
+    std::string mamba_ssm_cache_dtype = "float32";  // hybrid models
     bool json = false;
 };
 
@@ -89,6 +90,7 @@ void run_plan(const PlanCliOptions& opt) {
         device = detect_device();
     }
     PlanOptions po = opt.plan;
+    po.mamba_ssm_cache_dtype = parse_ssm_state_dtype(opt.mamba_ssm_cache_dtype);
     po.device_memory = device.memory;
     po.tensor_parallel_size = opt.parallel.tensor_parallel_size;
     // "auto" means what serving on this machine would store: bf16 on a GPU, the CPU reference's f32 otherwise.
@@ -128,6 +130,10 @@ void run_plan(const PlanCliOptions& opt) {
             {"max_num_seqs", p.max_num_seqs},
             {"max_num_batched_tokens", p.max_num_batched_tokens},
             {"max_concurrency", p.max_concurrency},
+            {"mamba_state_bytes_per_seq", p.mamba_state_bytes_per_seq},
+            {"mamba_state_bytes", p.mamba_state_bytes},
+            {"mamba_snapshots", p.mamba_snapshots},
+            {"mamba_snapshot_bytes", p.mamba_snapshot_bytes},
         };
         std::printf("%s\n", out.dump(2).c_str());
         return;
@@ -155,6 +161,17 @@ void run_plan(const PlanCliOptions& opt) {
         fmt::format("activations {}, logits {}, attention {} ({} batched tokens)",
                     bytes_text(static_cast<double>(p.activation_bytes)), bytes_text(static_cast<double>(p.logits_bytes)),
                     bytes_text(static_cast<double>(p.attention_scratch_bytes)), p.max_num_batched_tokens));
+    if (p.mamba_state_bytes > 0) {
+        row("Mamba state", bytes_text(static_cast<double>(p.mamba_state_bytes)),
+            fmt::format("{} per sequence x {} (--max-num-seqs; SSM {})",
+                        bytes_text(static_cast<double>(p.mamba_state_bytes_per_seq)), p.max_num_seqs,
+                        ssm_state_dtype_name(po.mamba_ssm_cache_dtype)));
+        row("state snapshots", bytes_text(static_cast<double>(p.mamba_snapshot_bytes)),
+            fmt::format("{} x {} (--mamba-prefix-snapshots; prefix caching resumes from them; one weighs as much "
+                        "as the KV of {} tokens)",
+                        p.mamba_snapshots, bytes_text(static_cast<double>(p.mamba_state_bytes_per_seq)),
+                        p.kv_bytes_per_token > 0 ? p.mamba_state_bytes_per_seq / p.kv_bytes_per_token : 0));
+    }
     row("KV per token", bytes_text(static_cast<double>(p.kv_bytes_per_token)),
         fmt::format("{} ({} bytes{})", kv_dtype_name(p.kv_dtype), p.kv_bytes_per_token,
                     p.tensor_parallel_size == 1
@@ -188,6 +205,12 @@ void add_plan_command(CLI::App& app) {
     cmd->add_option("--kv-cache-memory-bytes", opt->plan.kv_cache_memory_bytes,
                     "KV cache size in bytes (overrides --gpu-memory-utilization)");
     cmd->add_option("--block-size", opt->plan.block_size, "tokens per KV block")->capture_default_str();
+    cmd->add_option("--mamba-ssm-cache-dtype", opt->mamba_ssm_cache_dtype,
+                    "hybrid models' SSM state: float32 (auto) or bfloat16")
+        ->capture_default_str();
+    cmd->add_option("--mamba-prefix-snapshots", opt->plan.mamba_prefix_snapshots,
+                    "hybrid models: recurrent-state snapshots kept for prefix caching (-1: --max-num-seqs, 0: none)")
+        ->capture_default_str();
     cmd->add_option("--device-memory", opt->device_memory,
                     "device memory in bytes (default: the GPU's, else the machine's physical memory)");
     cmd->add_option("--tensor-parallel-size", opt->parallel.tensor_parallel_size,

@@ -86,6 +86,7 @@ MemoryPlan make_plan(const ServeOptions& o, const Model& model, int64_t max_mode
     po.kv_cache_dtype = o.kv_cache_dtype;
     po.auto_kv_dtype = KvDtype::F32;
     po.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
+    po.mamba_prefix_snapshots = o.enable_prefix_caching ? o.mamba_prefix_snapshots : 0;
     po.gpu_memory_utilization = o.gpu_memory_utilization;
     po.device_memory = host_memory();
     if (o.kv_cache_memory_bytes) {
@@ -106,6 +107,10 @@ void log_plan(const MemoryPlan& p) {
               p.block_size, p.kv_bytes_per_token);
     log::info("memory plan: {} KV tokens, max concurrency {:.2f} at max_model_len {}", p.kv_tokens,
               p.max_concurrency, p.max_model_len);
+    if (p.mamba_state_bytes > 0)
+        log::info("memory plan: Mamba state {} ({} per sequence) + {} prefix-caching state snapshots {}",
+                  gib(p.mamba_state_bytes), gib(p.mamba_state_bytes_per_seq), p.mamba_snapshots,
+                  gib(p.mamba_snapshot_bytes));
 }
 
 void run_serve(const std::vector<std::string>& args) {
@@ -160,6 +165,7 @@ void run_serve(const std::vector<std::string>& args) {
     ec.num_blocks = plan.kv_blocks;
     ec.enable_prefix_caching = o.enable_prefix_caching;
     ec.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
+    ec.mamba_prefix_snapshots = plan.mamba_snapshots;  // what the plan counted
     ec.kv_cache_dtype = plan.kv_dtype;
     for (int32_t id : eos)
         if (id >= 0 && id < mc.vocab_size) ec.eos_token_ids.push_back(id);

@@ -174,6 +174,8 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 else fail("--kv-cache-dtype must be auto, bf16, fp8 or nvfp4, got '{}'", v);
             } else if (name == "--mamba-ssm-cache-dtype") {
                 o.mamba_ssm_cache_dtype = parse_ssm_state_dtype(value());
+            } else if (name == "--mamba-prefix-snapshots") {
+                o.mamba_prefix_snapshots = parse_int(value(), name, -1);
             } else if (name == "--gpu-memory-utilization") {
                 const std::string v = value();
                 double x = 0.0;
@@ -266,6 +268,8 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --no-enable-prefix-caching
   --kv-cache-dtype DTYPE           auto, bf16, fp8 or nvfp4 (default auto)
   --mamba-ssm-cache-dtype DTYPE    hybrid models' SSM state: auto/float32 or bfloat16 (default float32)
+  --mamba-prefix-snapshots N       hybrid models' prefix caching: Mamba states kept at cached blocks, each
+                                   as large as one sequence's (default -1: --max-num-seqs; 0: caching off)
   --gpu-memory-utilization F       fraction of device memory to use (default 0.9)
   --kv-cache-memory-bytes N        KV cache size in bytes (suffixes k, m, g / K, M, G)
   --block-size N                   tokens per KV block (default 16)

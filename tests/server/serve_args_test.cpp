@@ -139,6 +139,10 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
          "--enable-auto-tool-choice", "--mamba-ssm-cache-dtype", "bfloat16"});
     EXPECT_EQ(o.max_num_seqs, 512);
     EXPECT_EQ(o.mamba_ssm_cache_dtype, SsmStateDtype::Bf16);
+    EXPECT_EQ(o.mamba_prefix_snapshots, -1);
+    EXPECT_EQ(parse_serve_args({"m", "--mamba-prefix-snapshots", "12"}).mamba_prefix_snapshots, 12);
+    EXPECT_EQ(parse_serve_args({"m", "--mamba-prefix-snapshots=0"}).mamba_prefix_snapshots, 0);
+    EXPECT_NE(error_of({"m", "--mamba-prefix-snapshots", "-2"}).find("--mamba-prefix-snapshots"), std::string::npos);
     EXPECT_NE(error_of({"m", "--mamba-ssm-cache-dtype", "float16"}).find("--mamba-ssm-cache-dtype 'float16'"),
               std::string::npos);
     EXPECT_EQ(o.max_model_len, 262144);
