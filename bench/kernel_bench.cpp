@@ -30,6 +30,8 @@
 #include "cuda/fill_random.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe_cuda.h"
+#include "ops/ssm/ssm_cuda.h"
 
 namespace {
 
@@ -252,6 +254,152 @@ void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
     }
 }
 
+
+// MoE decode step (`nibble-kernel-bench moe`): BF16 router logits -> route -> permute -> grouped NVFP4 up
+// and down -> combine, at Qwen3-30B-A3B (128 experts, top-8, SwiGLU, 2048 x 768) and Nemotron-3-Nano
+// (128 experts, top-6, relu^2, 2688 x 1856) shapes, m = 1 / 8 / 32 / 64 tokens. Eight logits buffers
+// are launched in turn so consecutive steps pick different experts (all experts: >= 300 MB, well past
+// the L2). GB/s counts the active experts' weight bytes (n_active read back once per buffer).
+// Mamba2 at Nemotron-3-Nano's mixer shape (64 heads x 64, state 128, 8 groups, conv 4): conv1d + scan
+// + gated RMSNorm for decode batches of 1 / 8 / 32 sequences and a 512-token prefill, float32 state.
+void bench_moe_mamba(cudaStream_t stream) {
+    struct Cfg {
+        const char* name;
+        bool swiglu;
+        int64_t n_experts, d, ff, top_k;
+    };
+    const Cfg cfgs[] = {{"qwen3-30b-a3b", true, 128, 2048, 768, 8}, {"nemotron-3-nano", false, 128, 2688, 1856, 6}};
+    uint64_t seed = 777;
+    for (const Cfg& c : cfgs) {
+        const int64_t mats = c.swiglu ? 3 : 2;
+        const size_t packed = static_cast<size_t>(c.d * c.ff / 2), scales = static_cast<size_t>(c.d * c.ff / 16);
+        DeviceBuffer wq(packed * mats * c.n_experts), ws(scales * mats * c.n_experts);
+        nibble::cuda::fill_random_u32(wq.as<uint32_t>(), wq.bytes() / 4, ++seed, ~0u, 0u, stream);
+        nibble::cuda::fill_random_u32(ws.as<uint32_t>(), ws.bytes() / 4, ++seed, 0x1f1f1f1fu, 0x20202020u, stream);
+        std::vector<nibble::cuda::Nvfp4DeviceWeight> tables[3];  // gate, up, down
+        for (int64_t e = 0; e < c.n_experts; ++e)
+            for (int64_t j = 0; j < mats; ++j) {
+                const size_t i = static_cast<size_t>(e * mats + j);
+                const bool down = j == mats - 1;
+                tables[c.swiglu ? j : j + 1].push_back({wq.as<uint8_t>() + i * packed, ws.as<uint8_t>() + i * scales,
+                                                        0.01f, down ? c.d : c.ff, down ? c.ff : c.d});
+            }
+        DeviceBuffer dtab[3];
+        for (int j = 0; j < 3; ++j) {
+            dtab[j] = DeviceBuffer(std::max<size_t>(1, tables[j].size()) * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+            if (!tables[j].empty())
+                dtab[j].upload(tables[j].data(), tables[j].size() * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+        }
+        const nibble::cuda::MoeDeviceExperts ex{c.swiglu ? dtab[0].as<nibble::cuda::Nvfp4DeviceWeight>() : nullptr,
+                                                dtab[1].as<nibble::cuda::Nvfp4DeviceWeight>(),
+                                                dtab[2].as<nibble::cuda::Nvfp4DeviceWeight>(), c.n_experts, c.d, c.ff};
+        for (int64_t m : {1, 8, 32, 64}) {
+            const int64_t pairs = m * c.top_k;
+            constexpr int kBuffers = 8;
+            std::vector<DeviceBuffer> logits;
+            for (int b = 0; b < kBuffers; ++b) {
+                logits.emplace_back(static_cast<size_t>(m * c.n_experts * 2 + 4));
+                nibble::cuda::fill_random_u32(logits.back().as<uint32_t>(), logits.back().bytes() / 4, ++seed,
+                                              0x83ff83ffu, 0x3c003c00u, stream);
+            }
+            DeviceBuffer x(static_cast<size_t>(m * c.d * 2)), y(static_cast<size_t>(m * c.d * 2));
+            nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+            DeviceBuffer ids(static_cast<size_t>(pairs * 4)), rw(static_cast<size_t>(pairs * 4));
+            DeviceBuffer counts(static_cast<size_t>(c.n_experts * 4)), offsets(static_cast<size_t>(c.n_experts * 4 + 4)),
+                sorted(static_cast<size_t>(pairs * 4)), position(static_cast<size_t>(pairs * 4)),
+                active(static_cast<size_t>(c.n_experts * 4)), n_active(4);
+            const nibble::cuda::MoePermutation perm{counts.as<int32_t>(), offsets.as<int32_t>(), sorted.as<int32_t>(),
+                                                    position.as<int32_t>(), active.as<int32_t>(), n_active.as<int32_t>()};
+            DeviceBuffer h(static_cast<size_t>(pairs * c.ff * 4)), o(static_cast<size_t>(pairs * c.d * 4));
+            int next = 0;
+            auto step = [&](int b) {
+                nibble::cuda::moe_route_softmax(logits[static_cast<size_t>(b)].get(), DType::BF16, m, c.n_experts,
+                                                c.top_k, true, ids.as<int32_t>(), rw.as<float>(), stream);
+                nibble::cuda::moe_permute(ids.as<int32_t>(), m, c.top_k, c.n_experts, perm, stream);
+                nibble::cuda::moe_experts_up_nvfp4(x.get(), DType::BF16, m, c.top_k, ex,
+                                                   c.swiglu ? nibble::MoeActivation::SwiGlu : nibble::MoeActivation::Relu2,
+                                                   perm, h.as<float>(), stream);
+                nibble::cuda::moe_experts_down_nvfp4(h.as<float>(), m, c.top_k, ex, perm, o.as<float>(), stream);
+                nibble::cuda::moe_combine(o.as<float>(), ids.as<int32_t>(), rw.as<float>(), perm.pair_position, m,
+                                          c.top_k, c.d, nullptr, DType::BF16, y.get(), stream);
+            };
+            double active_sum = 0;  // active experts over the buffers
+            for (int b = 0; b < kBuffers; ++b) {
+                step(b);
+                int32_t na = 0;
+                n_active.download(&na, 4);
+                active_sum += na;
+            }
+            const double ms = time_ms(stream, 2, 50, [&] {
+                for (int b = 0; b < kBuffers; ++b) step(next++ % kBuffers);
+            }) / kBuffers;
+            const double bytes = active_sum / kBuffers * static_cast<double>(mats * (packed + scales));
+            std::printf("moe %-16s m=%-2lld active %5.1f experts %8.2f us/step %6.0f GB/s of active weights\n", c.name,
+                        static_cast<long long>(m), active_sum / kBuffers, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
+        }
+    }
+
+    // Mamba2 mixer ops at Nemotron-3-Nano's shape.
+    const int64_t H = 64, P = 64, N = 128, G = 8, K = 4, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
+    DeviceBuffer A(H * 4), Dp(H * 4), dt_bias(H * 4), conv_w(static_cast<size_t>(conv_dim * K * 4)),
+        norm_w(static_cast<size_t>(d_inner * 4));
+    // floats 0.5 .. 1 (exponent 126): A negated below by the sign bit
+    nibble::cuda::fill_random_u32(A.as<uint32_t>(), H, ++seed, 0x007fffffu, 0xbf000000u, stream);
+    nibble::cuda::fill_random_u32(Dp.as<uint32_t>(), H, ++seed, 0x007fffffu, 0x3f000000u, stream);
+    nibble::cuda::fill_random_u32(dt_bias.as<uint32_t>(), H, ++seed, 0x007fffffu, 0xc0000000u, stream);  // -2..-4
+    nibble::cuda::fill_random_u32(conv_w.as<uint32_t>(), conv_dim * K, ++seed, 0x807fffffu, 0x3e000000u, stream);
+    nibble::cuda::fill_random_u32(norm_w.as<uint32_t>(), d_inner, ++seed, 0x007fffffu, 0x3f800000u, stream);
+    nibble::SsmScanParams sp;
+    sp.n_heads = H, sp.head_dim = P, sp.state_size = N, sp.n_groups = G;
+    sp.A = A.as<float>(), sp.D = Dp.as<float>(), sp.dt_bias = dt_bias.as<float>();
+    sp.dt_min = 0.0f, sp.dt_max = 1e30f;
+    struct Batch {
+        const char* name;
+        int64_t n_seqs, len;
+    };
+    for (const Batch& b : {Batch{"decode x1", 1, 1}, Batch{"decode x8", 8, 1}, Batch{"decode x32", 32, 1},
+                           Batch{"prefill 512", 1, 512}}) {
+        const int64_t n = b.n_seqs * b.len;
+        const int64_t proj = d_inner + conv_dim + H;  // in_proj row: z, xBC, dt
+        DeviceBuffer zxbcdt(static_cast<size_t>(n * proj * 2)), xbc(static_cast<size_t>(n * conv_dim * 2)),
+            yb(static_cast<size_t>(n * d_inner * 2));
+        nibble::cuda::fill_random_u32(zxbcdt.as<uint32_t>(), zxbcdt.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
+                                      stream);
+        std::vector<int32_t> starts(static_cast<size_t>(b.n_seqs + 1));
+        for (int64_t s = 0; s <= b.n_seqs; ++s) starts[static_cast<size_t>(s)] = static_cast<int32_t>(s * b.len);
+        DeviceBuffer dstarts(starts.size() * 4);
+        dstarts.upload(starts.data(), starts.size() * 4);
+        DeviceBuffer conv_state(static_cast<size_t>(b.n_seqs * (K - 1) * conv_dim * 4)),
+            ssm_state(static_cast<size_t>(b.n_seqs * H * P * N * 4));
+        conv_state.fill_bytes(0);
+        ssm_state.fill_bytes(0);
+        std::vector<float*> cptr;
+        std::vector<void*> sptr;
+        for (int64_t s = 0; s < b.n_seqs; ++s) {
+            cptr.push_back(conv_state.as<float>() + s * (K - 1) * conv_dim);
+            sptr.push_back(ssm_state.as<float>() + s * H * P * N);
+        }
+        DeviceBuffer dcptr(cptr.size() * sizeof(float*)), dsptr(sptr.size() * sizeof(void*));
+        dcptr.upload(cptr.data(), dcptr.bytes());
+        dsptr.upload(sptr.data(), dsptr.bytes());
+        const auto* base = zxbcdt.as<uint16_t>();
+        double t_conv = time_ms(stream, 2, 50, [&] {
+            nibble::cuda::mamba_conv1d(base + d_inner, DType::BF16, proj, n, conv_dim, dstarts.as<int32_t>(), b.n_seqs,
+                                       conv_w.as<float>(), nullptr, K, dcptr.as<float* const>(), xbc.get(), stream);
+        });
+        double t_scan = time_ms(stream, 2, 50, [&] {
+            nibble::cuda::ssm_scan(sp, n, dstarts.as<int32_t>(), b.n_seqs, xbc.get(), conv_dim,
+                                   base + d_inner + conv_dim, proj, DType::BF16, dsptr.as<void* const>(),
+                                   nibble::SsmStateDtype::F32, yb.get(), stream);
+        });
+        double t_norm = time_ms(stream, 2, 50, [&] {
+            nibble::cuda::gated_rmsnorm(yb.get(), base, proj, DType::BF16, n, d_inner, d_inner / G, norm_w.as<float>(),
+                                        1e-5f, yb.get(), stream);
+        });
+        std::printf("mamba2 %-12s conv %8.2f us  scan %9.2f us  gated norm %7.2f us\n", b.name, t_conv * 1e3,
+                    t_scan * 1e3, t_norm * 1e3);
+    }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -286,7 +434,8 @@ int main(int argc, char** argv) {
         const std::string part = argc > 1 ? argv[1] : "all";
         if (part == "attention" || part == "all") bench_attention(prop, stream, copy_gbps);
         if (part == "prefill" || part == "all") bench_prefill_attention(prop, stream);
-        if (part == "attention" || part == "prefill") {
+        if (part == "moe" || part == "all") bench_moe_mamba(stream);
+        if (part == "attention" || part == "prefill" || part == "moe") {
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }
