@@ -110,21 +110,38 @@ __global__ void __launch_bounds__(kScanWarps * 32)
         hs[q] = k < N ? load_state(st + k) : 0.0f;
     }
     const float A = a.A[h], Dh = a.D[h], bias = a.dt_bias[h];
-    for (int64_t t = begin; t < end; ++t) {
+    // Inputs of step t + 1 load while step t computes: the loads do not depend on the state, so the
+    // dependent chain per token is the arithmetic and the reduction, not a memory round trip.
+    float nx, ndt, nB[kMaxStatePerLane], nC[kMaxStatePerLane];
+    auto fetch = [&](int64_t t) {
         const T* row = xbc + t * a.xbc_stride;
-        const float xv = load1(row + static_cast<int64_t>(h) * a.head_dim + i);
+        nx = load1(row + static_cast<int64_t>(h) * a.head_dim + i);
+        ndt = load1(dt + t * a.dt_stride + h);
         const T* B = row + a.b_off + static_cast<int64_t>(g) * N;
         const T* C = row + a.c_off + static_cast<int64_t>(g) * N;
-        const float d = fminf(fmaxf(softplus(load1(dt + t * a.dt_stride + h) + bias), a.dt_min), a.dt_max);
+#pragma unroll
+        for (int q = 0; q < kMaxStatePerLane; ++q) {
+            const int k = lane + 32 * q;
+            nB[q] = k < N ? load1(B + k) : 0.0f;
+            nC[q] = k < N ? load1(C + k) : 0.0f;
+        }
+    };
+    fetch(begin);
+    for (int64_t t = begin; t < end; ++t) {
+        const float xv = nx, dt_raw = ndt;
+        float Bq[kMaxStatePerLane], Cq[kMaxStatePerLane];
+#pragma unroll
+        for (int q = 0; q < kMaxStatePerLane; ++q) Bq[q] = nB[q], Cq[q] = nC[q];
+        if (t + 1 < end) fetch(t + 1);
+        const float d = fminf(fmaxf(softplus(dt_raw + bias), a.dt_min), a.dt_max);
         const float dA = expf(d * A);
         const float dx = d * xv;
         float acc = 0.0f;
 #pragma unroll
         for (int q = 0; q < kMaxStatePerLane; ++q) {
-            const int k = lane + 32 * q;
-            if (k < N) {
-                hs[q] = hs[q] * dA + dx * load1(B + k);
-                acc += hs[q] * load1(C + k);
+            if (lane + 32 * q < N) {  // lanes past N hold zeros; the guard skips their work
+                hs[q] = hs[q] * dA + dx * Bq[q];
+                acc += hs[q] * Cq[q];
             }
         }
 #pragma unroll

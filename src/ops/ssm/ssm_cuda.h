@@ -13,10 +13,12 @@
 //
 // Costs: the conv is parallel over (token, channel) plus a per-(sequence, channel) state shift. The scan
 // is sequential over time within a sequence and parallel over (sequence, head, head_dim row), one warp
-// per row with the state_size values of the row in registers (state_size / 32 per lane): per token a
-// warp does state_size FMAs pairs and a 5-shuffle reduction, so a prefill of L tokens takes about
-// L x (one dependent step, ~0.2-0.5 us) however many heads run beside it. A chunked (SSD) scan that is
-// parallel over time is the next step for long prompts; decode (L = 1) is already one step.
+// per row with the state_size values of the row in registers (state_size / 32 per lane; the next
+// token's inputs load during the current step): per token a warp does state_size FMA pairs and a
+// 5-shuffle reduction, so a prefill of L tokens costs L dependent steps (a few hundred cycles each:
+// expf, log1pf, the FMAs, 5 shuffles) however many heads run beside it, i.e. O(L) latency instead of
+// the O(L / chunk) of a chunked scan. A chunked (SSD) scan, parallel over time, is the next step for
+// long prompts; decode (L = 1) is already a single step.
 // Preconditions (std::invalid_argument): conv kernel 1..8; state_size 1..256; n_heads a multiple of
 // n_groups; d a multiple of group_size.
 #pragma once
