@@ -397,6 +397,28 @@ TEST(Engine, HybridPrefixCachingResumesFromTheDeepestSnapshot) {
     }
 }
 
+// n > 1 samples of a hybrid request: samples 1.. wait for sample 0's prompt, then resume from the snapshot
+// at its last reusable block (every sample but the first reports nothing extra: cached_prompt_tokens is
+// sample 0's), and all greedy samples equal the reference.
+TEST(Engine, HybridSamplesShareThePromptThroughItsSnapshot) {
+    Fixture fx("nemotron_h");
+    const Reference ref = load_reference("nemotron_h");
+    EngineConfig cfg = config_for();
+    cfg.max_num_seqs = 4;
+    Engine engine(*fx.model, cfg);
+    Collector c;
+    GenerationRequest r = greedy("n3", ref.tokens, 5);
+    r.n = 3;
+    engine.submit(r, c.sink());
+    run_to_end(engine);
+    const std::vector<int32_t> expected = greedy_reference(*fx.model, ref.tokens, 5);
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(c.tokens["n3"][i], expected) << "sample " << i;
+    const EngineStats st = engine.stats();
+    // Samples 1 and 2 each found the prompt's reusable blocks, ((n - 1) / 16) * 16 tokens.
+    const int64_t reusable = (static_cast<int64_t>(ref.tokens.size()) - 1) / 16 * 16;
+    EXPECT_EQ(st.prefix_cache_hits, 2 * reusable);
+}
+
 // Snapshots live and die with their blocks: preemption, cancellation and eviction give them back (the
 // invariant checker, run after every step, also finds a reservation left over between steps), and with only
 // two snapshots the engine keeps taking new ones from the least recently used cached blocks.
