@@ -553,4 +553,59 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
+
+// The workspace layout: counts, offsets, sorted pairs, positions, active list, n_active, then h and o.
+struct WorkspaceLayout {
+    size_t counts, offsets, sorted, position, active, n_active, h, o, total;
+    WorkspaceLayout(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
+        const auto pairs = static_cast<size_t>(m * top_k), ne = static_cast<size_t>(n_experts);
+        size_t at = 0;
+        auto take = [&](size_t bytes) {
+            const size_t here = at;
+            at += align16(bytes);
+            return here;
+        };
+        counts = take(ne * 4);
+        offsets = take((ne + 1) * 4);
+        sorted = take(pairs * 4);
+        position = take(pairs * 4);
+        active = take(ne * 4);
+        n_active = take(4);
+        h = take(pairs * static_cast<size_t>(n_ff) * 4);
+        o = take(pairs * static_cast<size_t>(n_embd) * 4);
+        total = at;
+    }
+};
+
+}  // namespace
+
+size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
+    if (m < 0 || top_k < 1 || n_experts < 1 || n_embd < 1 || n_ff < 1)
+        bad("moe_workspace_bytes: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_experts " +
+            std::to_string(n_experts) + ", n_embd " + std::to_string(n_embd) + ", n_ff " + std::to_string(n_ff));
+    return WorkspaceLayout(m, top_k, n_experts, n_embd, n_ff).total;
+}
+
+void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights, int64_t top_k,
+                       const MoeDeviceExperts& experts, MoeActivation act, const void* shared, void* workspace,
+                       void* y, cudaStream_t stream) {
+    check_experts(experts, m, top_k, "moe_experts_nvfp4");
+    check_aligned(workspace, "moe_experts_nvfp4", "workspace");
+    if (m == 0) return;
+    const WorkspaceLayout l(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
+    auto* base = static_cast<unsigned char*>(workspace);
+    const MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),   reinterpret_cast<int32_t*>(base + l.offsets),
+                              reinterpret_cast<int32_t*>(base + l.sorted),   reinterpret_cast<int32_t*>(base + l.position),
+                              reinterpret_cast<int32_t*>(base + l.active),   reinterpret_cast<int32_t*>(base + l.n_active)};
+    float* h = reinterpret_cast<float*>(base + l.h);
+    float* o = reinterpret_cast<float*>(base + l.o);
+    moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
+    moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream);
+    moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream);
+    moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
+}
+
 }  // namespace nibble::cuda

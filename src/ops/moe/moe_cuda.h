@@ -31,6 +31,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "ops/linear/linear_cuda.h"
@@ -86,5 +87,14 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
 //   o [m * top_k, n_embd] float32; ids, weights [m, top_k]; shared, y [m, n_embd] in dtype (F32 or BF16)
 void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position, int64_t m,
                  int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y, cudaStream_t stream);
+
+// The whole expert part of a step in one call: moe_permute, moe_experts_up_nvfp4, moe_experts_down_nvfp4
+// and moe_combine, with the permutation and h / o carved from `workspace` (device, 16-byte aligned, at
+// least moe_workspace_bytes(...) bytes).
+//   x, shared, y [m, n_embd] in dtype; ids, weights [m, top_k] (from a router above)
+size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff);
+void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights, int64_t top_k,
+                       const MoeDeviceExperts& experts, MoeActivation act, const void* shared, void* workspace,
+                       void* y, cudaStream_t stream);
 
 }  // namespace nibble::cuda
