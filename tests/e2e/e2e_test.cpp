@@ -1,5 +1,6 @@
-// Launches `nibble serve` three times on free ports of 127.0.0.1 (the golden llama_gqa model with canned
-// tokens, twice with different parsers and options; the built-in default model once), waits for /health,
+// Launches `nibble serve` four times on free ports of 127.0.0.1 (the golden llama_gqa model with canned
+// tokens, twice with different parsers and options; the built-in default model once; the golden nemotron_h
+// hybrid model once, for prefix caching from Mamba state snapshots), waits for /health,
 // runs the node tests (serve.test.mjs, with the `openai` npm client installed by `npm ci`), then stops the
 // servers with SIGTERM and expects each to exit cleanly.
 #include <gtest/gtest.h>
@@ -153,6 +154,10 @@ TEST(E2e, OpenAiClientAgainstNibbleServe) {
         // The default model is created under XDG_CACHE_HOME; a fresh one proves creation works.
         servers.push_back(start_server({"--max-model-len", "256", "--max-num-seqs", "8"}, work / "default.log",
                                        {"XDG_CACHE_HOME=" + (work / "cache").string()}));
+        servers.push_back(start_server({(kSource / "tests/golden/fixtures/nemotron_h/model").string(),
+                                        "--served-model-name", "hybrid", "--max-model-len", "128", "--max-num-seqs",
+                                        "8"},
+                                       work / "hybrid.log", {}));
     } catch (const std::exception& e) {
         for (auto& s : servers) stop_server(s);
         FAIL() << e.what();
@@ -161,7 +166,8 @@ TEST(E2e, OpenAiClientAgainstNibbleServe) {
         << "the default model must say its text is meaningless";
 
     const std::string env = "NIBBLE_MAIN=" + servers[0].url() + " NIBBLE_CODER=" + servers[1].url() +
-                            " NIBBLE_DEFAULT=" + servers[2].url() + " CANNED_IDS='" + canned_ids + "' GOLDEN='" +
+                            " NIBBLE_DEFAULT=" + servers[2].url() + " NIBBLE_HYBRID=" + servers[3].url() +
+                            " CANNED_IDS='" + canned_ids + "' GOLDEN='" +
                             (kSource / "tests/golden/fixtures/llama_gqa/expected.safetensors").string() + "'";
     const int rc = shell("cd '" + kE2e.string() + "' && " + env + " node --test --test-concurrency=1 serve.test.mjs", out);
     EXPECT_EQ(rc, 0) << out << "\n--- main server log (tail) ---\n"

@@ -4,6 +4,7 @@
 //                   tool parser, auto tool choice, prefix caching on, --max-model-len 128
 //   NIBBLE_CODER    same model; deepseek_r1, qwen3_coder, --api-key sk-e2e, --no-enable-prefix-caching
 //   NIBBLE_DEFAULT  the built-in tiny model (no MODEL_DIR)
+//   NIBBLE_HYBRID   the golden nemotron_h model (Mamba2 + attention + MoE), served as "hybrid", prefix caching on
 //   CANNED_IDS      {"think": id, "hermes": id, ...} (make_model.mjs)
 //   GOLDEN          tests/golden/fixtures/llama_gqa/expected.safetensors (transformers' logits)
 import { test } from 'node:test';
@@ -15,6 +16,7 @@ import { CANNED, OPENINGS } from './canned.mjs';
 const MAIN = process.env.NIBBLE_MAIN;
 const CODER = process.env.NIBBLE_CODER;
 const DEFAULT = process.env.NIBBLE_DEFAULT;
+const HYBRID = process.env.NIBBLE_HYBRID;
 const IDS = JSON.parse(process.env.CANNED_IDS);
 const KEY = 'sk-e2e';
 
@@ -408,6 +410,21 @@ test('a repeated prompt reports cached tokens; not without prefix caching', asyn
   assert.equal(c2.usage.prompt_tokens_details.cached_tokens, 0);
   assert.equal(c1.choices[0].text, first.choices[0].text);
   assert.ok((await metric(MAIN, 'nibble:prefix_cache_hits_total')) > 0);
+});
+
+test('a hybrid model resumes a repeated prompt from a Mamba state snapshot and reports the cached tokens', async () => {
+  const hybrid = new OpenAI({ baseURL: `${HYBRID}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 120000 });
+  const prompt = 'Numbers: ' + '0 1 2 3 4 5 6 7 8 9 '.repeat(3);
+  const ask = () => hybrid.completions.create({ model: 'hybrid', prompt, max_tokens: 8, temperature: 0, ignore_eos: true });
+  const first = await ask();
+  const second = await ask();
+  const p = second.usage.prompt_tokens;
+  assert.ok(p >= 33, `prompt of ${p} tokens is too short for two reusable blocks`);
+  assert.equal(first.usage.prompt_tokens_details.cached_tokens, 0);
+  // The first request kept the state at its last reusable block boundary (scheduler.h): all of it is reused.
+  assert.equal(second.usage.prompt_tokens_details.cached_tokens, 16 * Math.floor((p - 1) / 16));
+  assert.equal(second.choices[0].text, first.choices[0].text);
+  assert.ok((await metric(HYBRID, 'nibble:prefix_cache_hits_total')) > 0);
 });
 
 test('64 concurrent streams all complete', async () => {
