@@ -1,0 +1,288 @@
+// `nibble bench`: llama-bench-style throughput of the CUDA backend. For each KV cache dtype and depth d:
+//   pp<P> @ d<D>: one prompt of P tokens prefilled on top of D cached tokens (tokens/s of the prompt);
+//   tg<N> @ d<D>: N greedy decode steps of one sequence after D cached tokens (tokens/s generated).
+// Each figure is the mean and standard deviation over -r repeats, and is quoted against its physical limit,
+// measured on the card in the same run: generation against copy bandwidth over the bytes one token reads
+// (every weight once plus the KV cache at that depth), prompt processing against the BF16 matrix rate over
+// the FLOPs one token needs (weights and attention). Models come from a checkpoint (--model DIR) or are
+// random weights of a real architecture's shape made on the device (--synthetic llama3-8b).
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "base/thread_pool.h"
+#include "cli/commands.h"
+#include "ops/attention/kv_cache.h"
+#if defined(NIBBLE_HAVE_CUDA)
+#include "gpu/cuda_model_runner.h"
+#include "gpu/device_limits.h"
+#include "gpu/weight_upload.h"
+#include "model/model.h"
+#endif
+
+namespace nibble::cli {
+namespace {
+
+struct BenchOptions {
+    std::string model_dir;
+    std::string synthetic;
+    std::string weights = "nvfp4";  // synthetic: nvfp4 or bf16
+    bool lm_head_nvfp4 = false;
+    std::vector<int64_t> prompt = {512};
+    std::vector<int64_t> gen = {128};
+    std::vector<int64_t> depth = {0};
+    std::vector<std::string> kv = {"bf16"};
+    int repeats = 5;
+    std::string output = "md";
+    int64_t prefill_chunk = 2048;
+};
+
+template <class T>
+std::vector<T> split_list(const std::string& text, const char* flag) {
+    std::vector<T> out;
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+        if constexpr (std::is_same_v<T, std::string>) {
+            out.push_back(item);
+        } else {
+            size_t used = 0;
+            long long v = 0;
+            try {
+                v = std::stoll(item, &used);
+            } catch (const std::exception&) {
+                used = 0;
+            }
+            NIBBLE_CHECK(used == item.size() && !item.empty() && v >= 0, "{} {}: '{}' is not a non-negative integer",
+                         flag, text, item);
+            out.push_back(static_cast<T>(v));
+        }
+    }
+    NIBBLE_CHECK(!out.empty(), "{}: empty list", flag);
+    return out;
+}
+
+struct Stat {
+    double mean = 0, stddev = 0;
+};
+Stat stat_of(const std::vector<double>& v) {
+    Stat s;
+    for (double x : v) s.mean += x;
+    s.mean /= static_cast<double>(v.size());
+    for (double x : v) s.stddev += (x - s.mean) * (x - s.mean);
+    s.stddev = v.size() > 1 ? std::sqrt(s.stddev / static_cast<double>(v.size() - 1)) : 0.0;
+    return s;
+}
+
+#if defined(NIBBLE_HAVE_CUDA)
+
+struct Row {
+    std::string kv, test;
+    int64_t depth = 0;
+    Stat tps;
+    double limit_tps = 0;  // the physical bound for this test
+    std::string limit_kind;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// FLOPs of one prompt of p tokens on top of d cached ones: 2 per weight per token (lm_head for the last token
+// only) plus attention's 4 * heads * head_dim per (query, visible key) pair.
+double prompt_flops(const gpu::DeviceDecoder& w, int64_t p, int64_t d) {
+    const ModelConfig& c = w.config;
+    double linear_params = 0;
+    for (const gpu::DeviceDecoderLayer& L : w.layers)
+        for (const gpu::DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+            linear_params += static_cast<double>(l->n_out * l->n_in);
+    const double pairs = static_cast<double>(p) * static_cast<double>(d) + static_cast<double>(p) * (p + 1) / 2.0;
+    const double attn = 4.0 * static_cast<double>(c.n_heads * c.head_dim) * pairs * static_cast<double>(c.n_layers);
+    return 2.0 * linear_params * static_cast<double>(p) + 2.0 * static_cast<double>(w.lm_head.n_out * w.lm_head.n_in) + attn;
+}
+
+// Bytes one generated token reads at cache length `len`: every streamed weight once, the KV cache, one embedding row.
+double token_bytes(const gpu::DeviceDecoder& w, const KvCacheShape& kv, double len) {
+    return static_cast<double>(w.streamed_bytes_per_token()) + len * static_cast<double>(kv.bytes_per_token()) +
+           static_cast<double>(w.config.n_embd * 2);
+}
+
+std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t n, int64_t vocab) {
+    std::uniform_int_distribution<int32_t> dist(0, static_cast<int32_t>(vocab - 1));
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (auto& x : t) x = dist(rng);
+    return t;
+}
+
+void run_bench(const BenchOptions& o) {
+    NIBBLE_CHECK(o.model_dir.empty() != o.synthetic.empty(), "nibble bench: give exactly one of --model DIR and --synthetic NAME");
+    NIBBLE_CHECK(o.weights == "nvfp4" || o.weights == "bf16", "--weights {}: nvfp4 or bf16", o.weights);
+    NIBBLE_CHECK(o.output == "md" || o.output == "json", "-o {}: md or json", o.output);
+    NIBBLE_CHECK(o.repeats >= 1, "-r {}: at least 1", o.repeats);
+    std::vector<KvDtype> kv_dtypes;
+    for (const std::string& name : o.kv) {
+        const auto t = kv_dtype_from_name(name);
+        NIBBLE_CHECK(t && *t != KvDtype::F32, "--kv-cache-dtype {}: bf16, fp8 or nvfp4", name);
+        kv_dtypes.push_back(*t);
+    }
+
+    const gpu::DeviceLimits limits = gpu::measure_device_limits();
+    log::info("{}: copy {:.0f} GB/s, BF16 matmul {:.0f} TFLOP/s (measured now)", limits.device_name,
+              limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12);
+
+    std::shared_ptr<const gpu::DeviceDecoder> weights;
+    std::string model_name;
+    const auto t_load = std::chrono::steady_clock::now();
+    if (!o.synthetic.empty()) {
+        const ModelConfig c = gpu::synthetic_config(o.synthetic);
+        weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(
+            c, {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1}));
+        model_name = o.synthetic + " " + o.weights + (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
+    } else {
+        ThreadPool pool(0);
+        std::unique_ptr<Model> model = load_model(o.model_dir, pool);
+        DecoderView view;
+        NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a dense decoder the CUDA backend runs", o.model_dir,
+                     model->config().arch_name);
+        weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+        model_name = o.model_dir;
+    }
+    log::info("{}: {:.2f} GB of weights on the device in {:.1f} s; {:.3f} GB streamed per token", model_name,
+              static_cast<double>(weights->device_bytes()) / 1e9, seconds_since(t_load),
+              static_cast<double>(weights->streamed_bytes_per_token()) / 1e9);
+
+    const ModelConfig& c = weights->config;
+    const int64_t max_p = *std::max_element(o.prompt.begin(), o.prompt.end());
+    const int64_t max_n = *std::max_element(o.gen.begin(), o.gen.end());
+    const int64_t max_d = *std::max_element(o.depth.begin(), o.depth.end());
+    const int64_t block = 16;
+    const int64_t max_len = max_d + std::max(max_p, max_n) + block;
+    const int64_t blocks = (max_len + block - 1) / block;
+    std::vector<int32_t> table(static_cast<size_t>(blocks));
+    for (int64_t i = 0; i < blocks; ++i) table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+    std::mt19937_64 rng(42);
+
+    std::vector<Row> rows;
+    for (KvDtype kv : kv_dtypes) {
+        gpu::CudaModelRunner runner(weights, {.kv_dtype = kv,
+                                              .num_blocks = blocks,
+                                              .block_size = block,
+                                              .max_model_len = max_len,
+                                              .max_num_batched_tokens = std::max(max_p, o.prefill_chunk),
+                                              .max_num_seqs = 1,
+                                              .act_dtype = DType::BF16});
+        const KvCacheShape& shape = runner.kv_cache().shape();
+        std::vector<float> logits;
+        std::vector<int32_t> next;
+        auto prefill = [&](const std::vector<int32_t>& tokens, int64_t start) {
+            const RunnerSequence s{.tokens = tokens, .block_table = table, .start_pos = start, .needs_logits = true};
+            runner.execute_greedy(std::span(&s, 1), next);
+        };
+        for (int64_t d : o.depth) {
+            // Fill the cache to depth d (untimed), in chunks.
+            for (int64_t at = 0; at < d; at += o.prefill_chunk) prefill(random_tokens(rng, std::min(o.prefill_chunk, d - at), c.vocab_size), at);
+            for (int64_t p : o.prompt) {
+                if (p == 0) continue;
+                std::vector<double> tps;
+                const std::vector<int32_t> prompt = random_tokens(rng, p, c.vocab_size);
+                prefill(prompt, d);  // warm-up: cuBLASLt plans, first-touch
+                for (int r = 0; r < o.repeats; ++r) {
+                    const auto t0 = std::chrono::steady_clock::now();
+                    prefill(prompt, d);
+                    tps.push_back(static_cast<double>(p) / seconds_since(t0));
+                }
+                const double flops_per_token = prompt_flops(*weights, p, d) / static_cast<double>(p);
+                rows.push_back({kv_dtype_name(kv).data(), "pp" + std::to_string(p), d, stat_of(tps),
+                                limits.bf16_flops_per_s / flops_per_token, "BF16 matmul"});
+            }
+            for (int64_t n : o.gen) {
+                if (n == 0) continue;
+                std::vector<double> tps;
+                for (int r = 0; r <= o.repeats; ++r) {  // the first run warms up
+                    std::vector<int32_t> tok = {static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size))};
+                    const auto t0 = std::chrono::steady_clock::now();
+                    for (int64_t i = 0; i < n; ++i) {
+                        const RunnerSequence s{.tokens = tok, .block_table = table, .start_pos = d + i, .needs_logits = true};
+                        runner.execute_greedy(std::span(&s, 1), next);
+                        tok[0] = next[0];
+                    }
+                    if (r > 0) tps.push_back(static_cast<double>(n) / seconds_since(t0));
+                }
+                const double bytes = token_bytes(*weights, shape, static_cast<double>(d) + static_cast<double>(n) / 2.0);
+                rows.push_back({kv_dtype_name(kv).data(), "tg" + std::to_string(n), d, stat_of(tps),
+                                limits.copy_bytes_per_s / bytes, "copy bandwidth"});
+            }
+        }
+    }
+
+    if (o.output == "json") {
+        nlohmann::ordered_json j;
+        j["device"] = limits.device_name;
+        j["copy_bytes_per_s"] = limits.copy_bytes_per_s;
+        j["bf16_flops_per_s"] = limits.bf16_flops_per_s;
+        j["model"] = model_name;
+        j["results"] = nlohmann::ordered_json::array();
+        for (const Row& r : rows)
+            j["results"].push_back({{"kv_cache_dtype", r.kv}, {"test", r.test}, {"depth", r.depth},
+                                    {"tokens_per_s", r.tps.mean}, {"stddev", r.tps.stddev},
+                                    {"limit_tokens_per_s", r.limit_tps}, {"limit", r.limit_kind},
+                                    {"fraction_of_limit", r.tps.mean / r.limit_tps}});
+        std::printf("%s\n", j.dump(2).c_str());
+        return;
+    }
+    std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s\n\n", limits.device_name.c_str(),
+                limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12, model_name.c_str());
+    std::printf("| kv    | test            |            t/s | bound t/s | of bound | bound by       |\n");
+    std::printf("| ----- | --------------- | -------------: | --------: | -------: | -------------- |\n");
+    for (const Row& r : rows) {
+        const std::string test = r.test + (r.depth > 0 ? " @ d" + std::to_string(r.depth) : "");
+        std::printf("| %-5s | %-15s | %8.1f ± %5.1f | %9.0f | %7.1f%% | %-14s |\n", r.kv.c_str(), test.c_str(),
+                    r.tps.mean, r.tps.stddev, r.limit_tps, 100.0 * r.tps.mean / r.limit_tps, r.limit_kind.c_str());
+    }
+}
+
+#endif
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+    auto o = std::make_shared<BenchOptions>();
+    auto lists = std::make_shared<std::vector<std::string>>(4);
+    CLI::App* cmd = app.add_subcommand("bench", "llama-bench-style prompt and generation throughput on the CUDA backend");
+    cmd->add_option("--model,-m", o->model_dir, "a checkpoint directory");
+    cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b");
+    cmd->add_option("--weights", o->weights, "synthetic weights: nvfp4 (default) or bf16");
+    cmd->add_flag("--lm-head-nvfp4", o->lm_head_nvfp4, "synthetic: lm_head in NVFP4 too (ModelOpt keeps it BF16)");
+    cmd->add_option("-p,--n-prompt", (*lists)[0], "prompt lengths, comma-separated (default 512)");
+    cmd->add_option("-n,--n-gen", (*lists)[1], "generated tokens, comma-separated (default 128)");
+    cmd->add_option("-d,--n-depth", (*lists)[2], "cached tokens before each test, comma-separated (default 0)");
+    cmd->add_option("--kv-cache-dtype", (*lists)[3], "bf16, fp8, nvfp4, comma-separated (default bf16)");
+    cmd->add_option("-r,--repetitions", o->repeats, "repeats of each test (default 5)");
+    cmd->add_option("-o,--output", o->output, "md (default) or json");
+    cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
+    cmd->callback([o, lists] {
+        if (!(*lists)[0].empty()) o->prompt = split_list<int64_t>((*lists)[0], "-p");
+        if (!(*lists)[1].empty()) o->gen = split_list<int64_t>((*lists)[1], "-n");
+        if (!(*lists)[2].empty()) o->depth = split_list<int64_t>((*lists)[2], "-d");
+        if (!(*lists)[3].empty()) o->kv = split_list<std::string>((*lists)[3], "--kv-cache-dtype");
+        NIBBLE_CHECK(o->prefill_chunk > 0, "--prefill-chunk {}: must be positive", o->prefill_chunk);
+#if defined(NIBBLE_HAVE_CUDA)
+        run_bench(*o);
+#else
+        fail("nibble bench measures the CUDA backend, and this build has none (configure with CUDA to use it)");
+#endif
+    });
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,162 @@
+#include "gpu/cuda_model_runner.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "base/error.h"
+#include "cuda/cuda_check.h"
+#include "model/transformer_blocks.h"
+#include "ops/sampling/argmax_cuda.h"
+
+namespace nibble::gpu {
+namespace {
+
+size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+// Byte offsets of the staged arrays in one buffer (each 16-byte aligned).
+struct StagingLayout {
+    size_t tokens, positions, slots, q_start, start_pos, logit_rows, block_tables, total;
+    StagingLayout(int64_t n_tokens, int64_t n_seqs, int64_t max_blocks) {
+        size_t at = 0;
+        auto take = [&](size_t bytes) {
+            const size_t here = at;
+            at += align16(bytes);
+            return here;
+        };
+        tokens = take(static_cast<size_t>(n_tokens) * 4);
+        positions = take(static_cast<size_t>(n_tokens) * 8);
+        slots = take(static_cast<size_t>(n_tokens) * 8);
+        q_start = take(static_cast<size_t>(n_seqs + 1) * 4);
+        start_pos = take(static_cast<size_t>(n_seqs) * 4);
+        logit_rows = take(static_cast<size_t>(n_seqs) * 4);
+        block_tables = take(static_cast<size_t>(n_seqs * max_blocks) * 4);
+        total = at;
+    }
+};
+
+}  // namespace
+
+CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, const CudaRunnerOptions& o)
+    : weights_(std::move(weights)), options_(o) {
+    const ModelConfig& c = weights_->config;
+    NIBBLE_CHECK(o.num_blocks > 0 && o.block_size > 0, "CUDA runner: {} KV blocks of {} tokens", o.num_blocks,
+                 o.block_size);
+    kv_ = std::make_unique<DeviceKvCache>(attention_kv_cache_shape(c, c.n_layers, o.num_blocks, o.block_size,
+                                                                   o.kv_dtype, weights_->k_scales, weights_->v_scales));
+    forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
+    NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
+    staging_bytes_ = StagingLayout(o.max_num_batched_tokens, o.max_num_seqs, max_blocks_per_seq_).total;
+    NIBBLE_CUDA_CHECK(cudaHostAlloc(&staging_host_, staging_bytes_, cudaHostAllocDefault));
+    staging_device_ = cuda::DeviceBuffer(staging_bytes_);
+    NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&logits_host_),
+                                    static_cast<size_t>(o.max_num_seqs * c.vocab_size) * sizeof(float),
+                                    cudaHostAllocDefault));
+    NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&tokens_host_),
+                                    static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t), cudaHostAllocDefault));
+    tokens_device_ = cuda::DeviceBuffer(static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t));
+}
+
+CudaModelRunner::~CudaModelRunner() {
+    if (stream_) (void)cudaStreamSynchronize(stream_);
+    forward_.reset();
+    (void)cudaFreeHost(staging_host_);
+    (void)cudaFreeHost(logits_host_);
+    (void)cudaFreeHost(tokens_host_);
+    if (stream_) (void)cudaStreamDestroy(stream_);
+}
+
+DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
+    const int64_t n_seqs = static_cast<int64_t>(batch.size());
+    NIBBLE_CHECK(n_seqs > 0 && n_seqs <= options_.max_num_seqs, "CUDA runner: {} sequences in a step of at most {}",
+                 n_seqs, options_.max_num_seqs);
+    int64_t n_tokens = 0, max_q = 0, max_kv = 0, max_blocks = 1;
+    for (const RunnerSequence& s : batch) {
+        const int64_t n = static_cast<int64_t>(s.tokens.size());
+        NIBBLE_CHECK(n > 0, "CUDA runner: a sequence with no new tokens");
+        const int64_t end = s.start_pos + n;
+        const int64_t blocks_needed = (end + options_.block_size - 1) / options_.block_size;
+        NIBBLE_CHECK(static_cast<int64_t>(s.block_table.size()) >= blocks_needed,
+                     "CUDA runner: block table of {} blocks for {} positions", s.block_table.size(), end);
+        NIBBLE_CHECK(blocks_needed <= max_blocks_per_seq_, "CUDA runner: {} positions exceed max_model_len {}", end,
+                     options_.max_model_len);
+        n_tokens += n;
+        max_q = std::max(max_q, n);
+        max_kv = std::max(max_kv, end);
+        max_blocks = std::max(max_blocks, blocks_needed);
+    }
+    NIBBLE_CHECK(n_tokens <= options_.max_num_batched_tokens, "CUDA runner: {} tokens in a step of at most {}",
+                 n_tokens, options_.max_num_batched_tokens);
+    const StagingLayout L(n_tokens, n_seqs, max_blocks);
+    auto* base = static_cast<uint8_t*>(staging_host_);
+    auto* tokens = reinterpret_cast<int32_t*>(base + L.tokens);
+    auto* positions = reinterpret_cast<int64_t*>(base + L.positions);
+    auto* slots = reinterpret_cast<int64_t*>(base + L.slots);
+    auto* q_start = reinterpret_cast<int32_t*>(base + L.q_start);
+    auto* start_pos = reinterpret_cast<int32_t*>(base + L.start_pos);
+    auto* logit_rows = reinterpret_cast<int32_t*>(base + L.logit_rows);
+    auto* tables = reinterpret_cast<int32_t*>(base + L.block_tables);
+    const int64_t bs = options_.block_size, vocab = weights_->config.vocab_size;
+    int64_t row = 0, n_logits = 0;
+    for (int64_t si = 0; si < n_seqs; ++si) {
+        const RunnerSequence& s = batch[static_cast<size_t>(si)];
+        q_start[si] = static_cast<int32_t>(row);
+        start_pos[si] = static_cast<int32_t>(s.start_pos);
+        for (size_t i = 0; i < s.tokens.size(); ++i, ++row) {
+            NIBBLE_CHECK(s.tokens[i] >= 0 && s.tokens[i] < vocab, "token id {} outside the vocabulary of {}",
+                         s.tokens[i], vocab);
+            const int64_t pos = s.start_pos + static_cast<int64_t>(i);
+            const int32_t block = s.block_table[static_cast<size_t>(pos / bs)];
+            NIBBLE_CHECK(block >= 0 && block < options_.num_blocks, "CUDA runner: block {} outside the cache of {}",
+                         block, options_.num_blocks);
+            tokens[row] = s.tokens[i];
+            positions[row] = pos;
+            slots[row] = static_cast<int64_t>(block) * bs + pos % bs;
+        }
+        if (s.needs_logits) logit_rows[n_logits++] = static_cast<int32_t>(row - 1);
+        for (int64_t b = 0; b < max_blocks; ++b)
+            tables[si * max_blocks + b] =
+                b < static_cast<int64_t>(s.block_table.size()) ? s.block_table[static_cast<size_t>(b)] : 0;
+    }
+    q_start[n_seqs] = static_cast<int32_t>(row);
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(staging_device_.get(), staging_host_, L.total, cudaMemcpyHostToDevice, stream_));
+    auto* dev = staging_device_.as<uint8_t>();
+    return {.n_tokens = n_tokens,
+            .n_seqs = n_seqs,
+            .max_q_len = max_q,
+            .max_kv_len = max_kv,
+            .max_blocks = max_blocks,
+            .n_logit_rows = n_logits,
+            .tokens = reinterpret_cast<const int32_t*>(dev + L.tokens),
+            .positions = reinterpret_cast<const int64_t*>(dev + L.positions),
+            .slot_mapping = reinterpret_cast<const int64_t*>(dev + L.slots),
+            .q_start = reinterpret_cast<const int32_t*>(dev + L.q_start),
+            .start_pos = reinterpret_cast<const int32_t*>(dev + L.start_pos),
+            .block_tables = reinterpret_cast<const int32_t*>(dev + L.block_tables),
+            .logit_rows = reinterpret_cast<const int32_t*>(dev + L.logit_rows)};
+}
+
+void CudaModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
+    const DeviceBatch b = stage(batch);
+    forward_->run(b, *kv_, stream_);
+    const size_t n = static_cast<size_t>(b.n_logit_rows * vocab_size());
+    if (n > 0)
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits_host_, forward_->logits(), n * sizeof(float), cudaMemcpyDeviceToHost,
+                                          stream_));
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    logits.assign(logits_host_, logits_host_ + n);
+}
+
+void CudaModelRunner::execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) {
+    const DeviceBatch b = stage(batch);
+    forward_->run(b, *kv_, stream_);
+    if (b.n_logit_rows > 0) {
+        cuda::argmax_rows(forward_->logits(), b.n_logit_rows, vocab_size(), tokens_device_.as<int32_t>(), stream_);
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_host_, tokens_device_.get(), static_cast<size_t>(b.n_logit_rows) * 4,
+                                          cudaMemcpyDeviceToHost, stream_));
+    }
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    tokens.assign(tokens_host_, tokens_host_ + b.n_logit_rows);
+}
+
+}  // namespace nibble::gpu

@@ -1,0 +1,61 @@
+// The CUDA backend's ModelRunner: the dense decoder's weights and its paged KV cache in device memory, each
+// step's batch staged to the device in one copy, the forward on one stream, and either the float32 logits of
+// the sampled rows copied back (for the engine's sampler) or, for greedy steps, only their argmax tokens.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "engine/model_runner.h"
+#include "gpu/decoder_forward.h"
+#include "gpu/device_decoder.h"
+
+namespace nibble::gpu {
+
+struct CudaRunnerOptions {
+    KvDtype kv_dtype = KvDtype::Bf16;
+    int64_t num_blocks = 0;                  // KV blocks (from the memory plan)
+    int64_t block_size = 16;
+    int64_t max_model_len = 4096;            // bounds each sequence's block table
+    int64_t max_num_batched_tokens = 2048;   // rows per step
+    int64_t max_num_seqs = 256;              // sequences per step
+    DType act_dtype = DType::BF16;           // F32: the exactness mode of the device tests
+};
+
+class CudaModelRunner final : public ModelRunner {
+public:
+    CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, const CudaRunnerOptions& options);
+    ~CudaModelRunner() override;
+
+    int64_t vocab_size() const override { return weights_->config.vocab_size; }
+    void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
+    // As execute, but the sampled rows' argmax tokens (greedy decoding) instead of their logits.
+    void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens);
+
+    const DeviceDecoder& weights() const { return *weights_; }
+    const DeviceKvCache& kv_cache() const { return *kv_; }
+    cudaStream_t stream() const { return stream_; }
+
+private:
+    // Copies the batch's tokens, positions, slots, block tables and logits rows to the device.
+    DeviceBatch stage(std::span<const RunnerSequence> batch);
+
+    std::shared_ptr<const DeviceDecoder> weights_;  // shared: a benchmark runs several caches over one upload
+    CudaRunnerOptions options_;
+    std::unique_ptr<DeviceKvCache> kv_;
+    std::unique_ptr<DecoderForward> forward_;
+    cudaStream_t stream_ = nullptr;
+    int64_t max_blocks_per_seq_ = 0;
+    void* staging_host_ = nullptr;     // pinned, staging_bytes_
+    cuda::DeviceBuffer staging_device_;
+    size_t staging_bytes_ = 0;
+    float* logits_host_ = nullptr;     // pinned [max_num_seqs, vocab]
+    int32_t* tokens_host_ = nullptr;   // pinned [max_num_seqs]
+    cuda::DeviceBuffer tokens_device_;  // [max_num_seqs] argmax results
+};
+
+}  // namespace nibble::gpu

@@ -1,0 +1,83 @@
+// The forward of a dense pre-norm decoder (llama family) on the device, over a batch of sequences whose new
+// tokens are flattened into rows, with their K/V appended to a paged device KV cache. Activations are BF16
+// (serving) or F32 (the exactness mode the device tests compare with the CPU reference in); the logits of the
+// rows that need them come out in float32. Every kernel is enqueued on one stream and nothing synchronizes,
+// so a decode step can be captured into a CUDA graph (cuda_graphs.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "cuda/device_buffer.h"
+#include "gpu/device_decoder.h"
+#include "ops/attention/attention_cuda.h"
+#include "ops/attention/kv_cache.h"
+#include "ops/linear/gemm_cuda.h"
+#include "tensor/dtype.h"
+
+namespace nibble::gpu {
+
+// The paged KV cache of every layer in one allocation each for K and V (kv_cache.h's layout contract).
+class DeviceKvCache {
+public:
+    explicit DeviceKvCache(const KvCacheShape& shape);
+    const KvCacheShape& shape() const { return shape_; }
+    cuda::PagedKvLayer layer(int64_t l) const;
+    int64_t bytes() const { return shape_.total_bytes(); }
+
+private:
+    KvCacheShape shape_;
+    cuda::DeviceBuffer k_, v_;  // [n_layers, n_blocks, block_bytes]
+};
+
+// One step's batch, in device memory (the runner stages it), with the host-side bounds the launches need.
+struct DeviceBatch {
+    int64_t n_tokens = 0, n_seqs = 0;
+    int64_t max_q_len = 0, max_kv_len = 0, max_blocks = 0;
+    int64_t n_logit_rows = 0;
+    const int32_t* tokens = nullptr;        // [n_tokens]
+    const int64_t* positions = nullptr;     // [n_tokens]
+    const int64_t* slot_mapping = nullptr;  // [n_tokens] physical cache slot of each token
+    const int32_t* q_start = nullptr;       // [n_seqs + 1]
+    const int32_t* start_pos = nullptr;     // [n_seqs]
+    const int32_t* block_tables = nullptr;  // [n_seqs, max_blocks]
+    const int32_t* logit_rows = nullptr;    // [n_logit_rows] rows whose logits are wanted
+};
+
+class DecoderForward {
+public:
+    // Buffers for up to max_tokens rows per step and max_logit_rows logits rows.
+    DecoderForward(const DeviceDecoder& weights, DType act_dtype, int64_t max_tokens, int64_t max_logit_rows);
+    ~DecoderForward();
+
+    DType act_dtype() const { return act_; }
+    int64_t max_tokens() const { return max_tokens_; }
+    // Splits of the key range the attention uses for this batch (flash-decoding), and room for them in the
+    // workspace; the graph runner fixes it per bucket so replays never reallocate.
+    int attention_splits(const DeviceBatch& b) const;
+    void reserve_attention(int splits, int64_t n_tokens);
+    // Enqueues the forward on `stream`. With splits < 0 the batch's own attention_splits() is used.
+    void run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits = -1);
+    // [max_logit_rows, vocab] float32; rows 0 .. n_logit_rows - 1 hold the last run's logits.
+    const float* logits() const { return logits_.as<float>(); }
+
+    // Rows above this run the prefill GEMM (BF16 activations), the rest the GEMVs.
+    static constexpr int64_t kGemvMaxRows = 32;
+
+private:
+    void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);
+
+    const DeviceDecoder& w_;
+    DType act_;
+    int64_t max_tokens_, max_logit_rows_;
+    int sm_count_ = 0;
+    std::unique_ptr<cuda::GemmContext> gemm_;
+    cuda::DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, proj_;  // activations, [max_tokens, width]
+    cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
+    cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
+    cuda::DeviceBuffer workspace_;                                   // attention splits' partials
+};
+
+}  // namespace nibble::gpu

@@ -1,0 +1,202 @@
+#include "gpu/device_decoder.h"
+
+#include <algorithm>
+#include <fmt/format.h>
+
+#include "base/error.h"
+#include "cuda/fill_random.h"
+#include "ops/rope/rope.h"
+
+namespace nibble::gpu {
+
+int64_t DeviceLinear::stored_bytes() const {
+    switch (format) {
+        case WeightFormat::Dense: return n_out * n_in * 2;
+        case WeightFormat::Fp8: return n_out * n_in;
+        case WeightFormat::Nvfp4: return n_out * n_in / 2 + n_out * n_in / 16;
+    }
+    return 0;
+}
+
+namespace {
+
+std::vector<const DeviceLinear*> linears(const DeviceDecoder& d) {
+    std::vector<const DeviceLinear*> all;
+    for (const DeviceDecoderLayer& L : d.layers)
+        for (const DeviceLinear* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) all.push_back(w);
+    return all;
+}
+
+}  // namespace
+
+int64_t DeviceDecoder::streamed_bytes_per_token() const {
+    int64_t total = lm_head.stored_bytes();
+    for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
+    return total;
+}
+
+int64_t DeviceDecoder::device_bytes() const {
+    int64_t total = static_cast<int64_t>(embed.bytes()) + (config.tied_embeddings ? 0 : lm_head.stored_bytes());
+    for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
+    return total;
+}
+
+int64_t DeviceDecoder::max_linear_elems() const {
+    int64_t most = 0;
+    for (const DeviceLinear* w : linears(*this)) most = std::max(most, w->n_out * w->n_in);
+    return most;
+}
+
+void check_decoder_supported(const ModelConfig& c) {
+    const bool dense_family = c.arch == Arch::Llama || c.arch == Arch::Mistral || c.arch == Arch::Qwen2 ||
+                              c.arch == Arch::Qwen3;
+    NIBBLE_CHECK(dense_family, "the CUDA backend runs the llama family (Llama, Mistral, Qwen2, Qwen3) so far; {} is "
+                               "served by the CPU backend (--device cpu)", c.arch_name);
+    NIBBLE_CHECK(c.head_dim == 64 || c.head_dim == 128,
+                 "the CUDA attention kernels take head_dim 64 or 128; this model has {}", c.head_dim);
+    NIBBLE_CHECK(c.n_heads % c.n_kv_heads == 0 && c.n_heads / c.n_kv_heads <= 32,
+                 "the CUDA attention kernels take at most 32 query heads per KV head ({} / {})", c.n_heads,
+                 c.n_kv_heads);
+    NIBBLE_CHECK(c.n_embd % 32 == 0 && c.n_ff % 32 == 0 && (c.n_heads * c.head_dim) % 32 == 0,
+                 "the CUDA matmuls need widths that are multiples of 32 (hidden {}, intermediate {}, q {})", c.n_embd,
+                 c.n_ff, c.n_heads * c.head_dim);
+    NIBBLE_CHECK(c.rope.partial_rotary_factor == 1.0f, "the CUDA backend rotates the whole head (partial_rotary_factor {})",
+                 c.rope.partial_rotary_factor);
+}
+
+namespace {
+
+// Random words shaped by masks (cuda/fill_random.h). BF16 pairs with exponents 2^-7..2^-4 and random signs.
+constexpr uint32_t kBf16And = 0x81ff81ffu, kBf16Or = 0x3c003c00u;
+// E4M3 block scales with exponents 2^-5..2^-4 (codes 0x10..0x1f): finite, never NaN.
+constexpr uint32_t kE4m3And = 0x0f0f0f0fu, kE4m3Or = 0x10101010u;
+
+cuda::DeviceBuffer random_buffer(size_t bytes, uint64_t seed, uint32_t and_mask, uint32_t or_mask) {
+    cuda::DeviceBuffer b((bytes + 3) / 4 * 4);
+    cuda::fill_random_u32(b.as<uint32_t>(), b.bytes() / 4, seed, and_mask, or_mask, nullptr);
+    return b;
+}
+
+DeviceLinear random_linear(const std::string& name, int64_t n_out, int64_t n_in, bool nvfp4, uint64_t& seed) {
+    DeviceLinear w;
+    w.name = name;
+    w.n_out = n_out;
+    w.n_in = n_in;
+    if (nvfp4) {
+        w.format = WeightFormat::Nvfp4;
+        w.storage = random_buffer(static_cast<size_t>(n_out * n_in / 2), ++seed, 0xffffffffu, 0u);
+        w.scale_storage = random_buffer(static_cast<size_t>(n_out * n_in / 16), ++seed, kE4m3And, kE4m3Or);
+        w.scale = 0.25f;
+    } else {
+        w.format = WeightFormat::Dense;
+        w.storage = random_buffer(static_cast<size_t>(n_out * n_in * 2), ++seed, kBf16And, kBf16Or);
+    }
+    w.data = w.storage.get();
+    return w;
+}
+
+cuda::DeviceBuffer ones(int64_t n) {
+    return random_buffer(static_cast<size_t>(n) * 4, 0, 0u, 0x3f800000u);  // float 1.0
+}
+
+}  // namespace
+
+DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o) {
+    check_decoder_supported(c);
+    NIBBLE_CHECK(!c.qkv_bias && !c.o_bias && !c.mlp_bias, "synthetic models have no biases ({})", c.arch_name);
+    DeviceDecoder d;
+    d.config = c;
+    uint64_t seed = o.seed * 1000003u;
+    d.embed = random_buffer(static_cast<size_t>(c.vocab_size * c.n_embd * 2), ++seed, kBf16And, kBf16Or);
+    const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    for (int64_t il = 0; il < c.n_layers; ++il) {
+        DeviceDecoderLayer L;
+        const std::string p = fmt::format("model.layers.{}.", il);
+        L.attn_norm = ones(c.n_embd);
+        L.mlp_norm = ones(c.n_embd);
+        if (c.qk_norm) {
+            L.q_norm = ones(c.head_dim);
+            L.k_norm = ones(c.head_dim);
+        }
+        L.q = random_linear(p + "self_attn.q_proj", q_dim, c.n_embd, o.nvfp4, seed);
+        L.k = random_linear(p + "self_attn.k_proj", kv_dim, c.n_embd, o.nvfp4, seed);
+        L.v = random_linear(p + "self_attn.v_proj", kv_dim, c.n_embd, o.nvfp4, seed);
+        L.o = random_linear(p + "self_attn.o_proj", c.n_embd, q_dim, o.nvfp4, seed);
+        L.gate = random_linear(p + "mlp.gate_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
+        L.up = random_linear(p + "mlp.up_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
+        L.down = random_linear(p + "mlp.down_proj", c.n_embd, c.n_ff, o.nvfp4, seed);
+        d.layers.push_back(std::move(L));
+    }
+    d.final_norm = ones(c.n_embd);
+    if (c.tied_embeddings) {
+        d.lm_head.name = "lm_head (tied)";
+        d.lm_head.format = WeightFormat::Dense;
+        d.lm_head.n_out = c.vocab_size;
+        d.lm_head.n_in = c.n_embd;
+        d.lm_head.data = d.embed.get();
+    } else {
+        d.lm_head = random_linear("lm_head", c.vocab_size, c.n_embd, o.nvfp4 && o.lm_head_nvfp4, seed);
+    }
+    const RopeTable rope = make_rope_table(c.rope, c.head_dim);
+    d.rotary_dim = rope.rotary_dim;
+    d.inv_freq = cuda::DeviceBuffer(rope.inv_freq.size() * sizeof(float));
+    d.inv_freq.upload(rope.inv_freq.data(), d.inv_freq.bytes());
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    return d;
+}
+
+namespace {
+
+ModelConfig llama_like(std::string name, Arch arch, int64_t d, int64_t layers, int64_t heads, int64_t kv_heads,
+                       int64_t ff, int64_t vocab, float theta) {
+    ModelConfig c;
+    c.arch = arch;
+    c.arch_name = std::move(name);
+    c.n_embd = d;
+    c.n_layers = layers;
+    c.n_heads = heads;
+    c.n_kv_heads = kv_heads;
+    c.head_dim = 128;
+    c.n_ff = ff;
+    c.vocab_size = vocab;
+    c.max_position_embeddings = 131072;
+    c.norm_eps = 1e-5f;
+    c.rope.theta = theta;
+    return c;
+}
+
+}  // namespace
+
+std::vector<std::string> synthetic_config_names() { return {"llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b"}; }
+
+ModelConfig synthetic_config(const std::string& name) {
+    // Shapes from the models' published config.json files (hidden, layers, heads, KV heads, intermediate, vocab).
+    if (name == "llama3-8b" || name == "llama3-70b") {
+        ModelConfig c = name == "llama3-8b"
+                            ? llama_like("LlamaForCausalLM", Arch::Llama, 4096, 32, 32, 8, 14336, 128256, 500000.0f)
+                            : llama_like("LlamaForCausalLM", Arch::Llama, 8192, 80, 64, 8, 28672, 128256, 500000.0f);
+        c.rope.type = RopeType::Llama3;
+        c.rope.factor = 8.0f;
+        c.rope.low_freq_factor = 1.0f;
+        c.rope.high_freq_factor = 4.0f;
+        c.rope.original_max_position = 8192;
+        return c;
+    }
+    if (name == "qwen3-8b") {
+        ModelConfig c = llama_like("Qwen3ForCausalLM", Arch::Qwen3, 4096, 36, 32, 8, 12288, 151936, 1000000.0f);
+        c.qk_norm = true;
+        c.norm_eps = 1e-6f;
+        c.max_position_embeddings = 40960;
+        return c;
+    }
+    if (name == "mistral-7b") {
+        ModelConfig c = llama_like("MistralForCausalLM", Arch::Mistral, 4096, 32, 32, 8, 14336, 32768, 1000000.0f);
+        c.max_position_embeddings = 32768;
+        return c;
+    }
+    std::string known;
+    for (const std::string& n : synthetic_config_names()) known += (known.empty() ? "" : ", ") + n;
+    fail("--synthetic {}: unknown shape (known: {})", name, known);
+}
+
+}  // namespace nibble::gpu

@@ -1,0 +1,50 @@
+// Weight upload to the device: host memory (the checkpoint's mmap) is copied through a few large pinned
+// buffers, each with its own stream, so the copy of one chunk over PCIe overlaps the host read of the next,
+// with a progress bar. F32/F16 dense weights become BF16 on the way (the CUDA kernels read BF16).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "gpu/device_decoder.h"
+#include "model/decoder_view.h"
+#include "tensor/dtype.h"
+
+namespace nibble {
+class ProgressBar;
+}
+
+namespace nibble::gpu {
+
+class PinnedUploader {
+public:
+    // n_buffers pinned buffers of chunk_bytes each; progress (may be null) advances by bytes read.
+    PinnedUploader(size_t chunk_bytes, int n_buffers, ProgressBar* progress);
+    ~PinnedUploader();
+    PinnedUploader(const PinnedUploader&) = delete;
+    PinnedUploader& operator=(const PinnedUploader&) = delete;
+
+    // dst[0 .. bytes) = src[0 .. bytes) (dst device, src host). Returns before the copy has landed.
+    void copy(void* dst, const void* src, size_t bytes);
+    // dst [n] BF16 = src [n] of dtype F32, F16 or BF16, rounded to nearest even.
+    void copy_as_bf16(void* dst, const void* src, DType dtype, int64_t n);
+    // Waits for every copy issued so far.
+    void finish();
+
+private:
+    struct Slot;
+    Slot& next_slot();
+    std::vector<std::unique_ptr<Slot>> slots_;
+    size_t chunk_bytes_;
+    size_t next_ = 0;
+    ProgressBar* progress_;
+};
+
+// Uploads a Model's dense-decoder weights (model.h decoder_view) with a progress bar on stderr.
+DeviceDecoder upload_decoder(const ModelConfig& config, const DecoderView& view);
+
+}  // namespace nibble::gpu
