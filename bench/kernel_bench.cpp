@@ -13,8 +13,8 @@
 // 32K and 64K cached tokens, per KV dtype, one layer per launch (the launcher's kernel and splits), reporting
 // TFLOP/s with FLOPs = 4 * head_dim * n_heads * (attended (query, key) pairs, causal counted exactly:
 // sum over the 512 queries of depth + i + 1), and what 32 such layers cost per token (the attention share of
-// a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention` or `prefill` runs one part;
-// no argument runs all three.
+// a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention`, `prefill` or `moe` (MoE
+// decode step and Mamba2 ops, see bench_moe_mamba) runs one part; no argument runs all four.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -146,7 +146,7 @@ TEST(SsmCuda, Conv1d) {
     for (const auto& lengths : kBatches)
         for (int64_t kernel : {4, 1, 2, 8})
             for (bool bf16 : {false, true}) run_conv(rng, lengths, 200, kernel, bf16, kernel != 2);
-    run_conv(rng, {5, 1}, 6144 + 2 * 8 * 128, 4, true, true);  // a NemotronH-sized conv_dim
+    run_conv(rng, {5, 1}, 4096 + 2 * 8 * 128, 4, true, true);  // NemotronH Nano conv_dim: x + B + C
 }
 
 struct ScanShape {
