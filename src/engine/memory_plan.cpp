@@ -156,8 +156,10 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
         p.mamba_state_bytes = o.max_num_seqs * st.bytes();
         NIBBLE_CHECK(o.mamba_prefix_snapshots >= -1, "--mamba-prefix-snapshots must be -1 (auto) or more, got {}",
                      o.mamba_prefix_snapshots);
-        p.mamba_snapshots = o.mamba_prefix_snapshots < 0 ? o.max_num_seqs : o.mamba_prefix_snapshots;
-        p.mamba_snapshot_bytes = p.mamba_snapshots * st.bytes();
+        if (o.mamba_prefix_snapshots >= 0) {  // a given count is fixed memory; auto is taken from the KV below
+            p.mamba_snapshots = o.mamba_prefix_snapshots;
+            p.mamba_snapshot_bytes = p.mamba_snapshots * st.bytes();
+        }
     }
 
     p.kv_dtype = resolve_kv_cache_dtype(o.kv_cache_dtype, quant, o.auto_kv_dtype);
@@ -194,6 +196,13 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
                      fixed_text, bytes_text(p.usable_memory), o.gpu_memory_utilization, bytes_text(o.device_memory),
                      bytes_text(fixed - p.usable_memory));
         p.kv_cache_bytes = p.usable_memory - fixed;
+    }
+    if (p.mamba_state_bytes_per_seq > 0 && o.mamba_prefix_snapshots < 0) {
+        // Auto: at most an eighth of the KV budget in whole states, at most one per sequence slot, so that a
+        // plan that fits without prefix caching still fits with it (a snapshot weighs thousands of tokens' KV).
+        p.mamba_snapshots = std::min(o.max_num_seqs, p.kv_cache_bytes / 8 / p.mamba_state_bytes_per_seq);
+        p.mamba_snapshot_bytes = p.mamba_snapshots * p.mamba_state_bytes_per_seq;
+        p.kv_cache_bytes -= p.mamba_snapshot_bytes;
     }
     p.kv_blocks = p.kv_cache_bytes / p.kv_block_bytes;
     p.kv_tokens = p.kv_blocks * o.block_size;

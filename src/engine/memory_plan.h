@@ -15,7 +15,8 @@
 //              heads x head_dim x state x 4 or 2 per --mamba-ssm-cache-dtype)), counted with the fixed
 //              part (it is taken before the KV budget); KV covers the attention layers only. With prefix
 //              caching, mamba_prefix_snapshots more states of the same size (the snapshots cached blocks keep,
-//              engine/block_pool.h), also fixed: -1 means one per sequence slot (max_num_seqs), 0 none.
+//              engine/block_pool.h): a given count is fixed memory too; -1 (auto) takes whole states from the
+//              KV budget, at most an eighth of it and at most max_num_seqs of them; 0 none.
 //   tensor parallel (tensor_parallel_size N > 1, llama family): everything above is per GPU, for rank 0 (the
 //              largest: parallel/tensor_parallel.h): weights are rank 0's shards (query/KV heads, intermediate
 //              columns and vocabulary rows divided by N, row-parallel biases, norms and global scales whole);
@@ -60,7 +61,7 @@ struct PlanOptions {
     int64_t kv_cache_memory_bytes = 0;      // > 0: exactly this much KV cache (utilization then unused)
     int64_t device_memory = 0;              // bytes of the device; must be > 0
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
-    int64_t mamba_prefix_snapshots = -1;    // hybrid prefix caching: -1 max_num_seqs, 0 none (caching off)
+    int64_t mamba_prefix_snapshots = -1;    // hybrid prefix caching: -1 auto (from the KV budget), 0 none
     int64_t tensor_parallel_size = 1;       // GPUs one model is split over; the plan is per GPU
 };
 

@@ -168,8 +168,9 @@ TEST(MemoryPlan, AutoKvDtypeFollowsCheckpoint) {
     EXPECT_THROW(resolve_kv_cache_dtype("int8", q, KvDtype::F32), std::exception);
 }
 
-// Hybrid models: the Mamba state per sequence slot and, with prefix caching, the state snapshots cached
-// blocks keep, both fixed memory taken before the KV budget. Shape of Nemotron-3-Nano-30B-A3B (52 layers:
+// Hybrid models: the Mamba state per sequence slot (fixed memory) and, with prefix caching, the state
+// snapshots cached blocks keep: a given count is fixed memory too; auto takes whole states from the KV budget
+// (at most an eighth of it, at most max_num_seqs), so a plan that fits without snapshots fits with them. Shape of Nemotron-3-Nano-30B-A3B (52 layers:
 // 23 Mamba2, 23 MoE, 6 attention; mamba_num_heads 64, mamba_head_dim 64, ssm_state_size 128, n_groups 8,
 // conv_kernel 4; 2 KV heads of 128) on the tiny fixture's config. One state, by hand:
 //   conv  23 x (4 - 1) x (64*64 + 2*8*128 = 6144) x 4 B             =  1,695,744
@@ -204,12 +205,26 @@ TEST(MemoryPlan, HybridStateSnapshotsAreFixedMemory) {
     EXPECT_EQ(with.kv_bytes_per_token, 6144);
     EXPECT_EQ(with.mamba_state_bytes_per_seq, 49930240);
     EXPECT_EQ(with.mamba_state_bytes, 64 * int64_t{49930240});
-    EXPECT_EQ(with.mamba_snapshots, 64);  // -1: one per sequence slot
-    EXPECT_EQ(with.mamba_snapshot_bytes, 64 * int64_t{49930240});
     o.mamba_prefix_snapshots = 0;
     const MemoryPlan without = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(without.mamba_snapshots, 0);
     EXPECT_EQ(without.mamba_snapshot_bytes, 0);
+    // Auto (-1): whole states from an eighth of the KV budget, at most max_num_seqs.
+    const int64_t eighth_in_states = without.kv_cache_bytes / 8 / 49930240;
+    EXPECT_GT(eighth_in_states, 0);
+    EXPECT_EQ(with.mamba_snapshots, std::min<int64_t>(64, eighth_in_states));
+    EXPECT_EQ(with.mamba_snapshot_bytes, with.mamba_snapshots * int64_t{49930240});
     EXPECT_EQ(without.kv_cache_bytes - with.kv_cache_bytes, with.mamba_snapshot_bytes);
+    // A given count is fixed memory: the same KV budget shrinks by exactly its bytes.
+    o.mamba_prefix_snapshots = 3;
+    const MemoryPlan three = plan_memory(c, QuantConfig{}, o);
+    EXPECT_EQ(three.mamba_snapshot_bytes, 3 * int64_t{49930240});
+    EXPECT_EQ(without.kv_cache_bytes - three.kv_cache_bytes, three.mamba_snapshot_bytes);
+    // Auto with --max-num-seqs 2: capped at one snapshot per sequence slot.
+    o.mamba_prefix_snapshots = -1;
+    o.max_num_seqs = 2;
+    EXPECT_EQ(plan_memory(c, QuantConfig{}, o).mamba_snapshots, 2);
+    o.max_num_seqs = 64;
     o.mamba_prefix_snapshots = 10;
     o.mamba_ssm_cache_dtype = SsmStateDtype::Bf16;
     const MemoryPlan bf16 = plan_memory(c, QuantConfig{}, o);
