@@ -209,7 +209,8 @@ void add_plan_command(CLI::App& app) {
                     "hybrid models' SSM state: float32 (auto) or bfloat16")
         ->capture_default_str();
     cmd->add_option("--mamba-prefix-snapshots", opt->plan.mamba_prefix_snapshots,
-                    "hybrid models: recurrent-state snapshots kept for prefix caching (-1: --max-num-seqs, 0: none)")
+                    "hybrid models: recurrent-state snapshots kept for prefix caching (-1: auto, whole states from at "
+                    "most an eighth of the KV budget, at most --max-num-seqs; 0: none)")
         ->capture_default_str();
     cmd->add_option("--device-memory", opt->device_memory,
                     "device memory in bytes (default: the GPU's, else the machine's physical memory)");

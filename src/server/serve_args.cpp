@@ -269,7 +269,8 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --kv-cache-dtype DTYPE           auto, bf16, fp8 or nvfp4 (default auto)
   --mamba-ssm-cache-dtype DTYPE    hybrid models' SSM state: auto/float32 or bfloat16 (default float32)
   --mamba-prefix-snapshots N       hybrid models' prefix caching: Mamba states kept at cached blocks, each
-                                   as large as one sequence's (default -1: --max-num-seqs; 0: caching off)
+                                   as large as one sequence's (default -1: auto, from at most an eighth of
+                                   the KV memory; 0: caching off)
   --gpu-memory-utilization F       fraction of device memory to use (default 0.9)
   --kv-cache-memory-bytes N        KV cache size in bytes (suffixes k, m, g / K, M, G)
   --block-size N                   tokens per KV block (default 16)
