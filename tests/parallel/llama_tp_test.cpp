@@ -21,6 +21,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <utility>
 
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
@@ -85,11 +86,11 @@ public:
     }
     const LlamaRankModel& rank(int r) const { return *ranks_[static_cast<size_t>(r)]; }
     // Rank 0's logits; every rank's must be bit-identical to them.
-    std::vector<float> forward(const ForwardSequence& seq) {
+    std::vector<float> forward(const ForwardSequence& seq) { return forward_batch(std::span(&seq, 1)); }
+    std::vector<float> forward_batch(std::span<const ForwardSequence> seqs) {
         std::vector<std::vector<float>> logits(ranks_.size());
         group_.run([&](int r) {
-            ranks_[static_cast<size_t>(r)]->forward(std::span(&seq, 1), *caches_[static_cast<size_t>(r)],
-                                                    logits[static_cast<size_t>(r)]);
+            ranks_[static_cast<size_t>(r)]->forward(seqs, *caches_[static_cast<size_t>(r)], logits[static_cast<size_t>(r)]);
         });
         for (size_t r = 1; r < logits.size(); ++r) EXPECT_EQ(logits[r], logits[0]) << "rank " << r;
         return logits[0];
@@ -174,6 +175,30 @@ INSTANTIATE_TEST_SUITE_P(GoldenFixtures, LlamaTensorParallel,
                          [](const auto& info) {
                              return std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param));
                          });
+
+// A batch of two sequences of different lengths, one wanting every row's logits and one only its last: the
+// sharded forward gathers the logits of exactly those rows, in sequence order.
+TEST(LlamaTensorParallelBatch, TwoSequencesOfDifferentLengths) {
+    for (const auto& [name, n] : {std::pair<std::string, int>{"llama_attn_bias", 2}, {"qwen3_nvfp4_modelopt", 4}}) {
+        SCOPED_TRACE(name);
+        const fs::path model_dir = fixture(name) / "model";
+        const Reference ref = load_reference(fixture(name));
+        ASSERT_GE(ref.tokens.size(), 9u);
+        ThreadPool pool(1);
+        const std::unique_ptr<Model> whole = load_model(model_dir.string(), pool);
+        KvCache whole_cache(whole->kv_cache_shape(2, 16));
+        ShardedRun sharded(model_dir, n, 2);
+        const std::vector<int32_t> a(ref.tokens.begin(), ref.tokens.begin() + 5), b(ref.tokens.begin() + 1, ref.tokens.begin() + 9);
+        const std::vector<int32_t> table_a{0}, table_b{1};
+        const std::vector<ForwardSequence> batch = {
+            {.tokens = a, .kv = {.block_table = table_a.data(), .n_table = 1, .start_pos = 0}, .all_logits = true},
+            {.tokens = b, .kv = {.block_table = table_b.data(), .n_table = 1, .start_pos = 0}, .all_logits = false}};
+        std::vector<float> expected;
+        whole->forward(batch, whole_cache, expected);
+        EXPECT_EQ(expected.size(), static_cast<size_t>(6 * whole->config().vocab_size));  // 5 rows of a, 1 of b
+        EXPECT_LE(max_diff(sharded.forward_batch(batch), expected), 2.0 * ref.tol);
+    }
+}
 
 // The row-parallel NVFP4 slices of the NVFP4 fixtures are copies (whole 16-value blocks); everything else
 // is a view into the checkpoint.
