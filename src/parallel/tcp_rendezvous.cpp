@@ -1,6 +1,7 @@
 #include "parallel/tcp_rendezvous.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -152,9 +153,22 @@ Socket connect_to_rank0(const RendezvousOptions& o, Clock::time_point deadline) 
             last_error = ::gai_strerror(gai);
         } else {
             for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
-                Socket s(::socket(a->ai_family, a->ai_socktype, a->ai_protocol));
+                Socket s(::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK, a->ai_protocol));
                 if (s.fd < 0) continue;
-                if (::connect(s.fd, a->ai_addr, a->ai_addrlen) == 0) {
+                // Non-blocking, so that an unreachable host costs at most the time left, not the kernel's
+                // SYN timeout; the socket goes back to blocking mode once connected (poll guards every read).
+                int rc = ::connect(s.fd, a->ai_addr, a->ai_addrlen);
+                if (rc != 0 && errno == EINPROGRESS) {
+                    pollfd p{s.fd, POLLOUT, 0};
+                    int err = ETIMEDOUT;
+                    socklen_t len = sizeof err;
+                    if (::poll(&p, 1, std::min(1000, remaining_ms(deadline))) > 0)
+                        ::getsockopt(s.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+                    rc = err == 0 ? 0 : -1;
+                    errno = err;
+                }
+                if (rc == 0) {
+                    ::fcntl(s.fd, F_SETFL, ::fcntl(s.fd, F_GETFL) & ~O_NONBLOCK);
                     ::freeaddrinfo(found);
                     return s;
                 }

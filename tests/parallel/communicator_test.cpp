@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <random>
 #include <thread>
 
@@ -152,6 +153,13 @@ TEST(TcpRendezvous, TimeoutsAndMismatchesAreNamed) {
                   std::string::npos)
             << e.what();
     }
+    // An address that never answers (TEST-NET-1): the wait ends at the deadline, not the kernel's SYN timeout.
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_THROW(rendezvous_broadcast({.master_addr = "192.0.2.1", .master_port = port, .world_size = 2, .rank = 1,
+                                       .timeout_ms = 500},
+                                      {}),
+                 Error);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
     // A rank that believes in a different group size.
     std::string rank0_error;
     std::thread rank0([&] {
