@@ -15,8 +15,10 @@
 // weights): each GEMV output differs by at most 2 (k + 32) u32 S, S = sum |w x| (the bound of
 // linear_cuda_test.cpp); the activation propagates it (SwiGLU: |silu'| <= 1.1; relu^2: 2 |u|), plus
 // 16 u32 |a| (SwiGLU: expf, the add, division and multiply on both sides; relu^2: 4 u32 |a| for the
-// square); the down GEMV adds sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine sum |w_j| do_j + 2 (top_k + 1) u32
-// (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
+// square); the down GEMV adds sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine
+// sum |w_j| do_j + 2 (top_k + 1) u32 (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
+#include "ops/moe/moe_cuda.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -29,7 +31,6 @@
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe.h"
-#include "ops/moe/moe_cuda.h"
 #include "tensor/nvfp4.h"
 
 namespace nibble {
@@ -80,8 +81,8 @@ bool sigmoid_choice_clear(const float* l, const std::vector<float>& bias, int64_
     const int64_t per_group = n_experts / n_group;
     std::vector<double> choice(static_cast<size_t>(n_experts)), group(static_cast<size_t>(n_group));
     for (int64_t e = 0; e < n_experts; ++e)
-        choice[static_cast<size_t>(e)] =
-            static_cast<double>(static_cast<float>(sigmoid_d(l[e]))) + static_cast<double>(bias[static_cast<size_t>(e)]);
+        choice[static_cast<size_t>(e)] = static_cast<double>(static_cast<float>(sigmoid_d(l[e]))) +
+                                         static_cast<double>(bias[static_cast<size_t>(e)]);
     for (int64_t g = 0; g < n_group; ++g) {
         // the two best of a group make its score: a near tie between its second and third changes nothing
         std::vector<double> in(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
@@ -92,13 +93,15 @@ bool sigmoid_choice_clear(const float* l, const std::vector<float>& bias, int64_
     std::iota(gorder.begin(), gorder.end(), size_t{0});
     std::stable_sort(gorder.begin(), gorder.end(), [&](size_t a, size_t b) { return group[a] > group[b]; });
     if (topk_group < n_group) {
-        const double a = group[gorder[static_cast<size_t>(topk_group - 1)]], b = group[gorder[static_cast<size_t>(topk_group)]];
+        const double a = group[gorder[static_cast<size_t>(topk_group - 1)]],
+                     b = group[gorder[static_cast<size_t>(topk_group)]];
         if (a - b < 1e-5 * std::max(1.0, std::fabs(a))) return false;
     }
     std::vector<double> eligible;
     for (int64_t i = 0; i < topk_group; ++i) {
         const auto g = static_cast<int64_t>(gorder[static_cast<size_t>(i)]);
-        for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e) eligible.push_back(choice[static_cast<size_t>(e)]);
+        for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e)
+            eligible.push_back(choice[static_cast<size_t>(e)]);
     }
     return clear_margins(eligible, static_cast<size_t>(top_k));
 }
@@ -112,7 +115,8 @@ DeviceRouting download_routing(const cuda::DeviceBuffer& ids, const cuda::Device
     return {download_vec<int32_t>(ids, n), download_vec<float>(w, n)};
 }
 
-void expect_routing(const MoeRouting& ref, const DeviceRouting& got, double rel_tol, const std::string& what) {
+void expect_routing(const MoeRouting& ref, const DeviceRouting& got, double rel_tol,
+                    const std::string& what) {
     ASSERT_EQ(got.ids.size(), ref.ids.size());
     int bad_ids = 0;
     for (size_t i = 0; i < ref.ids.size(); ++i)
@@ -129,8 +133,8 @@ void expect_routing(const MoeRouting& ref, const DeviceRouting& got, double rel_
 void run_softmax(std::mt19937_64& rng, int64_t m, int64_t n_experts, int64_t top_k, bool norm, bool bf16,
                  bool integer_logits) {
     const std::string what = "softmax m=" + std::to_string(m) + " E=" + std::to_string(n_experts) +
-                             " k=" + std::to_string(top_k) + (norm ? " norm" : "") + (bf16 ? " bf16" : " f32") +
-                             (integer_logits ? " ties" : "");
+                             " k=" + std::to_string(top_k) + (norm ? " norm" : "") +
+                             (bf16 ? " bf16" : " f32") + (integer_logits ? " ties" : "");
     std::vector<float> logits(static_cast<size_t>(m * n_experts));
     std::uniform_int_distribution<int> small(-2, 1);
     for (int64_t t = 0; t < m; ++t) {
@@ -138,7 +142,9 @@ void run_softmax(std::mt19937_64& rng, int64_t m, int64_t n_experts, int64_t top
         for (;;) {
             const auto v = test::random_normal(rng, static_cast<size_t>(n_experts), 2.0f);
             for (int64_t e = 0; e < n_experts; ++e)
-                l[e] = integer_logits ? static_cast<float>(small(rng)) : (bf16 ? test::round_bf16(v[static_cast<size_t>(e)]) : v[static_cast<size_t>(e)]);
+                l[e] = integer_logits
+                           ? static_cast<float>(small(rng))
+                           : (bf16 ? test::round_bf16(v[static_cast<size_t>(e)]) : v[static_cast<size_t>(e)]);
             if (integer_logits) break;
             // BF16 logits tie often, and exactly: equal values are fine, near ones are not.
             if (clear_margins(std::vector<double>(l, l + n_experts), static_cast<size_t>(top_k))) break;
@@ -152,7 +158,8 @@ void run_softmax(std::mt19937_64& rng, int64_t m, int64_t n_experts, int64_t top
     cuda::moe_route_softmax(dl.buf.get(), bf16 ? DType::BF16 : DType::F32, m, n_experts, top_k, norm,
                             ids.as<int32_t>(), w.as<float>(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-    expect_routing(ref, download_routing(ids, w, n), 2.0 * static_cast<double>(n_experts + top_k + 4) * kEpsF32, what);
+    expect_routing(ref, download_routing(ids, w, n),
+                   2.0 * static_cast<double>(n_experts + top_k + 4) * kEpsF32, what);
 }
 
 struct SigmoidShape {
@@ -161,10 +168,11 @@ struct SigmoidShape {
 
 void run_sigmoid(std::mt19937_64& rng, int64_t m, const SigmoidShape& s, bool norm, bool with_bias, bool bf16,
                  bool integer_logits) {
-    const std::string what = "sigmoid m=" + std::to_string(m) + " E=" + std::to_string(s.n_experts) + " groups " +
-                             std::to_string(s.topk_group) + "/" + std::to_string(s.n_group) + " k=" +
-                             std::to_string(s.top_k) + (norm ? " norm" : "") + (with_bias ? " bias" : "") +
-                             (bf16 ? " bf16" : " f32") + (integer_logits ? " ties" : "");
+    const std::string what = "sigmoid m=" + std::to_string(m) + " E=" + std::to_string(s.n_experts) +
+                             " groups " + std::to_string(s.topk_group) + "/" + std::to_string(s.n_group) +
+                             " k=" + std::to_string(s.top_k) + (norm ? " norm" : "") +
+                             (with_bias ? " bias" : "") + (bf16 ? " bf16" : " f32") +
+                             (integer_logits ? " ties" : "");
     std::vector<float> bias(static_cast<size_t>(s.n_experts), 0.0f);
     if (with_bias) bias = test::random_normal(rng, bias.size(), 0.1f);
     std::vector<float> logits(static_cast<size_t>(m * s.n_experts));
@@ -184,8 +192,9 @@ void run_sigmoid(std::mt19937_64& rng, int64_t m, const SigmoidShape& s, bool no
     }
     DeviceActs dl;
     dl.upload(logits, bf16);
-    const MoeRouting ref = moe_route_sigmoid_cpu(logits.data(), m, s.n_experts, s.top_k,
-                                                 with_bias ? bias.data() : nullptr, s.n_group, s.topk_group, norm, 2.5f);
+    const MoeRouting ref =
+        moe_route_sigmoid_cpu(logits.data(), m, s.n_experts, s.top_k, with_bias ? bias.data() : nullptr,
+                              s.n_group, s.topk_group, norm, 2.5f);
     auto dbias = upload_vec(bias);
     const size_t n = static_cast<size_t>(m * s.top_k);
     auto ids = poisoned(n * 4), w = poisoned(n * 4);
@@ -213,7 +222,8 @@ TEST(MoeCuda, SoftmaxRouterTiesGoToLowerId) {
         for (bool bf16 : {false, true}) run_softmax(rng, 33, ne, 8, true, bf16, true);
 }
 
-const SigmoidShape kSigmoidShapes[] = {{128, 8, 4, 6}, {128, 1, 1, 8}, {256, 8, 4, 8}, {16, 4, 2, 3}, {64, 8, 8, 1}};
+const SigmoidShape kSigmoidShapes[] = {
+    {128, 8, 4, 6}, {128, 1, 1, 8}, {256, 8, 4, 8}, {16, 4, 2, 3}, {64, 8, 8, 1}};
 
 TEST(MoeCuda, SigmoidRouter) {
     NIBBLE_REQUIRE_GPU();
@@ -233,7 +243,8 @@ TEST(MoeCuda, SigmoidRouterTiesGoToLowerId) {
 }
 
 // Random distinct expert ids per token, or a skewed draw where every token picks from a few experts.
-std::vector<int32_t> random_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t n_experts, bool skewed) {
+std::vector<int32_t> random_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t n_experts,
+                                bool skewed) {
     std::vector<int32_t> ids(static_cast<size_t>(m * top_k));
     std::vector<int32_t> all(static_cast<size_t>(n_experts));
     std::iota(all.begin(), all.end(), 0);
@@ -267,20 +278,24 @@ TEST(MoeCuda, Permute) {
         for (int64_t ne : {8, 128, 1000})
             for (int64_t k : {1, 6, 8})
                 for (bool skewed : {false, true}) {
-                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
-                                 (skewed ? " skewed" : ""));
+                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) +
+                                 " k=" + std::to_string(k) + (skewed ? " skewed" : ""));
                     const int64_t n_pairs = m * k;
                     const auto ids = random_ids(rng, m, k, ne, skewed);
                     // Expected: a stable sort of pair indices by expert id.
                     std::vector<int32_t> sorted(static_cast<size_t>(n_pairs)), position(sorted.size());
                     std::iota(sorted.begin(), sorted.end(), 0);
-                    std::stable_sort(sorted.begin(), sorted.end(),
-                                     [&](int32_t a, int32_t b) { return ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)]; });
-                    for (size_t p = 0; p < sorted.size(); ++p) position[static_cast<size_t>(sorted[p])] = static_cast<int32_t>(p);
-                    std::vector<int32_t> counts(static_cast<size_t>(ne), 0), offsets(static_cast<size_t>(ne + 1), 0), active;
+                    std::stable_sort(sorted.begin(), sorted.end(), [&](int32_t a, int32_t b) {
+                        return ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)];
+                    });
+                    for (size_t p = 0; p < sorted.size(); ++p)
+                        position[static_cast<size_t>(sorted[p])] = static_cast<int32_t>(p);
+                    std::vector<int32_t> counts(static_cast<size_t>(ne), 0),
+                        offsets(static_cast<size_t>(ne + 1), 0), active;
                     for (int32_t e : ids) ++counts[static_cast<size_t>(e)];
                     for (int64_t e = 0; e < ne; ++e) {
-                        offsets[static_cast<size_t>(e + 1)] = offsets[static_cast<size_t>(e)] + counts[static_cast<size_t>(e)];
+                        offsets[static_cast<size_t>(e + 1)] =
+                            offsets[static_cast<size_t>(e)] + counts[static_cast<size_t>(e)];
                         if (counts[static_cast<size_t>(e)] > 0) active.push_back(static_cast<int32_t>(e));
                     }
 
@@ -314,7 +329,8 @@ HostNvfp4 quantized(std::mt19937_64& rng, int64_t n, int64_t k, float sigma) {
     h.packed.resize(static_cast<size_t>(n * k / 2));
     h.scales.resize(static_cast<size_t>(n * k / 16));
     for (int64_t r = 0; r < n; ++r)
-        nvfp4_quantize_row(dense.data() + r * k, k, h.global, h.packed.data() + r * k / 2, h.scales.data() + r * k / 16);
+        nvfp4_quantize_row(dense.data() + r * k, k, h.global, h.packed.data() + r * k / 2,
+                           h.scales.data() + r * k / 16);
     h.dpacked = upload_vec(h.packed);
     h.dscales = upload_vec(h.scales);
     return h;
@@ -344,13 +360,14 @@ struct ExpertsCase {
 };
 
 // one_call: through moe_experts_nvfp4 and its workspace instead of the four launchers.
-void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16, bool skewed,
-                 bool with_shared, bool one_call = false) {
+void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16,
+                 bool skewed, bool with_shared, bool one_call = false) {
     const bool gated = c.act == MoeActivation::SwiGlu;
     const std::string what = std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
-                             " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) + " k=" +
-                             std::to_string(c.top_k) + " m=" + std::to_string(m) + (bf16 ? " bf16" : " f32") +
-                             (skewed ? " skewed" : "") + (with_shared ? " shared" : "") + (one_call ? " one call" : "");
+                             " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) +
+                             " k=" + std::to_string(c.top_k) + " m=" + std::to_string(m) +
+                             (bf16 ? " bf16" : " f32") + (skewed ? " skewed" : "") +
+                             (with_shared ? " shared" : "") + (one_call ? " one call" : "");
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
@@ -366,12 +383,14 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
         MoeExpertWeights& w = cpu_experts[i];
         if (gated) {
             w.gate = as_linear(gate[i], ff, d);
-            dgate.push_back({gate[i].dpacked.as<uint8_t>(), gate[i].dscales.as<uint8_t>(), gate[i].global, ff, d});
+            dgate.push_back(
+                {gate[i].dpacked.as<uint8_t>(), gate[i].dscales.as<uint8_t>(), gate[i].global, ff, d});
         }
         w.up = as_linear(up[i], ff, d);
         w.down = as_linear(down[i], d, ff);
         dup.push_back({up[i].dpacked.as<uint8_t>(), up[i].dscales.as<uint8_t>(), up[i].global, ff, d});
-        ddown.push_back({down[i].dpacked.as<uint8_t>(), down[i].dscales.as<uint8_t>(), down[i].global, d, ff});
+        ddown.push_back(
+            {down[i].dpacked.as<uint8_t>(), down[i].dscales.as<uint8_t>(), down[i].global, d, ff});
     }
     auto dgate_arr = upload_vec(dgate), dup_arr = upload_vec(dup), ddown_arr = upload_vec(ddown);
 
@@ -393,9 +412,12 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     }
 
     std::vector<float> ref(static_cast<size_t>(m * d));
-    moe_experts_cpu(x.data(), d, cpu_experts, routing, c.act,
-                    [&](const LinearWeight& w, const float* in, int64_t rows, float* out) { linear_cpu(pool, in, rows, w, out); },
-                    ref.data());
+    moe_experts_cpu(
+        x.data(), d, cpu_experts, routing, c.act,
+        [&](const LinearWeight& w, const float* in, int64_t rows, float* out) {
+            linear_cpu(pool, in, rows, w, out);
+        },
+        ref.data());
     if (with_shared)
         for (size_t i = 0; i < ref.size(); ++i) ref[i] += shared[i];
 
@@ -420,7 +442,8 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                         const double pu = static_cast<double>(du[e][static_cast<size_t>(r * d + i)]) * xt[i];
                         u += pu, su += std::fabs(pu);
                         if (gated) {
-                            const double pg = static_cast<double>(dg[e][static_cast<size_t>(r * d + i)]) * xt[i];
+                            const double pg =
+                                static_cast<double>(dg[e][static_cast<size_t>(r * d + i)]) * xt[i];
                             g += pg, sg += std::fabs(pg);
                         }
                     }
@@ -430,7 +453,8 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                     if (gated) {
                         const double sil = g / (1.0 + std::exp(-g));
                         a[ri] = sil * u;
-                        da[ri] = 1.1 * std::fabs(u) * eg + std::fabs(sil) * eu + eg * eu + 16.0 * kEpsF32 * std::fabs(a[ri]);
+                        da[ri] = 1.1 * std::fabs(u) * eg + std::fabs(sil) * eu + eg * eu +
+                                 16.0 * kEpsF32 * std::fabs(a[ri]);
                     } else {
                         a[ri] = u > 0 ? u * u : 0.0;
                         da[ri] = 2.0 * std::fabs(u) * eu + eu * eu + 4.0 * kEpsF32 * std::fabs(a[ri]);
@@ -466,8 +490,11 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     auto o = poisoned(static_cast<size_t>(n_pairs * d) * 4);
     DeviceOut y(ref.size(), bf16);
     const cuda::MoeDeviceExperts ex{gated ? dgate_arr.as<cuda::Nvfp4DeviceWeight>() : nullptr,
-                                    dup_arr.as<cuda::Nvfp4DeviceWeight>(), ddown_arr.as<cuda::Nvfp4DeviceWeight>(),
-                                    c.n_experts, d, ff};
+                                    dup_arr.as<cuda::Nvfp4DeviceWeight>(),
+                                    ddown_arr.as<cuda::Nvfp4DeviceWeight>(),
+                                    c.n_experts,
+                                    d,
+                                    ff};
     const DType dt = bf16 ? DType::BF16 : DType::F32;
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
@@ -517,16 +544,20 @@ TEST(MoeCuda, ExpertsNvfp4Skewed) {
 TEST(MoeCuda, RejectsBadArguments) {
     NIBBLE_REQUIRE_GPU();
     cuda::DeviceBuffer buf(1 << 16);
-    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F16, 1, 8, 2, true, buf.as<int32_t>(), buf.as<float>(), nullptr),
-                 std::invalid_argument);
-    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F32, 1, 8, 9, true, buf.as<int32_t>(), buf.as<float>(), nullptr),
-                 std::invalid_argument);
-    EXPECT_THROW(cuda::moe_route_sigmoid(buf.get(), DType::F32, 1, 10, 2, nullptr, 4, 2, true, 1.0f, buf.as<int32_t>(),
+    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F16, 1, 8, 2, true, buf.as<int32_t>(),
                                          buf.as<float>(), nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(cuda::moe_route_softmax(buf.get(), DType::F32, 1, 8, 9, true, buf.as<int32_t>(),
+                                         buf.as<float>(), nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(cuda::moe_route_sigmoid(buf.get(), DType::F32, 1, 10, 2, nullptr, 4, 2, true, 1.0f,
+                                         buf.as<int32_t>(), buf.as<float>(), nullptr),
                  std::invalid_argument);  // 10 experts in 4 groups
-    const cuda::MoeDeviceExperts ex{nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 48, 64};
+    const cuda::MoeDeviceExperts ex{
+        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 48, 64};
     cuda::MoePermutation perm;
-    EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, ex, MoeActivation::Relu2, perm, buf.as<float>(), nullptr),
+    EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, ex, MoeActivation::Relu2, perm,
+                                            buf.as<float>(), nullptr),
                  std::invalid_argument);  // n_embd 48 not a multiple of 32
 }
 

@@ -18,6 +18,8 @@
 //     1 / rms), the group_size-term sum of squares, the square root, division and two multiplies:
 //     2 (group_size + 40) u |out|.
 //   A BF16 output adds u_b |out| to each.
+#include "ops/ssm/ssm_cuda.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,7 +30,6 @@
 #include "base/thread_pool.h"
 #include "device_test_util.h"
 #include "ops/ssm/ssm.h"
-#include "ops/ssm/ssm_cuda.h"
 #include "ops/ssm/ssm_state.h"
 
 namespace nibble {
@@ -73,10 +74,11 @@ std::string lengths_name(const std::vector<int64_t>& lengths) {
 const std::vector<std::vector<int64_t>> kBatches = {
     std::vector<int64_t>(32, 1), {1}, {77}, {3, 0, 1, 2, 40, 0, 5}, {130, 1, 1}};
 
-void run_conv(std::mt19937_64& rng, const std::vector<int64_t>& lengths, int64_t channels, int64_t kernel, bool bf16,
-              bool with_bias) {
-    const std::string what = "conv1d " + lengths_name(lengths) + " ch=" + std::to_string(channels) + " K=" +
-                             std::to_string(kernel) + (bf16 ? " bf16" : " f32") + (with_bias ? " bias" : "");
+void run_conv(std::mt19937_64& rng, const std::vector<int64_t>& lengths, int64_t channels, int64_t kernel,
+              bool bf16, bool with_bias) {
+    const std::string what = "conv1d " + lengths_name(lengths) + " ch=" + std::to_string(channels) +
+                             " K=" + std::to_string(kernel) + (bf16 ? " bf16" : " f32") +
+                             (with_bias ? " bias" : "");
     SCOPED_TRACE(what);
     const auto starts = starts_of(lengths);
     const int64_t n_tokens = starts.back(), n_seqs = static_cast<int64_t>(lengths.size()), hist = kernel - 1;
@@ -88,7 +90,9 @@ void run_conv(std::mt19937_64& rng, const std::vector<int64_t>& lengths, int64_t
     std::vector<float> bias;
     if (with_bias) bias = test::random_normal(rng, static_cast<size_t>(channels), 0.5f);
     std::vector<std::vector<float>> states, ref_states;
-    for (int64_t s = 0; s < n_seqs; ++s) states.push_back(test::random_normal(rng, static_cast<size_t>(std::max<int64_t>(hist, 1) * channels)));
+    for (int64_t s = 0; s < n_seqs; ++s)
+        states.push_back(
+            test::random_normal(rng, static_cast<size_t>(std::max<int64_t>(hist, 1) * channels)));
     ref_states = states;
 
     std::vector<float> ref(static_cast<size_t>(n_tokens * channels));
@@ -102,15 +106,17 @@ void run_conv(std::mt19937_64& rng, const std::vector<int64_t>& lengths, int64_t
                 for (int64_t j = 0; j < kernel; ++j) {
                     const int64_t src = t - hist + j;
                     const double v = src >= 0 ? x[static_cast<size_t>((st + src) * x_stride + c)]
-                                              : states[static_cast<size_t>(s)][static_cast<size_t>((hist + src) * channels + c)];
+                                              : states[static_cast<size_t>(s)]
+                                                      [static_cast<size_t>((hist + src) * channels + c)];
                     S += std::fabs(static_cast<double>(weight[static_cast<size_t>(c * kernel + j)]) * v);
                 }
-                tol[static_cast<size_t>((st + t) * channels + c)] = 1.1 * 2.0 * static_cast<double>(kernel + 1) * kEpsF32 * S;
+                tol[static_cast<size_t>((st + t) * channels + c)] =
+                    1.1 * 2.0 * static_cast<double>(kernel + 1) * kEpsF32 * S;
             }
         if (len > 0)
             mamba_conv1d_cpu(x.data() + st * x_stride, x_stride, len, channels, weight.data(),
-                             with_bias ? bias.data() : nullptr, kernel, ref_states[static_cast<size_t>(s)].data(),
-                             ref.data() + st * channels);
+                             with_bias ? bias.data() : nullptr, kernel,
+                             ref_states[static_cast<size_t>(s)].data(), ref.data() + st * channels);
     }
     for (size_t i = 0; i < ref.size(); ++i) {
         tol[i] += 16.0 * kEpsF32 * std::fabs(ref[i]);
@@ -129,12 +135,14 @@ void run_conv(std::mt19937_64& rng, const std::vector<int64_t>& lengths, int64_t
     auto dptrs = upload_vec(ptrs);
     DeviceOut out(ref.size(), bf16);
     cuda::mamba_conv1d(dx.buf.get(), bf16 ? DType::BF16 : DType::F32, x_stride, n_tokens, channels,
-                       dstarts.as<int32_t>(), n_seqs, dweight.as<float>(), with_bias ? dbias.as<float>() : nullptr,
-                       kernel, dptrs.as<float* const>(), out.buf.get(), nullptr);
+                       dstarts.as<int32_t>(), n_seqs, dweight.as<float>(),
+                       with_bias ? dbias.as<float>() : nullptr, kernel, dptrs.as<float* const>(),
+                       out.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     if (!ref.empty()) test::expect_close(out.download(), ref, tol, what);
     for (int64_t s = 0; s < n_seqs; ++s) {
-        const auto got = download_vec<float>(dstates[static_cast<size_t>(s)], static_cast<size_t>(hist * channels));
+        const auto got =
+            download_vec<float>(dstates[static_cast<size_t>(s)], static_cast<size_t>(hist * channels));
         const std::vector<float> want(ref_states[static_cast<size_t>(s)].begin(),
                                       ref_states[static_cast<size_t>(s)].begin() + hist * channels);
         EXPECT_EQ(got, want) << what << ": conv state of sequence " << s;
@@ -154,13 +162,14 @@ struct ScanShape {
     int64_t n_heads, head_dim, state_size, n_groups;
 };
 
-void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& lengths, const ScanShape& sh,
-              SsmStateDtype state_dtype, bool bf16, bool clamp_dt) {
+void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& lengths,
+              const ScanShape& sh, SsmStateDtype state_dtype, bool bf16, bool clamp_dt) {
     const bool bf16_state = state_dtype == SsmStateDtype::Bf16;
-    const std::string what = "scan " + lengths_name(lengths) + " H=" + std::to_string(sh.n_heads) + " P=" +
-                             std::to_string(sh.head_dim) + " N=" + std::to_string(sh.state_size) + " G=" +
-                             std::to_string(sh.n_groups) + (bf16_state ? " bf16 state" : " f32 state") +
-                             (bf16 ? " bf16" : " f32") + (clamp_dt ? " clamped dt" : "");
+    const std::string what = "scan " + lengths_name(lengths) + " H=" + std::to_string(sh.n_heads) +
+                             " P=" + std::to_string(sh.head_dim) + " N=" + std::to_string(sh.state_size) +
+                             " G=" + std::to_string(sh.n_groups) +
+                             (bf16_state ? " bf16 state" : " f32 state") + (bf16 ? " bf16" : " f32") +
+                             (clamp_dt ? " clamped dt" : "");
     SCOPED_TRACE(what);
     const int64_t H = sh.n_heads, P = sh.head_dim, N = sh.state_size, G = sh.n_groups;
     const int64_t d_inner = H * P, xbc_stride = d_inner + 2 * G * N + 3, dt_stride = H + 2;
@@ -175,7 +184,8 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
     ddt.upload(dt, bf16);
     // Mamba2's initialisation ranges: dt_bias = softplus^-1(dt0), dt0 in [0.001, 0.1]; A = -exp(A_log),
     // A_log in [0, log 16].
-    std::vector<float> A(static_cast<size_t>(H)), D = test::random_normal(rng, static_cast<size_t>(H)), dt_bias(A.size());
+    std::vector<float> A(static_cast<size_t>(H)), D = test::random_normal(rng, static_cast<size_t>(H)),
+                                                  dt_bias(A.size());
     std::uniform_real_distribution<float> u01(0.0f, 1.0f);
     for (int64_t h = 0; h < H; ++h) {
         const auto i = static_cast<size_t>(h);
@@ -191,12 +201,14 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
 
     // Initial states through a MambaState of one layer (its storage dtype and rounding).
     MambaStateShape shape;
-    shape.n_layers = 1, shape.n_heads = H, shape.head_dim = P, shape.state_size = N, shape.ssm_dtype = state_dtype;
+    shape.n_layers = 1, shape.n_heads = H, shape.head_dim = P, shape.state_size = N,
+    shape.ssm_dtype = state_dtype;
     std::vector<float> init_f32;  // [n_seqs, H, P, N] as stored, widened
     std::vector<MambaState> host_states;
     for (int64_t s = 0; s < n_seqs; ++s) {
         host_states.emplace_back(shape);
-        host_states.back().store_ssm(0, test::random_normal(rng, static_cast<size_t>(state_elems), 0.5f).data());
+        host_states.back().store_ssm(0,
+                                     test::random_normal(rng, static_cast<size_t>(state_elems), 0.5f).data());
         std::vector<float> w(static_cast<size_t>(state_elems));
         host_states.back().load_ssm(0, w.data());
         init_f32.insert(init_f32.end(), w.begin(), w.end());
@@ -208,14 +220,16 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
     const double u = kEpsF32;
     for (int64_t s = 0; s < n_seqs; ++s) {
         const int64_t st = starts[static_cast<size_t>(s)], len = lengths[static_cast<size_t>(s)];
-        std::vector<float> state(init_f32.begin() + s * state_elems, init_f32.begin() + (s + 1) * state_elems);
+        std::vector<float> state(init_f32.begin() + s * state_elems,
+                                 init_f32.begin() + (s + 1) * state_elems);
         // The bound, with a double shadow of the state for magnitudes.
         std::vector<double> hd(state.begin(), state.end()), E(state.size(), 0.0);
         for (int64_t t = 0; t < len; ++t) {
             const float* row = xbc.data() + (st + t) * xbc_stride;
             for (int64_t h = 0; h < H; ++h) {
                 const int64_t g = h / (H / G);
-                const float v = dt[static_cast<size_t>((st + t) * dt_stride + h)] + dt_bias[static_cast<size_t>(h)];
+                const float v =
+                    dt[static_cast<size_t>((st + t) * dt_stride + h)] + dt_bias[static_cast<size_t>(h)];
                 double d = v > 20.0f ? v : std::log1p(std::exp(static_cast<double>(v)));
                 d = std::clamp(d, static_cast<double>(p.dt_min), static_cast<double>(p.dt_max));
                 const double arg = d * A[static_cast<size_t>(h)], dA = std::exp(arg);
@@ -241,15 +255,18 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
             }
         }
         if (len > 0)
-            ssm_scan_cpu(pool, p, len, xbc.data() + st * xbc_stride, xbc_stride, dt.data() + st * dt_stride, dt_stride,
-                         state.data(), ref_y.data() + st * d_inner);
+            ssm_scan_cpu(pool, p, len, xbc.data() + st * xbc_stride, xbc_stride, dt.data() + st * dt_stride,
+                         dt_stride, state.data(), ref_y.data() + st * d_inner);
         // the stored state: rounded to bfloat16 once per forward when stored so
         host_states[static_cast<size_t>(s)].store_ssm(0, state.data());
         host_states[static_cast<size_t>(s)].load_ssm(0, ref_state.data() + s * state_elems);
         for (int64_t e = 0; e < state_elems; ++e) {
             const auto i = static_cast<size_t>(s * state_elems + e);
-            tol_state[i] = E[static_cast<size_t>(e)] +
-                           (bf16_state && len > 0 ? kEpsBf16 * (2.0 * std::fabs(hd[static_cast<size_t>(e)]) + E[static_cast<size_t>(e)]) : 0.0);
+            tol_state[i] =
+                E[static_cast<size_t>(e)] +
+                (bf16_state && len > 0
+                     ? kEpsBf16 * (2.0 * std::fabs(hd[static_cast<size_t>(e)]) + E[static_cast<size_t>(e)])
+                     : 0.0);
         }
     }
     for (size_t i = 0; i < ref_y.size(); ++i)
@@ -262,7 +279,8 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
         const float* init = init_f32.data() + s * state_elems;
         if (bf16_state) {
             std::vector<uint16_t> bits(static_cast<size_t>(state_elems));
-            for (size_t i = 0; i < bits.size(); ++i) bits[i] = bf16_from_float(init[i]);  // exact: init is bf16
+            for (size_t i = 0; i < bits.size(); ++i)
+                bits[i] = bf16_from_float(init[i]);  // exact: init is bf16
             dstates.push_back(upload_vec(bits));
         } else {
             dstates.push_back(upload_vec(std::vector<float>(init, init + state_elems)));
@@ -275,17 +293,20 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
     SsmScanParams dp = p;
     dp.A = dA.as<float>(), dp.D = dD.as<float>(), dp.dt_bias = ddt_bias.as<float>();
     DeviceOut y(ref_y.size(), bf16);
-    cuda::ssm_scan(dp, n_tokens, dstarts.as<int32_t>(), n_seqs, dxbc.buf.get(), xbc_stride, ddt.buf.get(), dt_stride,
-                   bf16 ? DType::BF16 : DType::F32, dptrs.as<void* const>(), state_dtype, y.buf.get(), nullptr);
+    cuda::ssm_scan(dp, n_tokens, dstarts.as<int32_t>(), n_seqs, dxbc.buf.get(), xbc_stride, ddt.buf.get(),
+                   dt_stride, bf16 ? DType::BF16 : DType::F32, dptrs.as<void* const>(), state_dtype,
+                   y.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     if (!ref_y.empty()) test::expect_close(y.download(), ref_y, tol_y, what + " y");
     std::vector<float> got_state;
     for (int64_t s = 0; s < n_seqs; ++s) {
         if (bf16_state) {
-            const auto bits = download_vec<uint16_t>(dstates[static_cast<size_t>(s)], static_cast<size_t>(state_elems));
+            const auto bits =
+                download_vec<uint16_t>(dstates[static_cast<size_t>(s)], static_cast<size_t>(state_elems));
             for (uint16_t b : bits) got_state.push_back(bf16_to_float(b));
         } else {
-            const auto v = download_vec<float>(dstates[static_cast<size_t>(s)], static_cast<size_t>(state_elems));
+            const auto v =
+                download_vec<float>(dstates[static_cast<size_t>(s)], static_cast<size_t>(state_elems));
             got_state.insert(got_state.end(), v.begin(), v.end());
         }
     }
@@ -308,7 +329,8 @@ TEST(SsmCuda, ScanBf16State) {
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
     for (const auto& lengths : kBatches)
-        for (bool bf16 : {false, true}) run_scan(pool, rng, lengths, {8, 16, 128, 4}, SsmStateDtype::Bf16, bf16, false);
+        for (bool bf16 : {false, true})
+            run_scan(pool, rng, lengths, {8, 16, 128, 4}, SsmStateDtype::Bf16, bf16, false);
     run_scan(pool, rng, {9, 1}, {8, 16, 64, 2}, SsmStateDtype::Bf16, true, true);
 }
 
@@ -321,9 +343,11 @@ TEST(SsmCuda, ScanModelShape) {
     run_scan(pool, rng, {24}, {64, 64, 128, 8}, SsmStateDtype::Bf16, true, false);
 }
 
-void run_gated_norm(std::mt19937_64& rng, int64_t m, int64_t d, int64_t group_size, bool bf16, bool in_place) {
-    const std::string what = "gated_rmsnorm m=" + std::to_string(m) + " d=" + std::to_string(d) + " group=" +
-                             std::to_string(group_size) + (bf16 ? " bf16" : " f32") + (in_place ? " in place" : "");
+void run_gated_norm(std::mt19937_64& rng, int64_t m, int64_t d, int64_t group_size, bool bf16,
+                    bool in_place) {
+    const std::string what = "gated_rmsnorm m=" + std::to_string(m) + " d=" + std::to_string(d) +
+                             " group=" + std::to_string(group_size) + (bf16 ? " bf16" : " f32") +
+                             (in_place ? " in place" : "");
     const int64_t z_stride = d + 5;
     auto y = test::random_normal(rng, static_cast<size_t>(m * d));
     auto z = test::random_normal(rng, static_cast<size_t>(m * z_stride), 1.5f);
@@ -343,8 +367,8 @@ void run_gated_norm(std::mt19937_64& rng, int64_t m, int64_t d, int64_t group_si
     DeviceOut out(ref.size(), bf16);
     const DType dt = bf16 ? DType::BF16 : DType::F32;
     if (in_place) {
-        cuda::gated_rmsnorm(dy.buf.get(), dz.buf.get(), z_stride, dt, m, d, group_size, dweight.as<float>(), 1e-5f,
-                            dy.buf.get(), nullptr);
+        cuda::gated_rmsnorm(dy.buf.get(), dz.buf.get(), z_stride, dt, m, d, group_size, dweight.as<float>(),
+                            1e-5f, dy.buf.get(), nullptr);
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
         std::vector<float> got(ref.size());
         if (bf16) {
@@ -357,8 +381,8 @@ void run_gated_norm(std::mt19937_64& rng, int64_t m, int64_t d, int64_t group_si
         test::expect_close(got, ref, tol, what);
         return;
     }
-    cuda::gated_rmsnorm(dy.buf.get(), dz.buf.get(), z_stride, dt, m, d, group_size, dweight.as<float>(), 1e-5f,
-                        out.buf.get(), nullptr);
+    cuda::gated_rmsnorm(dy.buf.get(), dz.buf.get(), z_stride, dt, m, d, group_size, dweight.as<float>(),
+                        1e-5f, out.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     test::expect_close(out.download(), ref, tol, what);
 }
@@ -378,8 +402,8 @@ TEST(SsmCuda, GatedRmsNorm) {
 TEST(SsmCuda, RejectsBadArguments) {
     NIBBLE_REQUIRE_GPU();
     cuda::DeviceBuffer buf(1 << 16);
-    EXPECT_THROW(cuda::mamba_conv1d(buf.get(), DType::F32, 16, 1, 16, buf.as<int32_t>(), 1, buf.as<float>(), nullptr, 9,
-                                    buf.as<float* const>(), buf.get(), nullptr),
+    EXPECT_THROW(cuda::mamba_conv1d(buf.get(), DType::F32, 16, 1, 16, buf.as<int32_t>(), 1, buf.as<float>(),
+                                    nullptr, 9, buf.as<float* const>(), buf.get(), nullptr),
                  std::invalid_argument);  // kernel 9
     SsmScanParams p;
     p.n_heads = 6, p.head_dim = 4, p.state_size = 16, p.n_groups = 4;  // 6 heads in 4 groups
@@ -387,8 +411,8 @@ TEST(SsmCuda, RejectsBadArguments) {
     EXPECT_THROW(cuda::ssm_scan(p, 1, buf.as<int32_t>(), 1, buf.get(), 1000, buf.get(), 8, DType::F32,
                                 buf.as<void* const>(), SsmStateDtype::F32, buf.get(), nullptr),
                  std::invalid_argument);
-    EXPECT_THROW(cuda::gated_rmsnorm(buf.get(), buf.get(), 100, DType::F32, 1, 100, 30, buf.as<float>(), 1e-5f,
-                                     buf.get(), nullptr),
+    EXPECT_THROW(cuda::gated_rmsnorm(buf.get(), buf.get(), 100, DType::F32, 1, 100, 30, buf.as<float>(),
+                                     1e-5f, buf.get(), nullptr),
                  std::invalid_argument);  // 100 not a multiple of 30
 }
 

@@ -20,8 +20,8 @@ __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t h) {
     return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 __device__ __forceinline__ void e2m1x8_to_float(uint32_t w, float (&v)[8]) {
-    const uint32_t te = w & 0x0f0f0f0fu;           // codes of elements 0, 2, 4, 6 (one per byte)
-    const uint32_t to = (w >> 4) & 0x0f0f0f0fu;    // codes of elements 1, 3, 5, 7
+    const uint32_t te = w & 0x0f0f0f0fu;         // codes of elements 0, 2, 4, 6 (one per byte)
+    const uint32_t to = (w >> 4) & 0x0f0f0f0fu;  // codes of elements 1, 3, 5, 7
     // 2 * code + 112 * sign = 2 * eem + 128 * sign; (code & 8) = 8 * sign
     const uint32_t he = te * 2u + (te & 0x08080808u) * 14u;
     const uint32_t ho = to * 2u + (to & 0x08080808u) * 14u;

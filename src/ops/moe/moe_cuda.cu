@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kRouteThreads)
     __shared__ float scratch_v[32];
     __shared__ int scratch_i[32];
     __shared__ int chosen[kMaxTopK];
-    float* score = smem;                                                   // [n_experts] logits
+    float* score = smem;                                                        // [n_experts] logits
     unsigned char* taken = reinterpret_cast<unsigned char*>(smem + n_experts);  // [n_experts]
     const int64_t t = blockIdx.x;
     const LT* l = logits + t * n_experts;
@@ -142,11 +142,11 @@ __global__ void __launch_bounds__(kRouteThreads)
     __shared__ float scratch_v[32];
     __shared__ int scratch_i[32];
     __shared__ int chosen[kMaxTopK];
-    float* choice = smem;                  // [n_experts] s + bias
-    float* sig = smem + n_experts;         // [n_experts] s
-    float* group_score = sig + n_experts;  // [n_group]
+    float* choice = smem;                                                            // [n_experts] s + bias
+    float* sig = smem + n_experts;                                                   // [n_experts] s
+    float* group_score = sig + n_experts;                                            // [n_group]
     unsigned char* taken = reinterpret_cast<unsigned char*>(group_score + n_group);  // [n_experts]
-    unsigned char* eligible = taken + n_experts;                                      // [n_group]
+    unsigned char* eligible = taken + n_experts;                                     // [n_group]
     const int per_group = n_experts / n_group;
     const int64_t t = blockIdx.x;
     const LT* l = logits + t * n_experts;
@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kRouteThreads)
         float bv = 0.0f;
         int bi = -1;
         for (int e = threadIdx.x; e < n_experts; e += kRouteThreads)
-            if (!taken[e] && eligible[e / per_group] && ranks_before(choice[e], e, bv, bi)) bv = choice[e], bi = e;
+            if (!taken[e] && eligible[e / per_group] && ranks_before(choice[e], e, bv, bi))
+                bv = choice[e], bi = e;
         const int best = block_argmax(bv, bi, scratch_v, scratch_i);
         if (threadIdx.x == 0) {
             chosen[j] = best;
@@ -211,7 +212,8 @@ constexpr int kPermuteWarps = 4;
 
 // counts[e] = pairs with id e; one warp per expert.
 __global__ void __launch_bounds__(kPermuteWarps * 32)
-    permute_count_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts, int32_t* __restrict__ counts) {
+    permute_count_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
+                         int32_t* __restrict__ counts) {
     const int e = blockIdx.x * kPermuteWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (e >= n_experts) return;
     int count = 0;
@@ -276,10 +278,12 @@ enum class Epilogue { None, SwiGlu, Relu2 };
 // else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
-                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, const int32_t* __restrict__ offsets,
-                          const int32_t* __restrict__ sorted_pairs, const int32_t* __restrict__ active_experts,
-                          const int32_t* __restrict__ n_active, float* __restrict__ out) {
+    moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k,
+                          const Nvfp4DeviceWeight* __restrict__ w0s,
+                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n,
+                          const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
+                          const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
+                          float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     if (static_cast<int>(blockIdx.y) >= *n_active) return;
     const int e = active_experts[blockIdx.y];
@@ -371,9 +375,9 @@ constexpr int kCombineThreads = 256;
 
 template <class YT>
 __global__ void __launch_bounds__(kCombineThreads)
-    combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids, const float* __restrict__ weights,
-                   const int32_t* __restrict__ pair_position, int top_k, int64_t n_embd, const YT* __restrict__ shared,
-                   YT* __restrict__ y) {
+    combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
+                   const float* __restrict__ weights, const int32_t* __restrict__ pair_position, int top_k,
+                   int64_t n_embd, const YT* __restrict__ shared, YT* __restrict__ y) {
     __shared__ int order_pos[kMaxTopK];
     __shared__ float order_w[kMaxTopK];
     const int64_t t = blockIdx.x;
@@ -395,7 +399,8 @@ __global__ void __launch_bounds__(kCombineThreads)
     __syncthreads();
     for (int64_t c = threadIdx.x; c < n_embd; c += kCombineThreads) {
         float acc = 0.0f;
-        for (int j = 0; j < top_k; ++j) acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
+        for (int j = 0; j < top_k; ++j)
+            acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
         if (shared != nullptr) acc += load1(shared + t * n_embd + c);
         store1(y + t * n_embd + c, acc);
     }
@@ -406,7 +411,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
 void check_dtype(DType dtype, const char* what) {
-    if (dtype != DType::F32 && dtype != DType::BF16) bad(std::string(what) + ": activations must be F32 or BF16");
+    if (dtype != DType::F32 && dtype != DType::BF16)
+        bad(std::string(what) + ": activations must be F32 or BF16");
 }
 
 void check_router(DType dtype, int64_t m, int64_t n_experts, int64_t top_k, const char* what) {
@@ -418,7 +424,8 @@ void check_router(DType dtype, int64_t m, int64_t n_experts, int64_t top_k, cons
 }
 
 void check_aligned(const void* p, const char* what, const char* name) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) bad(std::string(what) + ": " + name + " must be 16-byte aligned");
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        bad(std::string(what) + ": " + name + " must be 16-byte aligned");
 }
 
 unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
@@ -428,10 +435,11 @@ unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
 void check_experts(const MoeDeviceExperts& ex, int64_t m, int64_t top_k, const char* what) {
     if (ex.n_experts < 1 || ex.n_experts > 1024) bad(std::string(what) + ": n_experts must be in 1..1024");
     if (ex.n_embd <= 0 || ex.n_embd % 32 != 0 || ex.n_ff <= 0 || ex.n_ff % 32 != 0)
-        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " and n_ff " + std::to_string(ex.n_ff) +
-            " must be positive multiples of 32");
+        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " and n_ff " +
+            std::to_string(ex.n_ff) + " must be positive multiples of 32");
     if (top_k < 1 || top_k > ex.n_experts || m < 0 || m * top_k > 0x7fffffff)
-        bad(std::string(what) + ": m " + std::to_string(m) + " x top_k " + std::to_string(top_k) + " out of range");
+        bad(std::string(what) + ": m " + std::to_string(m) + " x top_k " + std::to_string(top_k) +
+            " out of range");
     if (ex.up == nullptr || ex.down == nullptr) bad(std::string(what) + ": expert weight arrays missing");
 }
 
@@ -469,8 +477,8 @@ void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_exp
     const int ng = static_cast<int>(n_group), kg = static_cast<int>(topk_group);
     if (dtype == DType::F32)
         route_sigmoid_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
-            static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob, routed_scaling_factor,
-            ids, weights);
+            static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
+            routed_scaling_factor, ids, weights);
     else
         route_sigmoid_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
             static_cast<const __nv_bfloat16*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
@@ -486,36 +494,42 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
     const int n_pairs = static_cast<int>(m * top_k), ne = static_cast<int>(n_experts);
     const unsigned blocks = static_cast<unsigned>((n_experts + kPermuteWarps - 1) / kPermuteWarps);
     permute_count_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts);
-    permute_place_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts, perm.offsets,
-                                                                    perm.sorted_pairs, perm.pair_position,
-                                                                    perm.active_experts, perm.n_active);
+    permute_place_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(
+        ids, n_pairs, ne, perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position,
+        perm.active_experts, perm.n_active);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
-                          MoeActivation act, const MoePermutation& perm, float* h, cudaStream_t stream) {
+void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
+                          const MoeDeviceExperts& experts, MoeActivation act, const MoePermutation& perm,
+                          float* h, cudaStream_t stream) {
     const char* what = "moe_experts_up_nvfp4";
     check_dtype(dtype, what);
     check_experts(experts, m, top_k, what);
     check_aligned(x, what, "x");
     check_aligned(h, what, "h");
-    if (act == MoeActivation::SwiGlu && experts.gate == nullptr) bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
+    if (act == MoeActivation::SwiGlu && experts.gate == nullptr)
+        bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
     if (m == 0) return;
     const dim3 grid(static_cast<unsigned>((experts.n_ff + kGemvWarps - 1) / kGemvWarps),
                     grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
         moe_gemv_nvfp4_kernel<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
-            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, perm.offsets,
-            perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff,
+            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
     const bool swiglu = act == MoeActivation::SwiGlu;
     if (dtype == DType::F32) {
-        if (swiglu) launch.template operator()<float, Epilogue::SwiGlu>();
-        else launch.template operator()<float, Epilogue::Relu2>();
+        if (swiglu)
+            launch.template operator()<float, Epilogue::SwiGlu>();
+        else
+            launch.template operator()<float, Epilogue::Relu2>();
     } else {
-        if (swiglu) launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
-        else launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
+        if (swiglu)
+            launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
+        else
+            launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
     }
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
@@ -535,8 +549,9 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position, int64_t m,
-                 int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y, cudaStream_t stream) {
+void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position,
+                 int64_t m, int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y,
+                 cudaStream_t stream) {
     check_dtype(dtype, "moe_combine");
     if (top_k < 1 || top_k > kMaxTopK || n_embd <= 0 || m < 0 || m > 0x7fffffff)
         bad("moe_combine: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_embd " +
@@ -545,7 +560,8 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
     const int k = static_cast<int>(top_k);
     if (dtype == DType::F32)
         combine_kernel<float><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
-            o, ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared), static_cast<float*>(y));
+            o, ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared),
+            static_cast<float*>(y));
     else
         combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
             o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
@@ -584,22 +600,24 @@ struct WorkspaceLayout {
 
 size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
     if (m < 0 || top_k < 1 || n_experts < 1 || n_embd < 1 || n_ff < 1)
-        bad("moe_workspace_bytes: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_experts " +
-            std::to_string(n_experts) + ", n_embd " + std::to_string(n_embd) + ", n_ff " + std::to_string(n_ff));
+        bad("moe_workspace_bytes: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) +
+            ", n_experts " + std::to_string(n_experts) + ", n_embd " + std::to_string(n_embd) + ", n_ff " +
+            std::to_string(n_ff));
     return WorkspaceLayout(m, top_k, n_experts, n_embd, n_ff).total;
 }
 
-void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights, int64_t top_k,
-                       const MoeDeviceExperts& experts, MoeActivation act, const void* shared, void* workspace,
-                       void* y, cudaStream_t stream) {
+void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
+                       int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
+                       void* workspace, void* y, cudaStream_t stream) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
     const WorkspaceLayout l(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
     auto* base = static_cast<unsigned char*>(workspace);
-    const MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),   reinterpret_cast<int32_t*>(base + l.offsets),
-                              reinterpret_cast<int32_t*>(base + l.sorted),   reinterpret_cast<int32_t*>(base + l.position),
-                              reinterpret_cast<int32_t*>(base + l.active),   reinterpret_cast<int32_t*>(base + l.n_active)};
+    const MoePermutation perm{
+        reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
+        reinterpret_cast<int32_t*>(base + l.sorted), reinterpret_cast<int32_t*>(base + l.position),
+        reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active)};
     float* h = reinterpret_cast<float*>(base + l.h);
     float* o = reinterpret_cast<float*>(base + l.o);
     moe_permute(ids, m, top_k, experts.n_experts, perm, stream);

@@ -57,7 +57,7 @@ struct MoePermutation {
     int32_t* offsets = nullptr;         // [n_experts + 1] exclusive prefix sum of counts
     int32_t* sorted_pairs = nullptr;    // [m * top_k] pair index at each sorted position
     int32_t* pair_position = nullptr;   // [m * top_k] sorted position of each pair (the inverse)
-    int32_t* active_experts = nullptr;  // [n_experts] experts with count > 0, ascending, in the first n_active
+    int32_t* active_experts = nullptr;  // [n_experts] experts with count > 0, ascending (first n_active)
     int32_t* n_active = nullptr;        // [1]
 };
 
@@ -75,8 +75,9 @@ struct MoeDeviceExperts {
 // h[p] = act(x[token of sorted pair p]) for the m * top_k sorted positions p:
 //   SwiGlu: silu(x W_gate^T) * (x W_up^T);  Relu2: relu(x W_up^T)^2
 //   x [m, n_embd] F32 or BF16; h [m * top_k, n_ff] float32
-void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
-                          MoeActivation act, const MoePermutation& perm, float* h, cudaStream_t stream);
+void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
+                          const MoeDeviceExperts& experts, MoeActivation act, const MoePermutation& perm,
+                          float* h, cudaStream_t stream);
 
 // o[p] = h[p] W_down^T of the expert of sorted position p.  h [m * top_k, n_ff]; o [m * top_k, n_embd]
 void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
@@ -85,16 +86,17 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
 // y[t] = sum over the token's choices in ascending expert id of weights[t, j] * o[pair_position[t, j]],
 // from zero (moe_experts_cpu's order), then + shared[t] when shared is not null.
 //   o [m * top_k, n_embd] float32; ids, weights [m, top_k]; shared, y [m, n_embd] in dtype (F32 or BF16)
-void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position, int64_t m,
-                 int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y, cudaStream_t stream);
+void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position,
+                 int64_t m, int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y,
+                 cudaStream_t stream);
 
 // The whole expert part of a step in one call: moe_permute, moe_experts_up_nvfp4, moe_experts_down_nvfp4
 // and moe_combine, with the permutation and h / o carved from `workspace` (device, 16-byte aligned, at
 // least moe_workspace_bytes(...) bytes).
 //   x, shared, y [m, n_embd] in dtype; ids, weights [m, top_k] (from a router above)
 size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff);
-void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights, int64_t top_k,
-                       const MoeDeviceExperts& experts, MoeActivation act, const void* shared, void* workspace,
-                       void* y, cudaStream_t stream);
+void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
+                       int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
+                       void* workspace, void* y, cudaStream_t stream);
 
 }  // namespace nibble::cuda

@@ -20,8 +20,10 @@ __device__ __forceinline__ int sequence_of(const int32_t* __restrict__ seq_start
     int lo = 0, hi = n_seqs;  // seq_starts[lo] <= t < seq_starts[hi]
     while (hi - lo > 1) {
         const int mid = (lo + hi) >> 1;
-        if (seq_starts[mid] <= t) lo = mid;
-        else hi = mid;
+        if (seq_starts[mid] <= t)
+            lo = mid;
+        else
+            hi = mid;
     }
     return lo;
 }
@@ -34,7 +36,8 @@ template <class T>
 __global__ void __launch_bounds__(kConvThreads)
     conv1d_kernel(const T* __restrict__ x, int64_t x_stride, int64_t n_tokens, int channels,
                   const int32_t* __restrict__ seq_starts, int n_seqs, const float* __restrict__ weight,
-                  const float* __restrict__ bias, int kernel, float* const* __restrict__ states, T* __restrict__ out) {
+                  const float* __restrict__ bias, int kernel, float* const* __restrict__ states,
+                  T* __restrict__ out) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
     if (idx >= n_tokens * channels) return;
     const int64_t t = idx / channels;
@@ -45,8 +48,8 @@ __global__ void __launch_bounds__(kConvThreads)
     float acc = bias != nullptr ? bias[c] : 0.0f;
     for (int j = 0; j < kernel; ++j) {
         const int64_t src = local - (kernel - 1) + j;  // < 0: from the state
-        const float v = src >= 0 ? load1(x + (start + src) * x_stride + c)
-                                 : state[(kernel - 1 + src) * channels + c];
+        const float v =
+            src >= 0 ? load1(x + (start + src) * x_stride + c) : state[(kernel - 1 + src) * channels + c];
         acc += weight[static_cast<int64_t>(c) * kernel + j] * v;
     }
     store1(out + t * channels + c, silu(acc));
@@ -57,7 +60,8 @@ __global__ void __launch_bounds__(kConvThreads)
 template <class T>
 __global__ void __launch_bounds__(kConvThreads)
     conv1d_state_kernel(const T* __restrict__ x, int64_t x_stride, int channels,
-                        const int32_t* __restrict__ seq_starts, int n_seqs, int kernel, float* const* states) {
+                        const int32_t* __restrict__ seq_starts, int n_seqs, int kernel,
+                        float* const* states) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
     if (idx >= static_cast<int64_t>(n_seqs) * channels) return;
     const int s = static_cast<int>(idx / channels), c = static_cast<int>(idx % channels);
@@ -92,8 +96,8 @@ struct ScanArgs {
 // One warp per (sequence, head, head_dim row i); lane holds state[h, i, lane + 32 q].
 template <class T, class ST>
 __global__ void __launch_bounds__(kScanWarps * 32)
-    scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc, const T* __restrict__ dt,
-                void* const* __restrict__ states, T* __restrict__ y) {
+    scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
+                const T* __restrict__ dt, void* const* __restrict__ states, T* __restrict__ y) {
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x / a.row_tiles;
     const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
@@ -196,7 +200,8 @@ __global__ void __launch_bounds__(kNormThreads)
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
 void check_dtype(DType dtype, const char* what) {
-    if (dtype != DType::F32 && dtype != DType::BF16) bad(std::string(what) + ": activations must be F32 or BF16");
+    if (dtype != DType::F32 && dtype != DType::BF16)
+        bad(std::string(what) + ": activations must be F32 or BF16");
 }
 
 unsigned blocks_for(int64_t n, int threads, const char* what) {
@@ -208,44 +213,54 @@ unsigned blocks_for(int64_t n, int threads, const char* what) {
 }  // namespace
 
 void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens, int64_t channels,
-                  const int32_t* seq_starts, int64_t n_seqs, const float* weight, const float* bias, int64_t kernel,
-                  float* const* conv_states, void* out, cudaStream_t stream) {
+                  const int32_t* seq_starts, int64_t n_seqs, const float* weight, const float* bias,
+                  int64_t kernel, float* const* conv_states, void* out, cudaStream_t stream) {
     const char* what = "mamba_conv1d";
     check_dtype(dtype, what);
-    if (kernel < 1 || kernel > kMaxConvKernel) bad("mamba_conv1d: kernel " + std::to_string(kernel) + " not in 1..8");
+    if (kernel < 1 || kernel > kMaxConvKernel)
+        bad("mamba_conv1d: kernel " + std::to_string(kernel) + " not in 1..8");
     if (channels <= 0 || channels > 0x7fffffff || x_stride < channels || n_tokens < 0 || n_seqs < 1 ||
         n_seqs > 0x7fffffff)
         bad("mamba_conv1d: channels " + std::to_string(channels) + ", x_stride " + std::to_string(x_stride) +
-            ", n_tokens " + std::to_string(n_tokens) + ", n_seqs " + std::to_string(n_seqs) + " out of range");
+            ", n_tokens " + std::to_string(n_tokens) + ", n_seqs " + std::to_string(n_seqs) +
+            " out of range");
     const int ch = static_cast<int>(channels), ns = static_cast<int>(n_seqs), kw = static_cast<int>(kernel);
     auto body = [&]<class T>() {
         const T* xt = static_cast<const T*>(x);
         if (n_tokens > 0)
-            conv1d_kernel<T><<<blocks_for(n_tokens * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
-                xt, x_stride, n_tokens, ch, seq_starts, ns, weight, bias, kw, conv_states, static_cast<T*>(out));
+            conv1d_kernel<T>
+                <<<blocks_for(n_tokens * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
+                    xt, x_stride, n_tokens, ch, seq_starts, ns, weight, bias, kw, conv_states,
+                    static_cast<T*>(out));
         if (kernel > 1 && n_tokens > 0)
-            conv1d_state_kernel<T><<<blocks_for(n_seqs * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
-                xt, x_stride, ch, seq_starts, ns, kw, conv_states);
+            conv1d_state_kernel<T>
+                <<<blocks_for(n_seqs * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
+                    xt, x_stride, ch, seq_starts, ns, kw, conv_states);
     };
-    if (dtype == DType::F32) body.template operator()<float>();
-    else body.template operator()<__nv_bfloat16>();
+    if (dtype == DType::F32)
+        body.template operator()<float>();
+    else
+        body.template operator()<__nv_bfloat16>();
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs, const void* xbc,
-              int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype, void* const* ssm_states,
-              SsmStateDtype state_dtype, void* y, cudaStream_t stream) {
+void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
+              const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
+              void* const* ssm_states, SsmStateDtype state_dtype, void* y, cudaStream_t stream) {
     check_dtype(dtype, "ssm_scan");
-    if (p.n_heads < 1 || p.n_groups < 1 || p.n_heads % p.n_groups != 0 || p.head_dim < 1 || p.state_size < 1 ||
-        p.state_size > 32 * kMaxStatePerLane || p.n_heads > 0x7fff || p.head_dim > 0x7fff)
-        bad("ssm_scan: " + std::to_string(p.n_heads) + " heads in " + std::to_string(p.n_groups) + " groups, head_dim " +
-            std::to_string(p.head_dim) + ", state_size " + std::to_string(p.state_size) +
-            " (state_size must be 1..256, heads a multiple of groups)");
+    if (p.n_heads < 1 || p.n_groups < 1 || p.n_heads % p.n_groups != 0 || p.head_dim < 1 ||
+        p.state_size < 1 || p.state_size > 32 * kMaxStatePerLane || p.n_heads > 0x7fff || p.head_dim > 0x7fff)
+        bad("ssm_scan: " + std::to_string(p.n_heads) + " heads in " + std::to_string(p.n_groups) +
+            " groups, head_dim " + std::to_string(p.head_dim) + ", state_size " +
+            std::to_string(p.state_size) + " (state_size must be 1..256, heads a multiple of groups)");
     const int64_t d_inner = p.n_heads * p.head_dim;
-    if (xbc_stride < d_inner + 2 * p.n_groups * p.state_size || dt_stride < p.n_heads || n_seqs < 1 || n_seqs > 65535)
-        bad("ssm_scan: xbc_stride " + std::to_string(xbc_stride) + " / dt_stride " + std::to_string(dt_stride) +
-            " shorter than a row, or n_seqs " + std::to_string(n_seqs) + " not in 1..65535");
-    if (p.A == nullptr || p.D == nullptr || p.dt_bias == nullptr) bad("ssm_scan: A, D and dt_bias are required");
+    if (xbc_stride < d_inner + 2 * p.n_groups * p.state_size || dt_stride < p.n_heads || n_seqs < 1 ||
+        n_seqs > 65535)
+        bad("ssm_scan: xbc_stride " + std::to_string(xbc_stride) + " / dt_stride " +
+            std::to_string(dt_stride) + " shorter than a row, or n_seqs " + std::to_string(n_seqs) +
+            " not in 1..65535");
+    if (p.A == nullptr || p.D == nullptr || p.dt_bias == nullptr)
+        bad("ssm_scan: A, D and dt_bias are required");
     if (n_tokens == 0) return;
     ScanArgs a{};
     a.n_heads = static_cast<int>(p.n_heads);
@@ -260,16 +275,20 @@ void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_start
     const dim3 grid(static_cast<unsigned>(a.n_heads * a.row_tiles), static_cast<unsigned>(n_seqs));
     auto body = [&]<class T, class ST>() {
         scan_kernel<T, ST><<<grid, kScanWarps * 32, 0, stream>>>(a, seq_starts, static_cast<const T*>(xbc),
-                                                                static_cast<const T*>(dt), ssm_states,
-                                                                static_cast<T*>(y));
+                                                                 static_cast<const T*>(dt), ssm_states,
+                                                                 static_cast<T*>(y));
     };
     const bool f32_state = state_dtype == SsmStateDtype::F32;
     if (dtype == DType::F32) {
-        if (f32_state) body.template operator()<float, float>();
-        else body.template operator()<float, __nv_bfloat16>();
+        if (f32_state)
+            body.template operator()<float, float>();
+        else
+            body.template operator()<float, __nv_bfloat16>();
     } else {
-        if (f32_state) body.template operator()<__nv_bfloat16, float>();
-        else body.template operator()<__nv_bfloat16, __nv_bfloat16>();
+        if (f32_state)
+            body.template operator()<__nv_bfloat16, float>();
+        else
+            body.template operator()<__nv_bfloat16, __nv_bfloat16>();
     }
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
@@ -278,8 +297,8 @@ void gated_rmsnorm(const void* y, const void* z, int64_t z_stride, DType dtype, 
                    int64_t group_size, const float* weight, float eps, void* out, cudaStream_t stream) {
     check_dtype(dtype, "gated_rmsnorm");
     if (group_size <= 0 || d <= 0 || d % group_size != 0 || z_stride < d || m < 0)
-        bad("gated_rmsnorm: width " + std::to_string(d) + " is not a multiple of group " + std::to_string(group_size) +
-            " (or z_stride " + std::to_string(z_stride) + " < width)");
+        bad("gated_rmsnorm: width " + std::to_string(d) + " is not a multiple of group " +
+            std::to_string(group_size) + " (or z_stride " + std::to_string(z_stride) + " < width)");
     if (m == 0) return;
     const int64_t ctas = m * (d / group_size);
     if (ctas > 0x7fffffff) bad("gated_rmsnorm: too many rows");
@@ -288,8 +307,10 @@ void gated_rmsnorm(const void* y, const void* z, int64_t z_stride, DType dtype, 
             static_cast<const T*>(y), static_cast<const T*>(z), z_stride, d, group_size, weight, eps,
             static_cast<T*>(out));
     };
-    if (dtype == DType::F32) body.template operator()<float>();
-    else body.template operator()<__nv_bfloat16>();
+    if (dtype == DType::F32)
+        body.template operator()<float>();
+    else
+        body.template operator()<__nv_bfloat16>();
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

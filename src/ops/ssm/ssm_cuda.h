@@ -38,16 +38,16 @@ namespace nibble::cuda {
 //   x [n_tokens, channels] rows x_stride elements apart; weight [channels, kernel] float32 (tap kernel - 1
 //   multiplies the current input); bias [channels] float32 or null; out [n_tokens, channels] (not x)
 void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens, int64_t channels,
-                  const int32_t* seq_starts, int64_t n_seqs, const float* weight, const float* bias, int64_t kernel,
-                  float* const* conv_states, void* out, cudaStream_t stream);
+                  const int32_t* seq_starts, int64_t n_seqs, const float* weight, const float* bias,
+                  int64_t kernel, float* const* conv_states, void* out, cudaStream_t stream);
 
 // Selective scan of each sequence from its SSM state, which is updated (a bfloat16 state is widened at
 // the start and rounded once at the end). p's A, D, dt_bias are device pointers [n_heads] float32.
 //   xbc [n_tokens, ...] rows xbc_stride apart: x [n_heads * head_dim], B [n_groups * state_size], C
 //   (the conv output); dt [n_tokens, n_heads] raw rows dt_stride apart; y [n_tokens, n_heads * head_dim]
-void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs, const void* xbc,
-              int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype, void* const* ssm_states,
-              SsmStateDtype state_dtype, void* y, cudaStream_t stream);
+void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
+              const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
+              void* const* ssm_states, SsmStateDtype state_dtype, void* y, cudaStream_t stream);
 
 // out = weight * g / rms(g) per group of group_size, g = y * silu(z) (gated_rmsnorm_cpu).
 //   y, out [m, d] (may alias); z [m, d] rows z_stride apart; weight [d] float32
