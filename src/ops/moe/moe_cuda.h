@@ -26,7 +26,9 @@
 // rarely needs: at m = 64, top_k = 8 over 128 experts an expert gets 4 tokens on average).
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
 // Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
-// 1 <= top_k <= n_experts <= 1024 (routers: top_k <= 32).
+// 1 <= top_k <= n_experts <= 1024 (routers: top_k <= 32). Not checked (the tables live on the device):
+// each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of cudaMalloc'd tensors
+// and of any row-aligned slice of them).
 #pragma once
 
 #include <cuda_runtime.h>
