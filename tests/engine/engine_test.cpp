@@ -350,49 +350,53 @@ TEST(Engine, HybridGreedyIsTheSameAloneConcurrentAndPreempted) {
 // snapshot points (scheduler.h): A's one prefill chunk is cut at 96 (its prompt point; the interval points
 // it crosses are not taken, only a chunk's end has a state), so A leaves a snapshot at 96; each later prompt
 // leaves one at its own prompt point or interval point on A's chain (16, 32, 48, 64), so the next finds one
-// deeper. Greedy output equals the from-scratch reference for every prompt and snapshot interval.
+// deeper. Greedy output equals the from-scratch reference for every prompt and snapshot interval, on the
+// BF16 and the NVFP4 fixture.
 TEST(Engine, HybridPrefixCachingResumesFromTheDeepestSnapshot) {
-    Fixture fx("nemotron_h");
-    const Reference ref = load_reference("nemotron_h");
-    std::vector<int32_t> base;  // 120 tokens
-    for (int j = 0; j < 120; ++j)
-        base.push_back(static_cast<int32_t>((ref.tokens[static_cast<size_t>(j) % ref.tokens.size()] + j / 40) % ref.vocab));
-    const std::vector<int32_t> a(base.begin(), base.begin() + 100);
-    std::vector<std::vector<int32_t>> prompts = {a};
-    const std::vector<int> shared = {20, 37, 50, 70, 99, 100};
-    for (int l : shared) {
-        std::vector<int32_t> p(base.begin(), base.begin() + l);
-        for (int k = 0; k < 10; ++k)  // differs from base[l + k]
-            p.push_back(static_cast<int32_t>((base[static_cast<size_t>(l + k)] + 1 + k) % ref.vocab));
-        prompts.push_back(p);
-    }
-    prompts.push_back(a);  // A again
-    const int64_t max_tokens = 6;
-    std::vector<std::vector<int32_t>> expected;
-    for (const auto& p : prompts) expected.push_back(greedy_reference(*fx.model, p, max_tokens));
-
-    for (int64_t interval : {32, 0, 48, 2048}) {
-        EngineConfig cfg = config_for();
-        cfg.max_num_seqs = 4;
-        cfg.mamba_prefix_snapshots = 64;  // enough that none is taken back (the scarce case is tested below)
-        cfg.mamba_snapshot_interval = interval;
-        Engine engine(*fx.model, cfg);
-        Collector c;
-        for (size_t i = 0; i < prompts.size(); ++i) {
-            const std::string id = fmt::format("p{}", i);
-            engine.submit(greedy(id, prompts[i], max_tokens), c.sink());
-            run_to_end(engine);
-            EXPECT_EQ(c.tokens[id][0], expected[i]) << "interval " << interval << ", prompt " << i;
+    for (const char* name : {"nemotron_h", "nemotron_h_nvfp4_modelopt"}) {
+        SCOPED_TRACE(name);
+        Fixture fx(name);
+        const Reference ref = load_reference(name);
+        std::vector<int32_t> base;  // 120 tokens
+        for (int j = 0; j < 120; ++j)
+            base.push_back(static_cast<int32_t>((ref.tokens[static_cast<size_t>(j) % ref.tokens.size()] + j / 40) % ref.vocab));
+        const std::vector<int32_t> a(base.begin(), base.begin() + 100);
+        std::vector<std::vector<int32_t>> prompts = {a};
+        const std::vector<int> shared = {20, 37, 50, 70, 99, 100};
+        for (int l : shared) {
+            std::vector<int32_t> p(base.begin(), base.begin() + l);
+            for (int k = 0; k < 10; ++k)  // differs from base[l + k]
+                p.push_back(static_cast<int32_t>((base[static_cast<size_t>(l + k)] + 1 + k) % ref.vocab));
+            prompts.push_back(p);
         }
-        const EngineStats st = engine.stats();
-        EXPECT_GT(st.state_snapshots_used, 0);
-        EXPECT_LE(st.state_snapshots_used, st.state_snapshots_total);
-        EXPECT_EQ(c.cached["p0"], 0);
-        EXPECT_EQ(c.cached[fmt::format("p{}", prompts.size() - 1)], 96) << "A again resumes at its prompt point";
-        if (interval == 32) {
-            const std::vector<int64_t> want = {0, 16, 32, 48, 96, 96};  // L = 20, 37, 50, 70, 99, 100
-            for (size_t k = 0; k < shared.size(); ++k)
-                EXPECT_EQ(c.cached[fmt::format("p{}", k + 1)], want[k]) << "shared " << shared[k];
+        prompts.push_back(a);  // A again
+        const int64_t max_tokens = 6;
+        std::vector<std::vector<int32_t>> expected;
+        for (const auto& p : prompts) expected.push_back(greedy_reference(*fx.model, p, max_tokens));
+
+        for (int64_t interval : {32, 0, 48, 2048}) {
+            EngineConfig cfg = config_for();
+            cfg.max_num_seqs = 4;
+            cfg.mamba_prefix_snapshots = 64;  // enough that none is taken back (the scarce case is tested below)
+            cfg.mamba_snapshot_interval = interval;
+            Engine engine(*fx.model, cfg);
+            Collector c;
+            for (size_t i = 0; i < prompts.size(); ++i) {
+                const std::string id = fmt::format("p{}", i);
+                engine.submit(greedy(id, prompts[i], max_tokens), c.sink());
+                run_to_end(engine);
+                EXPECT_EQ(c.tokens[id][0], expected[i]) << "interval " << interval << ", prompt " << i;
+            }
+            const EngineStats st = engine.stats();
+            EXPECT_GT(st.state_snapshots_used, 0);
+            EXPECT_LE(st.state_snapshots_used, st.state_snapshots_total);
+            EXPECT_EQ(c.cached["p0"], 0);
+            EXPECT_EQ(c.cached[fmt::format("p{}", prompts.size() - 1)], 96) << "A again resumes at its prompt point";
+            if (interval == 32) {
+                const std::vector<int64_t> want = {0, 16, 32, 48, 96, 96};  // L = 20, 37, 50, 70, 99, 100
+                for (size_t k = 0; k < shared.size(); ++k)
+                    EXPECT_EQ(c.cached[fmt::format("p{}", k + 1)], want[k]) << "shared " << shared[k];
+            }
         }
     }
 }
