@@ -8,6 +8,7 @@
 #include <string>
 
 #include "parallel/communicator.h"
+#include "parallel/parallel_options.h"
 
 struct ncclComm;  // nccl.h's communicator (ncclComm_t is a pointer to it)
 
@@ -21,6 +22,16 @@ struct NcclBootstrap {
     int master_port = 29501;
     int timeout_ms = 300000;
 };
+
+// The bootstrap of GPU `local_rank` (0 .. gpus_per_node-1, also its CUDA device) of this node, from the
+// command-line flags: world = --tensor-parallel-size, rank = --node-rank * gpus_per_node + local_rank.
+inline NcclBootstrap nccl_bootstrap(const ParallelOptions& o, int local_rank) {
+    return NcclBootstrap{.world_size = static_cast<int>(o.tensor_parallel_size),
+                         .rank = static_cast<int>(o.global_rank(local_rank)),
+                         .device = local_rank,
+                         .master_addr = o.master_addr,
+                         .master_port = static_cast<int>(o.master_port)};
+}
 
 class NcclCommunicator final : public Communicator {
 public:

@@ -53,7 +53,11 @@ TEST(NcclCommunicator, OneRankAllReduceAndAllGatherReturnTheInput) {
     NIBBLE_CUDA_CHECK(cudaSetDevice(0));
     NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
     {
-        NcclCommunicator comm({.world_size = 1, .rank = 0, .device = 0, .master_port = free_port()}, stream);
+        // From the flags' defaults (one node, one GPU), as serve would build it.
+        const NcclBootstrap bootstrap = nccl_bootstrap(ParallelOptions{.master_port = free_port()}, 0);
+        EXPECT_EQ(bootstrap.world_size, 1);
+        EXPECT_EQ(bootstrap.rank, 0);
+        NcclCommunicator comm(bootstrap, stream);
         EXPECT_EQ(comm.rank(), 0);
         EXPECT_EQ(comm.world_size(), 1);
         for (DType dtype : {DType::F32, DType::BF16}) {
@@ -100,8 +104,8 @@ TEST(NcclCommunicator, TwoRanksOnTwoGpusSumAndGather) {
                 cudaStream_t stream = nullptr;
                 NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
                 {
-                    NcclCommunicator comm({.world_size = 2, .rank = r, .device = r, .master_port = port, .timeout_ms = 60000},
-                                          stream);
+                    const ParallelOptions flags{.tensor_parallel_size = 2, .master_port = port};
+                    NcclCommunicator comm(nccl_bootstrap(flags, r), stream);
                     cuda::DeviceBuffer data(n * 4), send(n * 4), recv(2 * n * 4);
                     data.upload(host[static_cast<size_t>(r)].data(), n * 4);
                     send.upload(host[static_cast<size_t>(r)].data(), n * 4);
