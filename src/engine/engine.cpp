@@ -71,6 +71,8 @@ struct Engine::Impl {
           runner(m, c.num_blocks, c.block_size, c.kv_cache_dtype, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype,
                  snapshots),
           vocab(m.config().vocab_size) {
+        // A runner without snapshot support (ModelRunner's default: 0) must be configured with 0 snapshots,
+        // which leaves hybrid prefix caching off.
         NIBBLE_CHECK(runner.num_state_snapshots() == snapshots, "engine: the runner keeps {} state snapshots, not {}",
                      runner.num_state_snapshots(), snapshots);
     }

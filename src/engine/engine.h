@@ -28,7 +28,8 @@ struct EngineConfig {
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state (vLLM's flag)
     // Hybrid models (Mamba layers) reuse cached blocks only up to one holding a snapshot of the recurrent
     // state (Scheduler: where they are taken; BlockPool: their life). Snapshots kept (the memory plan counts
-    // them): -1 one per sequence slot (max_num_seqs), 0 none (prefix caching then off for hybrids).
+    // them; `nibble serve` passes the plan's count): -1 one per sequence slot (max_num_seqs), 0 none (prefix
+    // caching then off for hybrids).
     int64_t mamba_prefix_snapshots = -1;
     int64_t mamba_snapshot_interval = 2048;  // tokens between prefill snapshots, a multiple of block_size; 0 none
     KvDtype kv_cache_dtype = KvDtype::F32;  // resolved by the memory plan ("auto" is not a dtype)
