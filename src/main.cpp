@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
     nibble::cli::add_serve_command(app);
     nibble::cli::add_plan_command(app);
     nibble::cli::add_run_command(app);
+    nibble::cli::add_tune_command(app);
     nibble::cli::add_bench_command(app);
     // vLLM's -tp is a two-letter short flag, which CLI11 cannot declare: spell it out before parsing.
     char tp_long[] = "--tensor-parallel-size";

@@ -4,18 +4,22 @@
 // and one is present, else the machine's physical memory. Prints an aligned table, or with --json one object
 // (byte counts as integers). With --tensor-parallel-size N every figure is per GPU (rank 0's share: weights,
 // workspace and KV heads of one rank); --nnodes etc. are accepted as on serve and checked.
+// With --device-profile NAME (tune/device_profile.h) the plan is for that GPU's memory and adds its roofline:
+// decode and prefill tok/s bounds and where each decoded token's bytes go (cli/plan_roofline.h).
 #include <CLI/CLI.hpp>
 #include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "base/error.h"
 #include "checkpoint/model_config.h"
 #include "checkpoint/quant_config.h"
 #include "cli/commands.h"
+#include "cli/plan_roofline.h"
 #include "engine/memory_plan.h"
 #include "parallel/parallel_options.h"
 #include "parallel/tensor_parallel.h"
@@ -34,6 +38,8 @@ struct PlanCliOptions {
     int64_t device_memory = 0;  // 0: detect
     std::string mamba_ssm_cache_dtype = "float32";  // hybrid models
     bool json = false;
+    std::string device_profile;  // a built-in profile: its memory, and the roofline on it
+    int64_t context_depth = 0;   // roofline KV depth; 0: min(4096, max_model_len)
 };
 
 struct Device {
@@ -83,8 +89,12 @@ void run_plan(const PlanCliOptions& opt) {
     check_parallel_options(opt.parallel);
 
     Device device;
+    std::optional<tune::DeviceProfile> profile;
+    if (!opt.device_profile.empty()) profile = tune::builtin_profile(opt.device_profile);
     if (opt.device_memory > 0) {
-        device = {opt.device_memory, "--device-memory", false};
+        device = {opt.device_memory, "--device-memory", profile.has_value()};
+    } else if (profile) {
+        device = {profile->memory_bytes, profile->name, true};
     } else {
         NIBBLE_CHECK(opt.device_memory == 0, "--device-memory must be positive, got {}", opt.device_memory);
         device = detect_device();
@@ -96,11 +106,15 @@ void run_plan(const PlanCliOptions& opt) {
     // "auto" means what serving on this machine would store: bf16 on a GPU, the CPU reference's f32 otherwise.
     po.auto_kv_dtype = device.cuda ? KvDtype::Bf16 : KvDtype::F32;
     const MemoryPlan p = plan_memory(config, quant, po);
+    tune::RooflineOptions roofline;
+    roofline.kv_bytes_per_token = p.kv_bytes_per_token;
+    roofline.context_depth = opt.context_depth > 0 ? opt.context_depth : std::min<int64_t>(4096, p.max_model_len);
+    roofline.prefill_tokens = std::min(p.max_num_batched_tokens, p.max_model_len);
 
     if (opt.json) {
         nlohmann::json weights_by_format = nlohmann::json::object();
         for (const auto& [name, bytes] : p.weights_by_format) weights_by_format[name] = bytes;
-        const nlohmann::json out = {
+        nlohmann::json out = {
             {"model", opt.model_dir},
             {"architecture", config.arch_name},
             {"weights_quantization", quant.method == QuantMethod::None ? "none" : quant_method_name(quant.method)},
@@ -135,6 +149,7 @@ void run_plan(const PlanCliOptions& opt) {
             {"mamba_snapshots", p.mamba_snapshots},
             {"mamba_snapshot_bytes", p.mamba_snapshot_bytes},
         };
+        if (profile) out["roofline"] = roofline_json(tune::compute_roofline(config, quant, *profile, roofline), *profile, roofline);
         std::printf("%s\n", out.dump(2).c_str());
         return;
     }
@@ -184,6 +199,7 @@ void run_plan(const PlanCliOptions& opt) {
     row("KV tokens", fmt::format("{}", p.kv_tokens), "");
     row("max concurrency", fmt::format("{:.2f}x", p.max_concurrency),
         fmt::format("sequences of --max-model-len {} (--max-num-seqs {})", p.max_model_len, p.max_num_seqs));
+    if (profile) print_roofline(tune::compute_roofline(config, quant, *profile, roofline), *profile, roofline);
 }
 
 }  // namespace
@@ -224,6 +240,10 @@ void add_plan_command(CLI::App& app) {
     cmd->add_option("--master-port", opt->parallel.master_port, "node 0's TCP port (NCCL bootstrap)")
         ->capture_default_str();
     cmd->add_flag("--json", opt->json, "print the plan as a JSON object");
+    cmd->add_option("--device-profile", opt->device_profile,
+                    "plan for a built-in GPU profile (gb10, rtx5090, b200, h100, h200) and add its roofline");
+    cmd->add_option("--context-depth", opt->context_depth,
+                    "tokens of context whose KV the roofline's decode reads (default: min(4096, max model len))");
     cmd->callback([opt] { run_plan(*opt); });
 }
 

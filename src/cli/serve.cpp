@@ -16,6 +16,7 @@
 #include "base/thread_pool.h"
 #include "cli/commands.h"
 #include "cli/default_model.h"
+#include "cli/tune_session.h"
 #include "engine/engine.h"
 #include "engine/memory_plan.h"
 #include "model/model.h"
@@ -137,6 +138,13 @@ void run_serve(const std::vector<std::string>& args) {
                   "`nibble serve /path/to/model`.",
                   model_dir.string());
     }
+    // --tune: load (or, with full, first build) this GPU's kernel choices. The engine's runner does not take
+    // them yet (docs/tuning.md: the CUDA runner consults tune::candidate_order once it dispatches by variant).
+    (void)serve_tune_cache(o.tune, model_dir.string(),
+                           {.max_num_seqs = o.max_num_seqs,
+                            .max_num_batched_tokens = o.max_num_batched_tokens.value_or(2048),
+                            .max_model_len = o.max_model_len.value_or(0),
+                            .kv_cache_dtype = o.kv_cache_dtype});
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(model_dir.string(), pool);
     const ModelConfig& mc = model->config();

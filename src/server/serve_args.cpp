@@ -211,6 +211,12 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 o.chat_template = value();
             } else if (name == "--generation-config") {
                 o.generation_config = value();
+            } else if (name == "--tune") {
+                const std::string v = value();
+                if (v == "off") o.tune = TuneMode::Off;
+                else if (v == "cached") o.tune = TuneMode::Cached;
+                else if (v == "full") o.tune = TuneMode::Full;
+                else fail("--tune must be off, cached or full, got '{}'", v);
             } else if (name == "--tensor-parallel-size" || name == "-tp") {
                 o.parallel.tensor_parallel_size = parse_int(value(), name, 1);
             } else if (name == "--nnodes") {
@@ -280,6 +286,9 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --chat-template FILE             a Jinja chat template replacing the model's
   --generation-config auto|vllm|DIR  sampling defaults from DIR/generation_config.json (auto: MODEL_DIR)
   --trust-remote-code              accepted; nibble runs no code from model folders
+  --tune off|cached|full           kernel choices: cached (default) uses the tune cache of this GPU and
+                                   built-in heuristics elsewhere; full tunes the model's shapes first
+                                   (as nibble tune does); off uses the heuristics only
   --tensor-parallel-size, -tp N    GPUs to split the model over (default 1; more needs the multi-GPU runner,
                                    not in this build: see `nibble plan --tensor-parallel-size N`)
   --nnodes N                       machines taking part (default 1)

@@ -14,6 +14,11 @@
 
 namespace nibble::server {
 
+// --tune: which kernel variant each op runs (tune/ and docs/tuning.md). cached: the tune cache's choices
+// for this GPU, built-in heuristics for shapes it lacks; full: tune the model's shapes first (as
+// `nibble tune` does) and write the cache; off: built-in heuristics only.
+enum class TuneMode { Off, Cached, Full };
+
 struct ServeOptions {
     std::string model_dir;                      // "" serves the embedded default model
     std::string host = "127.0.0.1";
@@ -36,6 +41,7 @@ struct ServeOptions {
     std::string chat_template;                  // file overriding the model's template
     std::string generation_config = "auto";     // auto: DIR/generation_config.json; vllm: none; or a folder
     ParallelOptions parallel;                   // --tensor-parallel-size/-tp, --nnodes, --node-rank, --master-addr/-port
+    TuneMode tune = TuneMode::Cached;            // --tune off|cached|full
     bool help = false;
 };
 

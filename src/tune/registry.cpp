@@ -2,8 +2,8 @@
 //   threads        the launch's block size (kThreads / kMmaThreads, matching __launch_bounds__)
 //   static smem    the kernel's __shared__ arrays (ptxas -v "bytes smem" agrees)
 //   dynamic smem   what the launcher passes (attention: attn_smem_bytes<HD, NJ>, mirrored below)
-//   registers      ptxas -v for sm_90a (CUDA 13.0, -O3), the larger of the F32 and BF16 activation
-//                  instantiations; sm_120a's counts are within a few registers (docs/tuning.md)
+//   registers      ptxas -v (CUDA 13.0, -O3), the largest of the F32 and BF16 activation instantiations
+//                  compiled for sm_90a and for sm_120a (the two differ by a few registers either way)
 //   min blocks     __launch_bounds__'s second argument
 //   min cc         mma.sync m16n8k16 with bf16/f16 operands and fma.rn.bf16x2 need compute capability 8.0
 // When a kernel changes, re-read its numbers: `nvcc -Xptxas -v` on its .cu file prints them per
@@ -34,20 +34,38 @@ constexpr int64_t gemv_mma_smem(int nt) { return 4 * 8 * (nt * 8) * 16; }
 // Decode's key-range splits worth trying (paged_attention_splits' heuristic picks within 1..256).
 constexpr int kDecodeSplits[] = {1, 2, 4, 8, 16, 32};
 
-constexpr std::string_view kLinearSrc = "src/ops/linear/linear_cuda.cu; registers: ptxas -v sm_90a";
-constexpr std::string_view kAttnSrc = "src/ops/attention/attention_cuda.cu; registers: ptxas -v sm_90a";
+// attention_cuda.cu prefill_smem_bytes<HD>: 2 stages x (K, V) x [kPfKeys = 64][HD] 16-bit, dynamic.
+constexpr int64_t prefill_mma_smem(int hd) { return 2 * 2 * 64 * hd * 2; }
+
+// Prefill's splits (paged_attention_splits picks 1..16 for the tensor-core kernel).
+constexpr int kPrefillSplits[] = {1, 2, 4, 8, 16};
+
+// paged_attention's dispatch: a BF16 q with some sequence of >= 16 rows (query tokens x group, kPfMinRows)
+// and more than one query token takes prefill_mma_kernel; everything else that is not a tensor-core decode
+// (one token, group <= 8) takes paged_attention_kernel.
+bool takes_prefill_mma(const OpShape& s) { return s.activation == DType::BF16 && s.q_len > 1 && s.q_len * s.group >= 16; }
+bool not_prefill_mma(const OpShape& s) { return !takes_prefill_mma(s); }
+// gemm_nvfp4 takes BF16 activations only.
+bool bf16_activations(const OpShape& s) { return s.activation == DType::BF16; }
+
+constexpr std::string_view kLinearSrc = "src/ops/linear/linear_cuda.cu; registers: ptxas -v sm_90a/sm_120a";
+constexpr std::string_view kGemmSrc =
+    "src/ops/linear/gemm_cuda.cu dequantize_nvfp4_kernel (256 threads); cuBLASLt picks its own kernels for the device";
+constexpr std::string_view kAttnSrc = "src/ops/attention/attention_cuda.cu; registers: ptxas -v sm_90a/sm_120a";
 
 constexpr VariantApplies gemv_rows(int lo, int hi) { return {.m_min = lo, .m_max = hi}; }
-constexpr VariantApplies attn(int hd, int group_lo, int group_hi, KvDtype kv) {
-    return {.head_dim = hd, .group_min = group_lo, .group_max = group_hi, .any_kv_dtype = false, .kv_dtype = kv};
+constexpr VariantApplies attn(int hd, int group_lo, int group_hi, KvDtype kv, bool (*also)(const OpShape&) = nullptr) {
+    return {.head_dim = hd, .group_min = group_lo, .group_max = group_hi, .any_kv_dtype = false, .kv_dtype = kv,
+            .also = also};
 }
 
 // gemv_nvfp4 / gemv_bf16 launch m in tiles of up to 16 rows; each tile's size picks one instantiation.
 // CUDA-core kernels: 128 threads, rows_per_warp R = 2 for MT <= 8, else 1; no shared memory.
-// Attention: decode with group <= 8 runs decode_mma_kernel; decode with a larger group and every prefill
-// run paged_attention_kernel with NJ = rows / 4 (rows_per_warp: the group rounded up to a power of two
-// >= 4 for decode, 32 rows for prefill). NJ = 1 and 2 are compiled but never dispatched (group <= 8 decodes
-// take the tensor-core kernel), so they are not registered.
+// Attention: prefill with a BF16 q and >= 16 rows runs prefill_mma_kernel; decode with group <= 8 runs
+// decode_mma_kernel; decode with a larger group and the remaining prefills (F32 q, or fewer rows) run
+// paged_attention_kernel with NJ = rows / 4 (rows_per_warp: the group rounded up to a power of two >= 4 for
+// decode, 32 rows for prefill). NJ = 1 and 2 are compiled but never dispatched (group <= 8 decodes take the
+// tensor-core kernel), so they are not registered.
 constexpr KernelVariant kVariants[] = {
     // ---- NVFP4 GEMV ----
     {OpKind::GemvNvfp4, "mma.nt1", "gemv_nvfp4_mma_kernel<1, XT>",
@@ -57,7 +75,7 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 256, .static_smem_bytes = gemv_mma_smem(2), .regs_per_thread = 164},
      gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt1", "gemv_nvfp4_kernel<1, 2, XT>",
-     {.threads_per_block = 128, .regs_per_thread = 56}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .regs_per_thread = 64}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt2", "gemv_nvfp4_kernel<2, 2, XT>",
      {.threads_per_block = 128, .regs_per_thread = 72}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt4", "gemv_nvfp4_kernel<4, 2, XT>",
@@ -68,7 +86,7 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .regs_per_thread = 80}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     // ---- BF16 GEMV (CUDA cores only) ----
     {OpKind::GemvBf16, "cuda_core.mt1", "gemv_bf16_kernel<1, 2, XT>",
-     {.threads_per_block = 128, .regs_per_thread = 56}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .regs_per_thread = 72}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt2", "gemv_bf16_kernel<2, 2, XT>",
      {.threads_per_block = 128, .regs_per_thread = 80}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt4", "gemv_bf16_kernel<4, 2, XT>",
@@ -79,16 +97,16 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .regs_per_thread = 64}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     // ---- attention decode, tensor cores: group <= 8, __launch_bounds__(128, 3) ----
     {OpKind::AttentionDecode, "decode_mma.bf16.hd64", "decode_mma_kernel<Bf16, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 116, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 118, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.bf16.hd128", "decode_mma_kernel<Bf16, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 168, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd64", "decode_mma_kernel<Fp8, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 96, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 99, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd128", "decode_mma_kernel<Fp8, 128>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 153, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 156, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd64", "decode_mma_kernel<Nvfp4, 64>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 116, .min_blocks_per_sm = 3},
@@ -113,7 +131,7 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 4), .regs_per_thread = 72},
      attn(64, 9, 16, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "cuda_core.fp8.hd64.nj8", "paged_attention_kernel<Fp8, 64, 8>",
-     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 80},
+     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 86},
      attn(64, 17, 32, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "cuda_core.fp8.hd128.nj4", "paged_attention_kernel<Fp8, 128, 4>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 4), .regs_per_thread = 80},
@@ -125,7 +143,7 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 4), .regs_per_thread = 72},
      attn(64, 9, 16, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "cuda_core.nvfp4.hd64.nj8", "paged_attention_kernel<Nvfp4, 64, 8>",
-     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 80},
+     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 86},
      attn(64, 17, 32, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "cuda_core.nvfp4.hd128.nj4", "paged_attention_kernel<Nvfp4, 128, 4>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 4), .regs_per_thread = 72},
@@ -133,25 +151,48 @@ constexpr KernelVariant kVariants[] = {
     {OpKind::AttentionDecode, "cuda_core.nvfp4.hd128.nj8", "paged_attention_kernel<Nvfp4, 128, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 8), .regs_per_thread = 108},
      attn(128, 17, 32, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
-    // ---- attention prefill, CUDA cores: 32 rows a CTA (32 / group query tokens) ----
+    // ---- attention prefill, tensor cores: BF16 q, >= 16 rows; __launch_bounds__(256, 1) ----
+    {OpKind::AttentionPrefill, "prefill_mma.bf16.hd64", "prefill_mma_kernel<Bf16, 64>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(64), .regs_per_thread = 184, .min_blocks_per_sm = 1},
+     attn(64, 1, 32, KvDtype::Bf16, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_mma.bf16.hd128", "prefill_mma_kernel<Bf16, 128>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(128), .regs_per_thread = 232, .min_blocks_per_sm = 1},
+     attn(128, 1, 32, KvDtype::Bf16, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_mma.fp8.hd64", "prefill_mma_kernel<Fp8, 64>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(64), .regs_per_thread = 190, .min_blocks_per_sm = 1},
+     attn(64, 1, 32, KvDtype::Fp8, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_mma.fp8.hd128", "prefill_mma_kernel<Fp8, 128>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(128), .regs_per_thread = 244, .min_blocks_per_sm = 1},
+     attn(128, 1, 32, KvDtype::Fp8, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_mma.nvfp4.hd64", "prefill_mma_kernel<Nvfp4, 64>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(64), .regs_per_thread = 194, .min_blocks_per_sm = 1},
+     attn(64, 1, 32, KvDtype::Nvfp4, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_mma.nvfp4.hd128", "prefill_mma_kernel<Nvfp4, 128>",
+     {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(128), .regs_per_thread = 240, .min_blocks_per_sm = 1},
+     attn(128, 1, 32, KvDtype::Nvfp4, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    // ---- attention prefill, CUDA cores: 32 rows a CTA (32 / group query tokens); F32 q or < 16 rows ----
     {OpKind::AttentionPrefill, "cuda_core.bf16.hd64.nj8", "paged_attention_kernel<Bf16, 64, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 96},
-     attn(64, 1, 32, KvDtype::Bf16), {}, Measured::OnHopper, kAttnSrc},
+     attn(64, 1, 32, KvDtype::Bf16, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionPrefill, "cuda_core.bf16.hd128.nj8", "paged_attention_kernel<Bf16, 128, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 8), .regs_per_thread = 144},
-     attn(128, 1, 32, KvDtype::Bf16), {}, Measured::OnHopper, kAttnSrc},
+     attn(128, 1, 32, KvDtype::Bf16, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionPrefill, "cuda_core.fp8.hd64.nj8", "paged_attention_kernel<Fp8, 64, 8>",
-     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 80},
-     attn(64, 1, 32, KvDtype::Fp8), {}, Measured::OnHopper, kAttnSrc},
+     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 86},
+     attn(64, 1, 32, KvDtype::Fp8, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionPrefill, "cuda_core.fp8.hd128.nj8", "paged_attention_kernel<Fp8, 128, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 8), .regs_per_thread = 110},
-     attn(128, 1, 32, KvDtype::Fp8), {}, Measured::OnHopper, kAttnSrc},
+     attn(128, 1, 32, KvDtype::Fp8, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionPrefill, "cuda_core.nvfp4.hd64.nj8", "paged_attention_kernel<Nvfp4, 64, 8>",
-     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 80},
-     attn(64, 1, 32, KvDtype::Nvfp4), {}, Measured::OnHopper, kAttnSrc},
+     {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(64, 8), .regs_per_thread = 86},
+     attn(64, 1, 32, KvDtype::Nvfp4, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionPrefill, "cuda_core.nvfp4.hd128.nj8", "paged_attention_kernel<Nvfp4, 128, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 8), .regs_per_thread = 108},
-     attn(128, 1, 32, KvDtype::Nvfp4), {}, Measured::OnHopper, kAttnSrc},
+     attn(128, 1, 32, KvDtype::Nvfp4, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
+    // ---- NVFP4 prefill GEMM: dequantize to BF16, then cuBLASLt (its kernels fit the device by construction) ----
+    {OpKind::GemmNvfp4, "dequant_bf16.cublaslt", "dequantize_nvfp4_kernel + cuBLASLt",
+     {.threads_per_block = 256, .regs_per_thread = 32}, {.m_min = 17, .m_max = 1 << 30, .also = bf16_activations}, {},
+     Measured::PendingHopper, kGemmSrc},
 };
 
 int64_t next_pow2(int64_t v) { return v <= 1 ? 1 : static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(v))); }
@@ -196,6 +237,7 @@ const KernelVariant* find_variant(OpKind op, std::string_view name) {
 bool variant_applies(const KernelVariant& v, const OpShape& s) {
     if (v.op != s.op) return false;
     const VariantApplies& a = v.applies;
+    if (a.also && !a.also(s)) return false;
     if (s.op == OpKind::GemvNvfp4 || s.op == OpKind::GemvBf16 || s.op == OpKind::GemmNvfp4) {
         // A GEMV launch covers at most 16 rows; a larger m runs as tiles of 16 (the mt16 / nt2 variants).
         const int64_t rows = s.op == OpKind::GemmNvfp4 ? s.m : (s.m > 16 ? 16 : s.m);

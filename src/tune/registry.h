@@ -58,6 +58,8 @@ struct VariantNeeds {
     int64_t smem_per_block() const { return static_smem_bytes + dynamic_smem_bytes; }
 };
 
+struct OpShape;
+
 // Which shapes a variant serves. A field left at its zero value does not restrict.
 struct VariantApplies {
     int m_min = 0, m_max = 0;        // GEMV/GEMM activation rows of one launch (0, 0: any)
@@ -65,6 +67,9 @@ struct VariantApplies {
     int group_min = 0, group_max = 0;  // attention query heads per KV head
     bool any_kv_dtype = true;        // attention: false restricts to kv_dtype
     KvDtype kv_dtype = KvDtype::Bf16;
+    // A dispatch rule the fields above cannot say (the op's launcher decides by it), or null. Mirrors the
+    // launcher's condition so that a shape's applicable variant is the one the launcher runs.
+    bool (*also)(const OpShape&) = nullptr;
 };
 
 // A shape the model will run, in the tuner's terms. `m` is the launch's rows (GEMV: 1..16, the tile the
@@ -80,8 +85,9 @@ struct OpShape {
 
 // Whether a variant's measurement on real hardware exists, and where it is written down.
 enum class Measured : uint8_t {
-    OnHopper,     // timed on H100 (docs/perf.md)
-    NotMeasured,  // compiles; no device of its kind was available to time it
+    OnHopper,       // timed on H100/H200 (docs/perf.md)
+    PendingHopper,  // runs on the H100/H200 here; no timing of it in docs/perf.md yet
+    NotMeasured,    // compiles; no device of its kind was available to time it
 };
 
 struct KernelVariant {

@@ -14,19 +14,9 @@
 #include "tune/registry.h"
 #include "tune/timer.h"
 #include "tune/tune_cache.h"
+#include "tune/variant_runner.h"
 
 namespace nibble::tune {
-
-// Runs variants of one shape on a device with real (random) inputs.
-class VariantRunner {
-public:
-    virtual ~VariantRunner() = default;
-    // Allocates and fills the inputs of `shape` (called once before its variants are launched).
-    virtual void prepare(const OpShape& shape) = 0;
-    // Enqueues one launch of `v` (with `splits` key-range splits for attention; 0: the op's own heuristic).
-    // A launch failure comes back as a failed outcome, with the device's error cleared.
-    virtual LaunchOutcome launch(const KernelVariant& v, const OpShape& shape, int splits) = 0;
-};
 
 // The variant the ops pick without tuning, among `eligible` (null when it is empty). Mirrors the dispatch
 // in ops/linear/linear_cuda.cu (NVFP4: CUDA cores at m = 1 below 65536 rows, tensor cores otherwise) and

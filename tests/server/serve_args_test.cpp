@@ -151,5 +151,15 @@ TEST(ServeArgs, SeedRecipeParsesAndNamesEachUnsupportedPart) {
     EXPECT_EQ(o.tool_call_parser, "qwen3_coder");
 }
 
+TEST(ServeArgs, TuneMode) {
+    EXPECT_EQ(parse_serve_args({}).tune, TuneMode::Cached);  // the default: the tune cache, heuristics elsewhere
+    EXPECT_EQ(parse_serve_args({"m", "--tune", "off"}).tune, TuneMode::Off);
+    EXPECT_EQ(parse_serve_args({"m", "--tune=full"}).tune, TuneMode::Full);
+    EXPECT_EQ(parse_serve_args({"m", "--tune", "cached"}).tune, TuneMode::Cached);
+    EXPECT_NE(error_of({"m", "--tune", "fast"}).find("--tune must be off, cached or full, got 'fast'"), std::string::npos);
+    EXPECT_NE(error_of({"m", "--tune"}).find("--tune needs a value"), std::string::npos);
+    EXPECT_NE(serve_usage().find("--tune off|cached|full"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace nibble::server

@@ -3,6 +3,7 @@
 // principles), over profiles shrunk around each variant's needs, and on hand-made edge cases.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <functional>
 #include <set>
 #include <string>
@@ -15,20 +16,25 @@ namespace {
 
 const BuildTargets kAllTargets = BuildTargets::parse("90a;100a;120a;121a");
 
-// Every shape some variant applies to: each variant's own applicability corner.
+// Shapes a variant applies to: its applicability corners, over both activation dtypes and a short and a
+// long prefill (a variant's dispatch rule picks which of them it serves). At least one, checked below.
 std::vector<OpShape> shapes_for(const KernelVariant& v) {
-    OpShape s;
-    s.op = v.op;
-    s.n = 4096, s.k = 4096;
-    s.m = v.applies.m_max > 0 ? v.applies.m_max : 1;
-    s.head_dim = v.applies.head_dim > 0 ? v.applies.head_dim : 128;
-    s.group = v.applies.group_max > 0 ? v.applies.group_max : 4;
-    s.kv_dtype = v.applies.any_kv_dtype ? KvDtype::Bf16 : v.applies.kv_dtype;
-    s.n_kv_heads = 8, s.kv_len = 4096, s.q_len = v.op == OpKind::AttentionPrefill ? 512 : 1;
-    OpShape lo = s;
-    lo.m = v.applies.m_min > 0 ? v.applies.m_min : 1;
-    lo.group = v.applies.group_min > 0 ? v.applies.group_min : 1;
-    return {s, lo};
+    std::vector<OpShape> out;
+    for (DType act : {DType::BF16, DType::F32})
+        for (int64_t q_len : {2, 512})
+            for (bool low : {false, true}) {
+                OpShape s;
+                s.op = v.op;
+                s.activation = act;
+                s.n = 4096, s.k = 4096;
+                s.m = low ? std::max(v.applies.m_min, 1) : (v.applies.m_max > 0 ? std::min(v.applies.m_max, 4096) : 1);
+                s.head_dim = v.applies.head_dim > 0 ? v.applies.head_dim : 128;
+                s.group = low ? std::max(v.applies.group_min, 1) : (v.applies.group_max > 0 ? v.applies.group_max : 4);
+                s.kv_dtype = v.applies.any_kv_dtype ? KvDtype::Bf16 : v.applies.kv_dtype;
+                s.n_kv_heads = 8, s.kv_len = 4096, s.q_len = v.op == OpKind::AttentionPrefill ? q_len : 1;
+                if (variant_applies(v, s)) out.push_back(s);
+            }
+    return out;
 }
 
 // The limits, restated independently of eligibility.cpp.
@@ -56,7 +62,7 @@ TEST(Registry, EntriesAreWellFormed) {
         EXPECT_LE(v.needs.regs_per_thread, 255);
         EXPECT_GE(v.needs.min_cc, 80);
         EXPECT_EQ(find_variant(v.op, v.name), &v);
-        for (const OpShape& s : shapes_for(v)) EXPECT_TRUE(variant_applies(v, s));
+        EXPECT_FALSE(shapes_for(v).empty()) << "applies to no shape";
         for (int splits : v.splits) EXPECT_GE(splits, 1);
     }
 }
@@ -72,21 +78,33 @@ TEST(Registry, SharedMemoryMatchesTheKernels) {
     EXPECT_EQ(find_variant(OpKind::AttentionDecode, "decode_mma.bf16.hd64")->needs.static_smem_bytes, 8448);
     EXPECT_EQ(find_variant(OpKind::GemvNvfp4, "mma.nt1")->needs.static_smem_bytes, 4096);
     EXPECT_EQ(find_variant(OpKind::GemvNvfp4, "mma.nt2")->needs.static_smem_bytes, 8192);
+    // prefill_smem_bytes<HD>: 2 stages x (K, V) x [64 keys][HD] x 2 bytes.
+    EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_mma.nvfp4.hd128")->needs.dynamic_smem_bytes, 65536);
+    EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_mma.bf16.hd64")->needs.dynamic_smem_bytes, 32768);
 }
 
-// Each shape the ops dispatch has exactly one attention kernel (the dispatch is a function of the shape),
-// and every GEMV tile has a CUDA-core variant.
+// Each shape the ops dispatch has exactly one attention kernel (the dispatch is a function of the shape,
+// as paged_attention's: tensor-core prefill for a BF16 q with >= 16 rows, tensor-core decode for group <= 8,
+// CUDA cores otherwise), and every GEMV tile has a CUDA-core variant.
 TEST(Registry, DispatchCoverage) {
     for (KvDtype kv : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4})
         for (int hd : {64, 128})
             for (int group = 1; group <= 32; ++group)
-                for (OpKind op : {OpKind::AttentionDecode, OpKind::AttentionPrefill}) {
-                    const OpShape s{.op = op, .head_dim = hd, .group = group, .kv_dtype = kv, .n_kv_heads = 8,
-                                    .q_len = op == OpKind::AttentionDecode ? 1 : 64, .kv_len = 1024};
-                    int n = 0;
-                    for (const KernelVariant& v : kernel_registry()) n += variant_applies(v, s);
-                    EXPECT_EQ(n, 1) << op_name(op) << " hd " << hd << " group " << group << " " << kv_dtype_name(kv);
-                }
+                for (DType act : {DType::BF16, DType::F32})
+                    for (int64_t q_len : {1, 2, 3, 8, 64}) {
+                        const OpKind op = q_len == 1 ? OpKind::AttentionDecode : OpKind::AttentionPrefill;
+                        const OpShape s{.op = op, .activation = act, .head_dim = hd, .group = group, .kv_dtype = kv,
+                                        .n_kv_heads = 8, .q_len = q_len, .kv_len = 1024};
+                        std::vector<std::string> names;
+                        for (const KernelVariant& v : kernel_registry())
+                            if (variant_applies(v, s)) names.emplace_back(v.name);
+                        ASSERT_EQ(names.size(), 1u) << op_name(op) << " hd " << hd << " group " << group << " q_len "
+                                                    << q_len << " " << kv_dtype_name(kv) << " " << dtype_name(act);
+                        const bool tc_prefill = act == DType::BF16 && q_len > 1 && q_len * group >= 16;
+                        const bool tc_decode = q_len == 1 && group <= 8;
+                        const std::string expect = tc_prefill ? "prefill_mma." : tc_decode ? "decode_mma." : "cuda_core.";
+                        EXPECT_EQ(names[0].rfind(expect, 0), 0u) << names[0] << " for group " << group << " q_len " << q_len;
+                    }
     for (OpKind op : {OpKind::GemvNvfp4, OpKind::GemvBf16})
         for (int m = 1; m <= 40; ++m) {
             const OpShape s{.op = op, .m = m, .n = 4096, .k = 4096};
@@ -95,6 +113,11 @@ TEST(Registry, DispatchCoverage) {
                 cuda_core += variant_applies(v, s) && v.name.substr(0, 10) == "cuda_core.";
             EXPECT_EQ(cuda_core, 1) << op_name(op) << " m " << m;
         }
+    // The NVFP4 prefill GEMM: BF16 activations, more rows than a GEMV tile.
+    const KernelVariant& gemm = *find_variant(OpKind::GemmNvfp4, "dequant_bf16.cublaslt");
+    EXPECT_TRUE(variant_applies(gemm, {.op = OpKind::GemmNvfp4, .m = 2048, .n = 4096, .k = 4096}));
+    EXPECT_FALSE(variant_applies(gemm, {.op = OpKind::GemmNvfp4, .m = 16, .n = 4096, .k = 4096}));
+    EXPECT_FALSE(variant_applies(gemm, {.op = OpKind::GemmNvfp4, .activation = DType::F32, .m = 2048, .n = 4096, .k = 4096}));
 }
 
 // Property: over every variant and every built-in profile, eligible implies fits, and for the registry's

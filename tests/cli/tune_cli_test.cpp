@@ -1,0 +1,93 @@
+// `nibble tune --device-profile NAME --list` and `nibble plan --device-profile NAME` end to end on golden
+// fixtures (no GPU needed): the listing names the profile and each variant's verdict; tuning a profile that
+// is not here is refused; the plan's roofline accounts for every weight byte the memory plan counts.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+    int rc = -1;
+    std::string out;  // stdout and stderr
+};
+
+Result run(const std::string& args) {
+    const std::string cmd = std::string(NIBBLE_BINARY) + " " + args + " 2>&1";
+    Result r;
+    FILE* p = popen(cmd.c_str(), "r");
+    if (p == nullptr) return r;
+    std::array<char, 4096> buf{};
+    size_t n = 0;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+    const int status = pclose(p);
+    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return r;
+}
+
+fs::path fixture(const std::string& name) {
+    return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures" / name / "model";
+}
+
+TEST(TuneCommand, ListsVariantsForAProfile) {
+    const Result r = run("tune " + fixture("qwen3_nvfp4_modelopt").string() + " --device-profile gb10 --list");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("[gb10]: compute capability 12.1, 48 SMs, shared memory 101376 B per block"), std::string::npos)
+        << r.out;
+    EXPECT_NE(r.out.find("gemv_nvfp4 ("), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("eligible  mma.nt1"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("eligible  cuda_core.mt1"), std::string::npos) << r.out;
+    // head_dim 32: no attention kernel serves it, which the listing says rather than hides.
+    EXPECT_NE(r.out.find("no registered variant serves these shapes"), std::string::npos) << r.out;
+}
+
+TEST(TuneCommand, RefusesToTuneAnAbsentProfileAndUnknownNames) {
+    const std::string dir = fixture("qwen3_nvfp4_modelopt").string();
+    Result r = run("tune " + dir + " --device-profile gb10");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("can only be listed (add --list)"), std::string::npos) << r.out;
+    r = run("tune " + dir + " --device-profile a100 --list");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("'a100' is not a known profile (known: gb10, rtx5090, b200, h100, h200)"), std::string::npos)
+        << r.out;
+}
+
+TEST(PlanCommand, RooflineOnAProfile) {
+    const fs::path dir = fixture("qwen3_nvfp4_modelopt");
+    const Result r = run("plan " + dir.string() + " --device-profile gb10 --json --max-model-len 128 --context-depth 100");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const nlohmann::json j = nlohmann::json::parse(r.out);
+    ASSERT_TRUE(j.contains("roofline")) << r.out;
+    const nlohmann::json& rf = j["roofline"];
+    EXPECT_EQ(rf["device_profile"], "gb10");
+    EXPECT_EQ(j["device"], "NVIDIA GB10 (DGX Spark)");
+    EXPECT_EQ(rf["context_depth"], 100);
+    int64_t sum = 0;
+    for (const auto& [what, bytes] : rf["decode_bytes"].items()) sum += bytes.get<int64_t>();
+    EXPECT_EQ(sum, rf["decode_bytes_per_token"].get<int64_t>());
+    EXPECT_DOUBLE_EQ(rf["decode_tokens_per_s"].get<double>(), 273e9 / static_cast<double>(sum));
+    // Every byte of the memory plan's weights is read per token, except the embedding (one row gathered).
+    std::ifstream in(dir / "config.json");
+    const nlohmann::json config = nlohmann::json::parse(in);
+    const int64_t n_embd = config["hidden_size"], vocab = config["vocab_size"];
+    const int64_t dense = 2;  // the fixture's BF16 (or F16) tensors
+    const int64_t kv = rf["decode_bytes"]["KV cache at 100 tokens"].get<int64_t>();
+    EXPECT_EQ(kv, 100 * j["kv_bytes_per_token"].get<int64_t>());
+    EXPECT_EQ(sum - kv - n_embd * dense + vocab * n_embd * dense, j["weights_bytes"].get<int64_t>());
+    EXPECT_GT(rf["prefill_tokens_per_s"].get<double>(), 0.0);
+
+    const Result text = run("plan " + dir.string() + " --device-profile gb10 --max-model-len 128");
+    ASSERT_EQ(text.rc, 0) << text.out;
+    EXPECT_NE(text.out.find("roofline on NVIDIA GB10 (DGX Spark) [gb10]: 273 GB/s"), std::string::npos) << text.out;
+    EXPECT_NE(text.out.find("decode, batch 1"), std::string::npos) << text.out;
+    EXPECT_NE(text.out.find("lm_head"), std::string::npos) << text.out;
+}
+
+}  // namespace
