@@ -191,7 +191,7 @@ constexpr KernelVariant kVariants[] = {
      attn(128, 1, 32, KvDtype::Nvfp4, not_prefill_mma), kPrefillSplits, Measured::OnHopper, kAttnSrc},
     // ---- NVFP4 prefill GEMM: dequantize to BF16, then cuBLASLt (its kernels fit the device by construction) ----
     {OpKind::GemmNvfp4, "dequant_bf16.cublaslt", "dequantize_nvfp4_kernel + cuBLASLt",
-     {.threads_per_block = 256, .regs_per_thread = 32}, {.m_min = 17, .m_max = 1 << 30, .also = bf16_activations}, {},
+     {.threads_per_block = 256, .regs_per_thread = 39}, {.m_min = 17, .m_max = 1 << 30, .also = bf16_activations}, {},
      Measured::PendingHopper, kGemmSrc},
 };
 

@@ -70,7 +70,9 @@ ShapeTuning tune_shape(const OpShape& shape, std::span<const KernelVariant* cons
         std::vector<int> split_choices(v->splits.begin(), v->splits.end());
         if (split_choices.empty()) split_choices.push_back(1);
         for (int splits : split_choices) {
-            if (splits > 1 && static_cast<int64_t>(splits) * 32 > shape.kv_len) continue;
+            // The ops' own split heuristics never give a split fewer keys than this; nor does tuning.
+            const int64_t min_keys = shape.op == OpKind::AttentionPrefill ? 512 : 256;
+            if (splits > 1 && shape.kv_len / splits < min_keys) continue;
             // One probe launch first: a variant that cannot launch is marked failed before any timing.
             const LaunchOutcome probe = runner.launch(*v, shape, splits);
             if (!probe.ok) {

@@ -44,7 +44,8 @@ struct ShapeTuning {
 };
 
 // Times every eligible variant of `shape` not already failed (each split count of `splits` for variants that
-// take splits; split counts above kv_len / 32 are skipped, as a split holds at least one 32-key tile).
+// take splits, as long as a split keeps 256 keys for decode, 512 for prefill: the floors of the ops' own
+// split heuristics).
 ShapeTuning tune_shape(const OpShape& shape, std::span<const KernelVariant* const> eligible, VariantRunner& runner,
                        KernelTimer& timer, FailedVariants& failed, const TimingOptions& options);
 

@@ -188,7 +188,7 @@ TEST(TuneShape, KeepsTheFastestAndMarksFailures) {
 
 TEST(TuneShape, AttentionTriesSplitCountsThatFitTheContext) {
     const OpShape shape{.op = OpKind::AttentionDecode, .head_dim = 128, .group = 4, .kv_dtype = KvDtype::Bf16,
-                        .n_seqs = 1, .n_kv_heads = 8, .q_len = 1, .kv_len = 128};
+                        .n_seqs = 1, .n_kv_heads = 8, .q_len = 1, .kv_len = 1024};
     const auto eligible = eligible_variants(shape, builtin_profile("h100"), kTargets);
     ASSERT_EQ(eligible.size(), 1u);
     EXPECT_EQ(eligible[0]->name, "decode_mma.bf16.hd128");
@@ -210,7 +210,7 @@ TEST(TuneShape, AttentionTriesSplitCountsThatFitTheContext) {
     const ShapeTuning t = tune_shape(shape, eligible, splits_runner, timer, failed, {.warmup = 0, .repeats = 3});
     ASSERT_TRUE(t.best);
     EXPECT_EQ(t.best->splits, 2);
-    // kv_len 128 holds at most 4 tiles of 32 keys: splits 1, 2, 4 only.
+    // kv_len 1024 at >= 256 keys a split: splits 1, 2, 4 only.
     std::set<int> tried(runner.splits_seen.begin(), runner.splits_seen.end());
     EXPECT_EQ(tried, (std::set<int>{1, 2, 4}));
 }
