@@ -69,13 +69,13 @@ public:
             const size_t weight_bytes = s.op == OpKind::GemvNvfp4 ? static_cast<size_t>(s.n * s.k / 2)
                                                                   : static_cast<size_t>(s.n * s.k * 2);
             const size_t scale_bytes = s.op == OpKind::GemvNvfp4 ? static_cast<size_t>(s.n * s.k / 16) : 0;
-            const size_t per_copy = weight_bytes + scale_bytes;
-            const size_t copies =
-                std::clamp<size_t>((2 * static_cast<size_t>(l2_bytes_) + per_copy - 1) / per_copy, 1, 16);
-            for (size_t c = 0; c < copies; ++c) {
-                weights_.push_back(random_buffer(weight_bytes, ++seed, stream_));
-                if (scale_bytes > 0) scales_.push_back(random_buffer(scale_bytes, ++seed, stream_));
-            }
+            // Copies in one allocation each for weights and scales, every copy 256-byte aligned.
+            weight_stride_ = (weight_bytes + 255) / 256 * 256;
+            scale_stride_ = (scale_bytes + 255) / 256 * 256;
+            const size_t per_copy = weight_stride_ + scale_stride_;
+            copies_ = std::clamp<size_t>((2 * static_cast<size_t>(l2_bytes_) + per_copy - 1) / per_copy, 1, 4096);
+            weights_ = random_buffer(copies_ * weight_stride_, ++seed, stream_);
+            if (scale_bytes > 0) scales_ = random_buffer(copies_ * scale_stride_, ++seed, stream_);
         } else if (s.op == OpKind::AttentionDecode || s.op == OpKind::AttentionPrefill) {
             if (s.n_seqs < 1 || s.q_len < 1 || s.kv_len < s.q_len || s.n_kv_heads < 1 || s.group < 1)
                 throw std::invalid_argument("tune: attention shape needs n_seqs, q_len, n_kv_heads, group >= 1, kv_len >= q_len");
@@ -135,10 +135,10 @@ public:
 private:
     void launch_unguarded(const KernelVariant& v, const OpShape& s, int splits) {
         if (s.op == OpKind::GemvNvfp4) {
-            const size_t c = next_copy_++ % weights_.size();
+            const size_t c = next_copy_++ % copies_;
             cuda::Nvfp4DeviceWeight w;
-            w.packed = weights_[c].as<uint8_t>();
-            w.scales = scales_[c].as<uint8_t>();
+            w.packed = weights_.as<uint8_t>() + c * weight_stride_;
+            w.scales = scales_.as<uint8_t>() + c * scale_stride_;
             w.global_scale = 1.0f;
             w.n = s.n, w.k = s.k;
             if (starts_with(v.name, "mma."))
@@ -146,9 +146,10 @@ private:
             else
                 cuda::gemv_nvfp4_cuda_core(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
         } else if (s.op == OpKind::GemvBf16) {
-            const size_t c = next_copy_++ % weights_.size();
-            cuda::gemv_bf16(x_.get(), s.activation, s.m, weights_[c].as<uint16_t>(), s.n, s.k, nullptr, y_.get(),
-                            stream_);
+            const size_t c = next_copy_++ % copies_;
+            cuda::gemv_bf16(x_.get(), s.activation, s.m,
+                            reinterpret_cast<const uint16_t*>(weights_.as<uint8_t>() + c * weight_stride_), s.n, s.k,
+                            nullptr, y_.get(), stream_);
         } else {
             int n = splits;
             if (n <= 0) n = cuda::paged_attention_splits(batch_, layer_.n_kv_heads, args_.n_heads, sm_count_);
@@ -159,8 +160,9 @@ private:
     }
 
     void release() {
-        weights_.clear();
-        scales_.clear();
+        weights_ = DeviceBuffer();
+        scales_ = DeviceBuffer();
+        copies_ = 1;
         x_ = DeviceBuffer();
         y_ = DeviceBuffer();
         k_ = DeviceBuffer();
@@ -174,8 +176,8 @@ private:
     int l2_bytes_ = 0, sm_count_ = 0;
     OpShape shape_;
     DeviceBuffer x_, y_;                                  // GEMV x [m, k], y [m, n]; attention q, out
-    std::vector<DeviceBuffer> weights_, scales_;          // GEMV weight copies [n, k / 2] / [n, k] and scales
-    size_t next_copy_ = 0;
+    DeviceBuffer weights_, scales_;  // GEMV: copies_ x ([n, k / 2] NVFP4 or [n, k] BF16 | [n, k / 16] scales)
+    size_t weight_stride_ = 0, scale_stride_ = 0, copies_ = 1, next_copy_ = 0;
     DeviceBuffer k_, v_, meta_, workspace_;               // attention cache, q_start/start_pos/tables, partials
     cuda::PagedKvLayer layer_;
     cuda::AttentionBatch batch_;

@@ -3,7 +3,7 @@
 // (tune/launch_guard_cuda.h). Plain C++ plus cuda_runtime.h types (CUDA builds only).
 //
 // GEMV: x [m, k] and y [m, n] in the shape's activation dtype; the weights in as many copies as make
-// twice the device's L2 (at most 16), one copy per launch in turn, so a timed launch streams its weights
+// twice the device's L2 (at most 4096), one copy per launch in turn, so a timed launch streams its weights
 // from memory as a decode step does (one layer's weights are cold when it runs) instead of from L2.
 // "mma.*" variants run gemv_nvfp4_mma, "cuda_core.*" gemv_nvfp4_cuda_core or gemv_bf16; the m tile picks
 // the instantiation the variant names. Attention: n_seqs sequences of kv_len cached tokens (random K/V,
