@@ -663,6 +663,307 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
         decode_mma_kernel<KV, 128><<<grid, kThreads, 0, stream>>>(p);
 }
 
+// ---- Decode on the tensor cores, pipelined (FP8 / NVFP4 cache; DecodeKernel::Pipelined) ----
+//
+// Same CTA, fragments, hi + lo q/P parts and warp merge as decode_mma_kernel, but the loop is software
+// pipelined: while a warp computes step i it already has step i + 1's raw K/V (and scales) in flight and
+// step i + 2's block-table entries loaded, so each warp keeps one step of bytes outstanding at all times
+// and the table -> row dependency is off the critical path (docs/perf.md: v2 waited for both each step).
+// A warp step is 16 * NSUB keys (NVFP4: NSUB = 2, so a step moves ~4.6 KB, the bytes of a BF16 16-key
+// step's K); one online-softmax update a step, and the accumulator rescale is skipped when no row's max
+// moved (the common case deep in a long context). NVFP4 unpacking: codes (e, e + 4) of a word to an fp16
+// pair by shift + mask (e2m1 * 2^-14), times the group scale * 2^7 in one HMUL2 (the product e2m1 * s *
+// 2^-7 is exact in fp16: <= 6 significant bits, a multiple of 2^-17, at most 21); the 2^7 goes into the
+// score factor and the output. The pair order permutes head_dim inside each 8-dim word: free for Q.K (q is
+// loaded in the same order), undone when the output is stored.
+// Resources (ptxas -v, sm_90a, CUDA 13.0): see kDecodePipeResources below.
+__device__ __forceinline__ void e2m1x8_to_f16_pairs(uint32_t w, __half2 scale, uint32_t* out) {
+    constexpr uint32_t kMag = 0x0e000e00u, kSign = 0x80008000u;
+    const uint32_t b[4] = {((w << 9) & kMag) | ((w << 12) & kSign), ((w << 5) & kMag) | ((w << 8) & kSign),
+                           ((w << 1) & kMag) | ((w << 4) & kSign), ((w >> 3) & kMag) | (w & kSign)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __half2 h = __hmul2(*reinterpret_cast<const __half2*>(&b[i]), scale);
+        out[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+}
+
+// E4M3 code (low byte) times 2^7 as an fp16 pair (exact: <= 448 * 128 = 57344).
+__device__ __forceinline__ __half2 scale_x128_h2(uint32_t code) {
+    const __half_raw r = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code & 0xffu), __NV_E4M3);
+    const __half h = __hmul(__half(r), __float2half_rn(128.0f));
+    return __half2(h, h);
+}
+
+// Offset inside a lane's run of dims of element `half` of 16-bit pair P: natural order (2P, 2P + 1), or
+// NVFP4's (e, e + 4) pairs of each 8-dim word.
+template <bool PERM>
+__device__ __forceinline__ constexpr int pair_dim(int P, int half) {
+    return PERM ? 8 * (P >> 2) + (P & 3) + 4 * half : 2 * P + half;
+}
+
+template <KvDtype KV, int HD, int NSUB>
+__global__ void __launch_bounds__(kThreads, 2) decode_pipe_kernel(const AttnParams p) {
+    static_assert(KV != KvDtype::Bf16, "BF16 runs decode_mma_kernel");
+    constexpr bool PERM = KV == KvDtype::Nvfp4;
+    constexpr int BITS = KV == KvDtype::Fp8 ? 8 : 4;
+    constexpr int ROW_BYTES = HD * BITS / 8;
+    constexpr int KQ = HD / 4;          // dims of a K row a lane reads
+    constexpr int VQ = HD / 8;          // dims of a V row a lane reads
+    constexpr int KW = KQ * BITS / 32;  // their words
+    constexpr int VW = VQ * BITS / 32;
+    constexpr int PPW = 16 / BITS;      // 16-bit pairs per stored word
+    constexpr int KSTEPS = HD / 16;
+    constexpr int NT = HD / 8;
+    constexpr int STEP = 16 * NSUB;     // keys of a warp step
+    constexpr int STRIDE = 4 * STEP;    // keys of a CTA step
+    constexpr float kUnplace = PERM ? 128.0f : 1.0f;
+    static_assert(STEP <= 32 && KW * PPW == 2 * KSTEPS && VW * PPW * 2 == NT, "fragment shapes");
+
+    __shared__ float s_m[4][8], s_l[4][8];
+    __shared__ float s_o[4][8][HD];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int seq = blockIdx.y;
+    const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
+    const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
+    const int q0 = p.q_start[seq];
+    if (p.q_start[seq + 1] - q0 < 1) return;
+    const int pos = p.start_pos[seq];
+    int lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
+    int hi = pos + 1;
+    lo = max(lo, split * p.keys_per_split);
+    hi = min(hi, (split + 1) * p.keys_per_split);
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+    const bool row_ok = g < p.group;
+    const float qk_scale = p.qk_scale * kUnplace;
+
+    // Q fragments (row g; pair P = 2s + h of this lane's quarter of head_dim), hi and lo parts.
+    uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
+    {
+        const int64_t qrow = (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ;
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float x = 0.0f, y = 0.0f;
+                if (row_ok) {
+                    const int64_t i0 = qrow + pair_dim<PERM>(2 * s + h, 0), i1 = qrow + pair_dim<PERM>(2 * s + h, 1);
+                    if (p.bf16) {
+                        x = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i0]);
+                        y = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i1]);
+                    } else {
+                        x = static_cast<const float*>(p.q)[i0];
+                        y = static_cast<const float*>(p.q)[i1];
+                    }
+                }
+                split_pair<false>(x, y, qa_hi[s][h], qa_lo[s][h]);
+            }
+        }
+    }
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const int64_t scale_area = static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES;
+
+    // Raw bytes of one warp step: K of keys kb + 16u + 8j + g (quarter t), V of keys kb + 16u + 8(j >> 1) +
+    // 2t + (j & 1) (slice g), and their NVFP4 scale bytes. Zeros for keys >= hi.
+    struct Raw {
+        uint32_t k[NSUB][2][KW], v[NSUB][4][VW], ks[NSUB][2], vs[NSUB][4];
+    };
+    // Lane L: the physical block of key kb + L % STEP (lanes share it through shuffles).
+    auto load_table = [&](int kb) -> int {
+        const int key = kb + lane % STEP;
+        return key < hi ? __ldg(table + key / p.block_size) : 0;
+    };
+    auto load_raw = [&](Raw& r, int kb, int blocks) {
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int kk = 16 * u + 8 * j + g, key = kb + kk;
+                const int block = __shfl_sync(0xffffffffu, blocks, kk);
+#pragma unroll
+                for (int i = 0; i < KW; ++i) r.k[u][j][i] = 0;
+                r.ks[u][j] = 0;
+                if (key < hi) {
+                    const int64_t base = static_cast<int64_t>(block) * p.block_bytes;
+                    const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                    load_words<KW>(p.k + base + row * ROW_BYTES + t * (KQ * BITS / 8), r.k[u][j]);
+                    if constexpr (PERM) {
+                        const uint8_t* sp = p.k + base + scale_area + row * (HD / 16) + t * (KQ / 16);
+                        r.ks[u][j] = KQ / 16 == 2 ? __ldg(reinterpret_cast<const unsigned short*>(sp)) : __ldg(sp);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int kk = 16 * u + (j >> 1) * 8 + 2 * t + (j & 1), key = kb + kk;
+                const int block = __shfl_sync(0xffffffffu, blocks, kk);
+#pragma unroll
+                for (int i = 0; i < VW; ++i) r.v[u][j][i] = 0;
+                r.vs[u][j] = 0;
+                if (key < hi) {
+                    const int64_t base = static_cast<int64_t>(block) * p.block_bytes;
+                    const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                    load_words<VW>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), r.v[u][j]);
+                    if constexpr (PERM) r.vs[u][j] = __ldg(p.v + base + scale_area + row * (HD / 16) + (g * VQ) / 16);
+                }
+            }
+        }
+    };
+    auto to_pairs = [&](uint32_t w, uint32_t scale_byte, uint32_t* out) {
+        if constexpr (PERM)
+            e2m1x8_to_f16_pairs(w, scale_x128_h2(scale_byte), out);
+        else
+            word_to_pairs<KvDtype::Fp8>(w, __half2(), out);
+    };
+    auto compute = [&](const Raw& r, int kb) {
+        // Scores of row g against this lane's 4 keys of each sub-step.
+        float sv[NSUB][4];
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u) {
+            float sc[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+                uint32_t kp[KW * PPW];
+#pragma unroll
+                for (int i = 0; i < KW; ++i) to_pairs(r.k[u][j][i], r.ks[u][j] >> (8 * (i / 2)), kp + i * PPW);
+#pragma unroll
+                for (int s = 0; s < KSTEPS; ++s) {
+                    const uint32_t a[4] = {qa_hi[s][0], qa_lo[s][0], qa_hi[s][1], qa_lo[s][1]};
+                    mma16816<false>(sc[j], a, kp[2 * s], kp[2 * s + 1]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int key = kb + 16 * u + (i >> 1) * 8 + 2 * t + (i & 1);
+                const float x = sc[i >> 1][i & 1] + sc[i >> 1][(i & 1) + 2];
+                sv[u][i] = row_ok && key < hi ? x * qk_scale : -INFINITY;
+                tmax = fmaxf(tmax, sv[u][i]);
+            }
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float m_new = fmaxf(m, tmax);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing attended yet
+        const float alpha = exp2f(m - m_use);                  // 0 while m is -inf (o and l are 0 then)
+        m = m_new;
+        float psum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                sv[u][i] = exp2f(sv[u][i] - m_use);
+                psum += sv[u][i];
+            }
+        l = l * alpha + psum;
+        if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) o[n][0] *= alpha, o[n][1] *= alpha, o[n][2] *= alpha, o[n][3] *= alpha;
+        }
+        // O += P V, one 16-key sub-step at a time.
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u) {
+            uint32_t pa[4];  // rows g: hi parts, rows g + 8: lo parts
+            split_pair<false>(sv[u][0], sv[u][1], pa[0], pa[1]);
+            split_pair<false>(sv[u][2], sv[u][3], pa[2], pa[3]);
+            uint32_t vp[4][VW * PPW];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int i = 0; i < VW; ++i) to_pairs(r.v[u][j][i], r.vs[u][j], vp[j] + i * PPW);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int w = n >> 1;
+                const uint32_t sel = (n & 1) ? 0x7632u : 0x5410u;
+                const uint32_t b0 = __byte_perm(vp[0][w], vp[1][w], sel);
+                const uint32_t b1 = __byte_perm(vp[2][w], vp[3][w], sel);
+                mma16816<false>(o[n], pa, b0, b1);
+            }
+        }
+    };
+
+    if (lo < hi) {  // uniform over the CTA
+        int kb = lo + STEP * warp;
+        int blocks = load_table(kb);
+        Raw cur;
+        load_raw(cur, kb, blocks);
+        blocks = load_table(kb + STRIDE);
+        for (; kb < hi; kb += STRIDE) {  // uniform over the warp
+            Raw nxt;
+            load_raw(nxt, kb + STRIDE, blocks);  // zeros (nothing read) past hi
+            blocks = load_table(kb + 2 * STRIDE);
+            compute(cur, kb);
+            cur = nxt;
+        }
+    }
+
+    // Merge the 4 warps as decode_mma_kernel does.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (t == 0) {
+        s_m[warp][g] = m;
+        s_l[warp][g] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int d = pair_dim<PERM>(n >> 1, n & 1);
+        s_o[warp][g][(2 * t) * VQ + d] = o[n][0] + o[n][2];
+        s_o[warp][g][(2 * t + 1) * VQ + d] = o[n][1] + o[n][3];
+    }
+    __syncthreads();
+    const float v_mul = p.v_scale * kUnplace;
+    for (int i = tid; i < p.group * HD; i += kThreads) {
+        const int r = i / HD, d = i % HD;
+        float mm = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
+        float ll = 0.0f, oo = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            if (s_m[w][r] == -INFINITY) continue;
+            const float f = exp2f(s_m[w][r] - mm);
+            ll += s_l[w][r] * f;
+            oo += s_o[w][r][d] * f;
+        }
+        const int64_t hrow = static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + r;
+        if (p.n_splits == 1) {
+            const float val = oo * (v_mul / ll);
+            if (p.bf16)
+                static_cast<__nv_bfloat16*>(p.out)[hrow * HD + d] = __float2bfloat16_rn(val);
+            else
+                static_cast<float*>(p.out)[hrow * HD + d] = val;
+        } else {
+            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
+            p.part_o[prow * HD + d] = oo * v_mul;
+            if (d == 0) {
+                p.part_m[prow] = mm;
+                p.part_l[prow] = ll;
+            }
+        }
+    }
+}
+
+// NSUB per cache dtype: NVFP4 2 (32-key warp steps), FP8 1 (its 16-key step already moves 4 KB).
+template <KvDtype KV>
+constexpr int decode_pipe_nsub() {
+    return KV == KvDtype::Nvfp4 ? 2 : 1;
+}
+
+template <KvDtype KV>
+void launch_decode_pipe(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    constexpr int NSUB = decode_pipe_nsub<KV>();
+    if (hd == 64)
+        decode_pipe_kernel<KV, 64, NSUB><<<grid, kThreads, 0, stream>>>(p);
+    else
+        decode_pipe_kernel<KV, 128, NSUB><<<grid, kThreads, 0, stream>>>(p);
+}
+
 // ---- Prefill on the tensor cores (flash-attention-2 style; BF16 q) ----
 //
 // CTA: 8 warps, one (sequence, KV head, tile of kPfRows = 128 rows, key split); a row is (query token, query
@@ -1309,6 +1610,24 @@ int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t 
     return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, 256));
 }
 
+int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int64_t n_heads, int sm_count) {
+    if (kv.n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
+    const int64_t group = n_heads / kv.n_kv_heads;
+    if (prefill_rows_enough(group, b.max_q_len) || b.max_q_len > 1)
+        return paged_attention_splits(b, kv.n_kv_heads, n_heads, sm_count);
+    // Decode: ~4 CTAs per SM, each split reading at least kMinSplitBytes of K + V (the BF16 rule of 256
+    // keys a split, at head_dim 128, in bytes), so a 4-bit split covers ~3.5x the keys of a BF16 one.
+    constexpr int64_t kMinSplitBytes = 256 * 2 * 256;
+    const int64_t row_bytes = kv.dtype == KvDtype::Bf16 ? 2 * kv.head_dim
+                            : kv.dtype == KvDtype::Fp8  ? kv.head_dim
+                                                        : kv.head_dim / 2 + kv.head_dim / 16;
+    const int64_t key_bytes = std::max<int64_t>(1, 2 * row_bytes);  // K and V
+    const int64_t ctas = b.n_seqs * kv.n_kv_heads;
+    const int64_t want = (4 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;
+    const int64_t most = std::max<int64_t>(1, b.max_kv_len * key_bytes / kMinSplitBytes);
+    return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, 256));
+}
+
 size_t paged_attention_workspace_bytes(int n_splits, int64_t n_tokens, int64_t n_heads, int64_t head_dim) {
     if (n_splits <= 1) return 0;
     return static_cast<size_t>(n_splits) * n_tokens * n_heads * (head_dim + 2) * sizeof(float);
@@ -1369,10 +1688,22 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
             default: launch_prefill_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream); break;
         }
     } else if (b.max_q_len == 1 && group <= 8) {
-        switch (kv.dtype) {  // decode on the tensor cores
+        // Decode on the tensor cores: the pipelined kernel for FP8 / NVFP4 unless Mma is asked for.
+        const bool pipelined = kv.dtype != KvDtype::Bf16 && args.decode_kernel != DecodeKernel::Mma;
+        switch (kv.dtype) {
             case KvDtype::Bf16: launch_decode_mma<KvDtype::Bf16>(kv.head_dim, p, grid, stream); break;
-            case KvDtype::Fp8: launch_decode_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream); break;
-            default: launch_decode_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream); break;
+            case KvDtype::Fp8:
+                if (pipelined)
+                    launch_decode_pipe<KvDtype::Fp8>(kv.head_dim, p, grid, stream);
+                else
+                    launch_decode_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream);
+                break;
+            default:
+                if (pipelined)
+                    launch_decode_pipe<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream);
+                else
+                    launch_decode_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream);
+                break;
         }
     } else {
         switch (kv.dtype) {

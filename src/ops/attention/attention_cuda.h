@@ -67,15 +67,25 @@ struct AttentionBatch {
     int64_t max_kv_len = 0;  // >= every start_pos[s] + its query count (splits divide this range)
 };
 
+// Which tensor-core decode kernel runs (decode with at most 8 query heads per KV head; kept selectable to
+// compare them): Auto takes Pipelined for the FP8/NVFP4 caches and Mma for BF16. Pipelined: raw K/V and
+// block-table entries loaded one warp step ahead of the math (32 keys a warp step for NVFP4, 16 for FP8),
+// cheaper NVFP4 unpacking; BF16 has no pipelined variant (its step is 4x the registers) and runs Mma.
+enum class DecodeKernel { Auto, Mma, Pipelined };
+
 struct AttentionArgs {
     int64_t n_heads = 0;
     float scale = 1.0f;          // applied to q.k, usually 1/sqrt(head_dim)
     int64_t sliding_window = 0;  // 0: every earlier position
+    DecodeKernel decode_kernel = DecodeKernel::Auto;
 };
 
 // How many key-range splits to use so the grid fills `sm_count` SMs (1 when it already does, or the
 // context is short), and the workspace those splits need (0 for one split).
 int paged_attention_splits(const AttentionBatch& batch, int64_t n_kv_heads, int64_t n_heads, int sm_count);
+// The same, with decode splits sized by the bytes a split reads rather than its keys (a 4-bit cache's split
+// covers ~3.5x the keys of a BF16 one for the same bytes), so each CTA moves enough bytes to hide its start.
+int paged_attention_splits(const AttentionBatch& batch, const PagedKvLayer& kv, int64_t n_heads, int sm_count);
 size_t paged_attention_workspace_bytes(int n_splits, int64_t n_tokens, int64_t n_heads, int64_t head_dim);
 
 void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const AttentionBatch& batch,
