@@ -210,7 +210,8 @@ struct AttnCase {
     bool bf16;
     int64_t sliding_window;
     std::vector<SeqSpec> seqs;
-    int n_splits = 0;  // 0: the launcher's choice
+    int n_splits = 0;  // 0: the launcher's choice (paged_attention_splits by keys); -1: its by-bytes overload
+    cuda::DecodeKernel decode_kernel = cuda::DecodeKernel::Auto;
 };
 
 // Tolerance of one output element o_d of one (token, head) row, derived from float32 arithmetic on both sides
@@ -305,7 +306,10 @@ RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd,
 }
 
 void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
-    std::string name = std::string(kv_dtype_name(c.dtype)) + " heads=" + std::to_string(c.n_heads) + "/" +
+    const char* kernel_name = c.decode_kernel == cuda::DecodeKernel::Mma         ? " decode=mma"
+                              : c.decode_kernel == cuda::DecodeKernel::Pipelined ? " decode=pipelined"
+                                                                                 : "";
+    std::string name = std::string(kv_dtype_name(c.dtype)) + kernel_name + " heads=" + std::to_string(c.n_heads) + "/" +
                        std::to_string(c.n_kv_heads) + " hd=" + std::to_string(c.head_dim) +
                        (c.bf16 ? " bf16" : " f32") + " window=" + std::to_string(c.sliding_window) + " seqs=";
     for (const auto& s : c.seqs) name += std::to_string(s.kv_len) + "/" + std::to_string(s.n_q) + " ";
@@ -369,15 +373,18 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
     auto d_qs = upload_vec(q_start), d_sp = upload_vec(start_pos), d_bt = upload_vec(tables);
     cuda::AttentionBatch batch{static_cast<int64_t>(c.seqs.size()), n_tokens, d_qs.as<int32_t>(), d_sp.as<int32_t>(),
                                d_bt.as<int32_t>(), max_blocks, max_q, max_kv};
-    const int splits = c.n_splits > 0 ? c.n_splits
-                                      : cuda::paged_attention_splits(batch, nkv, c.n_heads,
-                                                                     cuda::query_device(0).sm_count);
+    const int sm_count = cuda::query_device(0).sm_count;
+    const int splits = c.n_splits > 0    ? c.n_splits
+                       : c.n_splits == 0 ? cuda::paged_attention_splits(batch, nkv, c.n_heads, sm_count)
+                                         : cuda::paged_attention_splits(batch, dev.layer, c.n_heads, sm_count);
+    ASSERT_GE(splits, 1);
     const size_t ws_bytes = cuda::paged_attention_workspace_bytes(splits, n_tokens, c.n_heads, hd);
     cuda::DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
     ws.fill_bytes(0xff);
     test::DeviceOut out(q.size(), c.bf16);
     cuda::paged_attention(dq.buf.get(), c.bf16 ? DType::BF16 : DType::F32, dev.layer, batch,
-                          cuda::AttentionArgs{c.n_heads, scale, c.sliding_window}, splits, ws.get(), ws_bytes,
+                          cuda::AttentionArgs{c.n_heads, scale, c.sliding_window, c.decode_kernel}, splits, ws.get(),
+                          ws_bytes,
                           out.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 
@@ -440,6 +447,47 @@ TEST(PagedAttentionCuda, LongDecodeSplitK) {
         attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{32768, 1}, {20001, 1}}});
     // An explicit split count that leaves some splits without keys for the short sequence.
     attention_case(pool, rng, {KvDtype::Nvfp4, 16, 2, 128, false, 0, {{9000, 1}, {40, 1}}, 37});
+}
+
+// Both tensor-core decode kernels (the pipelined one, Auto's choice for FP8/NVFP4, and the older Mma one;
+// a BF16 cache asked for Pipelined runs Mma), on batches of one-token sequences of different lengths: 1,
+// lengths off the 16-key block, the 16/32-key warp steps and the 64/128-key CTA steps, a sequence shorter
+// than one warp step next to long ones; GQA 1, 4 and 8 (and 2: rows 2..7 of the mma unused); head_dim 64
+// and 128; F32 and BF16 q/out; sliding windows shorter and longer than a warp step; explicit split counts
+// leaving many splits without keys; the splits-by-bytes overload.
+TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const std::vector<SeqSpec> batch = {{1, 1},   {2, 1},   {17, 1},  {31, 1},   {33, 1},  {65, 1},
+                                        {129, 1}, {300, 1}, {1000, 1}, {2049, 1}, {4097, 1}};
+    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+        for (cuda::DecodeKernel dk : {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined}) {
+            attention_case(pool, rng, {dt, 32, 8, 128, true, 0, batch, 0, dk});     // GQA 4
+            attention_case(pool, rng, {dt, 32, 8, 128, false, 0, batch, -1, dk});   // GQA 4, F32, by bytes
+            attention_case(pool, rng, {dt, 16, 2, 64, false, 0, batch, 0, dk});     // GQA 8, head_dim 64
+            attention_case(pool, rng, {dt, 64, 8, 128, true, 0, batch, -1, dk});    // GQA 8
+            attention_case(pool, rng, {dt, 8, 8, 64, true, 0, batch, 0, dk});       // GQA 1, head_dim 64
+            attention_case(pool, rng, {dt, 4, 4, 128, false, 0, batch, 0, dk});     // GQA 1
+            attention_case(pool, rng, {dt, 8, 4, 128, true, 0, batch, 5, dk});      // GQA 2, 5 splits
+            attention_case(pool, rng, {dt, 32, 4, 64, true, 100, batch, 0, dk});    // window > warp step
+            attention_case(pool, rng, {dt, 16, 4, 128, false, 13, batch, 0, dk});   // window < warp step
+            attention_case(pool, rng, {dt, 16, 2, 128, true, 0, {{9000, 1}, {40, 1}, {1, 1}}, 37, dk});  // empty splits
+            attention_case(pool, rng, {dt, 32, 8, 64, false, 0, {{5000, 1}, {3, 1}}, 200, dk});  // 25-key splits
+        }
+    }
+}
+
+// Long decode on both kernels with the launcher's split choices (by keys and by bytes).
+TEST(PagedAttentionCuda, LongDecodeKernelsMatchCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (KvDtype dt : {KvDtype::Fp8, KvDtype::Nvfp4})
+        for (cuda::DecodeKernel dk : {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined}) {
+            attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{65536 + 7, 1}, {1, 1}, {20001, 1}}, -1, dk});
+            attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{32768, 1}, {3000, 1}}, 0, dk});
+        }
 }
 
 TEST(PagedAttentionCuda, PrefillMatchesCpu) {
