@@ -7,9 +7,10 @@
 // Bandwidth counts the bytes each launch must move: weights (+ NVFP4 scales), activations, outputs.
 // The copy reference is the median of 20 cudaMemcpy of 1 GiB, counted as bytes read + bytes written.
 // Decode attention over the paged KV cache (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim
-// 128, block size 16, shuffled block tables) at contexts 4K/32K/128K, batch 1/8/32, per KV dtype: one
-// layer's attention per launch (split-K + combine), enough layer copies to be >= 4x the L2, reporting the
-// GB/s of KV bytes read. Prefill attention (same shape): 512 new query tokens of one sequence after 0, 8K,
+// 128, block size 16, shuffled block tables) at depths 8K/32K/64K/128K, batch 1, 8 and 8 of mixed lengths,
+// per KV dtype, the old tensor-core decode kernel against the default one: one layer's attention per launch
+// (split-K + combine), enough layer copies to be >= 4x the L2, reporting time, GB/s of KV bytes read and %
+// of copy. Prefill attention (same shape): 512 new query tokens of one sequence after 0, 8K,
 // 32K and 64K cached tokens, per KV dtype, one layer per launch (the launcher's kernel and splits), reporting
 // TFLOP/s with FLOPs = 4 * head_dim * n_heads * (attended (query, key) pairs, causal counted exactly:
 // sum over the 512 queries of depth + i + 1), and what 32 such layers cost per token (the attention share of
@@ -80,42 +81,54 @@ struct Row {
     double us, gbps, frac;
 };
 
-// Decode attention: bytes of K and V read per launch over time, per KV dtype, context and batch.
+// Decode attention: bytes of K and V read per launch over time, per KV dtype, depth and batch, the old
+// tensor-core decode kernel (DecodeKernel::Mma, splits by keys) against the launcher's default (Auto: the
+// pipelined kernel for FP8/NVFP4, splits by bytes) side by side. Batches: 1 and 8 sequences at the depth,
+// and 8 of mixed lengths (depth * (s + 1) / 8, the batch decode of a server).
 void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
     using nibble::KvDtype;
+    using nibble::cuda::DecodeKernel;
     const int64_t n_heads = 32, nkv = 8, hd = 128, bs = 16;
-    const int64_t contexts[] = {4096, 32768, 131072};
-    const int64_t batches[] = {1, 8, 32};
+    const int64_t depths[] = {8192, 32768, 65536, 131072};
+    struct BatchKind {
+        int64_t n;
+        bool mixed;
+    };
+    const BatchKind batches[] = {{1, false}, {8, false}, {8, true}};
     const KvDtype dtypes[] = {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4};
     struct ARow {
-        int64_t ctx, batch;
+        int64_t depth, batch;
+        bool mixed;
         KvDtype dt;
-        double us, gbps;
-        int splits;
+        double us[2], gbps[2];
+        int splits[2];
     };
     std::vector<ARow> rows;
     uint64_t seed = 99;
     std::mt19937_64 rng(7);
-    for (int64_t ctx : contexts) {
-        for (int64_t batch : batches) {
-            const int64_t blocks_per_seq = ctx / bs, n_blocks = batch * blocks_per_seq;
-            // Shuffled physical blocks, one table row per sequence.
+    for (int64_t depth : depths) {
+        for (const BatchKind& bk : batches) {
+            const int64_t batch = bk.n;
+            std::vector<int64_t> lens(static_cast<size_t>(batch));
+            for (int64_t s = 0; s < batch; ++s) lens[static_cast<size_t>(s)] = bk.mixed ? depth * (s + 1) / batch : depth;
+            const int64_t blocks_per_seq = depth / bs, n_blocks = batch * blocks_per_seq;
+            const int64_t total_keys = std::accumulate(lens.begin(), lens.end(), int64_t{0});
+            // Shuffled physical blocks, one table row per sequence (rows sized for the longest).
             std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
             std::iota(ids.begin(), ids.end(), 0);
             std::shuffle(ids.begin(), ids.end(), rng);
-            std::vector<int32_t> q_start(static_cast<size_t>(batch + 1)), start_pos(static_cast<size_t>(batch), static_cast<int32_t>(ctx - 1));
+            std::vector<int32_t> q_start(static_cast<size_t>(batch + 1)), start_pos(static_cast<size_t>(batch));
             for (int64_t s = 0; s <= batch; ++s) q_start[static_cast<size_t>(s)] = static_cast<int32_t>(s);
+            for (int64_t s = 0; s < batch; ++s)
+                start_pos[static_cast<size_t>(s)] = static_cast<int32_t>(lens[static_cast<size_t>(s)] - 1);
             DeviceBuffer d_bt(ids.size() * 4), d_qs(q_start.size() * 4), d_sp(start_pos.size() * 4);
             d_bt.upload(ids.data(), d_bt.bytes());
             d_qs.upload(q_start.data(), d_qs.bytes());
             d_sp.upload(start_pos.data(), d_sp.bytes());
             nibble::cuda::AttentionBatch b{batch, batch, d_qs.as<int32_t>(), d_sp.as<int32_t>(), d_bt.as<int32_t>(),
-                                           blocks_per_seq, 1, ctx};
+                                           blocks_per_seq, 1, depth};
             DeviceBuffer q(static_cast<size_t>(batch * n_heads * hd * 2)), out(q.bytes());
             nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
-            const int splits = nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount);
-            const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, batch, n_heads, hd);
-            DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
             for (KvDtype dt : dtypes) {
                 const int64_t row_bytes = dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
                 const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
@@ -133,37 +146,57 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
                     nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
                 }
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-                size_t next = 0;
-                auto launch = [&] {
-                    for (size_t c = 0; c < copies; ++c, ++next) {
-                        const size_t i = next % copies;
-                        nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes, bs,
-                                                      nkv, hd, dt, 0.01f, 0.01f};
-                        nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b,
-                                                      nibble::cuda::AttentionArgs{n_heads, 0.088f, 0}, splits, ws.get(),
-                                                      ws_bytes, out.get(), stream);
-                    }
-                };
-                const int reps = ctx * batch >= 32768 * 8 ? 10 : 30;
-                const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
-                const double bytes = 2.0 * static_cast<double>(batch * ctx * nkv * row_bytes);
-                const double gbps = bytes / (ms * 1e-3) / 1e9;
-                rows.push_back({ctx, batch, dt, ms * 1e3, gbps, splits});
-                std::printf("attention decode ctx=%-6lld batch=%-2lld %-5s splits=%-3d copies=%-3zu %9.1f us %7.0f GB/s %5.1f%% of copy\n",
-                            static_cast<long long>(ctx), static_cast<long long>(batch),
-                            dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", splits, copies, ms * 1e3, gbps,
-                            100 * gbps / copy_gbps);
+                ARow row{depth, batch, bk.mixed, dt, {0, 0}, {0, 0}, {0, 0}};
+                for (int variant = 0; variant < 2; ++variant) {  // 0: old (Mma, splits by keys), 1: default
+                    nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(), vb[0].as<uint8_t>(), n_blocks, block_bytes, bs,
+                                                   nkv, hd, dt, 0.01f, 0.01f};
+                    const int splits =
+                        variant == 0 ? nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount)
+                                     : nibble::cuda::paged_attention_splits(b, kv0, n_heads, prop.multiProcessorCount);
+                    const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, batch, n_heads, hd);
+                    DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
+                    const nibble::cuda::AttentionArgs args{n_heads, 0.088f, 0,
+                                                           variant == 0 ? DecodeKernel::Mma : DecodeKernel::Auto};
+                    size_t next = 0;
+                    auto launch = [&] {
+                        for (size_t c = 0; c < copies; ++c, ++next) {
+                            const size_t i = next % copies;
+                            nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes,
+                                                          bs, nkv, hd, dt, 0.01f, 0.01f};
+                            nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b, args, splits, ws.get(), ws_bytes,
+                                                          out.get(), stream);
+                        }
+                    };
+                    const int reps = depth * batch >= 32768 * 8 ? 10 : 30;
+                    const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
+                    const double bytes = 2.0 * static_cast<double>(total_keys * nkv * row_bytes);
+                    row.us[variant] = ms * 1e3;
+                    row.gbps[variant] = bytes / (ms * 1e-3) / 1e9;
+                    row.splits[variant] = splits;
+                }
+                rows.push_back(row);
+                std::printf("attention decode depth=%-6lld batch=%-2lld%s %-5s copies=%-3zu old %8.1f us %5.1f%% (splits %3d)"
+                            "  new %8.1f us %6.0f GB/s %5.1f%% of copy (splits %3d)  old/new %.2fx\n",
+                            static_cast<long long>(depth), static_cast<long long>(batch), bk.mixed ? " mixed" : "      ",
+                            dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", copies, row.us[0],
+                            100 * row.gbps[0] / copy_gbps, row.splits[0], row.us[1], row.gbps[1],
+                            100 * row.gbps[1] / copy_gbps, row.splits[1], row.us[0] / row.us[1]);
             }
         }
     }
-    std::printf("\n| context | batch | splits | bf16 us | GB/s | %% copy | fp8 us | GB/s | %% copy | nvfp4 us | GB/s | %% copy | bf16/nvfp4 time |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    // One table: per dtype, old us / % copy and new us / GB/s / % copy; then bf16 (new) over nvfp4 (new) time.
+    std::printf("\n| depth | batch | bf16 old us | %% | bf16 new us | GB/s | %% | fp8 old us | %% | fp8 new us | GB/s | %% "
+                "| nvfp4 old us | %% | nvfp4 new us | GB/s | %% | bf16/nvfp4 time |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (size_t i = 0; i + 2 < rows.size(); i += 3) {
-        const ARow &a = rows[i], &f = rows[i + 1], &n = rows[i + 2];
-        std::printf("| %lldK | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n",
-                    static_cast<long long>(a.ctx / 1024), static_cast<long long>(a.batch), a.splits, a.us, a.gbps,
-                    100 * a.gbps / copy_gbps, f.us, f.gbps, 100 * f.gbps / copy_gbps, n.us, n.gbps,
-                    100 * n.gbps / copy_gbps, a.us / n.us);
+        std::printf("| %lldK | %lld%s |", static_cast<long long>(rows[i].depth / 1024),
+                    static_cast<long long>(rows[i].batch), rows[i].mixed ? " mixed" : "");
+        for (size_t j = i; j < i + 3; ++j) {
+            const ARow& r = rows[j];
+            std::printf(" %.1f | %.0f%% | %.1f | %.0f | %.0f%% |", r.us[0], 100 * r.gbps[0] / copy_gbps, r.us[1],
+                        r.gbps[1], 100 * r.gbps[1] / copy_gbps);
+        }
+        std::printf(" %.2fx |\n", rows[i].us[1] / rows[i + 2].us[1]);
     }
 }
 
