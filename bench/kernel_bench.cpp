@@ -1,7 +1,9 @@
-// nibble-kernel-bench: times the decode GEMV kernels (NVFP4 on the tensor cores, the previous CUDA-core
-// NVFP4 kernel, and BF16 weights; BF16 activations) at the Llama-3.1-8B projection shapes for m = 1, 4, 8,
-// 16, against the card's measured device-to-device copy
-// bandwidth. Method: random weights filled on the device (never zeros); several weight copies, together
+// nibble-kernel-bench: times the decode GEMV kernels (NVFP4 on the tensor cores: v2 and the pipelined v3 with
+// its k split automatic and forced to 1, 2, 4; the previous CUDA-core NVFP4 kernel; BF16 weights; BF16
+// activations) at the Llama-3.1-8B projection shapes for m = 1, 2, 4, 8, 16, then the fused NVFP4 launches
+// (q/k/v, gate/up + SwiGLU) against the separate launches they replace; all against the card's measured
+// device-to-device copy bandwidth.
+// Method: random weights filled on the device (never zeros); several weight copies, together
 // at least 4x the L2 size, launched in turn so each launch streams its weights from HBM; a warm-up batch;
 // then >= 50 timed batches (CUDA events around one launch per copy), reporting the median time per launch.
 // Bandwidth counts the bytes each launch must move: weights (+ NVFP4 scales), activations, outputs.
@@ -29,6 +31,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
 #include "cuda/fill_random.h"
+#include "ops/activation/activation_cuda.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
@@ -433,6 +436,90 @@ void bench_moe_mamba(cudaStream_t stream) {
                     t_scan * 1e3, t_norm * 1e3);
     }
 }
+// Fused NVFP4 launches against the separate ones they replace, at the Llama-3.1-8B shapes: q, k, v
+// (4096 + 1024 + 1024 rows, k = 4096) and gate + up with SwiGLU (2 x 14336 rows, k = 4096; the separate
+// path adds the silu_mul launch). Same method as the GEMV table: weight copies >= 4x L2 launched in turn,
+// median of 50 batches; bytes = weights + scales + x + every output written.
+void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
+    using nibble::cuda::Nvfp4DeviceWeight;
+    using nibble::cuda::Nvfp4Projection;
+    struct Case {
+        const char* name;
+        std::vector<int64_t> ns;
+        bool gate_up;
+    };
+    const Case cases[] = {{"qkv 4096+1024+1024 x 4096", {4096, 1024, 1024}, false},
+                          {"gate_up 2x14336 x 4096", {14336, 14336}, true}};
+    const int64_t k = 4096;
+    const int max_m = 16;
+    uint64_t seed = 777;
+    std::printf("\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | %% copy | "
+                "separate/fused time |\n|---|---|---|---|---|---|---|---|\n");
+    for (const auto& c : cases) {
+        size_t set_bytes = 0;
+        for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * k / 2 + n * k / 16);
+        const size_t copies = std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
+        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
+        for (size_t cp = 0; cp < copies; ++cp)
+            for (int64_t n : c.ns) {
+                w[cp].emplace_back(static_cast<size_t>(n * k / 2));
+                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed, ~0u, 0u,
+                                              stream);
+                sc[cp].emplace_back(static_cast<size_t>(n * k / 16));
+                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
+                                              0x1f1f1f1fu, 0x20202020u, stream);
+            }
+        DeviceBuffer x(static_cast<size_t>(max_m * k * 2));
+        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        std::vector<DeviceBuffer> y;  // one output per projection, [max_m, n] BF16
+        for (int64_t n : c.ns) y.emplace_back(static_cast<size_t>(max_m * n * 2));
+        DeviceBuffer h(static_cast<size_t>(max_m * c.ns[0] * 2));  // gate_up: [max_m, n_ff]
+        NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        auto weight = [&](size_t cp, size_t i) {
+            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, c.ns[i], k};
+        };
+        for (int m : {1, 2, 4, 8, 16}) {
+            double us[3];
+            for (int method = 0; method < 3; ++method) {  // 0 separate gemv_nvfp4, 1 separate v3, 2 fused
+                size_t next = 0;
+                auto launch = [&] {
+                    for (size_t cc = 0; cc < copies; ++cc, ++next) {
+                        const size_t cp = next % copies;
+                        if (method == 2 && c.gate_up) {
+                            nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0), nullptr,
+                                                                  weight(cp, 1), nullptr, h.get(), stream);
+                        } else if (method == 2) {
+                            Nvfp4Projection p[3];
+                            for (size_t i = 0; i < c.ns.size(); ++i) p[i] = {weight(cp, i), nullptr, y[i].get()};
+                            nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p, static_cast<int>(c.ns.size()),
+                                                           stream);
+                        } else {
+                            for (size_t i = 0; i < c.ns.size(); ++i) {
+                                if (method == 0)
+                                    nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, weight(cp, i), nullptr,
+                                                             y[i].get(), stream);
+                                else
+                                    nibble::cuda::gemv_nvfp4_pipelined(x.get(), DType::BF16, m, weight(cp, i),
+                                                                       nullptr, y[i].get(), stream);
+                            }
+                            if (c.gate_up)
+                                nibble::cuda::silu_mul(y[0].get(), y[1].get(), DType::BF16, m * c.ns[0], h.get(),
+                                                       stream);
+                        }
+                    }
+                };
+                us[method] = time_ms(stream, 2, 50, launch) / static_cast<double>(copies) * 1e3;
+            }
+            size_t out_elems = 0;
+            for (int64_t n : c.ns) out_elems += static_cast<size_t>(n);
+            if (c.gate_up) out_elems = static_cast<size_t>(c.ns[0]);
+            const double bytes = static_cast<double>(set_bytes) + 2.0 * m * (static_cast<double>(k) + out_elems);
+            const double gbps = bytes / (us[2] * 1e-6) / 1e9;
+            std::printf("| %s | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", c.name, m, us[0], us[1], us[2],
+                        gbps, 100 * gbps / copy_gbps, std::min(us[0], us[1]) / us[2]);
+        }
+    }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -476,7 +563,7 @@ int main(int argc, char** argv) {
                                 {"gate/up 14336x4096", 14336, 4096},
                                 {"down 4096x14336", 4096, 14336},
                                 {"lm_head 128256x4096", 128256, 4096}};
-        const int ms_list[] = {1, 4, 8, 16};
+        const int ms_list[] = {1, 2, 4, 8, 16};
         const int reps = 50;
         std::vector<Row> rows;
         uint64_t seed = 1234;
@@ -506,8 +593,12 @@ int main(int argc, char** argv) {
                                               stream);
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
                 for (int m : ms_list)
-                    for (int variant = 0; variant < (nvfp4 ? 2 : 1); ++variant) {  // nvfp4: 0 mma, 1 cuda-core
-                    const std::string format = !nvfp4 ? "bf16" : variant == 0 ? "nvfp4" : "nvfp4-v1";
+                    // nvfp4: 0 mma (v2), 1 cuda-core (v1), 2 pipelined (v3, k split from the shape), 3..5 v3
+                    // with k split forced to 1, 2, 4.
+                    for (int variant = 0; variant < (nvfp4 ? 6 : 1); ++variant) {
+                    static const char* const kNvfp4Formats[] = {"nvfp4", "nvfp4-v1", "nvfp4-v3",
+                                                                 "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4"};
+                    const std::string format = !nvfp4 ? "bf16" : kNvfp4Formats[variant];
                     size_t next = 0;
                     auto launch = [&] {
                         for (size_t c = 0; c < copies; ++c, ++next) {
@@ -517,9 +608,12 @@ int main(int argc, char** argv) {
                                                                    s.k};
                                 if (variant == 0)
                                     nibble::cuda::gemv_nvfp4_mma(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
-                                else
+                                else if (variant == 1)
                                     nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw, nullptr, y.get(),
                                                                        stream);
+                                else
+                                    nibble::cuda::gemv_nvfp4_pipelined(x.get(), DType::BF16, m, dw, nullptr, y.get(),
+                                                                       stream, variant == 2 ? 0 : 1 << (variant - 3));
                             } else {
                                 nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n, s.k, nullptr,
                                                         y.get(), stream);
@@ -536,19 +630,24 @@ int main(int argc, char** argv) {
             }
         }
 
-        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time |\n");
-        std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | %% copy | "
+                    "v3 k1 / k2 / k4 %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time | bf16/v3 time |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : rows) {
             if (r.format != "nvfp4") continue;
             auto find = [&](const char* f) {
                 return std::find_if(rows.begin(), rows.end(),
                                     [&](const Row& o) { return o.format == f && o.shape == r.shape && o.m == r.m; });
             };
-            const auto b = find("bf16"), v1 = find("nvfp4-v1");
-            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n", r.shape.c_str(),
-                        r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, b->us, b->gbps, 100 * b->frac,
-                        b->us / r.us);
+            const auto b = find("bf16"), v1 = find("nvfp4-v1"), v3 = find("nvfp4-v3"), k1 = find("nvfp4-v3k1"),
+                       k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4");
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.0f / %.0f / %.0f%% | "
+                        "%.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
+                        r.shape.c_str(), r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, v3->us, v3->gbps,
+                        100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, b->us, b->gbps, 100 * b->frac,
+                        b->us / r.us, b->us / v3->us);
         }
+        bench_gemv_fused(prop, stream, copy_gbps);
         std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);
         NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
         return 0;

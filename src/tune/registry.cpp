@@ -31,6 +31,10 @@ constexpr int64_t decode_mma_smem(int hd) { return 4 * (4 * 8 + 4 * 8 + 4 * 8 * 
 // gemv_nvfp4_mma_kernel<NT>'s static __shared__ red[8 warps][NT * 8 tokens][16 rows], floats.
 constexpr int64_t gemv_mma_smem(int nt) { return 4 * 8 * (nt * 8) * 16; }
 
+// gemv_nvfp4_pipe_kernel<NT, KS>'s static __shared__ red[4 warps][NT * 8 tokens][16 rows], floats; KS = 1
+// never touches it (ptxas drops it: 0 bytes).
+constexpr int64_t gemv_pipe_smem(int nt, int ks) { return ks == 1 ? 0 : 4 * 4 * (nt * 8) * 16; }
+
 // Decode's key-range splits worth trying (paged_attention_splits' heuristic picks within 1..256).
 constexpr int kDecodeSplits[] = {1, 2, 4, 8, 16, 32};
 
@@ -74,6 +78,27 @@ constexpr KernelVariant kVariants[] = {
     {OpKind::GemvNvfp4, "mma.nt2", "gemv_nvfp4_mma_kernel<2, XT>",
      {.threads_per_block = 256, .static_smem_bytes = gemv_mma_smem(2), .regs_per_thread = 164},
      gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
+    // Version 3 (gemv_nvfp4_pipelined; also behind gemv_nvfp4_fused and gemv_nvfp4_gate_up_silu): one warp per
+    // 16-row tile, k split over KS warps, 128 threads, register pipeline 4 deep (BF16, NT = 1) or 2; no spills.
+    // Registers: NT = 1 158 (BF16) / 148 (F32); NT = 2 150 (BF16) / 218 (F32), KS changing them by <= 6.
+    {OpKind::GemvNvfp4, "pipe.nt1.ks1", "gemv_nvfp4_pipe_kernel<1, 1, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 1), .regs_per_thread = 158},
+     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
+    {OpKind::GemvNvfp4, "pipe.nt1.ks2", "gemv_nvfp4_pipe_kernel<1, 2, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 2), .regs_per_thread = 158},
+     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
+    {OpKind::GemvNvfp4, "pipe.nt1.ks4", "gemv_nvfp4_pipe_kernel<1, 4, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 4), .regs_per_thread = 158},
+     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
+    {OpKind::GemvNvfp4, "pipe.nt2.ks1", "gemv_nvfp4_pipe_kernel<2, 1, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 1), .regs_per_thread = 218},
+     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
+    {OpKind::GemvNvfp4, "pipe.nt2.ks2", "gemv_nvfp4_pipe_kernel<2, 2, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 2), .regs_per_thread = 212},
+     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
+    {OpKind::GemvNvfp4, "pipe.nt2.ks4", "gemv_nvfp4_pipe_kernel<2, 4, XT>",
+     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 4), .regs_per_thread = 213},
+     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt1", "gemv_nvfp4_kernel<1, 2, XT>",
      {.threads_per_block = 128, .regs_per_thread = 64}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt2", "gemv_nvfp4_kernel<2, 2, XT>",

@@ -143,6 +143,9 @@ private:
             w.n = s.n, w.k = s.k;
             if (starts_with(v.name, "mma."))
                 cuda::gemv_nvfp4_mma(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
+            else if (starts_with(v.name, "pipe."))  // "pipe.ntN.ksK": k split K
+                cuda::gemv_nvfp4_pipelined(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_,
+                                           v.name.back() - '0');
             else
                 cuda::gemv_nvfp4_cuda_core(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
         } else if (s.op == OpKind::GemvBf16) {

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -80,13 +81,13 @@ HostWeight random_bf16(std::mt19937_64& rng, int64_t n, int64_t k) {
 }
 
 enum class Kind { Nvfp4Quantized, Nvfp4Raw, Bf16 };
-// Which NVFP4 entry point: the dispatcher, or one of its two kernels forced.
-enum class Nvfp4Path { Dispatch, Mma, CudaCore };
+// Which NVFP4 entry point: the dispatcher, or one of the kernels forced.
+enum class Nvfp4Path { Dispatch, Mma, CudaCore, Pipelined };
 
 void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int64_t k, int64_t m, bool bf16_acts,
-              bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch) {
+              bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch, int k_split = 0) {
     SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m) +
-                 (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : ""));
+                 (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : "") + " k_split=" + std::to_string(k_split));
     HostWeight h = kind == Kind::Nvfp4Quantized ? quantized_nvfp4(rng, n, k)
                    : kind == Kind::Nvfp4Raw     ? raw_nvfp4(rng, n, k)
                                                 : random_bf16(rng, n, k);
@@ -139,14 +140,137 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
         dq.upload(h.packed.data(), dq.bytes());
         ds.upload(h.scales.data(), ds.bytes());
         cuda::Nvfp4DeviceWeight dwt{dq.as<uint8_t>(), ds.as<uint8_t>(), w.scale, n, k};
-        auto* f = path == Nvfp4Path::Mma ? &cuda::gemv_nvfp4_mma
-                  : path == Nvfp4Path::CudaCore ? &cuda::gemv_nvfp4_cuda_core : &cuda::gemv_nvfp4;
-        f(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr);
+        if (path == Nvfp4Path::Pipelined) {
+            cuda::gemv_nvfp4_pipelined(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr, k_split);
+        } else {
+            auto* f = path == Nvfp4Path::Mma        ? &cuda::gemv_nvfp4_mma
+                      : path == Nvfp4Path::CudaCore ? &cuda::gemv_nvfp4_cuda_core
+                                                    : &cuda::gemv_nvfp4;
+            f(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr);
+        }
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     }
     test::expect_close(y.download(), ref, tol,
                        std::string(kind == Kind::Bf16 ? "gemv_bf16" : "gemv_nvfp4") + " n=" + std::to_string(n) +
                            " k=" + std::to_string(k) + " m=" + std::to_string(m) + (bf16_acts ? " bf16" : " f32"));
+}
+
+// One NVFP4 projection of the fused launchers on the device, with its CPU output for x[m, k] and the
+// float32 part of the tolerance, 2 (k + 32) u32 S (derived at the top of the file; the pipelined kernel's
+// chains are the same: k / 16 * 3 mma steps, a sum of at most 4 k-parts, the scale and the bias).
+struct DeviceProjection {
+    HostWeight h;
+    cuda::DeviceBuffer dq, ds, dbias;
+    std::vector<float> ref;   // [m, n]
+    std::vector<double> tol;  // [m, n]
+    cuda::Nvfp4DeviceWeight dev() const { return {dq.as<uint8_t>(), ds.as<uint8_t>(), h.w.scale, h.w.n_out, h.w.n_in}; }
+};
+
+// Fills p in place (its LinearWeight points into its own vectors, so p is not moved afterwards).
+void build_projection(DeviceProjection& p, ThreadPool& pool, std::mt19937_64& rng, int64_t n, int64_t k,
+                      const std::vector<float>& x, int64_t m, bool with_bias) {
+    p.h = quantized_nvfp4(rng, n, k);
+    LinearWeight& w = p.h.w;
+    w.name = "test";
+    w.n_out = n, w.n_in = k;
+    w.format = WeightFormat::Nvfp4, w.dtype = DType::U8, w.data = p.h.packed.data();
+    w.block_scales = p.h.scales.data();
+    if (with_bias) {
+        w.bias = test::random_normal(rng, static_cast<size_t>(n), 0.5f);
+        p.dbias = cuda::DeviceBuffer(w.bias.size() * 4);
+        p.dbias.upload(w.bias.data(), w.bias.size() * 4);
+    }
+    p.dq = cuda::DeviceBuffer(p.h.packed.size());
+    p.ds = cuda::DeviceBuffer(p.h.scales.size());
+    p.dq.upload(p.h.packed.data(), p.dq.bytes());
+    p.ds.upload(p.h.scales.data(), p.ds.bytes());
+    p.ref.assign(static_cast<size_t>(m * n), 0.0f);
+    linear_cpu(pool, x.data(), m, w, p.ref.data());
+    p.tol.assign(p.ref.size(), 0.0);
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t r = 0; r < n; ++r) {
+        w.dequantize_row(r, row.data());
+        for (int64_t t = 0; t < m; ++t) {
+            double s = with_bias ? std::fabs(w.bias[static_cast<size_t>(r)]) : 0.0;
+            for (int64_t i = 0; i < k; ++i)
+                s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) * x[static_cast<size_t>(t * k + i)]);
+            p.tol[static_cast<size_t>(t * n + r)] = 2.0 * static_cast<double>(k + 32) * test::kEpsF32 * s;
+        }
+    }
+}
+
+// A BF16 output adds its own rounding to a float32 bound.
+double output_tol(double fp, double ref, bool bf16) {
+    return bf16 ? fp * (1 + test::kEpsBf16) + test::kEpsBf16 * std::fabs(ref) : fp;
+}
+
+// gemv_nvfp4_fused: projections of ns[i] rows (0 = an empty one, skipped), biases on every other one.
+void run_fused_case(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& ns, int64_t k, int64_t m,
+                    bool bf16_acts, int k_split) {
+    std::string what = "gemv_nvfp4_fused k=" + std::to_string(k) + " m=" + std::to_string(m) +
+                       (bf16_acts ? " bf16" : " f32") + " k_split=" + std::to_string(k_split) + " n=";
+    for (int64_t n : ns) what += std::to_string(n) + ",";
+    SCOPED_TRACE(what);
+    auto x = test::random_normal(rng, static_cast<size_t>(m * k));
+    DeviceActs dx;
+    dx.upload(x, bf16_acts);
+    std::vector<DeviceProjection> ps(ns.size());
+    std::vector<DeviceOut> outs;
+    outs.reserve(ns.size());
+    std::vector<cuda::Nvfp4Projection> desc;
+    for (size_t i = 0; i < ns.size(); ++i) {
+        if (ns[i] == 0) {
+            outs.emplace_back(1, bf16_acts);  // unused
+            desc.push_back({cuda::Nvfp4DeviceWeight{nullptr, nullptr, 1.0f, 0, k}, nullptr, nullptr});
+            continue;
+        }
+        build_projection(ps[i], pool, rng, ns[i], k, x, m, i % 2 == 0);
+        outs.emplace_back(static_cast<size_t>(m * ns[i]), bf16_acts);
+        desc.push_back({ps[i].dev(), ps[i].dbias.as<float>(), outs.back().buf.get()});
+    }
+    cuda::gemv_nvfp4_fused(dx.buf.get(), bf16_acts ? DType::BF16 : DType::F32, m, desc.data(),
+                           static_cast<int>(desc.size()), nullptr, k_split);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    for (size_t i = 0; i < ns.size(); ++i) {
+        if (ns[i] == 0) continue;
+        std::vector<double> tol(ps[i].tol.size());
+        for (size_t o = 0; o < tol.size(); ++o) tol[o] = output_tol(ps[i].tol[o], ps[i].ref[o], bf16_acts);
+        test::expect_close(outs[i].download(), ps[i].ref, tol, what + " projection " + std::to_string(i));
+    }
+}
+
+// gemv_nvfp4_gate_up_silu against h = silu(G) U from the CPU's G = x gate^T (+ b), U = x up^T (+ b), in
+// double. With |G' - G| <= tG, |U' - U| <= tU (the float32 bounds above) and |silu'| <= 1.1:
+// |silu(G') U' - silu(G) U| <= 1.1 tG (|U| + tU) + |silu(G)| tU; the device's own expf (2 ulp), add,
+// divide and multiplies add <= 8 u32 of its result.
+void run_gate_up_case(ThreadPool& pool, std::mt19937_64& rng, int64_t n, int64_t k, int64_t m, bool bf16_acts,
+                      bool with_bias, int k_split) {
+    const std::string what = "gemv_nvfp4_gate_up_silu n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                             " m=" + std::to_string(m) + (bf16_acts ? " bf16" : " f32") +
+                             (with_bias ? " bias" : "") + " k_split=" + std::to_string(k_split);
+    SCOPED_TRACE(what);
+    auto x = test::random_normal(rng, static_cast<size_t>(m * k));
+    DeviceActs dx;
+    dx.upload(x, bf16_acts);
+    DeviceProjection gate, up;
+    build_projection(gate, pool, rng, n, k, x, m, with_bias);
+    build_projection(up, pool, rng, n, k, x, m, with_bias);
+    DeviceOut h(static_cast<size_t>(m * n), bf16_acts);
+    cuda::gemv_nvfp4_gate_up_silu(dx.buf.get(), bf16_acts ? DType::BF16 : DType::F32, m, gate.dev(),
+                                  gate.dbias.as<float>(), up.dev(), up.dbias.as<float>(), h.buf.get(), nullptr,
+                                  k_split);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> ref(gate.ref.size());
+    std::vector<double> tol(ref.size());
+    for (size_t o = 0; o < ref.size(); ++o) {
+        const double g = gate.ref[o], u = up.ref[o], tg = gate.tol[o], tu = up.tol[o];
+        const double silu = g / (1.0 + std::exp(-g));
+        const double href = silu * u;
+        const double bound = 1.1 * tg * (std::fabs(u) + tu) + std::fabs(silu) * tu;
+        ref[o] = static_cast<float>(href);
+        tol[o] = output_tol(bound + 8 * test::kEpsF32 * (std::fabs(href) + bound), href, bf16_acts);
+    }
+    test::expect_close(h.download(), ref, tol, what);
 }
 
 struct Shape {
@@ -182,6 +306,56 @@ TEST(LinearCuda, Nvfp4EachKernel) {
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, 1, bf16, false, path);
 }
 
+// The pipelined kernel (version 3) with its k split picked from the shape (0) and forced to 1, 2 and 4: every m.
+TEST(LinearCuda, Nvfp4Pipelined) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (int k_split : {0, 1, 2, 4})
+        for (const auto& s : kShapes)
+            for (int64_t m : kAllMs)
+                for (bool bf16 : {false, true})
+                    run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1, Nvfp4Path::Pipelined,
+                             k_split);
+    for (int k_split : {1, 4})
+        for (int64_t m : {1, 8, 9, 16})
+            for (bool bf16 : {false, true})
+                run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, m, bf16, false, Nvfp4Path::Pipelined, k_split);
+}
+
+// q, k, v in one launch: own global scales, biases on projections 0 and 2, outputs in their own buffers;
+// row counts not multiples of 16, and an empty projection that must be skipped.
+TEST(LinearCuda, Nvfp4FusedProjections) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (int64_t m : kAllMs)
+        for (bool bf16 : {false, true}) {
+            run_fused_case(pool, rng, {67, 33, 17}, 4096, m, bf16, 0);
+            run_fused_case(pool, rng, {1, 129, 45}, 160, m, bf16, 0);
+        }
+    for (int k_split : {1, 2, 4})
+        for (int64_t m : {1, 5, 9, 19})
+            for (bool bf16 : {false, true}) {
+                run_fused_case(pool, rng, {48, 16, 31}, 4128, m, bf16, k_split);
+                run_fused_case(pool, rng, {20, 0, 7}, 96, m, bf16, k_split);
+                run_fused_case(pool, rng, {300}, 2048, m, bf16, k_split);
+            }
+}
+
+// gate and up in one launch with silu(gate) * up in the epilogue: row counts not multiples of 8, every m.
+TEST(LinearCuda, Nvfp4GateUpSilu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& s : {Shape{1, 32}, Shape{13, 160}, Shape{67, 4096}, Shape{45, 14336}, Shape{300, 2048}})
+        for (int64_t m : kAllMs)
+            for (bool bf16 : {false, true}) run_gate_up_case(pool, rng, s.n, s.k, m, bf16, m % 2 == 1, 0);
+    for (int k_split : {1, 2, 4})
+        for (int64_t m : {1, 8, 9, 19})
+            for (bool bf16 : {false, true}) run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
+}
+
 TEST(LinearCuda, Nvfp4EveryCode) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
@@ -206,6 +380,14 @@ TEST(LinearCuda, RejectsBadShapes) {
     EXPECT_THROW(cuda::gemv_nvfp4(buf.get(), DType::F32, 1, w, nullptr, buf.get(), nullptr), std::invalid_argument);
     EXPECT_THROW(cuda::gemv_bf16(buf.get(), DType::F16, 1, buf.as<uint16_t>(), 4, 16, nullptr, buf.get(), nullptr),
                  std::invalid_argument);
+    cuda::Nvfp4DeviceWeight w64{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 64};
+    EXPECT_THROW(cuda::gemv_nvfp4_pipelined(buf.get(), DType::F32, 1, w64, nullptr, buf.get(), nullptr, 3),
+                 std::invalid_argument);  // k_split must be 0, 1, 2 or 4
+    cuda::Nvfp4DeviceWeight w96{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 96};
+    EXPECT_THROW(cuda::gemv_nvfp4_gate_up_silu(buf.get(), DType::F32, 1, w64, nullptr, w96, nullptr, buf.get(), nullptr),
+                 std::invalid_argument);  // gate and up differ
+    const cuda::Nvfp4Projection two[] = {{w64, nullptr, buf.get()}, {w96, nullptr, buf.get()}};
+    EXPECT_THROW(cuda::gemv_nvfp4_fused(buf.get(), DType::F32, 1, two, 2, nullptr), std::invalid_argument);
 }
 
 }  // namespace

@@ -407,6 +407,205 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
 }
 
+// ---- NVFP4 on the tensor cores, version 3: one warp per tile, a register pipeline of D steps ----
+//
+// Same mma layout and decode as gemv_nvfp4_mma_kernel, organised against its measured latency bound
+// (docs/perf.md, version 2): a warp owns a whole tile (or 1/KS of its k, KS = 1, 2, 4, chosen so the grid
+// puts >= 8 warps on every SM) and walks k in steps of 4 chunks (lane t takes chunk 4s + t of its 2 rows:
+// 1 KB of weights a warp-step, the 4 lanes of a row read 64 contiguous bytes). Each step's weights,
+// scales AND activations are loaded D steps ahead into a ring of registers (D = 4 for BF16 at m <= 8,
+// else 2), so D KB of weights per warp are in flight and no activation load sits on the critical path.
+// KS = 1 has no barrier and no shared memory: the lane stores its accumulators directly. KS > 1 sums the
+// k-parts in shared memory once (one barrier). The tile is either 16 rows of one projection (up to three
+// projections with their own global scales, biases and outputs in one launch: q, k, v), or, for gate/up,
+// 8 gate rows as mma rows 0..7 and the same 8 up rows as mma rows 8..15, so lane (g, t) holds gate and up
+// of row g for tokens 2t, 2t + 1 and writes silu(gate) * up without any exchange.
+
+constexpr int kPipeWarps = 4;
+constexpr int kPipeThreads = kPipeWarps * 32;
+constexpr int kMaxProjections = 3;
+
+struct PipeProjection {
+    const uint4* wq = nullptr;           // [n, k / 32] chunks of 32 codes
+    const unsigned short* ws = nullptr;  // [n, k / 32] the 2 E4M3 scales of each chunk
+    float out_scale = 1.0f;              // global scale * 2^8 (undoes the bf16 placement)
+    const float* bias = nullptr;         // [n] or null
+    void* y = nullptr;                   // [m, n], XT
+    int64_t n = 0;
+    int64_t tile_end = 0;  // tiles of all projections up to and including this one
+};
+struct PipeJob {
+    PipeProjection proj[kMaxProjections];
+    int64_t total_tiles = 0;
+    bool gate_up = false;  // proj[0] = gate, proj[1] = up, 8-row tiles; proj[0].y gets silu(gate) * up
+};
+
+template <int NT, class XT>
+constexpr int pipe_depth() {
+    return NT == 1 && sizeof(XT) == 2 ? 4 : 2;
+}
+
+// One chunk (32 k) of rows g and g + 8 against NT groups of 8 tokens: decode, scale, mma into acc.
+template <int NT, class XT>
+__device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&s)[2], const XChunk<XT> (&xc)[NT],
+                                          int m, float (&acc)[NT][4]) {
+    constexpr int P = XChunk<XT>::kParts;
+    uint32_t sc[2][2];  // [row][block of the chunk]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        sc[r][0] = e4m3_to_bf16x2_scaled(s[r]);
+        sc[r][1] = e4m3_to_bf16x2_scaled(s[r] >> 8);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // word j: codes 8j..8j+7, block j / 2
+        uint32_t pa[2][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            e2m1x8_to_bf16_pairs(word_of(q[r], j), pa[r]);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) pa[r][p] = bf16x2_mul(pa[r][p], sc[r][j >> 1]);
+        }
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            if (i * 8 >= m) break;  // warp-uniform
+            uint32_t b[P][4];
+            xc[i].pairs(j, b);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const uint32_t a[4] = {pa[0][2 * half], pa[1][2 * half], pa[0][2 * half + 1], pa[1][2 * half + 1]};
+#pragma unroll
+                for (int part = 0; part < P; ++part) mma_bf16_16816(acc[i], a, b[part][2 * half], b[part][2 * half + 1]);
+            }
+        }
+    }
+}
+
+// y = x W^T for the tiles of `job`, m <= 8 * NT tokens; KS warps share a tile's k, kPipeWarps / KS tiles a CTA.
+template <int NT, int KS, class XT>
+__global__ void __launch_bounds__(kPipeThreads)
+    gemv_nvfp4_pipe_kernel(const XT* __restrict__ x, int m, int64_t k, const PipeJob job) {
+    constexpr int D = pipe_depth<NT, XT>();
+    constexpr int kTilesPerCta = kPipeWarps / KS;
+    __shared__ float red[KS > 1 ? kPipeWarps : 1][NT * 8][16];  // [warp][token][row], k-parts 1..KS-1
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int k_part = warp % KS;
+    const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTilesPerCta + warp / KS;
+    const bool active = tile < job.total_tiles;  // inactive warps still reach the barrier
+
+    // The tile's projection(s): a = mma rows 0..7, b = mma rows 8..15 (the same one unless gate/up).
+    PipeProjection pa = job.proj[0];
+    int64_t tile_begin = 0;
+#pragma unroll
+    for (int i = 1; i < kMaxProjections; ++i)
+        if (!job.gate_up && tile >= job.proj[i - 1].tile_end && job.proj[i].n > 0) {
+            pa = job.proj[i];
+            tile_begin = job.proj[i - 1].tile_end;
+        }
+    const PipeProjection pb = job.gate_up ? job.proj[1] : pa;
+    const int64_t row0 = job.gate_up ? tile * 8 : (tile - tile_begin) * 16;
+    const int64_t chunks = k >> 5;
+    // Rows past n repeat the last row (loaded, never stored).
+    const int64_t ra = min(row0 + g, pa.n - 1), rb = min(row0 + g + (job.gate_up ? 0 : 8), pb.n - 1);
+    const uint4* __restrict__ qa = pa.wq + ra * chunks;
+    const uint4* __restrict__ qb = pb.wq + rb * chunks;
+    const unsigned short* __restrict__ sa = pa.ws + ra * chunks;
+    const unsigned short* __restrict__ sb = pb.ws + rb * chunks;
+
+    const int64_t steps = (chunks + 3) >> 2;
+    const int64_t per_part = (steps + KS - 1) / KS;
+    const int64_t s_begin = min(steps, k_part * per_part);
+    const int64_t s_end = active ? min(steps, s_begin + per_part) : s_begin;
+
+    struct Stage {
+        uint4 q[2];      // rows a, b: chunk 4 step + t
+        uint32_t s[2];   // their 2 scale codes
+        XChunk<XT> xc[NT];  // token 8 i + g at that chunk, zero past m
+    };
+    // Past the warp's range or past k: zero codes, zero scales, zero activations (adds exact zeros).
+    auto load = [&](int64_t step, Stage& st) {
+        const int64_t c = step * 4 + t;
+        if (step < s_end && c < chunks) {
+            st.q[0] = __ldcs(qa + c), st.q[1] = __ldcs(qb + c);
+            st.s[0] = __ldcs(sa + c), st.s[1] = __ldcs(sb + c);
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                const int tok = i * 8 + g;
+                if (tok < m) st.xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
+                else st.xc[i].zero();
+            }
+        } else {
+            st.q[0] = st.q[1] = make_uint4(0, 0, 0, 0);
+            st.s[0] = st.s[1] = 0;
+#pragma unroll
+            for (int i = 0; i < NT; ++i) st.xc[i].zero();
+        }
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    Stage ring[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) load(s_begin + d, ring[d]);
+    for (int64_t base = s_begin; base < s_end; base += D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            if (base + d < s_end) mma_chunk<NT, XT>(ring[d].q, ring[d].s, ring[d].xc, m, acc);  // warp-uniform
+            load(base + d + D, ring[d]);
+        }
+    }
+
+    // Accumulator i: mma rows g (0, 1) and g + 8 (2, 3), tokens 8i + 2t (0, 2) and 8i + 2t + 1 (1, 3).
+    if constexpr (KS > 1) {
+        if (k_part != 0) {
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                red[warp][i * 8 + 2 * t][g] = acc[i][0];
+                red[warp][i * 8 + 2 * t + 1][g] = acc[i][1];
+                red[warp][i * 8 + 2 * t][g + 8] = acc[i][2];
+                red[warp][i * 8 + 2 * t + 1][g + 8] = acc[i][3];
+            }
+        }
+        __syncthreads();
+        if (k_part != 0) return;
+#pragma unroll
+        for (int w = 1; w < KS; ++w)
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                acc[i][0] += red[warp + w][i * 8 + 2 * t][g];
+                acc[i][1] += red[warp + w][i * 8 + 2 * t + 1][g];
+                acc[i][2] += red[warp + w][i * 8 + 2 * t][g + 8];
+                acc[i][3] += red[warp + w][i * 8 + 2 * t + 1][g + 8];
+            }
+    }
+    if (!active) return;
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int tok = i * 8 + 2 * t + e;
+            if (tok >= m) continue;
+            if (job.gate_up) {
+                const int64_t row = row0 + g;
+                if (row >= pa.n) continue;
+                float gate = acc[i][e] * pa.out_scale, up = acc[i][2 + e] * pb.out_scale;
+                if (pa.bias) gate += pa.bias[row];
+                if (pb.bias) up += pb.bias[row];
+                store_y(static_cast<XT*>(pa.y) + static_cast<int64_t>(tok) * pa.n + row, gate / (1.0f + expf(-gate)) * up);
+            } else {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int64_t row = row0 + g + 8 * half;
+                    if (row >= pa.n) continue;
+                    float out = acc[i][2 * half + e] * pa.out_scale;
+                    if (pa.bias) out += pa.bias[row];
+                    store_y(static_cast<XT*>(pa.y) + static_cast<int64_t>(tok) * pa.n + row, out);
+                }
+            }
+        }
+}
+
 // y[m, n] = x[m, k] W^T, W BF16. Chunk c of a row: 32 bytes (elements 16c..16c+15) as two 16-byte loads.
 template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
@@ -515,6 +714,64 @@ void launch_nvfp4_mma(const XT* x, int m, const Nvfp4DeviceWeight& w, const floa
         out_scale, bias, y, w.n);
 }
 
+template <int NT, int KS, class XT>
+void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, cudaStream_t stream) {
+    constexpr int kTilesPerCta = kPipeWarps / KS;
+    const int64_t ctas = (job.total_tiles + kTilesPerCta - 1) / kTilesPerCta;
+    if (ctas > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4 (pipelined): too many rows");
+    gemv_nvfp4_pipe_kernel<NT, KS, XT><<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
+}
+
+// Warps per tile along k: 1 unless the tiles alone leave fewer than 8 warps an SM, and never fewer than 8
+// steps (32 KB of a tile's weights) per warp, so the D-deep pipeline still runs full most of the time.
+int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
+    if (requested != 0 && requested != 1 && requested != 2 && requested != 4)
+        throw std::invalid_argument(std::string(what) + ": k_split = " + std::to_string(requested) +
+                                    ", expected 0 (auto), 1, 2 or 4");
+    if (requested != 0) return requested;
+    const int64_t steps = (k / 32 + 3) / 4;
+    const int64_t wanted_warps = 8LL * current_sm_count();
+    int ks = 1;
+    while (ks < 4 && tiles * ks < wanted_warps && steps >= 16LL * ks) ks *= 2;
+    return ks;
+}
+
+// Runs `job` (outputs at token 0) over m in launches of up to 16 tokens.
+void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split, const char* what,
+              cudaStream_t stream) {
+    const int ks = pipe_k_split(job.total_tiles, k, k_split, what);
+    auto body = [&]<class XT>() {
+        const auto* xt = static_cast<const XT*>(x);
+        for (int64_t m0 = 0; m0 < m; m0 += 16) {
+            const int mt = static_cast<int>(std::min<int64_t>(16, m - m0));
+            PipeJob jt = job;
+            for (auto& p : jt.proj)
+                if (p.y) p.y = static_cast<XT*>(p.y) + m0 * p.n;
+            auto go = [&]<int NT>() {
+                if (ks == 1) launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, stream);
+                else if (ks == 2) launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, stream);
+                else launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, stream);
+            };
+            if (mt <= 8) go.template operator()<1>();
+            else go.template operator()<2>();
+        }
+    };
+    if (dtype == DType::F32) body.template operator()<float>();
+    else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+PipeProjection pipe_projection(const Nvfp4DeviceWeight& w, const float* bias, void* y) {
+    PipeProjection p;
+    p.wq = reinterpret_cast<const uint4*>(w.packed);
+    p.ws = reinterpret_cast<const unsigned short*>(w.scales);
+    p.out_scale = w.global_scale * 256.0f;  // 2^8 undoes the bf16 placement, exactly
+    p.bias = bias;
+    p.y = y;
+    p.n = w.n;
+    return p;
+}
+
 template <int MT, class XT>
 void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, const float* bias, XT* y, int sms,
                  cudaStream_t stream) {
@@ -601,6 +858,55 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
     if (dtype == DType::F32) body.template operator()<float>();
     else body.template operator()<__nv_bfloat16>();
     NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
+                          void* y, cudaStream_t stream, int k_split) {
+    const Nvfp4Projection p{w, bias, y};
+    gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split);
+}
+
+void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projection* projections, int count,
+                      cudaStream_t stream, int k_split) {
+    if (count < 1 || count > kMaxProjections || !projections)
+        throw std::invalid_argument("gemv_nvfp4_fused: 1 to 3 projections, got " + std::to_string(count));
+    PipeJob job;
+    int used = 0;
+    for (int i = 0; i < count; ++i) {
+        const Nvfp4Projection& p = projections[i];
+        check_nvfp4(x, dtype, m, p.y, p.w);
+        if (p.w.k != projections[0].w.k)
+            throw std::invalid_argument("gemv_nvfp4_fused: projection " + std::to_string(i) + " has k = " +
+                                        std::to_string(p.w.k) + ", projection 0 has " +
+                                        std::to_string(projections[0].w.k));
+        if (p.w.n == 0) continue;  // nothing to compute or store
+        job.total_tiles += (p.w.n + 15) / 16;
+        job.proj[used] = pipe_projection(p.w, p.bias, p.y);
+        job.proj[used].tile_end = job.total_tiles;
+        ++used;
+    }
+    if (m == 0 || used == 0) return;
+    for (int i = used; i < kMaxProjections; ++i) job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
+    run_pipe(x, dtype, m, projections[0].w.k, job, k_split, "gemv_nvfp4_fused", stream);
+}
+
+void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& gate,
+                             const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias, void* h,
+                             cudaStream_t stream, int k_split) {
+    check_nvfp4(x, dtype, m, h, gate);
+    check_nvfp4(x, dtype, m, h, up);
+    if (gate.n != up.n || gate.k != up.k)
+        throw std::invalid_argument("gemv_nvfp4_gate_up_silu: gate is " + std::to_string(gate.n) + "x" +
+                                    std::to_string(gate.k) + ", up is " + std::to_string(up.n) + "x" +
+                                    std::to_string(up.k) + "; they must match");
+    if (m == 0 || gate.n == 0) return;
+    PipeJob job;
+    job.gate_up = true;
+    job.total_tiles = (gate.n + 7) / 8;
+    job.proj[0] = pipe_projection(gate, gate_bias, h);
+    job.proj[1] = pipe_projection(up, up_bias, nullptr);
+    for (auto& p : job.proj) p.tile_end = job.total_tiles;
+    run_pipe(x, dtype, m, gate.k, job, k_split, "gemv_nvfp4_gate_up_silu", stream);
 }
 
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
