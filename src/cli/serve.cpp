@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include <csignal>
+#include <chrono>
 #include <fstream>
 #include <pthread.h>
 #include <set>
@@ -19,6 +20,11 @@
 #include "cli/tune_session.h"
 #include "engine/engine.h"
 #include "engine/memory_plan.h"
+#if defined(NIBBLE_HAVE_CUDA)
+#include "cuda/device_info.h"
+#include "gpu/cuda_model_runner.h"
+#include "gpu/weight_upload.h"
+#endif
 #include "model/model.h"
 #include "server/http_server.h"
 #include "server/serve_args.h"
@@ -75,6 +81,49 @@ int64_t host_memory() {
 }
 
 std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1 << 30)); }
+
+// Which backend serves: CUDA when asked (--device cuda, an error if it cannot), or by default when this build
+// has CUDA, a GPU is present and the model is one the CUDA backend runs.
+bool choose_cuda(const ServeOptions& o, const Model& model) {
+    if (o.device == "cpu") return false;
+    DecoderView view;
+    const bool runs = model.decoder_view(view);
+#if defined(NIBBLE_HAVE_CUDA)
+    const bool gpu = cuda::device_count() > 0;
+    if (o.device == "cuda") {
+        NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
+        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family so far, not {} (use --device cpu)",
+                     model.config().arch_name);
+        gpu::check_decoder_supported(model.config());
+        return true;
+    }
+    if (gpu && !runs)
+        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family so far", model.config().arch_name);
+    return gpu && runs;
+#else
+    NIBBLE_CHECK(o.device != "cuda", "--device cuda: this build has no CUDA backend");
+    (void)runs;
+    return false;
+#endif
+}
+
+// The CUDA backend plans against the GPU's memory (weights, workspace, then KV from what
+// --gpu-memory-utilization leaves), with a bf16 cache for "auto".
+MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max_model_len, int64_t device_memory) {
+    PlanOptions po;
+    po.max_model_len = max_model_len;
+    po.max_num_seqs = o.max_num_seqs;
+    po.max_num_batched_tokens = o.max_num_batched_tokens.value_or(2048);
+    po.block_size = o.block_size;
+    po.kv_cache_dtype = o.kv_cache_dtype;
+    po.auto_kv_dtype = KvDtype::Bf16;
+    po.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
+    po.mamba_prefix_snapshots = 0;
+    po.gpu_memory_utilization = o.gpu_memory_utilization;
+    po.device_memory = device_memory;
+    if (o.kv_cache_memory_bytes) po.kv_cache_memory_bytes = *o.kv_cache_memory_bytes;
+    return plan_memory(model.config(), model.quant_config(), po);
+}
 
 // The CPU backend keeps the KV cache in host memory. Unless --kv-cache-memory-bytes says otherwise it takes
 // what max_num_seqs full-length sequences need, but at most a quarter of the machine's memory.
@@ -156,8 +205,37 @@ void run_serve(const std::vector<std::string>& args) {
                  "--max-model-len {} is more than the model's max_position_embeddings ({})", max_model_len,
                  mc.max_position_embeddings);
 
+    const bool use_cuda = choose_cuda(o, *model);
+    std::unique_ptr<ModelRunner> backend;
+#if defined(NIBBLE_HAVE_CUDA)
+    const MemoryPlan plan = use_cuda ? make_cuda_plan(o, *model, max_model_len, cuda::query_device(0).total_memory)
+                                     : make_plan(o, *model, max_model_len);
+    log_plan(plan);
+    if (use_cuda) {
+        NIBBLE_CHECK(plan.kv_dtype != KvDtype::F32, "--kv-cache-dtype: the CUDA backend's cache is bf16, fp8 or nvfp4");
+        DecoderView view;
+        model->decoder_view(view);
+        const auto t0 = std::chrono::steady_clock::now();
+        auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(mc, view));
+        backend = std::make_unique<gpu::CudaModelRunner>(
+            weights, gpu::CudaRunnerOptions{.kv_dtype = plan.kv_dtype,
+                                            .num_blocks = plan.kv_blocks,
+                                            .block_size = o.block_size,
+                                            .max_model_len = max_model_len,
+                                            .max_num_batched_tokens = plan.max_num_batched_tokens,
+                                            .max_num_seqs = o.max_num_seqs,
+                                            .act_dtype = DType::BF16,
+                                            .max_cudagraph_capture_size = o.enforce_eager ? 0 : o.max_cudagraph_capture_size});
+        log::info("CUDA backend on {}: {:.2f} GB of weights uploaded in {:.1f} s, KV cache {} ({} blocks)",
+                  cuda::query_device(0).name, static_cast<double>(weights->device_bytes()) / 1e9,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                  kv_dtype_name(plan.kv_dtype), plan.kv_blocks);
+    }
+#else
     const MemoryPlan plan = make_plan(o, *model, max_model_len);
     log_plan(plan);
+#endif
+    if (!use_cuda) log::info("CPU backend ({} KV cache)", kv_dtype_name(plan.kv_dtype));
 
     std::set<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.insert(static_cast<int32_t>(id));
@@ -204,7 +282,7 @@ void run_serve(const std::vector<std::string>& args) {
         if (in.good()) sc.special_tokens = special_tokens_from_config(ojson::parse(in));
     }
 
-    Engine engine(*model, ec);
+    Engine engine(*model, ec, std::move(backend));
     engine.start();
     server::HttpServer http(engine, tok, sc);
     const int port = http.bind();

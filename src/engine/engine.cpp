@@ -56,7 +56,7 @@ int64_t snapshots_for(const Model& m, const EngineConfig& c) {
 }  // namespace
 
 struct Engine::Impl {
-    Impl(Model& m, const EngineConfig& c)
+    Impl(Model& m, const EngineConfig& c, std::unique_ptr<ModelRunner> backend)
         : model(m),
           config(c),
           hybrid(!m.mamba_state_shape(c.mamba_ssm_cache_dtype).empty()),
@@ -68,8 +68,11 @@ struct Engine::Impl {
                      .num_state_slots = hybrid ? c.max_num_seqs : 0,
                      .snapshot_interval = hybrid ? c.mamba_snapshot_interval : 0},
                     pool),
-          runner(m, c.num_blocks, c.block_size, c.kv_cache_dtype, hybrid ? c.max_num_seqs : 0, c.mamba_ssm_cache_dtype,
-                 snapshots),
+          owned_runner(backend ? std::move(backend)
+                               : std::make_unique<CpuModelRunner>(m, c.num_blocks, c.block_size, c.kv_cache_dtype,
+                                                                  hybrid ? c.max_num_seqs : 0,
+                                                                  c.mamba_ssm_cache_dtype, snapshots)),
+          runner(*owned_runner),
           vocab(m.config().vocab_size) {
         // A runner without snapshot support (ModelRunner's default: 0) must be configured with 0 snapshots,
         // which leaves hybrid prefix caching off.
@@ -83,7 +86,8 @@ struct Engine::Impl {
     int64_t snapshots;  // hybrid prefix caching: recurrent-state snapshots (0: off)
     BlockPool pool;
     Scheduler scheduler;
-    CpuModelRunner runner;
+    std::unique_ptr<ModelRunner> owned_runner;  // the CPU runner, or the backend the caller gave
+    ModelRunner& runner;
     int64_t vocab;
 
     // Engine-thread state (under step_mutex).
@@ -110,6 +114,11 @@ struct Engine::Impl {
     void finish_seq(Request& r, Sequence& s, FinishReason reason);
     void fail(Request& r, const std::string& error);
     void sample(Request& r, Sequence& s, std::span<const float> raw);
+    // Greedy with nothing that needs the logits on the host (no logprobs, bias, penalties, min_tokens left):
+    // a runner that samples on the device may pick its token.
+    bool plain_greedy(const Request& r, const Sequence& s) const;
+    // Appends the chosen token (raw: its logits row, for logprobs; empty for device-sampled steps).
+    void accept(Request& r, Sequence& s, int32_t token, std::span<const float> raw);
     void deliver(Request& r);
     void deliver_all();
     void fail_all(const std::string& error);
@@ -210,6 +219,13 @@ void Engine::Impl::fail(Request& r, const std::string& error) {
     r.dirty = true;
 }
 
+bool Engine::Impl::plain_greedy(const Request& r, const Sequence& s) const {
+    const GenerationRequest& q = r.req;
+    return q.sampling.temperature == 0.0f && q.top_logprobs < 0 && q.logit_bias.empty() &&
+           q.presence_penalty == 0.0f && q.frequency_penalty == 0.0f && q.repetition_penalty == 1.0f &&
+           s.num_output() >= q.min_tokens;
+}
+
 void Engine::Impl::sample(Request& r, Sequence& s, std::span<const float> raw) {
     const GenerationRequest& q = r.req;
     const bool under_min = s.num_output() < q.min_tokens;
@@ -221,8 +237,12 @@ void Engine::Impl::sample(Request& r, Sequence& s, std::span<const float> raw) {
                      .frequency_penalty = q.frequency_penalty,
                      .repetition_penalty = q.repetition_penalty},
                     s.prompt(), s.output());
-    const int32_t token = sample_token(work, q.sampling, r.rngs[static_cast<size_t>(s.index)]);
+    accept(r, s, sample_token(work, q.sampling, r.rngs[static_cast<size_t>(s.index)]), raw);
+}
 
+void Engine::Impl::accept(Request& r, Sequence& s, int32_t token, std::span<const float> raw) {
+    const GenerationRequest& q = r.req;
+    const bool under_min = s.num_output() < q.min_tokens;  // before this token: EOS could not stop it
     SequenceOutput& o = output_of(r, s.index);
     o.tokens.push_back(token);
     if (q.top_logprobs >= 0) {
@@ -336,12 +356,21 @@ bool Engine::Impl::step() {
                          .state_slot = s.state_slot});
     }
     std::vector<float> logits;
+    std::vector<int32_t> device_tokens;
+    // Greedy on the device when every sampled sequence wants plain greedy: one int per sequence comes back
+    // instead of a vocabulary of floats.
+    bool on_device = runner.samples_greedy_on_device();
+    for (const ScheduledChunk& c : out.chunks)
+        if (c.sample && !plain_greedy(*owner.at(c.seq), *c.seq)) on_device = false;
     try {
         // A sequence resuming on cached blocks starts from the state after the last of them; a chunk ending
         // on a snapshot point leaves its state in the reserved snapshot (the scheduler attaches it).
         for (const ScheduledChunk& c : out.chunks)
             if (c.seq->restore_snapshot >= 0) runner.restore_state_snapshot(c.seq->restore_snapshot, c.seq->state_slot);
-        runner.execute(batch, logits);
+        if (on_device)
+            runner.execute_greedy(batch, device_tokens);
+        else
+            runner.execute(batch, logits);
         for (const ScheduledChunk& c : out.chunks)
             if (c.seq->save_snapshot >= 0) runner.save_state_snapshot(c.seq->state_slot, c.seq->save_snapshot);
     } catch (const std::exception& e) {
@@ -360,8 +389,11 @@ bool Engine::Impl::step() {
         scheduler.finish_chunk(c);
         if (!c.sample) continue;
         try {
-            sample(r, s, std::span<const float>(logits).subspan(this_row * static_cast<size_t>(vocab),
-                                                                static_cast<size_t>(vocab)));
+            if (on_device)
+                accept(r, s, device_tokens.at(this_row), {});
+            else
+                sample(r, s, std::span<const float>(logits).subspan(this_row * static_cast<size_t>(vocab),
+                                                                    static_cast<size_t>(vocab)));
         } catch (const std::exception& e) {
             fail(r, fmt::format("sampling failed: {}", e.what()));
         }
@@ -392,7 +424,7 @@ void Engine::Impl::run_loop() {
     }
 }
 
-Engine::Engine(Model& model, const EngineConfig& config) {
+Engine::Engine(Model& model, const EngineConfig& config, std::unique_ptr<ModelRunner> runner) {
     NIBBLE_CHECK(config.num_blocks > 0, "engine: num_blocks (KV blocks, from the memory plan) must be positive, got {}",
                  config.num_blocks);
     NIBBLE_CHECK(config.block_size > 0, "engine: block_size must be positive, got {}", config.block_size);
@@ -407,7 +439,7 @@ Engine::Engine(Model& model, const EngineConfig& config) {
         !model.mamba_state_shape(config.mamba_ssm_cache_dtype).empty())
         log::warn("prefix caching is off for {}: a hybrid model resumes only from a Mamba state snapshot and "
                   "--mamba-prefix-snapshots is 0", model.config().arch_name);
-    impl_ = std::make_unique<Impl>(model, config);
+    impl_ = std::make_unique<Impl>(model, config, std::move(runner));
     impl_->update_stats();
 }
 

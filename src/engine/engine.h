@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/model_runner.h"
 #include "engine/request.h"
 #include "ops/attention/kv_cache.h"
 #include "ops/ssm/ssm_state.h"
@@ -51,7 +52,9 @@ using OutputSink = std::function<void(const RequestOutput&)>;
 
 class Engine {
 public:
-    Engine(Model& model, const EngineConfig& config);
+    // runner: the backend that runs the forward (e.g. the CUDA runner); null for the CPU runner over `model`.
+    // A given runner must be shaped by `config` (its KV blocks, block size and cache dtype).
+    Engine(Model& model, const EngineConfig& config, std::unique_ptr<ModelRunner> runner = nullptr);
     ~Engine();  // stops the loop; pending requests finish with FinishReason::Abort
     Engine(const Engine&) = delete;
     Engine& operator=(const Engine&) = delete;

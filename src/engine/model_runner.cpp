@@ -14,6 +14,17 @@ void ModelRunner::restore_state_snapshot(int32_t, int32_t) {
     fail("this model runner keeps no recurrent-state snapshots (num_state_snapshots() is 0)");
 }
 
+void ModelRunner::execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) {
+    std::vector<float> logits;
+    execute(batch, logits);
+    const size_t vocab = static_cast<size_t>(vocab_size());
+    tokens.clear();
+    for (size_t r = 0; r * vocab < logits.size(); ++r) {
+        const auto row = logits.begin() + static_cast<std::ptrdiff_t>(r * vocab);
+        tokens.push_back(static_cast<int32_t>(std::max_element(row, row + static_cast<std::ptrdiff_t>(vocab)) - row));
+    }
+}
+
 CpuModelRunner::CpuModelRunner(Model& model, int64_t num_blocks, int64_t block_size, KvDtype kv_dtype,
                                int64_t num_state_slots, SsmStateDtype ssm_dtype, int64_t num_state_snapshots)
     : model_(model), cache_(model.kv_cache_shape(num_blocks, block_size, kv_dtype)) {

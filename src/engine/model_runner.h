@@ -30,6 +30,10 @@ public:
     // One forward over the batch, appending every new token's K/V to the cache.
     //   logits [number of entries with needs_logits, vocab], in batch order.
     virtual void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) = 0;
+    // Whether execute_greedy picks tokens where the logits are (the device) rather than copying them back.
+    virtual bool samples_greedy_on_device() const { return false; }
+    // As execute, but each sampled row's argmax token (the first maximum) instead of its logits.
+    virtual void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens);
 
     // Hybrid prefix caching. Snapshots this runner holds, ids [0, n): 0 by default (feature off).
     virtual int64_t num_state_snapshots() const { return 0; }

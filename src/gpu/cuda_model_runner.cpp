@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "base/log.h"
 #include "cuda/cuda_check.h"
 #include "model/transformer_blocks.h"
 #include "ops/sampling/argmax_cuda.h"
@@ -55,10 +56,29 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
     NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&tokens_host_),
                                     static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t), cudaHostAllocDefault));
     tokens_device_ = cuda::DeviceBuffer(static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t));
+    graph_sizes_ = graph_batch_sizes(std::min({o.max_cudagraph_capture_size, o.max_num_seqs, o.max_num_batched_tokens}));
+    // One workspace for every graph, sized for the most splits any of them can use (the longest cache).
+    size_t most = 0;
+    for (int64_t b : graph_sizes_) {
+        const DeviceBatch probe{.n_tokens = b, .n_seqs = b, .max_q_len = 1, .max_kv_len = o.max_model_len,
+                                .max_blocks = max_blocks_per_seq_};
+        most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(probe), b));
+    }
+    graph_workspace_ = cuda::DeviceBuffer(most);
+}
+
+std::vector<int64_t> CudaModelRunner::graph_batch_sizes(int64_t max_capture_size) {
+    std::vector<int64_t> sizes;
+    for (int64_t b : {1, 2, 4})
+        if (b <= max_capture_size) sizes.push_back(b);
+    for (int64_t b = 8; b <= max_capture_size; b += 8) sizes.push_back(b);
+    if (max_capture_size > 0 && sizes.back() != max_capture_size && max_capture_size > 8) sizes.push_back(max_capture_size);
+    return sizes;
 }
 
 CudaModelRunner::~CudaModelRunner() {
     if (stream_) (void)cudaStreamSynchronize(stream_);
+    for (auto& [key, exec] : graphs_) (void)cudaGraphExecDestroy(exec);
     forward_.reset();
     (void)cudaFreeHost(staging_host_);
     (void)cudaFreeHost(logits_host_);
@@ -66,9 +86,11 @@ CudaModelRunner::~CudaModelRunner() {
     if (stream_) (void)cudaStreamDestroy(stream_);
 }
 
-DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
-    const int64_t n_seqs = static_cast<int64_t>(batch.size());
-    NIBBLE_CHECK(n_seqs > 0 && n_seqs <= options_.max_num_seqs, "CUDA runner: {} sequences in a step of at most {}",
+DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch, int64_t pad_to, int64_t table_blocks,
+                                   int64_t kv_bound) {
+    const int64_t n_real = static_cast<int64_t>(batch.size());
+    const int64_t n_seqs = std::max(n_real, pad_to);
+    NIBBLE_CHECK(n_real > 0 && n_seqs <= options_.max_num_seqs, "CUDA runner: {} sequences in a step of at most {}",
                  n_seqs, options_.max_num_seqs);
     int64_t n_tokens = 0, max_q = 0, max_kv = 0, max_blocks = 1;
     for (const RunnerSequence& s : batch) {
@@ -85,8 +107,12 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
         max_kv = std::max(max_kv, end);
         max_blocks = std::max(max_blocks, blocks_needed);
     }
+    n_tokens += n_seqs - n_real;  // one token per padding sequence
     NIBBLE_CHECK(n_tokens <= options_.max_num_batched_tokens, "CUDA runner: {} tokens in a step of at most {}",
                  n_tokens, options_.max_num_batched_tokens);
+    if (table_blocks > 0) max_blocks = table_blocks;
+    if (kv_bound > 0) max_kv = kv_bound;
+    if (n_seqs > n_real) max_q = std::max<int64_t>(max_q, 1);
     const StagingLayout L(n_tokens, n_seqs, max_blocks);
     auto* base = static_cast<uint8_t*>(staging_host_);
     auto* tokens = reinterpret_cast<int32_t*>(base + L.tokens);
@@ -98,7 +124,11 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
     auto* tables = reinterpret_cast<int32_t*>(base + L.block_tables);
     const int64_t bs = options_.block_size, vocab = weights_->config.vocab_size;
     int64_t row = 0, n_logits = 0;
-    for (int64_t si = 0; si < n_seqs; ++si) {
+    for (int64_t si = n_real; si < n_seqs; ++si) {  // padding: token 0 at position 0, its K/V not written
+        q_start[si] = static_cast<int32_t>(n_tokens - (n_seqs - si));
+        start_pos[si] = 0;
+    }
+    for (int64_t si = 0; si < n_real; ++si) {
         const RunnerSequence& s = batch[static_cast<size_t>(si)];
         q_start[si] = static_cast<int32_t>(row);
         start_pos[si] = static_cast<int32_t>(s.start_pos);
@@ -118,6 +148,13 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
             tables[si * max_blocks + b] =
                 b < static_cast<int64_t>(s.block_table.size()) ? s.block_table[static_cast<size_t>(b)] : 0;
     }
+    for (int64_t si = n_real; si < n_seqs; ++si, ++row) {
+        tokens[row] = 0;
+        positions[row] = 0;
+        slots[row] = -1;
+        logit_rows[n_logits++] = static_cast<int32_t>(row);
+        std::fill(tables + si * max_blocks, tables + (si + 1) * max_blocks, 0);
+    }
     q_start[n_seqs] = static_cast<int32_t>(row);
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(staging_device_.get(), staging_host_, L.total, cudaMemcpyHostToDevice, stream_));
     auto* dev = staging_device_.as<uint8_t>();
@@ -136,10 +173,68 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch) {
             .logit_rows = reinterpret_cast<const int32_t*>(dev + L.logit_rows)};
 }
 
+DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) {
+    const bool decode_step =
+        !graph_sizes_.empty() && !graphs_failed_ && static_cast<int64_t>(batch.size()) <= graph_sizes_.back() &&
+        std::all_of(batch.begin(), batch.end(), [](const RunnerSequence& s) { return s.tokens.size() == 1 && s.needs_logits; });
+    if (!decode_step) {
+        const DeviceBatch b = stage(batch);
+        forward_->run(b, *kv_, stream_);
+        return b;
+    }
+    // The graph's shapes: the batch padded to its bucket, the cache length rounded up to a power of two
+    // (at least 1024, at most max_model_len), so one graph serves every step until the context doubles.
+    const int64_t bucket = *std::lower_bound(graph_sizes_.begin(), graph_sizes_.end(), static_cast<int64_t>(batch.size()));
+    int64_t longest = 0;
+    for (const RunnerSequence& s : batch) longest = std::max(longest, s.start_pos + 1);
+    int64_t kv_bound = 1024;
+    while (kv_bound < longest) kv_bound *= 2;
+    const int64_t bs = options_.block_size;
+    kv_bound = std::min(kv_bound, max_blocks_per_seq_ * bs);
+    const DeviceBatch b = stage(batch, bucket, (kv_bound + bs - 1) / bs, kv_bound);
+    const GraphKey key{bucket, kv_bound};
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) {
+        const int splits = forward_->attention_splits(b);
+        cudaGraph_t graph = nullptr;
+        NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        try {
+            forward_->run(b, *kv_, stream_, splits, graph_workspace_.get(), graph_workspace_.bytes());
+        } catch (const std::exception& e) {
+            (void)cudaStreamEndCapture(stream_, &graph);
+            if (graph) (void)cudaGraphDestroy(graph);
+            (void)cudaGetLastError();
+            graphs_failed_ = true;
+            log::warn("CUDA graph capture failed for decode batch {} ({}); decode steps run eagerly from now on",
+                      bucket, e.what());
+            forward_->run(b, *kv_, stream_);
+            return b;
+        }
+        NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+        (void)cudaGraphDestroy(graph);
+        NIBBLE_CUDA_CHECK(err);
+        it = graphs_.emplace(key, exec).first;
+        log::debug("captured a CUDA graph for decode batch {} with caches up to {} tokens ({} splits)", bucket,
+                   kv_bound, splits);
+    }
+    NIBBLE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+    return b;
+}
+
+namespace {
+
+int64_t sampled_rows(std::span<const RunnerSequence> batch) {
+    return std::count_if(batch.begin(), batch.end(), [](const RunnerSequence& s) { return s.needs_logits; });
+}
+
+}  // namespace
+
 void CudaModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
-    const DeviceBatch b = stage(batch);
-    forward_->run(b, *kv_, stream_);
-    const size_t n = static_cast<size_t>(b.n_logit_rows * vocab_size());
+    run_forward(batch);
+    // The sampled rows come first (padding rows of a graph step follow them).
+    const size_t n = static_cast<size_t>(sampled_rows(batch) * vocab_size());
     if (n > 0)
         NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits_host_, forward_->logits(), n * sizeof(float), cudaMemcpyDeviceToHost,
                                           stream_));
@@ -148,15 +243,15 @@ void CudaModelRunner::execute(std::span<const RunnerSequence> batch, std::vector
 }
 
 void CudaModelRunner::execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) {
-    const DeviceBatch b = stage(batch);
-    forward_->run(b, *kv_, stream_);
-    if (b.n_logit_rows > 0) {
-        cuda::argmax_rows(forward_->logits(), b.n_logit_rows, vocab_size(), tokens_device_.as<int32_t>(), stream_);
-        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_host_, tokens_device_.get(), static_cast<size_t>(b.n_logit_rows) * 4,
+    run_forward(batch);
+    const int64_t rows = sampled_rows(batch);
+    if (rows > 0) {
+        cuda::argmax_rows(forward_->logits(), rows, vocab_size(), tokens_device_.as<int32_t>(), stream_);
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_host_, tokens_device_.get(), static_cast<size_t>(rows) * 4,
                                           cudaMemcpyDeviceToHost, stream_));
     }
     NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    tokens.assign(tokens_host_, tokens_host_ + b.n_logit_rows);
+    tokens.assign(tokens_host_, tokens_host_ + rows);
 }
 
 }  // namespace nibble::gpu

@@ -5,7 +5,9 @@
 
 #include <cuda_runtime.h>
 
+#include <compare>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <vector>
@@ -24,6 +26,9 @@ struct CudaRunnerOptions {
     int64_t max_num_batched_tokens = 2048;   // rows per step
     int64_t max_num_seqs = 256;              // sequences per step
     DType act_dtype = DType::BF16;           // F32: the exactness mode of the device tests
+    // Decode steps of up to this many sequences replay CUDA graphs (vLLM's --max-cudagraph-capture-size);
+    // 0 runs every step eagerly (vLLM's --enforce-eager).
+    int64_t max_cudagraph_capture_size = 256;
 };
 
 class CudaModelRunner final : public ModelRunner {
@@ -34,15 +39,30 @@ public:
     int64_t vocab_size() const override { return weights_->config.vocab_size; }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
     // As execute, but the sampled rows' argmax tokens (greedy decoding) instead of their logits.
-    void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens);
+    bool samples_greedy_on_device() const override { return true; }
+    void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) override;
 
     const DeviceDecoder& weights() const { return *weights_; }
     const DeviceKvCache& kv_cache() const { return *kv_; }
     cudaStream_t stream() const { return stream_; }
 
+    // Graphs captured so far (decode buckets x cache-length classes), for logs and tests.
+    int64_t num_cuda_graphs() const { return static_cast<int64_t>(graphs_.size()); }
+    // Batch sizes decode graphs are captured for: 1, 2, 4, 8, then multiples of 8 up to the capture size.
+    static std::vector<int64_t> graph_batch_sizes(int64_t max_capture_size);
+
 private:
-    // Copies the batch's tokens, positions, slots, block tables and logits rows to the device.
-    DeviceBatch stage(std::span<const RunnerSequence> batch);
+    // Copies the batch's tokens, positions, slots, block tables and logits rows to the device. With
+    // pad_to > batch size, padding sequences (one token, no cache write) fill the batch up to it, and
+    // table_stride / kv_bound fix the shapes a captured graph was made with.
+    DeviceBatch stage(std::span<const RunnerSequence> batch, int64_t pad_to = 0, int64_t table_blocks = 0,
+                      int64_t kv_bound = 0);
+    // Runs the forward of `batch`: a graph replay for decode steps within the capture size, else eagerly.
+    DeviceBatch run_forward(std::span<const RunnerSequence> batch);
+    struct GraphKey {
+        int64_t batch, kv_bound;
+        auto operator<=>(const GraphKey&) const = default;
+    };
 
     std::shared_ptr<const DeviceDecoder> weights_;  // shared: a benchmark runs several caches over one upload
     CudaRunnerOptions options_;
@@ -56,6 +76,10 @@ private:
     float* logits_host_ = nullptr;     // pinned [max_num_seqs, vocab]
     int32_t* tokens_host_ = nullptr;   // pinned [max_num_seqs]
     cuda::DeviceBuffer tokens_device_;  // [max_num_seqs] argmax results
+    std::vector<int64_t> graph_sizes_;
+    std::map<GraphKey, cudaGraphExec_t> graphs_;
+    cuda::DeviceBuffer graph_workspace_;  // attention splits of every captured graph (sized once)
+    bool graphs_failed_ = false;          // a capture failed: eager from then on (logged once)
 };
 
 }  // namespace nibble::gpu

@@ -113,16 +113,23 @@ void DecoderForward::reserve_attention(int splits, int64_t n_tokens) {
     if (need > workspace_.bytes()) workspace_ = cuda::DeviceBuffer(need);
 }
 
-void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits) {
+size_t DecoderForward::attention_workspace_bytes(int splits, int64_t n_tokens) const {
+    return cuda::paged_attention_workspace_bytes(splits, n_tokens, w_.config.n_heads, w_.config.head_dim);
+}
+
+void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream) {
+    const int splits = attention_splits(b);
+    reserve_attention(splits, b.n_tokens);
+    run(b, kv, stream, splits, workspace_.get(), workspace_.bytes());
+}
+
+void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits, void* workspace,
+                         size_t workspace_bytes) {
     const ModelConfig& c = w_.config;
     const int64_t m = b.n_tokens, d = c.n_embd, hd = c.head_dim;
     NIBBLE_CHECK(m > 0 && m <= max_tokens_, "CUDA forward: {} tokens in a step of at most {}", m, max_tokens_);
     NIBBLE_CHECK(b.n_logit_rows <= max_logit_rows_, "CUDA forward: {} logits rows, at most {}", b.n_logit_rows,
                  max_logit_rows_);
-    if (splits < 0) {
-        splits = attention_splits(b);
-        reserve_attention(splits, m);
-    }
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs,
                                   .n_tokens = m,
                                   .q_start = b.q_start,
@@ -155,8 +162,8 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                          stream);
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
         cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
-        cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace_.get(), workspace_.bytes(),
-                              attn_.get(), stream);
+        cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace, workspace_bytes, attn_.get(),
+                              stream);
         linear(L.o, attn_.get(), m, proj_.get(), stream);
         cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
         linear(L.gate, h_.get(), m, gate_.get(), stream);

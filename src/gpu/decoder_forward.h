@@ -58,8 +58,13 @@ public:
     // workspace; the graph runner fixes it per bucket so replays never reallocate.
     int attention_splits(const DeviceBatch& b) const;
     void reserve_attention(int splits, int64_t n_tokens);
-    // Enqueues the forward on `stream`. With splits < 0 the batch's own attention_splits() is used.
-    void run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits = -1);
+    // Enqueues the forward on `stream`, with the batch's own attention_splits() and this object's workspace.
+    void run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream);
+    // The same with fixed splits and a caller's workspace (a captured graph must keep both).
+    void run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits, void* workspace,
+             size_t workspace_bytes);
+    // Workspace bytes `splits` need for a batch of n_tokens rows.
+    size_t attention_workspace_bytes(int splits, int64_t n_tokens) const;
     // [max_logit_rows, vocab] float32; rows 0 .. n_logit_rows - 1 hold the last run's logits.
     const float* logits() const { return logits_.as<float>(); }
 

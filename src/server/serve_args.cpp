@@ -30,7 +30,7 @@ const std::set<std::string>& vllm_valued_flags() {
         "--middleware", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs",
         "--response-role", "--chat-template-content-format", "--max-log-len", "--tool-parser-plugin",
         "--reasoning-parser-plugin", "--compilation-config", "-O", "--kv-transfer-config", "--kv-events-config",
-        "--cuda-graph-sizes", "--max-cudagraph-capture-size", "--hf-overrides", "--override-generation-config",
+        "--cuda-graph-sizes", "--hf-overrides", "--override-generation-config",
         "--scheduling-policy", "--scheduler-cls", "--config", "--api-server-count", "--num-gpu-blocks-override",
         "--mamba-cache-dtype", "--model-impl", "--logits-processors",
         "--default-chat-template-kwargs", "--max-logprobs", "--logprobs-mode", "--prefix-caching-hash-algo",
@@ -51,7 +51,7 @@ const std::set<std::string>& vllm_valued_flags() {
 
 const std::set<std::string>& vllm_switches() {
     static const std::set<std::string> flags = {
-        "--enforce-eager", "--ray-workers-use-nsight", "--enable-expert-parallel", "--enable-eplb", "--disable-custom-all-reduce",
+        "--ray-workers-use-nsight", "--enable-expert-parallel", "--enable-eplb", "--disable-custom-all-reduce",
         "--enable-chunked-prefill", "--enable-lora", "--fully-sharded-loras", "--disable-log-stats",
         "--disable-log-requests", "--enable-log-requests", "--enable-log-outputs", "--disable-frontend-multiprocessing",
         "--enable-request-id-headers", "--async-scheduling", "--calculate-kv-scales", "--enable-sleep-mode",
@@ -186,6 +186,15 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 }
                 NIBBLE_CHECK(x > 0.0 && x <= 1.0, "--gpu-memory-utilization must be in (0, 1], got {}", v);
                 o.gpu_memory_utilization = x;
+            } else if (name == "--device") {
+                const std::string v = value();
+                NIBBLE_CHECK(v == "auto" || v == "cuda" || v == "cpu", "--device must be auto, cuda or cpu, got '{}'", v);
+                o.device = v;
+            } else if (name == "--enforce-eager") {
+                no_value();
+                o.enforce_eager = true;
+            } else if (name == "--max-cudagraph-capture-size") {
+                o.max_cudagraph_capture_size = parse_int(value(), name, 0);
             } else if (name == "--kv-cache-memory-bytes") {
                 o.kv_cache_memory_bytes = parse_int(value(), name, 1);
             } else if (name == "--block-size") {
@@ -277,6 +286,10 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --mamba-prefix-snapshots N       hybrid models' prefix caching: Mamba states kept at cached blocks, each
                                    as large as one sequence's (default -1: auto, from at most an eighth of
                                    the KV memory; 0: caching off)
+  --device auto|cuda|cpu           backend (default auto: CUDA when a GPU is present and the model is one the
+                                   CUDA backend runs, the llama family; else the CPU)
+  --enforce-eager                  CUDA: run decode steps without CUDA graphs
+  --max-cudagraph-capture-size N   CUDA: decode batches up to N sequences replay CUDA graphs (default 256)
   --gpu-memory-utilization F       fraction of device memory to use (default 0.9)
   --kv-cache-memory-bytes N        KV cache size in bytes (suffixes k, m, g / K, M, G)
   --block-size N                   tokens per KV block (default 16)

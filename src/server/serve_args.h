@@ -32,6 +32,9 @@ struct ServeOptions {
     std::string kv_cache_dtype = "auto";        // auto, bf16, fp8, nvfp4; resolved by the memory plan
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // --mamba-ssm-cache-dtype (hybrid models)
     int64_t mamba_prefix_snapshots = -1;        // --mamba-prefix-snapshots (hybrid prefix caching; -1: auto)
+    std::string device = "auto";                // --device auto|cuda|cpu
+    bool enforce_eager = false;                 // --enforce-eager: no CUDA graphs
+    int64_t max_cudagraph_capture_size = 256;   // --max-cudagraph-capture-size
     double gpu_memory_utilization = 0.9;        // fraction of device memory nibble may use (CUDA backend)
     std::optional<int64_t> kv_cache_memory_bytes;  // KV cache size, overriding the plan
     int64_t block_size = 16;

@@ -12,11 +12,16 @@
 // summation order (~1e-6) until a K/V value stored in BF16 (or FP8/NVFP4) lands on the other side of a
 // rounding boundary, which moves that element by up to a half step of its format (BF16 2^-8, FP8 E4M3 2^-4,
 // NVFP4 up to 1/3 of a code relative); BF16 activations round every intermediate (2^-8 relative per value).
+// With BF16 activations and an NVFP4 cache the two combine: a 2^-8 move of K or V lands across an E2M1
+// boundary for a few per cent of the elements, each then off by a whole code step (seen: up to 0.17 of the
+// logits' RMS on these 2-layer models, so that case allows 0.3).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -25,6 +30,7 @@
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
 #include "device_test_util.h"
+#include "engine/engine.h"
 #include "engine/model_runner.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
@@ -218,13 +224,120 @@ TEST_F(DecoderForwardCuda, Qwen3QkNormNvfp4LmHeadCompressedTensors) {
     const fs::path m = quantized(write_checkpoint(root_ / "qwen3", {.arch = "Qwen3ForCausalLM", .qk_norm = true}, 4),
                                  root_ / "qwen3-nvfp4", QuantLayout::CompressedTensors, true);
     compare_forward(m, DType::F32, KvDtype::Bf16, 2e-3, "qwen3 nvfp4 ct (lm_head nvfp4) / f32 act");
-    compare_forward(m, DType::BF16, KvDtype::Nvfp4, 1.5e-1, "qwen3 nvfp4 ct (lm_head nvfp4) / bf16 act / nvfp4 kv");
+    compare_forward(m, DType::BF16, KvDtype::Nvfp4, 3e-1, "qwen3 nvfp4 ct (lm_head nvfp4) / bf16 act / nvfp4 kv");
 }
 
 TEST_F(DecoderForwardCuda, Qwen2BiasTiedEmbeddings) {
     const fs::path m = write_checkpoint(root_ / "qwen2", {.arch = "Qwen2ForCausalLM", .bias = true, .tied = true}, 5);
     compare_forward(m, DType::F32, KvDtype::Bf16, 2e-3, "qwen2 bias tied / f32 act");
     compare_forward(m, DType::BF16, KvDtype::Bf16, 6e-2, "qwen2 bias tied / bf16 act");
+}
+
+// Decode steps replayed from CUDA graphs (batches padded to their bucket, attention split for the cache-length
+// class) compute what eager steps compute: same tokens, logits within float32 summation-order differences.
+TEST_F(DecoderForwardCuda, GraphReplaysMatchEagerSteps) {
+    const fs::path dir = quantized(write_checkpoint(root_ / "llama", {.head_dim = 128}, 6), root_ / "llama-nvfp4",
+                                   QuantLayout::ModelOpt, false);
+    ThreadPool pool(0);
+    std::unique_ptr<Model> model = load_model(dir.string(), pool);
+    DecoderView view;
+    ASSERT_TRUE(model->decoder_view(view));
+    auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+    for (DType act : {DType::F32, DType::BF16}) {
+        gpu::CudaRunnerOptions o{.kv_dtype = KvDtype::Bf16, .num_blocks = 128, .block_size = 16, .max_model_len = 2048,
+                                 .max_num_batched_tokens = 256, .max_num_seqs = 8, .act_dtype = act,
+                                 .max_cudagraph_capture_size = 8};
+        gpu::CudaModelRunner graphs(weights, o);
+        o.max_cudagraph_capture_size = 0;
+        gpu::CudaModelRunner eager(weights, o);
+        std::mt19937_64 rng(test::fresh_seed());
+        std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(model->config().vocab_size - 1));
+        const std::vector<int64_t> lengths = {3, 40, 17, 1, 66};  // 5 sequences: padded to the bucket of 8
+        std::vector<std::vector<int32_t>> seqs(lengths.size()), tables(lengths.size());
+        for (size_t s = 0; s < lengths.size(); ++s) {
+            for (int64_t i = 0; i < lengths[s]; ++i) seqs[s].push_back(tok(rng));
+            for (int64_t b = 0; b < 20; ++b) tables[s].push_back(static_cast<int32_t>(s * 24 + static_cast<size_t>(b)));
+        }
+        std::vector<int64_t> done(lengths.size(), 0);
+        const int64_t vocab = model->config().vocab_size;
+        for (int step = 0; step < 30; ++step) {
+            std::vector<RunnerSequence> batch;
+            for (size_t s = 0; s < seqs.size(); ++s)
+                batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
+                                 .block_table = tables[s], .start_pos = done[s], .needs_logits = true});
+            std::vector<float> a, b;
+            graphs.execute(batch, a);
+            eager.execute(batch, b);
+            ASSERT_EQ(a.size(), b.size());
+            double worst = 0, ms = 0;
+            for (size_t i = 0; i < a.size(); ++i) {
+                ASSERT_TRUE(std::isfinite(a[i]));
+                worst = std::max(worst, std::fabs(static_cast<double>(a[i]) - b[i]));
+                ms += static_cast<double>(b[i]) * b[i];
+            }
+            // F32: summation order only; BF16: one ulp of a rounded activation can differ through the layers.
+            const double rel = act == DType::F32 ? 1e-4 : 3e-2;
+            EXPECT_LE(worst, rel * std::max(1.0, std::sqrt(ms / static_cast<double>(a.size())))) << "step " << step;
+            for (size_t s = 0; s < seqs.size(); ++s) {
+                const float* row = b.data() + s * static_cast<size_t>(vocab);
+                done[s] = static_cast<int64_t>(seqs[s].size());
+                seqs[s].push_back(static_cast<int32_t>(std::max_element(row, row + vocab) - row));
+            }
+        }
+        EXPECT_GE(graphs.num_cuda_graphs(), 1);
+        EXPECT_EQ(eager.num_cuda_graphs(), 0);
+    }
+}
+
+// The engine over the CUDA runner (device greedy sampling, graphs) generates what it generates over the CPU
+// runner, request for request, with F32 activations (greedy ties aside, which these random models do not hit).
+TEST_F(DecoderForwardCuda, EngineOnCudaMatchesEngineOnCpu) {
+    const fs::path dir = write_checkpoint(root_ / "llama", {}, 7);
+    ThreadPool pool(0);
+    std::unique_ptr<Model> model = load_model(dir.string(), pool);
+    DecoderView view;
+    ASSERT_TRUE(model->decoder_view(view));
+    const EngineConfig cfg{.max_model_len = 256, .max_num_seqs = 8, .max_num_batched_tokens = 128, .block_size = 16,
+                           .num_blocks = 96, .enable_prefix_caching = true, .kv_cache_dtype = KvDtype::Bf16};
+    auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+    std::mt19937_64 rng(test::fresh_seed());
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(model->config().vocab_size - 1));
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 10; ++i) {
+        std::vector<int32_t> p(static_cast<size_t>(3 + 11 * i));
+        for (auto& t : p) t = tok(rng);
+        prompts.push_back(p);
+    }
+    auto generate = [&](std::unique_ptr<ModelRunner> runner) {
+        Engine engine(*model, cfg, std::move(runner));
+        std::mutex mu;
+        std::map<std::string, std::vector<int32_t>> out;
+        for (size_t i = 0; i < prompts.size(); ++i) {
+            GenerationRequest r;
+            r.id = std::string("r").append(std::to_string(i));
+            r.prompt = prompts[i];
+            r.sampling.temperature = 0.0f;
+            r.max_tokens = 12;
+            r.ignore_eos = true;
+            engine.submit(r, [&](const RequestOutput& o) {
+                std::lock_guard lock(mu);
+                for (const auto& s : o.outputs) out[o.request_id].insert(out[o.request_id].end(), s.tokens.begin(), s.tokens.end());
+            });
+        }
+        int steps = 0;
+        while (engine.step()) EXPECT_LT(++steps, 10000);
+        return out;
+    };
+    const auto on_cpu = generate(nullptr);
+    const auto on_gpu = generate(std::make_unique<gpu::CudaModelRunner>(
+        weights, gpu::CudaRunnerOptions{.kv_dtype = KvDtype::Bf16, .num_blocks = 96, .block_size = 16,
+                                        .max_model_len = 256, .max_num_batched_tokens = 128, .max_num_seqs = 8,
+                                        .act_dtype = DType::F32, .max_cudagraph_capture_size = 8}));
+    ASSERT_EQ(on_cpu.size(), prompts.size());
+    for (const auto& [id, tokens] : on_cpu) {
+        EXPECT_EQ(tokens.size(), 12u) << id;
+        EXPECT_EQ(on_gpu.at(id), tokens) << id;
+    }
 }
 
 }  // namespace

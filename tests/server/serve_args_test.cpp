@@ -81,11 +81,27 @@ TEST(ServeArgs, BadValuesNamed) {
 }
 
 TEST(ServeArgs, VllmFlagsRefusedByName) {
-    EXPECT_NE(error_of({"m", "--enforce-eager"}).find("--enforce-eager is a vLLM flag nibble does not support"),
+    EXPECT_NE(error_of({"m", "--enable-lora"}).find("--enable-lora is a vLLM flag nibble does not support"),
               std::string::npos);
     EXPECT_NE(error_of({"m", "--pipeline-parallel-size", "2"}).find("--pipeline-parallel-size is a vLLM flag"),
               std::string::npos);
     EXPECT_NE(error_of({"m", "--no-enable-chunked-prefill"}).find("--no-enable-chunked-prefill is a vLLM flag"),
+              std::string::npos);
+}
+
+TEST(ServeArgs, CudaBackendFlags) {
+    const ServeOptions d = parse_serve_args({"m"});
+    EXPECT_EQ(d.device, "auto");
+    EXPECT_FALSE(d.enforce_eager);
+    EXPECT_EQ(d.max_cudagraph_capture_size, 256);
+    const ServeOptions o =
+        parse_serve_args({"m", "--device", "cuda", "--enforce-eager", "--max-cudagraph-capture-size", "64"});
+    EXPECT_EQ(o.device, "cuda");
+    EXPECT_TRUE(o.enforce_eager);
+    EXPECT_EQ(o.max_cudagraph_capture_size, 64);
+    EXPECT_NE(error_of({"m", "--device", "tpu"}).find("--device must be auto, cuda or cpu, got 'tpu'"), std::string::npos);
+    EXPECT_NE(error_of({"m", "--enforce-eager=1"}).find("--enforce-eager takes no value"), std::string::npos);
+    EXPECT_NE(error_of({"m", "--max-cudagraph-capture-size", "-1"}).find("--max-cudagraph-capture-size"),
               std::string::npos);
 }
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (the `device` tool): unpacks binaries and the shared libraries that machine
+# lacks from .carry/pack.tar.xz (built here for sm_90a), then runs the device tests and the benchmarks named
+# by the arguments: tests[:FILTER], bench[:ARGS...], kbench[:PART]. Logs go to $OUT.
+set -uo pipefail
+root=/tmp/nibble-pack
+mkdir -p "$root" && tar -C "$root" -xJf .carry/pack.tar.xz
+export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+out="${OUT:-/tmp/out}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+for step in "$@"; do
+    kind="${step%%:*}"
+    arg=""
+    [[ "$step" == *:* ]] && arg="${step#*:}"
+    case "$kind" in
+        tests) "$root/bin/nibble-device-tests" --gtest_brief=1 ${arg:+--gtest_filter=$arg} 2>&1 | tee "$out/tests.log" | grep -E "FAILED|OK \]|PASSED|detail|Failure|error|expected|got" | tail -60 ;;
+        bench) "$root/bin/nibble" bench $arg 2>&1 | tee -a "$out/bench.log" | grep -v "^\[" ;;
+        kbench) "$root/bin/nibble-kernel-bench" $arg 2>&1 | tee -a "$out/kbench.log" | tail -40 ;;
+    esac
+done
