@@ -306,9 +306,10 @@ RowRef row_tolerance(const float* q, const float* k, const float* v, int64_t hd,
 }
 
 void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
-    const char* kernel_name = c.decode_kernel == cuda::DecodeKernel::Mma         ? " decode=mma"
-                              : c.decode_kernel == cuda::DecodeKernel::Pipelined ? " decode=pipelined"
-                                                                                 : "";
+    const char* kernel_name = c.decode_kernel == cuda::DecodeKernel::Mma           ? " decode=mma"
+                              : c.decode_kernel == cuda::DecodeKernel::Pipelined   ? " decode=pipelined"
+                              : c.decode_kernel == cuda::DecodeKernel::Pipelined16 ? " decode=pipelined16"
+                                                                                   : "";
     std::string name = std::string(kv_dtype_name(c.dtype)) + kernel_name + " heads=" + std::to_string(c.n_heads) + "/" +
                        std::to_string(c.n_kv_heads) + " hd=" + std::to_string(c.head_dim) +
                        (c.bf16 ? " bf16" : " f32") + " window=" + std::to_string(c.sliding_window) + " seqs=";
@@ -449,8 +450,8 @@ TEST(PagedAttentionCuda, LongDecodeSplitK) {
     attention_case(pool, rng, {KvDtype::Nvfp4, 16, 2, 128, false, 0, {{9000, 1}, {40, 1}}, 37});
 }
 
-// Both tensor-core decode kernels (the pipelined one, Auto's choice for FP8/NVFP4, and the older Mma one;
-// a BF16 cache asked for Pipelined runs Mma), on batches of one-token sequences of different lengths: 1,
+// The tensor-core decode kernels (the pipelined one, Auto's choice for FP8/NVFP4, its 16-key-step NVFP4
+// variant Pipelined16, and the older Mma one; a BF16 cache asked for a pipelined one runs Mma), on batches of one-token sequences of different lengths: 1,
 // lengths off the 16-key block, the 16/32-key warp steps and the 64/128-key CTA steps, a sequence shorter
 // than one warp step next to long ones; GQA 1, 4 and 8 (and 2: rows 2..7 of the mma unused); head_dim 64
 // and 128; F32 and BF16 q/out; sliding windows shorter and longer than a warp step; explicit split counts
@@ -462,7 +463,8 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
     const std::vector<SeqSpec> batch = {{1, 1},   {2, 1},   {17, 1},  {31, 1},   {33, 1},  {65, 1},
                                         {129, 1}, {300, 1}, {1000, 1}, {2049, 1}, {4097, 1}};
     for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
-        for (cuda::DecodeKernel dk : {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined}) {
+        for (cuda::DecodeKernel dk :
+             {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined, cuda::DecodeKernel::Pipelined16}) {
             attention_case(pool, rng, {dt, 32, 8, 128, true, 0, batch, 0, dk});     // GQA 4
             attention_case(pool, rng, {dt, 32, 8, 128, false, 0, batch, -1, dk});   // GQA 4, F32, by bytes
             attention_case(pool, rng, {dt, 16, 2, 64, false, 0, batch, 0, dk});     // GQA 8, head_dim 64
@@ -484,7 +486,8 @@ TEST(PagedAttentionCuda, LongDecodeKernelsMatchCpu) {
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
     for (KvDtype dt : {KvDtype::Fp8, KvDtype::Nvfp4})
-        for (cuda::DecodeKernel dk : {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined}) {
+        for (cuda::DecodeKernel dk :
+             {cuda::DecodeKernel::Mma, cuda::DecodeKernel::Pipelined, cuda::DecodeKernel::Pipelined16}) {
             attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{65536 + 7, 1}, {1, 1}, {20001, 1}}, -1, dk});
             attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{32768, 1}, {3000, 1}}, 0, dk});
         }

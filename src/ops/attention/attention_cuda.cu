@@ -676,7 +676,13 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
 // 2^-7 is exact in fp16: <= 6 significant bits, a multiple of 2^-17, at most 21); the 2^7 goes into the
 // score factor and the output. The pair order permutes head_dim inside each 8-dim word: free for Q.K (q is
 // loaded in the same order), undone when the output is stored.
-// Resources (ptxas -v, sm_90a, CUDA 13.0): see kDecodePipeResources below.
+// Resources per CTA (ptxas -v, sm_90a, CUDA 13.0, -O3): 128 threads, 16,640 B (HD 128) / 8,448 B (HD 64)
+// static shared memory, 1 barrier; registers (HD 128 / HD 64):
+//   NVFP4 Pipelined   (NSUB 2, __launch_bounds__(128, 2)): 254 / 168, no spills -> 2 / 3 CTAs per SM
+//   NVFP4 Pipelined16 (NSUB 1, (128, 3)):                  168 (32 B spilled) / 122 -> 3 / 4 CTAs per SM
+//   FP8   Pipelined   (NSUB 1, (128, 2)):                  198 / 112, no spills -> 2 / 4 CTAs per SM
+//   (FP8 at (128, 3) spilled 84 B at HD 128.) decode_mma_kernel (128, 3), for comparison: BF16 168 (32 B
+//   spilled) / 116, FP8 153 / 96, NVFP4 167 / 116.
 __device__ __forceinline__ void e2m1x8_to_f16_pairs(uint32_t w, __half2 scale, uint32_t* out) {
     constexpr uint32_t kMag = 0x0e000e00u, kSign = 0x80008000u;
     const uint32_t b[4] = {((w << 9) & kMag) | ((w << 12) & kSign), ((w << 5) & kMag) | ((w << 8) & kSign),
@@ -702,8 +708,8 @@ __device__ __forceinline__ constexpr int pair_dim(int P, int half) {
     return PERM ? 8 * (P >> 2) + (P & 3) + 4 * half : 2 * P + half;
 }
 
-template <KvDtype KV, int HD, int NSUB>
-__global__ void __launch_bounds__(kThreads, 2) decode_pipe_kernel(const AttnParams p) {
+template <KvDtype KV, int HD, int NSUB, int MIN_CTAS>
+__global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const AttnParams p) {
     static_assert(KV != KvDtype::Bf16, "BF16 runs decode_mma_kernel");
     constexpr bool PERM = KV == KvDtype::Nvfp4;
     constexpr int BITS = KV == KvDtype::Fp8 ? 8 : 4;
@@ -851,7 +857,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_pipe_kernel(const AttnPara
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
         const float m_new = fmaxf(m, tmax);
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing attended yet
-        const float alpha = exp2f(m - m_use);                  // 0 while m is -inf (o and l are 0 then)
+        // 1 for a row with nothing attended (rows past the group: never a rescale), 0 on its first keys.
+        const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
         m = m_new;
         float psum = 0.0f;
 #pragma unroll
@@ -949,19 +956,25 @@ __global__ void __launch_bounds__(kThreads, 2) decode_pipe_kernel(const AttnPara
     }
 }
 
-// NSUB per cache dtype: NVFP4 2 (32-key warp steps), FP8 1 (its 16-key step already moves 4 KB).
+// Pipelined: NVFP4 NSUB 2 (32-key warp steps), FP8 NSUB 1 (its 16-key step already moves 4 KB), both at
+// 2 CTAs per SM. Pipelined16 (NVFP4 only; FP8 takes Pipelined): 16-key steps at 3 CTAs per SM, more warps
+// with half the bytes each in flight, kept to measure which hides the latency better.
 template <KvDtype KV>
-constexpr int decode_pipe_nsub() {
-    return KV == KvDtype::Nvfp4 ? 2 : 1;
-}
-
-template <KvDtype KV>
-void launch_decode_pipe(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t stream) {
-    constexpr int NSUB = decode_pipe_nsub<KV>();
+void launch_decode_pipe(int64_t hd, bool narrow, const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    if constexpr (KV == KvDtype::Nvfp4) {
+        if (narrow) {
+            if (hd == 64)
+                decode_pipe_kernel<KV, 64, 1, 3><<<grid, kThreads, 0, stream>>>(p);
+            else
+                decode_pipe_kernel<KV, 128, 1, 3><<<grid, kThreads, 0, stream>>>(p);
+            return;
+        }
+    }
+    constexpr int NSUB = KV == KvDtype::Nvfp4 ? 2 : 1;
     if (hd == 64)
-        decode_pipe_kernel<KV, 64, NSUB><<<grid, kThreads, 0, stream>>>(p);
+        decode_pipe_kernel<KV, 64, NSUB, 2><<<grid, kThreads, 0, stream>>>(p);
     else
-        decode_pipe_kernel<KV, 128, NSUB><<<grid, kThreads, 0, stream>>>(p);
+        decode_pipe_kernel<KV, 128, NSUB, 2><<<grid, kThreads, 0, stream>>>(p);
 }
 
 // ---- Prefill on the tensor cores (flash-attention-2 style; BF16 q) ----
@@ -1613,19 +1626,28 @@ int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t 
 int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int64_t n_heads, int sm_count) {
     if (kv.n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / kv.n_kv_heads;
-    if (prefill_rows_enough(group, b.max_q_len) || b.max_q_len > 1)
+    if (b.max_q_len > 1 || group > 8)  // prefill and the CUDA-core decode: by keys
         return paged_attention_splits(b, kv.n_kv_heads, n_heads, sm_count);
-    // Decode: ~4 CTAs per SM, each split reading at least kMinSplitBytes of K + V (the BF16 rule of 256
-    // keys a split, at head_dim 128, in bytes), so a 4-bit split covers ~3.5x the keys of a BF16 one.
-    constexpr int64_t kMinSplitBytes = 256 * 2 * 256;
+    // Decode: each split reads at least kMinSplitBytes of K + V (so a 4-bit split covers ~3.5x the keys of
+    // a BF16 one); among those counts, the one with the fewest waves per split, ceil(ctas s / slots) / s
+    // (the busiest SM's share), plus 0.05% a split for the partials and the combine. Slots: the decode
+    // kernel's resident CTAs per SM (registers, listed above decode_pipe_kernel; Mma: 3).
+    constexpr int64_t kMinSplitBytes = 64 * 1024;
     const int64_t row_bytes = kv.dtype == KvDtype::Bf16 ? 2 * kv.head_dim
                             : kv.dtype == KvDtype::Fp8  ? kv.head_dim
                                                         : kv.head_dim / 2 + kv.head_dim / 16;
     const int64_t key_bytes = std::max<int64_t>(1, 2 * row_bytes);  // K and V
     const int64_t ctas = b.n_seqs * kv.n_kv_heads;
-    const int64_t want = (4 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;
-    const int64_t most = std::max<int64_t>(1, b.max_kv_len * key_bytes / kMinSplitBytes);
-    return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, 256));
+    const int64_t per_sm = kv.dtype == KvDtype::Bf16 ? 3 : kv.head_dim == 128 ? 2 : kv.dtype == KvDtype::Fp8 ? 4 : 3;
+    const int64_t slots = std::max<int64_t>(1, per_sm * sm_count);
+    const int64_t most = std::clamp<int64_t>(b.max_kv_len * key_bytes / kMinSplitBytes, 1, 256);
+    int best = 1;
+    double best_cost = 1e30;
+    for (int64_t s = 1; s <= most; ++s) {
+        const double cost = static_cast<double>((ctas * s + slots - 1) / slots) / static_cast<double>(s) + 0.0005 * s;
+        if (cost < best_cost) best_cost = cost, best = static_cast<int>(s);
+    }
+    return best;
 }
 
 size_t paged_attention_workspace_bytes(int n_splits, int64_t n_tokens, int64_t n_heads, int64_t head_dim) {
@@ -1694,13 +1716,14 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
             case KvDtype::Bf16: launch_decode_mma<KvDtype::Bf16>(kv.head_dim, p, grid, stream); break;
             case KvDtype::Fp8:
                 if (pipelined)
-                    launch_decode_pipe<KvDtype::Fp8>(kv.head_dim, p, grid, stream);
+                    launch_decode_pipe<KvDtype::Fp8>(kv.head_dim, false, p, grid, stream);
                 else
                     launch_decode_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream);
                 break;
             default:
                 if (pipelined)
-                    launch_decode_pipe<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream);
+                    launch_decode_pipe<KvDtype::Nvfp4>(kv.head_dim, args.decode_kernel == DecodeKernel::Pipelined16, p,
+                                                       grid, stream);
                 else
                     launch_decode_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream);
                 break;

@@ -11,8 +11,8 @@
 // kernel merges the splits. Which kernel runs:
 //   prefill with BF16 q (some sequence with >= 16 rows of query tokens x group, and scale > 0): the
 //     tensor-core prefill kernel (flash-attention-2 style, mma.sync m16n8k16, 128 rows x 64-key tiles);
-//   decode (one query token a sequence) with at most 8 query heads per KV head: the tensor-core decode
-//     kernel;
+//   decode (one query token a sequence) with at most 8 query heads per KV head: a tensor-core decode
+//     kernel (AttentionArgs::decode_kernel; by default the pipelined one for FP8/NVFP4, Mma for BF16);
 //   otherwise (F32 q, larger decode groups, a few rows): the CUDA-core kernel, float32 throughout.
 //
 // Layouts (device pointers):
@@ -71,7 +71,8 @@ struct AttentionBatch {
 // compare them): Auto takes Pipelined for the FP8/NVFP4 caches and Mma for BF16. Pipelined: raw K/V and
 // block-table entries loaded one warp step ahead of the math (32 keys a warp step for NVFP4, 16 for FP8),
 // cheaper NVFP4 unpacking; BF16 has no pipelined variant (its step is 4x the registers) and runs Mma.
-enum class DecodeKernel { Auto, Mma, Pipelined };
+// Pipelined16: NVFP4 with 16-key warp steps and more warps per SM (FP8 / BF16 as Pipelined).
+enum class DecodeKernel { Auto, Mma, Pipelined, Pipelined16 };
 
 struct AttentionArgs {
     int64_t n_heads = 0;
