@@ -103,8 +103,8 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
         int64_t depth, batch;
         bool mixed;
         KvDtype dt;
-        double us[2], gbps[2];
-        int splits[2];
+        double us[3], gbps[3];  // old, new, NVFP4 Pipelined16
+        int splits[3];
     };
     std::vector<ARow> rows;
     uint64_t seed = 99;
@@ -149,8 +149,10 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
                     nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
                 }
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-                ARow row{depth, batch, bk.mixed, dt, {0, 0}, {0, 0}, {0, 0}};
-                for (int variant = 0; variant < 2; ++variant) {  // 0: old (Mma, splits by keys), 1: default
+                ARow row{depth, batch, bk.mixed, dt, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}};
+                // 0: old (Mma, splits by keys), 1: default (Auto, splits by bytes), 2 (NVFP4): Pipelined16.
+                const int n_variants = dt == KvDtype::Nvfp4 ? 3 : 2;
+                for (int variant = 0; variant < n_variants; ++variant) {
                     nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(), vb[0].as<uint8_t>(), n_blocks, block_bytes, bs,
                                                    nkv, hd, dt, 0.01f, 0.01f};
                     const int splits =
@@ -159,7 +161,9 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
                     const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, batch, n_heads, hd);
                     DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
                     const nibble::cuda::AttentionArgs args{n_heads, 0.088f, 0,
-                                                           variant == 0 ? DecodeKernel::Mma : DecodeKernel::Auto};
+                                                           variant == 0   ? DecodeKernel::Mma
+                                                           : variant == 1 ? DecodeKernel::Auto
+                                                                          : DecodeKernel::Pipelined16};
                     size_t next = 0;
                     auto launch = [&] {
                         for (size_t c = 0; c < copies; ++c, ++next) {
@@ -184,6 +188,9 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
                             dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", copies, row.us[0],
                             100 * row.gbps[0] / copy_gbps, row.splits[0], row.us[1], row.gbps[1],
                             100 * row.gbps[1] / copy_gbps, row.splits[1], row.us[0] / row.us[1]);
+                if (n_variants == 3)
+                    std::printf("%63s new16 %8.1f us %6.0f GB/s %5.1f%% of copy\n", "", row.us[2], row.gbps[2],
+                                100 * row.gbps[2] / copy_gbps);
             }
         }
     }
