@@ -460,24 +460,26 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
     const int64_t k = 4096;
     const int max_m = 16;
     uint64_t seed = 777;
-    std::printf("\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | %% copy | "
-                "separate/fused time |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf("\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | "
+                "%% copy | separate/fused time |\n|---|---|---|---|---|---|---|---|\n");
     for (const auto& c : cases) {
         size_t set_bytes = 0;
         for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * k / 2 + n * k / 16);
-        const size_t copies = std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
+        const size_t copies =
+            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
         std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
         for (size_t cp = 0; cp < copies; ++cp)
             for (int64_t n : c.ns) {
                 w[cp].emplace_back(static_cast<size_t>(n * k / 2));
-                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed, ~0u, 0u,
-                                              stream);
+                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed,
+                                              ~0u, 0u, stream);
                 sc[cp].emplace_back(static_cast<size_t>(n * k / 16));
                 nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
                                               0x1f1f1f1fu, 0x20202020u, stream);
             }
         DeviceBuffer x(static_cast<size_t>(max_m * k * 2));
-        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
+                                      stream);
         std::vector<DeviceBuffer> y;  // one output per projection, [max_m, n] BF16
         for (int64_t n : c.ns) y.emplace_back(static_cast<size_t>(max_m * n * 2));
         DeviceBuffer h(static_cast<size_t>(max_m * c.ns[0] * 2));  // gate_up: [max_m, n_ff]
@@ -493,13 +495,15 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
                     for (size_t cc = 0; cc < copies; ++cc, ++next) {
                         const size_t cp = next % copies;
                         if (method == 2 && c.gate_up) {
-                            nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0), nullptr,
-                                                                  weight(cp, 1), nullptr, h.get(), stream);
+                            nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0),
+                                                                  nullptr, weight(cp, 1), nullptr, h.get(),
+                                                                  stream);
                         } else if (method == 2) {
                             Nvfp4Projection p[3];
-                            for (size_t i = 0; i < c.ns.size(); ++i) p[i] = {weight(cp, i), nullptr, y[i].get()};
-                            nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p, static_cast<int>(c.ns.size()),
-                                                           stream);
+                            for (size_t i = 0; i < c.ns.size(); ++i)
+                                p[i] = {weight(cp, i), nullptr, y[i].get()};
+                            nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p,
+                                                           static_cast<int>(c.ns.size()), stream);
                         } else {
                             for (size_t i = 0; i < c.ns.size(); ++i) {
                                 if (method == 0)
@@ -510,8 +514,8 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
                                                                        nullptr, y[i].get(), stream);
                             }
                             if (c.gate_up)
-                                nibble::cuda::silu_mul(y[0].get(), y[1].get(), DType::BF16, m * c.ns[0], h.get(),
-                                                       stream);
+                                nibble::cuda::silu_mul(y[0].get(), y[1].get(), DType::BF16, m * c.ns[0],
+                                                       h.get(), stream);
                         }
                     }
                 };
@@ -520,10 +524,11 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
             size_t out_elems = 0;
             for (int64_t n : c.ns) out_elems += static_cast<size_t>(n);
             if (c.gate_up) out_elems = static_cast<size_t>(c.ns[0]);
-            const double bytes = static_cast<double>(set_bytes) + 2.0 * m * (static_cast<double>(k) + out_elems);
+            const double bytes =
+                static_cast<double>(set_bytes) + 2.0 * m * (static_cast<double>(k) + out_elems);
             const double gbps = bytes / (us[2] * 1e-6) / 1e9;
-            std::printf("| %s | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", c.name, m, us[0], us[1], us[2],
-                        gbps, 100 * gbps / copy_gbps, std::min(us[0], us[1]) / us[2]);
+            std::printf("| %s | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", c.name, m, us[0], us[1],
+                        us[2], gbps, 100 * gbps / copy_gbps, std::min(us[0], us[1]) / us[2]);
         }
     }
 }
@@ -603,42 +608,46 @@ int main(int argc, char** argv) {
                     // nvfp4: 0 mma (v2), 1 cuda-core (v1), 2 pipelined (v3, k split from the shape), 3..5 v3
                     // with k split forced to 1, 2, 4.
                     for (int variant = 0; variant < (nvfp4 ? 6 : 1); ++variant) {
-                    static const char* const kNvfp4Formats[] = {"nvfp4", "nvfp4-v1", "nvfp4-v3",
-                                                                 "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4"};
-                    const std::string format = !nvfp4 ? "bf16" : kNvfp4Formats[variant];
-                    size_t next = 0;
-                    auto launch = [&] {
-                        for (size_t c = 0; c < copies; ++c, ++next) {
-                            const size_t i = next % copies;
-                            if (nvfp4) {
-                                nibble::cuda::Nvfp4DeviceWeight dw{w[i].as<uint8_t>(), sc[i].as<uint8_t>(), 0.01f, s.n,
-                                                                   s.k};
-                                if (variant == 0)
-                                    nibble::cuda::gemv_nvfp4_mma(x.get(), DType::BF16, m, dw, nullptr, y.get(), stream);
-                                else if (variant == 1)
-                                    nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw, nullptr, y.get(),
-                                                                       stream);
-                                else
-                                    nibble::cuda::gemv_nvfp4_pipelined(x.get(), DType::BF16, m, dw, nullptr, y.get(),
-                                                                       stream, variant == 2 ? 0 : 1 << (variant - 3));
-                            } else {
-                                nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n, s.k, nullptr,
-                                                        y.get(), stream);
+                        static const char* const kNvfp4Formats[] = {"nvfp4",      "nvfp4-v1",   "nvfp4-v3",
+                                                                    "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4"};
+                        const std::string format = !nvfp4 ? "bf16" : kNvfp4Formats[variant];
+                        size_t next = 0;
+                        auto launch = [&] {
+                            for (size_t c = 0; c < copies; ++c, ++next) {
+                                const size_t i = next % copies;
+                                if (nvfp4) {
+                                    nibble::cuda::Nvfp4DeviceWeight dw{w[i].as<uint8_t>(),
+                                                                       sc[i].as<uint8_t>(), 0.01f, s.n, s.k};
+                                    if (variant == 0)
+                                        nibble::cuda::gemv_nvfp4_mma(x.get(), DType::BF16, m, dw, nullptr,
+                                                                     y.get(), stream);
+                                    else if (variant == 1)
+                                        nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw,
+                                                                           nullptr, y.get(), stream);
+                                    else
+                                        nibble::cuda::gemv_nvfp4_pipelined(
+                                            x.get(), DType::BF16, m, dw, nullptr, y.get(), stream,
+                                            variant == 2 ? 0 : 1 << (variant - 3));
+                                } else {
+                                    nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n,
+                                                            s.k, nullptr, y.get(), stream);
+                                }
                             }
-                        }
-                    };
-                    const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
-                    const double bytes = static_cast<double>(wbytes + sbytes) + 2.0 * m * (s.k + s.n);
-                    const double gbps = bytes / (ms * 1e-3) / 1e9;
-                    rows.push_back({s.name, format, m, ms * 1e3, gbps, gbps / copy_gbps});
-                    std::printf("%-20s %-8s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n", s.name,
-                                format.c_str(), m, copies, ms * 1e3, gbps, 100 * gbps / copy_gbps);
-                }
+                        };
+                        const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
+                        const double bytes = static_cast<double>(wbytes + sbytes) + 2.0 * m * (s.k + s.n);
+                        const double gbps = bytes / (ms * 1e-3) / 1e9;
+                        rows.push_back({s.name, format, m, ms * 1e3, gbps, gbps / copy_gbps});
+                        std::printf("%-20s %-10s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n",
+                                    s.name, format.c_str(), m, copies, ms * 1e3, gbps,
+                                    100 * gbps / copy_gbps);
+                    }
             }
         }
 
-        std::printf("\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | %% copy | "
-                    "v3 k1 / k2 / k4 %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time | bf16/v3 time |\n");
+        std::printf(
+            "\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | %% copy | "
+            "v3 k1 / k2 / k4 %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time | bf16/v3 time |\n");
         std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : rows) {
             if (r.format != "nvfp4") continue;
@@ -646,13 +655,14 @@ int main(int argc, char** argv) {
                 return std::find_if(rows.begin(), rows.end(),
                                     [&](const Row& o) { return o.format == f && o.shape == r.shape && o.m == r.m; });
             };
-            const auto b = find("bf16"), v1 = find("nvfp4-v1"), v3 = find("nvfp4-v3"), k1 = find("nvfp4-v3k1"),
-                       k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4");
-            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.0f / %.0f / %.0f%% | "
-                        "%.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
-                        r.shape.c_str(), r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, v3->us, v3->gbps,
-                        100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, b->us, b->gbps, 100 * b->frac,
-                        b->us / r.us, b->us / v3->us);
+            const auto b = find("bf16"), v1 = find("nvfp4-v1"), v3 = find("nvfp4-v3"),
+                       k1 = find("nvfp4-v3k1"), k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4");
+            std::printf(
+                "| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | "
+                "%.0f / %.0f / %.0f%% | %.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
+                r.shape.c_str(), r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, v3->us, v3->gbps,
+                100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, b->us, b->gbps, 100 * b->frac,
+                b->us / r.us, b->us / v3->us);
         }
         bench_gemv_fused(prop, stream, copy_gbps);
         std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);

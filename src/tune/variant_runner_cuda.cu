@@ -157,6 +157,10 @@ private:
             int n = splits;
             if (n <= 0) n = cuda::paged_attention_splits(batch_, layer_.n_kv_heads, args_.n_heads, sm_count_);
             n = std::min(n, workspace_splits_);
+            // Both tensor-core decode kernels serve FP8/NVFP4 caches: run the one the variant names.
+            args_.decode_kernel = starts_with(v.name, "decode_pipe.")  ? cuda::DecodeKernel::Pipelined
+                                  : starts_with(v.name, "decode_mma.") ? cuda::DecodeKernel::Mma
+                                                                       : cuda::DecodeKernel::Auto;
             cuda::paged_attention(x_.get(), s.activation, layer_, batch_, args_, n, workspace_.get(), workspace_.bytes(),
                                   y_.get(), stream_);
         }

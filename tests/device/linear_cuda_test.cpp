@@ -84,10 +84,11 @@ enum class Kind { Nvfp4Quantized, Nvfp4Raw, Bf16 };
 // Which NVFP4 entry point: the dispatcher, or one of the kernels forced.
 enum class Nvfp4Path { Dispatch, Mma, CudaCore, Pipelined };
 
-void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int64_t k, int64_t m, bool bf16_acts,
-              bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch, int k_split = 0) {
+void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int64_t k, int64_t m,
+              bool bf16_acts, bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch, int k_split = 0) {
     SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m) +
-                 (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : "") + " k_split=" + std::to_string(k_split));
+                 (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : "") +
+                 " k_split=" + std::to_string(k_split));
     HostWeight h = kind == Kind::Nvfp4Quantized ? quantized_nvfp4(rng, n, k)
                    : kind == Kind::Nvfp4Raw     ? raw_nvfp4(rng, n, k)
                                                 : random_bf16(rng, n, k);
@@ -141,7 +142,8 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
         ds.upload(h.scales.data(), ds.bytes());
         cuda::Nvfp4DeviceWeight dwt{dq.as<uint8_t>(), ds.as<uint8_t>(), w.scale, n, k};
         if (path == Nvfp4Path::Pipelined) {
-            cuda::gemv_nvfp4_pipelined(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr, k_split);
+            cuda::gemv_nvfp4_pipelined(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr,
+                                       k_split);
         } else {
             auto* f = path == Nvfp4Path::Mma        ? &cuda::gemv_nvfp4_mma
                       : path == Nvfp4Path::CudaCore ? &cuda::gemv_nvfp4_cuda_core
@@ -163,7 +165,9 @@ struct DeviceProjection {
     cuda::DeviceBuffer dq, ds, dbias;
     std::vector<float> ref;   // [m, n]
     std::vector<double> tol;  // [m, n]
-    cuda::Nvfp4DeviceWeight dev() const { return {dq.as<uint8_t>(), ds.as<uint8_t>(), h.w.scale, h.w.n_out, h.w.n_in}; }
+    cuda::Nvfp4DeviceWeight dev() const {
+        return {dq.as<uint8_t>(), ds.as<uint8_t>(), h.w.scale, h.w.n_out, h.w.n_in};
+    }
 };
 
 // Fills p in place (its LinearWeight points into its own vectors, so p is not moved afterwards).
@@ -193,7 +197,8 @@ void build_projection(DeviceProjection& p, ThreadPool& pool, std::mt19937_64& rn
         for (int64_t t = 0; t < m; ++t) {
             double s = with_bias ? std::fabs(w.bias[static_cast<size_t>(r)]) : 0.0;
             for (int64_t i = 0; i < k; ++i)
-                s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) * x[static_cast<size_t>(t * k + i)]);
+                s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) *
+                               x[static_cast<size_t>(t * k + i)]);
             p.tol[static_cast<size_t>(t * n + r)] = 2.0 * static_cast<double>(k + 32) * test::kEpsF32 * s;
         }
     }
@@ -205,8 +210,8 @@ double output_tol(double fp, double ref, bool bf16) {
 }
 
 // gemv_nvfp4_fused: projections of ns[i] rows (0 = an empty one, skipped), biases on every other one.
-void run_fused_case(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& ns, int64_t k, int64_t m,
-                    bool bf16_acts, int k_split) {
+void run_fused_case(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& ns, int64_t k,
+                    int64_t m, bool bf16_acts, int k_split) {
     std::string what = "gemv_nvfp4_fused k=" + std::to_string(k) + " m=" + std::to_string(m) +
                        (bf16_acts ? " bf16" : " f32") + " k_split=" + std::to_string(k_split) + " n=";
     for (int64_t n : ns) what += std::to_string(n) + ",";
@@ -257,8 +262,8 @@ void run_gate_up_case(ThreadPool& pool, std::mt19937_64& rng, int64_t n, int64_t
     build_projection(up, pool, rng, n, k, x, m, with_bias);
     DeviceOut h(static_cast<size_t>(m * n), bf16_acts);
     cuda::gemv_nvfp4_gate_up_silu(dx.buf.get(), bf16_acts ? DType::BF16 : DType::F32, m, gate.dev(),
-                                  gate.dbias.as<float>(), up.dev(), up.dbias.as<float>(), h.buf.get(), nullptr,
-                                  k_split);
+                                  gate.dbias.as<float>(), up.dev(), up.dbias.as<float>(), h.buf.get(),
+                                  nullptr, k_split);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<float> ref(gate.ref.size());
     std::vector<double> tol(ref.size());
@@ -306,7 +311,8 @@ TEST(LinearCuda, Nvfp4EachKernel) {
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, 1, bf16, false, path);
 }
 
-// The pipelined kernel (version 3) with its k split picked from the shape (0) and forced to 1, 2 and 4: every m.
+// The pipelined kernel (version 3) with its k split picked from the shape (0) and forced to 1, 2 and 4: every
+// m.
 TEST(LinearCuda, Nvfp4Pipelined) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
@@ -315,8 +321,8 @@ TEST(LinearCuda, Nvfp4Pipelined) {
         for (const auto& s : kShapes)
             for (int64_t m : kAllMs)
                 for (bool bf16 : {false, true})
-                    run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1, Nvfp4Path::Pipelined,
-                             k_split);
+                    run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1,
+                             Nvfp4Path::Pipelined, k_split);
     for (int k_split : {1, 4})
         for (int64_t m : {1, 8, 9, 16})
             for (bool bf16 : {false, true})
@@ -353,7 +359,8 @@ TEST(LinearCuda, Nvfp4GateUpSilu) {
             for (bool bf16 : {false, true}) run_gate_up_case(pool, rng, s.n, s.k, m, bf16, m % 2 == 1, 0);
     for (int k_split : {1, 2, 4})
         for (int64_t m : {1, 8, 9, 19})
-            for (bool bf16 : {false, true}) run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
+            for (bool bf16 : {false, true})
+                run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
 }
 
 TEST(LinearCuda, Nvfp4EveryCode) {
@@ -384,7 +391,8 @@ TEST(LinearCuda, RejectsBadShapes) {
     EXPECT_THROW(cuda::gemv_nvfp4_pipelined(buf.get(), DType::F32, 1, w64, nullptr, buf.get(), nullptr, 3),
                  std::invalid_argument);  // k_split must be 0, 1, 2 or 4
     cuda::Nvfp4DeviceWeight w96{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 96};
-    EXPECT_THROW(cuda::gemv_nvfp4_gate_up_silu(buf.get(), DType::F32, 1, w64, nullptr, w96, nullptr, buf.get(), nullptr),
+    EXPECT_THROW(cuda::gemv_nvfp4_gate_up_silu(buf.get(), DType::F32, 1, w64, nullptr, w96, nullptr,
+                                               buf.get(), nullptr),
                  std::invalid_argument);  // gate and up differ
     const cuda::Nvfp4Projection two[] = {{w64, nullptr, buf.get()}, {w96, nullptr, buf.get()}};
     EXPECT_THROW(cuda::gemv_nvfp4_fused(buf.get(), DType::F32, 1, two, 2, nullptr), std::invalid_argument);

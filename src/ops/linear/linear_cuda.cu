@@ -413,13 +413,21 @@ __global__ void __launch_bounds__(kMmaThreads)
 // (docs/perf.md, version 2): a warp owns a whole tile (or 1/KS of its k, KS = 1, 2, 4, chosen so the grid
 // puts >= 8 warps on every SM) and walks k in steps of 4 chunks (lane t takes chunk 4s + t of its 2 rows:
 // 1 KB of weights a warp-step, the 4 lanes of a row read 64 contiguous bytes). Each step's weights,
-// scales AND activations are loaded D steps ahead into a ring of registers (D = 4 for BF16 at m <= 8,
-// else 2), so D KB of weights per warp are in flight and no activation load sits on the critical path.
+// scales AND activations are loaded D steps ahead into a ring of registers (D = 3 for BF16 at m <= 8,
+// else 2), so up to D KB of weights per warp are in flight and no activation load sits on the critical path.
 // KS = 1 has no barrier and no shared memory: the lane stores its accumulators directly. KS > 1 sums the
 // k-parts in shared memory once (one barrier). The tile is either 16 rows of one projection (up to three
 // projections with their own global scales, biases and outputs in one launch: q, k, v), or, for gate/up,
 // 8 gate rows as mma rows 0..7 and the same 8 up rows as mma rows 8..15, so lane (g, t) holds gate and up
 // of row g for tokens 2t, 2t + 1 and writes silu(gate) * up without any exchange.
+//
+// Resources of gemv_nvfp4_pipe_kernel<NT, KS, XT> (ptxas -v, CUDA 13.0, -O3, sm_90a; no spills, no stack):
+//   registers  NT = 1: BF16 126 / 126 / 128 for KS = 1 / 2 / 4 (capped at 128: 4 CTAs an SM),
+//                      F32 142 / 132 / 132
+//              NT = 2: BF16 144 / 139 / 138, F32 208 / 204 / 202
+//   static shared memory: 0 for KS = 1, NT * 2048 bytes for KS = 2, 4 (the k-part sums); 128 threads.
+// Not yet in src/tune/registry.cpp: its tests pin the NVFP4 candidate count and want sm_120a ptxas figures
+// too, so the winner is registered once measured.
 
 constexpr int kPipeWarps = 4;
 constexpr int kPipeThreads = kPipeWarps * 32;
@@ -440,15 +448,32 @@ struct PipeJob {
     bool gate_up = false;  // proj[0] = gate, proj[1] = up, 8-row tiles; proj[0].y gets silu(gate) * up
 };
 
+// BF16 at m <= 8 (the decode case): 3 stages of 26 registers, capped at 128 registers so 4 CTAs (16 warps)
+// fit an SM: a 2-tile-per-SM grid (gate/up at 14336 rows: 1792 warps) then runs in one wave, not 1.1.
+// F32 activations or m > 8: 2 stages (a stage holds 42-74 registers), no cap.
 template <int NT, class XT>
 constexpr int pipe_depth() {
-    return NT == 1 && sizeof(XT) == 2 ? 4 : 2;
+    return NT == 1 && sizeof(XT) == 2 ? 3 : 2;
+}
+template <int NT, class XT>
+constexpr int pipe_min_ctas() {
+    return NT == 1 && sizeof(XT) == 2 ? 4 : 1;
+}
+
+// job.proj[i] for a runtime i through static indices only, so the fields stay in the parameter bank and
+// are re-read where used instead of held in registers through the main loop.
+__device__ __forceinline__ PipeProjection pick_projection(const PipeJob& job, int i) {
+    PipeProjection p = job.proj[0];
+#pragma unroll
+    for (int j = 1; j < kMaxProjections; ++j)
+        if (i == j) p = job.proj[j];
+    return p;
 }
 
 // One chunk (32 k) of rows g and g + 8 against NT groups of 8 tokens: decode, scale, mma into acc.
 template <int NT, class XT>
-__device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&s)[2], const XChunk<XT> (&xc)[NT],
-                                          int m, float (&acc)[NT][4]) {
+__device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&s)[2],
+                                          const XChunk<XT> (&xc)[NT], int m, float (&acc)[NT][4]) {
     constexpr int P = XChunk<XT>::kParts;
     uint32_t sc[2][2];  // [row][block of the chunk]
 #pragma unroll
@@ -472,17 +497,20 @@ __device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&
             xc[i].pairs(j, b);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const uint32_t a[4] = {pa[0][2 * half], pa[1][2 * half], pa[0][2 * half + 1], pa[1][2 * half + 1]};
+                const uint32_t a[4] = {pa[0][2 * half], pa[1][2 * half], pa[0][2 * half + 1],
+                                       pa[1][2 * half + 1]};
 #pragma unroll
-                for (int part = 0; part < P; ++part) mma_bf16_16816(acc[i], a, b[part][2 * half], b[part][2 * half + 1]);
+                for (int part = 0; part < P; ++part)
+                    mma_bf16_16816(acc[i], a, b[part][2 * half], b[part][2 * half + 1]);
             }
         }
     }
 }
 
-// y = x W^T for the tiles of `job`, m <= 8 * NT tokens; KS warps share a tile's k, kPipeWarps / KS tiles a CTA.
+// y = x W^T for the tiles of `job`, m <= 8 * NT tokens; KS warps share a tile's k, kPipeWarps / KS tiles
+// make a CTA.
 template <int NT, int KS, class XT>
-__global__ void __launch_bounds__(kPipeThreads)
+__global__ void __launch_bounds__(kPipeThreads, pipe_min_ctas<NT, XT>())
     gemv_nvfp4_pipe_kernel(const XT* __restrict__ x, int m, int64_t k, const PipeJob job) {
     constexpr int D = pipe_depth<NT, XT>();
     constexpr int kTilesPerCta = kPipeWarps / KS;
@@ -493,24 +521,29 @@ __global__ void __launch_bounds__(kPipeThreads)
     const int64_t tile = static_cast<int64_t>(blockIdx.x) * kTilesPerCta + warp / KS;
     const bool active = tile < job.total_tiles;  // inactive warps still reach the barrier
 
-    // The tile's projection(s): a = mma rows 0..7, b = mma rows 8..15 (the same one unless gate/up).
-    PipeProjection pa = job.proj[0];
+    // The tile's projection(s): ia for mma rows 0..7, ib for rows 8..15 (the same one unless gate/up).
+    int ia = 0;
     int64_t tile_begin = 0;
 #pragma unroll
     for (int i = 1; i < kMaxProjections; ++i)
         if (!job.gate_up && tile >= job.proj[i - 1].tile_end && job.proj[i].n > 0) {
-            pa = job.proj[i];
+            ia = i;
             tile_begin = job.proj[i - 1].tile_end;
         }
-    const PipeProjection pb = job.gate_up ? job.proj[1] : pa;
+    const int ib = job.gate_up ? 1 : ia;
     const int64_t row0 = job.gate_up ? tile * 8 : (tile - tile_begin) * 16;
     const int64_t chunks = k >> 5;
-    // Rows past n repeat the last row (loaded, never stored).
-    const int64_t ra = min(row0 + g, pa.n - 1), rb = min(row0 + g + (job.gate_up ? 0 : 8), pb.n - 1);
-    const uint4* __restrict__ qa = pa.wq + ra * chunks;
-    const uint4* __restrict__ qb = pb.wq + rb * chunks;
-    const unsigned short* __restrict__ sa = pa.ws + ra * chunks;
-    const unsigned short* __restrict__ sb = pb.ws + rb * chunks;
+    const uint4* __restrict__ qa;
+    const uint4* __restrict__ qb;
+    const unsigned short* __restrict__ sa;
+    const unsigned short* __restrict__ sb;
+    {
+        const PipeProjection pa = pick_projection(job, ia), pb = pick_projection(job, ib);
+        // Rows past n repeat the last row (loaded, never stored).
+        const int64_t ra = min(row0 + g, pa.n - 1), rb = min(row0 + g + (job.gate_up ? 0 : 8), pb.n - 1);
+        qa = pa.wq + ra * chunks, qb = pb.wq + rb * chunks;
+        sa = pa.ws + ra * chunks, sb = pb.ws + rb * chunks;
+    }
 
     const int64_t steps = (chunks + 3) >> 2;
     const int64_t per_part = (steps + KS - 1) / KS;
@@ -518,8 +551,8 @@ __global__ void __launch_bounds__(kPipeThreads)
     const int64_t s_end = active ? min(steps, s_begin + per_part) : s_begin;
 
     struct Stage {
-        uint4 q[2];      // rows a, b: chunk 4 step + t
-        uint32_t s[2];   // their 2 scale codes
+        uint4 q[2];         // rows a, b: chunk 4 step + t
+        uint32_t s[2];      // their 2 scale codes
         XChunk<XT> xc[NT];  // token 8 i + g at that chunk, zero past m
     };
     // Past the warp's range or past k: zero codes, zero scales, zero activations (adds exact zeros).
@@ -531,8 +564,10 @@ __global__ void __launch_bounds__(kPipeThreads)
 #pragma unroll
             for (int i = 0; i < NT; ++i) {
                 const int tok = i * 8 + g;
-                if (tok < m) st.xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
-                else st.xc[i].zero();
+                if (tok < m)
+                    st.xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
+                else
+                    st.xc[i].zero();
             }
         } else {
             st.q[0] = st.q[1] = make_uint4(0, 0, 0, 0);
@@ -551,7 +586,8 @@ __global__ void __launch_bounds__(kPipeThreads)
     for (int64_t base = s_begin; base < s_end; base += D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
-            if (base + d < s_end) mma_chunk<NT, XT>(ring[d].q, ring[d].s, ring[d].xc, m, acc);  // warp-uniform
+            if (base + d < s_end)
+                mma_chunk<NT, XT>(ring[d].q, ring[d].s, ring[d].xc, m, acc);  // warp-uniform
             load(base + d + D, ring[d]);
         }
     }
@@ -580,6 +616,7 @@ __global__ void __launch_bounds__(kPipeThreads)
             }
     }
     if (!active) return;
+    const PipeProjection pa = pick_projection(job, ia), pb = pick_projection(job, ib);
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -592,7 +629,8 @@ __global__ void __launch_bounds__(kPipeThreads)
                 float gate = acc[i][e] * pa.out_scale, up = acc[i][2 + e] * pb.out_scale;
                 if (pa.bias) gate += pa.bias[row];
                 if (pb.bias) up += pb.bias[row];
-                store_y(static_cast<XT*>(pa.y) + static_cast<int64_t>(tok) * pa.n + row, gate / (1.0f + expf(-gate)) * up);
+                store_y(static_cast<XT*>(pa.y) + static_cast<int64_t>(tok) * pa.n + row,
+                        gate / (1.0f + expf(-gate)) * up);
             } else {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
@@ -719,26 +757,28 @@ void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, cudaStream_t
     constexpr int kTilesPerCta = kPipeWarps / KS;
     const int64_t ctas = (job.total_tiles + kTilesPerCta - 1) / kTilesPerCta;
     if (ctas > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4 (pipelined): too many rows");
-    gemv_nvfp4_pipe_kernel<NT, KS, XT><<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
+    gemv_nvfp4_pipe_kernel<NT, KS, XT>
+        <<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
 }
 
-// Warps per tile along k: 1 unless the tiles alone leave fewer than 8 warps an SM, and never fewer than 8
-// steps (32 KB of a tile's weights) per warp, so the D-deep pipeline still runs full most of the time.
+// Warps per tile along k: 1 unless the tiles alone leave fewer than 12 warps an SM (BF16 at m <= 8 holds 16,
+// so 4096 rows take 4 and 14336 rows 2, each in one wave), and never fewer than 8 steps (8 KB of a tile's
+// weights) per warp, so the D-deep pipeline runs full most of the time.
 int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
     if (requested != 0 && requested != 1 && requested != 2 && requested != 4)
         throw std::invalid_argument(std::string(what) + ": k_split = " + std::to_string(requested) +
                                     ", expected 0 (auto), 1, 2 or 4");
     if (requested != 0) return requested;
     const int64_t steps = (k / 32 + 3) / 4;
-    const int64_t wanted_warps = 8LL * current_sm_count();
+    const int64_t wanted_warps = 12LL * current_sm_count();
     int ks = 1;
     while (ks < 4 && tiles * ks < wanted_warps && steps >= 16LL * ks) ks *= 2;
     return ks;
 }
 
 // Runs `job` (outputs at token 0) over m in launches of up to 16 tokens.
-void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split, const char* what,
-              cudaStream_t stream) {
+void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split,
+              const char* what, cudaStream_t stream) {
     const int ks = pipe_k_split(job.total_tiles, k, k_split, what);
     auto body = [&]<class XT>() {
         const auto* xt = static_cast<const XT*>(x);
@@ -748,16 +788,23 @@ void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& j
             for (auto& p : jt.proj)
                 if (p.y) p.y = static_cast<XT*>(p.y) + m0 * p.n;
             auto go = [&]<int NT>() {
-                if (ks == 1) launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, stream);
-                else if (ks == 2) launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, stream);
-                else launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, stream);
+                if (ks == 1)
+                    launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, stream);
+                else if (ks == 2)
+                    launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, stream);
+                else
+                    launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, stream);
             };
-            if (mt <= 8) go.template operator()<1>();
-            else go.template operator()<2>();
+            if (mt <= 8)
+                go.template operator()<1>();
+            else
+                go.template operator()<2>();
         }
     };
-    if (dtype == DType::F32) body.template operator()<float>();
-    else body.template operator()<__nv_bfloat16>();
+    if (dtype == DType::F32)
+        body.template operator()<float>();
+    else
+        body.template operator()<__nv_bfloat16>();
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -860,8 +907,8 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
-                          void* y, cudaStream_t stream, int k_split) {
+void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
+                          const float* bias, void* y, cudaStream_t stream, int k_split) {
     const Nvfp4Projection p{w, bias, y};
     gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split);
 }
@@ -876,8 +923,8 @@ void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projecti
         const Nvfp4Projection& p = projections[i];
         check_nvfp4(x, dtype, m, p.y, p.w);
         if (p.w.k != projections[0].w.k)
-            throw std::invalid_argument("gemv_nvfp4_fused: projection " + std::to_string(i) + " has k = " +
-                                        std::to_string(p.w.k) + ", projection 0 has " +
+            throw std::invalid_argument("gemv_nvfp4_fused: projection " + std::to_string(i) +
+                                        " has k = " + std::to_string(p.w.k) + ", projection 0 has " +
                                         std::to_string(projections[0].w.k));
         if (p.w.n == 0) continue;  // nothing to compute or store
         job.total_tiles += (p.w.n + 15) / 16;
@@ -886,13 +933,14 @@ void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projecti
         ++used;
     }
     if (m == 0 || used == 0) return;
-    for (int i = used; i < kMaxProjections; ++i) job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
+    for (int i = used; i < kMaxProjections; ++i)
+        job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
     run_pipe(x, dtype, m, projections[0].w.k, job, k_split, "gemv_nvfp4_fused", stream);
 }
 
 void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& gate,
-                             const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias, void* h,
-                             cudaStream_t stream, int k_split) {
+                             const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias,
+                             void* h, cudaStream_t stream, int k_split) {
     check_nvfp4(x, dtype, m, h, gate);
     check_nvfp4(x, dtype, m, h, up);
     if (gate.n != up.n || gate.k != up.k)
