@@ -480,6 +480,46 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
     }
 }
 
+// The decode split count by bytes (a host function): within 1..256, every split reads >= 64 KiB of K + V
+// unless there is one split, a smaller cache dtype gets at most 4x BF16's count at the same shape (its
+// splits cover more keys), and prefill keeps the by-keys choice. Pointers are not read.
+TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
+    for (int sm_count : {78, 132}) {
+        for (int64_t n_seqs : {1, 3, 8, 32}) {
+            for (int64_t depth : {100, 4096, 8192, 65536, 131072}) {
+                cuda::AttentionBatch b{n_seqs, n_seqs, nullptr, nullptr, nullptr, (depth + 15) / 16, 1, depth};
+                int bf16_splits = 0;
+                for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+                    const int64_t row = dt == KvDtype::Bf16 ? 256 : dt == KvDtype::Fp8 ? 128 : 72;
+                    cuda::PagedKvLayer kv{};
+                    kv.n_kv_heads = 8;
+                    kv.head_dim = 128;
+                    kv.dtype = dt;
+                    const int s = cuda::paged_attention_splits(b, kv, 32, sm_count);
+                    SCOPED_TRACE(std::string(kv_dtype_name(dt)) + " seqs=" + std::to_string(n_seqs) +
+                                 " depth=" + std::to_string(depth) + " sms=" + std::to_string(sm_count));
+                    EXPECT_GE(s, 1);
+                    EXPECT_LE(s, 256);
+                    if (s > 1) {
+                        EXPECT_GE(depth * 2 * row / s, 64 * 1024);
+                    }
+                    if (dt == KvDtype::Bf16) {
+                        bf16_splits = s;
+                    } else {
+                        EXPECT_LE(s, 4 * bf16_splits);
+                    }
+                }
+            }
+        }
+    }
+    cuda::AttentionBatch prefill{1, 512, nullptr, nullptr, nullptr, 4096, 512, 65536};
+    cuda::PagedKvLayer kv{};
+    kv.n_kv_heads = 8;
+    kv.head_dim = 128;
+    kv.dtype = KvDtype::Nvfp4;
+    EXPECT_EQ(cuda::paged_attention_splits(prefill, kv, 32, 132), cuda::paged_attention_splits(prefill, 8, 32, 132));
+}
+
 // Long decode on both kernels with the launcher's split choices (by keys and by bytes).
 TEST(PagedAttentionCuda, LongDecodeKernelsMatchCpu) {
     NIBBLE_REQUIRE_GPU();
