@@ -31,10 +31,6 @@ constexpr int64_t decode_mma_smem(int hd) { return 4 * (4 * 8 + 4 * 8 + 4 * 8 * 
 // gemv_nvfp4_mma_kernel<NT>'s static __shared__ red[8 warps][NT * 8 tokens][16 rows], floats.
 constexpr int64_t gemv_mma_smem(int nt) { return 4 * 8 * (nt * 8) * 16; }
 
-// gemv_nvfp4_pipe_kernel<NT, KS>'s static __shared__ red[4 warps][NT * 8 tokens][16 rows], floats; KS = 1
-// never touches it (ptxas drops it: 0 bytes).
-constexpr int64_t gemv_pipe_smem(int nt, int ks) { return ks == 1 ? 0 : 4 * 4 * (nt * 8) * 16; }
-
 // Decode's key-range splits worth trying (paged_attention_splits' heuristic picks within 1..256).
 constexpr int kDecodeSplits[] = {1, 2, 4, 8, 16, 32};
 
@@ -66,8 +62,8 @@ constexpr VariantApplies attn(int hd, int group_lo, int group_hi, KvDtype kv, bo
 // gemv_nvfp4 / gemv_bf16 launch m in tiles of up to 16 rows; each tile's size picks one instantiation.
 // CUDA-core kernels: 128 threads, rows_per_warp R = 2 for MT <= 8, else 1; no shared memory.
 // Attention: prefill with a BF16 q and >= 16 rows runs prefill_mma_kernel; decode with group <= 8 runs
-// decode_mma_kernel or, for FP8/NVFP4 caches, decode_pipe_kernel (AttentionArgs::decode_kernel picks; Auto
-// takes the pipelined one); decode with a larger group and the remaining prefills (F32 q, or fewer rows) run
+// decode_mma_kernel or, for FP8/NVFP4 caches, decode_pipe_kernel (AttentionArgs::decode_kernel picks: Mma,
+// Pipelined, or for NVFP4 Pipelined16; Auto takes Pipelined); decode with a larger group and the remaining prefills (F32 q, or fewer rows) run
 // paged_attention_kernel with NJ = rows / 4 (rows_per_warp: the group rounded up to a power of two >= 4 for
 // decode, 32 rows for prefill). NJ = 1 and 2 are compiled but never dispatched (group <= 8 decodes take the
 // tensor-core kernel), so they are not registered.
@@ -79,28 +75,6 @@ constexpr KernelVariant kVariants[] = {
     {OpKind::GemvNvfp4, "mma.nt2", "gemv_nvfp4_mma_kernel<2, XT>",
      {.threads_per_block = 256, .static_smem_bytes = gemv_mma_smem(2), .regs_per_thread = 164},
      gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
-    // Version 3 (gemv_nvfp4_pipelined; also behind gemv_nvfp4_fused and gemv_nvfp4_gate_up_silu): one warp per
-    // 16-row tile, k split over KS warps, 128 threads, register pipeline 4 deep (BF16, NT = 1) or 2; no spills.
-    // Registers (sm_90a): NT = 1 158 (BF16) / 148 (F32); NT = 2 150 (BF16) / 218 (F32), KS changing them by <= 6;
-    // sm_120a needs up to 168 for NT = 1 (tests/tune/ptxas_resources.txt has both).
-    {OpKind::GemvNvfp4, "pipe.nt1.ks1", "gemv_nvfp4_pipe_kernel<1, 1, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 1), .regs_per_thread = 168},
-     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
-    {OpKind::GemvNvfp4, "pipe.nt1.ks2", "gemv_nvfp4_pipe_kernel<1, 2, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 2), .regs_per_thread = 168},
-     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
-    {OpKind::GemvNvfp4, "pipe.nt1.ks4", "gemv_nvfp4_pipe_kernel<1, 4, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(1, 4), .regs_per_thread = 158},
-     gemv_rows(1, 8), {}, Measured::PendingHopper, kLinearSrc},
-    {OpKind::GemvNvfp4, "pipe.nt2.ks1", "gemv_nvfp4_pipe_kernel<2, 1, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 1), .regs_per_thread = 218},
-     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
-    {OpKind::GemvNvfp4, "pipe.nt2.ks2", "gemv_nvfp4_pipe_kernel<2, 2, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 2), .regs_per_thread = 214},
-     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
-    {OpKind::GemvNvfp4, "pipe.nt2.ks4", "gemv_nvfp4_pipe_kernel<2, 4, XT>",
-     {.threads_per_block = 128, .static_smem_bytes = gemv_pipe_smem(2, 4), .regs_per_thread = 213},
-     gemv_rows(9, 16), {}, Measured::PendingHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt1", "gemv_nvfp4_kernel<1, 2, XT>",
      {.threads_per_block = 128, .regs_per_thread = 64}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt2", "gemv_nvfp4_kernel<2, 2, XT>",
@@ -141,19 +115,26 @@ constexpr KernelVariant kVariants[] = {
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd128", "decode_mma_kernel<Nvfp4, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 167, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
-    // ---- attention decode, tensor cores, pipelined (FP8 / NVFP4 caches; the default there, DecodeKernel::Auto):
-    // the same CTA and shared arrays as decode_mma_kernel, __launch_bounds__(128, 2) ----
-    {OpKind::AttentionDecode, "decode_pipe.fp8.hd64", "decode_pipe_kernel<Fp8, 64, 1>",
+    // ---- attention decode, tensor cores, pipelined (FP8 / NVFP4 caches; DecodeKernel::Auto takes Pipelined):
+    // the same CTA and shared arrays as decode_mma_kernel; decode_pipe_kernel<KV, HD, NSUB, MIN_CTAS> with
+    // __launch_bounds__(128, MIN_CTAS). Pipelined16 (NVFP4 only): 16-key steps at 3 CTAs per SM ----
+    {OpKind::AttentionDecode, "decode_pipe.fp8.hd64", "decode_pipe_kernel<Fp8, 64, 1, 2>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 126, .min_blocks_per_sm = 2},
      attn(64, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
-    {OpKind::AttentionDecode, "decode_pipe.fp8.hd128", "decode_pipe_kernel<Fp8, 128, 1>",
+    {OpKind::AttentionDecode, "decode_pipe.fp8.hd128", "decode_pipe_kernel<Fp8, 128, 1, 2>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 203, .min_blocks_per_sm = 2},
      attn(128, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
-    {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd64", "decode_pipe_kernel<Nvfp4, 64, 2>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 190, .min_blocks_per_sm = 2},
+    {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd64", "decode_pipe_kernel<Nvfp4, 64, 2, 2>",
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 168, .min_blocks_per_sm = 2},
      attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
-    {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd128", "decode_pipe_kernel<Nvfp4, 128, 2>",
+    {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd128", "decode_pipe_kernel<Nvfp4, 128, 2, 2>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 254, .min_blocks_per_sm = 2},
+     attn(128, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionDecode, "decode_pipe16.nvfp4.hd64", "decode_pipe_kernel<Nvfp4, 64, 1, 3>",
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 126, .min_blocks_per_sm = 3},
+     attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionDecode, "decode_pipe16.nvfp4.hd128", "decode_pipe_kernel<Nvfp4, 128, 1, 3>",
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 168, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::PendingHopper, kAttnSrc},
     // ---- attention decode, CUDA cores: groups 9..32 (NJ 4: 9..16, NJ 8: 17..32) ----
     {OpKind::AttentionDecode, "cuda_core.bf16.hd64.nj4", "paged_attention_kernel<Bf16, 64, 4>",

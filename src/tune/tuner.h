@@ -20,7 +20,8 @@ namespace nibble::tune {
 
 // The variant the ops pick without tuning, among `eligible` (null when it is empty). Mirrors the dispatch
 // in ops/linear/linear_cuda.cu (NVFP4: CUDA cores at m = 1 below 65536 rows, tensor cores otherwise) and
-// ops/attention/attention_cuda.cu (one kernel applies per shape); otherwise the first eligible one.
+// ops/attention/attention_cuda.cu (the pipelined decode kernel for FP8/NVFP4 caches, else the one kernel that
+// applies); otherwise the first eligible one.
 const KernelVariant* heuristic_variant(const OpShape& shape, std::span<const KernelVariant* const> eligible);
 
 // The order in which to try variants for `shape` at run time: the cached choice (when the cache has one and

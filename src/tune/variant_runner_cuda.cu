@@ -143,9 +143,6 @@ private:
             w.n = s.n, w.k = s.k;
             if (starts_with(v.name, "mma."))
                 cuda::gemv_nvfp4_mma(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
-            else if (starts_with(v.name, "pipe."))  // "pipe.ntN.ksK": k split K
-                cuda::gemv_nvfp4_pipelined(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_,
-                                           v.name.back() - '0');
             else
                 cuda::gemv_nvfp4_cuda_core(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
         } else if (s.op == OpKind::GemvBf16) {
@@ -157,10 +154,11 @@ private:
             int n = splits;
             if (n <= 0) n = cuda::paged_attention_splits(batch_, layer_.n_kv_heads, args_.n_heads, sm_count_);
             n = std::min(n, workspace_splits_);
-            // Both tensor-core decode kernels serve FP8/NVFP4 caches: run the one the variant names.
-            args_.decode_kernel = starts_with(v.name, "decode_pipe.")  ? cuda::DecodeKernel::Pipelined
-                                  : starts_with(v.name, "decode_mma.") ? cuda::DecodeKernel::Mma
-                                                                       : cuda::DecodeKernel::Auto;
+            // Several tensor-core decode kernels serve FP8/NVFP4 caches: run the one the variant names.
+            args_.decode_kernel = starts_with(v.name, "decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
+                                  : starts_with(v.name, "decode_pipe.")  ? cuda::DecodeKernel::Pipelined
+                                  : starts_with(v.name, "decode_mma.")   ? cuda::DecodeKernel::Mma
+                                                                         : cuda::DecodeKernel::Auto;
             cuda::paged_attention(x_.get(), s.activation, layer_, batch_, args_, n, workspace_.get(), workspace_.bytes(),
                                   y_.get(), stream_);
         }

@@ -129,6 +129,10 @@ TEST(TuneCuda, EveryEligibleVariantOfAnEightBModelRunsAndIsTimed) {
         {.op = OpKind::GemvBf16, .m = 2, .n = 4096, .k = 4096},
         {.op = OpKind::AttentionDecode, .head_dim = 128, .group = 4, .kv_dtype = KvDtype::Bf16, .n_seqs = 16,
          .n_kv_heads = 8, .q_len = 1, .kv_len = 4096},
+        {.op = OpKind::AttentionDecode, .head_dim = 128, .group = 4, .kv_dtype = KvDtype::Nvfp4, .n_seqs = 8,
+         .n_kv_heads = 8, .q_len = 1, .kv_len = 8192},  // decode_mma and decode_pipe both run
+        {.op = OpKind::AttentionDecode, .head_dim = 64, .group = 8, .kv_dtype = KvDtype::Fp8, .n_seqs = 4,
+         .n_kv_heads = 4, .q_len = 1, .kv_len = 1024},
         {.op = OpKind::AttentionDecode, .head_dim = 128, .group = 16, .kv_dtype = KvDtype::Nvfp4, .n_seqs = 1,
          .n_kv_heads = 2, .q_len = 1, .kv_len = 2048},
         {.op = OpKind::AttentionPrefill, .head_dim = 128, .group = 4, .kv_dtype = KvDtype::Fp8, .n_seqs = 1,

@@ -83,9 +83,10 @@ TEST(Registry, SharedMemoryMatchesTheKernels) {
     EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_mma.bf16.hd64")->needs.dynamic_smem_bytes, 32768);
 }
 
-// Each shape the ops dispatch has exactly one attention kernel (the dispatch is a function of the shape,
-// as paged_attention's: tensor-core prefill for a BF16 q with >= 16 rows, tensor-core decode for group <= 8,
-// CUDA cores otherwise), and every GEMV tile has a CUDA-core variant.
+// Each attention shape has exactly the kernels paged_attention can run for it: tensor-core prefill for a BF16
+// q with >= 16 rows; for decode with group <= 8 the tensor-core decode kernel, and for FP8/NVFP4 caches also
+// the pipelined ones (AttentionArgs::decode_kernel chooses); CUDA cores otherwise. Every GEMV tile has one
+// CUDA-core variant.
 TEST(Registry, DispatchCoverage) {
     for (KvDtype kv : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4})
         for (int hd : {64, 128})
@@ -98,12 +99,23 @@ TEST(Registry, DispatchCoverage) {
                         std::vector<std::string> names;
                         for (const KernelVariant& v : kernel_registry())
                             if (variant_applies(v, s)) names.emplace_back(v.name);
-                        ASSERT_EQ(names.size(), 1u) << op_name(op) << " hd " << hd << " group " << group << " q_len "
-                                                    << q_len << " " << kv_dtype_name(kv) << " " << dtype_name(act);
                         const bool tc_prefill = act == DType::BF16 && q_len > 1 && q_len * group >= 16;
                         const bool tc_decode = q_len == 1 && group <= 8;
+                        // FP8 / NVFP4 decode on the tensor cores: Mma or Pipelined, and for NVFP4 Pipelined16
+                        // (AttentionArgs::decode_kernel).
+                        const bool two = tc_decode && kv != KvDtype::Bf16;
+                        const size_t expected = !two ? 1u : kv == KvDtype::Nvfp4 ? 3u : 2u;
+                        ASSERT_EQ(names.size(), expected) << op_name(op) << " hd " << hd << " group " << group
+                                                               << " q_len " << q_len << " " << kv_dtype_name(kv) << " "
+                                                               << dtype_name(act);
                         const std::string expect = tc_prefill ? "prefill_mma." : tc_decode ? "decode_mma." : "cuda_core.";
                         EXPECT_EQ(names[0].rfind(expect, 0), 0u) << names[0] << " for group " << group << " q_len " << q_len;
+                        if (two) {
+                            EXPECT_EQ(names[1].rfind("decode_pipe.", 0), 0u) << names[1];
+                        }
+                        if (expected == 3) {
+                            EXPECT_EQ(names[2].rfind("decode_pipe16.", 0), 0u) << names[2];
+                        }
                     }
     for (OpKind op : {OpKind::GemvNvfp4, OpKind::GemvBf16})
         for (int m = 1; m <= 40; ++m) {
