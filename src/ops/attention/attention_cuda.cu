@@ -678,9 +678,10 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
 // loaded in the same order), undone when the output is stored.
 // Resources per CTA (ptxas -v, sm_90a, CUDA 13.0, -O3): 128 threads, 16,640 B (HD 128) / 8,448 B (HD 64)
 // static shared memory, 1 barrier; registers (HD 128 / HD 64):
-//   NVFP4 Pipelined   (NSUB 2, __launch_bounds__(128, 2)): 254 / 168, no spills -> 2 / 3 CTAs per SM
-//   NVFP4 Pipelined16 (NSUB 1, (128, 3)):                  168 (32 B spilled) / 122 -> 3 / 4 CTAs per SM
-//   FP8   Pipelined   (NSUB 1, (128, 2)):                  198 / 112, no spills -> 2 / 4 CTAs per SM
+//   NVFP4 Pipelined   (NSUB 2, __launch_bounds__(128, 2)): 254 / 168 -> 2 / 3 CTAs per SM
+//   NVFP4 Pipelined16 (NSUB 1, (128, 3)):                  168 / 122 -> 3 / 4 CTAs per SM
+//   FP8   Pipelined   (NSUB 1, (128, 2)):                  199 / 122 -> 2 / 4 CTAs per SM
+//   no spills.
 //   (FP8 at (128, 3) spilled 84 B at HD 128.) decode_mma_kernel (128, 3), for comparison: BF16 168 (32 B
 //   spilled) / 116, FP8 153 / 96, NVFP4 167 / 116.
 __device__ __forceinline__ void e2m1x8_to_f16_pairs(uint32_t w, __half2 scale, uint32_t* out) {
@@ -779,24 +780,30 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     struct Raw {
         uint32_t k[NSUB][2][KW], v[NSUB][4][VW], ks[NSUB][2], vs[NSUB][4];
     };
-    // Lane L: the physical block of key kb + L % STEP (lanes share it through shuffles).
-    auto load_table = [&](int kb) -> int {
-        const int key = kb + lane % STEP;
-        return key < hi ? __ldg(table + key / p.block_size) : 0;
+    // Lane L: the physical block of key kb + L % STEP and the key's row (slot * n_kv_heads + kvh) in it; the
+    // lanes that read a key's bytes take both by shuffle (one division a lane a step, none a key).
+    struct Where {
+        int block, row;
     };
-    auto load_raw = [&](Raw& r, int kb, int blocks) {
+    auto load_table = [&](int kb) -> Where {
+        const int key = kb + lane % STEP;
+        const int logical = key / p.block_size;
+        const int row = (key - logical * p.block_size) * p.n_kv_heads + kvh;
+        return {key < hi ? __ldg(table + logical) : 0, row};
+    };
+    auto load_raw = [&](Raw& r, int kb, const Where& where) {
 #pragma unroll
         for (int u = 0; u < NSUB; ++u) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int kk = 16 * u + 8 * j + g, key = kb + kk;
-                const int block = __shfl_sync(0xffffffffu, blocks, kk);
+                const int block = __shfl_sync(0xffffffffu, where.block, kk);
+                const int64_t row = __shfl_sync(0xffffffffu, where.row, kk);
 #pragma unroll
                 for (int i = 0; i < KW; ++i) r.k[u][j][i] = 0;
                 r.ks[u][j] = 0;
                 if (key < hi) {
                     const int64_t base = static_cast<int64_t>(block) * p.block_bytes;
-                    const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
                     load_words<KW>(p.k + base + row * ROW_BYTES + t * (KQ * BITS / 8), r.k[u][j]);
                     if constexpr (PERM) {
                         const uint8_t* sp = p.k + base + scale_area + row * (HD / 16) + t * (KQ / 16);
@@ -807,13 +814,13 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int kk = 16 * u + (j >> 1) * 8 + 2 * t + (j & 1), key = kb + kk;
-                const int block = __shfl_sync(0xffffffffu, blocks, kk);
+                const int block = __shfl_sync(0xffffffffu, where.block, kk);
+                const int64_t row = __shfl_sync(0xffffffffu, where.row, kk);
 #pragma unroll
                 for (int i = 0; i < VW; ++i) r.v[u][j][i] = 0;
                 r.vs[u][j] = 0;
                 if (key < hi) {
                     const int64_t base = static_cast<int64_t>(block) * p.block_bytes;
-                    const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
                     load_words<VW>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), r.v[u][j]);
                     if constexpr (PERM) r.vs[u][j] = __ldg(p.v + base + scale_area + row * (HD / 16) + (g * VQ) / 16);
                 }
@@ -897,14 +904,14 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
 
     if (lo < hi) {  // uniform over the CTA
         int kb = lo + STEP * warp;
-        int blocks = load_table(kb);
+        Where where = load_table(kb);
         Raw cur;
-        load_raw(cur, kb, blocks);
-        blocks = load_table(kb + STRIDE);
+        load_raw(cur, kb, where);
+        where = load_table(kb + STRIDE);
         for (; kb < hi; kb += STRIDE) {  // uniform over the warp
             Raw nxt;
-            load_raw(nxt, kb + STRIDE, blocks);  // zeros (nothing read) past hi
-            blocks = load_table(kb + 2 * STRIDE);
+            load_raw(nxt, kb + STRIDE, where);  // zeros (nothing read) past hi
+            where = load_table(kb + 2 * STRIDE);
             compute(cur, kb);
             cur = nxt;
         }
