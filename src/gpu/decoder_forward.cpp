@@ -71,7 +71,18 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     up_ = activations(max_tokens, c.n_ff, act);
     selected_ = activations(max_logit_rows, c.n_embd, DType::F32);
     logits_ = activations(max_logit_rows, c.vocab_size, DType::F32);
-    if (act == DType::BF16 && max_tokens > kGemvMaxRows) gemm_ = std::make_unique<cuda::GemmContext>(w.max_linear_elems());
+    if (act == DType::BF16 && max_tokens > kGemvMaxRows) {
+        bool fp8 = false, quantized = false;
+        for (const DeviceDecoderLayer& L : w.layers)
+            for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+                fp8 |= l->format == WeightFormat::Fp8;
+                quantized |= l->format != WeightFormat::Dense;
+            }
+        // Eager prefill dequantizes through the pipeline; steps captured into a graph (and FP8 decode steps)
+        // dequantize on the forward's own stream, into GemmContext's scratch.
+        gemm_ = std::make_unique<cuda::GemmContext>(fp8 || quantized ? w.max_linear_elems() : 0);
+        if (quantized) dequant_ = std::make_unique<DequantPipeline>(w.max_linear_elems());
+    }
 }
 
 DecoderForward::~DecoderForward() = default;
@@ -81,6 +92,12 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
     if (gemm) {
         NIBBLE_CHECK(gemm_ != nullptr, "CUDA forward: {} rows need the GEMM path, but buffers were sized for {}", m,
                      max_tokens_);
+        if (w.format != WeightFormat::Dense && dequant_ && dequant_->active()) {
+            const uint16_t* dense = dequant_->acquire(w, stream);
+            cuda::gemm_bf16(*gemm_, x, m, dense, w.n_out, w.n_in, w.scale, w.bias_ptr(), y, stream);
+            dequant_->release(stream);
+            return;
+        }
         switch (w.format) {
             case WeightFormat::Nvfp4: return cuda::gemm_nvfp4(*gemm_, x, m, w.nvfp4(), w.bias_ptr(), y, stream);
             case WeightFormat::Dense:
@@ -142,6 +159,15 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                    .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
                                    .sliding_window = c.sliding_window};
 
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    NIBBLE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+    if (dequant_ && act_ == DType::BF16 && m > kGemvMaxRows && capturing == cudaStreamCaptureStatusNone) {
+        std::vector<const DeviceLinear*> order;
+        for (const DeviceDecoderLayer& L : w_.layers)
+            for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+                if (l->format != WeightFormat::Dense) order.push_back(l);
+        dequant_->begin(std::move(order));
+    }
     cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(), stream);
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceDecoderLayer& L = w_.layers[il];

@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "cuda/device_buffer.h"
+#include "gpu/dequant_pipeline.h"
 #include "gpu/device_decoder.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/attention/kv_cache.h"
@@ -79,6 +80,7 @@ private:
     int64_t max_tokens_, max_logit_rows_;
     int sm_count_ = 0;
     std::unique_ptr<cuda::GemmContext> gemm_;
+    std::unique_ptr<DequantPipeline> dequant_;  // quantized weights of prefill GEMMs, dequantized one ahead
     cuda::DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, proj_;  // activations, [max_tokens, width]
     cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
     cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
