@@ -62,7 +62,7 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
     for (int64_t b : graph_sizes_) {
         const DeviceBatch probe{.n_tokens = b, .n_seqs = b, .max_q_len = 1, .max_kv_len = o.max_model_len,
                                 .max_blocks = max_blocks_per_seq_};
-        most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(probe), b));
+        most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(probe, *kv_), b));
     }
     graph_workspace_ = cuda::DeviceBuffer(most);
 }
@@ -195,7 +195,7 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
     const GraphKey key{bucket, kv_bound};
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
-        const int splits = forward_->attention_splits(b);
+        const int splits = forward_->attention_splits(b, *kv_);
         cudaGraph_t graph = nullptr;
         NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
         try {

@@ -118,10 +118,11 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
     fail("{}: no CUDA path for {} weights with {} activations", w.name, weight_format_name(w.format), dtype_name(act_));
 }
 
-int DecoderForward::attention_splits(const DeviceBatch& b) const {
+int DecoderForward::attention_splits(const DeviceBatch& b, const DeviceKvCache& kv) const {
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs, .n_tokens = b.n_tokens, .max_blocks = b.max_blocks,
                                   .max_q_len = b.max_q_len, .max_kv_len = b.max_kv_len};
-    return cuda::paged_attention_splits(ab, w_.config.n_kv_heads, w_.config.n_heads, sm_count_);
+    // By bytes: a 4-bit cache gets as many bytes per split as a bf16 one (the decode kernel's rule).
+    return cuda::paged_attention_splits(ab, kv.layer(0), w_.config.n_heads, sm_count_);
 }
 
 void DecoderForward::reserve_attention(int splits, int64_t n_tokens) {
@@ -135,7 +136,7 @@ size_t DecoderForward::attention_workspace_bytes(int splits, int64_t n_tokens) c
 }
 
 void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream) {
-    const int splits = attention_splits(b);
+    const int splits = attention_splits(b, kv);
     reserve_attention(splits, b.n_tokens);
     run(b, kv, stream, splits, workspace_.get(), workspace_.bytes());
 }

@@ -57,7 +57,7 @@ public:
     int64_t max_tokens() const { return max_tokens_; }
     // Splits of the key range the attention uses for this batch (flash-decoding), and room for them in the
     // workspace; the graph runner fixes it per bucket so replays never reallocate.
-    int attention_splits(const DeviceBatch& b) const;
+    int attention_splits(const DeviceBatch& b, const DeviceKvCache& kv) const;
     void reserve_attention(int splits, int64_t n_tokens);
     // Enqueues the forward on `stream`, with the batch's own attention_splits() and this object's workspace.
     void run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream);
