@@ -107,6 +107,7 @@ bool choose_cuda(const ServeOptions& o, const Model& model) {
 #endif
 }
 
+#if defined(NIBBLE_HAVE_CUDA)
 // The CUDA backend plans against the GPU's memory (weights, workspace, then KV from what
 // --gpu-memory-utilization leaves), with a bf16 cache for "auto".
 MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max_model_len, int64_t device_memory) {
@@ -124,6 +125,7 @@ MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max
     if (o.kv_cache_memory_bytes) po.kv_cache_memory_bytes = *o.kv_cache_memory_bytes;
     return plan_memory(model.config(), model.quant_config(), po);
 }
+#endif
 
 // The CPU backend keeps the KV cache in host memory. Unless --kv-cache-memory-bytes says otherwise it takes
 // what max_num_seqs full-length sequences need, but at most a quarter of the machine's memory.
