@@ -460,8 +460,9 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
     const int64_t k = 4096;
     const int max_m = 16;
     uint64_t seed = 777;
-    std::printf("\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | "
-                "%% copy | separate/fused time |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | "
+        "%% copy | fused PDL us | separate/fused time |\n|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& c : cases) {
         size_t set_bytes = 0;
         for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * k / 2 + n * k / 16);
@@ -488,22 +489,24 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
             return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, c.ns[i], k};
         };
         for (int m : {1, 2, 4, 8, 16}) {
-            double us[3];
-            for (int method = 0; method < 3; ++method) {  // 0 separate gemv_nvfp4, 1 separate v3, 2 fused
+            double us[4];
+            // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused launched programmatically (PDL)
+            for (int method = 0; method < 4; ++method) {
+                const bool fused = method >= 2, pdl = method == 3;
                 size_t next = 0;
                 auto launch = [&] {
                     for (size_t cc = 0; cc < copies; ++cc, ++next) {
                         const size_t cp = next % copies;
-                        if (method == 2 && c.gate_up) {
+                        if (fused && c.gate_up) {
                             nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0),
                                                                   nullptr, weight(cp, 1), nullptr, h.get(),
-                                                                  stream);
-                        } else if (method == 2) {
+                                                                  stream, 0, pdl);
+                        } else if (fused) {
                             Nvfp4Projection p[3];
                             for (size_t i = 0; i < c.ns.size(); ++i)
                                 p[i] = {weight(cp, i), nullptr, y[i].get()};
                             nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p,
-                                                           static_cast<int>(c.ns.size()), stream);
+                                                           static_cast<int>(c.ns.size()), stream, 0, pdl);
                         } else {
                             for (size_t i = 0; i < c.ns.size(); ++i) {
                                 if (method == 0)
@@ -527,8 +530,8 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
             const double bytes =
                 static_cast<double>(set_bytes) + 2.0 * m * (static_cast<double>(k) + out_elems);
             const double gbps = bytes / (us[2] * 1e-6) / 1e9;
-            std::printf("| %s | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", c.name, m, us[0], us[1],
-                        us[2], gbps, 100 * gbps / copy_gbps, std::min(us[0], us[1]) / us[2]);
+            std::printf("| %s | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.1f | %.2fx |\n", c.name, m, us[0],
+                        us[1], us[2], gbps, 100 * gbps / copy_gbps, us[3], std::min(us[0], us[1]) / us[2]);
         }
     }
 }
@@ -606,10 +609,11 @@ int main(int argc, char** argv) {
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
                 for (int m : ms_list)
                     // nvfp4: 0 mma (v2), 1 cuda-core (v1), 2 pipelined (v3, k split from the shape), 3..5 v3
-                    // with k split forced to 1, 2, 4.
-                    for (int variant = 0; variant < (nvfp4 ? 6 : 1); ++variant) {
+                    // with k split forced to 1, 2, 4, 6 v3 launched programmatically (PDL).
+                    for (int variant = 0; variant < (nvfp4 ? 7 : 1); ++variant) {
                         static const char* const kNvfp4Formats[] = {"nvfp4",      "nvfp4-v1",   "nvfp4-v3",
-                                                                    "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4"};
+                                                                    "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4",
+                                                                    "nvfp4-v3pdl"};
                         const std::string format = !nvfp4 ? "bf16" : kNvfp4Formats[variant];
                         size_t next = 0;
                         auto launch = [&] {
@@ -627,7 +631,8 @@ int main(int argc, char** argv) {
                                     else
                                         nibble::cuda::gemv_nvfp4_pipelined(
                                             x.get(), DType::BF16, m, dw, nullptr, y.get(), stream,
-                                            variant == 2 ? 0 : 1 << (variant - 3));
+                                            variant == 2 || variant == 6 ? 0 : 1 << (variant - 3),
+                                            variant == 6);
                                 } else {
                                     nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n,
                                                             s.k, nullptr, y.get(), stream);
@@ -647,8 +652,10 @@ int main(int argc, char** argv) {
 
         std::printf(
             "\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | %% copy | "
-            "v3 k1 / k2 / k4 %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time | bf16/v3 time |\n");
-        std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            "v3 k1 / k2 / k4 %% copy | v3 PDL us | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time "
+            "| "
+            "bf16/v3 time |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : rows) {
             if (r.format != "nvfp4") continue;
             auto find = [&](const char* f) {
@@ -656,13 +663,14 @@ int main(int argc, char** argv) {
                                     [&](const Row& o) { return o.format == f && o.shape == r.shape && o.m == r.m; });
             };
             const auto b = find("bf16"), v1 = find("nvfp4-v1"), v3 = find("nvfp4-v3"),
-                       k1 = find("nvfp4-v3k1"), k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4");
+                       k1 = find("nvfp4-v3k1"), k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4"),
+                       pdl = find("nvfp4-v3pdl");
             std::printf(
                 "| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | "
-                "%.0f / %.0f / %.0f%% | %.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
+                "%.0f / %.0f / %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
                 r.shape.c_str(), r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, v3->us, v3->gbps,
-                100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, b->us, b->gbps, 100 * b->frac,
-                b->us / r.us, b->us / v3->us);
+                100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, pdl->us, 100 * pdl->frac,
+                b->us, b->gbps, 100 * b->frac, b->us / r.us, b->us / v3->us);
         }
         bench_gemv_fused(prop, stream, copy_gbps);
         std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);

@@ -363,6 +363,93 @@ TEST(LinearCuda, Nvfp4GateUpSilu) {
                 run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
 }
 
+// Programmatic launches consume what the launch before them wrote: y1 = x W1^T (the v2 kernel, a normal
+// launch; y1 poisoned with NaN first), then y2 = y1 W2^T and h = silu(y1 G^T) * (y1 U^T), both launched with
+// programmatic stream serialization straight after it, so they start early and must wait for y1.
+TEST(LinearCuda, Nvfp4ProgrammaticChain) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const int64_t k1 = 4096, k2 = 2048, n2 = 300, n_ff = 77;
+    for (int64_t m : {1, 5, 16, 19})
+        for (bool bf16 : {false, true}) {
+            SCOPED_TRACE("m=" + std::to_string(m) + (bf16 ? " bf16" : " f32"));
+            const DType dt = bf16 ? DType::BF16 : DType::F32;
+            auto x = test::random_normal(rng, static_cast<size_t>(m * k1));
+            DeviceActs dx;
+            dx.upload(x, bf16);
+            DeviceProjection w1;
+            build_projection(w1, pool, rng, k2, k1, x, m, false);
+            DeviceOut y1(static_cast<size_t>(m * k2), bf16);
+            cuda::gemv_nvfp4_mma(dx.buf.get(), dt, m, w1.dev(), nullptr, y1.buf.get(), nullptr);
+            // Stage 2's weights are built before the launches (they do not depend on y1); their references
+            // are computed from y1 as the device wrote it, after the synchronization below.
+            HostWeight h2 = quantized_nvfp4(rng, n2, k2), hg = quantized_nvfp4(rng, n_ff, k2),
+                       hu = quantized_nvfp4(rng, n_ff, k2);
+            auto upload = [](const std::vector<uint8_t>& v) {
+                cuda::DeviceBuffer b(v.size());
+                b.upload(v.data(), v.size());
+                return b;
+            };
+            cuda::DeviceBuffer q2 = upload(h2.packed), s2 = upload(h2.scales), qg = upload(hg.packed),
+                               sg = upload(hg.scales), qu = upload(hu.packed), su = upload(hu.scales);
+            DeviceOut y2(static_cast<size_t>(m * n2), bf16), hout(static_cast<size_t>(m * n_ff), bf16);
+            cuda::gemv_nvfp4_pipelined(y1.buf.get(), dt, m,
+                                       {q2.as<uint8_t>(), s2.as<uint8_t>(), h2.w.scale, n2, k2}, nullptr,
+                                       y2.buf.get(), nullptr, 0, true);
+            cuda::gemv_nvfp4_gate_up_silu(y1.buf.get(), dt, m,
+                                          {qg.as<uint8_t>(), sg.as<uint8_t>(), hg.w.scale, n_ff, k2}, nullptr,
+                                          {qu.as<uint8_t>(), su.as<uint8_t>(), hu.w.scale, n_ff, k2}, nullptr,
+                                          hout.buf.get(), nullptr, 0, true);
+            NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> y1_host = y1.download();  // exactly what stage 2 read
+            std::vector<double> tol1(w1.tol.size());
+            for (size_t o = 0; o < tol1.size(); ++o) tol1[o] = output_tol(w1.tol[o], w1.ref[o], bf16);
+            test::expect_close(y1_host, w1.ref, tol1, "chain stage 1");
+
+            auto reference = [&](const HostWeight& hw, int64_t n, std::vector<float>& ref,
+                                 std::vector<double>& tol) {
+                LinearWeight w = hw.w;
+                w.name = "test";
+                w.n_out = n, w.n_in = k2;
+                w.format = WeightFormat::Nvfp4, w.dtype = DType::U8, w.data = hw.packed.data();
+                w.block_scales = hw.scales.data();
+                ref.assign(static_cast<size_t>(m * n), 0.0f);
+                linear_cpu(pool, y1_host.data(), m, w, ref.data());
+                tol.assign(ref.size(), 0.0);
+                std::vector<float> row(static_cast<size_t>(k2));
+                for (int64_t r = 0; r < n; ++r) {
+                    w.dequantize_row(r, row.data());
+                    for (int64_t t = 0; t < m; ++t) {
+                        double sum = 0;
+                        for (int64_t i = 0; i < k2; ++i)
+                            sum += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) *
+                                             y1_host[static_cast<size_t>(t * k2 + i)]);
+                        tol[static_cast<size_t>(t * n + r)] =
+                            2.0 * static_cast<double>(k2 + 32) * test::kEpsF32 * sum;
+                    }
+                }
+            };
+            std::vector<float> ref2, refg, refu;
+            std::vector<double> tol2, tolg, tolu;
+            reference(h2, n2, ref2, tol2);
+            reference(hg, n_ff, refg, tolg);
+            reference(hu, n_ff, refu, tolu);
+            for (size_t o = 0; o < tol2.size(); ++o) tol2[o] = output_tol(tol2[o], ref2[o], bf16);
+            test::expect_close(y2.download(), ref2, tol2, "chain stage 2, pipelined");
+            std::vector<float> refh(refg.size());
+            std::vector<double> tolh(refg.size());
+            for (size_t o = 0; o < refh.size(); ++o) {  // the bound of run_gate_up_case
+                const double g = refg[o], u = refu[o], tg = tolg[o], tu = tolu[o];
+                const double silu = g / (1.0 + std::exp(-g)), href = silu * u;
+                const double bound = 1.1 * tg * (std::fabs(u) + tu) + std::fabs(silu) * tu;
+                refh[o] = static_cast<float>(href);
+                tolh[o] = output_tol(bound + 8 * test::kEpsF32 * (std::fabs(href) + bound), href, bf16);
+            }
+            test::expect_close(hout.download(), refh, tolh, "chain stage 2, gate/up");
+        }
+}
+
 TEST(LinearCuda, Nvfp4EveryCode) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());

@@ -422,9 +422,9 @@ __global__ void __launch_bounds__(kMmaThreads)
 // of row g for tokens 2t, 2t + 1 and writes silu(gate) * up without any exchange.
 //
 // Resources of gemv_nvfp4_pipe_kernel<NT, KS, XT> (ptxas -v, CUDA 13.0, -O3, sm_90a; no spills, no stack):
-//   registers  NT = 1: BF16 126 / 126 / 128 for KS = 1 / 2 / 4 (capped at 128: 4 CTAs an SM),
-//                      F32 142 / 132 / 132
-//              NT = 2: BF16 144 / 139 / 138, F32 208 / 204 / 202
+//   registers  NT = 1: BF16 126 / 128 / 126 for KS = 1 / 2 / 4 (capped at 128: 4 CTAs an SM),
+//                      F32 143 / 133 / 133
+//              NT = 2: BF16 153 / 140 / 143, F32 210 / 204 / 204
 //   static shared memory: 0 for KS = 1, NT * 2048 bytes for KS = 2, 4 (the k-part sums); 128 threads.
 // Not yet in src/tune/registry.cpp: its tests pin the NVFP4 candidate count and want sm_120a ptxas figures
 // too, so the winner is registered once measured.
@@ -458,6 +458,20 @@ constexpr int pipe_depth() {
 template <int NT, class XT>
 constexpr int pipe_min_ctas() {
     return NT == 1 && sizeof(XT) == 2 ? 4 : 1;
+}
+
+// Programmatic dependent launch (sm_90+): griddepcontrol.wait returns once the grids this one depends on
+// have completed and their writes are visible (at once when launched without the attribute);
+// launch_dependents lets a dependent grid be scheduled early. Both are compiled out below sm_90.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // job.proj[i] for a runtime i through static indices only, so the fields stay in the parameter bank and
@@ -556,24 +570,25 @@ __global__ void __launch_bounds__(kPipeThreads, pipe_min_ctas<NT, XT>())
         XChunk<XT> xc[NT];  // token 8 i + g at that chunk, zero past m
     };
     // Past the warp's range or past k: zero codes, zero scales, zero activations (adds exact zeros).
-    auto load = [&](int64_t step, Stage& st) {
+    auto load_weights = [&](int64_t step, Stage& st) {
         const int64_t c = step * 4 + t;
         if (step < s_end && c < chunks) {
             st.q[0] = __ldcs(qa + c), st.q[1] = __ldcs(qb + c);
             st.s[0] = __ldcs(sa + c), st.s[1] = __ldcs(sb + c);
-#pragma unroll
-            for (int i = 0; i < NT; ++i) {
-                const int tok = i * 8 + g;
-                if (tok < m)
-                    st.xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
-                else
-                    st.xc[i].zero();
-            }
         } else {
             st.q[0] = st.q[1] = make_uint4(0, 0, 0, 0);
             st.s[0] = st.s[1] = 0;
+        }
+    };
+    auto load_acts = [&](int64_t step, Stage& st) {
+        const int64_t c = step * 4 + t;
 #pragma unroll
-            for (int i = 0; i < NT; ++i) st.xc[i].zero();
+        for (int i = 0; i < NT; ++i) {
+            const int tok = i * 8 + g;
+            if (step < s_end && c < chunks && tok < m)
+                st.xc[i].load(x + static_cast<int64_t>(tok) * k + c * 32);
+            else
+                st.xc[i].zero();
         }
     };
 
@@ -581,16 +596,25 @@ __global__ void __launch_bounds__(kPipeThreads, pipe_min_ctas<NT, XT>())
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     Stage ring[D];
+    // The weights are constants, so their first D steps load before waiting on the previous kernel in the
+    // stream (a no-op unless launched with programmatic stream serialization); x and y only after it.
 #pragma unroll
-    for (int d = 0; d < D; ++d) load(s_begin + d, ring[d]);
+    for (int d = 0; d < D; ++d) load_weights(s_begin + d, ring[d]);
+    wait_for_previous_grid();
+#pragma unroll
+    for (int d = 0; d < D; ++d) load_acts(s_begin + d, ring[d]);
     for (int64_t base = s_begin; base < s_end; base += D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
             if (base + d < s_end)
                 mma_chunk<NT, XT>(ring[d].q, ring[d].s, ring[d].xc, m, acc);  // warp-uniform
-            load(base + d + D, ring[d]);
+            load_weights(base + d + D, ring[d]);
+            load_acts(base + d + D, ring[d]);
         }
     }
+    // This CTA's loads are issued: a programmatic launch that follows may be scheduled now (it still waits
+    // for this whole grid to complete before it reads anything).
+    allow_next_grid();
 
     // Accumulator i: mma rows g (0, 1) and g + 8 (2, 3), tokens 8i + 2t (0, 2) and 8i + 2t + 1 (1, 3).
     if constexpr (KS > 1) {
@@ -753,12 +777,26 @@ void launch_nvfp4_mma(const XT* x, int m, const Nvfp4DeviceWeight& w, const floa
 }
 
 template <int NT, int KS, class XT>
-void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, cudaStream_t stream) {
+void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, bool programmatic, cudaStream_t stream) {
     constexpr int kTilesPerCta = kPipeWarps / KS;
     const int64_t ctas = (job.total_tiles + kTilesPerCta - 1) / kTilesPerCta;
     if (ctas > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4 (pipelined): too many rows");
-    gemv_nvfp4_pipe_kernel<NT, KS, XT>
-        <<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
+    if (!programmatic) {
+        gemv_nvfp4_pipe_kernel<NT, KS, XT>
+            <<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
+        return;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+    cfg.blockDim = dim3(kPipeThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nvfp4_pipe_kernel<NT, KS, XT>, x, m, k, job));
 }
 
 // Warps per tile along k: 1 unless the tiles alone leave fewer than 12 warps an SM (BF16 at m <= 8 holds 16,
@@ -778,7 +816,7 @@ int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
 
 // Runs `job` (outputs at token 0) over m in launches of up to 16 tokens.
 void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split,
-              const char* what, cudaStream_t stream) {
+              bool programmatic, const char* what, cudaStream_t stream) {
     const int ks = pipe_k_split(job.total_tiles, k, k_split, what);
     auto body = [&]<class XT>() {
         const auto* xt = static_cast<const XT*>(x);
@@ -789,11 +827,11 @@ void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& j
                 if (p.y) p.y = static_cast<XT*>(p.y) + m0 * p.n;
             auto go = [&]<int NT>() {
                 if (ks == 1)
-                    launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, stream);
+                    launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
                 else if (ks == 2)
-                    launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, stream);
+                    launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
                 else
-                    launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, stream);
+                    launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
             };
             if (mt <= 8)
                 go.template operator()<1>();
@@ -908,13 +946,13 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
 }
 
 void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
-                          const float* bias, void* y, cudaStream_t stream, int k_split) {
+                          const float* bias, void* y, cudaStream_t stream, int k_split, bool programmatic) {
     const Nvfp4Projection p{w, bias, y};
-    gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split);
+    gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split, programmatic);
 }
 
 void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projection* projections, int count,
-                      cudaStream_t stream, int k_split) {
+                      cudaStream_t stream, int k_split, bool programmatic) {
     if (count < 1 || count > kMaxProjections || !projections)
         throw std::invalid_argument("gemv_nvfp4_fused: 1 to 3 projections, got " + std::to_string(count));
     PipeJob job;
@@ -935,12 +973,12 @@ void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projecti
     if (m == 0 || used == 0) return;
     for (int i = used; i < kMaxProjections; ++i)
         job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
-    run_pipe(x, dtype, m, projections[0].w.k, job, k_split, "gemv_nvfp4_fused", stream);
+    run_pipe(x, dtype, m, projections[0].w.k, job, k_split, programmatic, "gemv_nvfp4_fused", stream);
 }
 
 void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& gate,
                              const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias,
-                             void* h, cudaStream_t stream, int k_split) {
+                             void* h, cudaStream_t stream, int k_split, bool programmatic) {
     check_nvfp4(x, dtype, m, h, gate);
     check_nvfp4(x, dtype, m, h, up);
     if (gate.n != up.n || gate.k != up.k)
@@ -954,7 +992,7 @@ void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4D
     job.proj[0] = pipe_projection(gate, gate_bias, h);
     job.proj[1] = pipe_projection(up, up_bias, nullptr);
     for (auto& p : job.proj) p.tile_end = job.total_tiles;
-    run_pipe(x, dtype, m, gate.k, job, k_split, "gemv_nvfp4_gate_up_silu", stream);
+    run_pipe(x, dtype, m, gate.k, job, k_split, programmatic, "gemv_nvfp4_gate_up_silu", stream);
 }
 
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
