@@ -808,7 +808,12 @@ int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
                                     ", expected 0 (auto), 1, 2 or 4");
     if (requested != 0) return requested;
     const int64_t steps = (k / 32 + 3) / 4;
-    const int64_t wanted_warps = 12LL * current_sm_count();
+    // The SM count per device, cached: the small launches are a few microseconds, host time counts.
+    thread_local int cached_device = -1, cached_sms = 0;
+    int device = 0;
+    NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+    if (device != cached_device) cached_sms = current_sm_count(), cached_device = device;
+    const int64_t wanted_warps = 12LL * cached_sms;
     int ks = 1;
     while (ks < 4 && tiles * ks < wanted_warps && steps >= 16LL * ks) ks *= 2;
     return ks;
