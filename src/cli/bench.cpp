@@ -47,6 +47,7 @@ struct BenchOptions {
     std::string output = "md";
     int64_t prefill_chunk = 2048;
     bool enforce_eager = false;
+    bool unfused = false;
 };
 
 template <class T>
@@ -183,7 +184,8 @@ void run_bench(const BenchOptions& o) {
                                               .max_num_batched_tokens = std::max(max_p, o.prefill_chunk),
                                               .max_num_seqs = 1,
                                               .act_dtype = DType::BF16,
-                                              .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1});
+                                              .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
+                                              .fused_gemv = !o.unfused});
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
         std::vector<int32_t> next;
@@ -243,9 +245,9 @@ void run_bench(const BenchOptions& o) {
         std::printf("%s\n", j.dump(2).c_str());
         return;
     }
-    std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s\n\n", limits.device_name.c_str(),
+    std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s%s\n\n", limits.device_name.c_str(),
                 limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12, model_name.c_str(),
-                o.enforce_eager ? "eager" : "CUDA graphs");
+                o.enforce_eager ? "eager" : "CUDA graphs", o.unfused ? ", unfused GEMVs" : "");
     std::printf("| kv    | test            |            t/s | bound t/s | of bound | bound by       |\n");
     std::printf("| ----- | --------------- | -------------: | --------: | -------: | -------------- |\n");
     for (const Row& r : rows) {
@@ -274,6 +276,7 @@ void add_bench_command(CLI::App& app) {
     cmd->add_option("-r,--repetitions", o->repeats, "repeats of each test (default 5)");
     cmd->add_option("-o,--output", o->output, "md (default) or json");
     cmd->add_flag("--enforce-eager", o->enforce_eager, "decode without CUDA graphs (to measure what they save)");
+    cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
     cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
     cmd->callback([o, lists] {
         if (!(*lists)[0].empty()) o->prompt = split_list<int64_t>((*lists)[0], "-p");

@@ -45,6 +45,7 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
     kv_ = std::make_unique<DeviceKvCache>(attention_kv_cache_shape(c, c.n_layers, o.num_blocks, o.block_size,
                                                                    o.kv_dtype, weights_->k_scales, weights_->v_scales));
     forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
+    forward_->set_fused_gemv(o.fused_gemv);
     NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
     staging_bytes_ = StagingLayout(o.max_num_batched_tokens, o.max_num_seqs, max_blocks_per_seq_).total;

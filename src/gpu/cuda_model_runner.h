@@ -29,6 +29,7 @@ struct CudaRunnerOptions {
     // Decode steps of up to this many sequences replay CUDA graphs (vLLM's --max-cudagraph-capture-size);
     // 0 runs every step eagerly (vLLM's --enforce-eager).
     int64_t max_cudagraph_capture_size = 256;
+    bool fused_gemv = true;  // decode: q/k/v in one launch, gate/up with SwiGLU in one (NVFP4 weights)
 };
 
 class CudaModelRunner final : public ModelRunner {

@@ -118,6 +118,11 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
     fail("{}: no CUDA path for {} weights with {} activations", w.name, weight_format_name(w.format), dtype_name(act_));
 }
 
+bool DecoderForward::fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const {
+    return fuse_ && a.format == WeightFormat::Nvfp4 && b.format == WeightFormat::Nvfp4 &&
+           c.format == WeightFormat::Nvfp4 && a.n_in == b.n_in && b.n_in == c.n_in;
+}
+
 int DecoderForward::attention_splits(const DeviceBatch& b, const DeviceKvCache& kv) const {
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs, .n_tokens = b.n_tokens, .max_blocks = b.max_blocks,
                                   .max_q_len = b.max_q_len, .max_kv_len = b.max_kv_len};
@@ -177,9 +182,17 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         else  // x += the previous layer's MLP output; h = norm(x)
             cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
                                    stream);
-        linear(L.q, h_.get(), m, q_.get(), stream);
-        linear(L.k, h_.get(), m, k_.get(), stream);
-        linear(L.v, h_.get(), m, v_.get(), stream);
+        const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
+        if (gemv && fusable(L.q, L.k, L.v)) {  // one launch for q, k and v (the small shapes' tails overlap)
+            const cuda::Nvfp4Projection p[3] = {{L.q.nvfp4(), L.q.bias_ptr(), q_.get()},
+                                                {L.k.nvfp4(), L.k.bias_ptr(), k_.get()},
+                                                {L.v.nvfp4(), L.v.bias_ptr(), v_.get()}};
+            cuda::gemv_nvfp4_fused(h_.get(), act_, m, p, 3, stream);
+        } else {
+            linear(L.q, h_.get(), m, q_.get(), stream);
+            linear(L.k, h_.get(), m, k_.get(), stream);
+            linear(L.v, h_.get(), m, v_.get(), stream);
+        }
         if (L.q_norm.bytes() > 0) {
             cuda::rmsnorm(q_.get(), act_, m * c.n_heads, hd, L.q_norm.as<float>(), c.norm_eps, q_.get(), stream);
             cuda::rmsnorm(k_.get(), act_, m * c.n_kv_heads, hd, L.k_norm.as<float>(), c.norm_eps, k_.get(), stream);
@@ -193,9 +206,14 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                               stream);
         linear(L.o, attn_.get(), m, proj_.get(), stream);
         cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
-        linear(L.gate, h_.get(), m, gate_.get(), stream);
-        linear(L.up, h_.get(), m, up_.get(), stream);
-        cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
+        if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
+            cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
+                                          L.up.bias_ptr(), gate_.get(), stream);
+        } else {
+            linear(L.gate, h_.get(), m, gate_.get(), stream);
+            linear(L.up, h_.get(), m, up_.get(), stream);
+            cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
+        }
         linear(L.down, gate_.get(), m, proj_.get(), stream);
     }
     if (b.n_logit_rows == 0) return;

@@ -72,8 +72,14 @@ public:
     // Rows above this run the prefill GEMM (BF16 activations), the rest the GEMVs.
     static constexpr int64_t kGemvMaxRows = 32;
 
+    // Decode GEMVs of NVFP4 weights fused per input (q/k/v in one launch, gate/up with SwiGLU in another);
+    // on by default, off to compare or to test the separate launches.
+    void set_fused_gemv(bool on) { fuse_ = on; }
+
 private:
     void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);
+    bool fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const;
+    bool fuse_ = true;
 
     const DeviceDecoder& w_;
     DType act_;
