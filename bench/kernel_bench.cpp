@@ -609,11 +609,12 @@ int main(int argc, char** argv) {
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
                 for (int m : ms_list)
                     // nvfp4: 0 mma (v2), 1 cuda-core (v1), 2 pipelined (v3, k split from the shape), 3..5 v3
-                    // with k split forced to 1, 2, 4, 6 v3 launched programmatically (PDL).
-                    for (int variant = 0; variant < (nvfp4 ? 7 : 1); ++variant) {
-                        static const char* const kNvfp4Formats[] = {"nvfp4",      "nvfp4-v1",   "nvfp4-v3",
-                                                                    "nvfp4-v3k1", "nvfp4-v3k2", "nvfp4-v3k4",
-                                                                    "nvfp4-v3pdl"};
+                    // with k split forced to 1, 2, 4, 6 v3 launched programmatically (PDL), 7 v3 with the
+                    // 4-stage ring (gemv_nvfp4_pipelined_deep).
+                    for (int variant = 0; variant < (nvfp4 ? 8 : 1); ++variant) {
+                        static const char* const kNvfp4Formats[] = {
+                            "nvfp4",      "nvfp4-v1",   "nvfp4-v3",    "nvfp4-v3k1",
+                            "nvfp4-v3k2", "nvfp4-v3k4", "nvfp4-v3pdl", "nvfp4-v3deep"};
                         const std::string format = !nvfp4 ? "bf16" : kNvfp4Formats[variant];
                         size_t next = 0;
                         auto launch = [&] {
@@ -628,6 +629,9 @@ int main(int argc, char** argv) {
                                     else if (variant == 1)
                                         nibble::cuda::gemv_nvfp4_cuda_core(x.get(), DType::BF16, m, dw,
                                                                            nullptr, y.get(), stream);
+                                    else if (variant == 7)
+                                        nibble::cuda::gemv_nvfp4_pipelined_deep(x.get(), DType::BF16, m, dw,
+                                                                                nullptr, y.get(), stream);
                                     else
                                         nibble::cuda::gemv_nvfp4_pipelined(
                                             x.get(), DType::BF16, m, dw, nullptr, y.get(), stream,
@@ -643,7 +647,7 @@ int main(int argc, char** argv) {
                         const double bytes = static_cast<double>(wbytes + sbytes) + 2.0 * m * (s.k + s.n);
                         const double gbps = bytes / (ms * 1e-3) / 1e9;
                         rows.push_back({s.name, format, m, ms * 1e3, gbps, gbps / copy_gbps});
-                        std::printf("%-20s %-10s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n",
+                        std::printf("%-20s %-12s m=%-2d copies=%-3zu %9.2f us %7.0f GB/s %5.1f%% of copy\n",
                                     s.name, format.c_str(), m, copies, ms * 1e3, gbps,
                                     100 * gbps / copy_gbps);
                     }
@@ -651,11 +655,10 @@ int main(int argc, char** argv) {
         }
 
         std::printf(
-            "\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | %% copy | "
-            "v3 k1 / k2 / k4 %% copy | v3 PDL us | %% copy | bf16 us | bf16 GB/s | %% copy | bf16/nvfp4 time "
-            "| "
-            "bf16/v3 time |\n");
-        std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            "\n| shape | m | nvfp4 us | nvfp4 GB/s | %% copy | v1 us | %% copy | v3 us | v3 GB/s | "
+            "%% copy | v3 k1 / k2 / k4 %% copy | v3 PDL us | %% copy | v3 deep us | %% copy | bf16 us | "
+            "bf16 GB/s | %% copy | bf16/nvfp4 time | bf16/v3 time |\n");
+        std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : rows) {
             if (r.format != "nvfp4") continue;
             auto find = [&](const char* f) {
@@ -664,13 +667,14 @@ int main(int argc, char** argv) {
             };
             const auto b = find("bf16"), v1 = find("nvfp4-v1"), v3 = find("nvfp4-v3"),
                        k1 = find("nvfp4-v3k1"), k2 = find("nvfp4-v3k2"), k4 = find("nvfp4-v3k4"),
-                       pdl = find("nvfp4-v3pdl");
+                       pdl = find("nvfp4-v3pdl"), deep = find("nvfp4-v3deep");
             std::printf(
                 "| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | "
-                "%.0f / %.0f / %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx | %.2fx |\n",
+                "%.0f / %.0f / %.0f%% | %.1f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx | %.2fx "
+                "|\n",
                 r.shape.c_str(), r.m, r.us, r.gbps, 100 * r.frac, v1->us, 100 * v1->frac, v3->us, v3->gbps,
                 100 * v3->frac, 100 * k1->frac, 100 * k2->frac, 100 * k4->frac, pdl->us, 100 * pdl->frac,
-                b->us, b->gbps, 100 * b->frac, b->us / r.us, b->us / v3->us);
+                deep->us, 100 * deep->frac, b->us, b->gbps, 100 * b->frac, b->us / r.us, b->us / v3->us);
         }
         bench_gemv_fused(prop, stream, copy_gbps);
         std::printf("copy bandwidth (read + write): %.0f GB/s\n", copy_gbps);

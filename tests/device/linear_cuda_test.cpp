@@ -82,7 +82,7 @@ HostWeight random_bf16(std::mt19937_64& rng, int64_t n, int64_t k) {
 
 enum class Kind { Nvfp4Quantized, Nvfp4Raw, Bf16 };
 // Which NVFP4 entry point: the dispatcher, or one of the kernels forced.
-enum class Nvfp4Path { Dispatch, Mma, CudaCore, Pipelined };
+enum class Nvfp4Path { Dispatch, Mma, CudaCore, Pipelined, PipelinedDeep };
 
 void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int64_t k, int64_t m,
               bool bf16_acts, bool with_bias, Nvfp4Path path = Nvfp4Path::Dispatch, int k_split = 0) {
@@ -141,7 +141,10 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
         dq.upload(h.packed.data(), dq.bytes());
         ds.upload(h.scales.data(), ds.bytes());
         cuda::Nvfp4DeviceWeight dwt{dq.as<uint8_t>(), ds.as<uint8_t>(), w.scale, n, k};
-        if (path == Nvfp4Path::Pipelined) {
+        if (path == Nvfp4Path::PipelinedDeep) {
+            cuda::gemv_nvfp4_pipelined_deep(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr,
+                                            k_split);
+        } else if (path == Nvfp4Path::Pipelined) {
             cuda::gemv_nvfp4_pipelined(dx.buf.get(), dt, m, dwt, dbias.as<float>(), y.buf.get(), nullptr,
                                        k_split);
         } else {
@@ -327,6 +330,13 @@ TEST(LinearCuda, Nvfp4Pipelined) {
         for (int64_t m : {1, 8, 9, 16})
             for (bool bf16 : {false, true})
                 run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, m, bf16, false, Nvfp4Path::Pipelined, k_split);
+    // The 4-stage alternative (its own kernel at BF16 and m <= 8; m = 9 and 19 take the default one).
+    for (int k_split : {0, 1, 2, 4})
+        for (const auto& s : kShapes)
+            for (int64_t m : {1, 2, 5, 8, 9, 19})
+                for (bool bf16 : {false, true})
+                    run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1,
+                             Nvfp4Path::PipelinedDeep, k_split);
 }
 
 // q, k, v in one launch: own global scales, biases on projections 0 and 2, outputs in their own buffers;

@@ -425,6 +425,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 //   registers  NT = 1: BF16 126 / 128 / 126 for KS = 1 / 2 / 4 (capped at 128: 4 CTAs an SM),
 //                      F32 143 / 133 / 133
 //              NT = 2: BF16 153 / 140 / 143, F32 210 / 204 / 204
+//              the 4-stage alternative (BF16, NT = 1, DEEP): 162 / 157 / 157 (3 CTAs an SM)
 //   static shared memory: 0 for KS = 1, NT * 2048 bytes for KS = 2, 4 (the k-part sums); 128 threads.
 // Not yet in src/tune/registry.cpp: its tests pin the NVFP4 candidate count and want sm_120a ptxas figures
 // too, so the winner is registered once measured.
@@ -459,6 +460,9 @@ template <int NT, class XT>
 constexpr int pipe_min_ctas() {
     return NT == 1 && sizeof(XT) == 2 ? 4 : 1;
 }
+// The alternative for measuring (gemv_nvfp4_pipelined_deep, BF16 at m <= 8 only): 4 stages, no register
+// cap (ptxas: ~158 registers, 12 warps an SM), more bytes in flight per warp, fewer warps.
+constexpr int kDeepPipeDepth = 4;
 
 // Programmatic dependent launch (sm_90+): griddepcontrol.wait returns once the grids this one depends on
 // have completed and their writes are visible (at once when launched without the attribute);
@@ -523,10 +527,10 @@ __device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&
 
 // y = x W^T for the tiles of `job`, m <= 8 * NT tokens; KS warps share a tile's k, kPipeWarps / KS tiles
 // make a CTA.
-template <int NT, int KS, class XT>
-__global__ void __launch_bounds__(kPipeThreads, pipe_min_ctas<NT, XT>())
+template <int NT, int KS, class XT, bool DEEP = false>
+__global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>())
     gemv_nvfp4_pipe_kernel(const XT* __restrict__ x, int m, int64_t k, const PipeJob job) {
-    constexpr int D = pipe_depth<NT, XT>();
+    constexpr int D = DEEP ? kDeepPipeDepth : pipe_depth<NT, XT>();
     constexpr int kTilesPerCta = kPipeWarps / KS;
     __shared__ float red[KS > 1 ? kPipeWarps : 1][NT * 8][16];  // [warp][token][row], k-parts 1..KS-1
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -776,13 +780,13 @@ void launch_nvfp4_mma(const XT* x, int m, const Nvfp4DeviceWeight& w, const floa
         out_scale, bias, y, w.n);
 }
 
-template <int NT, int KS, class XT>
+template <int NT, int KS, class XT, bool DEEP = false>
 void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, bool programmatic, cudaStream_t stream) {
     constexpr int kTilesPerCta = kPipeWarps / KS;
     const int64_t ctas = (job.total_tiles + kTilesPerCta - 1) / kTilesPerCta;
     if (ctas > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4 (pipelined): too many rows");
     if (!programmatic) {
-        gemv_nvfp4_pipe_kernel<NT, KS, XT>
+        gemv_nvfp4_pipe_kernel<NT, KS, XT, DEEP>
             <<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
         return;
     }
@@ -796,7 +800,7 @@ void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, bool program
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nvfp4_pipe_kernel<NT, KS, XT>, x, m, k, job));
+    NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nvfp4_pipe_kernel<NT, KS, XT, DEEP>, x, m, k, job));
 }
 
 // Warps per tile along k: 1 unless the tiles alone leave fewer than 12 warps an SM (BF16 at m <= 8 holds 16,
@@ -820,8 +824,9 @@ int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
 }
 
 // Runs `job` (outputs at token 0) over m in launches of up to 16 tokens.
+// deep: the 4-stage alternative where it exists (BF16, m <= 8), the default kernel elsewhere.
 void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split,
-              bool programmatic, const char* what, cudaStream_t stream) {
+              bool programmatic, const char* what, cudaStream_t stream, bool deep = false) {
     const int ks = pipe_k_split(job.total_tiles, k, k_split, what);
     auto body = [&]<class XT>() {
         const auto* xt = static_cast<const XT*>(x);
@@ -831,6 +836,17 @@ void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& j
             for (auto& p : jt.proj)
                 if (p.y) p.y = static_cast<XT*>(p.y) + m0 * p.n;
             auto go = [&]<int NT>() {
+                if constexpr (NT == 1 && sizeof(XT) == 2) {
+                    if (deep) {
+                        if (ks == 1)
+                            launch_pipe<1, 1, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                        else if (ks == 2)
+                            launch_pipe<1, 2, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                        else
+                            launch_pipe<1, 4, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                        return;
+                    }
+                }
                 if (ks == 1)
                     launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
                 else if (ks == 2)
@@ -954,6 +970,18 @@ void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4Devi
                           const float* bias, void* y, cudaStream_t stream, int k_split, bool programmatic) {
     const Nvfp4Projection p{w, bias, y};
     gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split, programmatic);
+}
+
+void gemv_nvfp4_pipelined_deep(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
+                               const float* bias, void* y, cudaStream_t stream, int k_split) {
+    check_nvfp4(x, dtype, m, y, w);
+    if (m == 0 || w.n == 0) return;
+    PipeJob job;
+    job.total_tiles = (w.n + 15) / 16;
+    job.proj[0] = pipe_projection(w, bias, y);
+    job.proj[0].tile_end = job.total_tiles;
+    for (int i = 1; i < kMaxProjections; ++i) job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
+    run_pipe(x, dtype, m, w.k, job, k_split, false, "gemv_nvfp4_pipelined_deep", stream, true);
 }
 
 void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projection* projections, int count,

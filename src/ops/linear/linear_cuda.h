@@ -50,6 +50,11 @@ void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4Devi
                           const float* bias, void* y, cudaStream_t stream, int k_split = 0,
                           bool programmatic = false);
 
+// For measuring against gemv_nvfp4_pipelined (same contract): at BF16 and m <= 8 a 4-stage ring without the
+// 128-register cap (12 warps an SM instead of 16); elsewhere the same kernel as gemv_nvfp4_pipelined.
+void gemv_nvfp4_pipelined_deep(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
+                               const float* bias, void* y, cudaStream_t stream, int k_split = 0);
+
 // One projection of a fused launch: y[m, w.n] = x W^T (+ bias), y in the activations' dtype.
 struct Nvfp4Projection {
     Nvfp4DeviceWeight w;
