@@ -45,7 +45,8 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
 // weights, scales and activations loaded 2-3 steps ahead in registers (linear_cuda.cu explains).
 // programmatic: launch with programmatic stream serialization (sm_90+, CUDA graphs keep it): the kernel
 // starts loading its weights while the previous kernel in the stream finishes, and reads x / writes y only
-// once that kernel has completed. Off by default; the three v3 launchers take it alike.
+// once that kernel has completed. Precondition: that previous kernel does not write the weights or scales
+// (they are read before the wait). Off by default; the three v3 launchers take it alike.
 void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
                           const float* bias, void* y, cudaStream_t stream, int k_split = 0,
                           bool programmatic = false);
