@@ -25,10 +25,15 @@
 #include "cli/commands.h"
 #include "ops/attention/kv_cache.h"
 #if defined(NIBBLE_HAVE_CUDA)
+#include "cuda/device_info.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/device_limits.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
+#include "tune/device_profile.h"
+#include "tune/eligibility.h"
+#include "tune/kernel_choices.h"
+#include "tune/tune_cache.h"
 #endif
 
 namespace nibble::cli {
@@ -48,6 +53,7 @@ struct BenchOptions {
     int64_t prefill_chunk = 2048;
     bool enforce_eager = false;
     bool unfused = false;
+    std::string tune;  // off | cached; empty: cached when this GPU has a tune cache
 };
 
 template <class T>
@@ -127,11 +133,40 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t n, int64_t voca
     return t;
 }
 
+// --tune: this GPU's tune cache as kernel choices (null: off, or no usable cache under "cached" by default).
+std::shared_ptr<tune::KernelChoices> bench_kernel_choices(const std::string& mode) {
+    NIBBLE_CHECK(mode.empty() || mode == "off" || mode == "cached", "--tune {}: off or cached", mode);
+    if (mode == "off") {
+        log::info("--tune off: kernels use their built-in choices");
+        return nullptr;
+    }
+    const tune::DeviceProfile device = tune::profile_from_device(cuda::query_device(0));
+    const tune::CacheKey key = tune::cache_key_for(device);
+    std::string path;
+    try {
+        path = tune::tune_cache_path(tune::tune_cache_dir(), key);
+    } catch (const Error& e) {
+        NIBBLE_CHECK(mode.empty(), "--tune cached: {}", e.what());
+        log::info("no tune cache directory ({}); kernels use their built-in choices", e.what());
+        return nullptr;
+    }
+    const std::optional<tune::TuneCache> cache = tune::load_tune_cache(path, key);
+    if (!cache) {
+        NIBBLE_CHECK(mode.empty(), "--tune cached: no usable tune cache for {} at {} (run `nibble tune MODEL_DIR`)",
+                     device.name, path);
+        log::info("no tune cache for {} at {}; kernels use their built-in choices", device.name, path);
+        return nullptr;
+    }
+    log::info("tune cache: {} kernel choices for {} ({})", cache->choices().size(), device.name, path);
+    return std::make_shared<tune::KernelChoices>(&*cache, device, tune::BuildTargets::configured());
+}
+
 void run_bench(const BenchOptions& o) {
     NIBBLE_CHECK(o.model_dir.empty() != o.synthetic.empty(), "nibble bench: give exactly one of --model DIR and --synthetic NAME");
     NIBBLE_CHECK(o.weights == "nvfp4" || o.weights == "bf16", "--weights {}: nvfp4 or bf16", o.weights);
     NIBBLE_CHECK(o.output == "md" || o.output == "json", "-o {}: md or json", o.output);
     NIBBLE_CHECK(o.repeats >= 1, "-r {}: at least 1", o.repeats);
+    NIBBLE_CHECK(o.tune.empty() || o.tune == "off" || o.tune == "cached", "--tune {}: off or cached", o.tune);
     std::vector<KvDtype> kv_dtypes;
     for (const std::string& name : o.kv) {
         const auto t = kv_dtype_from_name(name);
@@ -175,6 +210,7 @@ void run_bench(const BenchOptions& o) {
     for (int64_t i = 0; i < blocks; ++i) table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
     std::mt19937_64 rng(42);
 
+    const std::shared_ptr<tune::KernelChoices> kernel_choices = bench_kernel_choices(o.tune);
     std::vector<Row> rows;
     for (KvDtype kv : kv_dtypes) {
         gpu::CudaModelRunner runner(weights, {.kv_dtype = kv,
@@ -185,7 +221,8 @@ void run_bench(const BenchOptions& o) {
                                               .max_num_seqs = 1,
                                               .act_dtype = DType::BF16,
                                               .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
-                                              .fused_gemv = !o.unfused});
+                                              .fused_gemv = !o.unfused,
+                                              .kernel_choices = kernel_choices});
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
         std::vector<int32_t> next;
@@ -276,6 +313,9 @@ void add_bench_command(CLI::App& app) {
     cmd->add_option("-r,--repetitions", o->repeats, "repeats of each test (default 5)");
     cmd->add_option("-o,--output", o->output, "md (default) or json");
     cmd->add_flag("--enforce-eager", o->enforce_eager, "decode without CUDA graphs (to measure what they save)");
+    cmd->add_option("--tune", o->tune,
+                    "kernel choices: cached (this GPU's tune cache, `nibble tune`; the default when one exists) or "
+                    "off (the built-in dispatch)");
     cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
     cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
     cmd->callback([o, lists] {

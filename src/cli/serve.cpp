@@ -24,6 +24,8 @@
 #include "cuda/device_info.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
+#include "tune/device_profile.h"
+#include "tune/kernel_choices.h"
 #endif
 #include "model/model.h"
 #include "server/http_server.h"
@@ -189,9 +191,9 @@ void run_serve(const std::vector<std::string>& args) {
                   "`nibble serve /path/to/model`.",
                   model_dir.string());
     }
-    // --tune: load (or, with full, first build) this GPU's kernel choices. The engine's runner does not take
-    // them yet (docs/tuning.md: the CUDA runner consults tune::candidate_order once it dispatches by variant).
-    (void)serve_tune_cache(o.tune, model_dir.string(),
+    // --tune: load (or, with full, first build) this GPU's kernel choices; the CUDA runner consumes them
+    // (gpu::CudaRunnerOptions::kernel_choices). --tune off, or no cache: the ops' built-in dispatch.
+    const std::optional<tune::TuneCache> tune_cache = serve_tune_cache(o.tune, model_dir.string(),
                            {.max_num_seqs = o.max_num_seqs,
                             .max_num_batched_tokens = o.max_num_batched_tokens.value_or(2048),
                             .max_model_len = o.max_model_len.value_or(0),
@@ -219,6 +221,10 @@ void run_serve(const std::vector<std::string>& args) {
         model->decoder_view(view);
         const auto t0 = std::chrono::steady_clock::now();
         auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(mc, view));
+        std::shared_ptr<tune::KernelChoices> kernel_choices;
+        if (tune_cache)
+            kernel_choices = std::make_shared<tune::KernelChoices>(
+                &*tune_cache, tune::profile_from_device(cuda::query_device(0)), tune::BuildTargets::configured());
         backend = std::make_unique<gpu::CudaModelRunner>(
             weights, gpu::CudaRunnerOptions{.kv_dtype = plan.kv_dtype,
                                             .num_blocks = plan.kv_blocks,
@@ -227,13 +233,15 @@ void run_serve(const std::vector<std::string>& args) {
                                             .max_num_batched_tokens = plan.max_num_batched_tokens,
                                             .max_num_seqs = o.max_num_seqs,
                                             .act_dtype = DType::BF16,
-                                            .max_cudagraph_capture_size = o.enforce_eager ? 0 : o.max_cudagraph_capture_size});
+                                            .max_cudagraph_capture_size = o.enforce_eager ? 0 : o.max_cudagraph_capture_size,
+                                            .kernel_choices = kernel_choices});
         log::info("CUDA backend on {}: {:.2f} GB of weights uploaded in {:.1f} s, KV cache {} ({} blocks)",
                   cuda::query_device(0).name, static_cast<double>(weights->device_bytes()) / 1e9,
                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                   kv_dtype_name(plan.kv_dtype), plan.kv_blocks);
     }
 #else
+    (void)tune_cache;  // a CPU-only build has no CUDA runner to take kernel choices
     const MemoryPlan plan = make_plan(o, *model, max_model_len);
     log_plan(plan);
 #endif

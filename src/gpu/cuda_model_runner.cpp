@@ -46,6 +46,7 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
                                                                    o.kv_dtype, weights_->k_scales, weights_->v_scales));
     forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
     forward_->set_fused_gemv(o.fused_gemv);
+    if (o.kernel_choices) forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
     NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
     staging_bytes_ = StagingLayout(o.max_num_batched_tokens, o.max_num_seqs, max_blocks_per_seq_).total;
@@ -64,6 +65,12 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
         const DeviceBatch probe{.n_tokens = b, .n_seqs = b, .max_q_len = 1, .max_kv_len = o.max_model_len,
                                 .max_blocks = max_blocks_per_seq_};
         most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(probe, *kv_), b));
+        // Tuned split counts differ per cache-length class: room for the most any class of this batch uses.
+        for (int64_t bound = 1024; o.kernel_choices && bound < o.max_model_len; bound *= 2) {
+            DeviceBatch shorter = probe;
+            shorter.max_kv_len = bound;
+            most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(shorter, *kv_), b));
+        }
     }
     graph_workspace_ = cuda::DeviceBuffer(most);
 }
@@ -196,6 +203,11 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
     const GraphKey key{bucket, kv_bound};
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
+        // With tune choices, a captured launch may only use a variant that has launched eagerly: the step
+        // runs eagerly first (its results are this step's), then the graph is captured for the next ones.
+        const bool eager_first = options_.kernel_choices != nullptr;
+        if (eager_first) forward_->run(b, *kv_, stream_);
+        const size_t failed_before = eager_first ? options_.kernel_choices->failed_variants().size() : 0;
         const int splits = forward_->attention_splits(b, *kv_);
         cudaGraph_t graph = nullptr;
         NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
@@ -205,10 +217,16 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
             (void)cudaStreamEndCapture(stream_, &graph);
             if (graph) (void)cudaGraphDestroy(graph);
             (void)cudaGetLastError();
+            if (eager_first && options_.kernel_choices->failed_variants().size() > failed_before) {
+                // A variant failed to launch during capture and is now excluded: the next step captures again.
+                log::debug("CUDA graph capture for decode batch {} discarded ({}); capturing again next step",
+                           bucket, e.what());
+                return b;
+            }
             graphs_failed_ = true;
             log::warn("CUDA graph capture failed for decode batch {} ({}); decode steps run eagerly from now on",
                       bucket, e.what());
-            forward_->run(b, *kv_, stream_);
+            if (!eager_first) forward_->run(b, *kv_, stream_);
             return b;
         }
         NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
@@ -219,6 +237,7 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
         it = graphs_.emplace(key, exec).first;
         log::debug("captured a CUDA graph for decode batch {} with caches up to {} tokens ({} splits)", bucket,
                    kv_bound, splits);
+        if (eager_first) return b;  // this step already ran eagerly
     }
     NIBBLE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return b;

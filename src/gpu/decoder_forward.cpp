@@ -1,8 +1,16 @@
 #include "gpu/decoder_forward.h"
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <cmath>
+#include <map>
+#include <stdexcept>
+#include <tuple>
+#include <utility>
 
 #include "base/error.h"
+#include "base/log.h"
 #include "cuda/device_info.h"
 #include "ops/activation/activation_cuda.h"
 #include "ops/embed/embed_cuda.h"
@@ -10,6 +18,7 @@
 #include "ops/linear/linear_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "ops/rope/rope_cuda.h"
+#include "tune/launch_guard_cuda.h"
 
 namespace nibble::gpu {
 
@@ -87,7 +96,8 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
 
 DecoderForward::~DecoderForward() = default;
 
-void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream) {
+void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
+                            const GemvChoice* choice, bool capturing) {
     const bool gemm = act_ == DType::BF16 && (m > kGemvMaxRows || w.format == WeightFormat::Fp8);
     if (gemm) {
         NIBBLE_CHECK(gemm_ != nullptr, "CUDA forward: {} rows need the GEMM path, but buffers were sized for {}", m,
@@ -108,14 +118,140 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
                                       w.bias_ptr(), y, stream);
         }
     }
-    switch (w.format) {
-        case WeightFormat::Nvfp4: return cuda::gemv_nvfp4(x, act_, m, w.nvfp4(), w.bias_ptr(), y, stream);
-        case WeightFormat::Dense:
-            return cuda::gemv_bf16(x, act_, m, static_cast<const uint16_t*>(w.data), w.n_out, w.n_in, w.bias_ptr(), y,
+    gemv(w, x, act_, m, y, stream, choice, capturing);
+}
+
+void DecoderForward::gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
+                          const GemvChoice* choice, bool capturing) {
+    if (w.format == WeightFormat::Fp8)
+        fail("{}: no CUDA path for {} weights with {} activations", w.name, weight_format_name(w.format),
+             dtype_name(act));
+    const bool nvfp4 = w.format == WeightFormat::Nvfp4;
+    auto launch = [&](const tune::KernelVariant* v) {
+        if (!nvfp4)  // every BF16 GEMV variant is gemv_bf16's instantiation for the tile
+            return cuda::gemv_bf16(x, act, m, static_cast<const uint16_t*>(w.data), w.n_out, w.n_in, w.bias_ptr(), y,
                                    stream);
-        case WeightFormat::Fp8: break;
+        if (v == nullptr) return cuda::gemv_nvfp4(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+        if (v->name.starts_with("mma.")) return cuda::gemv_nvfp4_mma(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+        cuda::gemv_nvfp4_cuda_core(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+    };
+    if (choice == nullptr) return launch(nullptr);
+    launch_chosen(choice->tiles[tune::gemv_tile_index(m)], capturing, stream, launch, w.name);
+}
+
+template <class Launch>
+void DecoderForward::launch_chosen(const tune::ResolvedChoice& c, bool capturing, cudaStream_t stream,
+                                   const Launch& launch, const std::string& what) {
+    if (c.n_candidates == 0) return launch(nullptr);  // no registered variant serves this shape
+    tune::KernelChoices& kc = *choices_;
+    for (;;) {
+        const tune::KernelVariant* v = kc.pick(c, capturing);
+        if (v == nullptr)
+            fail("{}: no kernel variant is left to launch{} (failed: {} variants in this process)", what,
+                 capturing ? " during CUDA graph capture" : "", kc.failed_variants().size());
+        // One pointer captured: std::function keeps it without allocating.
+        struct Call {
+            const Launch* launch;
+            const tune::KernelVariant* variant;
+            const tune::KernelChoices* choices;
+        } call{&launch, v, &kc};
+        const tune::LaunchOutcome out = tune::guarded_launch(
+            [&call] {
+                if (call.choices->injected_failure(*call.variant))
+                    throw std::runtime_error("launch failure injected by a test");
+                (*call.launch)(call.variant);
+            },
+            stream);
+        if (out.ok) {
+            kc.note_launched(*v, capturing);
+            return;
+        }
+        kc.mark_failed(*v, out.error);
+        // A failed launch has invalidated the capture: the caller discards it (the runner runs the step
+        // eagerly and captures again, without this variant, next time).
+        if (capturing) fail("{}: {} failed to launch during CUDA graph capture: {}", what, v->name, out.error);
     }
-    fail("{}: no CUDA path for {} weights with {} activations", w.name, weight_format_name(w.format), dtype_name(act_));
+}
+
+void DecoderForward::set_kernel_choices(std::shared_ptr<tune::KernelChoices> choices, KvDtype kv_dtype,
+                                        int64_t max_num_seqs, int64_t max_model_len) {
+    choices_ = std::move(choices);
+    layer_gemv_.clear();
+    decode_attention_.clear();
+    prefill_attention_.clear();
+    if (!choices_) return;
+    const ModelConfig& c = w_.config;
+    struct Count {
+        int resolved = 0, cached = 0;
+    };
+    std::map<tune::OpKind, Count> counts;
+    auto note = [&](tune::OpKind op, const tune::ResolvedChoice& r) {
+        ++counts[op].resolved;
+        counts[op].cached += r.from_cache ? 1 : 0;
+    };
+    // GEMVs: one resolution per distinct (format, n, k, activation) and m tile, shared by the layers.
+    std::map<std::tuple<int, int64_t, int64_t, int>, GemvChoice> by_shape;
+    auto gemv_of = [&](const DeviceLinear& l, DType act) -> GemvChoice {
+        GemvChoice g;
+        if (l.format == WeightFormat::Fp8) return g;  // runs the GEMM; no GEMV variant
+        const auto key = std::make_tuple(static_cast<int>(l.format), l.n_out, l.n_in, static_cast<int>(act));
+        if (auto it = by_shape.find(key); it != by_shape.end()) return it->second;
+        const tune::OpKind op = l.format == WeightFormat::Nvfp4 ? tune::OpKind::GemvNvfp4 : tune::OpKind::GemvBf16;
+        for (int t = 0; t < tune::kGemvTiles; ++t) {
+            g.tiles[t] = choices_->resolve(
+                tune::OpShape{.op = op, .activation = act, .m = tune::gemv_tile_rows(t), .n = l.n_out, .k = l.n_in});
+            note(op, g.tiles[t]);
+        }
+        by_shape.emplace(key, g);
+        return g;
+    };
+    for (const DeviceDecoderLayer& L : w_.layers)
+        for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+            layer_gemv_.push_back(gemv_of(*l, act_));
+    lm_head_gemv_ = gemv_of(w_.lm_head, DType::F32);  // the lm_head runs on float32 rows
+    // Attention: by power-of-two buckets of the batch's sequences (decode) or query rows (prefill) and of
+    // its longest cache, as tune::shape_bucket keys them.
+    seq_buckets_ = tune::log2_bucket(std::max<int64_t>(max_num_seqs, 1)) + 1;
+    q_buckets_ = tune::log2_bucket(std::max<int64_t>(max_tokens_, 1)) + 1;
+    kv_buckets_ = tune::log2_bucket(std::max<int64_t>(max_model_len, 1)) + 1;
+    const int group = static_cast<int>(c.n_heads / std::max<int64_t>(c.n_kv_heads, 1));
+    auto attention_shape = [&](tune::OpKind op, int64_t seqs, int64_t q_len, int64_t kv_len) {
+        return tune::OpShape{.op = op, .activation = act_, .head_dim = static_cast<int>(c.head_dim), .group = group,
+                             .kv_dtype = kv_dtype, .n_seqs = seqs, .n_kv_heads = c.n_kv_heads, .q_len = q_len,
+                             .kv_len = kv_len};
+    };
+    for (int si = 0; si < seq_buckets_; ++si)
+        for (int ki = 0; ki < kv_buckets_; ++ki) {
+            decode_attention_.push_back(choices_->resolve(
+                attention_shape(tune::OpKind::AttentionDecode, int64_t{1} << si, 1, int64_t{1} << ki)));
+            note(tune::OpKind::AttentionDecode, decode_attention_.back());
+        }
+    for (int qi = 0; qi < q_buckets_; ++qi)
+        for (int ki = 0; ki < kv_buckets_; ++ki) {
+            const int64_t q = int64_t{1} << qi;
+            prefill_attention_.push_back(choices_->resolve(
+                attention_shape(tune::OpKind::AttentionPrefill, 1, q, std::max(q, int64_t{1} << ki))));
+            note(tune::OpKind::AttentionPrefill, prefill_attention_.back());
+        }
+    std::string summary;
+    int cached = 0;
+    for (const auto& [op, n] : counts) {
+        summary += fmt::format("{}{} {}/{}", summary.empty() ? "" : ", ", tune::op_name(op), n.cached, n.resolved);
+        cached += n.cached;
+    }
+    log::info("tune: {} kernel choices from the tune cache, the rest built-in ({}; shapes from the cache / resolved){}",
+              cached, summary, choices_->has_cache() ? "" : " (no tune cache)");
+}
+
+const tune::ResolvedChoice* DecoderForward::attention_choice(const DeviceBatch& b) const {
+    if (!choices_) return nullptr;
+    const int ki = std::min(tune::log2_bucket(b.max_kv_len), kv_buckets_ - 1);
+    if (b.max_q_len <= 1) {
+        const int si = std::min(tune::log2_bucket(b.n_seqs), seq_buckets_ - 1);
+        return &decode_attention_[static_cast<size_t>(si * kv_buckets_ + ki)];
+    }
+    const int qi = std::min(tune::log2_bucket(b.max_q_len), q_buckets_ - 1);
+    return &prefill_attention_[static_cast<size_t>(qi * kv_buckets_ + ki)];
 }
 
 bool DecoderForward::fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const {
@@ -126,6 +262,8 @@ bool DecoderForward::fusable(const DeviceLinear& a, const DeviceLinear& b, const
 int DecoderForward::attention_splits(const DeviceBatch& b, const DeviceKvCache& kv) const {
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs, .n_tokens = b.n_tokens, .max_blocks = b.max_blocks,
                                   .max_q_len = b.max_q_len, .max_kv_len = b.max_kv_len};
+    // The tuned split count of the batch's bucket, when the tune cache chose this bucket's kernel.
+    if (const tune::ResolvedChoice* c = attention_choice(b); c && c->from_cache && c->splits > 0) return c->splits;
     // By bytes: a 4-bit cache gets as many bytes per split as a bf16 one (the decode kernel's rule).
     return cuda::paged_attention_splits(ab, kv.layer(0), w_.config.n_heads, sm_count_);
 }
@@ -174,6 +312,8 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 if (l->format != WeightFormat::Dense) order.push_back(l);
         dequant_->begin(std::move(order));
     }
+    const bool capture = capturing != cudaStreamCaptureStatusNone;
+    const tune::ResolvedChoice* attention = attention_choice(b);
     cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(), stream);
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceDecoderLayer& L = w_.layers[il];
@@ -189,9 +329,9 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                                 {L.v.nvfp4(), L.v.bias_ptr(), v_.get()}};
             cuda::gemv_nvfp4_fused(h_.get(), act_, m, p, 3, stream);
         } else {
-            linear(L.q, h_.get(), m, q_.get(), stream);
-            linear(L.k, h_.get(), m, k_.get(), stream);
-            linear(L.v, h_.get(), m, v_.get(), stream);
+            linear(L.q, h_.get(), m, q_.get(), stream, gemv_choice(il, 0), capture);
+            linear(L.k, h_.get(), m, k_.get(), stream, gemv_choice(il, 1), capture);
+            linear(L.v, h_.get(), m, v_.get(), stream, gemv_choice(il, 2), capture);
         }
         if (L.q_norm.bytes() > 0) {
             cuda::rmsnorm(q_.get(), act_, m * c.n_heads, hd, L.q_norm.as<float>(), c.norm_eps, q_.get(), stream);
@@ -202,30 +342,39 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                          stream);
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
         cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
-        cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace, workspace_bytes, attn_.get(),
-                              stream);
-        linear(L.o, attn_.get(), m, proj_.get(), stream);
+        if (attention == nullptr) {
+            cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace, workspace_bytes, attn_.get(),
+                                  stream);
+        } else {
+            launch_chosen(*attention, capture, stream, [&](const tune::KernelVariant* v) {
+                cuda::AttentionArgs chosen = args;
+                if (v != nullptr)  // several tensor-core decode kernels serve FP8/NVFP4 caches: the chosen one
+                    chosen.decode_kernel = v->name.starts_with("decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
+                                           : v->name.starts_with("decode_pipe.") ? cuda::DecodeKernel::Pipelined
+                                           : v->name.starts_with("decode_mma.")  ? cuda::DecodeKernel::Mma
+                                                                                 : cuda::DecodeKernel::Auto;
+                cuda::paged_attention(q_.get(), act_, layer, ab, chosen, splits, workspace, workspace_bytes,
+                                      attn_.get(), stream);
+            }, "attention");
+        }
+        linear(L.o, attn_.get(), m, proj_.get(), stream, gemv_choice(il, 3), capture);
         cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
             cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
                                           L.up.bias_ptr(), gate_.get(), stream);
         } else {
-            linear(L.gate, h_.get(), m, gate_.get(), stream);
-            linear(L.up, h_.get(), m, up_.get(), stream);
+            linear(L.gate, h_.get(), m, gate_.get(), stream, gemv_choice(il, 4), capture);
+            linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
             cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
         }
-        linear(L.down, gate_.get(), m, proj_.get(), stream);
+        linear(L.down, gate_.get(), m, proj_.get(), stream, gemv_choice(il, 6), capture);
     }
     if (b.n_logit_rows == 0) return;
     cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
-    const DeviceLinear& lm = w_.lm_head;
-    if (lm.format == WeightFormat::Nvfp4)
-        cuda::gemv_nvfp4(selected_.get(), DType::F32, b.n_logit_rows, lm.nvfp4(), lm.bias_ptr(), logits_.get(), stream);
-    else
-        cuda::gemv_bf16(selected_.get(), DType::F32, b.n_logit_rows, static_cast<const uint16_t*>(lm.data), lm.n_out,
-                        lm.n_in, lm.bias_ptr(), logits_.get(), stream);
+    gemv(w_.lm_head, selected_.get(), DType::F32, b.n_logit_rows, logits_.get(), stream,
+         choices_ ? &lm_head_gemv_ : nullptr, capture);
 }
 
 }  // namespace nibble::gpu

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "cuda/device_buffer.h"
 #include "gpu/dequant_pipeline.h"
@@ -17,6 +19,7 @@
 #include "ops/attention/kv_cache.h"
 #include "ops/linear/gemm_cuda.h"
 #include "tensor/dtype.h"
+#include "tune/kernel_choices.h"
 
 namespace nibble::gpu {
 
@@ -76,8 +79,38 @@ public:
     // on by default, off to compare or to test the separate launches.
     void set_fused_gemv(bool on) { fuse_ = on; }
 
+    // The autotuner's choices (tune/kernel_choices.h); null (the default) leaves every launch to the ops'
+    // own dispatch. Resolves every shape this forward can run once, here: each linear's GEMV per m tile,
+    // attention per (sequences, cache length) bucket for decode and (query rows, cache length) for
+    // prefill, into small arrays; a launch then indexes them and walks a few candidates (fallback: the
+    // next candidate when one fails to launch; under graph capture only variants already launched eagerly
+    // or the heuristic one). The fused decode GEMVs (q/k/v, gate/up) are not registry variants and keep
+    // their kernels. Logs at info how many shapes use a cached choice.
+    void set_kernel_choices(std::shared_ptr<tune::KernelChoices> choices, KvDtype kv_dtype, int64_t max_num_seqs,
+                            int64_t max_model_len);
+    const tune::KernelChoices* kernel_choices() const { return choices_.get(); }
+
 private:
-    void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);
+    // One linear's resolved GEMV candidates per m tile (tune::gemv_tile_index).
+    struct GemvChoice {
+        tune::ResolvedChoice tiles[tune::kGemvTiles];
+    };
+    static constexpr int kLinearsPerLayer = 7;  // q, k, v, o, gate, up, down
+    const GemvChoice* gemv_choice(size_t layer, int slot) const {
+        return choices_ ? &layer_gemv_[layer * kLinearsPerLayer + static_cast<size_t>(slot)] : nullptr;
+    }
+    // The attention candidates of a step's batch (decode: one query token per sequence), or null.
+    const tune::ResolvedChoice* attention_choice(const DeviceBatch& b) const;
+    // Launches the first launchable candidate of `c` through launch(variant) (launch(nullptr): the op's own
+    // dispatch, when no registered variant serves the shape), falling back on launch failure.
+    template <class Launch>
+    void launch_chosen(const tune::ResolvedChoice& c, bool capturing, cudaStream_t stream, const Launch& launch,
+                       const std::string& what);
+    void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
+                const GemvChoice* choice = nullptr, bool capturing = false);
+    // A GEMV of `w` (NVFP4 or BF16) on x [m, w.n_in] in `act`, through `choice` (null: the ops' dispatch).
+    void gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
+              const GemvChoice* choice, bool capturing);
     bool fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const;
     bool fuse_ = true;
 
@@ -91,6 +124,13 @@ private:
     cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
     cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
     cuda::DeviceBuffer workspace_;                                   // attention splits' partials
+
+    std::shared_ptr<tune::KernelChoices> choices_;  // null: the ops' own dispatch
+    std::vector<GemvChoice> layer_gemv_;            // [n_layers * kLinearsPerLayer]
+    GemvChoice lm_head_gemv_;
+    int seq_buckets_ = 0, q_buckets_ = 0, kv_buckets_ = 0;
+    std::vector<tune::ResolvedChoice> decode_attention_;   // [seq_buckets_, kv_buckets_] by log2 bucket
+    std::vector<tune::ResolvedChoice> prefill_attention_;  // [q_buckets_, kv_buckets_]
 };
 
 }  // namespace nibble::gpu
