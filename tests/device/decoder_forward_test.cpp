@@ -29,6 +29,7 @@
 
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
+#include "decoder_forward_util.h"
 #include "device_test_util.h"
 #include "engine/engine.h"
 #include "engine/model_runner.h"
@@ -41,155 +42,11 @@
 namespace nibble {
 namespace {
 
+using test::compare_forward;
+using test::quantized;
+using test::TinyArch;
+using test::write_checkpoint;
 namespace fs = std::filesystem;
-
-struct TinyArch {
-    std::string arch = "LlamaForCausalLM";
-    bool qk_norm = false, bias = false, tied = false;
-    int64_t head_dim = 64;
-};
-
-// A BF16 checkpoint of a small llama-family model with random weights (Normal(0, 0.05) linears, norms near 1).
-fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_t seed) {
-    fs::create_directories(dir);
-    const int64_t d = 256, heads = 4, kv_heads = 2, hd = a.head_dim, ff = 512, vocab = 1024, layers = 2;
-    nlohmann::json cfg = {{"architectures", {a.arch}},
-                          {"hidden_size", d},
-                          {"num_hidden_layers", layers},
-                          {"num_attention_heads", heads},
-                          {"num_key_value_heads", kv_heads},
-                          {"head_dim", hd},
-                          {"intermediate_size", ff},
-                          {"vocab_size", vocab},
-                          {"max_position_embeddings", 4096},
-                          {"rms_norm_eps", 1e-6},
-                          {"rope_theta", 10000.0},
-                          {"tie_word_embeddings", a.tied},
-                          {"torch_dtype", "bfloat16"}};
-    if (a.arch == "LlamaForCausalLM") cfg["attention_bias"] = a.bias;
-    std::ofstream(dir / "config.json") << cfg.dump(2);
-
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    struct T {
-        std::string name;
-        Shape shape;
-        float sigma, mean;
-    };
-    std::vector<T> tensors = {{"model.embed_tokens.weight", {vocab, d}, 0.5f, 0.0f}};
-    for (int64_t l = 0; l < layers; ++l) {
-        const std::string p = "model.layers." + std::to_string(l) + ".";
-        tensors.push_back({p + "input_layernorm.weight", {d}, 0.1f, 1.0f});
-        tensors.push_back({p + "post_attention_layernorm.weight", {d}, 0.1f, 1.0f});
-        tensors.push_back({p + "self_attn.q_proj.weight", {heads * hd, d}, 0.05f, 0.0f});
-        tensors.push_back({p + "self_attn.k_proj.weight", {kv_heads * hd, d}, 0.05f, 0.0f});
-        tensors.push_back({p + "self_attn.v_proj.weight", {kv_heads * hd, d}, 0.05f, 0.0f});
-        tensors.push_back({p + "self_attn.o_proj.weight", {d, heads * hd}, 0.05f, 0.0f});
-        if (a.bias)
-            for (const char* m : {"q", "k", "v"}) {
-                const int64_t n = std::string(m) == "q" ? heads * hd : kv_heads * hd;
-                tensors.push_back({p + "self_attn." + m + "_proj.bias", {n}, 0.2f, 0.0f});
-            }
-        if (a.qk_norm) {
-            tensors.push_back({p + "self_attn.q_norm.weight", {hd}, 0.1f, 1.0f});
-            tensors.push_back({p + "self_attn.k_norm.weight", {hd}, 0.1f, 1.0f});
-        }
-        tensors.push_back({p + "mlp.gate_proj.weight", {ff, d}, 0.05f, 0.0f});
-        tensors.push_back({p + "mlp.up_proj.weight", {ff, d}, 0.05f, 0.0f});
-        tensors.push_back({p + "mlp.down_proj.weight", {d, ff}, 0.05f, 0.0f});
-    }
-    tensors.push_back({"model.norm.weight", {d}, 0.1f, 1.0f});
-    if (!a.tied) tensors.push_back({"lm_head.weight", {vocab, d}, 0.05f, 0.0f});
-
-    SafetensorsWriter w((dir / "model.safetensors").string());
-    for (const T& t : tensors) w.declare(t.name, DType::BF16, t.shape);
-    for (const T& t : tensors) {
-        std::vector<uint16_t> bits(static_cast<size_t>(t.shape.numel()));
-        for (auto& b : bits) b = bf16_from_float(t.mean + t.sigma * normal(rng));
-        w.write(t.name, bits.data(), bits.size() * 2);
-    }
-    w.finish();
-    return dir;
-}
-
-fs::path quantized(const fs::path& src, const fs::path& dst, QuantLayout layout, bool quantize_lm_head) {
-    ThreadPool pool(0);
-    QuantizeOptions o;
-    o.src_dir = src.string();
-    o.dst_dir = dst.string();
-    o.layout = layout;
-    if (quantize_lm_head) o.exclude = {};
-    o.progress = false;
-    quantize_checkpoint(o, pool);
-    return dst;
-}
-
-struct Tolerances {
-    double rel;
-};
-
-void compare_forward(const fs::path& dir, DType act, KvDtype kv, double rel, const std::string& what) {
-    ThreadPool pool(0);
-    std::unique_ptr<Model> model = load_model(dir.string(), pool);
-    DecoderView view;
-    ASSERT_TRUE(model->decoder_view(view));
-    const int64_t blocks = 64, bs = 16;
-    CpuModelRunner cpu(*model, blocks, bs, kv);
-    auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
-    gpu::CudaModelRunner gpu_runner(weights, {.kv_dtype = kv,
-                                              .num_blocks = blocks,
-                                              .block_size = bs,
-                                              .max_model_len = 512,
-                                              .max_num_batched_tokens = 256,
-                                              .max_num_seqs = 8,
-                                              .act_dtype = act});
-    std::mt19937_64 rng(test::fresh_seed());
-    const int64_t vocab = model->config().vocab_size;
-    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-    const std::vector<int64_t> lengths = {37, 5, 70};
-    std::vector<std::vector<int32_t>> seqs(lengths.size()), tables(lengths.size());
-    for (size_t s = 0; s < lengths.size(); ++s) {
-        for (int64_t i = 0; i < lengths[s]; ++i) seqs[s].push_back(tok(rng));
-        for (int64_t b = 0; b < 12; ++b) tables[s].push_back(static_cast<int32_t>(s * 20 + static_cast<size_t>(b) * 1));
-    }
-    std::vector<int64_t> done(lengths.size(), 0);
-    int near_ties = 0;
-    for (int step = 0; step < 12; ++step) {
-        std::vector<RunnerSequence> batch;
-        for (size_t s = 0; s < seqs.size(); ++s)
-            batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
-                             .block_table = tables[s],
-                             .start_pos = done[s],
-                             .needs_logits = true});
-        std::vector<float> ref, got;
-        cpu.execute(batch, ref);
-        gpu_runner.execute(batch, got);
-        ASSERT_EQ(ref.size(), got.size());
-        for (size_t s = 0; s < seqs.size(); ++s) {
-            const float* r = ref.data() + s * static_cast<size_t>(vocab);
-            const float* g = got.data() + s * static_cast<size_t>(vocab);
-            double ms = 0;
-            for (int64_t i = 0; i < vocab; ++i) ms += static_cast<double>(r[i]) * r[i];
-            const double tol = rel * std::max(1.0, std::sqrt(ms / static_cast<double>(vocab)));
-            double worst = 0;
-            for (int64_t i = 0; i < vocab; ++i) {
-                ASSERT_TRUE(std::isfinite(g[i])) << what << ": step " << step << " seq " << s << " logit " << i;
-                worst = std::max(worst, std::fabs(static_cast<double>(g[i]) - r[i]));
-            }
-            EXPECT_LE(worst, tol) << what << ": step " << step << " seq " << s;
-            const int32_t ct = static_cast<int32_t>(std::max_element(r, r + vocab) - r);
-            const int32_t gt = static_cast<int32_t>(std::max_element(g, g + vocab) - g);
-            if (ct != gt) {
-                EXPECT_LT(r[ct] - r[gt], tol) << what << ": step " << step << " seq " << s << " greedy " << gt
-                                              << " vs CPU " << ct << " beyond a near-tie";
-                ++near_ties;
-            }
-            done[s] = static_cast<int64_t>(seqs[s].size());
-            seqs[s].push_back(ct);  // teacher forcing: both continue with the CPU's token
-        }
-    }
-    std::printf("[  detail  ] %s: 12 steps x 3 sequences, %d near-ties\n", what.c_str(), near_ties);
-}
 
 class DecoderForwardCuda : public ::testing::Test {
 protected:
