@@ -53,6 +53,7 @@ struct BenchOptions {
     int64_t prefill_chunk = 2048;
     bool enforce_eager = false;
     bool unfused = false;
+    bool pdl = false;
     std::string tune;  // off | cached; empty: cached when this GPU has a tune cache
 };
 
@@ -222,6 +223,7 @@ void run_bench(const BenchOptions& o) {
                                               .act_dtype = DType::BF16,
                                               .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
                                               .fused_gemv = !o.unfused,
+                                              .programmatic_launch = o.pdl,
                                               .kernel_choices = kernel_choices});
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
@@ -284,7 +286,8 @@ void run_bench(const BenchOptions& o) {
     }
     std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s%s\n\n", limits.device_name.c_str(),
                 limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12, model_name.c_str(),
-                o.enforce_eager ? "eager" : "CUDA graphs", o.unfused ? ", unfused GEMVs" : "");
+                o.enforce_eager ? "eager" : "CUDA graphs",
+                (std::string(o.unfused ? ", unfused GEMVs" : "") + (o.pdl ? ", PDL" : "")).c_str());
     std::printf("| kv    | test            |            t/s | bound t/s | of bound | bound by       |\n");
     std::printf("| ----- | --------------- | -------------: | --------: | -------: | -------------- |\n");
     for (const Row& r : rows) {
@@ -316,6 +319,7 @@ void add_bench_command(CLI::App& app) {
     cmd->add_option("--tune", o->tune,
                     "kernel choices: cached (this GPU's tune cache, `nibble tune`; the default when one exists) or "
                     "off (the built-in dispatch)");
+    cmd->add_flag("--pdl", o->pdl, "fused decode GEMVs with programmatic dependent launch (to compare)");
     cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
     cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
     cmd->callback([o, lists] {

@@ -46,6 +46,7 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, c
                                                                    o.kv_dtype, weights_->k_scales, weights_->v_scales));
     forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
     forward_->set_fused_gemv(o.fused_gemv);
+    forward_->set_programmatic_launch(o.programmatic_launch);
     if (o.kernel_choices) forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
     NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
