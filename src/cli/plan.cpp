@@ -6,6 +6,9 @@
 // workspace and KV heads of one rank); --nnodes etc. are accepted as on serve and checked.
 // With --device-profile NAME (tune/device_profile.h) the plan is for that GPU's memory and adds its roofline:
 // decode and prefill tok/s bounds and where each decoded token's bytes go (cli/plan_roofline.h).
+// `nibble plan --synthetic NAME [--weights nvfp4|bf16] [--lm-head-nvfp4]` plans for a published architecture's
+// shape instead of a folder (model/real_shapes.h: the same names as `nibble bench --synthetic`), with the
+// quantization a ModelOpt NVFP4 export of it carries (or BF16), so nothing has to be downloaded.
 #include <CLI/CLI.hpp>
 #include <unistd.h>
 
@@ -21,6 +24,7 @@
 #include "cli/commands.h"
 #include "cli/plan_roofline.h"
 #include "engine/memory_plan.h"
+#include "model/real_shapes.h"
 #include "parallel/parallel_options.h"
 #include "parallel/tensor_parallel.h"
 #if defined(NIBBLE_HAVE_CUDA)
@@ -33,6 +37,9 @@ namespace {
 
 struct PlanCliOptions {
     std::string model_dir;
+    std::string synthetic;          // a real_shapes name instead of MODEL_DIR
+    std::string weights = "nvfp4";  // synthetic: nvfp4 or bf16
+    bool lm_head_nvfp4 = false;     // synthetic: lm_head in NVFP4 too
     PlanOptions plan;
     ParallelOptions parallel;
     int64_t device_memory = 0;  // 0: detect
@@ -74,7 +81,23 @@ std::string bytes_text(double b) {
     return u == 0 ? fmt::format("{:.0f} B", b) : fmt::format("{:.2f} {}", b, units[u]);
 }
 
-void run_plan(const PlanCliOptions& opt) {
+// The model to plan for: MODEL_DIR's config files, or a --synthetic shape.
+struct PlannedModel {
+    std::string label;  // the folder, or "NAME nvfp4 (lm_head bf16)"
+    ModelConfig config;
+    QuantConfig quant;
+};
+
+PlannedModel planned_model(const PlanCliOptions& opt) {
+    NIBBLE_CHECK(opt.model_dir.empty() != opt.synthetic.empty(), "nibble plan: give exactly one of MODEL_DIR and --synthetic NAME");
+    if (!opt.synthetic.empty()) {
+        NIBBLE_CHECK(opt.weights == "nvfp4" || opt.weights == "bf16", "--weights '{}': use nvfp4 or bf16", opt.weights);
+        NIBBLE_CHECK(!opt.lm_head_nvfp4 || opt.weights == "nvfp4", "--lm-head-nvfp4 needs --weights nvfp4");
+        RealShape s = real_shape(opt.synthetic, {opt.weights == "nvfp4", opt.lm_head_nvfp4});
+        std::string label = opt.synthetic + " " + opt.weights;
+        if (opt.weights == "nvfp4") label += opt.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)";
+        return {label, std::move(s.config), std::move(s.quant)};
+    }
     const std::string config_path = opt.model_dir + "/config.json";
     std::ifstream in(config_path);
     NIBBLE_CHECK(in.good(), "{}: cannot open (is {} a Hugging Face model folder?)", config_path, opt.model_dir);
@@ -84,8 +107,15 @@ void run_plan(const PlanCliOptions& opt) {
     } catch (const nlohmann::json::exception& e) {
         fail("{}: not valid JSON: {}", config_path, e.what());
     }
-    const ModelConfig config = parse_model_config(json, config_path);
-    const QuantConfig quant = load_quant_config(opt.model_dir, json);
+    ModelConfig config = parse_model_config(json, config_path);
+    QuantConfig quant = load_quant_config(opt.model_dir, json);
+    return {opt.model_dir, std::move(config), std::move(quant)};
+}
+
+void run_plan(const PlanCliOptions& opt) {
+    const PlannedModel model = planned_model(opt);
+    const ModelConfig& config = model.config;
+    const QuantConfig& quant = model.quant;
     check_parallel_options(opt.parallel);
 
     Device device;
@@ -115,7 +145,7 @@ void run_plan(const PlanCliOptions& opt) {
         nlohmann::json weights_by_format = nlohmann::json::object();
         for (const auto& [name, bytes] : p.weights_by_format) weights_by_format[name] = bytes;
         nlohmann::json out = {
-            {"model", opt.model_dir},
+            {"model", model.label},
             {"architecture", config.arch_name},
             {"weights_quantization", quant.method == QuantMethod::None ? "none" : quant_method_name(quant.method)},
             {"device", device.name},
@@ -159,7 +189,7 @@ void run_plan(const PlanCliOptions& opt) {
     auto row = [](const std::string& what, const std::string& value, const std::string& detail) {
         std::printf("%s\n", fmt::format("{:<17} {:>12}  {}", what, value, detail).c_str());
     };
-    std::printf("%s\n", fmt::format("{} ({}, {} layers, weights {})", opt.model_dir, config.arch_name, config.n_layers,
+    std::printf("%s\n", fmt::format("{} ({}, {} layers, weights {})", model.label, config.arch_name, config.n_layers,
                                     quant.method == QuantMethod::None ? "unquantized" : quant_method_name(quant.method))
                             .c_str());
     if (p.tensor_parallel_size > 1)
@@ -207,7 +237,13 @@ void run_plan(const PlanCliOptions& opt) {
 void add_plan_command(CLI::App& app) {
     auto opt = std::make_shared<PlanCliOptions>();
     auto* cmd = app.add_subcommand("plan", "Show where memory goes when serving a model (reads config files only)");
-    cmd->add_option("MODEL_DIR", opt->model_dir, "Hugging Face model folder")->required();
+    cmd->add_option("MODEL_DIR", opt->model_dir, "Hugging Face model folder (or --synthetic NAME)");
+    std::string names;
+    for (const std::string& n : real_shape_names()) names += (names.empty() ? "" : ", ") + n;
+    cmd->add_option("--synthetic", opt->synthetic, "plan for a published architecture's shape, no download: " + names);
+    cmd->add_option("--weights", opt->weights, "synthetic: nvfp4 (a ModelOpt NVFP4 export's layout) or bf16")
+        ->capture_default_str();
+    cmd->add_flag("--lm-head-nvfp4", opt->lm_head_nvfp4, "synthetic: lm_head in NVFP4 too (ModelOpt keeps it BF16)");
     cmd->add_option("--max-model-len", opt->plan.max_model_len,
                     "tokens per sequence (default: the model's max_position_embeddings)");
     cmd->add_option("--max-num-seqs", opt->plan.max_num_seqs, "sequences running at once")->capture_default_str();
