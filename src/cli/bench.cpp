@@ -108,20 +108,19 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// FLOPs of one prompt of p tokens on top of d cached ones: 2 per weight per token (lm_head for the last token
-// only) plus attention's 4 * heads * head_dim per (query, visible key) pair.
+// FLOPs of one prompt of p tokens on top of d cached ones: 2 per weight a token passes through per token (MoE
+// layers: the router and its top_k experts; lm_head for the last token only) plus attention's
+// 4 * heads * head_dim per (query, visible key) pair.
 double prompt_flops(const gpu::DeviceDecoder& w, int64_t p, int64_t d) {
     const ModelConfig& c = w.config;
-    double linear_params = 0;
-    for (const gpu::DeviceDecoderLayer& L : w.layers)
-        for (const gpu::DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-            linear_params += static_cast<double>(l->n_out * l->n_in);
+    const double linear_params = static_cast<double>(w.active_linear_params());
     const double pairs = static_cast<double>(p) * static_cast<double>(d) + static_cast<double>(p) * (p + 1) / 2.0;
     const double attn = 4.0 * static_cast<double>(c.n_heads * c.head_dim) * pairs * static_cast<double>(c.n_layers);
     return 2.0 * linear_params * static_cast<double>(p) + 2.0 * static_cast<double>(w.lm_head.n_out * w.lm_head.n_in) + attn;
 }
 
-// Bytes one generated token reads at cache length `len`: every streamed weight once, the KV cache, one embedding row.
+// Bytes one generated token reads at cache length `len`: every streamed weight once (MoE layers: the router
+// and top_k experts, what one sequence's token touches), the KV cache, one embedding row.
 double token_bytes(const gpu::DeviceDecoder& w, const KvCacheShape& kv, double len) {
     return static_cast<double>(w.streamed_bytes_per_token()) + len * static_cast<double>(kv.bytes_per_token()) +
            static_cast<double>(w.config.n_embd * 2);
@@ -191,7 +190,7 @@ void run_bench(const BenchOptions& o) {
         ThreadPool pool(0);
         std::unique_ptr<Model> model = load_model(o.model_dir, pool);
         DecoderView view;
-        NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a dense decoder the CUDA backend runs", o.model_dir,
+        NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a decoder the CUDA backend runs", o.model_dir,
                      model->config().arch_name);
         weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
         model_name = o.model_dir;

@@ -94,13 +94,13 @@ bool choose_cuda(const ServeOptions& o, const Model& model) {
     const bool gpu = cuda::device_count() > 0;
     if (o.device == "cuda") {
         NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
-        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family so far, not {} (use --device cpu)",
+        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family and Qwen3-MoE so far, not {} (use --device cpu)",
                      model.config().arch_name);
         gpu::check_decoder_supported(model.config());
         return true;
     }
     if (gpu && !runs)
-        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family so far", model.config().arch_name);
+        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family and Qwen3-MoE so far", model.config().arch_name);
     return gpu && runs;
 #else
     NIBBLE_CHECK(o.device != "cuda", "--device cuda: this build has no CUDA backend");

@@ -16,6 +16,7 @@
 #include "ops/embed/embed_cuda.h"
 #include "ops/embed/gather_rows_cuda.h"
 #include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "ops/rope/rope_cuda.h"
 #include "tune/launch_guard_cuda.h"
@@ -76,8 +77,16 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     attn_ = activations(max_tokens, q_dim, act);
     k_ = activations(max_tokens, kv_dim, act);
     v_ = activations(max_tokens, kv_dim, act);
-    gate_ = activations(max_tokens, c.n_ff, act);
-    up_ = activations(max_tokens, c.n_ff, act);
+    const int64_t dense_ff = w.has_dense_mlp() ? c.n_ff : 0;  // an all-MoE model needs no dense MLP buffers
+    gate_ = activations(max_tokens, dense_ff, act);
+    up_ = activations(max_tokens, dense_ff, act);
+    if (w.has_moe()) {
+        const MoeConfig& e = c.moe;
+        router_logits_ = activations(max_tokens, e.n_experts, act);
+        moe_ids_ = activations(max_tokens, e.top_k, DType::I32);
+        moe_weights_ = activations(max_tokens, e.top_k, DType::F32);
+        moe_workspace_ = cuda::DeviceBuffer(cuda::moe_workspace_bytes(max_tokens, e.top_k, e.n_experts, c.n_embd, e.n_ff));
+    }
     selected_ = activations(max_logit_rows, c.n_embd, DType::F32);
     logits_ = activations(max_logit_rows, c.vocab_size, DType::F32);
     if (act == DType::BF16 && max_tokens > kGemvMaxRows) {
@@ -205,9 +214,16 @@ void DecoderForward::set_kernel_choices(std::shared_ptr<tune::KernelChoices> cho
         by_shape.emplace(key, g);
         return g;
     };
-    for (const DeviceDecoderLayer& L : w_.layers)
-        for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-            layer_gemv_.push_back(gemv_of(*l, act_));
+    for (const DeviceDecoderLayer& L : w_.layers) {
+        for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o}) layer_gemv_.push_back(gemv_of(*l, act_));
+        if (L.moe) {  // the router in the gate slot; no GEMV in the others (the experts are not registry variants)
+            layer_gemv_.push_back(gemv_of(L.router, act_));
+            layer_gemv_.push_back(GemvChoice{});
+            layer_gemv_.push_back(GemvChoice{});
+            continue;
+        }
+        for (const DeviceLinear* l : {&L.gate, &L.up, &L.down}) layer_gemv_.push_back(gemv_of(*l, act_));
+    }
     lm_head_gemv_ = gemv_of(w_.lm_head, DType::F32);  // the lm_head runs on float32 rows
     // Attention: by power-of-two buckets of the batch's sequences (decode) or query rows (prefill) and of
     // its longest cache, as tune::shape_bucket keys them.
@@ -359,6 +375,16 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         }
         linear(L.o, attn_.get(), m, proj_.get(), stream, gemv_choice(il, 3), capture);
         cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
+        if (L.moe) {  // proj = sum over the top_k experts of weight * expert(h)
+            const MoeConfig& e = c.moe;
+            linear(L.router, h_.get(), m, router_logits_.get(), stream, gemv_choice(il, 4), capture);
+            cuda::moe_route_softmax(router_logits_.get(), act_, m, e.n_experts, e.top_k, e.norm_topk_prob,
+                                    moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
+            cuda::moe_experts_nvfp4(h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k,
+                                    L.experts.device(), MoeActivation::SwiGlu, nullptr, moe_workspace_.get(),
+                                    proj_.get(), stream);
+            continue;
+        }
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
             cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
                                           L.up.bias_ptr(), gate_.get(), stream, 0, pdl_);

@@ -1,8 +1,13 @@
-// The forward of a dense pre-norm decoder (llama family) on the device, over a batch of sequences whose new
+// The forward of a pre-norm decoder (llama family; Qwen3-MoE with its MoE blocks) on the device, over a batch of sequences whose new
 // tokens are flattened into rows, with their K/V appended to a paged device KV cache. Activations are BF16
 // (serving) or F32 (the exactness mode the device tests compare with the CPU reference in); the logits of the
 // rows that need them come out in float32. Every kernel is enqueued on one stream and nothing synchronizes,
 // so a decode step can be captured into a CUDA graph (cuda_graphs.h).
+// A MoE layer runs, in place of the dense MLP: router logits = h W_router^T in the activation dtype (BF16
+// GEMV / GEMM, as transformers runs the router in the model's dtype; float32 in the F32 mode), the softmax
+// top-k (moe_route_softmax), then moe_experts_nvfp4 (permute, grouped NVFP4 up/down GEMVs, combine) into
+// a fixed workspace sized for max_tokens rows: no host sync, graph-capturable. Prefill too runs the grouped
+// GEMVs (tiles of 8 tokens per expert), not a grouped GEMM.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -98,7 +103,7 @@ private:
     struct GemvChoice {
         tune::ResolvedChoice tiles[tune::kGemvTiles];
     };
-    static constexpr int kLinearsPerLayer = 7;  // q, k, v, o, gate, up, down
+    static constexpr int kLinearsPerLayer = 7;  // q, k, v, o, gate (MoE layers: router), up, down
     const GemvChoice* gemv_choice(size_t layer, int slot) const {
         return choices_ ? &layer_gemv_[layer * kLinearsPerLayer + static_cast<size_t>(slot)] : nullptr;
     }
@@ -128,6 +133,10 @@ private:
     cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
     cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
     cuda::DeviceBuffer workspace_;                                   // attention splits' partials
+    cuda::DeviceBuffer router_logits_;  // MoE: [max_tokens, n_experts] act
+    cuda::DeviceBuffer moe_ids_;        // MoE: [max_tokens, top_k] int32
+    cuda::DeviceBuffer moe_weights_;    // MoE: [max_tokens, top_k] float32
+    cuda::DeviceBuffer moe_workspace_;  // MoE: moe_workspace_bytes(max_tokens, ...)
 
     std::shared_ptr<tune::KernelChoices> choices_;  // null: the ops' own dispatch
     std::vector<GemvChoice> layer_gemv_;            // [n_layers * kLinearsPerLayer]

@@ -18,12 +18,45 @@ int64_t DeviceLinear::stored_bytes() const {
     return 0;
 }
 
+cuda::MoeDeviceExperts DeviceMoeExperts::device() const {
+    const auto* t = tables.as<const cuda::Nvfp4DeviceWeight>();
+    return {.gate = t, .up = t + n_experts, .down = t + 2 * n_experts, .n_experts = n_experts, .n_embd = n_embd,
+            .n_ff = n_ff};
+}
+
+void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
+    e.n_experts = n_experts;
+    e.n_embd = n_embd;
+    e.n_ff = n_ff;
+    e.packed = cuda::DeviceBuffer(static_cast<size_t>(3 * n_experts * n_ff * n_embd / 2));
+    e.scales = cuda::DeviceBuffer(static_cast<size_t>(3 * n_experts * n_ff * n_embd / 16));
+}
+
+void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales) {
+    NIBBLE_CHECK(static_cast<int64_t>(global_scales.size()) == 3 * e.n_experts,
+                 "MoE expert tables: {} global scales for 3 x {} experts", global_scales.size(), e.n_experts);
+    const int64_t elems = e.n_ff * e.n_embd;
+    std::vector<cuda::Nvfp4DeviceWeight> host(static_cast<size_t>(3 * e.n_experts));
+    for (int64_t i = 0; i < 3 * e.n_experts; ++i) {
+        const bool down = i >= 2 * e.n_experts;
+        host[static_cast<size_t>(i)] = {.packed = e.packed.as<uint8_t>() + i * (elems / 2),
+                                        .scales = e.scales.as<uint8_t>() + i * (elems / 16),
+                                        .global_scale = global_scales[static_cast<size_t>(i)],
+                                        .n = down ? e.n_embd : e.n_ff,
+                                        .k = down ? e.n_ff : e.n_embd};
+    }
+    e.tables = cuda::DeviceBuffer(host.size() * sizeof(cuda::Nvfp4DeviceWeight));
+    e.tables.upload(host.data(), e.tables.bytes());
+}
+
 namespace {
 
+// Every linear layer a token passes through densely: attention, the dense MLP (empty in MoE layers), the
+// router; not the experts (top_k of them per token) nor the lm_head.
 std::vector<const DeviceLinear*> linears(const DeviceDecoder& d) {
     std::vector<const DeviceLinear*> all;
     for (const DeviceDecoderLayer& L : d.layers)
-        for (const DeviceLinear* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) all.push_back(w);
+        for (const DeviceLinear* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) all.push_back(w);
     return all;
 }
 
@@ -32,13 +65,32 @@ std::vector<const DeviceLinear*> linears(const DeviceDecoder& d) {
 int64_t DeviceDecoder::streamed_bytes_per_token() const {
     int64_t total = lm_head.stored_bytes();
     for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
+    for (const DeviceDecoderLayer& L : layers)
+        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * L.experts.expert_bytes();
+    return total;
+}
+
+int64_t DeviceDecoder::active_linear_params() const {
+    int64_t total = 0;
+    for (const DeviceLinear* w : linears(*this)) total += w->n_out * w->n_in;
+    for (const DeviceDecoderLayer& L : layers)
+        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * 3 * L.experts.n_ff * L.experts.n_embd;
     return total;
 }
 
 int64_t DeviceDecoder::device_bytes() const {
     int64_t total = static_cast<int64_t>(embed.bytes()) + (config.tied_embeddings ? 0 : lm_head.stored_bytes());
     for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
+    for (const DeviceDecoderLayer& L : layers) total += L.experts.bytes();
     return total;
+}
+
+bool DeviceDecoder::has_moe() const {
+    return std::any_of(layers.begin(), layers.end(), [](const DeviceDecoderLayer& L) { return L.moe; });
+}
+
+bool DeviceDecoder::has_dense_mlp() const {
+    return std::any_of(layers.begin(), layers.end(), [](const DeviceDecoderLayer& L) { return !L.moe; });
 }
 
 int64_t DeviceDecoder::max_linear_elems() const {
@@ -50,14 +102,27 @@ int64_t DeviceDecoder::max_linear_elems() const {
 void check_decoder_supported(const ModelConfig& c) {
     const bool dense_family = c.arch == Arch::Llama || c.arch == Arch::Mistral || c.arch == Arch::Qwen2 ||
                               c.arch == Arch::Qwen3;
-    NIBBLE_CHECK(dense_family, "the CUDA backend runs the llama family (Llama, Mistral, Qwen2, Qwen3) so far; {} is "
-                               "served by the CPU backend (--device cpu)", c.arch_name);
+    const bool moe = c.arch == Arch::Qwen3Moe || (c.arch == Arch::Qwen2Moe && c.moe.n_shared_experts == 0);
+    NIBBLE_CHECK(dense_family || moe,
+                 "the CUDA backend runs the llama family (Llama, Mistral, Qwen2, Qwen3) and Qwen3-MoE so far; {} is "
+                 "served by the CPU backend (--device cpu)", c.arch_name);
+    bool any_dense_mlp = !moe;
+    if (moe) {
+        const MoeConfig& e = c.moe;
+        NIBBLE_CHECK(e.n_shared_experts == 0 && e.scoring == MoeScoring::Softmax && e.gated_experts,
+                     "the CUDA MoE runs a softmax router over SwiGLU experts without a shared expert ({})", c.arch_name);
+        NIBBLE_CHECK(e.n_experts >= 1 && e.n_experts <= 1024 && e.top_k >= 1 && e.top_k <= 32 && e.top_k <= e.n_experts,
+                     "the CUDA MoE takes 1..1024 experts and top_k 1..32 (at most the experts); this model has {} "
+                     "experts, top_k {}", e.n_experts, e.top_k);
+        NIBBLE_CHECK(e.n_ff % 32 == 0, "the CUDA MoE needs moe_intermediate_size a multiple of 32, not {}", e.n_ff);
+        for (int64_t il = 0; il < c.n_layers; ++il) any_dense_mlp |= !c.is_moe_layer(il);
+    }
     NIBBLE_CHECK(c.head_dim == 64 || c.head_dim == 128,
                  "the CUDA attention kernels take head_dim 64 or 128; this model has {}", c.head_dim);
     NIBBLE_CHECK(c.n_heads % c.n_kv_heads == 0 && c.n_heads / c.n_kv_heads <= 32,
                  "the CUDA attention kernels take at most 32 query heads per KV head ({} / {})", c.n_heads,
                  c.n_kv_heads);
-    NIBBLE_CHECK(c.n_embd % 32 == 0 && c.n_ff % 32 == 0 && (c.n_heads * c.head_dim) % 32 == 0,
+    NIBBLE_CHECK(c.n_embd % 32 == 0 && (!any_dense_mlp || c.n_ff % 32 == 0) && (c.n_heads * c.head_dim) % 32 == 0,
                  "the CUDA matmuls need widths that are multiples of 32 (hidden {}, intermediate {}, q {})", c.n_embd,
                  c.n_ff, c.n_heads * c.head_dim);
     NIBBLE_CHECK(c.rope.partial_rotary_factor == 1.0f, "the CUDA backend rotates the whole head (partial_rotary_factor {})",
@@ -122,9 +187,21 @@ DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o)
         L.k = random_linear(p + "self_attn.k_proj", kv_dim, c.n_embd, o.nvfp4, seed);
         L.v = random_linear(p + "self_attn.v_proj", kv_dim, c.n_embd, o.nvfp4, seed);
         L.o = random_linear(p + "self_attn.o_proj", c.n_embd, q_dim, o.nvfp4, seed);
-        L.gate = random_linear(p + "mlp.gate_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
-        L.up = random_linear(p + "mlp.up_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
-        L.down = random_linear(p + "mlp.down_proj", c.n_embd, c.n_ff, o.nvfp4, seed);
+        if (c.is_moe_layer(il)) {
+            NIBBLE_CHECK(o.nvfp4, "synthetic {}: the CUDA MoE runs NVFP4 experts only (BF16 synthetic weights "
+                                  "are not supported for MoE models)", c.arch_name);
+            L.moe = true;
+            L.router = random_linear(p + "mlp.gate", c.moe.n_experts, c.n_embd, false, seed);
+            DeviceMoeExperts& e = L.experts;
+            allocate_experts(e, c.moe.n_experts, c.n_embd, c.moe.n_ff);
+            cuda::fill_random_u32(e.packed.as<uint32_t>(), e.packed.bytes() / 4, ++seed, 0xffffffffu, 0u, nullptr);
+            cuda::fill_random_u32(e.scales.as<uint32_t>(), e.scales.bytes() / 4, ++seed, kE4m3And, kE4m3Or, nullptr);
+            set_expert_tables(e, std::vector<float>(static_cast<size_t>(3 * c.moe.n_experts), 0.25f));
+        } else {
+            L.gate = random_linear(p + "mlp.gate_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
+            L.up = random_linear(p + "mlp.up_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
+            L.down = random_linear(p + "mlp.down_proj", c.n_embd, c.n_ff, o.nvfp4, seed);
+        }
         d.layers.push_back(std::move(L));
     }
     d.final_norm = ones(c.n_embd);
@@ -167,7 +244,9 @@ ModelConfig llama_like(std::string name, Arch arch, int64_t d, int64_t layers, i
 
 }  // namespace
 
-std::vector<std::string> synthetic_config_names() { return {"llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b"}; }
+std::vector<std::string> synthetic_config_names() {
+    return {"llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b", "qwen3-30b-a3b"};
+}
 
 ModelConfig synthetic_config(const std::string& name) {
     // Shapes from the models' published config.json files (hidden, layers, heads, KV heads, intermediate, vocab).
@@ -187,6 +266,18 @@ ModelConfig synthetic_config(const std::string& name) {
         c.qk_norm = true;
         c.norm_eps = 1e-6f;
         c.max_position_embeddings = 40960;
+        return c;
+    }
+    if (name == "qwen3-30b-a3b") {  // Qwen3MoeForCausalLM: 128 experts, 8 per token, no shared expert
+        ModelConfig c = llama_like("Qwen3MoeForCausalLM", Arch::Qwen3Moe, 2048, 48, 32, 4, 6144, 151936, 1000000.0f);
+        c.qk_norm = true;
+        c.norm_eps = 1e-6f;
+        c.max_position_embeddings = 40960;
+        c.moe.n_experts = 128;
+        c.moe.top_k = 8;
+        c.moe.n_ff = 768;
+        c.moe.norm_topk_prob = true;
+        c.decoder_sparse_step = 1;
         return c;
     }
     if (name == "mistral-7b") {

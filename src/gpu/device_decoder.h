@@ -1,6 +1,7 @@
-// A dense pre-norm decoder's weights in device memory (the llama family: Llama, Mistral, Qwen2, Qwen3), as
-// the CUDA forward reads them: linear layers in their stored format (NVFP4 packed + E4M3 block scales,
-// FP8, or BF16), norms in float32, the embedding table in BF16. Made by uploading a Model's DecoderView
+// A pre-norm decoder's weights in device memory (the llama family: Llama, Mistral, Qwen2, Qwen3; and
+// Qwen3-MoE, whose MoE layers hold a router and NVFP4 experts in place of the dense MLP), as the CUDA
+// forward reads them: linear layers in their stored format (NVFP4 packed + E4M3 block scales, FP8, or
+// BF16), norms in float32, the embedding table in BF16. Made by uploading a Model's DecoderView
 // (weight_upload.h) or by filling random values of a real architecture's shape (synthetic_decoder).
 #pragma once
 
@@ -12,6 +13,7 @@
 #include "cuda/device_buffer.h"
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe_cuda.h"
 
 namespace nibble::gpu {
 
@@ -33,10 +35,33 @@ struct DeviceLinear {
     int64_t stored_bytes() const;
 };
 
+// A MoE layer's experts, NVFP4 only (the grouped expert kernels of ops/moe/moe_cuda.h read nothing else),
+// every expert's gate, up and down in one allocation each for the packed values and the block scales,
+// and the per-expert tables those kernels index on the device.
+struct DeviceMoeExperts {
+    int64_t n_experts = 0, n_embd = 0, n_ff = 0;  // n_ff: moe_intermediate_size
+    cuda::DeviceBuffer packed;  // [3, n_experts, n_ff * n_embd / 2] gate, up, down (down is [n_embd, n_ff])
+    cuda::DeviceBuffer scales;  // [3, n_experts, n_ff * n_embd / 16] E4M3
+    cuda::DeviceBuffer tables;  // [3, n_experts] cuda::Nvfp4DeviceWeight into packed / scales
+    // One expert's gate + up + down bytes (what a token routed to it streams).
+    int64_t expert_bytes() const { return 3 * (n_ff * n_embd / 2 + n_ff * n_embd / 16); }
+    int64_t bytes() const { return n_experts * expert_bytes(); }
+    cuda::MoeDeviceExperts device() const;
+};
+
+// Allocates e's packed / scales for n_experts experts (contents unset).
+void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff);
+// Builds and uploads e.tables over e.packed / e.scales; global_scales [3, n_experts] (gate, up, down).
+void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales);
+
 struct DeviceDecoderLayer {
     cuda::DeviceBuffer attn_norm, mlp_norm;  // [n_embd] float32
     cuda::DeviceBuffer q_norm, k_norm;       // [head_dim] float32, empty without QK-norm
-    DeviceLinear q, k, v, o, gate, up, down;
+    DeviceLinear q, k, v, o;
+    DeviceLinear gate, up, down;             // dense MLP; empty (n_out 0) in a MoE layer
+    bool moe = false;
+    DeviceLinear router;                     // MoE: [n_experts, n_embd] BF16
+    DeviceMoeExperts experts;                // MoE
 };
 
 struct DeviceDecoder {
@@ -49,19 +74,27 @@ struct DeviceDecoder {
     int64_t rotary_dim = 0;
     std::vector<float> k_scales, v_scales;  // [n_layers] FP8-convention KV scales, or empty (1.0)
 
-    // Weights streamed per decode step (every linear layer once, the embedding rows aside).
+    // Weights one token's decode step streams: every linear layer once (MoE layers: the router and top_k
+    // experts), the embedding rows aside.
     int64_t streamed_bytes_per_token() const;
+    // Multiply-accumulates per token in the linear layers (MoE layers: the router and top_k experts), the
+    // lm_head and attention aside.
+    int64_t active_linear_params() const;
     int64_t device_bytes() const;
-    // The largest n_out * n_in among the layers (the prefill GEMM's dequantization scratch).
+    // The largest n_out * n_in among the layers' dense-path linears (the prefill GEMM's dequantization scratch).
     int64_t max_linear_elems() const;
+    bool has_moe() const;
+    bool has_dense_mlp() const;
 };
 
 // Checks that the CUDA forward supports this architecture and shape; throws naming what does not fit.
+// Qwen3-MoE is accepted here by its shape; its experts must also be NVFP4, which upload_decoder checks.
 void check_decoder_supported(const ModelConfig& config);
 
 // Random weights of `config`'s shape on the device: NVFP4 linear layers (valid E4M3 block scales around
 // 2^-6..2^-3 so activations stay O(1)) or BF16 ones; lm_head NVFP4 only when lm_head_nvfp4 (ModelOpt's
-// exports keep it BF16). For benchmarks: no checkpoint, no host copy.
+// exports keep it BF16). MoE layers get a BF16 router and NVFP4 experts (nvfp4 must be on: the CUDA MoE
+// runs NVFP4 experts only). For benchmarks: no checkpoint, no host copy.
 struct SyntheticOptions {
     bool nvfp4 = true;
     bool lm_head_nvfp4 = false;
@@ -69,7 +102,8 @@ struct SyntheticOptions {
 };
 DeviceDecoder synthetic_decoder(const ModelConfig& config, const SyntheticOptions& options);
 
-// Real architectures' shapes for --synthetic: "llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b".
+// Real architectures' shapes for --synthetic: "llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b",
+// "qwen3-30b-a3b".
 // Throws listing the known names for any other.
 ModelConfig synthetic_config(const std::string& name);
 std::vector<std::string> synthetic_config_names();

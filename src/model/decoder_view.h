@@ -1,6 +1,7 @@
-// A backend-neutral view of a dense pre-norm decoder's weights (the llama family), for backends that copy
-// the weights elsewhere (the CUDA backend uploads them to the device). Pointers refer into the Model, which
-// must outlive the view; nothing is copied.
+// A backend-neutral view of a pre-norm decoder's weights (the llama family, and Qwen3-MoE whose layers hold
+// a routed MoE block in place of the dense MLP), for backends that copy the weights elsewhere (the CUDA
+// backend uploads them to the device). Pointers refer into the Model, which must outlive the view; nothing
+// is copied.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,14 @@ struct DecoderLayerView {
     const std::vector<float>* q_norm = nullptr;     // [head_dim], empty vector when the model has none
     const std::vector<float>* k_norm = nullptr;     // [head_dim]
     const LinearWeight *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+    // Dense MLP (null in a MoE layer): gate/up [n_ff, n_embd], down [n_embd, n_ff].
     const LinearWeight *gate = nullptr, *up = nullptr, *down = nullptr;
+    // MoE layer (router not null): softmax router [n_experts, n_embd] and each expert's SwiGLU MLP,
+    // expert_gate/expert_up [n_experts] of [moe n_ff, n_embd], expert_down [n_experts] of [n_embd, moe n_ff].
+    // No shared expert (a model with one gives no view).
+    const LinearWeight* router = nullptr;
+    std::vector<const LinearWeight*> expert_gate, expert_up, expert_down;
+    bool moe() const { return router != nullptr; }
 };
 
 struct DecoderView {

@@ -151,6 +151,42 @@ std::vector<const LinearWeight*> QwenMoeModel::linear_weights() const {
     return all;
 }
 
+bool QwenMoeModel::decoder_view(DecoderView& out) const {
+    out = DecoderView{};
+    if (config_.moe.n_shared_experts > 0) return false;
+    out.embed = embed_;
+    for (const Layer& L : layers_) {
+        DecoderLayerView v{.attn_norm = &L.attn.norm,
+                           .mlp_norm = &L.mlp_norm,
+                           .q_norm = &L.attn.q_norm,
+                           .k_norm = &L.attn.k_norm,
+                           .q = &L.attn.q,
+                           .k = &L.attn.k,
+                           .v = &L.attn.v,
+                           .o = &L.attn.o};
+        if (L.moe) {
+            v.router = &L.router;
+            for (const MoeExpertWeights& e : L.experts) {
+                v.expert_gate.push_back(&e.gate);
+                v.expert_up.push_back(&e.up);
+                v.expert_down.push_back(&e.down);
+            }
+        } else {
+            v.gate = &L.gate;
+            v.up = &L.up;
+            v.down = &L.down;
+        }
+        out.layers.push_back(std::move(v));
+    }
+    out.final_norm = &final_norm_;
+    out.lm_head = &lm_head_;
+    out.tied_lm_head = config_.tied_embeddings;
+    out.rope = rope_;
+    out.k_scales = k_scales_;
+    out.v_scales = v_scales_;
+    return true;
+}
+
 int64_t QwenMoeModel::weight_bytes() const {
     int64_t total = embed_.numel() * static_cast<int64_t>(dtype_size(embed_.dtype));
     for (const LinearWeight* w : linear_weights()) total += w->stored_bytes();

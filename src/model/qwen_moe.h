@@ -33,6 +33,8 @@ public:
     int64_t weight_bytes() const override;
     std::vector<const LinearWeight*> linear_weights() const override;
     void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
+    // Qwen3-MoE only (no shared expert): Qwen2-MoE's gated shared expert has no place in the view.
+    bool decoder_view(DecoderView& out) const override;
 
 private:
     struct Layer {

@@ -1,5 +1,5 @@
-// Helpers of the whole-forward device tests (decoder_forward_test.cpp, tune_runner_test.cpp): small random
-// llama-family checkpoints, their NVFP4 quantizations, and the step-by-step comparison of the CUDA runner
+// Helpers of the whole-forward device tests (decoder_forward_test.cpp, tune_runner_test.cpp,
+// moe_forward_test.cpp): small random llama-family and Qwen3-MoE checkpoints, their NVFP4 quantizations, and the step-by-step comparison of the CUDA runner
 // with the CPU reference (its tolerance rules are explained in decoder_forward_test.cpp's header).
 #pragma once
 
@@ -35,12 +35,22 @@ struct TinyArch {
     std::string arch = "LlamaForCausalLM";
     bool qk_norm = false, bias = false, tied = false;
     int64_t head_dim = 64;
+    // Qwen3MoeForCausalLM: n_experts experts of moe_ff per MoE layer, top_k per token (norm_topk_prob),
+    // the layers in mlp_only_layers dense; n_layers layers in all.
+    int64_t n_experts = 8, top_k = 2, moe_ff = 128;
+    std::vector<int64_t> mlp_only_layers;
+    int64_t n_layers = 2;
 };
 
-// A BF16 checkpoint of a small llama-family model with random weights (Normal(0, 0.05) linears, norms near 1).
+// A BF16 checkpoint of a small llama-family or Qwen3-MoE model with random weights (Normal(0, 0.05) linears,
+// routers Normal(0, 0.1), norms near 1).
 inline fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_t seed) {
     fs::create_directories(dir);
-    const int64_t d = 256, heads = 4, kv_heads = 2, hd = a.head_dim, ff = 512, vocab = 1024, layers = 2;
+    const int64_t d = 256, heads = 4, kv_heads = 2, hd = a.head_dim, ff = 512, vocab = 1024, layers = a.n_layers;
+    const bool moe = a.arch == "Qwen3MoeForCausalLM";
+    auto is_moe_layer = [&](int64_t l) {
+        return moe && std::find(a.mlp_only_layers.begin(), a.mlp_only_layers.end(), l) == a.mlp_only_layers.end();
+    };
     nlohmann::json cfg = {{"architectures", {a.arch}},
                           {"hidden_size", d},
                           {"num_hidden_layers", layers},
@@ -55,6 +65,14 @@ inline fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_
                           {"tie_word_embeddings", a.tied},
                           {"torch_dtype", "bfloat16"}};
     if (a.arch == "LlamaForCausalLM") cfg["attention_bias"] = a.bias;
+    if (moe) {
+        cfg["num_experts"] = a.n_experts;
+        cfg["num_experts_per_tok"] = a.top_k;
+        cfg["moe_intermediate_size"] = a.moe_ff;
+        cfg["norm_topk_prob"] = true;
+        cfg["decoder_sparse_step"] = 1;
+        cfg["mlp_only_layers"] = a.mlp_only_layers;
+    }
     std::ofstream(dir / "config.json") << cfg.dump(2);
 
     std::mt19937_64 rng(seed);
@@ -81,6 +99,16 @@ inline fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_
         if (a.qk_norm) {
             tensors.push_back({p + "self_attn.q_norm.weight", {hd}, 0.1f, 1.0f});
             tensors.push_back({p + "self_attn.k_norm.weight", {hd}, 0.1f, 1.0f});
+        }
+        if (is_moe_layer(l)) {
+            tensors.push_back({p + "mlp.gate.weight", {a.n_experts, d}, 0.1f, 0.0f});
+            for (int64_t e = 0; e < a.n_experts; ++e) {
+                const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+                tensors.push_back({x + "gate_proj.weight", {a.moe_ff, d}, 0.05f, 0.0f});
+                tensors.push_back({x + "up_proj.weight", {a.moe_ff, d}, 0.05f, 0.0f});
+                tensors.push_back({x + "down_proj.weight", {d, a.moe_ff}, 0.05f, 0.0f});
+            }
+            continue;
         }
         tensors.push_back({p + "mlp.gate_proj.weight", {ff, d}, 0.05f, 0.0f});
         tensors.push_back({p + "mlp.up_proj.weight", {ff, d}, 0.05f, 0.0f});
