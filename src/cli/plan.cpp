@@ -138,6 +138,7 @@ void run_plan(const PlanCliOptions& opt) {
     const MemoryPlan p = plan_memory(config, quant, po);
     tune::RooflineOptions roofline;
     roofline.kv_bytes_per_token = p.kv_bytes_per_token;
+    roofline.recurrent_state_bytes = p.mamba_state_bytes_per_seq;
     roofline.context_depth = opt.context_depth > 0 ? opt.context_depth : std::min<int64_t>(4096, p.max_model_len);
     roofline.prefill_tokens = std::min(p.max_num_batched_tokens, p.max_model_len);
 

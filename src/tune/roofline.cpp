@@ -14,10 +14,21 @@ namespace {
 
 bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
 
+bool ends_with(const std::string& s, std::string_view tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// A MoE router's tensors: Qwen-MoE's mlp.gate linear, NemotronH's mixer.gate.weight and its correction bias.
+bool router(const std::string& name) {
+    return ends_with(name, ".mlp.gate") || contains(name, ".gate.weight") || contains(name, "e_score_correction_bias");
+}
+
 // Which share a linear's bytes go to.
 std::string linear_share(const std::string& module) {
     if (module == "lm_head" || contains(module, ".lm_head")) return "lm_head";
     if (contains(module, ".experts.")) return "MoE experts (active)";
+    if (contains(module, "shared_expert")) return "MoE shared experts";  // Qwen2-MoE shared_expert(_gate), NemotronH shared_experts
+    if (router(module)) return "MoE routers";
     if (contains(module, "q_proj") || contains(module, "k_proj") || contains(module, "v_proj") ||
         contains(module, "o_proj") || contains(module, "qkv_proj"))
         return "attention projections";
@@ -43,6 +54,8 @@ Roofline compute_roofline(const ModelConfig& c, const QuantConfig& quant, const 
                 // Gathered: one row per token; a tied lm_head reads the whole matrix.
                 bytes["embedding (one row gathered)"] += static_cast<double>(c.n_embd * elem);
                 if (c.tied_embeddings) bytes["lm_head"] += static_cast<double>(w.shape.numel() * elem);
+            } else if (router(w.name)) {
+                bytes["MoE routers"] += static_cast<double>(w.shape.numel() * elem);
             } else {
                 bytes["norms and other"] += static_cast<double>(w.shape.numel() * elem);
             }
@@ -71,6 +84,9 @@ Roofline compute_roofline(const ModelConfig& c, const QuantConfig& quant, const 
     if (o.kv_bytes_per_token > 0 && o.context_depth > 0)
         bytes[fmt::format("KV cache at {} tokens", o.context_depth)] +=
             static_cast<double>(o.kv_bytes_per_token) * static_cast<double>(o.context_depth);
+
+    if (o.recurrent_state_bytes > 0)
+        bytes["Mamba state (read and written)"] += 2.0 * static_cast<double>(o.recurrent_state_bytes);
 
     for (const auto& [what, b] : bytes) {
         const int64_t v = static_cast<int64_t>(b + 0.5);

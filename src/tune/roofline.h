@@ -2,7 +2,8 @@
 // predictions of what nibble achieves.
 //   decode   batch 1: every weight byte a token reads (the embedding only as the one row it gathers; a tied
 //            lm_head as the whole embedding matrix; MoE experts as top_k / n_experts of them) plus the KV
-//            cache of one sequence at `context_depth`, over the profile's memory bandwidth.
+//            cache of one sequence at `context_depth` and, for hybrid models, its recurrent (conv + SSM) state read
+//            and written once, over the profile's memory bandwidth.
 //   prefill  FLOPs per prompt token: 2 n k per linear (lm_head left out: prefill computes logits for one
 //            row per chunk; MoE experts top_k / n_experts), NVFP4 linears at the FP4 tensor-core rate (the
 //            BF16 rate on devices without FP4 tensor cores, where NVFP4 is dequantized first) and everything
@@ -24,11 +25,14 @@ namespace nibble::tune {
 struct RooflineOptions {
     int64_t context_depth = 4096;       // tokens already in the sequence's KV cache at decode
     int64_t kv_bytes_per_token = 0;     // K and V of all layers (MemoryPlan::kv_bytes_per_token)
+    int64_t recurrent_state_bytes = 0;  // hybrid models: one sequence's Mamba state (MemoryPlan::mamba_state_bytes_per_seq),
+                                        // read and written back once per decoded token
     int64_t prefill_tokens = 2048;      // one prefill chunk
 };
 
 struct ByteShare {
-    std::string what;   // "lm_head", "attention projections", "MLP", "KV cache at 4096 tokens", ...
+    std::string what;   // "lm_head", "attention projections", "MLP", "Mamba mixers", "MoE experts (active)",
+                        // "MoE shared experts", "MoE routers", "KV cache at 4096 tokens", ...
     int64_t bytes = 0;  // read per decoded token
 };
 
