@@ -96,11 +96,19 @@ bool choose_cuda(const ServeOptions& o, const Model& model) {
         NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
         NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family and Qwen3-MoE so far, not {} (use --device cpu)",
                      model.config().arch_name);
-        gpu::check_decoder_supported(model.config());
+        gpu::check_decoder_supported(model.config(), view);
         return true;
     }
     if (gpu && !runs)
         log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family and Qwen3-MoE so far", model.config().arch_name);
+    if (gpu && runs) {
+        try {  // e.g. a Qwen3-MoE checkpoint whose experts are not NVFP4
+            gpu::check_decoder_supported(model.config(), view);
+        } catch (const std::exception& e) {
+            log::warn("{} runs on the CPU backend: {}", model.config().arch_name, e.what());
+            return false;
+        }
+    }
     return gpu && runs;
 #else
     NIBBLE_CHECK(o.device != "cuda", "--device cuda: this build has no CUDA backend");

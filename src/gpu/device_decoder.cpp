@@ -129,6 +129,33 @@ void check_decoder_supported(const ModelConfig& c) {
                  c.rope.partial_rotary_factor);
 }
 
+void check_decoder_supported(const ModelConfig& c, const DecoderView& view) {
+    check_decoder_supported(c);
+    NIBBLE_CHECK(static_cast<int64_t>(view.layers.size()) == c.n_layers, "decoder view has {} layers, config {}",
+                 view.layers.size(), c.n_layers);
+    for (size_t il = 0; il < view.layers.size(); ++il) {
+        const DecoderLayerView& L = view.layers[il];
+        NIBBLE_CHECK(L.moe() == c.is_moe_layer(static_cast<int64_t>(il)),
+                     "decoder view: layer {} is {} but the config makes it {}", il, L.moe() ? "MoE" : "dense",
+                     L.moe() ? "dense" : "MoE");
+        if (!L.moe()) continue;
+        // The router runs as a BF16 GEMV / GEMM (as transformers runs it in the model's dtype).
+        NIBBLE_CHECK(L.router->format == WeightFormat::Dense,
+                     "{}: the CUDA backend runs the MoE router unquantized (BF16), this one is {}", L.router->name,
+                     weight_format_name(L.router->format));
+        for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down}) {
+            NIBBLE_CHECK(static_cast<int64_t>(list->size()) == c.moe.n_experts,
+                         "{}: the view holds {} experts, the config {}", L.router->name, list->size(),
+                         c.moe.n_experts);
+            for (const LinearWeight* w : *list)
+                NIBBLE_CHECK(w->format == WeightFormat::Nvfp4,
+                             "{}: the CUDA backend runs MoE experts in NVFP4 only, this one is {} (quantize the "
+                             "checkpoint to NVFP4, or serve it with --device cpu)",
+                             w->name, weight_format_name(w->format));
+        }
+    }
+}
+
 namespace {
 
 // Random words shaped by masks (cuda/fill_random.h). BF16 pairs with exponents 2^-7..2^-4 and random signs.

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checkpoint/model_config.h"
+#include "model/decoder_view.h"
 #include "cuda/device_buffer.h"
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
@@ -88,8 +89,12 @@ struct DeviceDecoder {
 };
 
 // Checks that the CUDA forward supports this architecture and shape; throws naming what does not fit.
-// Qwen3-MoE is accepted here by its shape; its experts must also be NVFP4, which upload_decoder checks.
+// Qwen3-MoE is accepted here by its shape; its weights must also fit (the overload below).
 void check_decoder_supported(const ModelConfig& config);
+// The same plus the weights' formats: MoE experts NVFP4 (the CUDA MoE kernels read nothing else; a BF16 or
+// FP8 expert is refused, naming it) and the router unquantized. upload_decoder checks this; serve uses it
+// to choose the backend.
+void check_decoder_supported(const ModelConfig& config, const DecoderView& view);
 
 // Random weights of `config`'s shape on the device: NVFP4 linear layers (valid E4M3 block scales around
 // 2^-6..2^-3 so activations stay O(1)) or BF16 ones; lm_head NVFP4 only when lm_head_nvfp4 (ModelOpt's

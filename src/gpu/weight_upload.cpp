@@ -127,14 +127,10 @@ DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& conv
     return d;
 }
 
-// A MoE layer's experts into one DeviceMoeExperts: each expert's gate, up and down must be NVFP4 of the
-// config's expert shape (ops/moe/moe_cuda.h runs NVFP4 experts only).
+// A MoE layer's experts into one DeviceMoeExperts: each expert's gate, up and down NVFP4 (checked before)
+// of the config's expert shape.
 DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const DecoderLayerView& L) {
     const int64_t n = c.moe.n_experts, d = c.n_embd, ff = c.moe.n_ff;
-    NIBBLE_CHECK(static_cast<int64_t>(L.expert_gate.size()) == n && static_cast<int64_t>(L.expert_up.size()) == n &&
-                     static_cast<int64_t>(L.expert_down.size()) == n,
-                 "{}: the view holds {} / {} / {} experts, the config {}", L.router->name, L.expert_gate.size(),
-                 L.expert_up.size(), L.expert_down.size(), n);
     DeviceMoeExperts e;
     allocate_experts(e, n, d, ff);
     const int64_t elems = ff * d;
@@ -144,10 +140,7 @@ DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const 
     for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down}) {
         const bool down = list == &L.expert_down;
         for (const LinearWeight* w : *list) {
-            NIBBLE_CHECK(w->format == WeightFormat::Nvfp4,
-                         "{}: the CUDA backend runs MoE experts in NVFP4 only, this one is {} (quantize the "
-                         "checkpoint to NVFP4, or serve it with --device cpu)",
-                         w->name, weight_format_name(w->format));
+            // Formats were checked by check_decoder_supported(config, view).
             NIBBLE_CHECK(w->n_out == (down ? d : ff) && w->n_in == (down ? ff : d) && w->bias.empty(),
                          "{}: expert shape [{}, {}]{}, expected [{}, {}] without bias", w->name, w->n_out, w->n_in,
                          w->bias.empty() ? "" : " with bias", down ? d : ff, down ? ff : d);
@@ -164,14 +157,9 @@ DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const 
 }  // namespace
 
 DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
-    check_decoder_supported(c);
-    NIBBLE_CHECK(static_cast<int64_t>(view.layers.size()) == c.n_layers, "decoder view has {} layers, config {}",
-                 view.layers.size(), c.n_layers);
+    check_decoder_supported(c, view);
     uint64_t total = view.embed.nbytes();
     for (const DecoderLayerView& L : view.layers) {
-        NIBBLE_CHECK(L.moe() == c.is_moe_layer(&L - view.layers.data()),
-                     "decoder view: layer {} is {} but the config makes it {}", &L - view.layers.data(),
-                     L.moe() ? "MoE" : "dense", L.moe() ? "dense" : "MoE");
         for (const LinearWeight* w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down, L.router})
             if (w != nullptr) total += static_cast<uint64_t>(linear_host_bytes(*w));
         for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down})
@@ -199,10 +187,6 @@ DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
             D.o = upload_linear(up, *L.o, converted);
             if (L.moe()) {
                 D.moe = true;
-                // The router runs as a BF16 GEMV / GEMM (as transformers runs it in the model's dtype).
-                NIBBLE_CHECK(L.router->format == WeightFormat::Dense,
-                             "{}: the CUDA backend runs the MoE router unquantized (BF16), this one is {}",
-                             L.router->name, weight_format_name(L.router->format));
                 D.router = upload_linear(up, *L.router, converted);
                 D.experts = upload_experts(up, c, L);
             } else {
