@@ -18,7 +18,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "--root" in sys.argv:  # another checkout's sources (e.g. a clean export of HEAD)
     ROOT = os.path.abspath(sys.argv[sys.argv.index("--root") + 1])
-SOURCES = ["src/ops/linear/linear_cuda.cu", "src/ops/linear/gemm_cuda.cu", "src/ops/attention/attention_cuda.cu"]
+SOURCES = ["src/ops/linear/linear_cuda.cu", "src/ops/linear/gemm_cuda.cu", "src/ops/attention/attention_cuda.cu",
+           "src/ops/linear/gemv_fp4mma_cuda.cu"]
 ARCHS = ["90a", "120a"]
 KV = {"0": "F32", "1": "Bf16", "2": "Fp8", "3": "Nvfp4"}
 NVCC = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")

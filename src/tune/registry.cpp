@@ -47,10 +47,14 @@ bool takes_prefill_mma(const OpShape& s) { return s.activation == DType::BF16 &&
 bool not_prefill_mma(const OpShape& s) { return !takes_prefill_mma(s); }
 // gemm_nvfp4 takes BF16 activations only.
 bool bf16_activations(const OpShape& s) { return s.activation == DType::BF16; }
+// gemv_nvfp4_fp4mma steps k by the FP4 mma's 64.
+bool k_multiple_of_64(const OpShape& s) { return s.k % 64 == 0; }
 
 constexpr std::string_view kLinearSrc = "src/ops/linear/linear_cuda.cu; registers: ptxas -v sm_90a/sm_120a";
 constexpr std::string_view kGemmSrc =
     "src/ops/linear/gemm_cuda.cu dequantize_nvfp4_kernel (256 threads); cuBLASLt picks its own kernels for the device";
+constexpr std::string_view kFp4MmaSrc =
+    "src/ops/linear/gemv_fp4mma_cuda.cu; registers: ptxas -v sm_120a (the sm_90a build holds a trap stub)";
 constexpr std::string_view kAttnSrc = "src/ops/attention/attention_cuda.cu; registers: ptxas -v sm_90a/sm_120a";
 
 constexpr VariantApplies gemv_rows(int lo, int hi) { return {.m_min = lo, .m_max = hi}; }
@@ -85,6 +89,14 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .regs_per_thread = 96}, gemv_rows(5, 8), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt16", "gemv_nvfp4_kernel<16, 1, XT>",
      {.threads_per_block = 128, .regs_per_thread = 80}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
+    // W4A4 on Blackwell's FP4 tensor cores (mma.sync kind::mxf4nvf4.block_scale, sm_120a / sm_121a only):
+    // the activations are quantized to NVFP4 first (fp4mma_quantize_kernel<XT>: 256 threads, <= 45 registers,
+    // 32 bytes smem, which any device here holds), then 4 warps a 16-row tile; static smem partial[4][16][8]
+    // floats. k must be a multiple of the mma's 64. Never run on real hardware: see docs/tuning.md.
+    {OpKind::GemvNvfp4, "fp4mma.w4a4", "gemv_fp4mma_kernel<XT> + fp4mma_quantize_kernel<XT>",
+     {.threads_per_block = 128, .static_smem_bytes = 4 * 4 * 16 * 8, .regs_per_thread = 46, .min_cc = 120,
+      .isa = ArchIsa::Fp4MmaSm120a},
+     {.m_min = 1, .m_max = 16, .also = k_multiple_of_64}, {}, Measured::NotMeasured, kFp4MmaSrc},
     // ---- BF16 GEMV (CUDA cores only) ----
     {OpKind::GemvBf16, "cuda_core.mt1", "gemv_bf16_kernel<1, 2, XT>",
      {.threads_per_block = 128, .regs_per_thread = 72}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},

@@ -11,6 +11,7 @@
 #include "cuda/device_buffer.h"
 #include "cuda/fill_random.h"
 #include "ops/attention/attention_cuda.h"
+#include "ops/linear/gemv_fp4mma_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "tune/launch_guard_cuda.h"
 
@@ -76,6 +77,8 @@ public:
             copies_ = std::clamp<size_t>((2 * static_cast<size_t>(l2_bytes_) + per_copy - 1) / per_copy, 1, 4096);
             weights_ = random_buffer(copies_ * weight_stride_, ++seed, stream_);
             if (scale_bytes > 0) scales_ = random_buffer(copies_ * scale_stride_, ++seed, stream_);
+            // The W4A4 FP4 tensor-core variant quantizes x into a workspace first.
+            if (s.op == OpKind::GemvNvfp4) workspace_ = DeviceBuffer(cuda::fp4mma_workspace_bytes(s.m, s.k));
         } else if (s.op == OpKind::AttentionDecode || s.op == OpKind::AttentionPrefill) {
             if (s.n_seqs < 1 || s.q_len < 1 || s.kv_len < s.q_len || s.n_kv_heads < 1 || s.group < 1)
                 throw std::invalid_argument("tune: attention shape needs n_seqs, q_len, n_kv_heads, group >= 1, kv_len >= q_len");
@@ -141,7 +144,10 @@ private:
             w.scales = scales_.as<uint8_t>() + c * scale_stride_;
             w.global_scale = 1.0f;
             w.n = s.n, w.k = s.k;
-            if (starts_with(v.name, "mma."))
+            if (starts_with(v.name, "fp4mma."))
+                cuda::gemv_nvfp4_fp4mma(x_.get(), s.activation, s.m, w, nullptr, y_.get(), workspace_.get(),
+                                        workspace_.bytes(), stream_);
+            else if (starts_with(v.name, "mma."))
                 cuda::gemv_nvfp4_mma(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
             else
                 cuda::gemv_nvfp4_cuda_core(x_.get(), s.activation, s.m, w, nullptr, y_.get(), stream_);
@@ -183,7 +189,7 @@ private:
     DeviceBuffer x_, y_;                                  // GEMV x [m, k], y [m, n]; attention q, out
     DeviceBuffer weights_, scales_;  // GEMV: copies_ x ([n, k / 2] NVFP4 or [n, k] BF16 | [n, k / 16] scales)
     size_t weight_stride_ = 0, scale_stride_ = 0, copies_ = 1, next_copy_ = 0;
-    DeviceBuffer k_, v_, meta_, workspace_;               // attention cache, q_start/start_pos/tables, partials
+    DeviceBuffer k_, v_, meta_, workspace_;  // attention cache, q_start/start_pos/tables, partials; fp4mma: quantized x
     cuda::PagedKvLayer layer_;
     cuda::AttentionBatch batch_;
     cuda::AttentionArgs args_;
