@@ -3,8 +3,9 @@
 //   tg<N> @ d<D>: N greedy decode steps of one sequence after D cached tokens (tokens/s generated).
 // Each figure is the mean and standard deviation over -r repeats, and is quoted against its physical limit,
 // measured on the card in the same run: generation against copy bandwidth over the bytes one token reads
-// (every weight once plus the KV cache at that depth), prompt processing against the BF16 matrix rate over
-// the FLOPs one token needs (weights and attention). Models come from a checkpoint (--model DIR) or are
+// (every weight once plus the KV cache at that depth; a MoE layer's router and top_k experts only), prompt
+// processing against the BF16 matrix rate over the FLOPs one token needs (the weights it passes through and
+// attention). Models come from a checkpoint (--model DIR) or are
 // random weights of a real architecture's shape made on the device (--synthetic llama3-8b).
 #include <CLI/CLI.hpp>
 
@@ -305,7 +306,7 @@ void add_bench_command(CLI::App& app) {
     auto lists = std::make_shared<std::vector<std::string>>(4);
     CLI::App* cmd = app.add_subcommand("bench", "llama-bench-style prompt and generation throughput on the CUDA backend");
     cmd->add_option("--model,-m", o->model_dir, "a checkpoint directory");
-    cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b");
+    cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b, qwen3-30b-a3b (MoE: NVFP4 experts)");
     cmd->add_option("--weights", o->weights, "synthetic weights: nvfp4 (default) or bf16");
     cmd->add_flag("--lm-head-nvfp4", o->lm_head_nvfp4, "synthetic: lm_head in NVFP4 too (ModelOpt keeps it BF16)");
     cmd->add_option("-p,--n-prompt", (*lists)[0], "prompt lengths, comma-separated (default 512)");
