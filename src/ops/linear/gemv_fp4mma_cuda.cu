@@ -19,9 +19,11 @@
 // scale_vec::4X each scale register holds the 4 UE4M3 scales of one row of A (or column of B) for the
 // 4 blocks of 16 along k, byte j for k 16j..16j+15, so byte-id is 0. The selectors pick which lanes of each
 // quad supply them: with thread-id-a = 0 lane 4g supplies row g and lane 4g+1 row g+8; with thread-id-b =
-// 0 lane 4g supplies column g. That lane assignment could not be checked on hardware here, so every lane
-// holds a valid word regardless: lanes t = 0, 2 hold row g's scales, t = 1, 3 row g+8's (A), and all four
-// lanes of a quad hold column g's (B), making the result the same for any thread-id a quad pair could mean.
+// 0 lane 4g supplies column g. The same thread-to-data maps are CUTLASS's (include/cute/atom/mma_traits_sm120.hpp,
+// SM120_16x8x64_TN_VS: ALayout / BLayout as above; SFALayout takes row g + 8 * (lane & 1) with lane bit 1 a
+// don't-care, SFBLayout column g from every lane of the quad). No hardware here could confirm them, so every
+// lane holds a valid word regardless: lanes t = 0, 2 hold row g's scales, t = 1, 3 row g+8's (A), and all four
+// lanes of a quad hold column g's (B).
 //
 // The GEMV maps the weights to A (16 output rows a tile) and the tokens to B (8 a launch column): one CTA
 // of 4 warps per 16-row tile, the warps taking every 4th k step of 64 and adding their [16 x 8] partial
