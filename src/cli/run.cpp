@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "base/thread_pool.h"
+#include "cli/backend.h"
 #include "cli/commands.h"
 #include "engine/sampler.h"
 #include "model/model.h"
@@ -34,6 +35,7 @@ struct RunOptions {
     std::optional<uint64_t> seed;
     size_t threads = 0;
     bool ignore_eos = false;
+    std::string device = "auto";
 };
 
 // generation_config.json: sampling defaults and extra end-of-sequence ids.
@@ -120,7 +122,9 @@ void run_generate(const RunOptions& opt) {
 
     constexpr int64_t kBlock = 16;
     const int64_t n_blocks = (max_len + kBlock - 1) / kBlock;
-    KvCache cache(model->kv_cache_shape(n_blocks, kBlock));
+    const bool cuda = use_cuda_backend(opt.device, *model);
+    std::unique_ptr<ModelRunner> runner = make_runner(*model, cuda, n_blocks, kBlock, max_len);
+    log::info("{} backend", cuda ? "CUDA" : "CPU");
     std::vector<int32_t> table(static_cast<size_t>(n_blocks));
     for (int64_t b = 0; b < n_blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
 
@@ -133,9 +137,16 @@ void run_generate(const RunOptions& opt) {
     int64_t generated = 0, pos = 0;
     std::vector<int32_t> step = tokens;  // prefill first, then one token at a time
     while (pos + static_cast<int64_t>(step.size()) <= max_len && generated < opt.max_tokens) {
-        ForwardSequence seq{.tokens = step, .kv = {.block_table = table.data(), .n_table = n_blocks, .start_pos = pos}};
-        model->forward(std::span(&seq, 1), cache, logits);
-        pos += static_cast<int64_t>(step.size());
+        // The prompt goes in steps of at most kMaxStepTokens; only the last one's logits are sampled.
+        for (size_t at = 0; at < step.size(); at += static_cast<size_t>(kMaxStepTokens)) {
+            const size_t n = std::min(step.size() - at, static_cast<size_t>(kMaxStepTokens));
+            const RunnerSequence seq{.tokens = std::span(step).subspan(at, n),
+                                     .block_table = table,
+                                     .start_pos = pos,
+                                     .needs_logits = at + n == step.size()};
+            runner->execute(std::span(&seq, 1), logits);
+            pos += static_cast<int64_t>(n);
+        }
         const int32_t next = sample_token(logits, params, rng);
         if (generated == 0) t_first = clock::now();
         ++generated;
@@ -169,6 +180,7 @@ void add_run_command(CLI::App& app) {
     cmd->add_option("--min-p", opt->min_p);
     cmd->add_option("--seed", opt->seed, "random seed: the same seed gives the same text");
     cmd->add_flag("--ignore-eos", opt->ignore_eos, "keep generating past end-of-sequence tokens");
+    cmd->add_option("--device", opt->device, "auto (CUDA when a GPU is present and runs the model), cuda or cpu");
     cmd->add_option("--threads", opt->threads, "CPU threads (0: all cores)");
     cmd->callback([opt] { run_generate(*opt); });
 }

@@ -90,10 +90,22 @@ TEST(RunCommand, SameSeedSameTextDifferentSeedDifferentText) {
     EXPECT_NE(a, c);
 }
 
+// --device cpu is the reference backend whatever the machine has; auto falls back to it for models the CUDA
+// backend cannot run (these fixtures' head_dim 16), so both print the same greedy text.
+TEST(RunCommand, DeviceCpuAndAutoAgreeOnFixtures) {
+    const std::string base = "run --model " + fixture("llama_gqa") + " --prompt hello --max-tokens 6 --temperature 0";
+    const std::string cpu = stdout_only(base + " --device cpu");
+    EXPECT_FALSE(cpu.empty());
+    EXPECT_EQ(stdout_only(base + " --device auto"), cpu);
+}
+
 TEST(RunCommand, BadFlagsAreRefusedByName) {
     auto r = run_command("run --model " + fixture("llama_gqa") + " --prompt hi --top-p 0");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("top_p must be in (0, 1]"), std::string::npos) << r.out;
+    r = run_command("run --model " + fixture("llama_gqa") + " --prompt hi --device tpu");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("--device must be auto, cuda or cpu, got 'tpu'"), std::string::npos) << r.out;
     r = run_command("run --model /nonexistent --prompt hi");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("/nonexistent"), std::string::npos) << r.out;

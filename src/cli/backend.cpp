@@ -1,0 +1,72 @@
+#include "cli/backend.h"
+
+#include <algorithm>
+
+#include "base/error.h"
+#include "base/log.h"
+#if defined(NIBBLE_HAVE_CUDA)
+#include "cuda/device_info.h"
+#include "gpu/cuda_model_runner.h"
+#include "gpu/weight_upload.h"
+#endif
+
+namespace nibble::cli {
+
+bool use_cuda_backend(const std::string& device, const Model& model) {
+    NIBBLE_CHECK(device == "auto" || device == "cuda" || device == "cpu", "--device must be auto, cuda or cpu, got '{}'",
+                 device);
+    if (device == "cpu") return false;
+    DecoderView view;
+    const bool runs = model.decoder_view(view);
+#if defined(NIBBLE_HAVE_CUDA)
+    const bool gpu = cuda::device_count() > 0;
+    if (device == "cuda") {
+        NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
+        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend does not run {} yet (use --device cpu)",
+                     model.config().arch_name);
+        gpu::check_decoder_supported(model.config());
+        return true;
+    }
+    if (!gpu) return false;
+    if (!runs) {
+        log::warn("{} runs on the CPU backend: the CUDA backend does not run it yet", model.config().arch_name);
+        return false;
+    }
+    try {
+        gpu::check_decoder_supported(model.config());
+    } catch (const Error& e) {
+        log::warn("the CPU backend runs this model: {}", e.what());
+        return false;
+    }
+    return true;
+#else
+    NIBBLE_CHECK(device != "cuda", "--device cuda: this build has no CUDA backend");
+    (void)runs;
+    return false;
+#endif
+}
+
+std::unique_ptr<ModelRunner> make_runner(Model& model, bool cuda, int64_t n_blocks, int64_t block_size,
+                                         int64_t max_model_len) {
+#if defined(NIBBLE_HAVE_CUDA)
+    if (cuda) {
+        DecoderView view;
+        NIBBLE_CHECK(model.decoder_view(view), "the CUDA backend does not run {}", model.config().arch_name);
+        auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model.config(), view));
+        return std::make_unique<gpu::CudaModelRunner>(
+            weights, gpu::CudaRunnerOptions{.kv_dtype = KvDtype::Bf16,
+                                            .num_blocks = n_blocks,
+                                            .block_size = block_size,
+                                            .max_model_len = max_model_len,
+                                            .max_num_batched_tokens = kMaxStepTokens,
+                                            .max_num_seqs = 1,
+                                            .act_dtype = DType::BF16,
+                                            .max_cudagraph_capture_size = 1});
+    }
+#else
+    NIBBLE_CHECK(!cuda, "this build has no CUDA backend");
+#endif
+    return std::make_unique<CpuModelRunner>(model, n_blocks, block_size, KvDtype::F32);
+}
+
+}  // namespace nibble::cli
