@@ -24,7 +24,7 @@ bool use_cuda_backend(const std::string& device, const Model& model) {
         NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
         NIBBLE_CHECK(runs, "--device cuda: the CUDA backend does not run {} yet (use --device cpu)",
                      model.config().arch_name);
-        gpu::check_decoder_supported(model.config());
+        gpu::check_decoder_supported(model.config(), view);
         return true;
     }
     if (!gpu) return false;
@@ -33,7 +33,7 @@ bool use_cuda_backend(const std::string& device, const Model& model) {
         return false;
     }
     try {
-        gpu::check_decoder_supported(model.config());
+        gpu::check_decoder_supported(model.config(), view);
     } catch (const Error& e) {
         log::warn("the CPU backend runs this model: {}", e.what());
         return false;
