@@ -140,9 +140,13 @@ void DecoderForward::gemv(const DeviceLinear& w, const void* x, DType act, int64
         if (!nvfp4)  // every BF16 GEMV variant is gemv_bf16's instantiation for the tile
             return cuda::gemv_bf16(x, act, m, static_cast<const uint16_t*>(w.data), w.n_out, w.n_in, w.bias_ptr(), y,
                                    stream);
-        if (v == nullptr) return cuda::gemv_nvfp4(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
-        if (v->name.starts_with("mma.")) return cuda::gemv_nvfp4_mma(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
-        cuda::gemv_nvfp4_cuda_core(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+        if (v != nullptr && v->name.starts_with("mma."))
+            return cuda::gemv_nvfp4_mma(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+        if (v != nullptr && v->name.starts_with("cuda_core."))
+            return cuda::gemv_nvfp4_cuda_core(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
+        // No variant, or one this weight-only forward does not launch (the W4A4 fp4mma variant quantizes the
+        // activations, a different numerics path): the op's own dispatch.
+        cuda::gemv_nvfp4(x, act, m, w.nvfp4(), w.bias_ptr(), y, stream);
     };
     if (choice == nullptr) return launch(nullptr);
     launch_chosen(choice->tiles[tune::gemv_tile_index(m)], capturing, stream, launch, w.name);
