@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include "base/error.h"
+#include "model/real_shapes.h"
 #include "cuda/fill_random.h"
 #include "ops/rope/rope.h"
 
@@ -249,72 +250,22 @@ DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o)
     return d;
 }
 
-namespace {
-
-ModelConfig llama_like(std::string name, Arch arch, int64_t d, int64_t layers, int64_t heads, int64_t kv_heads,
-                       int64_t ff, int64_t vocab, float theta) {
-    ModelConfig c;
-    c.arch = arch;
-    c.arch_name = std::move(name);
-    c.n_embd = d;
-    c.n_layers = layers;
-    c.n_heads = heads;
-    c.n_kv_heads = kv_heads;
-    c.head_dim = 128;
-    c.n_ff = ff;
-    c.vocab_size = vocab;
-    c.max_position_embeddings = 131072;
-    c.norm_eps = 1e-5f;
-    c.rope.theta = theta;
-    return c;
-}
-
-}  // namespace
-
 std::vector<std::string> synthetic_config_names() {
-    return {"llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b", "qwen3-30b-a3b"};
+    // The published shapes (model/real_shapes.h) this backend runs; Nemotron-3-Nano's hybrid forward is CPU-only.
+    std::vector<std::string> names;
+    for (const std::string& n : real_shape_names())
+        if (n != "nemotron-3-nano-30b-a3b") names.push_back(n);
+    return names;
 }
 
 ModelConfig synthetic_config(const std::string& name) {
-    // Shapes from the models' published config.json files (hidden, layers, heads, KV heads, intermediate, vocab).
-    if (name == "llama3-8b" || name == "llama3-70b") {
-        ModelConfig c = name == "llama3-8b"
-                            ? llama_like("LlamaForCausalLM", Arch::Llama, 4096, 32, 32, 8, 14336, 128256, 500000.0f)
-                            : llama_like("LlamaForCausalLM", Arch::Llama, 8192, 80, 64, 8, 28672, 128256, 500000.0f);
-        c.rope.type = RopeType::Llama3;
-        c.rope.factor = 8.0f;
-        c.rope.low_freq_factor = 1.0f;
-        c.rope.high_freq_factor = 4.0f;
-        c.rope.original_max_position = 8192;
-        return c;
+    const std::vector<std::string> names = synthetic_config_names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+        std::string known;
+        for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
+        fail("--synthetic {}: not a shape the CUDA backend runs (known: {})", name, known);
     }
-    if (name == "qwen3-8b") {
-        ModelConfig c = llama_like("Qwen3ForCausalLM", Arch::Qwen3, 4096, 36, 32, 8, 12288, 151936, 1000000.0f);
-        c.qk_norm = true;
-        c.norm_eps = 1e-6f;
-        c.max_position_embeddings = 40960;
-        return c;
-    }
-    if (name == "qwen3-30b-a3b") {  // Qwen3MoeForCausalLM: 128 experts, 8 per token, no shared expert
-        ModelConfig c = llama_like("Qwen3MoeForCausalLM", Arch::Qwen3Moe, 2048, 48, 32, 4, 6144, 151936, 1000000.0f);
-        c.qk_norm = true;
-        c.norm_eps = 1e-6f;
-        c.max_position_embeddings = 40960;
-        c.moe.n_experts = 128;
-        c.moe.top_k = 8;
-        c.moe.n_ff = 768;
-        c.moe.norm_topk_prob = true;
-        c.decoder_sparse_step = 1;
-        return c;
-    }
-    if (name == "mistral-7b") {
-        ModelConfig c = llama_like("MistralForCausalLM", Arch::Mistral, 4096, 32, 32, 8, 14336, 32768, 1000000.0f);
-        c.max_position_embeddings = 32768;
-        return c;
-    }
-    std::string known;
-    for (const std::string& n : synthetic_config_names()) known += (known.empty() ? "" : ", ") + n;
-    fail("--synthetic {}: unknown shape (known: {})", name, known);
+    return real_shape_config(name);
 }
 
 }  // namespace nibble::gpu
