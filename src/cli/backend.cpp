@@ -22,20 +22,21 @@ bool use_cuda_backend(const std::string& device, const Model& model) {
     const bool gpu = cuda::device_count() > 0;
     if (device == "cuda") {
         NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
-        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend does not run {} yet (use --device cpu)",
+        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family and Qwen3-MoE so far, not {} (use --device cpu)",
                      model.config().arch_name);
         gpu::check_decoder_supported(model.config(), view);
         return true;
     }
     if (!gpu) return false;
     if (!runs) {
-        log::warn("{} runs on the CPU backend: the CUDA backend does not run it yet", model.config().arch_name);
+        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family and Qwen3-MoE so far",
+                  model.config().arch_name);
         return false;
     }
     try {
         gpu::check_decoder_supported(model.config(), view);
     } catch (const Error& e) {
-        log::warn("the CPU backend runs this model: {}", e.what());
+        log::warn("{} runs on the CPU backend: {}", model.config().arch_name, e.what());
         return false;
     }
     return true;

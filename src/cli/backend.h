@@ -1,6 +1,6 @@
 // The backend a CLI command runs a model on, from `--device auto|cuda|cpu`: the CUDA backend when this build
 // has it, a GPU is present and the model is one it runs (auto), always (cuda: an error naming why it cannot),
-// or never (cpu). Shared by `nibble run` (and the rules `nibble serve` follows).
+// or never (cpu). Shared by `nibble run` and `nibble serve`.
 #pragma once
 
 #include <cstdint>

@@ -15,6 +15,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "base/thread_pool.h"
+#include "cli/backend.h"
 #include "cli/commands.h"
 #include "cli/default_model.h"
 #include "cli/tune_session.h"
@@ -83,39 +84,6 @@ int64_t host_memory() {
 }
 
 std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1 << 30)); }
-
-// Which backend serves: CUDA when asked (--device cuda, an error if it cannot), or by default when this build
-// has CUDA, a GPU is present and the model is one the CUDA backend runs.
-bool choose_cuda(const ServeOptions& o, const Model& model) {
-    if (o.device == "cpu") return false;
-    DecoderView view;
-    const bool runs = model.decoder_view(view);
-#if defined(NIBBLE_HAVE_CUDA)
-    const bool gpu = cuda::device_count() > 0;
-    if (o.device == "cuda") {
-        NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
-        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family and Qwen3-MoE so far, not {} (use --device cpu)",
-                     model.config().arch_name);
-        gpu::check_decoder_supported(model.config(), view);
-        return true;
-    }
-    if (gpu && !runs)
-        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family and Qwen3-MoE so far", model.config().arch_name);
-    if (gpu && runs) {
-        try {  // e.g. a Qwen3-MoE checkpoint whose experts are not NVFP4
-            gpu::check_decoder_supported(model.config(), view);
-        } catch (const std::exception& e) {
-            log::warn("{} runs on the CPU backend: {}", model.config().arch_name, e.what());
-            return false;
-        }
-    }
-    return gpu && runs;
-#else
-    NIBBLE_CHECK(o.device != "cuda", "--device cuda: this build has no CUDA backend");
-    (void)runs;
-    return false;
-#endif
-}
 
 #if defined(NIBBLE_HAVE_CUDA)
 // The CUDA backend plans against the GPU's memory (weights, workspace, then KV from what
@@ -217,7 +185,7 @@ void run_serve(const std::vector<std::string>& args) {
                  "--max-model-len {} is more than the model's max_position_embeddings ({})", max_model_len,
                  mc.max_position_embeddings);
 
-    const bool use_cuda = choose_cuda(o, *model);
+    const bool use_cuda = use_cuda_backend(o.device, *model);
     std::unique_ptr<ModelRunner> backend;
 #if defined(NIBBLE_HAVE_CUDA)
     const MemoryPlan plan = use_cuda ? make_cuda_plan(o, *model, max_model_len, cuda::query_device(0).total_memory)
