@@ -1,6 +1,8 @@
 // `nibble plan --synthetic NAME`: weight bytes and the decode roofline of published shapes against hand counts.
 #include <gtest/gtest.h>
 
+#include "cli_test_util.h"
+
 #include <array>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -8,23 +10,9 @@
 
 namespace {
 
-struct Result {
-    int rc = -1;
-    std::string out;  // stdout and stderr
-};
+using Result = nibble::test::CommandResult;
 
-Result run(const std::string& args) {
-    const std::string cmd = std::string(NIBBLE_BINARY) + " plan " + args + " 2>&1";
-    Result r;
-    FILE* p = popen(cmd.c_str(), "r");
-    if (p == nullptr) return r;
-    std::array<char, 4096> buf{};
-    size_t n = 0;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-    const int status = pclose(p);
-    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-}
+Result run(const std::string& args) { return nibble::test::run_nibble("plan " + args); }
 
 nlohmann::json plan_json(const std::string& args) {
     const Result r = run(args + " --json");

@@ -3,6 +3,8 @@
 // is not here is refused; the plan's roofline accounts for every weight byte the memory plan counts.
 #include <gtest/gtest.h>
 
+#include "cli_test_util.h"
+
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -14,27 +16,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-    int rc = -1;
-    std::string out;  // stdout and stderr
-};
+using Result = nibble::test::CommandResult;
 
-Result run(const std::string& args) {
-    const std::string cmd = std::string(NIBBLE_BINARY) + " " + args + " 2>&1";
-    Result r;
-    FILE* p = popen(cmd.c_str(), "r");
-    if (p == nullptr) return r;
-    std::array<char, 4096> buf{};
-    size_t n = 0;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-    const int status = pclose(p);
-    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-}
+Result run(const std::string& args) { return nibble::test::run_nibble(args); }
 
-fs::path fixture(const std::string& name) {
-    return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures" / name / "model";
-}
+fs::path fixture(const std::string& name) { return nibble::test::fixture_model(name); }
 
 TEST(TuneCommand, ListsVariantsForAProfile) {
     const Result r = run("tune " + fixture("qwen3_nvfp4_modelopt").string() + " --device-profile gb10 --list");
