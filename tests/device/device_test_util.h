@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -107,6 +108,22 @@ inline void expect_close(const std::vector<float>& got, const std::vector<float>
     EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements wrong";
     std::printf("[  detail  ] %s: relative L2 error %.3g over %zu elements\n", what.c_str(),
                 ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2), got.size());
+}
+
+// A host vector in a device buffer (at least one element's bytes, so empty vectors get a valid pointer), and
+// the first n elements of a device buffer back.
+template <class T>
+cuda::DeviceBuffer upload_vec(const std::vector<T>& v) {
+    cuda::DeviceBuffer b(std::max<size_t>(v.size(), 1) * sizeof(T));
+    if (!v.empty()) b.upload(v.data(), v.size() * sizeof(T));
+    return b;
+}
+
+template <class T>
+std::vector<T> download_vec(const cuda::DeviceBuffer& b, size_t n) {
+    std::vector<T> v(n);
+    if (n > 0) b.download(v.data(), n * sizeof(T));
+    return v;
 }
 
 constexpr double kEpsF32 = 0x1p-24;  // unit roundoff of float32 (half an ulp at 1)

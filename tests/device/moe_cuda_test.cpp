@@ -41,19 +41,8 @@ using test::DeviceOut;
 using test::kEpsBf16;
 using test::kEpsF32;
 
-template <class T>
-cuda::DeviceBuffer upload_vec(const std::vector<T>& v) {
-    cuda::DeviceBuffer b(std::max<size_t>(v.size(), 1) * sizeof(T));
-    if (!v.empty()) b.upload(v.data(), v.size() * sizeof(T));
-    return b;
-}
-
-template <class T>
-std::vector<T> download_vec(const cuda::DeviceBuffer& b, size_t n) {
-    std::vector<T> v(n);
-    if (n > 0) b.download(v.data(), n * sizeof(T));
-    return v;
-}
+using test::download_vec;
+using test::upload_vec;
 
 cuda::DeviceBuffer poisoned(size_t bytes) {
     cuda::DeviceBuffer b(std::max<size_t>(bytes, 4));

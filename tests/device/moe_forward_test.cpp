@@ -254,48 +254,7 @@ TEST_F(MoeForwardCuda, GraphReplaysMatchEagerSteps) {
         DecoderView view;
         ASSERT_TRUE(model->decoder_view(view));
         auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
-        gpu::CudaRunnerOptions o{.kv_dtype = KvDtype::Bf16, .num_blocks = 128, .block_size = 16, .max_model_len = 2048,
-                                 .max_num_batched_tokens = 256, .max_num_seqs = 8, .act_dtype = act,
-                                 .max_cudagraph_capture_size = 8};
-        gpu::CudaModelRunner graphs(weights, o);
-        o.max_cudagraph_capture_size = 0;
-        gpu::CudaModelRunner eager(weights, o);
-        std::mt19937_64 rng(test::fresh_seed());
-        const int64_t vocab = model->config().vocab_size;
-        std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-        const std::vector<int64_t> lengths = {3, 40, 17, 1, 66};  // 5 sequences: padded to the bucket of 8
-        std::vector<std::vector<int32_t>> seqs(lengths.size()), tables(lengths.size());
-        for (size_t s = 0; s < lengths.size(); ++s) {
-            for (int64_t i = 0; i < lengths[s]; ++i) seqs[s].push_back(tok(rng));
-            for (int64_t b = 0; b < 20; ++b) tables[s].push_back(static_cast<int32_t>(s * 24 + static_cast<size_t>(b)));
-        }
-        std::vector<int64_t> done(lengths.size(), 0);
-        for (int step = 0; step < 30; ++step) {
-            std::vector<RunnerSequence> batch;
-            for (size_t s = 0; s < seqs.size(); ++s)
-                batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
-                                 .block_table = tables[s], .start_pos = done[s], .needs_logits = true});
-            std::vector<float> a, b;
-            graphs.execute(batch, a);
-            eager.execute(batch, b);
-            ASSERT_EQ(a.size(), b.size());
-            double worst = 0, ms = 0;
-            for (size_t i = 0; i < a.size(); ++i) {
-                ASSERT_TRUE(std::isfinite(a[i])) << dtype_name(act) << " step " << step;
-                worst = std::max(worst, std::fabs(static_cast<double>(a[i]) - b[i]));
-                ms += static_cast<double>(b[i]) * b[i];
-            }
-            const double rel = act == DType::F32 ? 1e-4 : 3e-2;
-            EXPECT_LE(worst, rel * std::max(1.0, std::sqrt(ms / static_cast<double>(a.size()))))
-                << dtype_name(act) << " step " << step;
-            for (size_t s = 0; s < seqs.size(); ++s) {
-                const float* row = b.data() + s * static_cast<size_t>(vocab);
-                done[s] = static_cast<int64_t>(seqs[s].size());
-                seqs[s].push_back(static_cast<int32_t>(std::max_element(row, row + vocab) - row));
-            }
-        }
-        EXPECT_GE(graphs.num_cuda_graphs(), 1) << dtype_name(act);
-        EXPECT_EQ(eager.num_cuda_graphs(), 0) << dtype_name(act);
+        test::expect_graph_replays_match_eager(weights, act, "qwen3-moe " + std::string(dtype_name(act)));
     }
 }
 
