@@ -17,6 +17,9 @@
 // 16 u32 |a| (SwiGLU: expf, the add, division and multiply on both sides; relu^2: 4 u32 |a| for the
 // square); the down GEMV adds sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine
 // sum |w_j| do_j + 2 (top_k + 1) u32 (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
+// The grouped GEMM (MoeExpertKernel::Gemm) multiplies BF16 operands: its dequantized weights are exact in
+// BF16, but F32 activations x are rounded (u_bf16 |x_i| each: u_bf16 sum |w x| more on every up / gate
+// output) and so is h before the down GEMM (u_bf16 (|a| + da) more on each a).
 #include "ops/moe/moe_cuda.h"
 
 #include <gtest/gtest.h>
@@ -343,20 +346,43 @@ std::vector<float> dequantized(const LinearWeight& w) {
     return out;
 }
 
+// How tokens pick experts in the expert tests: uniformly; all from the same top_k + 1 experts; or expert 0
+// always (most of the pairs) with the rest from the lower half of the experts (the upper half gets none).
+enum class Draw { Uniform, Few, Hot };
+
+std::vector<int32_t> draw_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t n_experts, Draw draw) {
+    if (draw != Draw::Hot) return random_ids(rng, m, top_k, n_experts, draw == Draw::Few);
+    const int64_t pool = std::max<int64_t>(top_k - 1, n_experts / 2 - 1);  // experts 1 .. pool
+    std::vector<int32_t> others(static_cast<size_t>(pool));
+    std::iota(others.begin(), others.end(), 1);
+    std::vector<int32_t> ids(static_cast<size_t>(m * top_k));
+    for (int64_t t = 0; t < m; ++t) {
+        std::shuffle(others.begin(), others.end(), rng);
+        ids[static_cast<size_t>(t * top_k)] = 0;
+        std::copy_n(others.begin(), top_k - 1, ids.begin() + t * top_k + 1);
+    }
+    return ids;
+}
+
 struct ExpertsCase {
     MoeActivation act;
     int64_t n_experts, n_embd, n_ff, top_k;
 };
 
 // one_call: through moe_experts_nvfp4 and its workspace instead of the four launchers.
-void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16,
-                 bool skewed, bool with_shared, bool one_call = false) {
+// kernel: the launchers' choice; the tolerance follows the kernel that runs (Auto: moe_prefers_gemm).
+void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16, Draw draw,
+                 bool with_shared, bool one_call = false,
+                 cuda::MoeExpertKernel kernel = cuda::MoeExpertKernel::Auto) {
     const bool gated = c.act == MoeActivation::SwiGlu;
+    const bool gemm = kernel == cuda::MoeExpertKernel::Gemm ||
+                      (kernel == cuda::MoeExpertKernel::Auto && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts));
+    const char* draw_name = draw == Draw::Uniform ? "" : draw == Draw::Few ? " skewed" : " hot";
     const std::string what = std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
                              " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) +
                              " k=" + std::to_string(c.top_k) + " m=" + std::to_string(m) +
-                             (bf16 ? " bf16" : " f32") + (skewed ? " skewed" : "") +
-                             (with_shared ? " shared" : "") + (one_call ? " one call" : "");
+                             (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
+                             (one_call ? " one call" : "") + (gemm ? " gemm" : " gemv");
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
@@ -385,7 +411,7 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
 
     MoeRouting routing;
     routing.m = m, routing.top_k = k;
-    routing.ids = random_ids(rng, m, k, c.n_experts, skewed);
+    routing.ids = draw_ids(rng, m, k, c.n_experts, draw);
     std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
     routing.weights.resize(routing.ids.size());
     for (auto& w : routing.weights) w = wdist(rng);
@@ -436,8 +462,9 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                             g += pg, sg += std::fabs(pg);
                         }
                     }
-                    const double eu = 2.0 * static_cast<double>(d + 32) * kEpsF32 * su;
-                    const double eg = 2.0 * static_cast<double>(d + 32) * kEpsF32 * sg;
+                    const double x_rounding = gemm && !bf16 ? kEpsBf16 : 0.0;  // F32 x to BF16
+                    const double eu = (2.0 * static_cast<double>(d + 32) * kEpsF32 + x_rounding) * su;
+                    const double eg = (2.0 * static_cast<double>(d + 32) * kEpsF32 + x_rounding) * sg;
                     const auto ri = static_cast<size_t>(r);
                     if (gated) {
                         const double sil = g / (1.0 + std::exp(-g));
@@ -448,6 +475,7 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                         a[ri] = u > 0 ? u * u : 0.0;
                         da[ri] = 2.0 * std::fabs(u) * eu + eu * eu + 4.0 * kEpsF32 * std::fabs(a[ri]);
                     }
+                    if (gemm) da[ri] += kEpsBf16 * (std::fabs(a[ri]) + da[ri]);  // h to BF16
                 }
                 for (int64_t r = 0; r < d; ++r) {
                     double o = 0, so = 0, dsum = 0;
@@ -488,14 +516,14 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
         cuda::moe_experts_nvfp4(dx.buf.get(), dt, m, dids.as<int32_t>(), dweights.as<float>(), k, ex, c.act,
-                                with_shared ? dshared.buf.get() : nullptr, ws.get(), y.buf.get(), nullptr);
+                                with_shared ? dshared.buf.get() : nullptr, ws.get(), y.buf.get(), nullptr, kernel);
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
         test::expect_close(y.download(), ref, tol, what);
         return;
     }
     cuda::moe_permute(dids.as<int32_t>(), m, k, c.n_experts, dp.view, nullptr);
-    cuda::moe_experts_up_nvfp4(dx.buf.get(), dt, m, k, ex, c.act, dp.view, h.as<float>(), nullptr);
-    cuda::moe_experts_down_nvfp4(h.as<float>(), m, k, ex, dp.view, o.as<float>(), nullptr);
+    cuda::moe_experts_up_nvfp4(dx.buf.get(), dt, m, k, ex, c.act, dp.view, h.as<float>(), nullptr, kernel);
+    cuda::moe_experts_down_nvfp4(h.as<float>(), m, k, ex, dp.view, o.as<float>(), nullptr, kernel);
     cuda::moe_combine(o.as<float>(), dids.as<int32_t>(), dweights.as<float>(), dp.view.pair_position, m, k, d,
                       with_shared ? dshared.buf.get() : nullptr, dt, y.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -516,7 +544,7 @@ TEST(MoeCuda, ExpertsNvfp4) {
     ThreadPool pool;
     for (const auto& c : kExpertCases)
         for (int64_t m : {1, 3, 17, 64})
-            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, false, m % 2 == 1);
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1);
 }
 
 // Every token on the same few experts: more than one 8-token tile per expert, most experts idle. The BF16
@@ -527,7 +555,44 @@ TEST(MoeCuda, ExpertsNvfp4Skewed) {
     ThreadPool pool;
     for (const auto& c : kExpertCases)
         for (int64_t m : {9, 40})
-            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, true, true, bf16);
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Few, true, bf16);
+}
+
+// The prefill grouped GEMM, forced (Auto would take the GEMV at the smaller m): shapes with column tails
+// (SwiGLU n_ff % 64, relu^2 n_embd % 128 and n_ff % 128 not 0), uniform loads, a hot expert with the upper
+// half of the experts idle, and all pairs on top_k + 1 experts (several 64-position tiles each).
+const ExpertsCase kGemmCases[] = {
+    {MoeActivation::SwiGlu, 32, 256, 192, 8},
+    {MoeActivation::SwiGlu, 8, 96, 96, 2},
+    {MoeActivation::Relu2, 16, 224, 160, 6},
+};
+
+TEST(MoeCuda, ExpertsNvfp4Gemm) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const auto gemm = cuda::MoeExpertKernel::Gemm;
+    for (const auto& c : kGemmCases)
+        for (int64_t m : {1, 33, 200, 1000})
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1, false, gemm);
+    for (const auto& c : kGemmCases)
+        for (bool bf16 : {false, true}) {
+            run_experts(pool, rng, c, 300, bf16, Draw::Hot, true, !bf16, gemm);
+            run_experts(pool, rng, c, 150, bf16, Draw::Few, false, bf16, gemm);
+        }
+}
+
+// Auto at prefill sizes (the GEMM) through the one-call launcher, Qwen3-30B-A3B's expert count and top_k.
+TEST(MoeCuda, ExpertsNvfp4GemmPrefill) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const ExpertsCase c{MoeActivation::SwiGlu, 128, 128, 64, 8};
+    ASSERT_TRUE(cuda::moe_prefers_gemm(2048, c.top_k, c.n_experts));
+    run_experts(pool, rng, c, 2048, true, Draw::Uniform, true, true);
+    run_experts(pool, rng, c, 2048, true, Draw::Hot, false, true);
+    const ExpertsCase r{MoeActivation::Relu2, 128, 160, 96, 6};
+    run_experts(pool, rng, r, 2048, false, Draw::Uniform, false, true);
 }
 
 TEST(MoeCuda, RejectsBadArguments) {

@@ -7,6 +7,8 @@
 // Grouped GEMV: CUDA cores, one warp per output row, lanes over 32-wide chunks of k (16 bytes of E2M1
 // codes + 2 E4M3 scales, the decode of ops/linear/nvfp4_decode.cuh), tokens in tiles of 8; the gate and
 // up rows of a SwiGLU expert are read in the same pass and the activation is applied in the epilogue.
+// Grouped GEMM (prefill, MoeExpertKernel::Gemm): tensor cores over (expert, 64 positions, 128 weight rows)
+// tiles, weights dequantized to BF16 in shared memory; see the comment above moe_gemm_nvfp4_kernel.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -371,6 +373,258 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
 }
 
+// ---- grouped NVFP4 GEMM (prefill) ----
+//
+// One CTA of 4 warps computes a tile of 64 sorted positions of one expert by 128 weight rows: rows
+// n0 .. n0 + 127 of W_up (Relu2, down: 128 output columns), or rows n0 .. n0 + 63 of W_gate and of W_up
+// (SwiGlu: 64 output columns, the pair for a column lands in the same thread). The k loop steps by 32:
+// each step's A tile [64][32] (rows of x gathered by sorted_pairs, or of h in place; converted to BF16)
+// and B tile [128][32] (16 bytes of E2M1 codes and 2 E4M3 scales per weight row, dequantized to BF16) are
+// loaded into registers one step ahead, while the tensor cores run on the other shared-memory stage; one
+// __syncthreads a step. Warps tile 2 x 2: 32 positions by 64 weight rows each (2 x 8 mma tiles).
+//
+// Tiles are scheduled without a host sync: a 1-D grid over the worst-case tile count, sum over experts of
+// ceil(count / 64) <= ceil(pairs / 64) + min(n_experts, pairs), times the column tiles; each CTA finds its
+// (expert, first position) from the offsets (warp 0, a prefix sum of per-expert tile counts) and exits
+// when its index is past the real count.
+constexpr int kGemmRows = 64;      // sorted positions per CTA tile
+constexpr int kGemmWRows = 128;    // weight rows per CTA tile
+constexpr int kGemmK = 32;         // k per main-loop step
+constexpr int kGemmThreads = 128;  // 4 warps
+constexpr int kGemmStride = kGemmK + 8;  // BF16 per shared row: 80 bytes, so 8 ldmatrix rows hit 8 bank groups
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* p) {
+    const auto a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// 16 consecutive activations of one A row, held in registers between the load and the shared store.
+template <class XT>
+struct ARowPart;
+template <>
+struct ARowPart<float> {
+    float4 v[4];
+    __device__ __forceinline__ void load(const float* p) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = __ldg(reinterpret_cast<const float4*>(p) + i);
+    }
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    __device__ __forceinline__ void store(__nv_bfloat16* s) const {  // 16-byte aligned shared
+        uint4* d = reinterpret_cast<uint4*>(s);
+        d[0] = make_uint4(pack_bf16x2(v[0].x, v[0].y), pack_bf16x2(v[0].z, v[0].w), pack_bf16x2(v[1].x, v[1].y),
+                          pack_bf16x2(v[1].z, v[1].w));
+        d[1] = make_uint4(pack_bf16x2(v[2].x, v[2].y), pack_bf16x2(v[2].z, v[2].w), pack_bf16x2(v[3].x, v[3].y),
+                          pack_bf16x2(v[3].z, v[3].w));
+    }
+};
+template <>
+struct ARowPart<__nv_bfloat16> {
+    uint4 v[2];
+    __device__ __forceinline__ void load(const __nv_bfloat16* p) {
+        v[0] = __ldg(reinterpret_cast<const uint4*>(p));
+        v[1] = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+    }
+    __device__ __forceinline__ void zero() { v[0] = v[1] = make_uint4(0, 0, 0, 0); }
+    __device__ __forceinline__ void store(__nv_bfloat16* s) const {
+        reinterpret_cast<uint4*>(s)[0] = v[0];
+        reinterpret_cast<uint4*>(s)[1] = v[1];
+    }
+};
+
+// 32 E2M1 codes of one weight row (16 bytes) and their 2 E4M3 block scales -> 32 BF16 values in shared
+// memory (code * block scale * 2^-14, exact in BF16; the epilogue's scale restores 2^14 * global scale).
+__device__ __forceinline__ void dequant32_to_shared(const uint4& q, uint32_t scale_bytes, __nv_bfloat16* s) {
+    uint4* d = reinterpret_cast<uint4*>(s);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // words of 8 codes; words 0, 1 use scale byte 0, words 2, 3 byte 1
+        float v[8];
+        e2m1x8_to_float(word_of(q, j), v);
+        const float sc = e4m3_exact(scale_bytes >> (8 * (j >> 1)));
+        d[j] = make_uint4(pack_bf16x2(v[0] * sc, v[1] * sc), pack_bf16x2(v[2] * sc, v[3] * sc),
+                          pack_bf16x2(v[4] * sc, v[5] * sc), pack_bf16x2(v[6] * sc, v[7] * sc));
+    }
+}
+
+// The weight row (of the 128 in a tile) whose n8 mma tile j (0..7) a warp of column group wn (0, 1)
+// multiplies: SwiGlu's tiles 0..3 are gate rows and 4..7 the up rows of the same 32 output columns.
+template <bool kGated>
+__device__ __forceinline__ int gemm_b_row(int wn, int j) {
+    if constexpr (kGated) return j < 4 ? wn * 32 + j * 8 : 64 + wn * 32 + (j - 4) * 8;
+    return wn * 64 + j * 8;
+}
+
+template <class XT, bool kGather, Epilogue kEpi>
+__global__ void __launch_bounds__(kGemmThreads)
+    moe_gemm_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
+                          const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
+                          const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
+                          int n_experts, float* __restrict__ out) {
+    constexpr bool kGated = kEpi == Epilogue::SwiGlu;
+    constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;  // output columns per CTA tile
+    __shared__ __align__(16) __nv_bfloat16 a_s[2][kGemmRows][kGemmStride];   // [stage][position][k]
+    __shared__ __align__(16) __nv_bfloat16 b_s[2][kGemmWRows][kGemmStride];  // [stage][weight row][k]
+    __shared__ int tile_expert, tile_begin;
+
+    const int col_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_col_tiles));
+    const int row_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_col_tiles));
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    if (warp == 0) {  // which expert's which 64 positions: tile row_tile in expert order
+        if (lane == 0) tile_expert = -1;
+        __syncwarp();
+        int before = 0;  // tiles of the experts below this 32-expert chunk
+        for (int base = 0; base < n_experts; base += 32) {
+            const int e = base + lane;
+            const int tiles = e < n_experts ? (offsets[e + 1] - offsets[e] + kGemmRows - 1) / kGemmRows : 0;
+            int incl = tiles;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            const int first = before + incl - tiles;
+            const bool mine = row_tile >= first && row_tile < before + incl;  // false when tiles == 0
+            if (mine) {
+                tile_expert = e;
+                tile_begin = offsets[e] + (row_tile - first) * kGemmRows;
+            }
+            if (__any_sync(0xffffffffu, mine)) break;
+            before += __shfl_sync(0xffffffffu, incl, 31);
+        }
+    }
+    __syncthreads();
+    const int e = tile_expert;
+    if (e < 0) return;  // past the real tile count: the whole CTA
+    const int begin = tile_begin, end = offsets[e + 1];
+
+    // This thread's A row part: position tid / 2, k half (tid % 2) * 16 of each step.
+    const int a_row = tid >> 1, a_half = (tid & 1) * 16;
+    const bool a_valid = begin + a_row < end;
+    const XT* a_src = x;
+    if (a_valid) {
+        const int p = begin + a_row;
+        const int64_t src = kGather ? sorted_pairs[p] / top_k : p;
+        a_src = x + src * k + a_half;
+    }
+    // This thread's B row: weight row tid of the tile, clamped into the matrix at a column tail (the
+    // columns it feeds are not stored).
+    const int n0 = col_tile * kOutCols;
+    const Nvfp4DeviceWeight* wsel = kGated && tid < kGemmWRows / 2 ? w0s : w1s;
+    const int b_local = kGated ? tid % (kGemmWRows / 2) : tid;
+    const int64_t b_row = min(n0 + b_local, n - 1);
+    const Nvfp4DeviceWeight wb = wsel[e];
+    const uint4* b_codes = reinterpret_cast<const uint4*>(wb.packed + b_row * (k / 2));
+    const unsigned short* b_scales = reinterpret_cast<const unsigned short*>(wb.scales + b_row * (k / 16));
+
+    const int steps = k / kGemmK;
+    ARowPart<XT> a_next;
+    uint4 b_next;
+    uint32_t s_next;
+    auto load_step = [&](int step) {
+        if (a_valid)
+            a_next.load(a_src + step * kGemmK);
+        else
+            a_next.zero();
+        b_next = __ldg(b_codes + step);
+        s_next = __ldg(b_scales + step);
+    };
+    auto store_step = [&](int stage) {
+        a_next.store(&a_s[stage][a_row][a_half]);
+        dequant32_to_shared(b_next, s_next, &b_s[stage][tid][0]);
+    };
+
+    const int wm = warp & 1, wn = warp >> 1;
+    float acc[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+    load_step(0);
+    store_step(0);
+    __syncthreads();
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        if (step + 1 < steps) load_step(step + 1);
+#pragma unroll
+        for (int ks = 0; ks < kGemmK / 16; ++ks) {
+            uint32_t af[2][4];
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                ldmatrix_x4(af[i], &a_s[stage][wm * 32 + i * 16 + (lane & 15)][ks * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                // matrices: (tile j, k 0-7), (tile j, k 8-15), (tile j+1, k 0-7), (tile j+1, k 8-15)
+                const int mat = lane >> 3;
+                uint32_t bf[4];
+                ldmatrix_x4(bf, &b_s[stage][gemm_b_row<kGated>(wn, j + (mat >> 1)) + (lane & 7)]
+                                    [ks * 16 + (mat & 1) * 8]);
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    mma_bf16_16816(acc[i][j], af[i], bf[0], bf[1]);
+                    mma_bf16_16816(acc[i][j + 1], af[i], bf[2], bf[3]);
+                }
+            }
+        }
+        if (step + 1 < steps) store_step(stage ^ 1);
+        __syncthreads();
+    }
+
+    // Epilogue: accumulator c of mma tile (i, j) holds positions g, g (c < 2) or g + 8 (c >= 2), columns
+    // 2 t + (c & 1), with g = lane / 4, t = lane % 4.
+    const float scale1 = w1s[e].global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
+    const float scale0 = kGated ? w0s[e].global_scale * 16384.0f : 0.0f;
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int p = begin + wm * 32 + i * 16 + half * 8 + g;
+            if (p >= end) continue;
+            float* orow = out + static_cast<int64_t>(p) * n;
+#pragma unroll
+            for (int j = 0; j < (kGated ? 4 : 8); ++j) {
+                const int col = n0 + (kGated ? wn * 32 : wn * 64) + j * 8 + t2;
+                if (col >= n) continue;  // n is even: col + 1 < n too
+                float v[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float u = acc[i][kGated ? j + 4 : j][half * 2 + c] * scale1;
+                    if constexpr (kEpi == Epilogue::SwiGlu) {
+                        const float gv = acc[i][j][half * 2 + c] * scale0;
+                        v[c] = gv / (1.0f + expf(-gv)) * u;
+                    } else if constexpr (kEpi == Epilogue::Relu2) {
+                        v[c] = u > 0.0f ? u * u : 0.0f;
+                    } else {
+                        v[c] = u;
+                    }
+                }
+                *reinterpret_cast<float2*>(orow + col) = make_float2(v[0], v[1]);
+            }
+        }
+}
+
 constexpr int kCombineThreads = 256;
 
 template <class YT>
@@ -430,6 +684,22 @@ void check_aligned(const void* p, const char* what, const char* name) {
 
 unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
     return static_cast<unsigned>(std::min<int64_t>(m * top_k, n_experts));
+}
+
+bool use_gemm(MoeExpertKernel kernel, int64_t m, int64_t top_k, int64_t n_experts) {
+    return kernel == MoeExpertKernel::Gemm || (kernel == MoeExpertKernel::Auto && moe_prefers_gemm(m, top_k, n_experts));
+}
+
+// The grouped GEMM's 1-D grid: the worst-case count of 64-position tiles times the column tiles.
+unsigned gemm_grid(int64_t m, int64_t top_k, const MoeDeviceExperts& ex, int64_t col_tiles, const char* what) {
+    if (ex.n_embd > (1 << 24) || ex.n_ff > (1 << 24))  // the kernel indexes rows and k in int
+        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " or n_ff " + std::to_string(ex.n_ff) +
+            " above 2^24");
+    const int64_t pairs = m * top_k;
+    const int64_t row_tiles = (pairs + kGemmRows - 1) / kGemmRows + std::min(ex.n_experts, pairs);
+    const int64_t blocks = row_tiles * col_tiles;
+    if (blocks > 0x7fffffff) bad(std::string(what) + ": " + std::to_string(blocks) + " GEMM tiles, too many");
+    return static_cast<unsigned>(blocks);
 }
 
 void check_experts(const MoeDeviceExperts& ex, int64_t m, int64_t top_k, const char* what) {
@@ -500,9 +770,13 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts) {
+    return m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
+}
+
 void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                           const MoeDeviceExperts& experts, MoeActivation act, const MoePermutation& perm,
-                          float* h, cudaStream_t stream) {
+                          float* h, cudaStream_t stream, MoeExpertKernel kernel) {
     const char* what = "moe_experts_up_nvfp4";
     check_dtype(dtype, what);
     check_experts(experts, m, top_k, what);
@@ -511,6 +785,31 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     if (act == MoeActivation::SwiGlu && experts.gate == nullptr)
         bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
     if (m == 0) return;
+    const bool swiglu = act == MoeActivation::SwiGlu;
+    if (use_gemm(kernel, m, top_k, experts.n_experts)) {
+        const int64_t out_cols = swiglu ? kGemmWRows / 2 : kGemmWRows;
+        const int64_t col_tiles = (experts.n_ff + out_cols - 1) / out_cols;
+        const unsigned blocks = gemm_grid(m, top_k, experts, col_tiles, what);
+        auto launch = [&]<class XT, Epilogue kEpi>() {
+            moe_gemm_nvfp4_kernel<XT, true, kEpi><<<blocks, kGemmThreads, 0, stream>>>(
+                static_cast<const XT*>(x), static_cast<int>(experts.n_embd), static_cast<int>(top_k),
+                experts.gate, experts.up, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
+                perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h);
+        };
+        if (dtype == DType::F32) {
+            if (swiglu)
+                launch.template operator()<float, Epilogue::SwiGlu>();
+            else
+                launch.template operator()<float, Epilogue::Relu2>();
+        } else {
+            if (swiglu)
+                launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
+            else
+                launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
+        }
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     const dim3 grid(static_cast<unsigned>((experts.n_ff + kGemvWarps - 1) / kGemvWarps),
                     grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
@@ -519,7 +818,6 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
             static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff,
             perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
-    const bool swiglu = act == MoeActivation::SwiGlu;
     if (dtype == DType::F32) {
         if (swiglu)
             launch.template operator()<float, Epilogue::SwiGlu>();
@@ -535,12 +833,22 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
 }
 
 void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
-                            const MoePermutation& perm, float* o, cudaStream_t stream) {
+                            const MoePermutation& perm, float* o, cudaStream_t stream, MoeExpertKernel kernel) {
     const char* what = "moe_experts_down_nvfp4";
     check_experts(experts, m, top_k, what);
     check_aligned(h, what, "h");
     check_aligned(o, what, "o");
     if (m == 0) return;
+    if (use_gemm(kernel, m, top_k, experts.n_experts)) {
+        const int64_t col_tiles = (experts.n_embd + kGemmWRows - 1) / kGemmWRows;
+        moe_gemm_nvfp4_kernel<float, false, Epilogue::None>
+            <<<gemm_grid(m, top_k, experts, col_tiles, what), kGemmThreads, 0, stream>>>(
+                h, static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
+                static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets, perm.sorted_pairs,
+                static_cast<int>(experts.n_experts), o);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     const dim3 grid(static_cast<unsigned>((experts.n_embd + kGemvWarps - 1) / kGemvWarps),
                     grid_y_for(m, top_k, experts.n_experts));
     moe_gemv_nvfp4_kernel<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
@@ -608,7 +916,7 @@ size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t 
 
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
-                       void* workspace, void* y, cudaStream_t stream) {
+                       void* workspace, void* y, cudaStream_t stream, MoeExpertKernel kernel) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
@@ -621,8 +929,8 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
     float* h = reinterpret_cast<float*>(base + l.h);
     float* o = reinterpret_cast<float*>(base + l.o);
     moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
-    moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream);
-    moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream);
+    moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
+    moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
     moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
 }
 

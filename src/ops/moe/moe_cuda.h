@@ -24,6 +24,11 @@
 // reads only the active experts' weights: one CTA row tile per (active expert, 4 output rows), all tokens
 // routed to that expert in tiles of 8 (a tile past the first re-reads the rows, from L1/L2, which decode
 // rarely needs: at m = 64, top_k = 8 over 128 experts an expert gets 4 tokens on average).
+// Prefill (MoeExpertKernel below) runs a grouped GEMM instead: tensor cores (mma.sync m16n8k16 BF16,
+// float32 accumulation) over CTA tiles of (expert, 64 sorted positions, 128 weight rows), the weights
+// dequantized to BF16 in shared memory (exact: an E2M1 code times an E4M3 scale has at most 6 significant
+// bits; the per-expert global scale is applied in float32 in the epilogue). Its A operands are rounded to
+// BF16: x when it is F32, and h (stored float32 as for the GEMV) when the down GEMM reads it.
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
 // Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
 // 1 <= top_k <= n_experts <= 1024 (routers: top_k <= 32). Not checked (the tables live on the device):
@@ -67,6 +72,14 @@ struct MoePermutation {
 void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts, const MoePermutation& perm,
                  cudaStream_t stream);
 
+// The expert kernel: the decode GEMV (CUDA cores, float32 arithmetic on the activations; weights re-read
+// from L1/L2 for each further 8 tokens of an expert) or the prefill grouped GEMM (tensor cores, BF16 A
+// operands, 64-position tiles: at few tokens per expert most of its rows are padding). Auto takes the GEMM
+// when moe_prefers_gemm: the experts average at least kMoeGemmMinTokensPerExpert routed tokens.
+enum class MoeExpertKernel { Auto, Gemv, Gemm };
+constexpr int64_t kMoeGemmMinTokensPerExpert = 8;
+bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts);
+
 struct MoeDeviceExperts {
     const Nvfp4DeviceWeight* gate = nullptr;  // device array [n_experts], each [n_ff, n_embd]; SwiGlu only
     const Nvfp4DeviceWeight* up = nullptr;    // device array [n_experts], each [n_ff, n_embd]
@@ -79,11 +92,12 @@ struct MoeDeviceExperts {
 //   x [m, n_embd] F32 or BF16; h [m * top_k, n_ff] float32
 void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                           const MoeDeviceExperts& experts, MoeActivation act, const MoePermutation& perm,
-                          float* h, cudaStream_t stream);
+                          float* h, cudaStream_t stream, MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 // o[p] = h[p] W_down^T of the expert of sorted position p.  h [m * top_k, n_ff]; o [m * top_k, n_embd]
 void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
-                            const MoePermutation& perm, float* o, cudaStream_t stream);
+                            const MoePermutation& perm, float* o, cudaStream_t stream,
+                            MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 // y[t] = sum over the token's choices in ascending expert id of weights[t, j] * o[pair_position[t, j]],
 // from zero (moe_experts_cpu's order), then + shared[t] when shared is not null.
@@ -99,6 +113,7 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
 size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff);
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
-                       void* workspace, void* y, cudaStream_t stream);
+                       void* workspace, void* y, cudaStream_t stream,
+                       MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 }  // namespace nibble::cuda
