@@ -1,6 +1,7 @@
 #include "gpu/cuda_model_runner.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "base/error.h"
@@ -16,7 +17,7 @@ size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
 // Byte offsets of the staged arrays in one buffer (each 16-byte aligned).
 struct StagingLayout {
-    size_t tokens, positions, slots, q_start, start_pos, logit_rows, block_tables, total;
+    size_t tokens, positions, slots, q_start, start_pos, logit_rows, state_slots, block_tables, total;
     StagingLayout(int64_t n_tokens, int64_t n_seqs, int64_t max_blocks) {
         size_t at = 0;
         auto take = [&](size_t bytes) {
@@ -30,6 +31,7 @@ struct StagingLayout {
         q_start = take(static_cast<size_t>(n_seqs + 1) * 4);
         start_pos = take(static_cast<size_t>(n_seqs) * 4);
         logit_rows = take(static_cast<size_t>(n_seqs) * 4);
+        state_slots = take(static_cast<size_t>(n_seqs) * 4);
         block_tables = take(static_cast<size_t>(n_seqs * max_blocks) * 4);
         total = at;
     }
@@ -38,39 +40,63 @@ struct StagingLayout {
 }  // namespace
 
 CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, const CudaRunnerOptions& o)
-    : weights_(std::move(weights)), options_(o) {
-    const ModelConfig& c = weights_->config;
+    : CudaModelRunner(std::move(weights), nullptr, o) {}
+
+CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceHybrid> weights, const CudaRunnerOptions& o)
+    : CudaModelRunner(nullptr, std::move(weights), o) {}
+
+CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights,
+                                 std::shared_ptr<const DeviceHybrid> hybrid, const CudaRunnerOptions& o)
+    : weights_(std::move(weights)), options_(o), hybrid_(std::move(hybrid)) {
+    const ModelConfig& c = hybrid_ ? hybrid_->config : weights_->config;
     NIBBLE_CHECK(o.num_blocks > 0 && o.block_size > 0, "CUDA runner: {} KV blocks of {} tokens", o.num_blocks,
                  o.block_size);
-    kv_ = std::make_unique<DeviceKvCache>(attention_kv_cache_shape(c, c.n_layers, o.num_blocks, o.block_size,
-                                                                   o.kv_dtype, weights_->k_scales, weights_->v_scales));
-    forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
-    forward_->set_fused_gemv(o.fused_gemv);
-    forward_->set_programmatic_launch(o.programmatic_launch);
-    if (o.kernel_choices) forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
+    if (hybrid_) {  // the KV cache holds the attention layers only; the Mamba state lives in the forward's slots
+        kv_ = std::make_unique<DeviceKvCache>(attention_kv_cache_shape(c, hybrid_->n_attention, o.num_blocks,
+                                                                       o.block_size, o.kv_dtype, hybrid_->k_scales,
+                                                                       hybrid_->v_scales));
+        hybrid_forward_ = std::make_unique<HybridForward>(*hybrid_, o.act_dtype, o.max_num_batched_tokens,
+                                                          o.max_num_seqs, o.num_state_slots, o.ssm_dtype,
+                                                          o.num_state_snapshots);
+        fwd_ = hybrid_forward_.get();
+    } else {
+        kv_ = std::make_unique<DeviceKvCache>(attention_kv_cache_shape(c, c.n_layers, o.num_blocks, o.block_size,
+                                                                       o.kv_dtype, weights_->k_scales,
+                                                                       weights_->v_scales));
+        forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
+        forward_->set_fused_gemv(o.fused_gemv);
+        forward_->set_programmatic_launch(o.programmatic_launch);
+        if (o.kernel_choices)
+            forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
+        fwd_ = forward_.get();
+    }
     NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
     staging_bytes_ = StagingLayout(o.max_num_batched_tokens, o.max_num_seqs, max_blocks_per_seq_).total;
     NIBBLE_CUDA_CHECK(cudaHostAlloc(&staging_host_, staging_bytes_, cudaHostAllocDefault));
     staging_device_ = cuda::DeviceBuffer(staging_bytes_);
     NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&logits_host_),
-                                    static_cast<size_t>(o.max_num_seqs * c.vocab_size) * sizeof(float),
+                                    static_cast<size_t>(o.max_num_seqs * vocab_size()) * sizeof(float),
                                     cudaHostAllocDefault));
     NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&tokens_host_),
                                     static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t), cudaHostAllocDefault));
     tokens_device_ = cuda::DeviceBuffer(static_cast<size_t>(o.max_num_seqs) * sizeof(int32_t));
+    NIBBLE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&sampling_host_),
+                                    static_cast<size_t>(o.max_num_seqs) * sizeof(cuda::RowSamplingParams),
+                                    cudaHostAllocDefault));
+    sampling_device_ = cuda::DeviceBuffer(static_cast<size_t>(o.max_num_seqs) * sizeof(cuda::RowSamplingParams));
     graph_sizes_ = graph_batch_sizes(std::min({o.max_cudagraph_capture_size, o.max_num_seqs, o.max_num_batched_tokens}));
     // One workspace for every graph, sized for the most splits any of them can use (the longest cache).
     size_t most = 0;
     for (int64_t b : graph_sizes_) {
         const DeviceBatch probe{.n_tokens = b, .n_seqs = b, .max_q_len = 1, .max_kv_len = o.max_model_len,
                                 .max_blocks = max_blocks_per_seq_};
-        most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(probe, *kv_), b));
+        most = std::max(most, fwd_->attention_workspace_bytes(fwd_->attention_splits(probe, *kv_), b));
         // Tuned split counts differ per cache-length class: room for the most any class of this batch uses.
         for (int64_t bound = 1024; o.kernel_choices && bound < o.max_model_len; bound *= 2) {
             DeviceBatch shorter = probe;
             shorter.max_kv_len = bound;
-            most = std::max(most, forward_->attention_workspace_bytes(forward_->attention_splits(shorter, *kv_), b));
+            most = std::max(most, fwd_->attention_workspace_bytes(fwd_->attention_splits(shorter, *kv_), b));
         }
     }
     graph_workspace_ = cuda::DeviceBuffer(most);
@@ -89,9 +115,11 @@ CudaModelRunner::~CudaModelRunner() {
     if (stream_) (void)cudaStreamSynchronize(stream_);
     for (auto& [key, exec] : graphs_) (void)cudaGraphExecDestroy(exec);
     forward_.reset();
+    hybrid_forward_.reset();
     (void)cudaFreeHost(staging_host_);
     (void)cudaFreeHost(logits_host_);
     (void)cudaFreeHost(tokens_host_);
+    (void)cudaFreeHost(sampling_host_);
     if (stream_) (void)cudaStreamDestroy(stream_);
 }
 
@@ -130,17 +158,23 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch, int64_
     auto* q_start = reinterpret_cast<int32_t*>(base + L.q_start);
     auto* start_pos = reinterpret_cast<int32_t*>(base + L.start_pos);
     auto* logit_rows = reinterpret_cast<int32_t*>(base + L.logit_rows);
+    auto* state_slots = reinterpret_cast<int32_t*>(base + L.state_slots);
     auto* tables = reinterpret_cast<int32_t*>(base + L.block_tables);
-    const int64_t bs = options_.block_size, vocab = weights_->config.vocab_size;
+    const int64_t bs = options_.block_size, vocab = vocab_size();
     int64_t row = 0, n_logits = 0;
     for (int64_t si = n_real; si < n_seqs; ++si) {  // padding: token 0 at position 0, its K/V not written
         q_start[si] = static_cast<int32_t>(n_tokens - (n_seqs - si));
         start_pos[si] = 0;
+        state_slots[si] = -1;  // a hybrid forward computes it in its scratch slot
     }
     for (int64_t si = 0; si < n_real; ++si) {
         const RunnerSequence& s = batch[static_cast<size_t>(si)];
         q_start[si] = static_cast<int32_t>(row);
         start_pos[si] = static_cast<int32_t>(s.start_pos);
+        const int64_t n_state_slots = fwd_->num_state_slots();
+        NIBBLE_CHECK(n_state_slots == 0 || (s.state_slot >= 0 && s.state_slot < n_state_slots),
+                     "CUDA runner: state slot {} outside the {} slots", s.state_slot, n_state_slots);
+        state_slots[si] = s.state_slot;
         for (size_t i = 0; i < s.tokens.size(); ++i, ++row) {
             NIBBLE_CHECK(s.tokens[i] >= 0 && s.tokens[i] < vocab, "token id {} outside the vocabulary of {}",
                          s.tokens[i], vocab);
@@ -179,7 +213,8 @@ DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch, int64_
             .q_start = reinterpret_cast<const int32_t*>(dev + L.q_start),
             .start_pos = reinterpret_cast<const int32_t*>(dev + L.start_pos),
             .block_tables = reinterpret_cast<const int32_t*>(dev + L.block_tables),
-            .logit_rows = reinterpret_cast<const int32_t*>(dev + L.logit_rows)};
+            .logit_rows = reinterpret_cast<const int32_t*>(dev + L.logit_rows),
+            .state_slots = reinterpret_cast<const int32_t*>(dev + L.state_slots)};
 }
 
 DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) {
@@ -188,7 +223,7 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
         std::all_of(batch.begin(), batch.end(), [](const RunnerSequence& s) { return s.tokens.size() == 1 && s.needs_logits; });
     if (!decode_step) {
         const DeviceBatch b = stage(batch);
-        forward_->run(b, *kv_, stream_);
+        fwd_->run(b, *kv_, stream_);
         return b;
     }
     // The graph's shapes: the batch padded to its bucket, the cache length rounded up to a power of two
@@ -207,13 +242,13 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
         // With tune choices, a captured launch may only use a variant that has launched eagerly: the step
         // runs eagerly first (its results are this step's), then the graph is captured for the next ones.
         const bool eager_first = options_.kernel_choices != nullptr;
-        if (eager_first) forward_->run(b, *kv_, stream_);
+        if (eager_first) fwd_->run(b, *kv_, stream_);
         const size_t failed_before = eager_first ? options_.kernel_choices->failed_variants().size() : 0;
-        const int splits = forward_->attention_splits(b, *kv_);
+        const int splits = fwd_->attention_splits(b, *kv_);
         cudaGraph_t graph = nullptr;
         NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
         try {
-            forward_->run(b, *kv_, stream_, splits, graph_workspace_.get(), graph_workspace_.bytes());
+            fwd_->run(b, *kv_, stream_, splits, graph_workspace_.get(), graph_workspace_.bytes());
         } catch (const std::exception& e) {
             (void)cudaStreamEndCapture(stream_, &graph);
             if (graph) (void)cudaGraphDestroy(graph);
@@ -227,7 +262,7 @@ DeviceBatch CudaModelRunner::run_forward(std::span<const RunnerSequence> batch) 
             graphs_failed_ = true;
             log::warn("CUDA graph capture failed for decode batch {} ({}); decode steps run eagerly from now on",
                       bucket, e.what());
-            if (!eager_first) forward_->run(b, *kv_, stream_);
+            if (!eager_first) fwd_->run(b, *kv_, stream_);
             return b;
         }
         NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
@@ -252,12 +287,19 @@ int64_t sampled_rows(std::span<const RunnerSequence> batch) {
 
 }  // namespace
 
+void CudaModelRunner::set_communicator(Communicator* comm) { forward_->set_communicator(comm); }
+
+void CudaModelRunner::run_step(std::span<const RunnerSequence> batch) {
+    run_forward(batch);
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 void CudaModelRunner::execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) {
     run_forward(batch);
     // The sampled rows come first (padding rows of a graph step follow them).
     const size_t n = static_cast<size_t>(sampled_rows(batch) * vocab_size());
     if (n > 0)
-        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits_host_, forward_->logits(), n * sizeof(float), cudaMemcpyDeviceToHost,
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits_host_, fwd_->logits(), n * sizeof(float), cudaMemcpyDeviceToHost,
                                           stream_));
     NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     logits.assign(logits_host_, logits_host_ + n);
@@ -267,12 +309,47 @@ void CudaModelRunner::execute_greedy(std::span<const RunnerSequence> batch, std:
     run_forward(batch);
     const int64_t rows = sampled_rows(batch);
     if (rows > 0) {
-        cuda::argmax_rows(forward_->logits(), rows, vocab_size(), tokens_device_.as<int32_t>(), stream_);
+        cuda::argmax_rows(fwd_->logits(), rows, vocab_size(), tokens_device_.as<int32_t>(), stream_);
         NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_host_, tokens_device_.get(), static_cast<size_t>(rows) * 4,
                                           cudaMemcpyDeviceToHost, stream_));
     }
     NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     tokens.assign(tokens_host_, tokens_host_ + rows);
+}
+
+void CudaModelRunner::execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                                     std::vector<int32_t>& tokens) {
+    const int64_t n = sampled_rows(batch);
+    NIBBLE_CHECK(static_cast<int64_t>(rows.size()) == n, "CUDA runner: {} sampling rows for {} sampled sequences",
+                 rows.size(), n);
+    for (size_t i = 0; i < rows.size(); ++i) {
+        const RowSampling& r = rows[i];
+        NIBBLE_CHECK(r.temperature >= 0.0f && std::isfinite(r.temperature) && r.u >= 0.0 && r.u < 1.0,
+                     "CUDA runner: sampling row {} has temperature {} and u {} (want >= 0 and [0, 1))", i,
+                     r.temperature, r.u);
+        sampling_host_[i] = {.temperature = r.temperature, .top_k = r.top_k, .top_p = r.top_p, .min_p = r.min_p,
+                             .u = r.u};
+    }
+    run_forward(batch);
+    if (n > 0) {  // the sampled rows come first in the logits (padding rows of a graph step follow them)
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(sampling_device_.get(), sampling_host_,
+                                          static_cast<size_t>(n) * sizeof(cuda::RowSamplingParams),
+                                          cudaMemcpyHostToDevice, stream_));
+        cuda::sample_rows(fwd_->logits(), n, vocab_size(), sampling_device_.as<const cuda::RowSamplingParams>(),
+                          tokens_device_.as<int32_t>(), stream_);
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_host_, tokens_device_.get(), static_cast<size_t>(n) * 4,
+                                          cudaMemcpyDeviceToHost, stream_));
+    }
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    tokens.assign(tokens_host_, tokens_host_ + n);
+}
+
+void CudaModelRunner::save_state_snapshot(int32_t state_slot, int32_t snapshot) {
+    fwd_->save_state_snapshot(state_slot, snapshot, stream_);
+}
+
+void CudaModelRunner::restore_state_snapshot(int32_t snapshot, int32_t state_slot) {
+    fwd_->restore_state_snapshot(snapshot, state_slot, stream_);
 }
 
 }  // namespace nibble::gpu

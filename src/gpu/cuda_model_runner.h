@@ -15,6 +15,10 @@
 #include "engine/model_runner.h"
 #include "gpu/decoder_forward.h"
 #include "gpu/device_decoder.h"
+#include "ops/sampling/sample_cuda.h"
+#include "gpu/device_forward.h"
+#include "gpu/device_hybrid.h"
+#include "gpu/hybrid_forward.h"
 
 namespace nibble::gpu {
 
@@ -35,18 +39,39 @@ struct CudaRunnerOptions {
     // dispatch. Resolved once at construction (DecoderForward::set_kernel_choices); shared so that several
     // runners (and tests) see one record of failed variants and launches.
     std::shared_ptr<tune::KernelChoices> kernel_choices;
+    // Hybrid models (NemotronH): recurrent-state slots (RunnerSequence::state_slot), their SSM state's
+    // dtype (--mamba-ssm-cache-dtype) and snapshots for prefix caching.
+    int64_t num_state_slots = 0;
+    SsmStateDtype ssm_dtype = SsmStateDtype::F32;
+    int64_t num_state_snapshots = 0;
 };
 
 class CudaModelRunner final : public ModelRunner {
 public:
     CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, const CudaRunnerOptions& options);
+    // A hybrid model (NemotronH): options.num_state_slots recurrent states beside the KV cache.
+    CudaModelRunner(std::shared_ptr<const DeviceHybrid> weights, const CudaRunnerOptions& options);
     ~CudaModelRunner() override;
 
-    int64_t vocab_size() const override { return weights_->config.vocab_size; }
+    int64_t vocab_size() const override { return weights_->vocab_size(); }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
     // As execute, but the sampled rows' argmax tokens (greedy decoding) instead of their logits.
     bool samples_greedy_on_device() const override { return true; }
     void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) override;
+    // As execute, but each sampled row's token drawn on the device (ops/sampling/sample_cuda.h).
+    bool samples_on_device() const override { return true; }
+    void execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                        std::vector<int32_t>& tokens) override;
+    int64_t num_state_snapshots() const override { return fwd_->num_state_snapshots(); }
+    void save_state_snapshot(int32_t state_slot, int32_t snapshot) override;
+    void restore_state_snapshot(int32_t snapshot, int32_t state_slot) override;
+
+    // Tensor parallelism: the group of this rank (its weights a shard, weights().sharded()); required before
+    // the first step. Its collectives must be enqueued on stream() (NcclCommunicator(bootstrap, stream())).
+    void set_communicator(Communicator* comm);
+    // The forward of one step and nothing else, waited for: what ranks other than 0 run for each step rank 0
+    // executes (every rank runs the same steps in the same order, so their collectives match).
+    void run_step(std::span<const RunnerSequence> batch);
 
     const DeviceDecoder& weights() const { return *weights_; }
     const DeviceKvCache& kv_cache() const { return *kv_; }
@@ -58,6 +83,8 @@ public:
     static std::vector<int64_t> graph_batch_sizes(int64_t max_capture_size);
 
 private:
+    CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights, std::shared_ptr<const DeviceHybrid> hybrid,
+                    const CudaRunnerOptions& options);
     // Copies the batch's tokens, positions, slots, block tables and logits rows to the device. With
     // pad_to > batch size, padding sequences (one token, no cache write) fill the batch up to it, and
     // table_stride / kv_bound fix the shapes a captured graph was made with.
@@ -74,6 +101,9 @@ private:
     CudaRunnerOptions options_;
     std::unique_ptr<DeviceKvCache> kv_;
     std::unique_ptr<DecoderForward> forward_;
+    std::shared_ptr<const DeviceHybrid> hybrid_;       // a hybrid model's weights (then weights_ is null)
+    std::unique_ptr<HybridForward> hybrid_forward_;
+    DeviceForward* fwd_ = nullptr;                     // forward_ or hybrid_forward_
     cudaStream_t stream_ = nullptr;
     int64_t max_blocks_per_seq_ = 0;
     void* staging_host_ = nullptr;     // pinned, staging_bytes_
@@ -82,6 +112,8 @@ private:
     float* logits_host_ = nullptr;     // pinned [max_num_seqs, vocab]
     int32_t* tokens_host_ = nullptr;   // pinned [max_num_seqs]
     cuda::DeviceBuffer tokens_device_;  // [max_num_seqs] argmax results
+    cuda::RowSamplingParams* sampling_host_ = nullptr;  // pinned [max_num_seqs]
+    cuda::DeviceBuffer sampling_device_;                // [max_num_seqs] RowSamplingParams
     std::vector<int64_t> graph_sizes_;
     std::map<GraphKey, cudaGraphExec_t> graphs_;
     cuda::DeviceBuffer graph_workspace_;  // attention splits of every captured graph (sized once)

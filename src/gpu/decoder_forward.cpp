@@ -62,13 +62,9 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
                  dtype_name(act));
     NIBBLE_CHECK(max_tokens > 0 && max_logit_rows > 0, "CUDA forward: max_tokens {} and max_logit_rows {} must be positive",
                  max_tokens, max_logit_rows);
-    for (const DeviceDecoderLayer& L : w.layers)
-        for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-            NIBBLE_CHECK(l->format != WeightFormat::Fp8 || act == DType::BF16,
-                         "{}: FP8 weights run with BF16 activations on the CUDA backend", l->name);
-    NIBBLE_CHECK(w.lm_head.format != WeightFormat::Fp8, "{}: an FP8 lm_head is not supported by the CUDA backend",
-                 w.lm_head.name);
-    sm_count_ = cuda::query_device(0).sm_count;
+    int device = 0;
+    NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+    sm_count_ = cuda::query_device(device).sm_count;
     const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
     x_ = activations(max_tokens, c.n_embd, act);
     h_ = activations(max_tokens, c.n_embd, act);
@@ -88,7 +84,11 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
         moe_workspace_ = cuda::DeviceBuffer(cuda::moe_workspace_bytes(max_tokens, e.top_k, e.n_experts, c.n_embd, e.n_ff));
     }
     selected_ = activations(max_logit_rows, c.n_embd, DType::F32);
-    logits_ = activations(max_logit_rows, c.vocab_size, DType::F32);
+    logits_ = activations(max_logit_rows, w.vocab_size(), DType::F32);
+    if (w.sharded()) {
+        rank_logits_ = activations(max_logit_rows, w.tp.vocab_per_rank, DType::F32);
+        gathered_logits_ = activations(max_logit_rows * w.tp.tp_size, w.tp.vocab_per_rank, DType::F32);
+    }
     if (act == DType::BF16 && max_tokens > kGemvMaxRows) {
         bool fp8 = false, quantized = false;
         for (const DeviceDecoderLayer& L : w.layers)
@@ -96,8 +96,8 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
                 fp8 |= l->format == WeightFormat::Fp8;
                 quantized |= l->format != WeightFormat::Dense;
             }
-        // Eager prefill dequantizes through the pipeline; steps captured into a graph (and FP8 decode steps)
-        // dequantize on the forward's own stream, into GemmContext's scratch.
+        // Eager prefill dequantizes through the pipeline; prefill steps captured into a graph dequantize on
+        // the forward's own stream, into GemmContext's scratch.
         gemm_ = std::make_unique<cuda::GemmContext>(fp8 || quantized ? w.max_linear_elems() : 0);
         if (quantized) dequant_ = std::make_unique<DequantPipeline>(w.max_linear_elems());
     }
@@ -105,9 +105,18 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
 
 DecoderForward::~DecoderForward() = default;
 
+void DecoderForward::set_communicator(Communicator* comm) {
+    NIBBLE_CHECK(comm == nullptr || comm->world_size() == w_.tp.tp_size,
+                 "CUDA forward: a communicator of {} ranks for weights split {} ways", comm ? comm->world_size() : 0,
+                 w_.tp.tp_size);
+    NIBBLE_CHECK(comm == nullptr || comm->rank() == w_.tp.rank, "CUDA forward: communicator rank {} holds rank {}'s weights",
+                 comm ? comm->rank() : 0, w_.tp.rank);
+    comm_ = comm;
+}
+
 void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
                             const GemvChoice* choice, bool capturing) {
-    const bool gemm = act_ == DType::BF16 && (m > kGemvMaxRows || w.format == WeightFormat::Fp8);
+    const bool gemm = act_ == DType::BF16 && m > kGemvMaxRows;
     if (gemm) {
         NIBBLE_CHECK(gemm_ != nullptr, "CUDA forward: {} rows need the GEMM path, but buffers were sized for {}", m,
                      max_tokens_);
@@ -132,9 +141,9 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
 
 void DecoderForward::gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
                           const GemvChoice* choice, bool capturing) {
-    if (w.format == WeightFormat::Fp8)
-        fail("{}: no CUDA path for {} weights with {} activations", w.name, weight_format_name(w.format),
-             dtype_name(act));
+    if (w.format == WeightFormat::Fp8)  // no registry variant: gemv_fp8's own dispatch
+        return cuda::gemv_fp8(x, act, m, static_cast<const uint8_t*>(w.data), w.n_out, w.n_in, w.scale, w.bias_ptr(),
+                              y, stream);
     const bool nvfp4 = w.format == WeightFormat::Nvfp4;
     auto launch = [&](const tune::KernelVariant* v) {
         if (!nvfp4)  // every BF16 GEMV variant is gemv_bf16's instantiation for the tile
@@ -206,7 +215,7 @@ void DecoderForward::set_kernel_choices(std::shared_ptr<tune::KernelChoices> cho
     std::map<std::tuple<int, int64_t, int64_t, int>, GemvChoice> by_shape;
     auto gemv_of = [&](const DeviceLinear& l, DType act) -> GemvChoice {
         GemvChoice g;
-        if (l.format == WeightFormat::Fp8) return g;  // runs the GEMM; no GEMV variant
+        if (l.format == WeightFormat::Fp8) return g;  // gemv_fp8 is not a registry op
         const auto key = std::make_tuple(static_cast<int>(l.format), l.n_out, l.n_in, static_cast<int>(act));
         if (auto it = by_shape.find(key); it != by_shape.end()) return it->second;
         const tune::OpKind op = l.format == WeightFormat::Nvfp4 ? tune::OpKind::GemvNvfp4 : tune::OpKind::GemvBf16;
@@ -334,7 +343,20 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     }
     const bool capture = capturing != cudaStreamCaptureStatusNone;
     const tune::ResolvedChoice* attention = attention_choice(b);
-    cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(), stream);
+    const bool sharded = w_.sharded();
+    NIBBLE_CHECK(!sharded || comm_ != nullptr, "CUDA forward: rank {} of {} runs without a communicator", w_.tp.rank,
+                 w_.tp.tp_size);
+    // Sums the row-parallel partial outputs (and the embedding's shares) over the ranks.
+    auto all_reduce = [&](void* rows) {
+        if (sharded) comm_->all_reduce_sum(rows, m * d, act_);
+    };
+    if (sharded)
+        cuda::embed_shard(static_cast<const uint16_t*>(w_.embed.get()), w_.tp.vocab.begin, c.vocab_size, d, b.tokens,
+                          m, act_, x_.get(), stream);
+    else
+        cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(),
+                    stream);
+    all_reduce(x_.get());
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceDecoderLayer& L = w_.layers[il];
         if (il == 0)
@@ -357,9 +379,10 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             cuda::rmsnorm(q_.get(), act_, m * c.n_heads, hd, L.q_norm.as<float>(), c.norm_eps, q_.get(), stream);
             cuda::rmsnorm(k_.get(), act_, m * c.n_kv_heads, hd, L.k_norm.as<float>(), c.norm_eps, k_.get(), stream);
         }
-        cuda::rope_apply(q_.get(), act_, m, c.n_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim, stream);
+        cuda::rope_apply(q_.get(), act_, m, c.n_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim, stream,
+                         c.rope.interleaved);
         cuda::rope_apply(k_.get(), act_, m, c.n_kv_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim,
-                         stream);
+                         stream, c.rope.interleaved);
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
         cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
         if (attention == nullptr) {
@@ -378,6 +401,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             }, "attention");
         }
         linear(L.o, attn_.get(), m, proj_.get(), stream, gemv_choice(il, 3), capture);
+        all_reduce(proj_.get());
         cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
         if (L.moe) {  // proj = sum over the top_k experts of weight * expert(h)
             const MoeConfig& e = c.moe;
@@ -402,13 +426,30 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
         }
         linear(L.down, gate_.get(), m, proj_.get(), stream, gemv_choice(il, 6), capture);
+        all_reduce(proj_.get());
     }
     if (b.n_logit_rows == 0) return;
     cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
-    gemv(w_.lm_head, selected_.get(), DType::F32, b.n_logit_rows, logits_.get(), stream,
-         choices_ ? &lm_head_gemv_ : nullptr, capture);
+    if (!sharded)
+        return gemv(w_.lm_head, selected_.get(), DType::F32, b.n_logit_rows, logits_.get(), stream,
+                    choices_ ? &lm_head_gemv_ : nullptr, capture);
+    // Vocabulary-parallel lm_head: each rank's rows [n_logit_rows, its share], gathered in slots of
+    // vocab_per_rank, then laid side by side into [n_logit_rows, vocab].
+    const int64_t rows = b.n_logit_rows, slot = w_.tp.vocab_per_rank;
+    gemv(w_.lm_head, selected_.get(), DType::F32, rows, rank_logits_.get(), stream, choices_ ? &lm_head_gemv_ : nullptr,
+         capture);
+    comm_->all_gather(rank_logits_.get(), rows * slot, DType::F32, gathered_logits_.get());
+    const int64_t vocab = w_.vocab_size();
+    for (int64_t r = 0; r < w_.tp.tp_size; ++r) {
+        const int64_t share = std::min(slot, vocab - r * slot);  // the last rank may hold fewer rows
+        if (share <= 0) continue;
+        NIBBLE_CUDA_CHECK(cudaMemcpy2DAsync(logits_.as<float>() + r * slot, static_cast<size_t>(vocab) * 4,
+                                            gathered_logits_.as<float>() + r * rows * slot,
+                                            static_cast<size_t>(share) * 4, static_cast<size_t>(share) * 4,
+                                            static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
+    }
 }
 
 }  // namespace nibble::gpu

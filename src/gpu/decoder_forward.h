@@ -19,10 +19,12 @@
 
 #include "cuda/device_buffer.h"
 #include "gpu/dequant_pipeline.h"
+#include "gpu/device_forward.h"
 #include "gpu/device_decoder.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/attention/kv_cache.h"
 #include "ops/linear/gemm_cuda.h"
+#include "parallel/communicator.h"
 #include "tensor/dtype.h"
 #include "tune/kernel_choices.h"
 
@@ -53,9 +55,10 @@ struct DeviceBatch {
     const int32_t* start_pos = nullptr;     // [n_seqs]
     const int32_t* block_tables = nullptr;  // [n_seqs, max_blocks]
     const int32_t* logit_rows = nullptr;    // [n_logit_rows] rows whose logits are wanted
+    const int32_t* state_slots = nullptr;   // [n_seqs] hybrid models: each sequence's recurrent-state slot (-1: none)
 };
 
-class DecoderForward {
+class DecoderForward : public DeviceForward {
 public:
     // Buffers for up to max_tokens rows per step and max_logit_rows logits rows.
     DecoderForward(const DeviceDecoder& weights, DType act_dtype, int64_t max_tokens, int64_t max_logit_rows);
@@ -74,8 +77,15 @@ public:
              size_t workspace_bytes);
     // Workspace bytes `splits` need for a batch of n_tokens rows.
     size_t attention_workspace_bytes(int splits, int64_t n_tokens) const;
-    // [max_logit_rows, vocab] float32; rows 0 .. n_logit_rows - 1 hold the last run's logits.
+    // [max_logit_rows, vocab] float32; rows 0 .. n_logit_rows - 1 hold the last run's logits (the whole
+    // vocabulary, also on a tensor-parallel rank).
     const float* logits() const { return logits_.as<float>(); }
+
+    // Tensor parallelism: the group this rank's shard (weights.sharded()) runs in; required before the first
+    // run of a shard. Collectives (all-reduce after the vocabulary-parallel embedding and after each
+    // row-parallel layer, o_proj and down_proj; all-gather of the vocabulary-parallel logits) are enqueued
+    // on the communicator's own stream, which must be the stream run() is given.
+    void set_communicator(Communicator* comm);
 
     // Rows above this run the prefill GEMM (BF16 activations), the rest the GEMVs.
     static constexpr int64_t kGemvMaxRows = 32;
@@ -132,6 +142,9 @@ private:
     cuda::DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, proj_;  // activations, [max_tokens, width]
     cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
     cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
+    Communicator* comm_ = nullptr;                                   // tensor parallelism: this rank's group
+    cuda::DeviceBuffer rank_logits_;     // sharded: [max_logit_rows, vocab_per_rank] this rank's vocabulary rows
+    cuda::DeviceBuffer gathered_logits_;  // sharded: [tp_size, max_logit_rows * vocab_per_rank]
     cuda::DeviceBuffer workspace_;                                   // attention splits' partials
     cuda::DeviceBuffer router_logits_;  // MoE: [max_tokens, n_experts] act
     cuda::DeviceBuffer moe_ids_;        // MoE: [max_tokens, top_k] int32

@@ -21,25 +21,28 @@ int64_t DeviceLinear::stored_bytes() const {
 
 cuda::MoeDeviceExperts DeviceMoeExperts::device() const {
     const auto* t = tables.as<const cuda::Nvfp4DeviceWeight>();
-    return {.gate = t, .up = t + n_experts, .down = t + 2 * n_experts, .n_experts = n_experts, .n_embd = n_embd,
-            .n_ff = n_ff};
+    const auto* up = t + (n_mats - 2) * n_experts;  // after the gates, when there are
+    return {.gate = n_mats == 3 ? t : nullptr, .up = up, .down = up + n_experts, .n_experts = n_experts,
+            .n_embd = n_embd, .n_ff = n_ff};
 }
 
-void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
+void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff, bool gated) {
     e.n_experts = n_experts;
     e.n_embd = n_embd;
     e.n_ff = n_ff;
-    e.packed = cuda::DeviceBuffer(static_cast<size_t>(3 * n_experts * n_ff * n_embd / 2));
-    e.scales = cuda::DeviceBuffer(static_cast<size_t>(3 * n_experts * n_ff * n_embd / 16));
+    e.n_mats = gated ? 3 : 2;
+    e.packed = cuda::DeviceBuffer(static_cast<size_t>(e.n_mats * n_experts * n_ff * n_embd / 2));
+    e.scales = cuda::DeviceBuffer(static_cast<size_t>(e.n_mats * n_experts * n_ff * n_embd / 16));
 }
 
 void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales) {
-    NIBBLE_CHECK(static_cast<int64_t>(global_scales.size()) == 3 * e.n_experts,
-                 "MoE expert tables: {} global scales for 3 x {} experts", global_scales.size(), e.n_experts);
+    NIBBLE_CHECK(static_cast<int64_t>(global_scales.size()) == e.n_mats * e.n_experts,
+                 "MoE expert tables: {} global scales for {} x {} experts", global_scales.size(), e.n_mats,
+                 e.n_experts);
     const int64_t elems = e.n_ff * e.n_embd;
-    std::vector<cuda::Nvfp4DeviceWeight> host(static_cast<size_t>(3 * e.n_experts));
-    for (int64_t i = 0; i < 3 * e.n_experts; ++i) {
-        const bool down = i >= 2 * e.n_experts;
+    std::vector<cuda::Nvfp4DeviceWeight> host(static_cast<size_t>(e.n_mats * e.n_experts));
+    for (int64_t i = 0; i < e.n_mats * e.n_experts; ++i) {
+        const bool down = i >= (e.n_mats - 1) * e.n_experts;
         host[static_cast<size_t>(i)] = {.packed = e.packed.as<uint8_t>() + i * (elems / 2),
                                         .scales = e.scales.as<uint8_t>() + i * (elems / 16),
                                         .global_scale = global_scales[static_cast<size_t>(i)],
@@ -75,7 +78,7 @@ int64_t DeviceDecoder::active_linear_params() const {
     int64_t total = 0;
     for (const DeviceLinear* w : linears(*this)) total += w->n_out * w->n_in;
     for (const DeviceDecoderLayer& L : layers)
-        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * 3 * L.experts.n_ff * L.experts.n_embd;
+        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * L.experts.n_mats * L.experts.n_ff * L.experts.n_embd;
     return total;
 }
 
@@ -157,13 +160,6 @@ void check_decoder_supported(const ModelConfig& c, const DecoderView& view) {
     }
 }
 
-namespace {
-
-// Random words shaped by masks (cuda/fill_random.h). BF16 pairs with exponents 2^-7..2^-4 and random signs.
-constexpr uint32_t kBf16And = 0x81ff81ffu, kBf16Or = 0x3c003c00u;
-// E4M3 block scales with exponents 2^-5..2^-4 (codes 0x10..0x1f): finite, never NaN.
-constexpr uint32_t kE4m3And = 0x0f0f0f0fu, kE4m3Or = 0x10101010u;
-
 cuda::DeviceBuffer random_buffer(size_t bytes, uint64_t seed, uint32_t and_mask, uint32_t or_mask) {
     cuda::DeviceBuffer b((bytes + 3) / 4 * 4);
     cuda::fill_random_u32(b.as<uint32_t>(), b.bytes() / 4, seed, and_mask, or_mask, nullptr);
@@ -191,8 +187,6 @@ DeviceLinear random_linear(const std::string& name, int64_t n_out, int64_t n_in,
 cuda::DeviceBuffer ones(int64_t n) {
     return random_buffer(static_cast<size_t>(n) * 4, 0, 0u, 0x3f800000u);  // float 1.0
 }
-
-}  // namespace
 
 DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o) {
     check_decoder_supported(c);
@@ -250,12 +244,21 @@ DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o)
     return d;
 }
 
+DeviceDecoder synthetic_decoder_rank(const ModelConfig& c, const SyntheticOptions& o, int64_t tp_size, int64_t rank) {
+    check_tensor_parallel(c, tp_size);
+    const TensorParallelLayout layout = tensor_parallel_layout(c, tp_size, rank);
+    SyntheticOptions ro = o;
+    ro.seed = o.seed + static_cast<uint64_t>(rank) * 7919;
+    DeviceDecoder d = synthetic_decoder(rank_config(c, layout), ro);
+    d.tp = layout;
+    d.full_vocab = c.vocab_size;
+    return d;
+}
+
 std::vector<std::string> synthetic_config_names() {
-    // The published shapes (model/real_shapes.h) this backend runs; Nemotron-3-Nano's hybrid forward is CPU-only.
-    std::vector<std::string> names;
-    for (const std::string& n : real_shape_names())
-        if (n != "nemotron-3-nano-30b-a3b") names.push_back(n);
-    return names;
+    // The published shapes (model/real_shapes.h) this backend runs: all of them (Nemotron-3-Nano through
+    // synthetic_hybrid).
+    return real_shape_names();
 }
 
 ModelConfig synthetic_config(const std::string& name) {

@@ -15,6 +15,7 @@
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
+#include "parallel/tensor_parallel.h"
 
 namespace nibble::gpu {
 
@@ -37,22 +38,23 @@ struct DeviceLinear {
 };
 
 // A MoE layer's experts, NVFP4 only (the grouped expert kernels of ops/moe/moe_cuda.h read nothing else),
-// every expert's gate, up and down in one allocation each for the packed values and the block scales,
-// and the per-expert tables those kernels index on the device.
+// every expert's gate, up and down (ungated experts, NemotronH's relu^2: up and down only) in one allocation
+// each for the packed values and the block scales, and the per-expert tables those kernels index on the device.
 struct DeviceMoeExperts {
     int64_t n_experts = 0, n_embd = 0, n_ff = 0;  // n_ff: moe_intermediate_size
-    cuda::DeviceBuffer packed;  // [3, n_experts, n_ff * n_embd / 2] gate, up, down (down is [n_embd, n_ff])
-    cuda::DeviceBuffer scales;  // [3, n_experts, n_ff * n_embd / 16] E4M3
-    cuda::DeviceBuffer tables;  // [3, n_experts] cuda::Nvfp4DeviceWeight into packed / scales
-    // One expert's gate + up + down bytes (what a token routed to it streams).
-    int64_t expert_bytes() const { return 3 * (n_ff * n_embd / 2 + n_ff * n_embd / 16); }
+    int64_t n_mats = 3;         // 3: gate, up, down; 2: up, down (ungated)
+    cuda::DeviceBuffer packed;  // [n_mats, n_experts, n_ff * n_embd / 2] [gate,] up, down (down is [n_embd, n_ff])
+    cuda::DeviceBuffer scales;  // [n_mats, n_experts, n_ff * n_embd / 16] E4M3
+    cuda::DeviceBuffer tables;  // [n_mats, n_experts] cuda::Nvfp4DeviceWeight into packed / scales
+    // One expert's [gate +] up + down bytes (what a token routed to it streams).
+    int64_t expert_bytes() const { return n_mats * (n_ff * n_embd / 2 + n_ff * n_embd / 16); }
     int64_t bytes() const { return n_experts * expert_bytes(); }
     cuda::MoeDeviceExperts device() const;
 };
 
-// Allocates e's packed / scales for n_experts experts (contents unset).
-void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff);
-// Builds and uploads e.tables over e.packed / e.scales; global_scales [3, n_experts] (gate, up, down).
+// Allocates e's packed / scales for n_experts experts (contents unset); gated false: no gate matrices.
+void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff, bool gated = true);
+// Builds and uploads e.tables over e.packed / e.scales; global_scales [n_mats, n_experts] ([gate,] up, down).
 void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales);
 
 struct DeviceDecoderLayer {
@@ -74,6 +76,13 @@ struct DeviceDecoder {
     cuda::DeviceBuffer inv_freq;        // [rotary_dim / 2] float32
     int64_t rotary_dim = 0;
     std::vector<float> k_scales, v_scales;  // [n_layers] FP8-convention KV scales, or empty (1.0)
+    // Tensor parallelism (tensor_parallel.h): the share of the model this rank holds. With tp.tp_size > 1,
+    // `config` is the rank's own (rank_config: its heads, intermediate size, vocabulary rows tp.vocab) and
+    // the forward needs a Communicator; full_vocab is the whole model's vocabulary.
+    TensorParallelLayout tp;
+    int64_t full_vocab = 0;
+    bool sharded() const { return tp.tp_size > 1; }
+    int64_t vocab_size() const { return sharded() ? full_vocab : config.vocab_size; }
 
     // Weights one token's decode step streams: every linear layer once (MoE layers: the router and top_k
     // experts), the embedding rows aside.
@@ -106,6 +115,20 @@ struct SyntheticOptions {
     uint64_t seed = 1;
 };
 DeviceDecoder synthetic_decoder(const ModelConfig& config, const SyntheticOptions& options);
+// Rank `rank`'s shard of a tensor_parallel_size-way split of the same (llama family only), made directly
+// on this rank's device: random weights of the shard's shapes (seeded per rank).
+DeviceDecoder synthetic_decoder_rank(const ModelConfig& config, const SyntheticOptions& options, int64_t tp_size,
+                                     int64_t rank);
+
+// Synthetic-weight pieces (shared with synthetic_hybrid): random words shaped by masks (cuda/fill_random.h):
+// BF16 pairs with exponents 2^-7..2^-4 and random signs; E4M3 block scales with exponents 2^-5..2^-4
+// (codes 0x10..0x1f: finite, never NaN).
+constexpr uint32_t kBf16And = 0x81ff81ffu, kBf16Or = 0x3c003c00u;
+constexpr uint32_t kE4m3And = 0x0f0f0f0fu, kE4m3Or = 0x10101010u;
+cuda::DeviceBuffer random_buffer(size_t bytes, uint64_t seed, uint32_t and_mask, uint32_t or_mask);
+// A random NVFP4 (global scale 0.25) or BF16 linear; each call advances seed.
+DeviceLinear random_linear(const std::string& name, int64_t n_out, int64_t n_in, bool nvfp4, uint64_t& seed);
+cuda::DeviceBuffer ones(int64_t n);  // [n] float32 1.0
 
 // Real architectures' shapes for --synthetic: "llama3-8b", "llama3-70b", "qwen3-8b", "mistral-7b",
 // "qwen3-30b-a3b".

@@ -7,6 +7,7 @@
 #include "base/log.h"
 #include "base/progress.h"
 #include "cuda/cuda_check.h"
+#include "parallel/decoder_view_shard.h"
 #include "tensor/convert.h"
 
 namespace nibble::gpu {
@@ -85,8 +86,6 @@ void PinnedUploader::finish() {
         }
 }
 
-namespace {
-
 cuda::DeviceBuffer upload_floats(PinnedUploader& up, const std::vector<float>& v) {
     cuda::DeviceBuffer b(v.size() * sizeof(float));
     if (!v.empty()) up.copy(b.get(), v.data(), b.bytes());
@@ -126,6 +125,8 @@ DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& conv
     d.bias = upload_floats(up, w.bias);
     return d;
 }
+
+namespace {
 
 // A MoE layer's experts into one DeviceMoeExperts: each expert's gate, up and down NVFP4 (checked before)
 // of the config's expert shape.
@@ -215,6 +216,16 @@ DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
     d.v_scales = view.v_scales;
     if (converted)
         log::info("CUDA backend: F32/F16 dense weights were converted to BF16 on upload (its kernels read BF16)");
+    return d;
+}
+
+DeviceDecoder upload_decoder_rank(const ModelConfig& full, const QuantConfig& quant, const DecoderView& view,
+                                  int64_t tp_size, int64_t rank) {
+    if (tp_size == 1) return upload_decoder(full, view);
+    const std::unique_ptr<DecoderViewShard> shard = shard_decoder_view(full, quant, view, tp_size, rank);
+    DeviceDecoder d = upload_decoder(shard->config, shard->view);
+    d.tp = shard->layout;
+    d.full_vocab = full.vocab_size;
     return d;
 }
 

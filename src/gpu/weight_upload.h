@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gpu/device_decoder.h"
+#include "checkpoint/quant_config.h"
 #include "model/decoder_view.h"
 #include "tensor/dtype.h"
 
@@ -44,7 +45,19 @@ private:
     ProgressBar* progress_;
 };
 
+// Pieces of an upload, shared with upload_hybrid (device_hybrid.h): a float32 vector as is (empty stays
+// empty), a linear layer in its stored format (F32/F16 dense ones become BF16 and set `converted`), and
+// the host bytes a linear layer reads (for the progress bar).
+cuda::DeviceBuffer upload_floats(PinnedUploader& up, const std::vector<float>& v);
+DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& converted);
+int64_t linear_host_bytes(const LinearWeight& w);
+
 // Uploads a Model's dense-decoder weights (model.h decoder_view) with a progress bar on stderr.
 DeviceDecoder upload_decoder(const ModelConfig& config, const DecoderView& view);
+
+// Uploads rank `rank`'s shard of a tp_size-way tensor-parallel split (parallel/decoder_view_shard.h) of a
+// model of full_config; tp_size 1 uploads the whole model. The result's `tp` names the shard.
+DeviceDecoder upload_decoder_rank(const ModelConfig& full_config, const QuantConfig& quant, const DecoderView& view,
+                                  int64_t tp_size, int64_t rank);
 
 }  // namespace nibble::gpu

@@ -16,4 +16,10 @@ namespace nibble::cuda {
 void embed(const uint16_t* table, int64_t vocab, int64_t d, const int32_t* tokens, int64_t m, DType out_dtype,
            void* out, cudaStream_t stream);
 
+// One tensor-parallel rank's share of the embedding (vocabulary-parallel): table [rows, d] holds vocabulary
+// rows [row_begin, row_begin + rows); a token outside them embeds as zeros, so that the sum over ranks (an
+// all-reduce) leaves exactly its one row.
+void embed_shard(const uint16_t* table, int64_t row_begin, int64_t rows, int64_t d, const int32_t* tokens, int64_t m,
+                 DType out_dtype, void* out, cudaStream_t stream);
+
 }  // namespace nibble::cuda
