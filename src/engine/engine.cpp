@@ -114,8 +114,9 @@ struct Engine::Impl {
     void finish_seq(Request& r, Sequence& s, FinishReason reason);
     void fail(Request& r, const std::string& error);
     void sample(Request& r, Sequence& s, std::span<const float> raw);
-    // Greedy with nothing that needs the logits on the host (no logprobs, bias, penalties, min_tokens left):
-    // a runner that samples on the device may pick its token.
+    // Nothing of this step's sampling needs the logits on the host (no logprobs, logit_bias, penalties, nor
+    // stop tokens masked under min_tokens): a runner that samples on the device may pick the token.
+    bool plain(const Request& r, const Sequence& s) const;
     bool plain_greedy(const Request& r, const Sequence& s) const;
     // Appends the chosen token (raw: its logits row, for logprobs; empty for device-sampled steps).
     void accept(Request& r, Sequence& s, int32_t token, std::span<const float> raw);
@@ -219,11 +220,14 @@ void Engine::Impl::fail(Request& r, const std::string& error) {
     r.dirty = true;
 }
 
-bool Engine::Impl::plain_greedy(const Request& r, const Sequence& s) const {
+bool Engine::Impl::plain(const Request& r, const Sequence& s) const {
     const GenerationRequest& q = r.req;
-    return q.sampling.temperature == 0.0f && q.top_logprobs < 0 && q.logit_bias.empty() &&
-           q.presence_penalty == 0.0f && q.frequency_penalty == 0.0f && q.repetition_penalty == 1.0f &&
-           s.num_output() >= q.min_tokens;
+    return q.top_logprobs < 0 && q.logit_bias.empty() && q.presence_penalty == 0.0f && q.frequency_penalty == 0.0f &&
+           q.repetition_penalty == 1.0f && s.num_output() >= q.min_tokens;
+}
+
+bool Engine::Impl::plain_greedy(const Request& r, const Sequence& s) const {
+    return r.req.sampling.temperature == 0.0f && plain(r, s);
 }
 
 void Engine::Impl::sample(Request& r, Sequence& s, std::span<const float> raw) {
@@ -357,18 +361,37 @@ bool Engine::Impl::step() {
     }
     std::vector<float> logits;
     std::vector<int32_t> device_tokens;
-    // Greedy on the device when every sampled sequence wants plain greedy: one int per sequence comes back
-    // instead of a vocabulary of floats.
-    bool on_device = runner.samples_greedy_on_device();
-    for (const ScheduledChunk& c : out.chunks)
-        if (c.sample && !plain_greedy(*owner.at(c.seq), *c.seq)) on_device = false;
+    // Greedy on the device when every sampled sequence wants plain greedy, else sampling on the device when
+    // every one is plain: one int per sequence comes back instead of a vocabulary of floats.
+    bool greedy_on_device = runner.samples_greedy_on_device(), sample_on_device = runner.samples_on_device();
+    for (const ScheduledChunk& c : out.chunks) {
+        if (!c.sample) continue;
+        const Request& r = *owner.at(c.seq);
+        if (!plain_greedy(r, *c.seq)) greedy_on_device = false;
+        if (!plain(r, *c.seq)) sample_on_device = false;
+    }
+    const bool on_device = greedy_on_device || sample_on_device;
+    std::vector<RowSampling> device_rows;  // one per sampled sequence, in batch order
+    if (!greedy_on_device && sample_on_device) {
+        for (const ScheduledChunk& c : out.chunks) {
+            if (!c.sample) continue;
+            Request& r = *owner.at(c.seq);
+            const SamplingParams& p = r.req.sampling;
+            // The draw the host sampler would take from this sequence's stream (none when greedy).
+            const double u = p.temperature == 0.0f ? 0.0 : sampling_uniform(r.rngs[static_cast<size_t>(c.seq->index)]);
+            device_rows.push_back({.temperature = p.temperature, .top_k = p.top_k, .top_p = p.top_p, .min_p = p.min_p,
+                                   .u = u});
+        }
+    }
     try {
         // A sequence resuming on cached blocks starts from the state after the last of them; a chunk ending
         // on a snapshot point leaves its state in the reserved snapshot (the scheduler attaches it).
         for (const ScheduledChunk& c : out.chunks)
             if (c.seq->restore_snapshot >= 0) runner.restore_state_snapshot(c.seq->restore_snapshot, c.seq->state_slot);
-        if (on_device)
+        if (greedy_on_device)
             runner.execute_greedy(batch, device_tokens);
+        else if (sample_on_device)
+            runner.execute_sample(batch, device_rows, device_tokens);
         else
             runner.execute(batch, logits);
         for (const ScheduledChunk& c : out.chunks)

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "base/error.h"
+#include "engine/sampler.h"
 
 namespace nibble {
 
@@ -22,6 +23,23 @@ void ModelRunner::execute_greedy(std::span<const RunnerSequence> batch, std::vec
     for (size_t r = 0; r * vocab < logits.size(); ++r) {
         const auto row = logits.begin() + static_cast<std::ptrdiff_t>(r * vocab);
         tokens.push_back(static_cast<int32_t>(std::max_element(row, row + static_cast<std::ptrdiff_t>(vocab)) - row));
+    }
+}
+
+void ModelRunner::execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                                 std::vector<int32_t>& tokens) {
+    std::vector<float> logits;
+    execute(batch, logits);
+    const size_t vocab = static_cast<size_t>(vocab_size());
+    NIBBLE_CHECK(logits.size() == rows.size() * vocab, "execute_sample: {} sampling rows for {} logits rows",
+                 rows.size(), logits.size() / vocab);
+    tokens.clear();
+    for (size_t r = 0; r < rows.size(); ++r) {
+        const RowSampling& q = rows[r];
+        tokens.push_back(sample_token(std::span<const float>(logits).subspan(r * vocab, vocab),
+                                      {.temperature = q.temperature, .top_k = q.top_k, .top_p = q.top_p,
+                                       .min_p = q.min_p},
+                                      q.u));
     }
 }
 

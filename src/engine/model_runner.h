@@ -23,6 +23,17 @@ struct RunnerSequence {
     int32_t state_slot = -1;               // hybrid models: the sequence's recurrent-state slot
 };
 
+// One sampled row's draw for execute_sample: the filters of engine/sampler.h and the uniform u that
+// sample_token(logits, params, u) takes (drawn by the engine from the sequence's own stream; unused at
+// temperature 0).
+struct RowSampling {
+    float temperature = 1.0f;  // 0: greedy
+    int32_t top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
+    double u = 0.0;
+};
+
 class ModelRunner {
 public:
     virtual ~ModelRunner() = default;
@@ -34,6 +45,12 @@ public:
     virtual bool samples_greedy_on_device() const { return false; }
     // As execute, but each sampled row's argmax token (the first maximum) instead of its logits.
     virtual void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens);
+    // Whether execute_sample draws tokens where the logits are (the device) rather than copying them back.
+    virtual bool samples_on_device() const { return false; }
+    // As execute, but each sampled row's token as sample_token(row logits, rows[i] filters, rows[i].u) draws it
+    // (rows: one per entry with needs_logits, in batch order). The default runs execute and samples on the host.
+    virtual void execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                                std::vector<int32_t>& tokens);
 
     // Hybrid prefix caching. Snapshots this runner holds, ids [0, n): 0 by default (feature off).
     virtual int64_t num_state_snapshots() const { return 0; }

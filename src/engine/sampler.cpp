@@ -5,6 +5,7 @@
 #include <limits>
 #include <numeric>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -96,13 +97,20 @@ namespace {
 int32_t argmax(std::span<const float> logits) {
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
-// A uniform double in [0, 1) from 53 random bits: the same on every standard library.
-double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1p-53; }
 }  // namespace
+
+double sampling_uniform(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1p-53; }
 
 int32_t sample_token(std::span<const float> logits, const SamplingParams& p, std::mt19937_64& rng) {
     NIBBLE_CHECK(!logits.empty(), "sample_token: empty logits");
     if (p.temperature == 0.0f) return argmax(logits);
+    return sample_token(logits, p, sampling_uniform(rng));
+}
+
+int32_t sample_token(std::span<const float> logits, const SamplingParams& p, double u) {
+    NIBBLE_CHECK(!logits.empty(), "sample_token: empty logits");
+    if (p.temperature == 0.0f) return argmax(logits);
+    NIBBLE_CHECK(u >= 0.0 && u < 1.0, "sample_token: the uniform draw must be in [0, 1), got {}", u);
     const size_t vocab = logits.size();
 
     // Candidates by descending logit; top-k needs only the first k in order.
@@ -143,14 +151,19 @@ int32_t sample_token(std::span<const float> logits, const SamplingParams& p, std
         while (n < keep && prob[n] >= floor) ++n;
         keep = n;
     }
+    // The draw walks the kept tokens by ascending id (an order a device can scan in parallel).
+    std::vector<std::pair<int32_t, double>> kept(keep);
+    for (size_t i = 0; i < keep; ++i) kept[i] = {ids[i], prob[i]};
+    std::sort(kept.begin(), kept.end());
     double mass = 0.0;
-    for (size_t i = 0; i < keep; ++i) mass += prob[i];
-    double u = uniform01(rng) * mass;
-    for (size_t i = 0; i < keep; ++i) {
-        u -= prob[i];
-        if (u < 0.0) return ids[i];
+    for (const auto& [id, q] : kept) mass += q;
+    const double target = u * mass;
+    double cumulative = 0.0;
+    for (const auto& [id, q] : kept) {
+        cumulative += q;
+        if (cumulative > target) return id;
     }
-    return ids[keep - 1];
+    return kept.back().first;
 }
 
 }  // namespace nibble

@@ -58,7 +58,20 @@ std::vector<float> log_softmax(std::span<const float> logits);
 // The k largest entries of logprobs, descending (lowest id first on ties).
 std::vector<TokenLogprob> top_logprobs(std::span<const float> logprobs, int k);
 
-// Draws a token id from logits [vocab].
+// The one uniform number a non-greedy draw consumes: 53 random bits as a double in [0, 1), the same on every
+// standard library. The device sampler gets this value per row, drawn on the host from the sequence's stream.
+double sampling_uniform(std::mt19937_64& rng);
+
+// Draws a token id from logits [vocab]: greedy at temperature 0 (consuming nothing from rng), else
+// sample_token(logits, params, sampling_uniform(rng)).
 int32_t sample_token(std::span<const float> logits, const SamplingParams& params, std::mt19937_64& rng);
+
+// The draw rule that the host and the device (ops/sampling/sample_cuda.h) share: the filters pick the kept
+// tokens (top-k by logit, lowest id first on ties; then the shortest prefix of them, by descending logit
+// with lowest id first on ties, whose probability reaches top_p; then those with probability >= min_p x the
+// largest), and the kept tokens are walked in ascending id order: the token is the first whose cumulative
+// probability exceeds u x the kept mass (the largest kept id if rounding leaves none). u in [0, 1).
+// Greedy (argmax, lowest id on ties) at temperature 0, u unused.
+int32_t sample_token(std::span<const float> logits, const SamplingParams& params, double u);
 
 }  // namespace nibble

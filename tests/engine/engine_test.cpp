@@ -26,6 +26,7 @@
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
 #include "engine/engine.h"
+#include "engine/model_runner.h"
 #include "model/model.h"
 
 namespace nibble {
@@ -659,6 +660,84 @@ TEST(Engine, SeededSamplesAreReproducibleAndDiffer) {
         }
         EXPECT_EQ(runs[0][i], out) << "sample " << i;
     }
+}
+
+// A runner that samples "on the device" through ModelRunner's default execute_sample (the host rule over
+// the CPU runner's logits), counting how often the engine chose that path.
+class SamplingCpuRunner final : public ModelRunner {
+public:
+    SamplingCpuRunner(Model& m, const EngineConfig& c) : inner_(m, c.num_blocks, c.block_size, c.kv_cache_dtype) {}
+    int64_t vocab_size() const override { return inner_.vocab_size(); }
+    void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override {
+        inner_.execute(batch, logits);
+    }
+    bool samples_on_device() const override { return true; }
+    void execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                        std::vector<int32_t>& tokens) override {
+        ++sample_calls;
+        ModelRunner::execute_sample(batch, rows, tokens);
+    }
+    int sample_calls = 0;
+
+private:
+    CpuModelRunner inner_;
+};
+
+// Sampling on the runner draws each row's u from the sequence's own stream, so a seeded request gets the
+// tokens the host sampler gives it, alone or batched with requests that need the logits on the host
+// (logprobs, penalties, min_tokens), which send their steps down the host path.
+TEST(Engine, RunnerSamplingGivesTheHostSamplersTokens) {
+    Fixture fx("llama_gqa");
+    const Reference ref = load_reference("llama_gqa");
+    std::vector<GenerationRequest> requests;
+    GenerationRequest s = greedy("sampled", ref.tokens, 12);
+    s.sampling = {.temperature = 0.9f, .top_k = 20, .top_p = 0.9f, .min_p = 0.02f, .seed = 77};
+    s.n = 2;
+    requests.push_back(s);
+    GenerationRequest hot = greedy("hot", ref.tokens, 12);
+    hot.sampling = {.temperature = 1.5f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f, .seed = 5};
+    requests.push_back(hot);
+    requests.push_back(greedy("greedy", ref.tokens, 12));
+    GenerationRequest lp = hot;
+    lp.id = "logprobs";
+    lp.max_tokens = 5;
+    lp.top_logprobs = 2;
+    GenerationRequest pen = hot;
+    pen.id = "penalty";
+    pen.max_tokens = 6;
+    pen.presence_penalty = 0.5f;
+    GenerationRequest mt = s;
+    mt.id = "min_tokens";
+    mt.n = 1;
+    mt.min_tokens = 4;
+    mt.ignore_eos = false;
+    auto generate = [&](const std::vector<GenerationRequest>& reqs, bool on_runner, int* sample_calls) {
+        const EngineConfig cfg = config_for();
+        auto runner = on_runner ? std::make_unique<SamplingCpuRunner>(*fx.model, cfg) : nullptr;
+        SamplingCpuRunner* raw = runner.get();
+        Engine engine(*fx.model, cfg, std::move(runner));
+        Collector c;
+        for (const auto& r : reqs) engine.submit(r, c.sink());
+        run_to_end(engine);
+        if (sample_calls) *sample_calls = raw ? raw->sample_calls : 0;
+        return c.tokens;
+    };
+    int calls = 0;
+    const auto alone_host = generate(requests, false, nullptr);
+    const auto alone_runner = generate(requests, true, &calls);
+    EXPECT_EQ(alone_runner, alone_host);
+    EXPECT_GE(calls, 12);  // every step samples on the runner: the prefill, then the decode steps
+    ASSERT_EQ(alone_host.at("sampled").size(), 2u);
+    EXPECT_NE(alone_host.at("sampled").at(0), alone_host.at("sampled").at(1));
+
+    std::vector<GenerationRequest> mixed = requests;
+    mixed.insert(mixed.end(), {lp, pen, mt});
+    const auto mixed_host = generate(mixed, false, nullptr);
+    const auto mixed_runner = generate(mixed, true, &calls);
+    EXPECT_EQ(mixed_runner, mixed_host);
+    EXPECT_GT(calls, 0);    // steps after the logprobs, penalty and min_tokens requests finished...
+    EXPECT_LT(calls, 12);   // ...but none while one of them was running
+    for (const char* id : {"sampled", "hot", "greedy"}) EXPECT_EQ(mixed_host.at(id), alone_host.at(id)) << id;
 }
 
 TEST(Engine, StopsOnEosAndStopIdsAfterMinTokens) {
