@@ -14,6 +14,7 @@
 #include "ops/attention/attention.h"
 #include "ops/attention/kv_cache.h"
 #include "model/decoder_view.h"
+#include "model/hybrid_view.h"
 #include "model/weights.h"
 #include "ops/linear/linear.h"
 #include "ops/ssm/ssm_state.h"
@@ -65,6 +66,9 @@ public:
     // The weights as a dense pre-norm decoder (decoder_view.h), for backends that run that shape of model;
     // false for architectures that are not one (MoE, hybrids).
     virtual bool decoder_view(DecoderView& /*out*/) const { return false; }
+    // The weights as a hybrid Mamba2 / attention / MLP / MoE stack (hybrid_view.h, NemotronH); false for
+    // the others.
+    virtual bool hybrid_view(HybridView& /*out*/) const { return false; }
 };
 
 // One entry of an architecture's tensor list: a linear layer, stored as the quantization config says (dense,

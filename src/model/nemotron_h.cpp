@@ -256,6 +256,57 @@ std::vector<std::string> NemotronHModel::default_quant_exclusions() const {
     return out;
 }
 
+bool NemotronHModel::hybrid_view(HybridView& out) const {
+    out = HybridView{};
+    out.embed = embed_;
+    for (const Layer& L : layers_) {
+        HybridLayerView& v = out.layers.emplace_back();
+        v.kind = L.kind;
+        v.cache_index = L.cache_index;
+        v.norm = &L.norm;
+        switch (L.kind) {
+            case LayerKind::Mamba:
+                v.in_proj = &L.in_proj;
+                v.out_proj = &L.out_proj;
+                v.conv_w = &L.conv_w;
+                v.conv_b = &L.conv_b;
+                v.A = &L.A;
+                v.D = &L.D;
+                v.dt_bias = &L.dt_bias;
+                v.gated_norm = &L.gated_norm;
+                break;
+            case LayerKind::Attention:
+                v.q = &L.q;
+                v.k = &L.k;
+                v.v = &L.v;
+                v.o = &L.o;
+                break;
+            case LayerKind::Mlp:
+                v.up = &L.up;
+                v.down = &L.down;
+                break;
+            case LayerKind::Moe:
+                v.up = &L.up;
+                v.down = &L.down;
+                v.router = &L.router;
+                v.correction_bias = &L.correction_bias;
+                for (const MoeExpertWeights& E : L.experts) {
+                    v.expert_up.push_back(&E.up);
+                    v.expert_down.push_back(&E.down);
+                }
+                break;
+        }
+    }
+    out.final_norm = &final_norm_;
+    out.lm_head = &lm_head_;
+    out.tied_lm_head = config_.tied_embeddings;
+    out.n_attention = n_attention_;
+    out.n_mamba = n_mamba_;
+    out.k_scales = k_scales_;
+    out.v_scales = v_scales_;
+    return true;
+}
+
 int64_t NemotronHModel::weight_bytes() const {
     int64_t total = embed_.numel() * static_cast<int64_t>(dtype_size(embed_.dtype));
     for (const LinearWeight* w : linear_weights()) total += w->stored_bytes();

@@ -42,6 +42,7 @@ public:
     std::vector<const LinearWeight*> linear_weights() const override;
     std::vector<std::string> default_quant_exclusions() const override;
     void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
+    bool hybrid_view(HybridView& out) const override;
 
 private:
     struct Layer {

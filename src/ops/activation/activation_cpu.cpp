@@ -11,4 +11,8 @@ void silu_mul_cpu(const float* gate, const float* up, int64_t n, float* out) {
     }
 }
 
+void relu2_cpu(const float* x, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
+}
+
 }  // namespace nibble

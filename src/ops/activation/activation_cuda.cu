@@ -31,7 +31,39 @@ __global__ void __launch_bounds__(kThreads) silu_mul_kernel(const T* gate, const
         store1(out + i, silu_mul1(load1(gate + i), load1(up + i)));
 }
 
+__device__ __forceinline__ float relu2_1(float v) { return v > 0.0f ? v * v : 0.0f; }
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) relu2_kernel(const T* x, int64_t n, T* out) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+    const int64_t vecs = n / 8;
+    for (int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; v < vecs; v += stride) {
+        float a[8];
+        load8(x + v * 8, a);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a[e] = relu2_1(a[e]);
+        store8(out + v * 8, a);
+    }
+    for (int64_t i = vecs * 8 + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+        store1(out + i, relu2_1(load1(x + i)));
+}
+
 }  // namespace
+
+void relu2(const void* x, DType dtype, int64_t n, void* out, cudaStream_t stream) {
+    if (dtype != DType::F32 && dtype != DType::BF16) throw std::invalid_argument("relu2: activations must be F32 or BF16");
+    if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16 != 0)
+        throw std::invalid_argument("relu2: x and out must be 16-byte aligned");
+    if (n <= 0) return;
+    const int64_t blocks = std::min<int64_t>((n / 8 + kThreads) / kThreads, 132 * 16);
+    if (dtype == DType::F32)
+        relu2_kernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const float*>(x), n,
+                                                                                     static_cast<float*>(out));
+    else
+        relu2_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            static_cast<const __nv_bfloat16*>(x), n, static_cast<__nv_bfloat16*>(out));
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
 
 void silu_mul(const void* gate, const void* up, DType dtype, int64_t n, void* out, cudaStream_t stream) {
     if (dtype != DType::F32 && dtype != DType::BF16)

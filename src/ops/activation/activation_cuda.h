@@ -1,5 +1,5 @@
-// CUDA launcher for SwiGLU, out[i] = silu(gate[i]) * up[i] with silu(g) = g / (1 + e^-g), in float32
-// (expf and IEEE division: no fast-math). Plain C++ plus cuda_runtime.h types.
+// CUDA launchers for SwiGLU, out[i] = silu(gate[i]) * up[i] with silu(g) = g / (1 + e^-g), in float32
+// (expf and IEEE division: no fast-math), and relu^2 (below). Plain C++ plus cuda_runtime.h types.
 //   gate, up, out [n] F32 or BF16, one dtype; 16-byte aligned; out may alias gate or up.
 #pragma once
 
@@ -12,5 +12,9 @@
 namespace nibble::cuda {
 
 void silu_mul(const void* gate, const void* up, DType dtype, int64_t n, void* out, cudaStream_t stream);
+
+// relu^2: out[i] = max(x[i], 0)^2 in float32 (relu2_cpu), rounded once to dtype. x, out [n] F32 or BF16,
+// 16-byte aligned; out may alias x.
+void relu2(const void* x, DType dtype, int64_t n, void* out, cudaStream_t stream);
 
 }  // namespace nibble::cuda
