@@ -375,14 +375,22 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                  bool with_shared, bool one_call = false,
                  cuda::MoeExpertKernel kernel = cuda::MoeExpertKernel::Auto) {
     const bool gated = c.act == MoeActivation::SwiGlu;
-    const bool gemm = kernel == cuda::MoeExpertKernel::Gemm ||
-                      (kernel == cuda::MoeExpertKernel::Auto && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts));
+    // Which kernels run: Auto's up follows the activations' dtype; the separate down launcher decides as
+    // for BF16 (h has no dtype), the one-call launcher as its up.
+    const bool auto_pick = kernel == cuda::MoeExpertKernel::Auto;
+    const DType dt = bf16 ? DType::BF16 : DType::F32;
+    const bool gemm_up = kernel == cuda::MoeExpertKernel::Gemm ||
+                         (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt));
+    const bool gemm_down = one_call ? gemm_up
+                                    : kernel == cuda::MoeExpertKernel::Gemm ||
+                                          (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16));
     const char* draw_name = draw == Draw::Uniform ? "" : draw == Draw::Few ? " skewed" : " hot";
     const std::string what = std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
                              " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) +
                              " k=" + std::to_string(c.top_k) + " m=" + std::to_string(m) +
                              (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
-                             (one_call ? " one call" : "") + (gemm ? " gemm" : " gemv");
+                             (one_call ? " one call" : "") + (gemm_up ? " gemm" : " gemv") +
+                             (gemm_down ? "/gemm" : "/gemv");
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
@@ -462,7 +470,7 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                             g += pg, sg += std::fabs(pg);
                         }
                     }
-                    const double x_rounding = gemm && !bf16 ? kEpsBf16 : 0.0;  // F32 x to BF16
+                    const double x_rounding = gemm_up && !bf16 ? kEpsBf16 : 0.0;  // F32 x to BF16
                     const double eu = (2.0 * static_cast<double>(d + 32) * kEpsF32 + x_rounding) * su;
                     const double eg = (2.0 * static_cast<double>(d + 32) * kEpsF32 + x_rounding) * sg;
                     const auto ri = static_cast<size_t>(r);
@@ -475,7 +483,7 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                         a[ri] = u > 0 ? u * u : 0.0;
                         da[ri] = 2.0 * std::fabs(u) * eu + eu * eu + 4.0 * kEpsF32 * std::fabs(a[ri]);
                     }
-                    if (gemm) da[ri] += kEpsBf16 * (std::fabs(a[ri]) + da[ri]);  // h to BF16
+                    if (gemm_down) da[ri] += kEpsBf16 * (std::fabs(a[ri]) + da[ri]);  // h to BF16
                 }
                 for (int64_t r = 0; r < d; ++r) {
                     double o = 0, so = 0, dsum = 0;
@@ -512,7 +520,6 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                                     c.n_experts,
                                     d,
                                     ff};
-    const DType dt = bf16 ? DType::BF16 : DType::F32;
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
         cuda::moe_experts_nvfp4(dx.buf.get(), dt, m, dids.as<int32_t>(), dweights.as<float>(), k, ex, c.act,
@@ -582,17 +589,18 @@ TEST(MoeCuda, ExpertsNvfp4Gemm) {
         }
 }
 
-// Auto at prefill sizes (the GEMM) through the one-call launcher, Qwen3-30B-A3B's expert count and top_k.
+// Auto at a prefill size with BF16 activations (the GEMM) through the one-call launcher, at Qwen3-30B-A3B's
+// and Nemotron-3-Nano's expert counts and top_k.
 TEST(MoeCuda, ExpertsNvfp4GemmPrefill) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
     const ExpertsCase c{MoeActivation::SwiGlu, 128, 128, 64, 8};
-    ASSERT_TRUE(cuda::moe_prefers_gemm(2048, c.top_k, c.n_experts));
+    ASSERT_TRUE(cuda::moe_prefers_gemm(2048, c.top_k, c.n_experts, DType::BF16));
     run_experts(pool, rng, c, 2048, true, Draw::Uniform, true, true);
     run_experts(pool, rng, c, 2048, true, Draw::Hot, false, true);
     const ExpertsCase r{MoeActivation::Relu2, 128, 160, 96, 6};
-    run_experts(pool, rng, r, 2048, false, Draw::Uniform, false, true);
+    run_experts(pool, rng, r, 2048, true, Draw::Uniform, false, true);
 }
 
 TEST(MoeCuda, RejectsBadArguments) {

@@ -19,6 +19,7 @@
 #include "cuda/vec8.cuh"
 #include "ops/linear/nvfp4_decode.cuh"
 #include "ops/moe/moe_cuda.h"
+#include "ops/moe/moe_workspace.h"
 
 namespace nibble::cuda {
 namespace {
@@ -686,8 +687,9 @@ unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
     return static_cast<unsigned>(std::min<int64_t>(m * top_k, n_experts));
 }
 
-bool use_gemm(MoeExpertKernel kernel, int64_t m, int64_t top_k, int64_t n_experts) {
-    return kernel == MoeExpertKernel::Gemm || (kernel == MoeExpertKernel::Auto && moe_prefers_gemm(m, top_k, n_experts));
+bool use_gemm(MoeExpertKernel kernel, int64_t m, int64_t top_k, int64_t n_experts, DType activations) {
+    return kernel == MoeExpertKernel::Gemm ||
+           (kernel == MoeExpertKernel::Auto && moe_prefers_gemm(m, top_k, n_experts, activations));
 }
 
 // The grouped GEMM's 1-D grid: the worst-case count of 64-position tiles times the column tiles.
@@ -770,8 +772,8 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts) {
-    return m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
+bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activations) {
+    return activations == DType::BF16 && m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
 }
 
 void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
@@ -786,7 +788,7 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
         bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
     if (m == 0) return;
     const bool swiglu = act == MoeActivation::SwiGlu;
-    if (use_gemm(kernel, m, top_k, experts.n_experts)) {
+    if (use_gemm(kernel, m, top_k, experts.n_experts, dtype)) {
         const int64_t out_cols = swiglu ? kGemmWRows / 2 : kGemmWRows;
         const int64_t col_tiles = (experts.n_ff + out_cols - 1) / out_cols;
         const unsigned blocks = gemm_grid(m, top_k, experts, col_tiles, what);
@@ -839,7 +841,7 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     check_aligned(h, what, "h");
     check_aligned(o, what, "o");
     if (m == 0) return;
-    if (use_gemm(kernel, m, top_k, experts.n_experts)) {
+    if (use_gemm(kernel, m, top_k, experts.n_experts, DType::BF16)) {
         const int64_t col_tiles = (experts.n_embd + kGemmWRows - 1) / kGemmWRows;
         moe_gemm_nvfp4_kernel<float, false, Epilogue::None>
             <<<gemm_grid(m, top_k, experts, col_tiles, what), kGemmThreads, 0, stream>>>(
@@ -877,41 +879,12 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-namespace {
-
-size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
-
-// The workspace layout: counts, offsets, sorted pairs, positions, active list, n_active, then h and o.
-struct WorkspaceLayout {
-    size_t counts, offsets, sorted, position, active, n_active, h, o, total;
-    WorkspaceLayout(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
-        const auto pairs = static_cast<size_t>(m * top_k), ne = static_cast<size_t>(n_experts);
-        size_t at = 0;
-        auto take = [&](size_t bytes) {
-            const size_t here = at;
-            at += align16(bytes);
-            return here;
-        };
-        counts = take(ne * 4);
-        offsets = take((ne + 1) * 4);
-        sorted = take(pairs * 4);
-        position = take(pairs * 4);
-        active = take(ne * 4);
-        n_active = take(4);
-        h = take(pairs * static_cast<size_t>(n_ff) * 4);
-        o = take(pairs * static_cast<size_t>(n_embd) * 4);
-        total = at;
-    }
-};
-
-}  // namespace
-
 size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff) {
     if (m < 0 || top_k < 1 || n_experts < 1 || n_embd < 1 || n_ff < 1)
         bad("moe_workspace_bytes: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) +
             ", n_experts " + std::to_string(n_experts) + ", n_embd " + std::to_string(n_embd) + ", n_ff " +
             std::to_string(n_ff));
-    return WorkspaceLayout(m, top_k, n_experts, n_embd, n_ff).total;
+    return moe_workspace_layout(m, top_k, n_experts, n_embd, n_ff).total;
 }
 
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
@@ -920,7 +893,7 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
-    const WorkspaceLayout l(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
+    const MoeWorkspaceLayout l = moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
     auto* base = static_cast<unsigned char*>(workspace);
     const MoePermutation perm{
         reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
@@ -929,6 +902,8 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
     float* h = reinterpret_cast<float*>(base + l.h);
     float* o = reinterpret_cast<float*>(base + l.o);
     moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
+    if (kernel == MoeExpertKernel::Auto)  // one choice for both, from the activations' dtype
+        kernel = moe_prefers_gemm(m, top_k, experts.n_experts, dtype) ? MoeExpertKernel::Gemm : MoeExpertKernel::Gemv;
     moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
     moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
     moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);

@@ -75,10 +75,13 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
 // The expert kernel: the decode GEMV (CUDA cores, float32 arithmetic on the activations; weights re-read
 // from L1/L2 for each further 8 tokens of an expert) or the prefill grouped GEMM (tensor cores, BF16 A
 // operands, 64-position tiles: at few tokens per expert most of its rows are padding). Auto takes the GEMM
-// when moe_prefers_gemm: the experts average at least kMoeGemmMinTokensPerExpert routed tokens.
+// when moe_prefers_gemm: BF16 activations (F32 is the exactness mode, as for the dense GEMM) and the
+// experts averaging at least kMoeGemmMinTokensPerExpert routed tokens (m * top_k >= 8 n_experts: at 8 the
+// GEMV starts re-reading weights for a second token tile, while decode batches, ~1-4 tokens an expert, keep
+// the GEMV; Qwen3-30B-A3B switches at m = 128, Nemotron-3-Nano at m = 171).
 enum class MoeExpertKernel { Auto, Gemv, Gemm };
 constexpr int64_t kMoeGemmMinTokensPerExpert = 8;
-bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts);
+bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activations);
 
 struct MoeDeviceExperts {
     const Nvfp4DeviceWeight* gate = nullptr;  // device array [n_experts], each [n_ff, n_embd]; SwiGlu only
@@ -95,6 +98,8 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                           float* h, cudaStream_t stream, MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 // o[p] = h[p] W_down^T of the expert of sorted position p.  h [m * top_k, n_ff]; o [m * top_k, n_embd]
+// h carries no activation dtype: Auto decides as for BF16 activations (pass Gemv in the F32 exactness mode;
+// moe_experts_nvfp4 does).
 void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
                             const MoePermutation& perm, float* o, cudaStream_t stream,
                             MoeExpertKernel kernel = MoeExpertKernel::Auto);
