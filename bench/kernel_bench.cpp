@@ -443,6 +443,99 @@ void bench_moe_mamba(cudaStream_t stream) {
                     t_scan * 1e3, t_norm * 1e3);
     }
 }
+
+// MoE prefill experts (`nibble-kernel-bench moe-prefill`, not part of "all"): one layer's grouped NVFP4 up
+// and down over m tokens (BF16 x, random router logits: near-uniform expert loads), the decode GEMV
+// (MoeExpertKernel::Gemv) against the tensor-core grouped GEMM (Gemm), at the Qwen3-30B-A3B (128 experts,
+// top-8, SwiGLU, 2048 x 768, 48 MoE layers) and Nemotron-3-Nano (128 experts, top-6, relu^2, 2688 x 1856,
+// 23 MoE layers) shapes. TFLOP/s counts 2 * m * top_k * matrices * n_embd * n_ff, and "% bf16" compares it
+// with 989 TFLOP/s, the dense BF16 tensor rate of an H100 / H200 SXM. "step" is the whole expert part
+// (route, permute, up, down, combine) with the launchers' Auto choice; "MoE tok/s" = m / (layers * step),
+// what the experts alone would allow a prefill.
+void bench_moe_prefill(cudaStream_t stream) {
+    struct Cfg {
+        const char* name;
+        bool swiglu;
+        int64_t n_experts, d, ff, top_k, layers;
+    };
+    const Cfg cfgs[] = {{"qwen3-30b-a3b", true, 128, 2048, 768, 8, 48},
+                        {"nemotron-3-nano", false, 128, 2688, 1856, 6, 23}};
+    constexpr double kBf16DenseTflops = 989.0;
+    uint64_t seed = 999;
+    std::printf("\n| moe prefill | m | gemv up+down us | gemm up us | gemm down us | gemm TFLOP/s | %% bf16 | "
+                "speed-up | step us (auto) | MoE tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const Cfg& c : cfgs) {
+        const int64_t mats = c.swiglu ? 3 : 2;
+        const size_t packed = static_cast<size_t>(c.d * c.ff / 2), scales = static_cast<size_t>(c.d * c.ff / 16);
+        DeviceBuffer wq(packed * mats * c.n_experts), ws(scales * mats * c.n_experts);
+        nibble::cuda::fill_random_u32(wq.as<uint32_t>(), wq.bytes() / 4, ++seed, ~0u, 0u, stream);
+        nibble::cuda::fill_random_u32(ws.as<uint32_t>(), ws.bytes() / 4, ++seed, 0x1f1f1f1fu, 0x20202020u, stream);
+        std::vector<nibble::cuda::Nvfp4DeviceWeight> tables[3];  // gate, up, down
+        for (int64_t e = 0; e < c.n_experts; ++e)
+            for (int64_t j = 0; j < mats; ++j) {
+                const size_t i = static_cast<size_t>(e * mats + j);
+                const bool down = j == mats - 1;
+                tables[c.swiglu ? j : j + 1].push_back({wq.as<uint8_t>() + i * packed, ws.as<uint8_t>() + i * scales,
+                                                        0.01f, down ? c.d : c.ff, down ? c.ff : c.d});
+            }
+        DeviceBuffer dtab[3];
+        for (int j = 0; j < 3; ++j) {
+            dtab[j] = DeviceBuffer(std::max<size_t>(1, tables[j].size()) * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+            if (!tables[j].empty())
+                dtab[j].upload(tables[j].data(), tables[j].size() * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+        }
+        const nibble::cuda::MoeDeviceExperts ex{c.swiglu ? dtab[0].as<nibble::cuda::Nvfp4DeviceWeight>() : nullptr,
+                                                dtab[1].as<nibble::cuda::Nvfp4DeviceWeight>(),
+                                                dtab[2].as<nibble::cuda::Nvfp4DeviceWeight>(), c.n_experts, c.d, c.ff};
+        const auto act = c.swiglu ? nibble::MoeActivation::SwiGlu : nibble::MoeActivation::Relu2;
+        for (int64_t m : {64, 128, 256, 512, 2048}) {
+            const int64_t pairs = m * c.top_k;
+            DeviceBuffer logits(static_cast<size_t>(m * c.n_experts * 2 + 4));
+            nibble::cuda::fill_random_u32(logits.as<uint32_t>(), logits.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
+                                          stream);
+            DeviceBuffer x(static_cast<size_t>(m * c.d * 2)), y(static_cast<size_t>(m * c.d * 2));
+            nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+            DeviceBuffer ids(static_cast<size_t>(pairs * 4)), rw(static_cast<size_t>(pairs * 4));
+            DeviceBuffer workspace(nibble::cuda::moe_workspace_bytes(m, c.top_k, c.n_experts, c.d, c.ff));
+            DeviceBuffer counts(static_cast<size_t>(c.n_experts * 4)), offsets(static_cast<size_t>(c.n_experts * 4 + 4)),
+                sorted(static_cast<size_t>(pairs * 4)), position(static_cast<size_t>(pairs * 4)),
+                active(static_cast<size_t>(c.n_experts * 4)), n_active(4);
+            const nibble::cuda::MoePermutation perm{counts.as<int32_t>(), offsets.as<int32_t>(), sorted.as<int32_t>(),
+                                                    position.as<int32_t>(), active.as<int32_t>(), n_active.as<int32_t>()};
+            DeviceBuffer h(static_cast<size_t>(pairs * c.ff * 4)), o(static_cast<size_t>(pairs * c.d * 4));
+            nibble::cuda::moe_route_softmax(logits.get(), DType::BF16, m, c.n_experts, c.top_k, true, ids.as<int32_t>(),
+                                            rw.as<float>(), stream);
+            nibble::cuda::moe_permute(ids.as<int32_t>(), m, c.top_k, c.n_experts, perm, stream);
+            using nibble::cuda::MoeExpertKernel;
+            auto up = [&](MoeExpertKernel kernel) {
+                nibble::cuda::moe_experts_up_nvfp4(x.get(), DType::BF16, m, c.top_k, ex, act, perm, h.as<float>(), stream,
+                                                   kernel);
+            };
+            auto down = [&](MoeExpertKernel kernel) {
+                nibble::cuda::moe_experts_down_nvfp4(h.as<float>(), m, c.top_k, ex, perm, o.as<float>(), stream, kernel);
+            };
+            const int reps = m >= 512 ? 20 : 50;
+            const double gemv_ms = time_ms(stream, 2, reps, [&] {
+                up(MoeExpertKernel::Gemv);
+                down(MoeExpertKernel::Gemv);
+            });
+            const double up_ms = time_ms(stream, 2, reps, [&] { up(MoeExpertKernel::Gemm); });
+            const double down_ms = time_ms(stream, 2, reps, [&] { down(MoeExpertKernel::Gemm); });
+            const double step_ms = time_ms(stream, 2, reps, [&] {
+                nibble::cuda::moe_route_softmax(logits.get(), DType::BF16, m, c.n_experts, c.top_k, true,
+                                                ids.as<int32_t>(), rw.as<float>(), stream);
+                nibble::cuda::moe_experts_nvfp4(x.get(), DType::BF16, m, ids.as<int32_t>(), rw.as<float>(), c.top_k, ex,
+                                                act, nullptr, workspace.get(), y.get(), stream);
+            });
+            const double flops = 2.0 * static_cast<double>(pairs) * static_cast<double>(mats * c.d * c.ff);
+            const double tflops = flops / ((up_ms + down_ms) * 1e-3) / 1e12;
+            std::printf("| %s | %lld | %.1f | %.1f | %.1f | %.1f | %.1f%% | %.2fx | %.1f | %.0f |\n", c.name,
+                        static_cast<long long>(m), gemv_ms * 1e3, up_ms * 1e3, down_ms * 1e3, tflops,
+                        100.0 * tflops / kBf16DenseTflops, gemv_ms / (up_ms + down_ms), step_ms * 1e3,
+                        static_cast<double>(m) / (static_cast<double>(c.layers) * step_ms * 1e-3));
+        }
+    }
+}
 // Fused NVFP4 launches against the separate ones they replace, at the Llama-3.1-8B shapes: q, k, v
 // (4096 + 1024 + 1024 rows, k = 4096) and gate + up with SwiGLU (2 x 14336 rows, k = 4096; the separate
 // path adds the silu_mul launch). Same method as the GEMV table: weight copies >= 4x L2 launched in turn,
@@ -567,6 +660,11 @@ int main(int argc, char** argv) {
             int64_t n, k;
         };
         const std::string part = argc > 1 ? argv[1] : "all";
+        if (part == "moe-prefill") {  // not in "all": minutes of GEMV runs at m = 2048
+            bench_moe_prefill(stream);
+            NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            return 0;
+        }
         if (part == "attention" || part == "all") bench_attention(prop, stream, copy_gbps);
         if (part == "prefill" || part == "all") bench_prefill_attention(prop, stream);
         if (part == "moe" || part == "all") bench_moe_mamba(stream);
