@@ -371,8 +371,8 @@ struct ExpertsCase {
 
 // one_call: through moe_experts_nvfp4 and its workspace instead of the four launchers.
 // kernel: the launchers' choice; the tolerance follows the kernel that runs (Auto: moe_prefers_gemm).
-void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16, Draw draw,
-                 bool with_shared, bool one_call = false,
+void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, int64_t m, bool bf16,
+                 Draw draw, bool with_shared, bool one_call = false,
                  cuda::MoeExpertKernel kernel = cuda::MoeExpertKernel::Auto) {
     const bool gated = c.act == MoeActivation::SwiGlu;
     // Which kernels run: Auto's up follows the activations' dtype; the separate down launcher decides as
@@ -381,16 +381,16 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     const DType dt = bf16 ? DType::BF16 : DType::F32;
     const bool gemm_up = kernel == cuda::MoeExpertKernel::Gemm ||
                          (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt));
-    const bool gemm_down = one_call ? gemm_up
-                                    : kernel == cuda::MoeExpertKernel::Gemm ||
-                                          (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16));
+    const bool gemm_down =
+        one_call ? gemm_up
+                 : kernel == cuda::MoeExpertKernel::Gemm ||
+                       (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16));
     const char* draw_name = draw == Draw::Uniform ? "" : draw == Draw::Few ? " skewed" : " hot";
-    const std::string what = std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
-                             " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) +
-                             " k=" + std::to_string(c.top_k) + " m=" + std::to_string(m) +
-                             (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
-                             (one_call ? " one call" : "") + (gemm_up ? " gemm" : " gemv") +
-                             (gemm_down ? "/gemm" : "/gemv");
+    const std::string what =
+        std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
+        " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) + " k=" + std::to_string(c.top_k) +
+        " m=" + std::to_string(m) + (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
+        (one_call ? " one call" : "") + (gemm_up ? " gemm" : " gemv") + (gemm_down ? "/gemm" : "/gemv");
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
@@ -523,7 +523,8 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
         cuda::moe_experts_nvfp4(dx.buf.get(), dt, m, dids.as<int32_t>(), dweights.as<float>(), k, ex, c.act,
-                                with_shared ? dshared.buf.get() : nullptr, ws.get(), y.buf.get(), nullptr, kernel);
+                                with_shared ? dshared.buf.get() : nullptr, ws.get(), y.buf.get(), nullptr,
+                                kernel);
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
         test::expect_close(y.download(), ref, tol, what);
         return;
@@ -581,7 +582,8 @@ TEST(MoeCuda, ExpertsNvfp4Gemm) {
     const auto gemm = cuda::MoeExpertKernel::Gemm;
     for (const auto& c : kGemmCases)
         for (int64_t m : {1, 33, 200, 1000})
-            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1, false, gemm);
+            for (bool bf16 : {false, true})
+                run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1, false, gemm);
     for (const auto& c : kGemmCases)
         for (bool bf16 : {false, true}) {
             run_experts(pool, rng, c, 300, bf16, Draw::Hot, true, !bf16, gemm);

@@ -392,7 +392,8 @@ constexpr int kGemmRows = 64;      // sorted positions per CTA tile
 constexpr int kGemmWRows = 128;    // weight rows per CTA tile
 constexpr int kGemmK = 32;         // k per main-loop step
 constexpr int kGemmThreads = 128;  // 4 warps
-constexpr int kGemmStride = kGemmK + 8;  // BF16 per shared row: 80 bytes, so 8 ldmatrix rows hit 8 bank groups
+constexpr int kGemmStride =
+    kGemmK + 8;  // BF16 per shared row: 80 bytes, so 8 ldmatrix rows hit 8 bank groups
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* p) {
     const auto a = static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -402,7 +403,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat1
                  : "memory");
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -431,10 +433,10 @@ struct ARowPart<float> {
     }
     __device__ __forceinline__ void store(__nv_bfloat16* s) const {  // 16-byte aligned shared
         uint4* d = reinterpret_cast<uint4*>(s);
-        d[0] = make_uint4(pack_bf16x2(v[0].x, v[0].y), pack_bf16x2(v[0].z, v[0].w), pack_bf16x2(v[1].x, v[1].y),
-                          pack_bf16x2(v[1].z, v[1].w));
-        d[1] = make_uint4(pack_bf16x2(v[2].x, v[2].y), pack_bf16x2(v[2].z, v[2].w), pack_bf16x2(v[3].x, v[3].y),
-                          pack_bf16x2(v[3].z, v[3].w));
+        d[0] = make_uint4(pack_bf16x2(v[0].x, v[0].y), pack_bf16x2(v[0].z, v[0].w),
+                          pack_bf16x2(v[1].x, v[1].y), pack_bf16x2(v[1].z, v[1].w));
+        d[1] = make_uint4(pack_bf16x2(v[2].x, v[2].y), pack_bf16x2(v[2].z, v[2].w),
+                          pack_bf16x2(v[3].x, v[3].y), pack_bf16x2(v[3].z, v[3].w));
     }
 };
 template <>
@@ -475,12 +477,13 @@ __device__ __forceinline__ int gemm_b_row(int wn, int j) {
 
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kGemmThreads)
-    moe_gemm_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
+    moe_gemm_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
+                          const Nvfp4DeviceWeight* __restrict__ w0s,
                           const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                           int n_experts, float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
-    constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;  // output columns per CTA tile
+    constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;           // output columns per CTA tile
     __shared__ __align__(16) __nv_bfloat16 a_s[2][kGemmRows][kGemmStride];   // [stage][position][k]
     __shared__ __align__(16) __nv_bfloat16 b_s[2][kGemmWRows][kGemmStride];  // [stage][weight row][k]
     __shared__ int tile_expert, tile_begin;
@@ -693,10 +696,11 @@ bool use_gemm(MoeExpertKernel kernel, int64_t m, int64_t top_k, int64_t n_expert
 }
 
 // The grouped GEMM's 1-D grid: the worst-case count of 64-position tiles times the column tiles.
-unsigned gemm_grid(int64_t m, int64_t top_k, const MoeDeviceExperts& ex, int64_t col_tiles, const char* what) {
+unsigned gemm_grid(int64_t m, int64_t top_k, const MoeDeviceExperts& ex, int64_t col_tiles,
+                   const char* what) {
     if (ex.n_embd > (1 << 24) || ex.n_ff > (1 << 24))  // the kernel indexes rows and k in int
-        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " or n_ff " + std::to_string(ex.n_ff) +
-            " above 2^24");
+        bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " or n_ff " +
+            std::to_string(ex.n_ff) + " above 2^24");
     const int64_t pairs = m * top_k;
     const int64_t row_tiles = (pairs + kGemmRows - 1) / kGemmRows + std::min(ex.n_experts, pairs);
     const int64_t blocks = row_tiles * col_tiles;
@@ -835,7 +839,8 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
 }
 
 void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
-                            const MoePermutation& perm, float* o, cudaStream_t stream, MoeExpertKernel kernel) {
+                            const MoePermutation& perm, float* o, cudaStream_t stream,
+                            MoeExpertKernel kernel) {
     const char* what = "moe_experts_down_nvfp4";
     check_experts(experts, m, top_k, what);
     check_aligned(h, what, "h");
@@ -846,8 +851,8 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
         moe_gemm_nvfp4_kernel<float, false, Epilogue::None>
             <<<gemm_grid(m, top_k, experts, col_tiles, what), kGemmThreads, 0, stream>>>(
                 h, static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
-                static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets, perm.sorted_pairs,
-                static_cast<int>(experts.n_experts), o);
+                static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
+                perm.sorted_pairs, static_cast<int>(experts.n_experts), o);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
@@ -893,7 +898,8 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
-    const MoeWorkspaceLayout l = moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
+    const MoeWorkspaceLayout l =
+        moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
     auto* base = static_cast<unsigned char*>(workspace);
     const MoePermutation perm{
         reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
@@ -903,7 +909,8 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
     float* o = reinterpret_cast<float*>(base + l.o);
     moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
     if (kernel == MoeExpertKernel::Auto)  // one choice for both, from the activations' dtype
-        kernel = moe_prefers_gemm(m, top_k, experts.n_experts, dtype) ? MoeExpertKernel::Gemm : MoeExpertKernel::Gemv;
+        kernel = moe_prefers_gemm(m, top_k, experts.n_experts, dtype) ? MoeExpertKernel::Gemm
+                                                                      : MoeExpertKernel::Gemv;
     moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
     moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
     moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
