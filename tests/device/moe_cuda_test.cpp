@@ -623,6 +623,11 @@ TEST(MoeCuda, RejectsBadArguments) {
     EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, ex, MoeActivation::Relu2, perm,
                                             buf.as<float>(), nullptr),
                  std::invalid_argument);  // n_embd 48 not a multiple of 32
+    const cuda::MoeDeviceExperts ex_ff{
+        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 64, 80};
+    EXPECT_THROW(cuda::moe_experts_down_nvfp4(buf.as<float>(), 64, 2, ex_ff, perm, buf.as<float>(), nullptr,
+                                              cuda::MoeExpertKernel::Gemm),
+                 std::invalid_argument);  // n_ff 80 not a multiple of 32, GEMM path
 }
 
 }  // namespace
