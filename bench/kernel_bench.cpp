@@ -16,8 +16,9 @@
 // 32K and 64K cached tokens, per KV dtype, one layer per launch (the launcher's kernel and splits), reporting
 // TFLOP/s with FLOPs = 4 * head_dim * n_heads * (attended (query, key) pairs, causal counted exactly:
 // sum over the 512 queries of depth + i + 1), and what 32 such layers cost per token (the attention share of
-// a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention`, `prefill` or `moe` (MoE
-// decode step and Mamba2 ops, see bench_moe_mamba) runs one part; no argument runs all four.
+// a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention`, `prefill`, `moe` (MoE
+// decode step and Mamba2 ops, see bench_moe_mamba) or `fp8` (FP8-weight GEMV, see bench_gemv_fp8) runs one
+// part; no argument runs all five.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include "cuda/fill_random.h"
 #include "ops/activation/activation_cuda.h"
 #include "ops/attention/attention_cuda.h"
+#include "ops/linear/gemm_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
 #include "ops/ssm/ssm_cuda.h"
@@ -628,6 +630,60 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
         }
     }
 }
+// FP8 E4M3 weights (per-tensor scale), BF16 activations, at the Llama-3.1-8B projection shapes: gemv_fp8
+// (weights streamed once per 16-row tile) against the path it replaces in decode, gemm_fp8 (dequantize to a
+// BF16 scratch copy, then cuBLASLt), with GB/s and % of copy counting the bytes gemv_fp8 must move (weights,
+// activations, outputs). `nibble-kernel-bench fp8` runs this part alone.
+void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
+    struct Shape {
+        const char* name;
+        int64_t n, k;
+    };
+    const Shape shapes[] = {{"qkvo 4096x4096", 4096, 4096},
+                            {"gate/up 14336x4096", 14336, 4096},
+                            {"down 4096x14336", 4096, 14336},
+                            {"lm_head 128256x4096", 128256, 4096}};
+    const int max_m = 32;
+    uint64_t seed = 4242;
+    std::printf("\n| fp8 shape | m | gemv_fp8 us | GB/s | %% copy | dequant + cuBLASLt us | speed-up |\n"
+                "|---|---|---|---|---|---|---|\n");
+    for (const auto& s : shapes) {
+        const size_t wbytes = static_cast<size_t>(s.n * s.k);
+        const size_t copies =
+            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + wbytes - 1) / wbytes);
+        std::vector<DeviceBuffer> w;
+        for (size_t c = 0; c < copies; ++c) {
+            w.emplace_back(wbytes);
+            // E4M3 codes with exponent field <= 14: every sign, mantissa and subnormal, never NaN.
+            nibble::cuda::fill_random_u32(w.back().as<uint32_t>(), wbytes / 4, ++seed, 0xf7f7f7f7u, 0u, stream);
+        }
+        DeviceBuffer x(static_cast<size_t>(max_m * s.k * 2)), y(static_cast<size_t>(max_m * s.n * 2));
+        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        nibble::cuda::GemmContext ctx(s.n * s.k);
+        NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        for (int m : {1, 2, 4, 8, 16, 32}) {
+            double us[2];
+            for (int method = 0; method < 2; ++method) {
+                size_t next = 0;
+                auto launch = [&] {
+                    for (size_t c = 0; c < copies; ++c, ++next) {
+                        const auto* wp = w[next % copies].as<uint8_t>();
+                        if (method == 0)
+                            nibble::cuda::gemv_fp8(x.get(), DType::BF16, m, wp, s.n, s.k, 0.01f, nullptr, y.get(),
+                                                   stream);
+                        else
+                            nibble::cuda::gemm_fp8(ctx, x.get(), m, wp, s.n, s.k, 0.01f, nullptr, y.get(), stream);
+                    }
+                };
+                us[method] = time_ms(stream, 2, method == 0 ? 50 : 20, launch) / static_cast<double>(copies) * 1e3;
+            }
+            const double bytes = static_cast<double>(wbytes) + 2.0 * m * static_cast<double>(s.k + s.n);
+            const double gbps = bytes / (us[0] * 1e-6) / 1e9;
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.2fx |\n", s.name, m, us[0], gbps,
+                        100 * gbps / copy_gbps, us[1], us[1] / us[0]);
+        }
+    }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -668,7 +724,8 @@ int main(int argc, char** argv) {
         if (part == "attention" || part == "all") bench_attention(prop, stream, copy_gbps);
         if (part == "prefill" || part == "all") bench_prefill_attention(prop, stream);
         if (part == "moe" || part == "all") bench_moe_mamba(stream);
-        if (part == "attention" || part == "prefill" || part == "moe") {
+        if (part == "fp8" || part == "all") bench_gemv_fp8(prop, stream, copy_gbps);
+        if (part == "attention" || part == "prefill" || part == "moe" || part == "fp8") {
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }

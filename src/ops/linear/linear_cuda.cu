@@ -33,8 +33,14 @@
 //
 // BF16 weights (gemv_bf16_kernel): one warp owns R consecutive output rows and sweeps k with 16-byte
 // streaming loads (evict-first), double-buffered; activations re-read through L1 per group of R rows.
+//
+// FP8 E4M3 weights (gemv_fp8_kernel): the BF16 kernel's structure with 16 weights per 16-byte load; each
+// lane takes two loads (k steps 32 apart) a step so a row has as many bytes in flight as in the BF16 kernel.
+// The codes widen to fp16 in hardware (cvt.rn.f16x2.e4m3x2, sm_89+; exact: every E4M3 value is an fp16
+// normal or zero), then to float32; the per-tensor scale multiplies the float32 sum once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -738,6 +744,82 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// The 4 E4M3 codes of wd (element e in byte e) as float32, exactly.
+__device__ __forceinline__ void e4m3x4_to_float(uint32_t wd, float* v) {
+    const __half2 lo = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(wd & 0xffffu), __NV_E4M3));
+    const __half2 hi = __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(wd >> 16), __NV_E4M3));
+    const float2 a = __half22float2(lo), b = __half22float2(hi);
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+
+// y[m, n] = (x[m, k] W^T) * scale (+ bias), W E4M3. Chunk c of a row: 16 bytes (elements 16c..16c+15), one
+// 16-byte load; a lane's step takes chunks c and c + 32, and the next step's two are loaded a step ahead.
+template <int MT, int R, class XT>
+__global__ void __launch_bounds__(kThreads)
+    gemv_fp8_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w, float scale,
+                    const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
+    constexpr int U = 2;  // chunks per lane and step
+    const int lane = threadIdx.x & 31;
+    const int64_t chunks = k >> 4;
+    const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * R;
+    for (int64_t row0 = warp * R; row0 < n; row0 += stride) {
+        int64_t base[R];  // uint4 index of each row's start (rows past n re-read row n - 1, never stored)
+#pragma unroll
+        for (int r = 0; r < R; ++r) base[r] = min(row0 + r, n - 1) * chunks;
+        float acc[R][MT];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) acc[r][mi] = 0.0f;
+
+        uint4 q_next[R][U];
+        auto load_step = [&](int64_t c0) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t c = c0 + 32 * u;
+#pragma unroll
+                for (int r = 0; r < R; ++r) q_next[r][u] = c < chunks ? __ldcs(w + base[r] + c) : make_uint4(0, 0, 0, 0);
+            }
+        };
+        load_step(lane);
+        for (int64_t c0 = lane; c0 < chunks; c0 += 32 * U) {
+            uint4 q[R][U];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int u = 0; u < U; ++u) q[r][u] = q_next[r][u];
+            if (c0 + 32 * U < chunks) load_step(c0 + 32 * U);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t c = c0 + 32 * u;
+                if (c >= chunks) break;
+                const XT* xc = x + c * 16;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // elements 8h..8h+7 of the chunk: words 2h and 2h + 1
+                    float wf[R][8];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        e4m3x4_to_float(word_of(q[r][u], 2 * h), wf[r]);
+                        e4m3x4_to_float(word_of(q[r][u], 2 * h + 1), wf[r] + 4);
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < MT; ++mi) {
+                        if (mi >= m) break;
+                        float xv[8];
+                        load_x8(xc + static_cast<int64_t>(mi) * k + 8 * h, xv);
+#pragma unroll
+                        for (int r = 0; r < R; ++r)
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) acc[r][mi] = fmaf(wf[r][e], xv[e], acc[r][mi]);
+                    }
+                }
+            }
+        }
+        reduce_and_store<MT, R>(acc, lane, row0, m, n, scale, bias, y);
+    }
+}
+
 // Rows per warp for an M tile: activation re-reads cost MT * 2 (BF16) or MT * 4 (F32) / R bytes of L1
 // and MT / R widening ops per weight element, but a larger R leaves fewer warps (n / R) to hide latency:
 // R = 4 at m = 1 measured 34% of copy bandwidth at 4096x4096 against 87% at 128256x4096 (docs/perf.md).
@@ -884,6 +966,14 @@ void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, co
     constexpr int R = rows_per_warp<MT>();
     gemv_bf16_kernel<MT, R, XT><<<grid_for(n, R, sms), kThreads, 0, stream>>>(
         x, m, k, reinterpret_cast<const uint4*>(w), bias, y, n);
+}
+
+template <int MT, class XT>
+void launch_fp8(const XT* x, int m, const uint8_t* w, int64_t n, int64_t k, float scale, const float* bias, XT* y,
+                int sms, cudaStream_t stream) {
+    constexpr int R = rows_per_warp<MT>();
+    gemv_fp8_kernel<MT, R, XT><<<grid_for(n, R, sms), kThreads, 0, stream>>>(
+        x, m, k, reinterpret_cast<const uint4*>(w), scale, bias, y, n);
 }
 
 // Calls f.template operator()<MT>() for the smallest M tile that holds m (m in 1..16).
@@ -1038,6 +1128,23 @@ void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t
     auto body = [&]<class XT>() {
         run_tiles<XT>(x, m, n, k, y, [&](const XT* xt, int mt, XT* yt) {
             dispatch_m_tile(mt, [&]<int MT>() { launch_bf16<MT, XT>(xt, mt, w, n, k, bias, yt, sms, stream); });
+        });
+    };
+    if (dtype == DType::F32) body.template operator()<float>();
+    else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void gemv_fp8(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
+              const float* bias, void* y, cudaStream_t stream) {
+    check_common(x, dtype, m, y, n, k, "gemv_fp8");
+    if (k % 16 != 0) throw std::invalid_argument("gemv_fp8: k = " + std::to_string(k) + " is not a multiple of 16");
+    if (reinterpret_cast<uintptr_t>(w) % 16 != 0) throw std::invalid_argument("gemv_fp8: w must be 16-byte aligned");
+    if (m == 0 || n == 0) return;
+    const int sms = current_sm_count();
+    auto body = [&]<class XT>() {
+        run_tiles<XT>(x, m, n, k, y, [&](const XT* xt, int mt, XT* yt) {
+            dispatch_m_tile(mt, [&]<int MT>() { launch_fp8<MT, XT>(xt, mt, w, n, k, scale, bias, yt, sms, stream); });
         });
     };
     if (dtype == DType::F32) body.template operator()<float>();

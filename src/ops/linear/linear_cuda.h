@@ -8,11 +8,12 @@
 //   NVFP4 packed [n, k / 2] E2M1 pairs, element 2i in the low nibble; scales [n, k / 16] E4M3;
 //         value = e2m1 * e4m3 * global_scale (see tensor/nvfp4.h)
 //   BF16  w [n, k]
+//   FP8   w [n, k] E4M3 (float8_e4m3fn); value = e4m3 * scale (the per-tensor weight_scale)
 //   bias  [n] float32, or null
 //   y     [m, n]            same dtype as x
-// Preconditions (checked, std::invalid_argument): NVFP4 k % 32 == 0, BF16 k % 16 == 0; 16-byte aligned
+// Preconditions (checked, std::invalid_argument): NVFP4 k % 32 == 0, BF16 and FP8 k % 16 == 0; 16-byte aligned
 // x, W and scale rows follow from those when the base pointers are 16-byte aligned (cudaMalloc's are).
-// E4M3 scale codes 0x7f/0xff (NaN) are not detected: checkpoints never hold them.
+// E4M3 scale and FP8 weight codes 0x7f/0xff (NaN) are not detected: checkpoints never hold them.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -75,5 +76,10 @@ void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4D
 //   w [n, k] BF16
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
                void* y, cudaStream_t stream);
+
+//   w [n, k] FP8 E4M3, y = (x W_codes^T) * scale (+ bias): the weights streamed once per 16-row tile and
+//   widened in registers (no dequantized copy), float32 accumulation on the CUDA cores. Needs sm_89+.
+void gemv_fp8(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
+              const float* bias, void* y, cudaStream_t stream);
 
 }  // namespace nibble::cuda
