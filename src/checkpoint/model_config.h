@@ -96,6 +96,12 @@ struct RopeConfig {
     float high_freq_factor = 4.0f;          // llama3
     int64_t original_max_position = 8192;   // llama3
     float partial_rotary_factor = 1.0f;     // fraction of head_dim that is rotated
+    // Which dimensions rotate together (each pair i by inv_freq[i]): false, NeoX "rotate half" (i and
+    // i + rotary_dim / 2; every architecture supported today); true, GPT-J interleaved (2i and 2i + 1).
+    // Not read from config.json: the HF key for it, `rope_interleave` (transformers' DeepseekV3Config and
+    // the configs derived from it, default true), belongs to architectures not supported yet, and the
+    // Llama/Mistral/Qwen configs ignore it; GPT-J and GLM imply interleaving by architecture, with no key.
+    bool interleaved = false;
 };
 
 struct ModelConfig {

@@ -13,6 +13,7 @@ RopeTable make_rope_table(const RopeConfig& rope, int64_t head_dim) {
                  "rotary dimension {} (head_dim {} x partial_rotary_factor {}) must be even and positive",
                  t.rotary_dim, head_dim, rope.partial_rotary_factor);
     const int64_t half = t.rotary_dim / 2;
+    t.interleaved = rope.interleaved;
     t.inv_freq.resize(static_cast<size_t>(half));
     for (int64_t i = 0; i < half; ++i) {
         // float32 throughout, as transformers computes it: 1 / base^(2i / dim)
@@ -52,6 +53,8 @@ RopeTable make_rope_table(const RopeConfig& rope, int64_t head_dim) {
 void rope_apply_cpu(float* x, int64_t m, int64_t n_heads, int64_t head_dim, const int64_t* positions,
                     const RopeTable& table) {
     const int64_t half = table.rotary_dim / 2;
+    // Pair i: elements (i * a_step, i * a_step + b_offset).
+    const int64_t a_step = table.interleaved ? 2 : 1, b_offset = table.interleaved ? 1 : half;
     std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half));
     for (int64_t t = 0; t < m; ++t) {
         const float pos = static_cast<float>(positions[t]);
@@ -63,10 +66,11 @@ void rope_apply_cpu(float* x, int64_t m, int64_t n_heads, int64_t head_dim, cons
         for (int64_t h = 0; h < n_heads; ++h) {
             float* v = x + (t * n_heads + h) * head_dim;
             for (int64_t i = 0; i < half; ++i) {
-                const float a = v[i], b = v[i + half];
+                float& a = v[i * a_step];
+                float& b = v[i * a_step + b_offset];
                 const float c = cos_v[static_cast<size_t>(i)], s = sin_v[static_cast<size_t>(i)];
-                v[i] = a * c - b * s;
-                v[i + half] = b * c + a * s;
+                const float na = a * c - b * s, nb = b * c + a * s;
+                a = na, b = nb;
             }
         }
     }

@@ -1,5 +1,6 @@
-// RoPE kernel: one thread per (token, head, 4 consecutive pair indices). The 4 "a" values and the 4 "b"
-// values (half a rotary dimension apart) are each one vector access (16 bytes in F32, 8 in BF16).
+// RoPE kernel: one thread per (token, head, 4 consecutive pair indices). Rotate half: the 4 "a" values and
+// the 4 "b" values (half a rotary dimension apart) are each one vector access (16 bytes in F32, 8 in BF16);
+// interleaved: the 4 pairs are 8 consecutive values, two such accesses.
 // sincosf is the accurate version (2 ulp over the whole range; no fast-math), so large positions work.
 #include <cuda_bf16.h>
 
@@ -33,7 +34,7 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, const float (&v)[4]) {
         make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
 }
 
-template <class T>
+template <class T, bool INTERLEAVED>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(T* __restrict__ x, int64_t m, int64_t n_heads, int64_t head_dim,
                 const int64_t* __restrict__ positions, const float* __restrict__ inv_freq, int64_t half) {
@@ -44,10 +45,22 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t q = t % quads, th = t / quads;  // th = token * n_heads + head
         const int64_t token = th / n_heads;
         const float pos = static_cast<float>(positions[token]);
-        T* v = x + th * head_dim + q * 4;
-        float a[4], b[4];
-        load4(v, a);
-        load4(v + half, b);
+        // Rotate half: a = v[4q + e], b = v[half + 4q + e]. Interleaved: pairs 4q..4q+3 are elements
+        // 8q..8q+7, loaded as lo = 8q..8q+3 and hi = 8q+4..8q+7, then regrouped into a (even) and b (odd).
+        T* const v = x + th * head_dim + q * (INTERLEAVED ? 8 : 4);
+        T* const w = INTERLEAVED ? v + 4 : v + half;
+        float lo[4], hi[4], a[4], b[4];
+        load4(v, lo);
+        load4(w, hi);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (INTERLEAVED) {
+                a[e] = e < 2 ? lo[2 * e] : hi[2 * e - 4];
+                b[e] = e < 2 ? lo[2 * e + 1] : hi[2 * e - 3];
+            } else {
+                a[e] = lo[e], b[e] = hi[e];
+            }
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const float angle = pos * inv_freq[q * 4 + e];
@@ -57,15 +70,24 @@ __global__ void __launch_bounds__(kThreads)
             const float nb = b[e] * c + a[e] * s;
             a[e] = na, b[e] = nb;
         }
-        store4(v, a);
-        store4(v + half, b);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (INTERLEAVED) {
+                if (e < 2) lo[2 * e] = a[e], lo[2 * e + 1] = b[e];
+                else hi[2 * e - 4] = a[e], hi[2 * e - 3] = b[e];
+            } else {
+                lo[e] = a[e], hi[e] = b[e];
+            }
+        }
+        store4(v, lo);
+        store4(w, hi);
     }
 }
 
 }  // namespace
 
 void rope_apply(void* x, DType dtype, int64_t m, int64_t n_heads, int64_t head_dim, const int64_t* positions,
-                const float* inv_freq, int64_t rotary_dim, cudaStream_t stream) {
+                const float* inv_freq, int64_t rotary_dim, cudaStream_t stream, bool interleaved) {
     if (dtype != DType::F32 && dtype != DType::BF16)
         throw std::invalid_argument("rope_apply: activations must be F32 or BF16");
     if (rotary_dim <= 0 || rotary_dim % 8 != 0 || rotary_dim > head_dim || head_dim % 4 != 0)
@@ -74,12 +96,17 @@ void rope_apply(void* x, DType dtype, int64_t m, int64_t n_heads, int64_t head_d
     const int64_t total = m * n_heads * (rotary_dim / 8);
     if (total == 0) return;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
-    if (dtype == DType::F32)
-        rope_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<float*>(x), m, n_heads, head_dim, positions,
-                                                            inv_freq, rotary_dim / 2);
-    else
-        rope_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(static_cast<__nv_bfloat16*>(x), m, n_heads,
-                                                                    head_dim, positions, inv_freq, rotary_dim / 2);
+    auto launch = [&]<class T>() {
+        T* const xt = static_cast<T*>(x);
+        if (interleaved)
+            rope_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xt, m, n_heads, head_dim, positions, inv_freq,
+                                                                  rotary_dim / 2);
+        else
+            rope_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xt, m, n_heads, head_dim, positions, inv_freq,
+                                                                   rotary_dim / 2);
+    };
+    if (dtype == DType::F32) launch.template operator()<float>();
+    else launch.template operator()<__nv_bfloat16>();
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

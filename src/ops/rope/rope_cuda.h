@@ -1,6 +1,7 @@
-// CUDA launcher for rotary position embedding, "rotate half" (NeoX / Hugging Face) pairing, as
-// rope_apply_cpu computes it: angle = float(position) * inv_freq[i] in float32, then
-//   v[i] = a cos - b sin, v[i + half] = b cos + a sin   for i < half = rotary_dim / 2.
+// CUDA launcher for rotary position embedding, as rope_apply_cpu computes it: angle = float(position) *
+// inv_freq[i] in float32, then pair i = (a, b) becomes (a cos - b sin, b cos + a sin) for i < rotary_dim / 2,
+// the pair being (v[i], v[i + rotary_dim / 2]) ("rotate half", NeoX / Llama) or, with interleaved,
+// (v[2i], v[2i + 1]) (GPT-J; RopeConfig::interleaved).
 // Plain C++ plus cuda_runtime.h types.
 //   x         [m, n_heads, head_dim] F32 or BF16, rotated in place
 //   positions [m] int64 (device)
@@ -17,6 +18,6 @@
 namespace nibble::cuda {
 
 void rope_apply(void* x, DType dtype, int64_t m, int64_t n_heads, int64_t head_dim, const int64_t* positions,
-                const float* inv_freq, int64_t rotary_dim, cudaStream_t stream);
+                const float* inv_freq, int64_t rotary_dim, cudaStream_t stream, bool interleaved = false);
 
 }  // namespace nibble::cuda
