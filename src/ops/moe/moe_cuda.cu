@@ -476,7 +476,7 @@ __device__ __forceinline__ int gemm_b_row(int wn, int j) {
 }
 
 template <class XT, bool kGather, Epilogue kEpi>
-__global__ void __launch_bounds__(kGemmThreads)
+__global__ void __launch_bounds__(kGemmThreads, 4)
     moe_gemm_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
                           const Nvfp4DeviceWeight* __restrict__ w0s,
                           const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
