@@ -27,10 +27,17 @@
 #include "ops/attention/kv_cache.h"
 #if defined(NIBBLE_HAVE_CUDA)
 #include "cuda/device_info.h"
+#include <cuda_runtime.h>
+
+#include <exception>
+#include <thread>
+
+#include "cuda/cuda_check.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/device_limits.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
+#include "parallel/nccl_communicator.h"
 #include "tune/device_profile.h"
 #include "tune/eligibility.h"
 #include "tune/kernel_choices.h"
@@ -56,6 +63,8 @@ struct BenchOptions {
     bool unfused = false;
     bool pdl = false;
     std::string tune;  // off | cached; empty: cached when this GPU has a tune cache
+    int64_t tensor_parallel_size = 1;  // -tp: one thread per GPU, one NCCL group (GPUs 0 .. N-1)
+    int master_port = 29511;           // the group's NCCL rendezvous on 127.0.0.1
 };
 
 template <class T>
@@ -162,44 +171,19 @@ std::shared_ptr<tune::KernelChoices> bench_kernel_choices(const std::string& mod
     return std::make_shared<tune::KernelChoices>(&*cache, device, tune::BuildTargets::configured());
 }
 
-void run_bench(const BenchOptions& o) {
-    NIBBLE_CHECK(o.model_dir.empty() != o.synthetic.empty(), "nibble bench: give exactly one of --model DIR and --synthetic NAME");
-    NIBBLE_CHECK(o.weights == "nvfp4" || o.weights == "bf16", "--weights {}: nvfp4 or bf16", o.weights);
-    NIBBLE_CHECK(o.output == "md" || o.output == "json", "-o {}: md or json", o.output);
-    NIBBLE_CHECK(o.repeats >= 1, "-r {}: at least 1", o.repeats);
-    NIBBLE_CHECK(o.tune.empty() || o.tune == "off" || o.tune == "cached", "--tune {}: off or cached", o.tune);
-    std::vector<KvDtype> kv_dtypes;
-    for (const std::string& name : o.kv) {
-        const auto t = kv_dtype_from_name(name);
-        NIBBLE_CHECK(t && *t != KvDtype::F32, "--kv-cache-dtype {}: bf16, fp8 or nvfp4", name);
-        kv_dtypes.push_back(*t);
-    }
+void log_weights(const std::string& name, const gpu::DeviceDecoder& w, double seconds) {
+    log::info("{}: {:.2f} GB of weights on the device in {:.1f} s; {:.3f} GB streamed per token", name,
+              static_cast<double>(w.device_bytes()) / 1e9, seconds,
+              static_cast<double>(w.streamed_bytes_per_token()) / 1e9);
+}
 
-    const gpu::DeviceLimits limits = gpu::measure_device_limits();
-    log::info("{}: copy {:.0f} GB/s, BF16 matmul {:.0f} TFLOP/s (measured now)", limits.device_name,
-              limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12);
-
-    std::shared_ptr<const gpu::DeviceDecoder> weights;
-    std::string model_name;
-    const auto t_load = std::chrono::steady_clock::now();
-    if (!o.synthetic.empty()) {
-        const ModelConfig c = gpu::synthetic_config(o.synthetic);
-        weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(
-            c, {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1}));
-        model_name = o.synthetic + " " + o.weights + (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
-    } else {
-        ThreadPool pool(0);
-        std::unique_ptr<Model> model = load_model(o.model_dir, pool);
-        DecoderView view;
-        NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a decoder the CUDA backend runs", o.model_dir,
-                     model->config().arch_name);
-        weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
-        model_name = o.model_dir;
-    }
-    log::info("{}: {:.2f} GB of weights on the device in {:.1f} s; {:.3f} GB streamed per token", model_name,
-              static_cast<double>(weights->device_bytes()) / 1e9, seconds_since(t_load),
-              static_cast<double>(weights->streamed_bytes_per_token()) / 1e9);
-
+// The tests of every KV dtype on one rank's weights. Under tensor parallelism every rank runs this with the
+// same options at once (the same random tokens: every rank's generator starts alike, and greedy tokens come
+// from the gathered logits every rank holds), so their collectives match; rank 0's rows are the report.
+std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& kv_dtypes,
+                            const std::shared_ptr<const gpu::DeviceDecoder>& weights, const gpu::DeviceLimits& limits,
+                            const std::shared_ptr<tune::KernelChoices>& kernel_choices, Communicator* comm,
+                            cudaStream_t stream) {
     const ModelConfig& c = weights->config;
     const int64_t max_p = *std::max_element(o.prompt.begin(), o.prompt.end());
     const int64_t max_n = *std::max_element(o.gen.begin(), o.gen.end());
@@ -211,7 +195,6 @@ void run_bench(const BenchOptions& o) {
     for (int64_t i = 0; i < blocks; ++i) table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
     std::mt19937_64 rng(42);
 
-    const std::shared_ptr<tune::KernelChoices> kernel_choices = bench_kernel_choices(o.tune);
     std::vector<Row> rows;
     for (KvDtype kv : kv_dtypes) {
         gpu::CudaModelRunner runner(weights, {.kv_dtype = kv,
@@ -224,7 +207,9 @@ void run_bench(const BenchOptions& o) {
                                               .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
                                               .fused_gemv = !o.unfused,
                                               .programmatic_launch = o.pdl,
-                                              .kernel_choices = kernel_choices});
+                                              .kernel_choices = kernel_choices,
+                                              .stream = stream});
+        runner.set_communicator(comm);
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
         std::vector<int32_t> next;
@@ -267,6 +252,125 @@ void run_bench(const BenchOptions& o) {
                                 limits.copy_bytes_per_s / bytes, "copy bandwidth"});
             }
         }
+    }
+
+    return rows;
+}
+
+// -tp N: rank r on GPU r in its own thread, the ranks one NCCL group (bootstrapped over 127.0.0.1); each
+// rank makes or uploads its own shard. Returns rank 0's rows; `weights` becomes rank 0's shard.
+std::vector<Row> bench_tensor_parallel(const BenchOptions& o, const std::vector<KvDtype>& kv_dtypes,
+                                       const gpu::DeviceLimits& limits,
+                                       std::shared_ptr<const gpu::DeviceDecoder>& weights, std::string& model_name) {
+    const int64_t tp = o.tensor_parallel_size;
+    const auto t_load = std::chrono::steady_clock::now();
+    ThreadPool pool(0);
+    std::unique_ptr<Model> model;
+    DecoderView view;
+    ModelConfig config;
+    if (!o.synthetic.empty()) {
+        config = gpu::synthetic_config(o.synthetic);
+        model_name = o.synthetic + " " + o.weights +
+                     (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
+    } else {
+        model = load_model(o.model_dir, pool);
+        NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a decoder the CUDA backend runs", o.model_dir,
+                     model->config().arch_name);
+        config = model->config();
+        model_name = o.model_dir;
+    }
+    check_tensor_parallel(config, tp);
+    model_name += " TP=" + std::to_string(tp);
+    std::vector<std::exception_ptr> errors(static_cast<size_t>(tp));
+    std::vector<Row> rows;
+    std::vector<std::thread> ranks;
+    for (int64_t r = 0; r < tp; ++r)
+        ranks.emplace_back([&, r] {
+            try {
+                NIBBLE_CUDA_CHECK(cudaSetDevice(static_cast<int>(r)));
+                auto shard = std::make_shared<const gpu::DeviceDecoder>(
+                    model ? gpu::upload_decoder_rank(config, model->quant_config(), view, tp, r)
+                          : gpu::synthetic_decoder_rank(
+                                config, {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1},
+                                tp, r));
+                if (r == 0) log_weights(model_name + ", rank 0", *shard, seconds_since(t_load));
+                cudaStream_t stream = nullptr;
+                NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+                {
+                    NcclCommunicator comm({.world_size = static_cast<int>(tp), .rank = static_cast<int>(r),
+                                           .device = static_cast<int>(r), .master_addr = "127.0.0.1",
+                                           .master_port = o.master_port, .timeout_ms = 120000},
+                                          stream);
+                    // Kernel choices record launches and failures: one set per rank thread.
+                    std::vector<Row> mine =
+                        bench_rank(o, kv_dtypes, shard, limits, bench_kernel_choices(o.tune), &comm, stream);
+                    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                    if (r == 0) {
+                        rows = std::move(mine);
+                        weights = shard;
+                    }
+                }
+                (void)cudaStreamDestroy(stream);
+            } catch (...) {
+                errors[static_cast<size_t>(r)] = std::current_exception();
+            }
+        });
+    for (std::thread& t : ranks) t.join();
+    for (int64_t r = 0; r < tp; ++r)
+        if (errors[static_cast<size_t>(r)]) {
+            try {
+                std::rethrow_exception(errors[static_cast<size_t>(r)]);
+            } catch (const std::exception& e) {
+                fail("-tp {}: rank {} failed: {}", tp, r, e.what());
+            }
+        }
+    return rows;
+}
+
+void run_bench(const BenchOptions& o) {
+    NIBBLE_CHECK(o.model_dir.empty() != o.synthetic.empty(), "nibble bench: give exactly one of --model DIR and --synthetic NAME");
+    NIBBLE_CHECK(o.weights == "nvfp4" || o.weights == "bf16", "--weights {}: nvfp4 or bf16", o.weights);
+    NIBBLE_CHECK(o.output == "md" || o.output == "json", "-o {}: md or json", o.output);
+    NIBBLE_CHECK(o.repeats >= 1, "-r {}: at least 1", o.repeats);
+    NIBBLE_CHECK(o.tune.empty() || o.tune == "off" || o.tune == "cached", "--tune {}: off or cached", o.tune);
+    std::vector<KvDtype> kv_dtypes;
+    for (const std::string& name : o.kv) {
+        const auto t = kv_dtype_from_name(name);
+        NIBBLE_CHECK(t && *t != KvDtype::F32, "--kv-cache-dtype {}: bf16, fp8 or nvfp4", name);
+        kv_dtypes.push_back(*t);
+    }
+
+    const gpu::DeviceLimits limits = gpu::measure_device_limits();
+    log::info("{}: copy {:.0f} GB/s, BF16 matmul {:.0f} TFLOP/s (measured now)", limits.device_name,
+              limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12);
+
+    const int64_t tp = o.tensor_parallel_size;
+    NIBBLE_CHECK(tp >= 1, "-tp {}: at least 1", tp);
+    NIBBLE_CHECK(tp == 1 || cuda::device_count() >= tp, "-tp {}: this machine has {} CUDA devices", tp,
+                 cuda::device_count());
+    std::shared_ptr<const gpu::DeviceDecoder> weights;
+    std::string model_name;
+    const auto t_load = std::chrono::steady_clock::now();
+    std::vector<Row> rows;
+    if (tp > 1) {
+        rows = bench_tensor_parallel(o, kv_dtypes, limits, weights, model_name);
+    } else {
+        if (!o.synthetic.empty()) {
+            const ModelConfig c = gpu::synthetic_config(o.synthetic);
+            weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(
+                c, {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1}));
+            model_name = o.synthetic + " " + o.weights + (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
+        } else {
+            ThreadPool pool(0);
+            std::unique_ptr<Model> model = load_model(o.model_dir, pool);
+            DecoderView view;
+            NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a decoder the CUDA backend runs", o.model_dir,
+                         model->config().arch_name);
+            weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+            model_name = o.model_dir;
+        }
+        log_weights(model_name, *weights, seconds_since(t_load));
+        rows = bench_rank(o, kv_dtypes, weights, limits, bench_kernel_choices(o.tune), nullptr, nullptr);
     }
 
     if (o.output == "json") {
@@ -321,6 +425,9 @@ void add_bench_command(CLI::App& app) {
                     "off (the built-in dispatch)");
     cmd->add_flag("--pdl", o->pdl, "fused decode GEMVs with programmatic dependent launch (to compare)");
     cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
+    cmd->add_option("-tp,--tensor-parallel-size", o->tensor_parallel_size,
+                    "GPUs the model is split over (one thread and NCCL rank per GPU, GPUs 0 .. N-1; default 1)");
+    cmd->add_option("--master-port", o->master_port, "-tp: the NCCL rendezvous port on 127.0.0.1 (default 29511)");
     cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
     cmd->callback([o, lists] {
         if (!(*lists)[0].empty()) o->prompt = split_list<int64_t>((*lists)[0], "-p");

@@ -70,7 +70,10 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights,
             forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
         fwd_ = forward_.get();
     }
-    NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    if (o.stream != nullptr)
+        stream_ = o.stream;
+    else
+        NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     max_blocks_per_seq_ = (o.max_model_len + o.block_size - 1) / o.block_size;
     staging_bytes_ = StagingLayout(o.max_num_batched_tokens, o.max_num_seqs, max_blocks_per_seq_).total;
     NIBBLE_CUDA_CHECK(cudaHostAlloc(&staging_host_, staging_bytes_, cudaHostAllocDefault));
@@ -120,7 +123,7 @@ CudaModelRunner::~CudaModelRunner() {
     (void)cudaFreeHost(logits_host_);
     (void)cudaFreeHost(tokens_host_);
     (void)cudaFreeHost(sampling_host_);
-    if (stream_) (void)cudaStreamDestroy(stream_);
+    if (stream_ && options_.stream == nullptr) (void)cudaStreamDestroy(stream_);
 }
 
 DeviceBatch CudaModelRunner::stage(std::span<const RunnerSequence> batch, int64_t pad_to, int64_t table_blocks,

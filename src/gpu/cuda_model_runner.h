@@ -44,6 +44,9 @@ struct CudaRunnerOptions {
     int64_t num_state_slots = 0;
     SsmStateDtype ssm_dtype = SsmStateDtype::F32;
     int64_t num_state_snapshots = 0;
+    // The stream every step runs on, owned by the caller (a tensor-parallel rank shares it with its
+    // NcclCommunicator); null: the runner makes its own.
+    cudaStream_t stream = nullptr;
 };
 
 class CudaModelRunner final : public ModelRunner {
