@@ -135,6 +135,7 @@ void run_plan(const PlanCliOptions& opt) {
     po.tensor_parallel_size = opt.parallel.tensor_parallel_size;
     // "auto" means what serving on this machine would store: bf16 on a GPU, the CPU reference's f32 otherwise.
     po.auto_kv_dtype = device.cuda ? KvDtype::Bf16 : KvDtype::F32;
+    po.cuda_forward = device.cuda;  // the CUDA forward's MoE workspace and GEMM scratch
     const MemoryPlan p = plan_memory(config, quant, po);
     tune::RooflineOptions roofline;
     roofline.kv_bytes_per_token = p.kv_bytes_per_token;
@@ -165,6 +166,8 @@ void run_plan(const PlanCliOptions& opt) {
             {"activation_bytes", p.activation_bytes},
             {"logits_bytes", p.logits_bytes},
             {"attention_scratch_bytes", p.attention_scratch_bytes},
+            {"moe_workspace_bytes", p.moe_workspace_bytes},
+            {"gemm_scratch_bytes", p.gemm_scratch_bytes},
             {"kv_cache_dtype", kv_dtype_name(p.kv_dtype)},
             {"kv_bytes_per_token", p.kv_bytes_per_token},
             {"kv_cache_bytes", p.kv_cache_bytes},
@@ -204,9 +207,18 @@ void run_plan(const PlanCliOptions& opt) {
         weights_detail += fmt::format(" (the whole model: {})", bytes_text(static_cast<double>(p.model_weights_bytes)));
     row("weights", bytes_text(static_cast<double>(p.weights_bytes)), weights_detail);
     row("workspace", bytes_text(static_cast<double>(p.workspace_bytes())),
-        fmt::format("activations {}, logits {}, attention {} ({} batched tokens)",
+        fmt::format("activations {}, logits {}, attention {}{}{} ({} batched tokens)",
                     bytes_text(static_cast<double>(p.activation_bytes)), bytes_text(static_cast<double>(p.logits_bytes)),
-                    bytes_text(static_cast<double>(p.attention_scratch_bytes)), p.max_num_batched_tokens));
+                    bytes_text(static_cast<double>(p.attention_scratch_bytes)),
+                    p.moe_workspace_bytes > 0 ? ", MoE " + bytes_text(static_cast<double>(p.moe_workspace_bytes)) : "",
+                    p.gemm_scratch_bytes > 0 ? ", GEMM scratch " + bytes_text(static_cast<double>(p.gemm_scratch_bytes))
+                                             : "",
+                    p.max_num_batched_tokens));
+    if (p.moe_workspace_bytes > 0)
+        row("MoE workspace", bytes_text(static_cast<double>(p.moe_workspace_bytes)),
+            fmt::format("expert permutation and each (token, expert) pair's hidden and output rows, {} tokens x "
+                        "top-{} (in the workspace above)",
+                        p.max_num_batched_tokens, config.moe.top_k));
     if (p.mamba_state_bytes > 0) {
         row("Mamba state", bytes_text(static_cast<double>(p.mamba_state_bytes)),
             fmt::format("{} per sequence x {} (--max-num-seqs; SSM {})",

@@ -100,6 +100,7 @@ MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max
     po.mamba_prefix_snapshots = 0;
     po.gpu_memory_utilization = o.gpu_memory_utilization;
     po.device_memory = device_memory;
+    po.cuda_forward = true;  // its MoE workspace and GEMM scratch
     if (o.kv_cache_memory_bytes) po.kv_cache_memory_bytes = *o.kv_cache_memory_bytes;
     return plan_memory(model.config(), model.quant_config(), po);
 }

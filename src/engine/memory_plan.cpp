@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "model/model.h"
+#include "ops/moe/moe_workspace.h"
 #include "parallel/tensor_parallel.h"
 #include "tensor/nvfp4.h"
 
@@ -130,6 +131,8 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
         p.weights_by_format = weight_bytes_by_format(llama_rank_expected_weights(c, tp, 0), c, quant);
     }
     for (const auto& [name, bytes] : p.weights_by_format) p.weights_bytes += bytes;
+    bool any_moe = c.has_layer(LayerKind::Moe);
+    for (int64_t il = 0; il < c.n_layers && !any_moe; ++il) any_moe = c.is_moe_layer(il);
 
     const int64_t t = o.max_num_batched_tokens;
     const int64_t q_dim = rank.n_heads * rank.head_dim, kv_dim = rank.n_kv_heads * rank.head_dim;
@@ -137,8 +140,29 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     p.activation_bytes = t * (3 * rank.n_embd + 2 * q_dim + 2 * kv_dim + 2 * rank.n_ff) * 4;
     // With tp > 1 the all-gather's [tp, rows, ceil(vocab / tp)] buffer sits beside the assembled logits.
     const int64_t gather_width = tp == 1 ? 0 : tp * ((c.vocab_size + tp - 1) / tp);
-    p.logits_bytes = logit_rows * (c.vocab_size + gather_width) * 4;
+    p.logits_bytes = logit_rows * (c.vocab_size + gather_width + c.n_embd) * 4;
     p.attention_scratch_bytes = logit_rows * rank.n_heads * kAttentionSplits * (rank.head_dim + 2) * 4;
+    if (any_moe) {  // router logits [t, n_experts], chosen experts [t, top_k] int32 and their weights float32
+        const MoeConfig& e = c.moe;
+        p.activation_bytes += t * (e.n_experts + 2 * e.top_k) * 4;
+        if (o.cuda_forward)
+            p.moe_workspace_bytes =
+                static_cast<int64_t>(moe_workspace_layout(t, e.top_k, e.n_experts, rank.n_embd, e.n_ff).total);
+    }
+    if (o.cuda_forward && t > kCudaGemvMaxRows) {
+        // The decoder linears the GEMMs run (not the experts, not the lm_head, which always runs the GEMV).
+        int64_t largest = 0;
+        bool quantized = false;
+        for (const WeightSpec& w : tp == 1 ? expected_weights(c) : llama_rank_expected_weights(c, tp, 0)) {
+            const LinearSpec& l = w.linear;
+            if (w.kind != WeightSpec::Kind::Linear || l.module == "lm_head" ||
+                l.module.find(".experts.") != std::string::npos)
+                continue;
+            largest = std::max(largest, l.n_out * l.n_in);
+            quantized |= quant.method != QuantMethod::None && !quant.is_excluded(l.module);
+        }
+        p.gemm_scratch_bytes = kCublasLtWorkspaceBytes + (quantized ? 3 * largest * 2 : 0);
+    }
     // Hybrid models: the Mamba mixer's rows (in_proj output, conv output, scan output), and one recurrent
     // state per sequence that may run (conv float32 + SSM in --mamba-ssm-cache-dtype), held beside the KV.
     const int64_t kv_layers = c.count_layers(LayerKind::Attention);

@@ -6,8 +6,18 @@
 //              in the dense dtype; 8 bytes of KV scales per layer when the checkpoint declares a KV scheme.
 //   workspace  activations of one step, max_num_batched_tokens rows x the forward's buffer widths
 //              (3*hidden + 2*q_dim + 2*kv_dim + 2*intermediate) x 4 bytes (float32, the widest any backend
-//              uses); logits, min(max_num_seqs, max_num_batched_tokens) rows x vocab x 4; attention scratch,
-//              split-K decode partials for the same rows: n_heads x kAttentionSplits x (head_dim + 2) x 4.
+//              uses); MoE models add the router's rows, n_experts x 4 + top_k x 8 (logits, chosen ids and
+//              weights); logits, min(max_num_seqs, max_num_batched_tokens) rows x (vocab + hidden) x 4 (the
+//              lm_head's gathered input rows too); attention scratch, split-K decode partials for the same
+//              rows: n_heads x kAttentionSplits x (head_dim + 2) x 4.
+//              The CUDA backend's forward (PlanOptions::cuda_forward) adds two more named lines:
+//                MoE workspace  the expert permutation and per-(token, expert) hidden and output rows of
+//                               max_num_batched_tokens tokens (ops/moe/moe_workspace.h, the layout the CUDA
+//                               MoE forward carves its workspace by);
+//                GEMM scratch   when steps may exceed kCudaGemvMaxRows rows (they then run cuBLASLt GEMMs):
+//                               cuBLASLt's 32 MiB workspace and, with quantized linears, three BF16 copies of
+//                               the largest decoder linear (the GEMM's own scratch and the two buffers the
+//                               prefill dequantization pipeline alternates between).
 //   KV cache   kv_cache_memory_bytes when given, else gpu_memory_utilization x device memory - weights -
 //              workspace; cut into blocks of block_size tokens (KvCacheShape::block_bytes() per layer for K
 //              and for V), kv_tokens = blocks x block_size, max_concurrency = kv_tokens / max_model_len.
@@ -43,6 +53,10 @@ namespace nibble {
 
 // Split-K partitions a decode row's attention may use (flash-decoding); the scratch above is sized for it.
 inline constexpr int64_t kAttentionSplits = 32;
+// The CUDA forward's rows per step up to which linears run as GEMVs (gpu::DecoderForward::kGemvMaxRows; a
+// device test checks they agree), and the cuBLASLt workspace of its GEMM context.
+inline constexpr int64_t kCudaGemvMaxRows = 32;
+inline constexpr int64_t kCublasLtWorkspaceBytes = int64_t{32} << 20;
 
 // --kv-cache-dtype: "auto" is the checkpoint's KV scheme when it declares one (ModelOpt kv_cache_quant_algo
 // or kv_cache_scheme: fp8 or nvfp4, as vLLM resolves it), else `unquantized` (the backend's activation
@@ -63,6 +77,7 @@ struct PlanOptions {
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
     int64_t mamba_prefix_snapshots = -1;    // hybrid prefix caching: -1 auto (from the KV budget), 0 none
     int64_t tensor_parallel_size = 1;       // GPUs one model is split over; the plan is per GPU
+    bool cuda_forward = false;              // for the CUDA backend: count its MoE workspace and GEMM scratch
 };
 
 struct MemoryPlan {
@@ -73,7 +88,10 @@ struct MemoryPlan {
     std::vector<std::pair<std::string, int64_t>> weights_by_format;  // "nvfp4", "fp8", "bf16", ... > 0 only
     // workspace
     int64_t activation_bytes = 0, logits_bytes = 0, attention_scratch_bytes = 0;
-    int64_t workspace_bytes() const { return activation_bytes + logits_bytes + attention_scratch_bytes; }
+    int64_t moe_workspace_bytes = 0, gemm_scratch_bytes = 0;  // CUDA forward only (PlanOptions::cuda_forward)
+    int64_t workspace_bytes() const {
+        return activation_bytes + logits_bytes + attention_scratch_bytes + moe_workspace_bytes + gemm_scratch_bytes;
+    }
     // hybrid models: recurrent state, one per sequence slot (max_num_seqs), beside the KV cache
     int64_t mamba_state_bytes_per_seq = 0, mamba_state_bytes = 0;
     // hybrid models with prefix caching: state snapshots kept by cached blocks, mamba_state_bytes_per_seq each

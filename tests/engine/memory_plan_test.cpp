@@ -105,7 +105,7 @@ TEST(MemoryPlan, KvTokensFromBudget) {
     EXPECT_EQ(util.kv_blocks, util.kv_cache_bytes / util.kv_block_bytes);
     // The workspace follows the formula in memory_plan.h.
     EXPECT_EQ(util.activation_bytes, 2048 * (3 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) * 4);
-    EXPECT_EQ(util.logits_bytes, 256 * 128256 * 4);
+    EXPECT_EQ(util.logits_bytes, 256 * (128256 + 4096) * 4);  // logits and the lm_head's gathered input rows
 }
 
 TEST(MemoryPlan, RefusesPlansThatDoNotFit) {

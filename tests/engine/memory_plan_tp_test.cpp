@@ -55,7 +55,8 @@ TEST(MemoryPlanTensorParallel, Bf16WeightsAndKvPerGpu) {
         EXPECT_EQ(p.kv_blocks, p.kv_cache_bytes / p.kv_block_bytes) << tp;
         EXPECT_GE(p.kv_tokens, one.kv_tokens * tp) << tp;
         EXPECT_EQ(p.activation_bytes, 2048 * (3 * d + 2 * (64 / tp) * hd + 2 * (8 / tp) * hd + 2 * (F / tp)) * 4);
-        EXPECT_EQ(p.logits_bytes, 16 * (V + (tp == 1 ? 0 : V)) * 4) << tp;  // 128256 divides by 2, 4, 8
+        // Logits, the all-gather's slots (128256 divides by 2, 4, 8) and the lm_head's gathered input rows.
+        EXPECT_EQ(p.logits_bytes, 16 * (V + (tp == 1 ? 0 : V) + d) * 4) << tp;
         EXPECT_EQ(p.attention_scratch_bytes, 16 * (64 / tp) * kAttentionSplits * (hd + 2) * 4);
     }
 }
