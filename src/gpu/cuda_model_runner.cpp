@@ -290,7 +290,10 @@ int64_t sampled_rows(std::span<const RunnerSequence> batch) {
 
 }  // namespace
 
-void CudaModelRunner::set_communicator(Communicator* comm) { forward_->set_communicator(comm); }
+void CudaModelRunner::set_communicator(Communicator* comm) {
+    NIBBLE_CHECK(forward_ != nullptr, "CUDA runner: tensor parallelism runs the llama family, not a hybrid model");
+    forward_->set_communicator(comm);
+}
 
 void CudaModelRunner::run_step(std::span<const RunnerSequence> batch) {
     run_forward(batch);

@@ -56,7 +56,7 @@ public:
     CudaModelRunner(std::shared_ptr<const DeviceHybrid> weights, const CudaRunnerOptions& options);
     ~CudaModelRunner() override;
 
-    int64_t vocab_size() const override { return weights_->vocab_size(); }
+    int64_t vocab_size() const override { return hybrid_ ? hybrid_->config.vocab_size : weights_->vocab_size(); }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
     // As execute, but the sampled rows' argmax tokens (greedy decoding) instead of their logits.
     bool samples_greedy_on_device() const override { return true; }
