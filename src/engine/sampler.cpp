@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "ops/sampling/sampling_weight.h"
 
 namespace nibble {
 
@@ -124,36 +125,32 @@ int32_t sample_token(std::span<const float> logits, const SamplingParams& p, dou
     std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(k), ids.end(), by_logit);
     ids.resize(k);
 
-    // Softmax of logits / temperature over the kept tokens, in double.
+    // Weights exp((logit - top) / T) of the top-k tokens (sampling_weight.h: the device computes the same bits),
+    // their sums in double.
     const double inv_t = 1.0 / p.temperature;
     const double top = logits[static_cast<size_t>(ids[0])];
-    std::vector<double> prob(k);
+    std::vector<double> weight(k);
     double total = 0.0;
-    for (size_t i = 0; i < k; ++i) total += prob[i] = std::exp((logits[static_cast<size_t>(ids[i])] - top) * inv_t);
-    for (auto& v : prob) v /= total;
+    for (size_t i = 0; i < k; ++i) total += weight[i] = sampling_weight(logits[static_cast<size_t>(ids[i])], top, inv_t);
 
-    // top-p: the smallest prefix whose mass reaches top_p (at least one token).
+    // top-p: the shortest prefix whose weight reaches top_p of the total (at least one token).
     size_t keep = k;
     if (p.top_p < 1.0f) {
+        const double target = static_cast<double>(p.top_p) * total;
         double mass = 0.0;
         for (size_t i = 0; i < k; ++i) {
-            mass += prob[i];
-            if (mass >= p.top_p) {
+            mass += weight[i];
+            if (mass >= target) {
                 keep = i + 1;
                 break;
             }
         }
     }
-    // min-p: relative to the most likely token (prob[0]).
-    if (p.min_p > 0.0f) {
-        const double floor = p.min_p * prob[0];
-        size_t n = 1;
-        while (n < keep && prob[n] >= floor) ++n;
-        keep = n;
-    }
+    // min-p: weight >= min_p x the top token's (which is 1); the top token always stays.
+    std::vector<std::pair<int32_t, double>> kept;
+    for (size_t i = 0; i < keep; ++i)
+        if (i == 0 || p.min_p <= 0.0f || weight[i] >= static_cast<double>(p.min_p)) kept.push_back({ids[i], weight[i]});
     // The draw walks the kept tokens by ascending id (an order a device can scan in parallel).
-    std::vector<std::pair<int32_t, double>> kept(keep);
-    for (size_t i = 0; i < keep; ++i) kept[i] = {ids[i], prob[i]};
     std::sort(kept.begin(), kept.end());
     double mass = 0.0;
     for (const auto& [id, q] : kept) mass += q;

@@ -66,12 +66,13 @@ double sampling_uniform(std::mt19937_64& rng);
 // sample_token(logits, params, sampling_uniform(rng)).
 int32_t sample_token(std::span<const float> logits, const SamplingParams& params, std::mt19937_64& rng);
 
-// The draw rule that the host and the device (ops/sampling/sample_cuda.h) share: the filters pick the kept
-// tokens (top-k by logit, lowest id first on ties; then the shortest prefix of them, by descending logit
-// with lowest id first on ties, whose probability reaches top_p; then those with probability >= min_p x the
-// largest), and the kept tokens are walked in ascending id order: the token is the first whose cumulative
-// probability exceeds u x the kept mass (the largest kept id if rounding leaves none). u in [0, 1).
-// Greedy (argmax, lowest id on ties) at temperature 0, u unused.
+// The draw rule that the host and the device (ops/sampling/sample_cuda.h) share. Each token weighs
+// exp((logit - top) / T) as ops/sampling/sampling_weight.h computes it (bit-identical on both), sums are in
+// double. The filters pick the kept tokens: top-k by logit (lowest id first on ties); then the shortest
+// prefix of those, by descending logit with lowest id first on ties, whose weight reaches top_p of theirs;
+// then those of weight >= min_p (the top token's weight is 1). The kept tokens are walked in ascending id
+// order: the token is the first whose cumulative weight exceeds u x the kept weight (the largest kept id if
+// rounding leaves none). u in [0, 1). Greedy (argmax, lowest id on ties) at temperature 0, u unused.
 int32_t sample_token(std::span<const float> logits, const SamplingParams& params, double u);
 
 }  // namespace nibble

@@ -2,12 +2,11 @@
 // sample_token(logits, params, u)) on fresh random logits, at real vocabulary sizes and filter mixes: the chosen
 // tokens must be equal.
 //
-// The device's probabilities are expf of a float32 argument, summed in double; the host's are exp in double.
-// Rounding x = (l - top) / T to float moves each weight by |x| u32 relative and expf adds <= 2 ulp (4 u32), so
-// any partial mass is off by at most sum_i q_i (|x_i| + 4) u32 <= (ln vocab + 4) u32 of the total (with
-// q = softmax: sum q |x| = H(q) - ln Z <= ln vocab); a normalized cumulative (partial / total) by twice that.
-// A row is compared only when u and every top-p / min-p cut lie at least delta = 4 x 2 (ln vocab + 4) u32
-// (relative) from their boundaries: else fresh logits and u are drawn (top-k and greedy are exact).
+// Both sides weigh tokens with sampling_weight.h (bit-identical float weights; min-p and top-k are then exact)
+// and sum the weights in double, in different orders: a sum of n positive terms is off by at most
+// (n - 1) 2^-53 of itself in any order, so a normalized cumulative weight by at most 2 n 2^-53. A row is
+// compared only when u and the top-p cut lie at least delta = 4 x 2 vocab 2^-53 (relative) from their
+// boundaries: else fresh logits and u are drawn (redraws are counted and printed; they are rare).
 // Ties are planted on purpose: copies of the largest logit, and of the k-th largest straddling the top-k cut,
 // where both sides keep the lowest ids.
 #include <gtest/gtest.h>
@@ -22,14 +21,13 @@
 #include "device_test_util.h"
 #include "engine/sampler.h"
 #include "ops/sampling/sample_cuda.h"
+#include "ops/sampling/sampling_weight.h"
 
 namespace nibble {
 namespace {
 
-using test::kEpsF32;
-
-// Whether u and the top-p / min-p cuts of one row lie at least delta (relative) from the boundaries where
-// float32 probabilities could decide otherwise than double ones. Computed in double as the host rule does.
+// Whether u and the top-p cut of one row lie at least delta (relative) from the boundaries where the order of
+// the double sums could decide. Computed as the host rule does.
 bool clear_of_boundaries(std::span<const float> logits, const SamplingParams& p, double u, double delta) {
     if (p.temperature == 0.0f) return true;  // the first maximum: exact on both sides
     const size_t vocab = logits.size();
@@ -43,7 +41,7 @@ bool clear_of_boundaries(std::span<const float> logits, const SamplingParams& p,
     const double top = logits[static_cast<size_t>(ids[0])], inv_t = 1.0 / p.temperature;
     std::vector<double> w(k);
     double total = 0.0;
-    for (size_t i = 0; i < k; ++i) total += w[i] = std::exp((logits[static_cast<size_t>(ids[i])] - top) * inv_t);
+    for (size_t i = 0; i < k; ++i) total += w[i] = sampling_weight(logits[static_cast<size_t>(ids[i])], top, inv_t);
     size_t keep = k;
     if (p.top_p < 1.0f) {
         double cum = 0.0;
@@ -57,22 +55,16 @@ bool clear_of_boundaries(std::span<const float> logits, const SamplingParams& p,
             }
         }
     }
-    if (p.min_p > 0.0f) {
-        size_t n = 1;
-        while (n < keep && w[n] >= p.min_p) ++n;  // w[0] = 1: the ratio to the top token
-        for (size_t i = 1; i < keep; ++i)
-            if (std::fabs(w[i] - p.min_p) < delta * p.min_p) return false;
-        keep = n;
-    }
-    std::vector<std::pair<int32_t, double>> kept(keep);
+    std::vector<std::pair<int32_t, double>> kept;
     double mass = 0.0;
-    for (size_t i = 0; i < keep; ++i) {
-        kept[i] = {ids[i], w[i]};
-        mass += w[i];
-    }
+    for (size_t i = 0; i < keep; ++i)
+        if (p.min_p <= 0.0f || w[i] >= p.min_p) {
+            kept.push_back({ids[i], w[i]});
+            mass += w[i];
+        }
     std::sort(kept.begin(), kept.end());
     double cum = 0.0;
-    for (size_t i = 0; i < keep; ++i) {
+    for (size_t i = 0; i < kept.size(); ++i) {
         const double before = cum;
         cum += kept[i].second / mass;
         if (cum > u) return cum - u >= delta && (i == 0 || u - before >= delta);
@@ -109,7 +101,7 @@ void sample_case(std::mt19937_64& rng, int64_t vocab) {
     };
     const int per_mix = 3;
     const int64_t rows = static_cast<int64_t>(mixes.size()) * per_mix;
-    const double delta = 4 * 2 * (std::log(static_cast<double>(vocab)) + 4) * kEpsF32;
+    const double delta = 4 * 2 * static_cast<double>(vocab) * 0x1p-53;
     std::vector<float> logits(static_cast<size_t>(rows * vocab));
     std::vector<cuda::RowSamplingParams> params(static_cast<size_t>(rows));
     std::uniform_int_distribution<int64_t> any_id(0, vocab - 1);

@@ -10,6 +10,7 @@
 
 #include "base/error.h"
 #include "engine/sampler.h"
+#include "ops/sampling/sampling_weight.h"
 
 namespace nibble {
 namespace {
@@ -182,6 +183,24 @@ TEST(Sampler, ChiSquareOfFilteredDraws) {
     }
     const double dof = static_cast<double>(keep - 1);
     EXPECT_LT(chi2, dof + 6 * std::sqrt(2 * dof)) << keep << " kept tokens";
+}
+
+// The weight both samplers share (ops/sampling/sampling_weight.h): within 4 float ulp (2^-21 relative) of
+// e^x in double over [-86, 0], exactly 1 at 0, 0 below -86 and for NaN.
+TEST(Sampler, SamplingExpIsCloseToExp) {
+    double worst = 0.0;
+    for (int i = 0; i <= 2000000; ++i) {
+        const float x = -86.0f * static_cast<float>(i) / 2000000.0f;
+        const double want = std::exp(static_cast<double>(x));
+        worst = std::max(worst, std::fabs(sampling_exp(x) - want) / want);
+    }
+    EXPECT_LT(worst, 0x1p-21);
+    EXPECT_EQ(sampling_exp(0.0f), 1.0f);
+    EXPECT_EQ(sampling_exp(-0.0f), 1.0f);
+    EXPECT_EQ(sampling_weight(3.5f, 3.5, 1.0 / 0.7), 1.0f);
+    EXPECT_EQ(sampling_exp(-86.5f), 0.0f);
+    EXPECT_EQ(sampling_exp(-std::numeric_limits<float>::infinity()), 0.0f);
+    EXPECT_EQ(sampling_exp(std::nanf("")), 0.0f);
 }
 
 TEST(Sampler, ValidateNamesTheField) {

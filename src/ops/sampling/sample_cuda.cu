@@ -1,5 +1,7 @@
 #include "ops/sampling/sample_cuda.h"
 
+#include "ops/sampling/sampling_weight.h"
+
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -139,11 +141,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
         return;
     }
 
-    // Unnormalized probability of a logit: exp((l - top) / T), 1 for the top one.
+    // Unnormalized probability of a logit: exp((l - top) / T), 1 for the top one, bit for bit the host's.
     const double top = top_logit, inv_t = 1.0 / static_cast<double>(p.temperature);
-    auto weight = [top, inv_t](float l) {
-        return static_cast<double>(expf(static_cast<float>((static_cast<double>(l) - top) * inv_t)));
-    };
+    auto weight = [top, inv_t](float l) { return static_cast<double>(sampling_weight(l, top, inv_t)); };
 
     // top-k: kept are key > cut_k, and the ties at cut_k up to id cut_id_k (the lowest ids first).
     uint32_t cut_k = 0;
@@ -226,13 +226,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
         cut_id_p = at >= 0 ? at : n - 1;
     }
 
-    // min-p: probability >= min_p x the top one's, i.e. logit >= top + T ln(min_p).
-    const double min_logit = p.min_p > 0.0f ? top + static_cast<double>(p.temperature) * log(static_cast<double>(p.min_p))
-                                            : -static_cast<double>(INFINITY);
-    auto kept = [in_top_k, cut_p, cut_id_p, min_logit](float l, int32_t id) {
+    // min-p: weight >= min_p x the top one's (1).
+    const double min_weight = p.min_p > 0.0f ? static_cast<double>(p.min_p) : 0.0;
+    auto kept = [in_top_k, cut_p, cut_id_p, min_weight, weight](float l, int32_t id) {
         const uint32_t key = order_key(l);
-        return in_top_k(key, id) && (key > cut_p || (key == cut_p && id <= cut_id_p)) &&
-               static_cast<double>(l) >= min_logit;
+        return in_top_k(key, id) && (key > cut_p || (key == cut_p && id <= cut_id_p)) && weight(l) >= min_weight;
     };
 
     double mass = 0.0;
