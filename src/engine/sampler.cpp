@@ -127,8 +127,8 @@ int32_t sample_token(std::span<const float> logits, const SamplingParams& p, dou
 
     // Weights exp((logit - top) / T) of the top-k tokens (sampling_weight.h: the device computes the same bits),
     // their sums in double.
-    const double inv_t = 1.0 / p.temperature;
-    const double top = logits[static_cast<size_t>(ids[0])];
+    const float inv_t = sampling_inv_temperature(p.temperature);
+    const float top = logits[static_cast<size_t>(ids[0])];
     std::vector<double> weight(k);
     double total = 0.0;
     for (size_t i = 0; i < k; ++i) total += weight[i] = sampling_weight(logits[static_cast<size_t>(ids[i])], top, inv_t);

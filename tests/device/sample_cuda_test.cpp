@@ -38,7 +38,7 @@ bool clear_of_boundaries(std::span<const float> logits, const SamplingParams& p,
         return la > lb || (la == lb && a < b);
     });
     const size_t k = p.top_k > 0 ? std::min<size_t>(static_cast<size_t>(p.top_k), vocab) : vocab;
-    const double top = logits[static_cast<size_t>(ids[0])], inv_t = 1.0 / p.temperature;
+    const float top = logits[static_cast<size_t>(ids[0])], inv_t = sampling_inv_temperature(p.temperature);
     std::vector<double> w(k);
     double total = 0.0;
     for (size_t i = 0; i < k; ++i) total += w[i] = sampling_weight(logits[static_cast<size_t>(ids[i])], top, inv_t);

@@ -197,7 +197,7 @@ TEST(Sampler, SamplingExpIsCloseToExp) {
     EXPECT_LT(worst, 0x1p-21);
     EXPECT_EQ(sampling_exp(0.0f), 1.0f);
     EXPECT_EQ(sampling_exp(-0.0f), 1.0f);
-    EXPECT_EQ(sampling_weight(3.5f, 3.5, 1.0 / 0.7), 1.0f);
+    EXPECT_EQ(sampling_weight(3.5f, 3.5f, sampling_inv_temperature(0.7f)), 1.0f);
     EXPECT_EQ(sampling_exp(-86.5f), 0.0f);
     EXPECT_EQ(sampling_exp(-std::numeric_limits<float>::infinity()), 0.0f);
     EXPECT_EQ(sampling_exp(std::nanf("")), 0.0f);

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     }
 
     // Unnormalized probability of a logit: exp((l - top) / T), 1 for the top one, bit for bit the host's.
-    const double top = top_logit, inv_t = 1.0 / static_cast<double>(p.temperature);
+    const float top = top_logit, inv_t = sampling_inv_temperature(p.temperature);
     auto weight = [top, inv_t](float l) { return static_cast<double>(sampling_weight(l, top, inv_t)); };
 
     // top-k: kept are key > cut_k, and the ties at cut_k up to id cut_id_k (the lowest ids first).

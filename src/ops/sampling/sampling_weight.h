@@ -1,8 +1,8 @@
 // The unnormalized token probability that the host sampler (engine/sampler.cpp) and the device sampler
 // (ops/sampling/sample_cuda.cu) both use: exp((logit - top) / T), evaluated with IEEE-754 operations that are
-// correctly rounded on both sides (double subtract and multiply, one rounding to float, then fmaf, rintf and
-// ldexpf only; no library exp, whose last bit differs between glibc and CUDA), so that the two compute
-// bit-identical weights and the filters' decisions can agree exactly. Plain C++, also compiled by nvcc.
+// correctly rounded on both sides (a float division, subtraction and product, then fmaf, rintf and ldexpf
+// only; no library exp, whose last bit differs between glibc and CUDA), so that the two compute bit-identical
+// weights and the filters' decisions can agree exactly. Plain C++, also compiled by nvcc.
 #pragma once
 
 #include <math.h>
@@ -35,9 +35,25 @@ NIBBLE_SAMPLING_FN float sampling_exp(float x) {
     return ldexpf(p, static_cast<int>(n));
 }
 
-// The weight of logit l in a row whose largest logit is top, at temperature 1 / inv_t: 1 for the top token.
-NIBBLE_SAMPLING_FN float sampling_weight(float l, double top, double inv_t) {
-    return sampling_exp(static_cast<float>((static_cast<double>(l) - top) * inv_t));
+// 1 / T, correctly rounded (the device's __fdiv_rn; the host's IEEE division).
+NIBBLE_SAMPLING_FN float sampling_inv_temperature(float temperature) {
+#if defined(__CUDA_ARCH__)
+    return __fdiv_rn(1.0f, temperature);
+#else
+    return 1.0f / temperature;
+#endif
+}
+
+// The weight of logit l in a row whose largest logit is top, with inv_t = sampling_inv_temperature(T):
+// sampling_exp((l - top) x inv_t) with the subtraction and the product rounded to float separately (the
+// device intrinsics forbid fusing them into an FMA; the host compiles ISO C++, which does not contract).
+// 1 for the top token.
+NIBBLE_SAMPLING_FN float sampling_weight(float l, float top, float inv_t) {
+#if defined(__CUDA_ARCH__)
+    return sampling_exp(__fmul_rn(__fsub_rn(l, top), inv_t));
+#else
+    return sampling_exp((l - top) * inv_t);
+#endif
 }
 
 }  // namespace nibble
