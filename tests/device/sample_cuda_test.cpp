@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cuda_check.h"
 #include "device_test_util.h"
 #include "engine/sampler.h"
 #include "ops/sampling/sample_cuda.h"
@@ -154,6 +155,35 @@ void sample_case(std::mt19937_64& rng, int64_t vocab) {
         greedy_rows += q.temperature == 0.0f;
         seen.push_back(want);
     }
+    // Timing, for the record (no assertion): the whole batch, and one row per filter kind.
+    cudaEvent_t start, stop;
+    NIBBLE_CUDA_CHECK(cudaEventCreate(&start));
+    NIBBLE_CUDA_CHECK(cudaEventCreate(&stop));
+    auto time_us = [&](int64_t n_rows, const cuda::DeviceBuffer& rows) {
+        cuda::sample_rows(d_logits.as<float>(), n_rows, vocab, rows.as<cuda::RowSamplingParams>(),
+                          d_tokens.as<int32_t>(), nullptr);  // warm-up
+        NIBBLE_CUDA_CHECK(cudaEventRecord(start, nullptr));
+        for (int i = 0; i < 10; ++i)
+            cuda::sample_rows(d_logits.as<float>(), n_rows, vocab, rows.as<cuda::RowSamplingParams>(),
+                              d_tokens.as<int32_t>(), nullptr);
+        NIBBLE_CUDA_CHECK(cudaEventRecord(stop, nullptr));
+        NIBBLE_CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms = 0.0f;
+        NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        return 100.0 * ms;  // per launch, in microseconds
+    };
+    std::printf("[  detail  ] vocab %lld: %lld rows in %.1f us", static_cast<long long>(vocab),
+                static_cast<long long>(rows), time_us(rows, d_params));
+    for (const Mix& m : {Mix{1.0f, 0, 1.0f, 0.0f}, Mix{1.0f, 50, 1.0f, 0.0f}, Mix{1.0f, 0, 0.9f, 0.0f},
+                         Mix{0.7f, 50, 0.95f, 0.05f}}) {
+        const cuda::DeviceBuffer one = test::upload_vec(std::vector<cuda::RowSamplingParams>{
+            {.temperature = m.temperature, .top_k = m.top_k, .top_p = m.top_p, .min_p = m.min_p, .u = 0.5}});
+        std::printf("; 1 row (top_k %d top_p %g min_p %g) %.1f us", m.top_k, m.top_p, m.min_p, time_us(1, one));
+    }
+    std::printf("\n");
+    NIBBLE_CUDA_CHECK(cudaEventDestroy(start));
+    NIBBLE_CUDA_CHECK(cudaEventDestroy(stop));
+
     std::sort(seen.begin(), seen.end());
     distinct = std::unique(seen.begin(), seen.end()) - seen.begin();
     std::printf("[  detail  ] vocab %lld: %lld rows (%lld greedy), %lld distinct tokens, %d redraws near boundaries "
