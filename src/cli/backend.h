@@ -16,7 +16,8 @@ bool use_cuda_backend(const std::string& device, const Model& model);
 
 // A runner over `model` with a KV cache of n_blocks blocks of block_size tokens: the CUDA runner (weights
 // uploaded, bf16 cache, decode steps as CUDA graphs, steps of at most kMaxStepTokens) when `cuda`, else the
-// CPU reference runner (f32 cache).
+// CPU reference runner (f32 cache). A hybrid model's runner keeps one recurrent-state slot: its sequence's
+// RunnerSequence::state_slot is 0.
 constexpr int64_t kMaxStepTokens = 2048;
 std::unique_ptr<ModelRunner> make_runner(Model& model, bool cuda, int64_t n_blocks, int64_t block_size,
                                          int64_t max_model_len);

@@ -6,7 +6,9 @@
 // (every weight once plus the KV cache at that depth; a MoE layer's router and top_k experts only), prompt
 // processing against the BF16 matrix rate over the FLOPs one token needs (the weights it passes through and
 // attention). Models come from a checkpoint (--model DIR) or are
-// random weights of a real architecture's shape made on the device (--synthetic llama3-8b).
+// random weights of a real architecture's shape made on the device (--synthetic llama3-8b). Hybrid models
+// (NemotronH, --synthetic nemotron-3-nano-30b-a3b) run through the hybrid forward with one state slot; their
+// token bytes add the Mamba state read and written, their FLOPs count the attention layers only.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "base/error.h"
@@ -34,6 +37,7 @@
 
 #include "cuda/cuda_check.h"
 #include "gpu/cuda_model_runner.h"
+#include "gpu/device_hybrid.h"
 #include "gpu/device_limits.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
@@ -121,19 +125,28 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // FLOPs of one prompt of p tokens on top of d cached ones: 2 per weight a token passes through per token (MoE
 // layers: the router and its top_k experts; lm_head for the last token only) plus attention's
 // 4 * heads * head_dim per (query, visible key) pair.
-double prompt_flops(const gpu::DeviceDecoder& w, int64_t p, int64_t d) {
+int64_t attention_layers(const gpu::DeviceDecoder& w) { return w.config.n_layers; }
+int64_t attention_layers(const gpu::DeviceHybrid& w) { return w.n_attention; }
+// Recurrent state a decode step reads and writes (hybrid models: every Mamba layer's conv and SSM state).
+int64_t state_bytes_per_token(const gpu::DeviceDecoder&) { return 0; }
+int64_t state_bytes_per_token(const gpu::DeviceHybrid& w) { return 2 * w.state_shape(SsmStateDtype::F32).bytes(); }
+
+template <class Weights>
+double prompt_flops(const Weights& w, int64_t p, int64_t d) {
     const ModelConfig& c = w.config;
     const double linear_params = static_cast<double>(w.active_linear_params());
     const double pairs = static_cast<double>(p) * static_cast<double>(d) + static_cast<double>(p) * (p + 1) / 2.0;
-    const double attn = 4.0 * static_cast<double>(c.n_heads * c.head_dim) * pairs * static_cast<double>(c.n_layers);
+    const double attn =
+        4.0 * static_cast<double>(c.n_heads * c.head_dim) * pairs * static_cast<double>(attention_layers(w));
     return 2.0 * linear_params * static_cast<double>(p) + 2.0 * static_cast<double>(w.lm_head.n_out * w.lm_head.n_in) + attn;
 }
 
 // Bytes one generated token reads at cache length `len`: every streamed weight once (MoE layers: the router
 // and top_k experts, what one sequence's token touches), the KV cache, one embedding row.
-double token_bytes(const gpu::DeviceDecoder& w, const KvCacheShape& kv, double len) {
+template <class Weights>
+double token_bytes(const Weights& w, const KvCacheShape& kv, double len) {
     return static_cast<double>(w.streamed_bytes_per_token()) + len * static_cast<double>(kv.bytes_per_token()) +
-           static_cast<double>(w.config.n_embd * 2);
+           static_cast<double>(w.config.n_embd * 2) + static_cast<double>(state_bytes_per_token(w));
 }
 
 std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t n, int64_t vocab) {
@@ -171,7 +184,8 @@ std::shared_ptr<tune::KernelChoices> bench_kernel_choices(const std::string& mod
     return std::make_shared<tune::KernelChoices>(&*cache, device, tune::BuildTargets::configured());
 }
 
-void log_weights(const std::string& name, const gpu::DeviceDecoder& w, double seconds) {
+template <class Weights>
+void log_weights(const std::string& name, const Weights& w, double seconds) {
     log::info("{}: {:.2f} GB of weights on the device in {:.1f} s; {:.3f} GB streamed per token", name,
               static_cast<double>(w.device_bytes()) / 1e9, seconds,
               static_cast<double>(w.streamed_bytes_per_token()) / 1e9);
@@ -180,8 +194,9 @@ void log_weights(const std::string& name, const gpu::DeviceDecoder& w, double se
 // The tests of every KV dtype on one rank's weights. Under tensor parallelism every rank runs this with the
 // same options at once (the same random tokens: every rank's generator starts alike, and greedy tokens come
 // from the gathered logits every rank holds), so their collectives match; rank 0's rows are the report.
+template <class Weights>
 std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& kv_dtypes,
-                            const std::shared_ptr<const gpu::DeviceDecoder>& weights, const gpu::DeviceLimits& limits,
+                            const std::shared_ptr<const Weights>& weights, const gpu::DeviceLimits& limits,
                             const std::shared_ptr<tune::KernelChoices>& kernel_choices, Communicator* comm,
                             cudaStream_t stream) {
     const ModelConfig& c = weights->config;
@@ -208,13 +223,15 @@ std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& k
                                               .fused_gemv = !o.unfused,
                                               .programmatic_launch = o.pdl,
                                               .kernel_choices = kernel_choices,
+                                              .num_state_slots = 1,
                                               .stream = stream});
-        runner.set_communicator(comm);
+        if constexpr (std::is_same_v<Weights, gpu::DeviceDecoder>) runner.set_communicator(comm);
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
         std::vector<int32_t> next;
         auto prefill = [&](const std::vector<int32_t>& tokens, int64_t start) {
-            const RunnerSequence s{.tokens = tokens, .block_table = table, .start_pos = start, .needs_logits = true};
+            const RunnerSequence s{.tokens = tokens, .block_table = table, .start_pos = start, .needs_logits = true,
+                                   .state_slot = 0};
             runner.execute_greedy(std::span(&s, 1), next);
         };
         for (int64_t d : o.depth) {
@@ -241,7 +258,8 @@ std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& k
                     std::vector<int32_t> tok = {static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size))};
                     const auto t0 = std::chrono::steady_clock::now();
                     for (int64_t i = 0; i < n; ++i) {
-                        const RunnerSequence s{.tokens = tok, .block_table = table, .start_pos = d + i, .needs_logits = true};
+                        const RunnerSequence s{.tokens = tok, .block_table = table, .start_pos = d + i,
+                                               .needs_logits = true, .state_slot = 0};
                         runner.execute_greedy(std::span(&s, 1), next);
                         tok[0] = next[0];
                     }
@@ -355,22 +373,40 @@ void run_bench(const BenchOptions& o) {
     if (tp > 1) {
         rows = bench_tensor_parallel(o, kv_dtypes, limits, weights, model_name);
     } else {
-        if (!o.synthetic.empty()) {
+        std::shared_ptr<const gpu::DeviceHybrid> hybrid;  // NemotronH: the hybrid forward
+        const std::string weights_name =
+            o.weights + (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
+        std::unique_ptr<Model> model;
+        ThreadPool pool(0);
+        HybridView view;
+        if (!o.synthetic.empty() && gpu::synthetic_config(o.synthetic).arch == Arch::NemotronH) {
+            hybrid = std::make_shared<gpu::DeviceHybrid>(gpu::synthetic_hybrid(
+                gpu::synthetic_config(o.synthetic),
+                {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1}));
+            model_name = o.synthetic + " " + weights_name;
+        } else if (o.synthetic.empty() && (model = load_model(o.model_dir, pool))->hybrid_view(view)) {
+            hybrid = std::make_shared<gpu::DeviceHybrid>(gpu::upload_hybrid(model->config(), view));
+            model_name = o.model_dir;
+        }
+        if (hybrid) {
+            log_weights(model_name, *hybrid, seconds_since(t_load));
+            rows = bench_rank(o, kv_dtypes, hybrid, limits, bench_kernel_choices(o.tune), nullptr, nullptr);
+        } else if (!o.synthetic.empty()) {
             const ModelConfig c = gpu::synthetic_config(o.synthetic);
             weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(
                 c, {.nvfp4 = o.weights == "nvfp4", .lm_head_nvfp4 = o.lm_head_nvfp4, .seed = 1}));
-            model_name = o.synthetic + " " + o.weights + (o.weights == "nvfp4" ? (o.lm_head_nvfp4 ? " (lm_head nvfp4)" : " (lm_head bf16)") : "");
+            model_name = o.synthetic + " " + weights_name;
         } else {
-            ThreadPool pool(0);
-            std::unique_ptr<Model> model = load_model(o.model_dir, pool);
-            DecoderView view;
-            NIBBLE_CHECK(model->decoder_view(view), "{}: {} is not a decoder the CUDA backend runs", o.model_dir,
+            DecoderView decoder;
+            NIBBLE_CHECK(model->decoder_view(decoder), "{}: {} is not a model the CUDA backend runs", o.model_dir,
                          model->config().arch_name);
-            weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+            weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), decoder));
             model_name = o.model_dir;
         }
-        log_weights(model_name, *weights, seconds_since(t_load));
-        rows = bench_rank(o, kv_dtypes, weights, limits, bench_kernel_choices(o.tune), nullptr, nullptr);
+        if (!hybrid) {
+            log_weights(model_name, *weights, seconds_since(t_load));
+            rows = bench_rank(o, kv_dtypes, weights, limits, bench_kernel_choices(o.tune), nullptr, nullptr);
+        }
     }
 
     if (o.output == "json") {
@@ -410,7 +446,8 @@ void add_bench_command(CLI::App& app) {
     auto lists = std::make_shared<std::vector<std::string>>(4);
     CLI::App* cmd = app.add_subcommand("bench", "llama-bench-style prompt and generation throughput on the CUDA backend");
     cmd->add_option("--model,-m", o->model_dir, "a checkpoint directory");
-    cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b, qwen3-30b-a3b (MoE: NVFP4 experts)");
+    cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b, qwen3-30b-a3b, "
+                    "nemotron-3-nano-30b-a3b (MoE: NVFP4 experts)");
     cmd->add_option("--weights", o->weights, "synthetic weights: nvfp4 (default) or bf16");
     cmd->add_flag("--lm-head-nvfp4", o->lm_head_nvfp4, "synthetic: lm_head in NVFP4 too (ModelOpt keeps it BF16)");
     cmd->add_option("-p,--n-prompt", (*lists)[0], "prompt lengths, comma-separated (default 512)");

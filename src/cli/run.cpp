@@ -143,7 +143,8 @@ void run_generate(const RunOptions& opt) {
             const RunnerSequence seq{.tokens = std::span(step).subspan(at, n),
                                      .block_table = table,
                                      .start_pos = pos,
-                                     .needs_logits = at + n == step.size()};
+                                     .needs_logits = at + n == step.size(),
+                                     .state_slot = 0};  // a hybrid model's one state slot (make_runner)
             runner->execute(std::span(&seq, 1), logits);
             pos += static_cast<int64_t>(n);
         }

@@ -24,6 +24,7 @@
 #if defined(NIBBLE_HAVE_CUDA)
 #include "cuda/device_info.h"
 #include "gpu/cuda_model_runner.h"
+#include "gpu/device_hybrid.h"
 #include "gpu/weight_upload.h"
 #include "tune/device_profile.h"
 #include "tune/kernel_choices.h"
@@ -97,7 +98,7 @@ MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max
     po.kv_cache_dtype = o.kv_cache_dtype;
     po.auto_kv_dtype = KvDtype::Bf16;
     po.mamba_ssm_cache_dtype = o.mamba_ssm_cache_dtype;
-    po.mamba_prefix_snapshots = 0;
+    po.mamba_prefix_snapshots = o.enable_prefix_caching ? o.mamba_prefix_snapshots : 0;  // hybrids: on the device
     po.gpu_memory_utilization = o.gpu_memory_utilization;
     po.device_memory = device_memory;
     po.cuda_forward = true;  // its MoE workspace and GEMM scratch
@@ -194,26 +195,38 @@ void run_serve(const std::vector<std::string>& args) {
     log_plan(plan);
     if (use_cuda) {
         NIBBLE_CHECK(plan.kv_dtype != KvDtype::F32, "--kv-cache-dtype: the CUDA backend's cache is bf16, fp8 or nvfp4");
-        DecoderView view;
-        model->decoder_view(view);
         const auto t0 = std::chrono::steady_clock::now();
-        auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(mc, view));
         std::shared_ptr<tune::KernelChoices> kernel_choices;
         if (tune_cache)
             kernel_choices = std::make_shared<tune::KernelChoices>(
                 &*tune_cache, tune::profile_from_device(cuda::query_device(0)), tune::BuildTargets::configured());
-        backend = std::make_unique<gpu::CudaModelRunner>(
-            weights, gpu::CudaRunnerOptions{.kv_dtype = plan.kv_dtype,
-                                            .num_blocks = plan.kv_blocks,
-                                            .block_size = o.block_size,
-                                            .max_model_len = max_model_len,
-                                            .max_num_batched_tokens = plan.max_num_batched_tokens,
-                                            .max_num_seqs = o.max_num_seqs,
-                                            .act_dtype = DType::BF16,
-                                            .max_cudagraph_capture_size = o.enforce_eager ? 0 : o.max_cudagraph_capture_size,
-                                            .kernel_choices = kernel_choices});
+        gpu::CudaRunnerOptions options{.kv_dtype = plan.kv_dtype,
+                                       .num_blocks = plan.kv_blocks,
+                                       .block_size = o.block_size,
+                                       .max_model_len = max_model_len,
+                                       .max_num_batched_tokens = plan.max_num_batched_tokens,
+                                       .max_num_seqs = o.max_num_seqs,
+                                       .act_dtype = DType::BF16,
+                                       .max_cudagraph_capture_size = o.enforce_eager ? 0 : o.max_cudagraph_capture_size,
+                                       .kernel_choices = kernel_choices};
+        int64_t weight_bytes = 0;
+        HybridView hybrid;
+        if (model->hybrid_view(hybrid)) {  // NemotronH: a recurrent-state slot per sequence, snapshots as planned
+            options.num_state_slots = o.max_num_seqs;
+            options.ssm_dtype = o.mamba_ssm_cache_dtype;
+            options.num_state_snapshots = plan.mamba_snapshots;
+            auto weights = std::make_shared<gpu::DeviceHybrid>(gpu::upload_hybrid(mc, hybrid));
+            weight_bytes = weights->device_bytes();
+            backend = std::make_unique<gpu::CudaModelRunner>(weights, options);
+        } else {
+            DecoderView view;
+            model->decoder_view(view);
+            auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::upload_decoder(mc, view));
+            weight_bytes = weights->device_bytes();
+            backend = std::make_unique<gpu::CudaModelRunner>(weights, options);
+        }
         log::info("CUDA backend on {}: {:.2f} GB of weights uploaded in {:.1f} s, KV cache {} ({} blocks)",
-                  cuda::query_device(0).name, static_cast<double>(weights->device_bytes()) / 1e9,
+                  cuda::query_device(0).name, static_cast<double>(weight_bytes) / 1e9,
                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                   kv_dtype_name(plan.kv_dtype), plan.kv_blocks);
     }
