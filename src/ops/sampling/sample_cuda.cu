@@ -161,14 +161,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
             else hi = mid - 1;
         }
         cut_k = lo;
-        uint32_t greater = 0;
-        for (int32_t i = tid; i < n; i += kThreads) greater += order_key(row[i]) > cut_k ? 1u : 0u;
+        uint32_t greater = 0, ties = 0;
+        for (int32_t i = tid; i < n; i += kThreads) {
+            const uint32_t key = order_key(row[i]);
+            greater += key > cut_k ? 1u : 0u;
+            ties += key == cut_k ? 1u : 0u;
+        }
         greater = block_reduce(greater, Sum{}, 0u, red_u);  // < k, by the bisection
-        const double ties_needed = static_cast<double>(static_cast<uint32_t>(k) - greater);
-        const int32_t at = first_crossing(
-            row, n, [cut_k](float l, int32_t) { return order_key(l) == cut_k ? 1.0 : 0.0; }, ties_needed, false, red_d,
-            &found);
-        cut_id_k = at >= 0 ? at : n - 1;
+        ties = block_reduce(ties, Sum{}, 0u, red_u);        // >= k - greater
+        const uint32_t ties_needed = static_cast<uint32_t>(k) - greater;
+        if (ties_needed < ties) {  // else every tie stays (cut_id_k = n - 1)
+            const int32_t at = first_crossing(
+                row, n, [cut_k](float l, int32_t) { return order_key(l) == cut_k ? 1.0 : 0.0; },
+                static_cast<double>(ties_needed), false, red_d, &found);
+            cut_id_k = at >= 0 ? at : n - 1;
+        }
     }
     auto in_top_k = [cut_k, cut_id_k](uint32_t key, int32_t id) {
         return key > cut_k || (key == cut_k && id <= cut_id_k);
@@ -215,15 +222,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
         // Tied tokens weigh the same: the prefix ends at the first one that brings the mass to the target.
         const double tie_weight = weight(key_logit(cut_p));
         double ties_needed = tie_weight > 0.0 ? ceil((target - above) / tie_weight) : 1.0;
-        ties_needed = fmin(fmax(ties_needed, 1.0), static_cast<double>(max(ties, 1u)));
-        const int32_t at = first_crossing(
-            row, n,
-            [cut_p, in_top_k](float l, int32_t id) {
-                const uint32_t key = order_key(l);
-                return key == cut_p && in_top_k(key, id) ? 1.0 : 0.0;
-            },
-            ties_needed, false, red_d, &found);
-        cut_id_p = at >= 0 ? at : n - 1;
+        ties_needed = fmax(ties_needed, 1.0);
+        if (ties_needed < static_cast<double>(ties)) {  // else every tie stays (cut_id_p = n - 1)
+            const int32_t at = first_crossing(
+                row, n,
+                [cut_p, in_top_k](float l, int32_t id) {
+                    const uint32_t key = order_key(l);
+                    return key == cut_p && in_top_k(key, id) ? 1.0 : 0.0;
+                },
+                ties_needed, false, red_d, &found);
+            cut_id_p = at >= 0 ? at : n - 1;
+        }
     }
 
     // min-p: weight >= min_p x the top one's (1).
