@@ -202,16 +202,21 @@ public:
     std::vector<bool> tied;       // [sequences]
     int events = 0;
 
+    // The CPU model runs its router outside the observed linears; the shared expert's up projection sees the
+    // same input (the layer's normed hidden state), so the router's logits are recomputed from there.
     void observe(const LinearWeight& w, const float* x, int64_t m) override {
-        if (!w.name.ends_with("mixer.gate")) return;
-        ASSERT_EQ(w.format, WeightFormat::Dense) << w.name;
+        const std::string shared = "shared_experts.up_proj";
+        if (!w.name.ends_with(shared)) return;
         ASSERT_EQ(static_cast<size_t>(m), row_seq.size()) << w.name;
         const int64_t ne = moe_.n_experts, per_group = ne / moe_.n_group;
-        auto& [W, bias] = router_[&w];
+        const std::string mixer = w.name.substr(0, w.name.size() - shared.size());  // "...layers.{i}.mixer."
+        auto& [W, bias] = router_[mixer];
         if (W.empty()) {
-            W.resize(static_cast<size_t>(w.n_out * w.n_in));
-            decode_to_float(w.data, w.dtype, w.n_out * w.n_in, W.data());
-            const TensorInfo& b = ck_.get(w.name + ".e_score_correction_bias");
+            const TensorInfo& g = ck_.get(mixer + "gate.weight");
+            ASSERT_EQ(g.shape, (Shape{ne, w.n_in})) << mixer;
+            W.resize(static_cast<size_t>(ne * w.n_in));
+            decode_to_float(g.data, g.dtype, ne * w.n_in, W.data());
+            const TensorInfo& b = ck_.get(mixer + "gate.e_score_correction_bias");
             bias.resize(static_cast<size_t>(ne));
             decode_to_float(b.data, b.dtype, ne, bias.data());
         }
@@ -255,7 +260,7 @@ private:
     const Checkpoint& ck_;
     MoeConfig moe_;
     double margin_;
-    std::map<const LinearWeight*, std::pair<std::vector<float>, std::vector<float>>> router_;
+    std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> router_;  // by mixer prefix
 };
 
 gpu::CudaRunnerOptions runner_options(DType act, KvDtype kv, SsmStateDtype ssm, int64_t snapshots = 0) {
@@ -615,11 +620,15 @@ TEST(HybridOpsCuda, MambaSlotTablesPointAndZero) {
     }
 }
 
-// The Nemotron-3-Nano shape's synthetic weights keep ModelOpt's BF16 exclusions and run a prefill and a few
-// decode steps through the runner with finite logits (the bench's path; a 30B-parameter model, ~20 GB).
+// The Nemotron-3-Nano shape's synthetic weights (its first 8 layers, "MEMEM*EM": every kind, the Mamba layer
+// before the attention one) keep ModelOpt's BF16 exclusions and run a prefill and a few decode steps through
+// the runner with finite logits (the bench's path, `nibble bench --synthetic nemotron-3-nano-30b-a3b`).
 TEST(HybridSyntheticCuda, NemotronNanoShapeRuns) {
     NIBBLE_REQUIRE_GPU();
-    const ModelConfig c = gpu::synthetic_config("nemotron-3-nano-30b-a3b");
+    ModelConfig c = gpu::synthetic_config("nemotron-3-nano-30b-a3b");
+    c.n_layers = 8;
+    c.layer_kinds.resize(8);
+    ASSERT_EQ(c.layer_kinds[5], LayerKind::Attention);
     const auto weights = std::make_shared<gpu::DeviceHybrid>(gpu::synthetic_hybrid(c, {}));
     for (size_t il = 0; il < weights->layers.size(); ++il) {
         const gpu::DeviceHybridLayer& L = weights->layers[il];
