@@ -3,7 +3,7 @@
 NVFP4 layout (lm_head BF16, as ModelOpt exports it), for measuring load and start-up time without a download.
 Standard library only. The tokenizer is the tiny byte-level one of a golden fixture (ids fit any vocabulary).
 
-    scripts/make-synthetic-checkpoint.py OUT_DIR [--shape llama3-8b]
+    scripts/make-synthetic-checkpoint.py OUT_DIR [--shape llama3-8b|llama3-70b|llama-tiny]
 """
 import argparse
 import json
@@ -16,6 +16,9 @@ import sys
 SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab, rope_theta (published config.json files)
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0),
     "llama3-70b": (8192, 80, 64, 8, 28672, 128256, 500000.0),
+    # Not published: small enough to load in a second, with head_dim 64 (what the CUDA attention takes) and
+    # heads, KV heads and intermediate size that split 2 ways on 16-value blocks (scripts/tp-serve-check.sh).
+    "llama-tiny": (512, 2, 8, 4, 1024, 1024, 10000.0),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FROM = os.path.join(HERE, "..", "tests", "golden", "fixtures", "llama_gqa", "model")

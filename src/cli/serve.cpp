@@ -18,6 +18,7 @@
 #include "cli/backend.h"
 #include "cli/commands.h"
 #include "cli/default_model.h"
+#include "cli/serve_tensor_parallel.h"
 #include "cli/tune_session.h"
 #include "engine/engine.h"
 #include "engine/memory_plan.h"
@@ -101,6 +102,7 @@ MemoryPlan make_cuda_plan(const ServeOptions& o, const Model& model, int64_t max
     po.mamba_prefix_snapshots = o.enable_prefix_caching ? o.mamba_prefix_snapshots : 0;  // hybrids: on the device
     po.gpu_memory_utilization = o.gpu_memory_utilization;
     po.device_memory = device_memory;
+    po.tensor_parallel_size = o.parallel.tensor_parallel_size;  // per GPU: rank 0's shard, KV heads and workspace
     po.cuda_forward = true;  // its MoE workspace and GEMM scratch
     if (o.kv_cache_memory_bytes) po.kv_cache_memory_bytes = *o.kv_cache_memory_bytes;
     return plan_memory(model.config(), model.quant_config(), po);
@@ -151,7 +153,15 @@ void run_serve(const std::vector<std::string>& args) {
         std::fputs(server::serve_usage().c_str(), stdout);
         return;
     }
-    refuse_multi_gpu_serving(o.parallel);  // before any loading: a TP > 1 request must never run as TP 1
+    check_tensor_parallel_serving(o);  // before any loading: a TP > 1 request must never run as TP 1
+    if (is_tensor_parallel_follower(o)) {  // a GPU of a tensor-parallel group other than rank 0: no HTTP
+        run_tensor_parallel_follower_process(o, args);
+        return;
+    }
+    // Rank 0 of a tensor-parallel group starts this node's other GPUs' processes and binds the step channel
+    // now, so that they load the model while this process does.
+    std::unique_ptr<TensorParallelRank0> tp_rank0;
+    if (o.parallel.tensor_parallel_size > 1) tp_rank0 = std::make_unique<TensorParallelRank0>(o, args);
     // Signals go to a waiting thread only (threads started below inherit the mask); writes to a closed
     // socket report EPIPE instead of killing the process.
     std::signal(SIGPIPE, SIG_IGN);
@@ -188,12 +198,18 @@ void run_serve(const std::vector<std::string>& args) {
                  mc.max_position_embeddings);
 
     const bool use_cuda = use_cuda_backend(o.device, *model);
+    NIBBLE_CHECK(use_cuda || !tp_rank0,
+                 "--tensor-parallel-size {}: {} would run on the CPU backend (see above), which has no tensor "
+                 "parallelism; --device cuda says why the CUDA backend cannot run it",
+                 o.parallel.tensor_parallel_size, mc.arch_name);
     std::unique_ptr<ModelRunner> backend;
 #if defined(NIBBLE_HAVE_CUDA)
     const MemoryPlan plan = use_cuda ? make_cuda_plan(o, *model, max_model_len, cuda::query_device(0).total_memory)
                                      : make_plan(o, *model, max_model_len);
     log_plan(plan);
-    if (use_cuda) {
+    if (use_cuda && tp_rank0) {
+        backend = tp_rank0->make_runner(*model, plan, max_model_len, tune_cache ? &*tune_cache : nullptr);
+    } else if (use_cuda) {
         NIBBLE_CHECK(plan.kv_dtype != KvDtype::F32, "--kv-cache-dtype: the CUDA backend's cache is bf16, fp8 or nvfp4");
         const auto t0 = std::chrono::steady_clock::now();
         std::shared_ptr<tune::KernelChoices> kernel_choices;

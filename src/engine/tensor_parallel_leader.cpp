@@ -22,6 +22,9 @@ TensorParallelLeader::~TensorParallelLeader() {
         }
     }
     local_.reset();
+    // A broken group's communicator is left to the process's exit: destroying it may wait for a rank that is
+    // gone (NCCL's teardown talks to its peers).
+    if (!broken_.empty()) (void)comm_.release();
     comm_.reset();
 }
 
@@ -45,6 +48,12 @@ void TensorParallelLeader::execute(std::span<const RunnerSequence> batch, std::v
 void TensorParallelLeader::execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) {
     encode_runner_step(RunnerCall::ExecuteGreedy, batch, -1, -1, bytes_);
     step([&] { local_->execute_greedy(batch, tokens); });
+}
+
+void TensorParallelLeader::execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                                          std::vector<int32_t>& tokens) {
+    encode_runner_step(RunnerCall::Execute, batch, -1, -1, bytes_);
+    step([&] { local_->execute_sample(batch, rows, tokens); });
 }
 
 void TensorParallelLeader::save_state_snapshot(int32_t state_slot, int32_t snapshot) {

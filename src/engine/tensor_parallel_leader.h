@@ -29,7 +29,7 @@ public:
     TensorParallelLeader(std::unique_ptr<StepChannelLeader> channel, std::unique_ptr<ModelRunner> local,
                          std::unique_ptr<Communicator> comm = nullptr);
     // Tells the followers to stop (a failure to is logged, not thrown), then releases the runner and the
-    // communicator, in that order.
+    // communicator, in that order (a broken group's communicator is not destroyed: its peers may be gone).
     ~TensorParallelLeader() override;
     TensorParallelLeader(const TensorParallelLeader&) = delete;
     TensorParallelLeader& operator=(const TensorParallelLeader&) = delete;
@@ -38,6 +38,10 @@ public:
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override;
     bool samples_greedy_on_device() const override { return local_->samples_greedy_on_device(); }
     void execute_greedy(std::span<const RunnerSequence> batch, std::vector<int32_t>& tokens) override;
+    bool samples_on_device() const override { return local_->samples_on_device(); }
+    // The followers run the forward only (sampling is rank 0's alone): they get an Execute step.
+    void execute_sample(std::span<const RunnerSequence> batch, std::span<const RowSampling> rows,
+                        std::vector<int32_t>& tokens) override;
     int64_t num_state_snapshots() const override { return local_->num_state_snapshots(); }
     void save_state_snapshot(int32_t state_slot, int32_t snapshot) override;
     void restore_state_snapshot(int32_t snapshot, int32_t state_slot) override;

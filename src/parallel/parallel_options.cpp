@@ -26,13 +26,4 @@ void check_parallel_options(const ParallelOptions& o) {
     NIBBLE_CHECK(problems.empty(), "{}", fmt::join(problems, "; "));
 }
 
-void refuse_multi_gpu_serving(const ParallelOptions& o) {
-    if (o.tensor_parallel_size == 1 && o.nnodes == 1) return;
-    fail("--tensor-parallel-size {} (--nnodes {}): the multi-GPU runner (one process per GPU, NCCL all-reduce) is "
-         "not available in this build; nibble serve runs one GPU or the CPU only, and will not silently run "
-         "tensor-parallel size 1 instead. Serve with --tensor-parallel-size 1, or see the per-GPU memory of a "
-         "split with `nibble plan MODEL_DIR --tensor-parallel-size {}`",
-         o.tensor_parallel_size, o.nnodes, o.tensor_parallel_size);
-}
-
 }  // namespace nibble

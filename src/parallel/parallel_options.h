@@ -26,8 +26,4 @@ struct ParallelOptions {
 // multiple of --nnodes (every node runs as many GPUs), --master-port in [1, 65535], --master-addr not empty.
 void check_parallel_options(const ParallelOptions& options);
 
-// nibble serve in this build runs one rank. Throws a clear error for tensor_parallel_size > 1 (or nnodes > 1)
-// instead of quietly serving on one GPU.
-void refuse_multi_gpu_serving(const ParallelOptions& options);
-
 }  // namespace nibble

@@ -236,6 +236,8 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
                 o.parallel.master_addr = value();
             } else if (name == "--master-port") {
                 o.parallel.master_port = parse_int(value(), name, 1);
+            } else if (name == "--tp-local-rank") {
+                o.tp_local_rank = parse_int(value(), name, 1);
             } else if (name == "--trust-remote-code") {
                 no_value();  // accepted for recipes' sake; nibble runs no code from model folders
             } else if (is_vllm_flag(name)) {
@@ -259,6 +261,10 @@ ServeOptions parse_serve_args(const std::vector<std::string>& args) {
     } catch (const Error& e) {
         problems.push_back(e.what());
     }
+    if (o.tp_local_rank >= 0 && o.tp_local_rank >= o.parallel.gpus_per_node())
+        problems.push_back(fmt::format("--tp-local-rank {} (set by nibble serve for the GPUs it starts) is not below the "
+                                       "{} GPUs per node",
+                                       o.tp_local_rank, o.parallel.gpus_per_node()));
     if (o.enable_auto_tool_choice && o.tool_call_parser.empty())
         problems.push_back("--enable-auto-tool-choice needs --tool-call-parser");
     if (!problems.empty()) fail("nibble serve: {}", fmt::join(problems, "; "));
@@ -302,12 +308,14 @@ Flags have vLLM's names and meanings; a vLLM flag nibble does not support is ref
   --tune off|cached|full           kernel choices: cached (default) uses the tune cache of this GPU and
                                    built-in heuristics elsewhere; full tunes the model's shapes first
                                    (as nibble tune does); off uses the heuristics only
-  --tensor-parallel-size, -tp N    GPUs to split the model over (default 1; more needs the multi-GPU runner,
-                                   not in this build: see `nibble plan --tensor-parallel-size N`)
-  --nnodes N                       machines taking part (default 1)
-  --node-rank N                    this machine's index (default 0)
+  --tensor-parallel-size, -tp N    GPUs to split the model over (default 1; llama family, CUDA backend): serve
+                                   starts one process per GPU of this node itself; rank 0 serves HTTP
+  --nnodes N                       machines taking part (default 1): start nibble serve on each with the same
+                                   flags and its --node-rank
+  --node-rank N                    this machine's index (default 0; only node 0 serves HTTP)
   --master-addr ADDR               node 0's address for the NCCL bootstrap (default 127.0.0.1)
-  --master-port PORT               node 0's TCP port for the NCCL bootstrap (default 29501)
+  --master-port PORT               node 0's TCP port for the NCCL bootstrap (default 29501); the step channel
+                                   that tells every rank what to run uses PORT + 1
 )";
 }
 

@@ -44,6 +44,9 @@ struct ServeOptions {
     std::string chat_template;                  // file overriding the model's template
     std::string generation_config = "auto";     // auto: DIR/generation_config.json; vllm: none; or a folder
     ParallelOptions parallel;                   // --tensor-parallel-size/-tp, --nnodes, --node-rank, --master-addr/-port
+    // Hidden (not in --help): set by `nibble serve -tp N` on the processes it starts itself for the node's
+    // other GPUs (cli/serve_tensor_parallel.h), their local GPU index 1 .. gpus_per_node-1; -1 otherwise.
+    int64_t tp_local_rank = -1;
     TuneMode tune = TuneMode::Cached;            // --tune off|cached|full
     bool help = false;
 };

@@ -5,7 +5,7 @@
 //  - greedy tokens of the same requests from an Engine over the unsharded model (llama_tp_test.cpp shows the
 //    sharded forward decodes the same tokens on this fixture; here the steps must also reach rank 1 intact
 //    and in order, or the collectives would pair different forwards and the logits go wrong);
-//  - with a runner that only records what it is asked: every call (snapshots too) arrives at the follower
+//  - with a runner that only records what it is asked: every call (sampling and snapshots too) arrives at the follower
 //    as it was made, the leader's destructor ends the follower's loop, and a follower that has gone is
 //    named by the next call, after which every call fails with the same error (the group is out of step);
 //  - a follower whose forward fails mid-step: rank 0's collective fails, the engine fails the request with the
@@ -138,8 +138,12 @@ public:
     int64_t vocab_size() const override { return 4; }
     void execute(std::span<const RunnerSequence> batch, std::vector<float>& logits) override {
         calls.push_back(describe("execute", batch));
-        logits.assign(batch.size() * 4, 0.0f);
-        for (size_t i = 0; i < batch.size(); ++i) logits[i * 4 + batch[i].tokens.size() % 4] = 1.0f;
+        logits.clear();  // a row per entry with needs_logits; its maximum at (token count mod 4)
+        for (const RunnerSequence& q : batch) {
+            if (!q.needs_logits) continue;
+            logits.resize(logits.size() + 4, 0.0f);
+            logits[logits.size() - 4 + q.tokens.size() % 4] = 1.0f;
+        }
     }
     void run_step(std::span<const RunnerSequence> batch) { calls.push_back(describe("step", batch)); }
     int64_t num_state_snapshots() const override { return 8; }
@@ -186,20 +190,24 @@ TEST(TensorParallelLeader, EveryCallReachesTheFollowerAsMadeAndAGoneFollowerIsNa
         {.tokens = b_tokens, .block_table = b_table, .start_pos = 40, .needs_logits = false, .state_slot = 2}};
     std::vector<float> logits;
     leader->execute(batch, logits);
-    EXPECT_EQ(logits, (std::vector<float>{0, 0, 0, 1, 0, 1, 0, 0}));
+    EXPECT_EQ(logits, (std::vector<float>{0, 0, 0, 1}));
     std::vector<int32_t> tokens;
     leader->execute_greedy(std::span(batch, 1), tokens);  // ModelRunner's default: argmax of execute's rows
     EXPECT_EQ(tokens, std::vector<int32_t>{3});
+    const RowSampling greedy_row{.temperature = 0.0f};
+    leader->execute_sample(batch, std::span(&greedy_row, 1), tokens);  // one row: the first sequence's
+    EXPECT_EQ(tokens, std::vector<int32_t>{3});
     leader->save_state_snapshot(2, 5);
     leader->restore_state_snapshot(5, 1);
-    EXPECT_EQ(local.calls.size(), 4u);
+    EXPECT_EQ(local.calls.size(), 5u);
     EXPECT_EQ(local.calls[0], RecordingRunner::describe("execute", batch));
+    EXPECT_EQ(local.calls[2], RecordingRunner::describe("execute", batch));
     leader.reset();  // sends Shutdown (and destroys `local`)
-    EXPECT_EQ(follower_done.get_future().get(), 4);
+    EXPECT_EQ(follower_done.get_future().get(), 5);
     follower.join();
     const std::vector<std::string> want = {
-        RecordingRunner::describe("step", batch), RecordingRunner::describe("step", std::span(batch, 1)), "save 2 5",
-        "restore 5 1"};
+        RecordingRunner::describe("step", batch), RecordingRunner::describe("step", std::span(batch, 1)),
+        RecordingRunner::describe("step", batch), "save 2 5", "restore 5 1"};
     EXPECT_EQ(follower_runner.calls, want);
 
     // A follower that has gone (closed after one step): the next call names it and runs nothing locally.

@@ -206,18 +206,5 @@ TEST(ParallelOptions, ChecksEachFlag) {
     EXPECT_EQ(two.global_rank(3), 7);
 }
 
-TEST(ParallelOptions, ServingMoreThanOneGpuIsRefusedNotDowngraded) {
-    EXPECT_NO_THROW(refuse_multi_gpu_serving({}));
-    try {
-        refuse_multi_gpu_serving({.tensor_parallel_size = 2});
-        ADD_FAILURE() << "no exception";
-    } catch (const Error& e) {
-        const std::string m = e.what();
-        EXPECT_NE(m.find("--tensor-parallel-size 2"), std::string::npos) << m;
-        EXPECT_NE(m.find("multi-GPU runner"), std::string::npos) << m;
-        EXPECT_NE(m.find("not available in this build"), std::string::npos) << m;
-    }
-}
-
 }  // namespace
 }  // namespace nibble

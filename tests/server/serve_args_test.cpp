@@ -105,8 +105,8 @@ TEST(ServeArgs, CudaBackendFlags) {
               std::string::npos);
 }
 
-// The multi-GPU flags (vLLM's names) parse into ParallelOptions; serving with more than one rank is refused
-// later, by nibble serve itself (parallel_options.h), never here.
+// The multi-GPU flags (vLLM's names) parse into ParallelOptions; whether this build and machine can serve the
+// split is nibble serve's check (cli/serve_tensor_parallel.h), never here.
 TEST(ServeArgs, ParallelFlags) {
     const ServeOptions d = parse_serve_args({"m"});
     EXPECT_EQ(d.parallel.tensor_parallel_size, 1);
@@ -127,6 +127,14 @@ TEST(ServeArgs, ParallelFlags) {
     EXPECT_NE(error_of({"m", "--nnodes", "2", "-tp", "2", "--node-rank", "2"}).find("--node-rank must be in [0, 2)"),
               std::string::npos);
     EXPECT_NE(error_of({"m", "--master-port", "70000"}).find("--master-port"), std::string::npos);
+    // The hidden flag nibble serve gives the processes it starts for a node's other GPUs.
+    EXPECT_EQ(d.tp_local_rank, -1);
+    EXPECT_EQ(parse_serve_args({"m", "-tp", "4", "--tp-local-rank", "3"}).tp_local_rank, 3);
+    EXPECT_NE(error_of({"m", "-tp", "4", "--nnodes", "2", "--tp-local-rank", "2"}).find("not below the 2 GPUs per node"),
+              std::string::npos);
+    EXPECT_NE(error_of({"m", "-tp", "2", "--tp-local-rank", "0"}).find("--tp-local-rank must be at least 1"),
+              std::string::npos);
+    EXPECT_EQ(serve_usage().find("--tp-local-rank"), std::string::npos);
 }
 
 // The recipe users run today (NVIDIA's Nemotron 3 vLLM recipe shape): every supported part parses and

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# `nibble serve -tp N` end to end on a machine with N GPUs: the same greedy /v1/completions requests against
+# `-tp 1` and `-tp N` must give the same text. Then, on the -tp N server: concurrent requests all complete,
+# and after one of its GPU processes is killed the next request fails with an error (no hang), and stopping
+# the server leaves no GPU process behind. Prints PASS or FAIL per check and exits non-zero on any FAIL.
+# Logs go to $OUT (or /tmp/out).
+#
+#   scripts/tp-serve-check.sh NIBBLE_BINARY [MODEL_DIR] [N]
+#
+# Without MODEL_DIR it writes a small random NVFP4 llama (make-synthetic-checkpoint.py --shape llama-tiny:
+# head_dim 64, 8 heads / 4 KV heads, intermediate 1024, vocabulary 1024; the golden fixtures' head_dim 16 is
+# below what the CUDA attention takes). Random weights make near-ties likelier than a real model's: a
+# mismatch prints both texts and the -tp 1 top-2 logprob margin at the first differing token.
+set -uo pipefail
+bin="$(realpath "$1")"
+model="${2:-}"
+tp="${3:-2}"
+out="${OUT:-/tmp/out}"
+mkdir -p "$out"
+here="$(cd "$(dirname "$0")" && pwd)"
+if [[ -z "$model" ]]; then
+    model=/tmp/tp-serve-check-model
+    python3 "$here/make-synthetic-checkpoint.py" "$model" --shape llama-tiny > /dev/null || exit 1
+fi
+port=8397
+flags=(--max-model-len 1024 --max-num-seqs 8 --tune off --gpu-memory-utilization 0.5 --master-port 29617)
+failures=0
+pid=""
+
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+start_server() {  # start_server TP LOG: serves in the background, waits for /health (5 min at most)
+    "$bin" serve "$model" --port "$port" -tp "$1" "${flags[@]}" > "$2" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 3000); do
+        curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0
+        if ! kill -0 "$pid" 2> /dev/null; then
+            echo "the -tp $1 server exited:"; tail -20 "$2"; return 1
+        fi
+        sleep 0.1
+    done
+    echo "the -tp $1 server did not come up in 5 min:"; tail -20 "$2"; return 1
+}
+
+stop_server() {  # SIGTERM, as Ctrl-C would; 60 s to stop
+    kill -TERM "$pid" 2> /dev/null
+    for _ in $(seq 1 600); do kill -0 "$pid" 2> /dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2> /dev/null; then fail "the server (pid $pid) did not stop within 60 s"; kill -KILL "$pid"; fi
+    wait "$pid" 2> /dev/null
+}
+
+complete() {  # complete PROMPT: one greedy completion, the whole JSON answer on stdout
+    curl -s --max-time 120 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+        -d "$(python3 -c 'import json,sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True, "logprobs": 2}))' "$1")"
+}
+
+prompts=("Hello, tensor parallel world" "The quick brown fox jumps over" "1 2 3 4 5 6 7 8")
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+
+for n in 1 "$tp"; do
+    log="$out/tp-serve-$n.log"
+    start_server "$n" "$log" || { fail "-tp $n server did not start"; continue; }
+    for i in "${!prompts[@]}"; do complete "${prompts[$i]}" > "$out/tp$n-answer$i.json"; done
+    if [[ "$n" != 1 ]]; then
+        # Concurrent requests: batched decode steps through the step channel.
+        clients=()
+        for i in 0 1 2 3 4 5; do
+            complete "${prompts[$((i % 3))]} $i" > "$out/tp$n-concurrent$i.json" &
+            clients+=($!)
+        done
+        wait "${clients[@]}"
+        for i in 0 1 2 3 4 5; do
+            python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); assert a["choices"][0]["text"] is not None' \
+                "$out/tp$n-concurrent$i.json" 2> /dev/null || fail "concurrent request $i on -tp $n: $(head -c 300 "$out/tp$n-concurrent$i.json")"
+        done
+        # A GPU process that dies: the next request must fail with an error, not hang.
+        child=$(grep -o "started the process of local GPU 1 (pid [0-9]*)" "$log" | grep -o "[0-9]*)" | tr -d ')')
+        if [[ -n "$child" ]]; then
+            kill -KILL "$child"
+            sleep 1
+            answer=$(complete "after the rank died")
+            if echo "$answer" | grep -q "out of step"; then
+                echo "PASS: after rank 1 died the next request failed: $(echo "$answer" | head -c 200)"
+            else
+                fail "after rank 1 died the next request answered: $(echo "$answer" | head -c 300)"
+            fi
+        else
+            fail "no 'started the process of local GPU 1' line in $log"
+        fi
+    fi
+    stop_server
+    grep -E "tensor parallel|CUDA backend|error" "$log" | tail -8
+done
+
+# The same greedy text at -tp 1 and -tp N, prompt by prompt.
+for i in "${!prompts[@]}"; do
+    python3 - "$out/tp1-answer$i.json" "$out/tp$tp-answer$i.json" "$tp" "${prompts[$i]}" <<'PY' || failures=$((failures + 1))
+import json, sys
+one_path, many_path, tp, prompt = sys.argv[1:]
+def load(path):
+    try:
+        return json.load(open(path))
+    except Exception as e:
+        return {"error": f"unreadable answer {path}: {e}"}
+one, many = load(one_path), load(many_path)
+if "choices" not in one or "choices" not in many:
+    print(f"FAIL: {prompt!r}: -tp 1 answered {json.dumps(one)[:300]}, -tp {tp} answered {json.dumps(many)[:300]}")
+    sys.exit(1)
+a, b = one["choices"][0], many["choices"][0]
+if a["text"] == b["text"]:
+    print(f"PASS: {prompt!r}: -tp 1 and -tp {tp} both say {a['text']!r}")
+    sys.exit(0)
+print(f"FAIL: {prompt!r}:\n  -tp 1:  {a['text']!r}\n  -tp {tp}: {b['text']!r}")
+ta, tb = a.get("logprobs") or {}, b.get("logprobs") or {}
+toks_a, toks_b = ta.get("tokens", []), tb.get("tokens", [])
+for k, (x, y) in enumerate(zip(toks_a, toks_b)):
+    if x != y:
+        top = sorted((ta.get("top_logprobs") or [{}] * (k + 1))[k].values(), reverse=True)
+        margin = top[0] - top[1] if len(top) > 1 else float("nan")
+        print(f"  first difference at token {k}: {x!r} vs {y!r}; -tp 1's top-2 logprob margin there {margin:.4f}")
+        break
+sys.exit(1)
+PY
+done
+
+# Nothing of the -tp N server may be left running.
+if pgrep -f -- "--tp-local-rank" > /dev/null; then
+    fail "a GPU process is still running: $(pgrep -af -- --tp-local-rank)"
+fi
+if [[ $failures -eq 0 ]]; then echo "tp-serve-check: PASS"; else echo "tp-serve-check: FAIL ($failures)"; fi
+exit $((failures > 0))
