@@ -2,7 +2,8 @@
 # Runs on the lent GPU machine (the `device` tool): unpacks binaries and the shared libraries that machine
 # lacks from .carry/pack.tar.xz (built here for sm_90a), then runs the device tests and the benchmarks named
 # by the arguments: tests[:FILTER], bench[:ARGS...], kbench[:PART], startup[:SERVE FLAGS] (serve start to
-# first token on a synthetic 8B NVFP4 checkpoint). Logs go to $OUT.
+# first token on a synthetic 8B NVFP4 checkpoint), tpserve[:N] (nibble serve -tp N against -tp 1:
+# scripts/tp-serve-check.sh; needs N GPUs). Logs go to $OUT.
 set -uo pipefail
 root=/tmp/nibble-pack
 mkdir -p "$root" && tar -C "$root" -xJf .carry/pack.tar.xz
@@ -18,6 +19,7 @@ for step in "$@"; do
         tests) "$root/bin/nibble-device-tests" --gtest_brief=1 ${arg:+--gtest_filter=$arg} 2>&1 | tee "$out/tests.log" | grep -E "FAILED|OK \]|PASSED|detail|Failure|error|expected|got" | tail -60 ;;
         bench) "$root/bin/nibble" bench $arg 2>&1 | tee -a "$out/bench.log" | grep -v "^\[" ;;
         kbench) "$root/bin/nibble-kernel-bench" $arg 2>&1 | tee -a "$out/kbench.log" | tail -40 ;;
+        tpserve) NCCL_NVLS_ENABLE=0 scripts/tp-serve-check.sh "$root/bin/nibble" "" "${arg:-2}" 2>&1 | tee -a "$out/tpserve.log" | tail -40 ;;
         startup) python3 scripts/make-synthetic-checkpoint.py /tmp/synth8b && \
                  scripts/startup-time.sh "$root/bin/nibble" /tmp/synth8b $arg 2>&1 | tee -a "$out/startup.log" ;;
     esac

@@ -2,8 +2,8 @@
 # `nibble serve -tp N` end to end on a machine with N GPUs: the same greedy /v1/completions requests against
 # `-tp 1` and `-tp N` must give the same text. Then, on the -tp N server: concurrent requests all complete,
 # and after one of its GPU processes is killed the next request fails with an error (no hang), and stopping
-# the server leaves no GPU process behind. Prints PASS or FAIL per check and exits non-zero on any FAIL.
-# Logs go to $OUT (or /tmp/out).
+# the server leaves no GPU process behind. Prints PASS or FAIL per check (and the servers' logs' tails on a
+# failure) and exits non-zero on any FAIL. Work files (answers, server logs) go to /tmp/tp-serve-check.
 #
 #   scripts/tp-serve-check.sh NIBBLE_BINARY [MODEL_DIR] [N]
 #
@@ -15,8 +15,8 @@ set -uo pipefail
 bin="$(realpath "$1")"
 model="${2:-}"
 tp="${3:-2}"
-out="${OUT:-/tmp/out}"
-mkdir -p "$out"
+out=/tmp/tp-serve-check
+rm -rf "$out" && mkdir -p "$out"
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ -z "$model" ]]; then
     model=/tmp/tp-serve-check-model
@@ -127,6 +127,9 @@ done
 # Nothing of the -tp N server may be left running.
 if pgrep -f -- "--tp-local-rank" > /dev/null; then
     fail "a GPU process is still running: $(pgrep -af -- --tp-local-rank)"
+fi
+if [[ $failures -ne 0 ]]; then
+    for n in 1 "$tp"; do echo "--- the -tp $n server's log (last 30 lines):"; tail -30 "$out/tp-serve-$n.log"; done
 fi
 if [[ $failures -eq 0 ]]; then echo "tp-serve-check: PASS"; else echo "tp-serve-check: FAIL ($failures)"; fi
 exit $((failures > 0))
