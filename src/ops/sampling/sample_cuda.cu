@@ -150,15 +150,25 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     int32_t cut_id_k = n - 1;
     const int32_t k = p.top_k > 0 && p.top_k < n ? p.top_k : n;
     if (k < n) {
-        // The largest key with at least k logits at or above it: count(key >= lo) >= k holds throughout.
+        // The largest key with at least k logits at or above it: count(key >= lo) >= k and count(key > hi) < k
+        // hold throughout. The answer is some logit's key, so each step moves lo or hi to the nearest key
+        // present on its side of mid (there is one: the counts at lo and hi + 1 differ from the one at mid).
         uint32_t lo = 0, hi = top_key;
         while (lo < hi) {
             const uint32_t mid = hi - (hi - lo) / 2;  // in (lo, hi]
-            uint32_t c = 0;
-            for (int32_t i = tid; i < n; i += kThreads) c += order_key(row[i]) >= mid ? 1u : 0u;
+            uint32_t c = 0, up = 0xffffffffu, down = 0u;
+            for (int32_t i = tid; i < n; i += kThreads) {
+                const uint32_t key = order_key(row[i]);
+                if (key >= mid) {
+                    ++c;
+                    up = min(up, key);
+                } else if (key >= lo) {
+                    down = max(down, key);
+                }
+            }
             c = block_reduce(c, Sum{}, 0u, red_u);
-            if (c >= static_cast<uint32_t>(k)) lo = mid;
-            else hi = mid - 1;
+            if (c >= static_cast<uint32_t>(k)) lo = min(block_reduce(up, Min{}, 0xffffffffu, red_u), hi);
+            else hi = max(block_reduce(down, Max{}, 0u, red_u), lo);
         }
         cut_k = lo;
         uint32_t greater = 0, ties = 0;
@@ -194,19 +204,26 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     int32_t cut_id_p = n - 1;
     if (p.top_p < 1.0f) {
         const double target = static_cast<double>(p.top_p) * mass_k;
-        // The largest key whose top-k tokens at or above it reach the target (mass at cut_k is all of it).
+        // The largest key whose top-k tokens at or above it reach the target (the mass at cut_k is all of it),
+        // with lo and hi moved to keys present as in the top-k search. Above cut_k every token is a top-k one.
         uint32_t lo = cut_k, hi = top_key;
         while (lo < hi) {
             const uint32_t mid = hi - (hi - lo) / 2;
             double m = 0.0;
+            uint32_t up = 0xffffffffu, down = 0u;
             for (int32_t i = tid; i < n; i += kThreads) {
                 const float l = row[i];
                 const uint32_t key = order_key(l);
-                if (key >= mid && in_top_k(key, i)) m += weight(l);
+                if (key >= mid) {
+                    m += weight(l);
+                    up = min(up, key);
+                } else if (key >= lo && in_top_k(key, i)) {
+                    down = max(down, key);
+                }
             }
             m = block_reduce(m, Sum{}, 0.0, red_d);
-            if (m >= target) lo = mid;
-            else hi = mid - 1;
+            if (m >= target) lo = min(block_reduce(up, Min{}, 0xffffffffu, red_u), hi);
+            else hi = max(block_reduce(down, Max{}, 0u, red_u), lo);
         }
         cut_p = lo;
         double above = 0.0;  // mass strictly above the cut
