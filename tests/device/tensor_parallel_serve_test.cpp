@@ -1,0 +1,172 @@
+// The serving path of tensor parallelism on 2 GPUs (skipped with fewer), in one process: an Engine whose runner
+// is a TensorParallelLeader over rank 0's CudaModelRunner (GPU 0, this thread), with rank 1 (GPU 1, a thread
+// here, a process of its own under `nibble serve -tp 2`) following over a localhost step channel through
+// CudaModelRunner::run_step, NCCL between them. What `nibble serve -tp 2` adds on top (processes, the setup
+// message) is checked by scripts/tp-serve-check.sh.
+//
+// Reference: an Engine over the TP = 1 CUDA runner on GPU 0, same requests. Both run F32 activations, where
+// TP changes only the summation order of the row-parallel sums (tensor_parallel_forward_test.cpp: logits
+// within 1e-4 x RMS, greedy tokens equal), so 8 concurrent greedy requests (batched prefill, then decode steps
+// replayed as CUDA graphs) must decode the same tokens, and a seeded sampled request (execute_sample on rank 0
+// only: the follower runs the forward alone) must draw the same ones, barring a draw within ~1e-6 of a
+// boundary of the sampling distribution. The follower must see every step and stop at the leader's Shutdown.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
+#include "engine/engine.h"
+#include "gpu/cuda_model_runner.h"
+#include "gpu/tensor_parallel_runner.h"
+#include "gpu/weight_upload.h"
+#include "model/model.h"
+#include "parallel/step_channel.h"
+
+namespace nibble {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int64_t kBlocks = 96, kBlockSize = 16, kMaxModelLen = 128;
+
+gpu::CudaRunnerOptions runner_options() {
+    return {.kv_dtype = KvDtype::Bf16,
+            .num_blocks = kBlocks,
+            .block_size = kBlockSize,
+            .max_model_len = kMaxModelLen,
+            .max_num_batched_tokens = 512,
+            .max_num_seqs = 16,
+            .act_dtype = DType::F32,
+            .max_cudagraph_capture_size = 16};
+}
+
+EngineConfig engine_config() {
+    return EngineConfig{.max_model_len = kMaxModelLen,
+                        .max_num_seqs = 16,
+                        .max_num_batched_tokens = 512,
+                        .block_size = kBlockSize,
+                        .num_blocks = kBlocks,
+                        .enable_prefix_caching = true,
+                        .kv_cache_dtype = KvDtype::Bf16};
+}
+
+// 8 greedy prompts of 3 .. 66 tokens (each a different walk over the vocabulary) and one seeded sampled one.
+std::vector<GenerationRequest> requests(int64_t vocab) {
+    std::vector<GenerationRequest> out;
+    for (int i = 0; i < 9; ++i) {
+        GenerationRequest r;
+        r.id = fmt::format("r{}", i);
+        for (int j = 0; j < 3 + 9 * (i % 8); ++j) r.prompt.push_back(static_cast<int32_t>((5 + 37 * j + 113 * i) % vocab));
+        r.max_tokens = 8;
+        r.ignore_eos = true;
+        r.sampling.temperature = 0.0f;
+        if (i == 8) {
+            r.sampling.temperature = 0.8f;
+            r.sampling.top_p = 0.9f;
+            r.sampling.seed = 1234;
+        }
+        out.push_back(std::move(r));
+    }
+    return out;
+}
+
+std::map<std::string, std::vector<int32_t>> serve(Engine& engine, int64_t vocab) {
+    std::map<std::string, std::vector<int32_t>> tokens;
+    std::map<std::string, std::string> errors;
+    for (GenerationRequest& r : requests(vocab))
+        engine.submit(std::move(r), [&](const RequestOutput& o) {
+            for (const auto& s : o.outputs) tokens[o.request_id].insert(tokens[o.request_id].end(), s.tokens.begin(), s.tokens.end());
+            if (!o.error.empty()) errors[o.request_id] = o.error;
+        });
+    for (int steps = 0; engine.step(); ++steps)
+        if (steps > 1000) break;
+    for (const auto& [id, e] : errors) ADD_FAILURE() << id << ": " << e;
+    return tokens;
+}
+
+TEST(TensorParallelServeCuda, AnEngineOverTwoGpusDecodesAsOne) {
+    const int gpus = cuda::device_count();
+    if (gpus < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << gpus;
+    const fs::path dir = fs::path("tests") / "golden" / "fixtures" / "llama_gqa" / "model";
+    ASSERT_TRUE(fs::exists(dir)) << dir << ": run nibble-device-tests from the repository root";
+    ThreadPool pool(0);
+    std::unique_ptr<Model> model = load_model(dir.string(), pool);
+    const int64_t vocab = model->config().vocab_size;
+    DecoderView view;
+    ASSERT_TRUE(model->decoder_view(view));
+
+    NIBBLE_CUDA_CHECK(cudaSetDevice(0));
+    std::map<std::string, std::vector<int32_t>> expected;
+    {
+        auto weights = std::make_shared<const gpu::DeviceDecoder>(gpu::upload_decoder(model->config(), view));
+        Engine engine(*model, engine_config(), std::make_unique<gpu::CudaModelRunner>(weights, runner_options()));
+        expected = serve(engine, vocab);
+    }
+    ASSERT_EQ(expected.size(), 9u);
+
+    auto channel = std::make_unique<StepChannelLeader>(
+        StepChannelOptions{.master_addr = "127.0.0.1", .port = 0, .world_size = 2, .rank = 0, .timeout_ms = 60000});
+    const int channel_port = channel->port();
+    const int nccl_port = 29650;
+    int64_t follower_steps = -1;
+    std::exception_ptr follower_error;
+    std::thread follower([&] {
+        try {
+            NIBBLE_CUDA_CHECK(cudaSetDevice(1));
+            auto weights = std::make_shared<const gpu::DeviceDecoder>(
+                gpu::upload_decoder_rank(model->config(), model->quant_config(), view, 2, 1));
+            auto runner = std::make_unique<gpu::CudaModelRunner>(weights, runner_options());
+            StepChannelFollower ch({.master_addr = "127.0.0.1", .port = channel_port, .world_size = 2, .rank = 1,
+                                    .timeout_ms = 60000});
+            auto comm = gpu::join_tensor_parallel_group(
+                *runner, {.world_size = 2, .rank = 1, .device = 1, .master_port = nccl_port, .timeout_ms = 60000});
+            follower_steps = gpu::run_tensor_parallel_follower(*runner, ch);
+            runner.reset();
+            comm.reset();
+        } catch (...) {
+            follower_error = std::current_exception();
+        }
+    });
+    std::map<std::string, std::vector<int32_t>> got;
+    try {
+        NIBBLE_CUDA_CHECK(cudaSetDevice(0));
+        auto weights = std::make_shared<const gpu::DeviceDecoder>(
+            gpu::upload_decoder_rank(model->config(), model->quant_config(), view, 2, 0));
+        auto runner = std::make_unique<gpu::CudaModelRunner>(weights, runner_options());
+        channel->accept_followers();
+        auto comm = gpu::join_tensor_parallel_group(
+            *runner, {.world_size = 2, .rank = 0, .device = 0, .master_port = nccl_port, .timeout_ms = 60000});
+        Engine engine(*model, engine_config(),
+                      gpu::make_tensor_parallel_leader(std::move(channel), std::move(runner), std::move(comm)));
+        got = serve(engine, vocab);
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "rank 0: " << e.what();
+    }  // the engine's leader sends Shutdown here
+    follower.join();
+    if (follower_error) {
+        try {
+            std::rethrow_exception(follower_error);
+        } catch (const std::exception& e) {
+            ADD_FAILURE() << "rank 1: " << e.what();
+        }
+    }
+    EXPECT_EQ(got, expected);
+    EXPECT_GE(follower_steps, 8) << "a prefill and 7 decode steps at least";
+    std::printf("[  detail  ] TP=2 serve path: %zu requests, rank 1 ran %lld steps\n", got.size(),
+                static_cast<long long>(follower_steps));
+}
+
+}  // namespace
+}  // namespace nibble
