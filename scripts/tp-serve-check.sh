@@ -23,7 +23,7 @@ if [[ -z "$model" ]]; then
     python3 "$here/make-synthetic-checkpoint.py" "$model" --shape llama-tiny > /dev/null || exit 1
 fi
 port=8397
-flags=(--max-model-len 1024 --max-num-seqs 8 --tune off --gpu-memory-utilization 0.5 --master-port 29617)
+flags=(--max-model-len 1024 --max-num-seqs 8 --tune off --kv-cache-memory-bytes 1G --master-port 29617)
 failures=0
 pid=""
 
