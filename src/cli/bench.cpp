@@ -462,8 +462,9 @@ void add_bench_command(CLI::App& app) {
                     "off (the built-in dispatch)");
     cmd->add_flag("--pdl", o->pdl, "fused decode GEMVs with programmatic dependent launch (to compare)");
     cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
-    cmd->add_option("-tp,--tensor-parallel-size", o->tensor_parallel_size,
-                    "GPUs the model is split over (one thread and NCCL rank per GPU, GPUs 0 .. N-1; default 1)");
+    // -tp arrives as --tensor-parallel-size (main.cpp spells it out: CLI11 cannot declare a two-letter flag).
+    cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,
+                    "-tp: GPUs the model is split over (one thread and NCCL rank per GPU, GPUs 0 .. N-1; default 1)");
     cmd->add_option("--master-port", o->master_port, "-tp: the NCCL rendezvous port on 127.0.0.1 (default 29511)");
     cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per step when filling the cache to a depth (default 2048)");
     cmd->callback([o, lists] {
