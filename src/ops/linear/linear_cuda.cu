@@ -816,7 +816,14 @@ __global__ void __launch_bounds__(kThreads)
                 }
             }
         }
-        reduce_and_store<MT, R>(acc, lane, row0, m, n, scale, bias, y);
+        if constexpr (MT * R > 16) {  // 32 sums: one row at a time keeps the scatter in registers
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                reduce_and_store<MT, 1>(reinterpret_cast<float(&)[1][MT]>(acc[r]), lane, row0 + r, m, n, scale, bias,
+                                        y);
+        } else {
+            reduce_and_store<MT, R>(acc, lane, row0, m, n, scale, bias, y);
+        }
     }
 }
 
@@ -968,10 +975,17 @@ void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, co
         x, m, k, reinterpret_cast<const uint4*>(w), bias, y, n);
 }
 
+// FP8 keeps 2 rows a warp at m = 16 too (the BF16 kernel drops to 1 there): each activation load then serves
+// 16 weights instead of 8, and at 16 tokens the L1 re-reads of x, not the weight stream, bound the kernel.
+template <int MT>
+constexpr int fp8_rows_per_warp() {
+    return 2;
+}
+
 template <int MT, class XT>
 void launch_fp8(const XT* x, int m, const uint8_t* w, int64_t n, int64_t k, float scale, const float* bias, XT* y,
                 int sms, cudaStream_t stream) {
-    constexpr int R = rows_per_warp<MT>();
+    constexpr int R = fp8_rows_per_warp<MT>();
     gemv_fp8_kernel<MT, R, XT><<<grid_for(n, R, sms), kThreads, 0, stream>>>(
         x, m, k, reinterpret_cast<const uint4*>(w), scale, bias, y, n);
 }
