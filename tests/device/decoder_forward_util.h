@@ -91,11 +91,14 @@ inline fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_
         tensors.push_back({p + "self_attn.k_proj.weight", {kv_heads * hd, d}, 0.05f, 0.0f});
         tensors.push_back({p + "self_attn.v_proj.weight", {kv_heads * hd, d}, 0.05f, 0.0f});
         tensors.push_back({p + "self_attn.o_proj.weight", {d, heads * hd}, 0.05f, 0.0f});
-        if (a.bias)
+        if (a.bias) {
             for (const char* m : {"q", "k", "v"}) {
                 const int64_t n = std::string(m) == "q" ? heads * hd : kv_heads * hd;
                 tensors.push_back({p + "self_attn." + m + "_proj.bias", {n}, 0.2f, 0.0f});
             }
+            // Llama's attention_bias covers o_proj too (Qwen2's bias is q/k/v only).
+            if (a.arch == "LlamaForCausalLM") tensors.push_back({p + "self_attn.o_proj.bias", {d}, 0.2f, 0.0f});
+        }
         if (a.qk_norm) {
             tensors.push_back({p + "self_attn.q_norm.weight", {hd}, 0.1f, 1.0f});
             tensors.push_back({p + "self_attn.k_norm.weight", {hd}, 0.1f, 1.0f});
