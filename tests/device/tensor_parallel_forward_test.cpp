@@ -1,8 +1,12 @@
 // The tensor-parallel CUDA forward (weights sharded by parallel/decoder_view_shard.h, collectives by NCCL)
-// against the unsharded CUDA forward, on the golden fixtures of the llama family, with the ranks as threads of
-// this process on GPUs 0 .. N-1 (skipped on a machine with fewer GPUs).
+// against the unsharded CUDA forward, with the ranks as threads of this process on GPUs 0 .. N-1 (skipped on a
+// machine with fewer GPUs). The models are the llama-family variants of the whole-forward device tests
+// (decoder_forward_util.h: Llama with and without biases and tied embeddings, Qwen2 biases, Qwen3 QK-norm,
+// head_dim 64 and 128; BF16, NVFP4 ModelOpt and NVFP4 compressed-tensors): the golden fixtures' head_dim 16
+// and 32 are below what the CUDA attention takes, and tests/parallel/llama_tp_test.cpp runs those sharded on
+// the CPU.
 //
-// Each fixture's prompt is prefilled and then decoded greedily for 12 steps by TP = 1; TP = N is fed the same
+// A random prompt is prefilled and then decoded greedily for 12 steps by TP = 1; TP = N is fed the same
 // tokens (teacher forcing) and must pick the same greedy token at every step on every rank (every rank holds
 // the gathered logits), with logits within rel x max(1, RMS) of TP = 1's:
 //   F32 activations: only summation order differs (a row-parallel output is N partial sums added by the
@@ -16,6 +20,7 @@
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +29,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -34,30 +40,13 @@
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
+#include "decoder_forward_util.h"
 #include "parallel/nccl_communicator.h"
 
 namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-
-// The golden fixtures, relative to the repository root the device tests run from (scripts/device-run.sh).
-fs::path fixture_dir(const std::string& name) {
-    const fs::path dir = fs::path("tests") / "golden" / "fixtures" / name;
-    EXPECT_TRUE(fs::exists(dir)) << dir << " not found: run nibble-device-tests from the repository root";
-    return dir;
-}
-
-fs::path fixture_model(const std::string& name) { return fixture_dir(name) / "model"; }
-
-std::vector<int32_t> fixture_prompt(const std::string& name) {
-    const SafetensorsFile expected((fixture_dir(name) / "expected.safetensors").string());
-    const TensorInfo* tokens = expected.find("tokens");
-    EXPECT_TRUE(tokens != nullptr && tokens->dtype == DType::I32);
-    std::vector<int32_t> out(tokens ? static_cast<size_t>(tokens->shape.numel()) : 0);
-    if (tokens) std::memcpy(out.data(), tokens->data, out.size() * sizeof(int32_t));
-    return out;
-}
 
 constexpr int kDecodeSteps = 12;
 
@@ -147,10 +136,29 @@ std::vector<RankResult> run_ranks(const Model& model, int tp, DType act, int64_t
 }
 
 struct TpCase {
-    std::string fixture;
+    std::string model;  // a name of test_model()
     DType act;
     int64_t graph_size;  // 0: eager decode
 };
+
+// The test's checkpoints, written once per process under a temporary folder.
+fs::path test_model(const std::string& name) {
+    static const fs::path root = fs::temp_directory_path() / ("nibble-tp-forward-" + std::to_string(getpid()));
+    const fs::path dir = root / name;
+    if (fs::exists(dir / "config.json")) return dir;
+    using test::TinyArch;
+    if (name == "llama") return test::write_checkpoint(dir, TinyArch{}, 11);
+    if (name == "llama_bias_tied") return test::write_checkpoint(dir, TinyArch{.bias = true, .tied = true}, 12);
+    if (name == "qwen2_bias") return test::write_checkpoint(dir, TinyArch{.arch = "Qwen2ForCausalLM", .bias = true}, 13);
+    if (name == "qwen3_qknorm_hd128")
+        return test::write_checkpoint(dir, TinyArch{.arch = "Qwen3ForCausalLM", .qk_norm = true, .head_dim = 128}, 14);
+    if (name == "llama_nvfp4_modelopt")
+        return test::quantized(test_model("llama"), dir, QuantLayout::ModelOpt, false);
+    if (name == "qwen3_nvfp4_ct_lm_head")
+        return test::quantized(test_model("qwen3_qknorm_hd128"), dir, QuantLayout::CompressedTensors, true);
+    ADD_FAILURE() << "no test model " << name;
+    return dir;
+}
 
 class CudaTensorParallel : public ::testing::TestWithParam<TpCase> {};
 
@@ -158,10 +166,12 @@ TEST_P(CudaTensorParallel, GreedyTokensAndLogitsMatchTpOne) {
     const int gpus = cuda::device_count();
     if (gpus < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << gpus;
     const TpCase& c = GetParam();
-    const std::vector<int32_t> prompt = fixture_prompt(c.fixture);
-    ASSERT_FALSE(prompt.empty());
     ThreadPool pool(0);
-    const std::unique_ptr<Model> model = load_model(fixture_model(c.fixture).string(), pool);
+    const std::unique_ptr<Model> model = load_model(test_model(c.model).string(), pool);
+    std::mt19937_64 rng(test::fresh_seed());
+    std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(model->config().vocab_size - 1));
+    std::vector<int32_t> prompt(37);
+    for (int32_t& t : prompt) t = token(rng);
     static int port = 29620;  // a fresh rendezvous port per group: the last one's socket may linger
     const std::vector<RankResult> one = run_ranks(*model, 1, c.act, c.graph_size, prompt, {}, ++port);
     ASSERT_EQ(one[0].greedy.size(), static_cast<size_t>(kDecodeSteps + 1));
@@ -199,28 +209,26 @@ TEST_P(CudaTensorParallel, GreedyTokensAndLogitsMatchTpOne) {
         // Both ranks hold the same gathered logits.
         EXPECT_EQ(two[0].logits[step], two[1].logits[step]) << "step " << step;
     }
-    std::printf("[  detail  ] %s %s %s: TP=2 vs TP=1 over %d steps: max |diff| %.3g, %d near-ties\n", c.fixture.c_str(),
+    std::printf("[  detail  ] %s %s %s: TP=2 vs TP=1 over %d steps: max |diff| %.3g, %d near-ties\n", c.model.c_str(),
                 c.act == DType::F32 ? "f32" : "bf16", c.graph_size > 0 ? "graphs" : "eager", kDecodeSteps + 1, worst,
                 near_ties);
 }
 
 std::vector<TpCase> tp_cases() {
     std::vector<TpCase> cases;
-    // FP8 weights run with BF16 activations on this backend; every other fixture in the exact mode too.
-    for (const char* f : {"llama_gqa", "llama3_rope_tied", "llama_attn_bias", "mistral", "qwen2_bias", "qwen3_qknorm",
-                          "qwen3_nvfp4_modelopt", "llama_nvfp4_ct"}) {
-        cases.push_back({f, DType::F32, 8});
-        cases.push_back({f, DType::BF16, 8});
+    for (const char* m : {"llama", "llama_bias_tied", "qwen2_bias", "qwen3_qknorm_hd128", "llama_nvfp4_modelopt",
+                          "qwen3_nvfp4_ct_lm_head"}) {
+        cases.push_back({m, DType::F32, 8});
+        cases.push_back({m, DType::BF16, 8});
     }
-    cases.push_back({"llama_fp8_modelopt", DType::BF16, 8});
-    cases.push_back({"llama_gqa", DType::F32, 0});
-    cases.push_back({"qwen3_nvfp4_modelopt", DType::BF16, 0});
+    cases.push_back({"llama", DType::F32, 0});
+    cases.push_back({"llama_nvfp4_modelopt", DType::BF16, 0});
     return cases;
 }
 
-INSTANTIATE_TEST_SUITE_P(GoldenFixtures, CudaTensorParallel, ::testing::ValuesIn(tp_cases()), [](const auto& info) {
+INSTANTIATE_TEST_SUITE_P(LlamaFamily, CudaTensorParallel, ::testing::ValuesIn(tp_cases()), [](const auto& info) {
     const TpCase& c = info.param;
-    return c.fixture + (c.act == DType::F32 ? "_f32" : "_bf16") + (c.graph_size > 0 ? "_graphs" : "_eager");
+    return c.model + (c.act == DType::F32 ? "_f32" : "_bf16") + (c.graph_size > 0 ? "_graphs" : "_eager");
 });
 
 }  // namespace
