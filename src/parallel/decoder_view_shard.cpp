@@ -28,12 +28,26 @@ std::unique_ptr<DecoderViewShard> shard_decoder_view(const ModelConfig& config, 
                    rows.begin * config.n_embd * static_cast<int64_t>(dtype_size(view.embed.dtype));
     v.embed.shape = Shape{rows.size(), config.n_embd};
     for (const DecoderLayerView& L : view.layers) {
-        NIBBLE_CHECK(!L.moe(), "tensor parallelism: MoE layers are not split yet (expert parallelism is not built)");
         DecoderLayerView S = L;
         S.q = shard(L.q, plan.q);
         S.k = shard(L.k, plan.k);
         S.v = shard(L.v, plan.v);
         S.o = shard(L.o, plan.o);
+        if (L.moe()) {  // expert parallelism: the router as it is, the rank's experts (pointers, no copies)
+            const IndexRange e = plan.layout.experts;
+            for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down})
+                NIBBLE_CHECK(static_cast<int64_t>(list->size()) == config.moe.n_experts,
+                             "tensor parallelism: {} has {} experts in the model's view, its config {}",
+                             L.router->name, list->size(), config.moe.n_experts);
+            auto range = [&](const std::vector<const LinearWeight*>& all) {
+                return std::vector<const LinearWeight*>(all.begin() + e.begin, all.begin() + e.end);
+            };
+            S.expert_gate = range(L.expert_gate);
+            S.expert_up = range(L.expert_up);
+            S.expert_down = range(L.expert_down);
+            v.layers.push_back(S);
+            continue;
+        }
         S.gate = shard(L.gate, plan.gate);
         S.up = shard(L.up, plan.up);
         S.down = shard(L.down, plan.down);

@@ -1,7 +1,7 @@
-// One tensor-parallel rank's share of a DecoderView (model/decoder_view.h): the llama family's split of
-// tensor_parallel.h applied to a whole model's view, for backends that upload a rank's weights (the CUDA
-// backend under --tensor-parallel-size). Column-parallel slices and the vocabulary rows are views into the
-// model's memory; row-parallel slices are copies this object owns. Norms and RoPE are shared as they are.
+// One tensor-parallel rank's share of a DecoderView (model/decoder_view.h): the split of tensor_parallel.h
+// (the llama family's; Qwen3-MoE's experts by id) applied to a whole model's view, for backends that upload
+// a rank's weights (the CUDA backend under --tensor-parallel-size). Column-parallel slices, the experts and
+// the vocabulary rows are views into the model's memory; row-parallel slices are copies this object owns. Norms and RoPE are shared as they are.
 #pragma once
 
 #include <cstdint>
@@ -29,8 +29,9 @@ struct DecoderViewShard {
 };
 
 // Rank `rank` of a tp_size-way split of `view` (a model of `config`, quantized as `quant`). Throws naming
-// what does not divide or which architecture has no split (check_tensor_parallel, check_tensor_parallel_quant),
-// and for a view with MoE layers (expert parallelism is not built).
+// what does not divide or which architecture has no split (check_tensor_parallel, check_tensor_parallel_quant).
+// A MoE layer keeps its router and the rank's experts layout.experts (expert_* lists of that many pointers
+// into the model's; the config keeps the whole model's moe.n_experts for the router).
 std::unique_ptr<DecoderViewShard> shard_decoder_view(const ModelConfig& config, const QuantConfig& quant,
                                                      const DecoderView& view, int64_t tp_size, int64_t rank);
 

@@ -19,6 +19,8 @@ LlamaRankModel::LlamaRankModel(std::shared_ptr<const Checkpoint> ckpt, ModelConf
     const Checkpoint& ck = *ckpt_;
     const int64_t rank = comm_.rank();
     check_tensor_parallel_quant(c, quant_, comm_.world_size());
+    NIBBLE_CHECK(c.moe.n_experts == 0, "tensor parallelism on the CPU: {} has MoE layers, which only the CUDA "
+                                       "backend splits (by expert)", c.arch_name);
     plan_ = llama_shard_plan(c, comm_.world_size(), rank);
     local_ = rank_config(c, plan_.layout);
     const LlamaSpec spec = llama_spec(c);

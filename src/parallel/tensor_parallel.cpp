@@ -23,9 +23,6 @@ std::string_view shard_kind_name(ShardKind kind) {
 
 namespace {
 
-bool is_llama_family(Arch arch) {
-    return arch == Arch::Llama || arch == Arch::Mistral || arch == Arch::Qwen2 || arch == Arch::Qwen3;
-}
 
 // Rank r's equal share of n items split N ways (N divides n).
 IndexRange even_share(int64_t n, int64_t tp_size, int64_t rank) {
@@ -44,12 +41,24 @@ int64_t row_bytes(const LinearWeight& w, int64_t n_in) {
 
 }  // namespace
 
+bool has_tensor_parallel_split(Arch arch) {
+    return arch == Arch::Llama || arch == Arch::Mistral || arch == Arch::Qwen2 || arch == Arch::Qwen3 ||
+           arch == Arch::Qwen3Moe;
+}
+
+bool has_dense_mlp_layer(const ModelConfig& c) {
+    for (int64_t il = 0; il < c.n_layers; ++il)
+        if (!c.is_moe_layer(il)) return true;
+    return false;
+}
+
 void check_tensor_parallel(const ModelConfig& c, int64_t tp_size) {
     NIBBLE_CHECK(tp_size >= 1, "--tensor-parallel-size must be at least 1, got {}", tp_size);
     if (tp_size == 1) return;
-    NIBBLE_CHECK(is_llama_family(c.arch),
+    NIBBLE_CHECK(has_tensor_parallel_split(c.arch),
                  "--tensor-parallel-size {}: {} has no tensor-parallel split yet (supported: the llama family, "
-                 "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)",
+                 "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; and "
+                 "Qwen3MoeForCausalLM, its experts split by id)",
                  tp_size, c.arch_name);
     std::vector<std::string> problems;
     if (c.n_heads % tp_size != 0)
@@ -58,8 +67,11 @@ void check_tensor_parallel(const ModelConfig& c, int64_t tp_size) {
         problems.push_back(fmt::format("num_key_value_heads {} neither divides by it nor divides it (KV heads are "
                                        "split, or replicated when the size is a multiple of their count)",
                                        c.n_kv_heads));
-    if (c.n_ff % tp_size != 0)
+    if (has_dense_mlp_layer(c) && c.n_ff % tp_size != 0)
         problems.push_back(fmt::format("intermediate_size {} is not divisible by it", c.n_ff));
+    if (c.arch == Arch::Qwen3Moe && c.moe.n_experts % tp_size != 0)
+        problems.push_back(fmt::format("num_experts {} is not divisible by it (each rank holds an equal range of "
+                                       "whole experts)", c.moe.n_experts));
     const int64_t per_rank = (c.vocab_size + tp_size - 1) / tp_size;
     if ((tp_size - 1) * per_rank >= c.vocab_size)
         problems.push_back(fmt::format("vocab_size {} leaves the last rank no rows ({} per rank)", c.vocab_size,
@@ -72,9 +84,12 @@ void check_tensor_parallel_quant(const ModelConfig& c, const QuantConfig& quant,
     check_tensor_parallel(c, tp_size);
     const bool nvfp4 = quant.method == QuantMethod::ModelOptNvfp4 || quant.method == QuantMethod::CompressedTensorsNvfp4;
     if (tp_size == 1 || !nvfp4) return;
-    for (const LlamaLayerSpec& L : llama_spec(c).layers) {
+    const LlamaSpec spec = llama_spec(c);
+    for (int64_t il = 0; il < c.n_layers; ++il) {
+        const LlamaLayerSpec& L = spec.layers[static_cast<size_t>(il)];
         for (const LinearSpec* l : {&L.o, &L.down}) {
-            if (quant.is_excluded(l->module)) continue;
+            // A MoE layer has no down_proj of its own; its experts are held whole.
+            if (quant.is_excluded(l->module) || (l == &L.down && c.is_moe_layer(il))) continue;
             NIBBLE_CHECK(l->n_in % (tp_size * kNvfp4BlockSize) == 0,
                          "--tensor-parallel-size {}: {} is NVFP4 [{}, {}] and row-parallel; each rank's share of its "
                          "{} inputs, {}, must be a multiple of the {}-value block (one E4M3 scale per {} inputs)",
@@ -99,7 +114,9 @@ TensorParallelLayout tensor_parallel_layout(const ModelConfig& c, int64_t tp_siz
         l.kv_replicas = tp_size / c.n_kv_heads;
         l.kv_heads = {rank / l.kv_replicas, rank / l.kv_replicas + 1};
     }
-    l.ff = even_share(c.n_ff, tp_size, rank);
+    // Without a dense MLP layer the intermediate size is never used: the rank keeps it whole.
+    l.ff = has_dense_mlp_layer(c) ? even_share(c.n_ff, tp_size, rank) : IndexRange{0, c.n_ff};
+    if (c.moe.n_experts > 0) l.experts = even_share(c.moe.n_experts, tp_size, rank);
     l.vocab_per_rank = (c.vocab_size + tp_size - 1) / tp_size;
     l.vocab = {std::min(rank * l.vocab_per_rank, c.vocab_size), std::min((rank + 1) * l.vocab_per_rank, c.vocab_size)};
     return l;
@@ -173,6 +190,18 @@ std::vector<WeightSpec> llama_rank_expected_weights(const ModelConfig& c, int64_
             dense(L.k_norm, Shape{c.head_dim});
         }
         dense(L.mlp_norm, Shape{c.n_embd});
+        const int64_t il = static_cast<int64_t>(&L - spec.layers.data());
+        if (c.is_moe_layer(il)) {  // the router replicated, the rank's experts whole
+            const std::string p = fmt::format("model.layers.{}.mlp.", il);
+            linear({p + "gate", c.moe.n_experts, c.n_embd, false}, ShardSpec{});
+            for (int64_t e = plan.layout.experts.begin; e < plan.layout.experts.end; ++e) {
+                const std::string x = fmt::format("{}experts.{}.", p, e);
+                linear({x + "gate_proj", c.moe.n_ff, c.n_embd, false}, ShardSpec{});
+                linear({x + "up_proj", c.moe.n_ff, c.n_embd, false}, ShardSpec{});
+                linear({x + "down_proj", c.n_embd, c.moe.n_ff, false}, ShardSpec{});
+            }
+            continue;
+        }
         linear(L.gate, plan.gate);
         linear(L.up, plan.up);
         linear(L.down, plan.down);

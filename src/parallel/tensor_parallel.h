@@ -11,6 +11,11 @@
 //               a token outside them embeds as zeros, and the all-reduce leaves exactly one row
 //   lm_head     vocabulary-parallel the same way, followed by an all-gather of the logits
 //   norms       replicated
+// Qwen3-MoE adds expert parallelism in its MoE layers (attention and any dense MLP layer, mlp_only_layers, as
+// above): the router is replicated, so every rank routes every token alike, and rank r holds whole experts
+// [r*E/N, (r+1)*E/N) (E = num_experts, divisible by N). A rank's MoE output is the routed sum over its own
+// experts only (the others' pairs are dropped), a partial sum like a row-parallel output: one all-reduce
+// after it. Experts are never sliced, so they add no NVFP4 block constraint.
 // Biases: a column-parallel layer's bias is sliced with its rows; a row-parallel layer's bias stays on rank
 // 0 only, so the all-reduce adds it exactly once.
 //
@@ -62,12 +67,19 @@ struct TensorParallelLayout {
     IndexRange ff;               // MLP intermediate columns
     IndexRange vocab;            // embedding / lm_head rows
     int64_t vocab_per_rank = 0;  // ceil(vocab / tp_size): each rank's slot in the logits all-gather
+    IndexRange experts;          // MoE layers: the routed experts this rank holds (all of them at tp_size 1;
+                                 // empty for a model without MoE layers)
 };
 
-// Throws nibble::Error naming every size that does not divide (heads, KV heads, intermediate size,
-// vocabulary) or the architecture when its family has no tensor-parallel split yet (only the llama family:
-// Llama, Mistral, Qwen2, Qwen3).
+// Throws nibble::Error naming every size that does not divide (heads, KV heads, intermediate size when some
+// layer has a dense MLP, vocabulary, MoE experts) or the architecture when its family has no tensor-parallel
+// split yet (the llama family: Llama, Mistral, Qwen2, Qwen3; and Qwen3-MoE, experts split by id).
 void check_tensor_parallel(const ModelConfig& config, int64_t tp_size);
+// Whether the architecture has a split at all (the families above).
+bool has_tensor_parallel_split(Arch arch);
+// Whether any layer of the model has a dense MLP (all of the llama family's; Qwen3-MoE's mlp_only_layers and
+// the layers decoder_sparse_step skips).
+bool has_dense_mlp_layer(const ModelConfig& config);
 
 // What the weight format adds, before any weight is read: an NVFP4 row-parallel layer (o_proj, down_proj not
 // excluded from quantization) needs each rank's share of its inputs to be a multiple of 16. Throws naming the
@@ -78,7 +90,8 @@ void check_tensor_parallel_quant(const ModelConfig& config, const QuantConfig& q
 TensorParallelLayout tensor_parallel_layout(const ModelConfig& config, int64_t tp_size, int64_t rank);
 
 // The config one rank's blocks run with: its own query/KV head counts, intermediate size and vocabulary
-// share; everything else (hidden size, head_dim, RoPE, norms, sliding window) unchanged.
+// share; everything else (hidden size, head_dim, RoPE, norms, sliding window) unchanged. moe.n_experts stays
+// the whole model's count: the replicated router scores all of them (the rank's experts are layout.experts).
 ModelConfig rank_config(const ModelConfig& config, const TensorParallelLayout& layout);
 
 // The llama family's split of each tensor of one layer (every layer is split alike) and of the vocabulary.
@@ -91,7 +104,8 @@ LlamaShardPlan llama_shard_plan(const ModelConfig& config, int64_t tp_size, int6
 
 // The tensors one rank holds, as llama_expected_weights lists them for the whole model but with sharded
 // shapes (linears' n_out / n_in, the embedding's rows; row-parallel biases on rank 0 only). Rank 0 holds the
-// most (the largest vocabulary share and the row-parallel biases): the memory plan prices it.
+// most (the largest vocabulary share and the row-parallel biases): the memory plan prices it. A Qwen3-MoE
+// layer lists its router (replicated) and the rank's experts whole, named as qwen_moe_expected_weights does.
 std::vector<WeightSpec> llama_rank_expected_weights(const ModelConfig& config, int64_t tp_size, int64_t rank);
 
 // A LinearSpec's shape on a rank (bias dropped from row-parallel shards off rank 0).

@@ -110,10 +110,10 @@ TEST(TensorParallelLayout, ImpossibleSizesNameWhatDoesNotDivide) {
     EXPECT_NE(big.find("num_attention_heads 64"), std::string::npos) << big;
     EXPECT_NE(error_of([&] { check_tensor_parallel(c, 0); }).find("at least 1"), std::string::npos);
     EXPECT_NE(error_of([&] { tensor_parallel_layout(c, 2, 2); }).find("rank 2"), std::string::npos);
-    ModelConfig moe = c;
-    moe.arch = Arch::Qwen3Moe;
-    moe.arch_name = "Qwen3MoeForCausalLM";
-    EXPECT_NE(error_of([&] { check_tensor_parallel(moe, 2); }).find("Qwen3MoeForCausalLM has no tensor-parallel split"),
+    ModelConfig moe = c;  // Qwen2-MoE (a shared expert) has no split; Qwen3-MoE's is expert_parallel_test.cpp's
+    moe.arch = Arch::Qwen2Moe;
+    moe.arch_name = "Qwen2MoeForCausalLM";
+    EXPECT_NE(error_of([&] { check_tensor_parallel(moe, 2); }).find("Qwen2MoeForCausalLM has no tensor-parallel split"),
               std::string::npos);
     EXPECT_NO_THROW(check_tensor_parallel(moe, 1));  // TP 1 is the unsharded model, any architecture
 }
