@@ -631,9 +631,10 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
     }
 }
 // FP8 E4M3 weights (per-tensor scale), BF16 activations, at the Llama-3.1-8B projection shapes: gemv_fp8
-// (weights streamed once per 16-row tile) against the path it replaces in decode, gemm_fp8 (dequantize to a
-// BF16 scratch copy, then cuBLASLt), with GB/s and % of copy counting the bytes gemv_fp8 must move (weights,
-// activations, outputs). `nibble-kernel-bench fp8` runs this part alone.
+// (CUDA cores, weights streamed once per 16-row tile) and gemv_fp8_mma (tensor cores) against the path
+// gemv_fp8 replaced in decode, gemm_fp8 (dequantize to a BF16 scratch copy, then cuBLASLt), with GB/s and %
+// of copy counting the bytes a GEMV must move (weights, activations, outputs). `nibble-kernel-bench fp8` runs
+// this part alone.
 void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
     struct Shape {
         const char* name;
@@ -645,8 +646,8 @@ void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy
                             {"lm_head 128256x4096", 128256, 4096}};
     const int max_m = 32;
     uint64_t seed = 4242;
-    std::printf("\n| fp8 shape | m | gemv_fp8 us | GB/s | %% copy | dequant + cuBLASLt us | speed-up |\n"
-                "|---|---|---|---|---|---|---|\n");
+    std::printf("\n| fp8 shape | m | gemv_fp8 us | GB/s | %% copy | gemv_fp8_mma us | %% copy | dequant + cuBLASLt us "
+                "| speed-up (best GEMV) |\n|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& s : shapes) {
         const size_t wbytes = static_cast<size_t>(s.n * s.k);
         const size_t copies =
@@ -662,8 +663,8 @@ void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy
         nibble::cuda::GemmContext ctx(s.n * s.k);
         NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
         for (int m : {1, 2, 4, 8, 16, 32}) {
-            double us[2];
-            for (int method = 0; method < 2; ++method) {
+            double us[3];  // gemv_fp8, dequantize + cuBLASLt, gemv_fp8_mma
+            for (int method = 0; method < 3; ++method) {
                 size_t next = 0;
                 auto launch = [&] {
                     for (size_t c = 0; c < copies; ++c, ++next) {
@@ -671,16 +672,20 @@ void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy
                         if (method == 0)
                             nibble::cuda::gemv_fp8(x.get(), DType::BF16, m, wp, s.n, s.k, 0.01f, nullptr, y.get(),
                                                    stream);
+                        else if (method == 2)
+                            nibble::cuda::gemv_fp8_mma(x.get(), DType::BF16, m, wp, s.n, s.k, 0.01f, nullptr,
+                                                       y.get(), stream);
                         else
                             nibble::cuda::gemm_fp8(ctx, x.get(), m, wp, s.n, s.k, 0.01f, nullptr, y.get(), stream);
                     }
                 };
-                us[method] = time_ms(stream, 2, method == 0 ? 50 : 20, launch) / static_cast<double>(copies) * 1e3;
+                us[method] = time_ms(stream, 2, method == 1 ? 20 : 50, launch) / static_cast<double>(copies) * 1e3;
             }
             const double bytes = static_cast<double>(wbytes) + 2.0 * m * static_cast<double>(s.k + s.n);
-            const double gbps = bytes / (us[0] * 1e-6) / 1e9;
-            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.2fx |\n", s.name, m, us[0], gbps,
-                        100 * gbps / copy_gbps, us[1], us[1] / us[0]);
+            const double gbps = bytes / (us[0] * 1e-6) / 1e9, mma_gbps = bytes / (us[2] * 1e-6) / 1e9;
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f | %.2fx |\n", s.name, m, us[0], gbps,
+                        100 * gbps / copy_gbps, us[2], 100 * mma_gbps / copy_gbps, us[1],
+                        us[1] / std::min(us[0], us[2]));
         }
     }
 }

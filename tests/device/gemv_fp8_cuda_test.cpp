@@ -1,11 +1,14 @@
-// Device tests of the FP8 (E4M3, per-tensor scale) decode GEMV, cuda::gemv_fp8, against linear_cpu on fresh
-// random weights and activations, outputs poisoned with NaN first.
+// Device tests of the FP8 (E4M3, per-tensor scale) decode GEMVs, cuda::gemv_fp8 (CUDA cores) and
+// cuda::gemv_fp8_mma (tensor cores, BF16 activations), against linear_cpu on fresh random weights and
+// activations, outputs poisoned with NaN first.
 //
 // Tolerance, per output element (the derivation of linear_cuda_test.cpp): both sides compute
 // y = sum_i w_i x_i (+ b) in float32 in different orders. The CPU rounds each dequantized weight
 // fl(e4m3 * scale) once, each product once and accumulates in chains of at most k; the device's products
 // e4m3 * x are exact for BF16 x (4 + 8 significant bits) and rounded once for F32 x, its per-lane chains,
-// 5 shuffle levels, the final scale and the bias add at most k + 32 roundings. Each side is within
+// 5 shuffle levels, the final scale and the bias add at most k + 32 roundings (the tensor-core kernel: exact
+// bf16 products, float32 accumulation over k / 16 mma steps, a sum of 4 warps' parts, the scale and the
+// bias). Each side is within
 // gamma_(k+32) ~ (k + 32) u32 S of the exact sum, S = sum_i |w_i x_i| + |b|, so
 // |device - cpu| <= 2 (k + 32) u32 S; a BF16 output adds its own rounding, u_bf16 (|y_cpu| + that bound).
 #include <gtest/gtest.h>
@@ -32,8 +35,9 @@ enum class Codes {
 };
 
 void run_case(ThreadPool& pool, std::mt19937_64& rng, Codes codes, int64_t n, int64_t k, int64_t m, bool bf16_acts,
-              bool with_bias) {
-    const std::string what = std::string("gemv_fp8 ") + (codes == Codes::Raw ? "raw" : "quantized") +
+              bool with_bias, bool mma = false) {
+    const std::string what = std::string(mma ? "gemv_fp8_mma " : "gemv_fp8 ") +
+                             (codes == Codes::Raw ? "raw" : "quantized") +
                              " n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m) +
                              (bf16_acts ? " bf16" : " f32") + (with_bias ? " bias" : "");
     SCOPED_TRACE(what);
@@ -83,8 +87,9 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Codes codes, int64_t n, in
     cuda::DeviceBuffer dbias;
     if (with_bias) dbias = test::upload_vec(w.bias);
     DeviceOut y(ref.size(), bf16_acts);
-    cuda::gemv_fp8(dx.buf.get(), bf16_acts ? DType::BF16 : DType::F32, m, dw.as<uint8_t>(), n, k, scale,
-                   with_bias ? dbias.as<float>() : nullptr, y.buf.get(), nullptr);
+    auto* launch = mma ? &cuda::gemv_fp8_mma : &cuda::gemv_fp8;
+    launch(dx.buf.get(), bf16_acts ? DType::BF16 : DType::F32, m, dw.as<uint8_t>(), n, k, scale,
+           with_bias ? dbias.as<float>() : nullptr, y.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     test::expect_close(y.download(), ref, tol, what);
 }
@@ -117,6 +122,20 @@ TEST(GemvFp8Cuda, EveryCode) {
         for (bool bf16 : {false, true}) run_case(pool, rng, Codes::Raw, 131, 2048, m, bf16, m == 3);
 }
 
+// The tensor-core kernel: k in 64-wide chunks, 4 warps taking every 4th, 4 chunks a step: 1 chunk; 3 (one
+// warp idle); 33 (uneven warps, a partial step); 64 and 224 (Llama's 14336). Every m of a 16-token launch and
+// 17..32 in two.
+TEST(GemvFp8Cuda, MmaKernel) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const Shape shapes[] = {{1, 64}, {17, 192}, {129, 2112}, {67, 4096}, {45, 14336}, {300, 1024}};
+    for (const auto& s : shapes)
+        for (int64_t m : {1, 2, 3, 5, 8, 9, 12, 16, 17, 32})
+            run_case(pool, rng, Codes::Quantized, s.n, s.k, m, true, m % 2 == 1, true);
+    for (int64_t m : {1, 8, 16}) run_case(pool, rng, Codes::Raw, 131, 2048, m, true, m == 1, true);
+}
+
 TEST(GemvFp8Cuda, RejectsBadShapes) {
     NIBBLE_REQUIRE_GPU();
     cuda::DeviceBuffer x(64 * 4), w(64 * 64 + 16), y(64 * 4);
@@ -129,6 +148,10 @@ TEST(GemvFp8Cuda, RejectsBadShapes) {
                  std::invalid_argument);  // activations neither F32 nor BF16
     EXPECT_THROW(cuda::gemv_fp8(x.get(), DType::F32, -1, wp, 4, 32, 1.0f, nullptr, y.get(), nullptr),
                  std::invalid_argument);  // negative m
+    EXPECT_THROW(cuda::gemv_fp8_mma(x.get(), DType::BF16, 1, wp, 4, 32, 1.0f, nullptr, y.get(), nullptr),
+                 std::invalid_argument);  // k not a multiple of 64
+    EXPECT_THROW(cuda::gemv_fp8_mma(x.get(), DType::F32, 1, wp, 4, 64, 1.0f, nullptr, y.get(), nullptr),
+                 std::invalid_argument);  // F32 activations
 }
 
 }  // namespace

@@ -827,6 +827,102 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// gemv_fp8_mma: one block per 16-row tile, its 4 warps splitting k (64-wide chunks c, c + 4, ...). A lane
+// (g = lane / 4, t = lane % 4) loads 16 weight bytes of rows g and g + 8 at k offset 64c + 16t and the 16
+// activations of token g at the same offset; mma j (j = 0..3) takes bytes 4j..4j+3 as the logical k of its
+// fragments (2t, 2t+1 | 2t+8, 2t+9), the same for A and B, so every product pairs a weight with its own
+// activation. E4M3 enters as bf16 exactly: the code's bits placed as bf16 s.0000eeee.mmm0000 are
+// e4m3 * 2^-120 (subnormals too), times 2^112 in a bf16x2 FMA gives e4m3 * 2^-8, a normal bf16 of <= 4
+// significant bits; the epilogue multiplies by scale * 2^8.
+constexpr int kFp8MmaWarps = 4;
+constexpr int kFp8MmaChunksInFlight = 4;  // 64-wide chunks a lane loads before using them (128 weight bytes)
+
+// Bytes (2p, 2p + 1) of w as the bf16x2 (e4m3 * 2^-8) pair, low half first.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2_scaled(uint32_t w, int p) {
+    const uint32_t t = __byte_perm(w, 0u, p == 0 ? 0x1404u : 0x3424u);  // byte 2p -> bits 8..15, 2p+1 -> 24..31
+    const uint32_t placed = ((t >> 4) & 0x07f007f0u) | (t & 0x80008000u);
+    return bf16x2_mul(placed, 0x77807780u);  // 2^112 in both halves
+}
+
+template <int NT>  // token tiles of 8
+__global__ void __launch_bounds__(kFp8MmaWarps * 32)
+    gemv_fp8_mma_kernel(const __nv_bfloat16* __restrict__ x, int m, int64_t k, const uint8_t* __restrict__ w,
+                        float out_scale, const float* __restrict__ bias, __nv_bfloat16* __restrict__ y, int64_t n) {
+    __shared__ float partial[kFp8MmaWarps][NT][4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    const uint4* w_lo = reinterpret_cast<const uint4*>(w + min(row0 + g, n - 1) * k + 16 * t);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(w + min(row0 + g + 8, n - 1) * k + 16 * t);
+    const uint4* xs[NT];
+    bool token_ok[NT];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        const int token = 8 * i + g;
+        token_ok[i] = token < m;
+        xs[i] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(token, m - 1)) * k + 16 * t);
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+
+    constexpr int U = kFp8MmaChunksInFlight;
+    const int64_t chunks = k >> 6;  // a chunk is 64 bytes of a row: 4 uint4, one a lane
+    for (int64_t c0 = warp; c0 < chunks; c0 += kFp8MmaWarps * U) {
+        uint4 ql[U], qh[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int64_t c = c0 + static_cast<int64_t>(kFp8MmaWarps) * u;
+            ql[u] = c < chunks ? __ldcs(w_lo + 4 * c) : make_uint4(0, 0, 0, 0);
+            qh[u] = c < chunks ? __ldcs(w_hi + 4 * c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int64_t c = c0 + static_cast<int64_t>(kFp8MmaWarps) * u;
+            if (c >= chunks) break;
+            uint4 xb[NT][2];  // token 8i + g: 16 bf16 activations at k offset 64c + 16t
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                xb[i][0] = token_ok[i] ? __ldg(xs[i] + 8 * c) : make_uint4(0, 0, 0, 0);
+                xb[i][1] = token_ok[i] ? __ldg(xs[i] + 8 * c + 1) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {  // bytes 4j..4j+3 of each row: activations 4j..4j+3 = words 2j, 2j+1
+                const uint32_t lo = word_of(ql[u], j), hi = word_of(qh[u], j);
+                const uint32_t a[4] = {e4m3x2_to_bf16x2_scaled(lo, 0), e4m3x2_to_bf16x2_scaled(hi, 0),
+                                       e4m3x2_to_bf16x2_scaled(lo, 1), e4m3x2_to_bf16x2_scaled(hi, 1)};
+#pragma unroll
+                for (int i = 0; i < NT; ++i)
+                    mma_bf16_16816(acc[i], a, word_of(xb[i][j >> 1], 2 * (j & 1)),
+                                   word_of(xb[i][j >> 1], 2 * (j & 1) + 1));
+            }
+        }
+    }
+    // Sum the warps' k parts; acc[i] = rows (g, g, g + 8, g + 8) x tokens (8i + 2t, 8i + 2t + 1, same).
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) partial[warp][i][e][lane] = acc[i][e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int v = 0; v < kFp8MmaWarps; ++v) sum += partial[v][i][e][lane];
+            const int64_t row = row0 + g + (e >= 2 ? 8 : 0);
+            const int token = 8 * i + 2 * t + (e & 1);
+            if (row >= n || token >= m) continue;
+            float out = sum * out_scale;
+            if (bias) out += bias[row];
+            y[static_cast<int64_t>(token) * n + row] = __float2bfloat16_rn(out);
+        }
+}
+
 // Rows per warp for an M tile: activation re-reads cost MT * 2 (BF16) or MT * 4 (F32) / R bytes of L1
 // and MT / R widening ops per weight element, but a larger R leaves fewer warps (n / R) to hide latency:
 // R = 4 at m = 1 measured 34% of copy bandwidth at 4096x4096 against 87% at 128256x4096 (docs/perf.md).
@@ -1163,6 +1259,29 @@ void gemv_fp8(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n
     };
     if (dtype == DType::F32) body.template operator()<float>();
     else body.template operator()<__nv_bfloat16>();
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void gemv_fp8_mma(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
+                  const float* bias, void* y, cudaStream_t stream) {
+    check_common(x, dtype, m, y, n, k, "gemv_fp8_mma");
+    if (dtype != DType::BF16) throw std::invalid_argument("gemv_fp8_mma: activations must be BF16");
+    if (k % 64 != 0)
+        throw std::invalid_argument("gemv_fp8_mma: k = " + std::to_string(k) + " is not a multiple of 64");
+    if (reinterpret_cast<uintptr_t>(w) % 16 != 0)
+        throw std::invalid_argument("gemv_fp8_mma: w must be 16-byte aligned");
+    if (m == 0 || n == 0) return;
+    const int64_t tiles = (n + 15) / 16;
+    if (tiles > 0x7fffffff) throw std::invalid_argument("gemv_fp8_mma: n = " + std::to_string(n) + " is too large");
+    const float out_scale = scale * 256.0f;  // 2^8 undoes the bf16 placement, exactly
+    run_tiles<__nv_bfloat16>(x, m, n, k, y, [&](const __nv_bfloat16* xt, int mt, __nv_bfloat16* yt) {
+        if (mt <= 8)
+            gemv_fp8_mma_kernel<1><<<static_cast<unsigned>(tiles), kFp8MmaWarps * 32, 0, stream>>>(xt, mt, k, w,
+                                                                                                 out_scale, bias, yt, n);
+        else
+            gemv_fp8_mma_kernel<2><<<static_cast<unsigned>(tiles), kFp8MmaWarps * 32, 0, stream>>>(xt, mt, k, w,
+                                                                                                 out_scale, bias, yt, n);
+    });
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -81,5 +81,10 @@ void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t
 //   widened in registers (no dequantized copy), float32 accumulation on the CUDA cores. Needs sm_89+.
 void gemv_fp8(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
               const float* bias, void* y, cudaStream_t stream);
+// The same on the tensor cores (mma.sync m16n8k16, the E4M3 codes widened to bf16 exactly in registers),
+// BF16 activations only, k % 64 == 0: a candidate for m >= 4, where the CUDA-core kernel's float32 FMAs and
+// activation re-reads bound it. gemv_fp8 does not call it until measured (nibble-kernel-bench fp8).
+void gemv_fp8_mma(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
+                  const float* bias, void* y, cudaStream_t stream);
 
 }  // namespace nibble::cuda
