@@ -174,18 +174,39 @@ bool is_tensor_parallel_follower(const ServeOptions& o) {
     return o.parallel.tensor_parallel_size > 1 && (o.tp_local_rank >= 0 || o.parallel.node_rank > 0);
 }
 
-LocalRankProcesses::LocalRankProcesses(const std::vector<std::string>& serve_args, int64_t gpus_per_node) {
-    if (gpus_per_node <= 1) return;
+std::vector<std::string> local_rank_command(const std::string& program, const std::string& log_level,
+                                            const std::vector<std::string>& serve_args, int64_t local_rank) {
+    std::vector<std::string> args = {program, "--log-level", log_level, "serve"};
+    args.insert(args.end(), serve_args.begin(), serve_args.end());
+    args.push_back("--tp-local-rank");
+    args.push_back(std::to_string(local_rank));
+    return args;
+}
+
+namespace {
+
+std::vector<std::vector<std::string>> local_rank_commands(const std::vector<std::string>& serve_args,
+                                                          int64_t gpus_per_node) {
     char exe[PATH_MAX] = {};
     const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
     const std::string program = n > 0 ? std::string(exe, static_cast<size_t>(n)) : std::string("nibble");
+    std::vector<std::vector<std::string>> commands;
+    for (int64_t r = 1; r < gpus_per_node; ++r)
+        commands.push_back(local_rank_command(program, log_level_name(), serve_args, r));
+    return commands;
+}
+
+}  // namespace
+
+LocalRankProcesses::LocalRankProcesses(const std::vector<std::string>& serve_args, int64_t gpus_per_node)
+    : LocalRankProcesses("/proc/self/exe", local_rank_commands(serve_args, gpus_per_node)) {}
+
+LocalRankProcesses::LocalRankProcesses(const std::string& exec_path,
+                                       const std::vector<std::vector<std::string>>& commands) {
     const pid_t parent = ::getpid();
-    const std::string level = log_level_name();
-    for (int64_t r = 1; r < gpus_per_node; ++r) {
-        std::vector<std::string> args = {program, "--log-level", level, "serve"};
-        args.insert(args.end(), serve_args.begin(), serve_args.end());
-        args.push_back("--tp-local-rank");
-        args.push_back(std::to_string(r));
+    for (size_t i = 0; i < commands.size(); ++i) {
+        const int64_t r = static_cast<int64_t>(i) + 1;
+        std::vector<std::string> args = commands[i];
         std::vector<char*> argv;
         for (std::string& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -193,15 +214,14 @@ LocalRankProcesses::LocalRankProcesses(const std::vector<std::string>& serve_arg
         NIBBLE_CHECK(pid >= 0, "tensor parallel: cannot start the process of local GPU {}: fork: {}", r,
                      std::strerror(errno));
         if (pid == 0) {
-            // The child: only async-signal-safe calls until exec. It dies with the serve process, and not
-            // of the Ctrl-C its terminal sends the whole group: rank 0 stops it in order.
+            // The child: only async-signal-safe calls until exec.
             ::prctl(PR_SET_PDEATHSIG, SIGKILL);
             if (::getppid() != parent) ::_exit(1);
             sigset_t none;
             sigemptyset(&none);
             ::sigprocmask(SIG_SETMASK, &none, nullptr);
             ::signal(SIGINT, SIG_IGN);
-            ::execv("/proc/self/exe", argv.data());
+            ::execv(exec_path.c_str(), argv.data());
             ::_exit(127);
         }
         children_.push_back({.local_rank = r, .pid = pid});

@@ -43,12 +43,21 @@ void check_tensor_parallel_serving(const server::ServeOptions& o);
 // other than 0): it runs run_tensor_parallel_follower_process instead of serving.
 bool is_tensor_parallel_follower(const server::ServeOptions& o);
 
-// This node's local ranks 1 .. gpus_per_node-1 as child processes. Waits for them when destroyed (they end
-// once rank 0 stops), killing any still running after a grace period, at once when unwinding an error.
+// The command line of local rank R's process: PROGRAM --log-level LEVEL serve SERVE_ARGS --tp-local-rank R.
+std::vector<std::string> local_rank_command(const std::string& program, const std::string& log_level,
+                                            const std::vector<std::string>& serve_args, int64_t local_rank);
+
+// This node's local ranks 1 .. gpus_per_node-1 as child processes. Each dies with this process
+// (PR_SET_PDEATHSIG; it exits at once if this process is already gone) and ignores SIGINT (the terminal's
+// Ctrl-C reaches the whole process group; rank 0 stops the children in order). Waits for them when destroyed
+// (they end once rank 0 stops), killing any still running after a grace period, at once when unwinding an
+// error.
 class LocalRankProcesses {
 public:
-    // serve_args: the arguments `nibble serve` was given (they are passed on, with --tp-local-rank R).
+    // serve_args: the arguments `nibble serve` was given (passed on by local_rank_command to this executable).
     LocalRankProcesses(const std::vector<std::string>& serve_args, int64_t gpus_per_node);
+    // The general form (tests): child i (local rank i + 1) executes exec_path with argv commands[i].
+    LocalRankProcesses(const std::string& exec_path, const std::vector<std::vector<std::string>>& commands);
     ~LocalRankProcesses();
     LocalRankProcesses(const LocalRankProcesses&) = delete;
     LocalRankProcesses& operator=(const LocalRankProcesses&) = delete;
