@@ -4,6 +4,7 @@
 // CudaModelRunner::run_step, NCCL between them. What `nibble serve -tp 2` adds on top (processes, the setup
 // message) is checked by scripts/tp-serve-check.sh.
 //
+// The model: decoder_forward_util.h's small random llama (head_dim 64, 4 heads / 2 KV heads, vocabulary 1024).
 // Reference: an Engine over the TP = 1 CUDA runner on GPU 0, same requests. Both run F32 activations, where
 // TP changes only the summation order of the row-parallel sums (tensor_parallel_forward_test.cpp: logits
 // within 1e-4 x RMS, greedy tokens equal), so 8 concurrent greedy requests (batched prefill, then decode steps
@@ -14,6 +15,7 @@
 
 #include <cuda_runtime.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <exception>
@@ -27,6 +29,7 @@
 #include "base/thread_pool.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
+#include "decoder_forward_util.h"
 #include "engine/engine.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/tensor_parallel_runner.h"
@@ -99,8 +102,9 @@ std::map<std::string, std::vector<int32_t>> serve(Engine& engine, int64_t vocab)
 TEST(TensorParallelServeCuda, AnEngineOverTwoGpusDecodesAsOne) {
     const int gpus = cuda::device_count();
     if (gpus < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << gpus;
-    const fs::path dir = fs::path("tests") / "golden" / "fixtures" / "llama_gqa" / "model";
-    ASSERT_TRUE(fs::exists(dir)) << dir << ": run nibble-device-tests from the repository root";
+    // A small random llama with head_dim 64 (the golden fixtures' 16 is below what the CUDA attention takes).
+    const fs::path dir = test::write_checkpoint(
+        fs::temp_directory_path() / ("nibble-tp-serve-" + std::to_string(getpid())) / "llama", test::TinyArch{}, 21);
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(dir.string(), pool);
     const int64_t vocab = model->config().vocab_size;
@@ -164,6 +168,7 @@ TEST(TensorParallelServeCuda, AnEngineOverTwoGpusDecodesAsOne) {
     }
     EXPECT_EQ(got, expected);
     EXPECT_GE(follower_steps, 8) << "a prefill and 7 decode steps at least";
+    fs::remove_all(dir.parent_path());
     std::printf("[  detail  ] TP=2 serve path: %zu requests, rank 1 ran %lld steps\n", got.size(),
                 static_cast<long long>(follower_steps));
 }
