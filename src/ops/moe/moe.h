@@ -56,6 +56,11 @@ MoeRouting moe_route_sigmoid_cpu(const float* logits, int64_t m, int64_t n_exper
                                  const float* correction_bias, int64_t n_group, int64_t topk_group,
                                  bool norm_topk_prob, float routed_scaling_factor);
 
+// Expert parallelism: a rank holding experts [begin, end) runs the routed pairs whose id is inside the range
+// under its local id (id - begin) and drops the others (local id -1; the rank's output is the routed sum over
+// its own experts only). ids, returned [n] int32.
+std::vector<int32_t> moe_localize_ids_cpu(std::span<const int32_t> ids, int64_t begin, int64_t end);
+
 // y = x W^T as the model computes it (through its backend, shown to its calibration observer).
 //   x [rows, w.n_in], y [rows, w.n_out]
 using MoeLinearFn = std::function<void(const LinearWeight& w, const float* x, int64_t rows, float* y)>;

@@ -99,4 +99,11 @@ void moe_experts_cpu(const float* x, int64_t n_embd, std::span<const MoeExpertWe
     }
 }
 
+std::vector<int32_t> moe_localize_ids_cpu(std::span<const int32_t> ids, int64_t begin, int64_t end) {
+    std::vector<int32_t> local(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i)
+        local[i] = ids[i] >= begin && ids[i] < end ? static_cast<int32_t>(ids[i] - begin) : -1;
+    return local;
+}
+
 }  // namespace nibble

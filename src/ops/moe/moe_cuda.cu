@@ -639,11 +639,14 @@ __global__ void __launch_bounds__(kCombineThreads)
     __shared__ int order_pos[kMaxTopK];
     __shared__ float order_w[kMaxTopK];
     const int64_t t = blockIdx.x;
+    __shared__ int n_routed;
     if (threadIdx.x == 0) {  // the token's choices by expert id ascending (insertion sort, top_k <= 32)
         int id[kMaxTopK];
+        int n = 0;  // choices kept: a negative id was dropped by the permutation (another rank's expert)
         for (int j = 0; j < top_k; ++j) {
             const int e = ids[t * top_k + j];
-            int i = j;
+            if (e < 0) continue;
+            int i = n++;
             for (; i > 0 && id[i - 1] > e; --i) {
                 id[i] = id[i - 1];
                 order_pos[i] = order_pos[i - 1];
@@ -653,15 +656,30 @@ __global__ void __launch_bounds__(kCombineThreads)
             order_pos[i] = pair_position[t * top_k + j];
             order_w[i] = weights[t * top_k + j];
         }
+        n_routed = n;
     }
     __syncthreads();
     for (int64_t c = threadIdx.x; c < n_embd; c += kCombineThreads) {
         float acc = 0.0f;
-        for (int j = 0; j < top_k; ++j)
+        for (int j = 0; j < n_routed; ++j)
             acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
         if (shared != nullptr) acc += load1(shared + t * n_embd + c);
         store1(y + t * n_embd + c, acc);
     }
+}
+
+// ---- expert parallelism ----
+
+constexpr int kLocalizeThreads = 256;
+
+// local[i] = ids[i] - begin for ids in [begin, end), else -1 (dropped by moe_permute, skipped by the combine).
+__global__ void __launch_bounds__(kLocalizeThreads)
+    localize_ids_kernel(const int32_t* __restrict__ ids, int n_pairs, int begin, int end,
+                        int32_t* __restrict__ local) {
+    const int i = blockIdx.x * kLocalizeThreads + threadIdx.x;
+    if (i >= n_pairs) return;
+    const int e = ids[i];
+    local[i] = e >= begin && e < end ? e - begin : -1;
 }
 
 // ---- host side ----
@@ -713,7 +731,8 @@ void check_experts(const MoeDeviceExperts& ex, int64_t m, int64_t top_k, const c
     if (ex.n_embd <= 0 || ex.n_embd % 32 != 0 || ex.n_ff <= 0 || ex.n_ff % 32 != 0)
         bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " and n_ff " +
             std::to_string(ex.n_ff) + " must be positive multiples of 32");
-    if (top_k < 1 || top_k > ex.n_experts || m < 0 || m * top_k > 0x7fffffff)
+    // top_k may exceed n_experts when the ids were localized (moe_localize_ids: a rank's few experts).
+    if (top_k < 1 || top_k > kMaxTopK || m < 0 || m * top_k > 0x7fffffff)
         bad(std::string(what) + ": m " + std::to_string(m) + " x top_k " + std::to_string(top_k) +
             " out of range");
     if (ex.up == nullptr || ex.down == nullptr) bad(std::string(what) + ": expert weight arrays missing");
@@ -881,6 +900,18 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
         combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
             o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
             static_cast<__nv_bfloat16*>(y));
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_t end, int32_t* local_ids,
+                      cudaStream_t stream) {
+    if (n_pairs < 0 || n_pairs > 0x7fffffff || begin < 0 || begin >= end || end > 1024)
+        bad("moe_localize_ids: " + std::to_string(n_pairs) + " pairs, experts [" + std::to_string(begin) + ", " +
+            std::to_string(end) + ") (need a non-empty range inside 0..1024)");
+    if (n_pairs == 0) return;
+    const int n = static_cast<int>(n_pairs);
+    localize_ids_kernel<<<static_cast<unsigned>((n + kLocalizeThreads - 1) / kLocalizeThreads), kLocalizeThreads, 0,
+                          stream>>>(ids, n, static_cast<int>(begin), static_cast<int>(end), local_ids);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

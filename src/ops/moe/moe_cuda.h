@@ -31,8 +31,8 @@
 // BF16: x when it is F32, and h (stored float32 as for the GEMV) when the down GEMM reads it.
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
 // Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
-// 1 <= top_k <= n_experts <= 1024 (routers: top_k <= 32). Not checked (the tables live on the device):
-// each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of cudaMalloc'd tensors
+// 1 <= n_experts <= 1024, 1 <= top_k <= 32 (routers: top_k <= n_experts too). Not checked (the tables
+// live on the device): each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of cudaMalloc'd tensors
 // and of any row-aligned slice of them).
 #pragma once
 
@@ -68,7 +68,8 @@ struct MoePermutation {
     int32_t* n_active = nullptr;        // [1]
 };
 
-// ids [m, top_k] int32 (each in 0..n_experts-1; out-of-range ids are dropped, not routed) -> perm.
+// ids [m, top_k] int32 (each in 0..n_experts-1; out-of-range ids are dropped, not routed: their
+// pair_position is left unwritten) -> perm.
 void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts, const MoePermutation& perm,
                  cudaStream_t stream);
 
@@ -105,11 +106,21 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
                             MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 // y[t] = sum over the token's choices in ascending expert id of weights[t, j] * o[pair_position[t, j]],
-// from zero (moe_experts_cpu's order), then + shared[t] when shared is not null.
+// from zero (moe_experts_cpu's order), then + shared[t] when shared is not null. A choice with a negative
+// id (dropped: moe_localize_ids' other ranks' experts) contributes nothing, its pair_position unread; a
+// token with none left gets zero (+ shared).
 //   o [m * top_k, n_embd] float32; ids, weights [m, top_k]; shared, y [m, n_embd] in dtype (F32 or BF16)
 void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position,
                  int64_t m, int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y,
                  cudaStream_t stream);
+
+// Expert parallelism (a rank holding experts [begin, end) of the model's, the router replicated): for the
+// n_pairs routed ids, local_ids[i] = ids[i] - begin inside the range, else -1 (moe_localize_ids_cpu). Fed to
+// moe_experts_nvfp4 with the rank's experts, the output is the routed sum over this rank's experts only
+// (a partial sum for an all-reduce); top_k may then exceed the rank's expert count.
+//   ids, local_ids [n_pairs] int32 (may alias); 0 <= begin < end <= 1024
+void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_t end, int32_t* local_ids,
+                      cudaStream_t stream);
 
 // The whole expert part of a step in one call: moe_permute, moe_experts_up_nvfp4, moe_experts_down_nvfp4
 // and moe_combine, with the permutation and h / o carved from `workspace` (device, 16-byte aligned, at
