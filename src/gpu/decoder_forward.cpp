@@ -81,6 +81,13 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
         router_logits_ = activations(max_tokens, e.n_experts, act);
         moe_ids_ = activations(max_tokens, e.top_k, DType::I32);
         moe_weights_ = activations(max_tokens, e.top_k, DType::F32);
+        if (w.sharded()) {
+            moe_local_ids_ = activations(max_tokens, e.top_k, DType::I32);
+            for (const DeviceDecoderLayer& L : w.layers)
+                NIBBLE_CHECK(!L.moe || L.experts.n_experts == w.tp.experts.size(),
+                             "CUDA forward: rank {} holds experts [{}, {}) but a MoE layer uploaded {}", w.tp.rank,
+                             w.tp.experts.begin, w.tp.experts.end, L.experts.n_experts);
+        }
         moe_workspace_ = cuda::DeviceBuffer(cuda::moe_workspace_bytes(max_tokens, e.top_k, e.n_experts, c.n_embd, e.n_ff));
     }
     selected_ = activations(max_logit_rows, c.n_embd, DType::F32);
@@ -412,9 +419,18 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 this->gemv(L.router, h_.get(), act_, m, router_logits_.get(), stream, gemv_choice(il, 4), capture);
             cuda::moe_route_softmax(router_logits_.get(), act_, m, e.n_experts, e.top_k, e.norm_topk_prob,
                                     moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
-            cuda::moe_experts_nvfp4(h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k,
-                                    L.experts.device(), MoeActivation::SwiGlu, nullptr, moe_workspace_.get(),
-                                    proj_.get(), stream);
+            // Expert parallelism: every rank routed every token alike (the router is replicated); each runs
+            // its own experts tp.experts only, the others' pairs dropped, and the all-reduce adds the partial
+            // sums (the combine's order over a token's experts becomes: per rank, then across ranks).
+            const int32_t* ids = moe_ids_.as<int32_t>();
+            if (sharded) {
+                cuda::moe_localize_ids(ids, m * e.top_k, w_.tp.experts.begin, w_.tp.experts.end,
+                                       moe_local_ids_.as<int32_t>(), stream);
+                ids = moe_local_ids_.as<int32_t>();
+            }
+            cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k, L.experts.device(),
+                                    MoeActivation::SwiGlu, nullptr, moe_workspace_.get(), proj_.get(), stream);
+            all_reduce(proj_.get());
             continue;
         }
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip

@@ -149,6 +149,8 @@ private:
     cuda::DeviceBuffer router_logits_;  // MoE: [max_tokens, n_experts] act
     cuda::DeviceBuffer moe_ids_;        // MoE: [max_tokens, top_k] int32
     cuda::DeviceBuffer moe_weights_;    // MoE: [max_tokens, top_k] float32
+    cuda::DeviceBuffer moe_local_ids_;  // MoE under tensor parallelism: [max_tokens, top_k] int32, the ids
+                                        // minus tp.experts.begin, -1 for another rank's expert
     cuda::DeviceBuffer moe_workspace_;  // MoE: moe_workspace_bytes(max_tokens, ...)
 
     std::shared_ptr<tune::KernelChoices> choices_;  // null: the ops' own dispatch

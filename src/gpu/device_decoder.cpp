@@ -64,13 +64,20 @@ std::vector<const DeviceLinear*> linears(const DeviceDecoder& d) {
     return all;
 }
 
+// per_expert times the experts a token runs here: top_k, or on a rank holding E_r of the E experts
+// top_k E_r / E (uniform routing's average; exactly top_k when it holds them all).
+int64_t routed_share(const ModelConfig& c, const DeviceMoeExperts& e, int64_t per_expert) {
+    if (e.n_experts >= c.moe.n_experts) return std::min(c.moe.top_k, e.n_experts) * per_expert;
+    return c.moe.top_k * e.n_experts * per_expert / std::max<int64_t>(c.moe.n_experts, 1);
+}
+
 }  // namespace
 
 int64_t DeviceDecoder::streamed_bytes_per_token() const {
     int64_t total = lm_head.stored_bytes();
     for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
     for (const DeviceDecoderLayer& L : layers)
-        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * L.experts.expert_bytes();
+        if (L.moe) total += routed_share(config, L.experts, L.experts.expert_bytes());
     return total;
 }
 
@@ -78,7 +85,7 @@ int64_t DeviceDecoder::active_linear_params() const {
     int64_t total = 0;
     for (const DeviceLinear* w : linears(*this)) total += w->n_out * w->n_in;
     for (const DeviceDecoderLayer& L : layers)
-        if (L.moe) total += std::min(config.moe.top_k, L.experts.n_experts) * L.experts.n_mats * L.experts.n_ff * L.experts.n_embd;
+        if (L.moe) total += routed_share(config, L.experts, L.experts.n_mats * L.experts.n_ff * L.experts.n_embd);
     return total;
 }
 
@@ -133,7 +140,8 @@ void check_decoder_supported(const ModelConfig& c) {
                  c.rope.partial_rotary_factor);
 }
 
-void check_decoder_supported(const ModelConfig& c, const DecoderView& view) {
+void check_decoder_supported(const ModelConfig& c, const DecoderView& view, int64_t experts_held) {
+    const int64_t held = experts_held > 0 ? experts_held : c.moe.n_experts;
     check_decoder_supported(c);
     NIBBLE_CHECK(static_cast<int64_t>(view.layers.size()) == c.n_layers, "decoder view has {} layers, config {}",
                  view.layers.size(), c.n_layers);
@@ -148,9 +156,9 @@ void check_decoder_supported(const ModelConfig& c, const DecoderView& view) {
                      "{}: the CUDA backend runs the MoE router unquantized (BF16), this one is {}", L.router->name,
                      weight_format_name(L.router->format));
         for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down}) {
-            NIBBLE_CHECK(static_cast<int64_t>(list->size()) == c.moe.n_experts,
-                         "{}: the view holds {} experts, the config {}", L.router->name, list->size(),
-                         c.moe.n_experts);
+            NIBBLE_CHECK(static_cast<int64_t>(list->size()) == held,
+                         "{}: the view holds {} experts, expected {} (of the config's {})", L.router->name,
+                         list->size(), held, c.moe.n_experts);
             for (const LinearWeight* w : *list)
                 NIBBLE_CHECK(w->format == WeightFormat::Nvfp4,
                              "{}: the CUDA backend runs MoE experts in NVFP4 only, this one is {} (quantize the "
@@ -188,7 +196,12 @@ cuda::DeviceBuffer ones(int64_t n) {
     return random_buffer(static_cast<size_t>(n) * 4, 0, 0u, 0x3f800000u);  // float 1.0
 }
 
-DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o) {
+namespace {
+
+// synthetic_decoder with each MoE layer holding experts_held experts (a tensor-parallel rank's share); the
+// routers drawn from router_seed, the same on every rank.
+DeviceDecoder synthetic_decoder_holding(const ModelConfig& c, const SyntheticOptions& o, int64_t experts_held,
+                                        uint64_t router_seed) {
     check_decoder_supported(c);
     NIBBLE_CHECK(!c.qkv_bias && !c.o_bias && !c.mlp_bias, "synthetic models have no biases ({})", c.arch_name);
     DeviceDecoder d;
@@ -213,12 +226,14 @@ DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o)
             NIBBLE_CHECK(o.nvfp4, "synthetic {}: the CUDA MoE runs NVFP4 experts only (BF16 synthetic weights "
                                   "are not supported for MoE models)", c.arch_name);
             L.moe = true;
-            L.router = random_linear(p + "mlp.gate", c.moe.n_experts, c.n_embd, false, seed);
+            // Apart from the per-rank stream above: a tensor-parallel rank's router equals every other's.
+            uint64_t shared_seed = (router_seed + 0x5bd1e995u) * 2654435761u + static_cast<uint64_t>(il) * 2;
+            L.router = random_linear(p + "mlp.gate", c.moe.n_experts, c.n_embd, false, shared_seed);
             DeviceMoeExperts& e = L.experts;
-            allocate_experts(e, c.moe.n_experts, c.n_embd, c.moe.n_ff);
+            allocate_experts(e, experts_held, c.n_embd, c.moe.n_ff);
             cuda::fill_random_u32(e.packed.as<uint32_t>(), e.packed.bytes() / 4, ++seed, 0xffffffffu, 0u, nullptr);
             cuda::fill_random_u32(e.scales.as<uint32_t>(), e.scales.bytes() / 4, ++seed, kE4m3And, kE4m3Or, nullptr);
-            set_expert_tables(e, std::vector<float>(static_cast<size_t>(3 * c.moe.n_experts), 0.25f));
+            set_expert_tables(e, std::vector<float>(static_cast<size_t>(3 * experts_held), 0.25f));
         } else {
             L.gate = random_linear(p + "mlp.gate_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
             L.up = random_linear(p + "mlp.up_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
@@ -244,12 +259,18 @@ DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o)
     return d;
 }
 
+}  // namespace
+
+DeviceDecoder synthetic_decoder(const ModelConfig& c, const SyntheticOptions& o) {
+    return synthetic_decoder_holding(c, o, c.moe.n_experts, o.seed);
+}
+
 DeviceDecoder synthetic_decoder_rank(const ModelConfig& c, const SyntheticOptions& o, int64_t tp_size, int64_t rank) {
     check_tensor_parallel(c, tp_size);
     const TensorParallelLayout layout = tensor_parallel_layout(c, tp_size, rank);
     SyntheticOptions ro = o;
     ro.seed = o.seed + static_cast<uint64_t>(rank) * 7919;
-    DeviceDecoder d = synthetic_decoder(rank_config(c, layout), ro);
+    DeviceDecoder d = synthetic_decoder_holding(rank_config(c, layout), ro, layout.experts.size(), o.seed);
     d.tp = layout;
     d.full_vocab = c.vocab_size;
     return d;

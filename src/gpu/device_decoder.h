@@ -85,7 +85,8 @@ struct DeviceDecoder {
     int64_t vocab_size() const { return sharded() ? full_vocab : config.vocab_size; }
 
     // Weights one token's decode step streams: every linear layer once (MoE layers: the router and top_k
-    // experts), the embedding rows aside.
+    // experts; a tensor-parallel rank holding E_r of the E experts: top_k E_r / E of them, the average under
+    // uniform routing), the embedding rows aside.
     int64_t streamed_bytes_per_token() const;
     // Multiply-accumulates per token in the linear layers (MoE layers: the router and top_k experts), the
     // lm_head and attention aside.
@@ -102,8 +103,9 @@ struct DeviceDecoder {
 void check_decoder_supported(const ModelConfig& config);
 // The same plus the weights' formats: MoE experts NVFP4 (the CUDA MoE kernels read nothing else; a BF16 or
 // FP8 expert is refused, naming it) and the router unquantized. upload_decoder checks this; serve uses it
-// to choose the backend.
-void check_decoder_supported(const ModelConfig& config, const DecoderView& view);
+// to choose the backend. experts_held: how many experts each MoE layer of the view holds (a tensor-parallel
+// rank's share, tensor_parallel.h layout.experts); 0: all of config.moe.n_experts.
+void check_decoder_supported(const ModelConfig& config, const DecoderView& view, int64_t experts_held = 0);
 
 // Random weights of `config`'s shape on the device: NVFP4 linear layers (valid E4M3 block scales around
 // 2^-6..2^-3 so activations stay O(1)) or BF16 ones; lm_head NVFP4 only when lm_head_nvfp4 (ModelOpt's
@@ -115,8 +117,9 @@ struct SyntheticOptions {
     uint64_t seed = 1;
 };
 DeviceDecoder synthetic_decoder(const ModelConfig& config, const SyntheticOptions& options);
-// Rank `rank`'s shard of a tensor_parallel_size-way split of the same (llama family only), made directly
-// on this rank's device: random weights of the shard's shapes (seeded per rank).
+// Rank `rank`'s shard of a tensor_parallel_size-way split of the same (the llama family; Qwen3-MoE with the
+// rank's experts, tensor_parallel.h), made directly on this rank's device: random weights of the shard's
+// shapes (seeded per rank; the replicated router's seed is the same on every rank, so they route alike).
 DeviceDecoder synthetic_decoder_rank(const ModelConfig& config, const SyntheticOptions& options, int64_t tp_size,
                                      int64_t rank);
 

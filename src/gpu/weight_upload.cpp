@@ -129,9 +129,9 @@ DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& conv
 namespace {
 
 // A MoE layer's experts into one DeviceMoeExperts: each expert's gate, up and down NVFP4 (checked before)
-// of the config's expert shape.
+// of the config's expert shape; as many as the view holds (a tensor-parallel rank's share, or all).
 DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const DecoderLayerView& L) {
-    const int64_t n = c.moe.n_experts, d = c.n_embd, ff = c.moe.n_ff;
+    const int64_t n = static_cast<int64_t>(L.expert_gate.size()), d = c.n_embd, ff = c.moe.n_ff;
     DeviceMoeExperts e;
     allocate_experts(e, n, d, ff);
     const int64_t elems = ff * d;
@@ -155,10 +155,9 @@ DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const 
     return e;
 }
 
-}  // namespace
-
-DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
-    check_decoder_supported(c, view);
+// upload_decoder of a view whose MoE layers hold experts_held experts each (0: all).
+DeviceDecoder upload_decoder_holding(const ModelConfig& c, const DecoderView& view, int64_t experts_held) {
+    check_decoder_supported(c, view, experts_held);
     uint64_t total = view.embed.nbytes();
     for (const DecoderLayerView& L : view.layers) {
         for (const LinearWeight* w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down, L.router})
@@ -219,11 +218,17 @@ DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
     return d;
 }
 
+}  // namespace
+
+DeviceDecoder upload_decoder(const ModelConfig& c, const DecoderView& view) {
+    return upload_decoder_holding(c, view, 0);
+}
+
 DeviceDecoder upload_decoder_rank(const ModelConfig& full, const QuantConfig& quant, const DecoderView& view,
                                   int64_t tp_size, int64_t rank) {
     if (tp_size == 1) return upload_decoder(full, view);
     const std::unique_ptr<DecoderViewShard> shard = shard_decoder_view(full, quant, view, tp_size, rank);
-    DeviceDecoder d = upload_decoder(shard->config, shard->view);
+    DeviceDecoder d = upload_decoder_holding(shard->config, shard->view, shard->layout.experts.size());
     d.tp = shard->layout;
     d.full_vocab = full.vocab_size;
     return d;
