@@ -66,9 +66,10 @@ TEST(ParallelCli, ImpossibleSplitsAreRefused) {
     const Result nodes = run("plan " + fixture("llama_gqa") + kPlanFlags + " -tp 2 --nnodes 4");
     EXPECT_EQ(nodes.rc, 1);
     EXPECT_NE(nodes.out.find("multiple of --nnodes 4"), std::string::npos) << nodes.out;
-    const Result moe = run("plan " + fixture("qwen3_moe") + kPlanFlags + " -tp 2");
-    EXPECT_EQ(moe.rc, 1);
-    EXPECT_NE(moe.out.find("Qwen3MoeForCausalLM has no tensor-parallel split"), std::string::npos) << moe.out;
+    // Qwen3-MoE splits its experts by id now; the hybrid NemotronH has no split.
+    const Result hybrid = run("plan " + fixture("nemotron_h") + kPlanFlags + " -tp 2");
+    EXPECT_EQ(hybrid.rc, 1);
+    EXPECT_NE(hybrid.out.find("NemotronHForCausalLM has no tensor-parallel split"), std::string::npos) << hybrid.out;
 }
 
 TEST(ParallelCli, ServeRefusesTensorParallelWhereItCannotRunItInsteadOfRunningOneGpu) {
