@@ -1,0 +1,209 @@
+// Device tests of the expert-parallel MoE pieces (ops/moe/moe_cuda.h): moe_localize_ids against
+// moe_localize_ids_cpu (exact), and moe_experts_nvfp4 over a rank's experts fed the localized ids: the
+// ranks' outputs add up to the whole model's, and a rank that no token routes to outputs exactly zero.
+// Device outputs and workspaces are poisoned first (0xff bytes: NaN floats, -1 ints), so a dropped pair's
+// unwritten pair_position (-1) would read outside o if the combine did not skip it.
+//
+// Tolerance of the sum (F32 activations, the GEMV kernel, as the F32 forward runs): each pair's expert
+// output o_j is computed by the same per-token arithmetic whichever experts share the launch, so only the
+// combine's order differs: the whole model adds the token's top_k weighted outputs in ascending id order,
+// each rank its own in the same order, and the ranks' sums are then added (here in double). Both float32 sums
+// are within top_k u32 sum_j |w_j o_j| of the exact value: 2 (top_k + 1) u32 sum_j |w_j o_j| covers the
+// difference, with sum_j |w_j o_j| from the whole model's o, downloaded.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "device_test_util.h"
+#include "ops/linear/linear_cuda.h"
+#include "ops/moe/moe.h"
+#include "ops/moe/moe_cuda.h"
+#include "tensor/nvfp4.h"
+
+namespace nibble {
+namespace {
+
+using test::download_vec;
+using test::kEpsF32;
+using test::upload_vec;
+
+cuda::DeviceBuffer poisoned(size_t bytes) {
+    cuda::DeviceBuffer b(std::max<size_t>(bytes, 4));
+    b.fill_bytes(0xff);
+    return b;
+}
+
+TEST(MoeExpertParallelCuda, LocalizeIdsMatchesCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t n_experts : {8, 128, 1024})
+        for (int64_t n_pairs : {1, 7, 256, 5000})
+            for (int64_t ranks : {2, 4, 8}) {
+                std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(n_experts - 1));
+                std::vector<int32_t> ids(static_cast<size_t>(n_pairs));
+                for (int32_t& v : ids) v = id(rng);
+                auto dids = upload_vec(ids);
+                for (int64_t r = 0; r < ranks; ++r) {
+                    const int64_t begin = r * n_experts / ranks, end = (r + 1) * n_experts / ranks;
+                    SCOPED_TRACE("E=" + std::to_string(n_experts) + " pairs=" + std::to_string(n_pairs) +
+                                 " experts [" + std::to_string(begin) + ", " + std::to_string(end) + ")");
+                    auto local = poisoned(static_cast<size_t>(n_pairs) * 4);
+                    cuda::moe_localize_ids(dids.as<int32_t>(), n_pairs, begin, end, local.as<int32_t>(), nullptr);
+                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                    EXPECT_EQ(download_vec<int32_t>(local, ids.size()), moe_localize_ids_cpu(ids, begin, end));
+                }
+            }
+    cuda::DeviceBuffer buf(64);
+    EXPECT_THROW(cuda::moe_localize_ids(buf.as<int32_t>(), 4, 3, 3, buf.as<int32_t>(), nullptr),
+                 std::invalid_argument);  // an empty range
+    EXPECT_THROW(cuda::moe_localize_ids(buf.as<int32_t>(), 4, 0, 2000, buf.as<int32_t>(), nullptr),
+                 std::invalid_argument);  // beyond 1024 experts
+}
+
+struct Nvfp4Matrix {
+    std::vector<uint8_t> packed, scales;
+    float global = 1.0f;
+    cuda::DeviceBuffer dpacked, dscales;
+    cuda::Nvfp4DeviceWeight device(int64_t n, int64_t k) const {
+        return {dpacked.as<uint8_t>(), dscales.as<uint8_t>(), global, n, k};
+    }
+};
+
+Nvfp4Matrix random_nvfp4(std::mt19937_64& rng, int64_t n, int64_t k) {
+    Nvfp4Matrix h;
+    const std::vector<float> dense = test::random_normal(rng, static_cast<size_t>(n * k), 0.1f);
+    float amax = 0;
+    for (float v : dense) amax = std::max(amax, std::fabs(v));
+    h.global = nvfp4_global_scale(amax);
+    h.packed.resize(static_cast<size_t>(n * k / 2));
+    h.scales.resize(static_cast<size_t>(n * k / 16));
+    for (int64_t r = 0; r < n; ++r)
+        nvfp4_quantize_row(dense.data() + r * k, k, h.global, h.packed.data() + r * k / 2,
+                           h.scales.data() + r * k / 16);
+    h.dpacked = upload_vec(h.packed);
+    h.dscales = upload_vec(h.scales);
+    return h;
+}
+
+// ids [m, top_k]: distinct per token, uniform over all experts, or (only_first) from experts [0, limit).
+std::vector<int32_t> draw_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t limit) {
+    std::vector<int32_t> all(static_cast<size_t>(limit)), ids(static_cast<size_t>(m * top_k));
+    std::iota(all.begin(), all.end(), 0);
+    for (int64_t t = 0; t < m; ++t) {
+        std::shuffle(all.begin(), all.end(), rng);
+        std::copy_n(all.begin(), top_k, ids.begin() + t * top_k);
+    }
+    return ids;
+}
+
+TEST(MoeExpertParallelCuda, RanksPartialSumsAddUpToTheWholeModel) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    const int64_t n_experts = 16, d = 128, ff = 64;
+    std::vector<Nvfp4Matrix> gate, up, down;
+    std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
+    for (int64_t e = 0; e < n_experts; ++e) {
+        gate.push_back(random_nvfp4(rng, ff, d));
+        up.push_back(random_nvfp4(rng, ff, d));
+        down.push_back(random_nvfp4(rng, d, ff));
+    }
+    for (int64_t e = 0; e < n_experts; ++e) {
+        const auto i = static_cast<size_t>(e);
+        dgate.push_back(gate[i].device(ff, d));
+        dup.push_back(up[i].device(ff, d));
+        ddown.push_back(down[i].device(d, ff));
+    }
+    auto gate_arr = upload_vec(dgate), up_arr = upload_vec(dup), down_arr = upload_vec(ddown);
+    auto experts_of = [&](int64_t begin, int64_t end) {  // a rank's experts: a window of the tables
+        return cuda::MoeDeviceExperts{gate_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
+                                      up_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
+                                      down_arr.as<cuda::Nvfp4DeviceWeight>() + begin, end - begin, d, ff};
+    };
+    for (int64_t top_k : {2, 8})
+        for (int64_t m : {1, 5, 40})
+            for (int64_t ranks : {2, 4, 8})
+                for (bool only_first_rank : {false, true}) {
+                    const int64_t per_rank = n_experts / ranks;
+                    if (only_first_rank && top_k > per_rank) continue;
+                    SCOPED_TRACE("top_k=" + std::to_string(top_k) + " m=" + std::to_string(m) + " ranks=" +
+                                 std::to_string(ranks) + (only_first_rank ? " all on rank 0" : ""));
+                    const int64_t n_pairs = m * top_k;
+                    const std::vector<int32_t> ids = draw_ids(rng, m, top_k, only_first_rank ? per_rank : n_experts);
+                    std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
+                    std::vector<float> weights(ids.size());
+                    for (float& w : weights) w = wdist(rng);
+                    const std::vector<float> x = test::random_normal(rng, static_cast<size_t>(m * d));
+                    auto dids = upload_vec(ids), dweights = upload_vec(weights), dx = upload_vec(x);
+
+                    // The whole model, step by step, keeping o and the pair positions for the tolerance.
+                    const cuda::MoeDeviceExperts whole = experts_of(0, n_experts);
+                    auto counts = poisoned(n_experts * 4), offsets = poisoned((n_experts + 1) * 4),
+                         sorted = poisoned(static_cast<size_t>(n_pairs) * 4),
+                         position = poisoned(static_cast<size_t>(n_pairs) * 4), active = poisoned(n_experts * 4),
+                         n_active = poisoned(4);
+                    const cuda::MoePermutation perm{counts.as<int32_t>(),   offsets.as<int32_t>(),
+                                                    sorted.as<int32_t>(),   position.as<int32_t>(),
+                                                    active.as<int32_t>(),   n_active.as<int32_t>()};
+                    auto h = poisoned(static_cast<size_t>(n_pairs * ff) * 4);
+                    auto o = poisoned(static_cast<size_t>(n_pairs * d) * 4);
+                    auto y_whole = poisoned(static_cast<size_t>(m * d) * 4);
+                    cuda::moe_permute(dids.as<int32_t>(), m, top_k, n_experts, perm, nullptr);
+                    cuda::moe_experts_up_nvfp4(dx.get(), DType::F32, m, top_k, whole, MoeActivation::SwiGlu, perm,
+                                               h.as<float>(), nullptr, cuda::MoeExpertKernel::Gemv);
+                    cuda::moe_experts_down_nvfp4(h.as<float>(), m, top_k, whole, perm, o.as<float>(), nullptr,
+                                                 cuda::MoeExpertKernel::Gemv);
+                    cuda::moe_combine(o.as<float>(), dids.as<int32_t>(), dweights.as<float>(),
+                                      perm.pair_position, m, top_k, d, nullptr, DType::F32, y_whole.get(), nullptr);
+                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                    const std::vector<float> ref = download_vec<float>(y_whole, static_cast<size_t>(m * d));
+                    const std::vector<float> o_host = download_vec<float>(o, static_cast<size_t>(n_pairs * d));
+                    const std::vector<int32_t> pos = download_vec<int32_t>(position, static_cast<size_t>(n_pairs));
+                    std::vector<double> tol(ref.size(), 0.0);
+                    for (int64_t t = 0; t < m; ++t)
+                        for (int64_t c = 0; c < d; ++c) {
+                            double s = 0;
+                            for (int64_t j = 0; j < top_k; ++j) {
+                                const auto pj = static_cast<size_t>(t * top_k + j);
+                                s += std::fabs(static_cast<double>(weights[pj]) *
+                                               o_host[static_cast<size_t>(pos[pj] * d + c)]);
+                            }
+                            tol[static_cast<size_t>(t * d + c)] = 2.0 * static_cast<double>(top_k + 1) * kEpsF32 * s;
+                        }
+
+                    // Each rank: its experts, the localized ids, through the one-call launcher.
+                    std::vector<double> sum(ref.size(), 0.0);
+                    auto local = poisoned(static_cast<size_t>(n_pairs) * 4);
+                    for (int64_t r = 0; r < ranks; ++r) {
+                        const int64_t begin = r * per_rank, end = begin + per_rank;
+                        cuda::moe_localize_ids(dids.as<int32_t>(), n_pairs, begin, end, local.as<int32_t>(), nullptr);
+                        auto ws = poisoned(cuda::moe_workspace_bytes(m, top_k, per_rank, d, ff));
+                        auto y = poisoned(static_cast<size_t>(m * d) * 4);
+                        cuda::moe_experts_nvfp4(dx.get(), DType::F32, m, local.as<int32_t>(), dweights.as<float>(),
+                                                top_k, experts_of(begin, end), MoeActivation::SwiGlu, nullptr,
+                                                ws.get(), y.get(), nullptr);
+                        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                        const std::vector<float> part = download_vec<float>(y, ref.size());
+                        if (only_first_rank && r > 0) {  // no token routes here: exactly zero, no NaN
+                            for (size_t i = 0; i < part.size(); ++i)
+                                ASSERT_EQ(part[i], 0.0f) << "rank " << r << " element " << i;
+                        }
+                        for (size_t i = 0; i < part.size(); ++i) sum[i] += part[i];
+                    }
+                    for (size_t i = 0; i < ref.size(); ++i) {
+                        ASSERT_TRUE(std::isfinite(sum[i])) << i;
+                        ASSERT_LE(std::fabs(sum[i] - ref[i]), tol[i])
+                            << "element " << i << ": ranks' sum " << sum[i] << " vs whole " << ref[i];
+                    }
+                    if (only_first_rank) {  // one rank holds every chosen expert: the same sum, bit for bit
+                        for (size_t i = 0; i < ref.size(); ++i) ASSERT_EQ(static_cast<float>(sum[i]), ref[i]) << i;
+                    }
+                }
+}
+
+}  // namespace
+}  // namespace nibble
