@@ -15,8 +15,8 @@
 // Failure: rank 0 waits for the followers with a timeout, and stops at once, naming the rank, when a child
 // exits or a follower answers with an error. Children die with the serve process (PR_SET_PDEATHSIG). A
 // rank that fails while serving breaks the group: the next step fails (engine/tensor_parallel_leader.h).
-// Only the llama family is split (parallel/tensor_parallel.h check_tensor_parallel); CPU-only builds and
-// --device cpu refuse tensor-parallel sizes above 1.
+// Only the llama family and Qwen3-MoE (experts by id) are split (parallel/tensor_parallel.h
+// check_tensor_parallel); CPU-only builds and --device cpu refuse tensor-parallel sizes above 1.
 #pragma once
 
 #include <sys/types.h>
