@@ -29,11 +29,34 @@ pid=""
 
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
+# HTTP with curl, or Python's urllib where curl is missing: get URL / post URL JSON (body on stdout).
+http() {
+    if command -v curl > /dev/null; then
+        if [[ "$1" == get ]]; then curl -sf --max-time 2 "$2"; else
+            curl -s --max-time 120 "$2" -H 'Content-Type: application/json' -d "$3"; fi
+    else
+        python3 - "$@" <<'PY'
+import sys, urllib.request, urllib.error
+verb, url = sys.argv[1], sys.argv[2]
+try:
+    if verb == "get":
+        urllib.request.urlopen(url, timeout=2)
+    else:
+        req = urllib.request.Request(url, data=sys.argv[3].encode(), headers={"Content-Type": "application/json"})
+        print(urllib.request.urlopen(req, timeout=120).read().decode())
+except urllib.error.HTTPError as e:
+    print(e.read().decode())
+except Exception:
+    sys.exit(1)
+PY
+    fi
+}
+
 start_server() {  # start_server TP LOG: serves in the background, waits for /health (5 min at most)
     "$bin" serve "$model" --port "$port" -tp "$1" "${flags[@]}" > "$2" 2>&1 &
     pid=$!
     for _ in $(seq 1 3000); do
-        curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0
+        http get "http://127.0.0.1:$port/health" > /dev/null && return 0
         if ! kill -0 "$pid" 2> /dev/null; then
             echo "the -tp $1 server exited:"; tail -20 "$2"; return 1
         fi
@@ -50,9 +73,8 @@ stop_server() {  # SIGTERM, as Ctrl-C would; 60 s to stop
 }
 
 complete() {  # complete PROMPT: one greedy completion, the whole JSON answer on stdout
-    curl -s --max-time 120 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-        -d "$(python3 -c 'import json,sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24,
-            "temperature": 0, "ignore_eos": True, "logprobs": 2}))' "$1")"
+    http post "http://127.0.0.1:$port/v1/completions" "$(python3 -c 'import json,sys; print(json.dumps({"prompt":
+        sys.argv[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 2}))' "$1")"
 }
 
 prompts=("Hello, tensor parallel world" "The quick brown fox jumps over" "1 2 3 4 5 6 7 8")
