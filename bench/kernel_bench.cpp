@@ -22,8 +22,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -446,6 +448,89 @@ void bench_moe_mamba(cudaStream_t stream) {
     }
 }
 
+// Mamba2 selective scan for prefill (`nibble-kernel-bench ssd`, not part of "all"): the sequential scan
+// (ssm_scan) against the chunked SSD scan (ssm_scan_chunked) at Nemotron-3-Nano's mixer shape (64 heads x
+// 64, state 128, 8 groups), BF16 activations, F32 state, for one 2048-token prompt and smaller batches:
+// median of 30 launches each (the state slots keep evolving between launches: the work is the same), then
+// one run of each from the same initial states, reporting their largest |y| difference as a sanity check.
+void bench_ssd_scan(cudaStream_t stream) {
+    using nibble::cuda::DeviceBuffer;
+    uint64_t seed = 777;
+    const int64_t H = 64, P = 64, N = 128, G = 8, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
+    DeviceBuffer A(H * 4), Dp(H * 4), dt_bias(H * 4);
+    nibble::cuda::fill_random_u32(A.as<uint32_t>(), H, ++seed, 0x007fffffu, 0xbf800000u, stream);  // -1..-2
+    nibble::cuda::fill_random_u32(Dp.as<uint32_t>(), H, ++seed, 0x007fffffu, 0x3f000000u, stream);
+    nibble::cuda::fill_random_u32(dt_bias.as<uint32_t>(), H, ++seed, 0x007fffffu, 0xc0000000u, stream);  // -2..-4
+    nibble::SsmScanParams sp;
+    sp.n_heads = H, sp.head_dim = P, sp.state_size = N, sp.n_groups = G;
+    sp.A = A.as<float>(), sp.D = Dp.as<float>(), sp.dt_bias = dt_bias.as<float>();
+    sp.dt_min = 0.0f, sp.dt_max = 1e30f;
+    struct Batch {
+        const char* name;
+        int64_t n_seqs, len;
+    };
+    for (const Batch& b : {Batch{"1 x 2048", 1, 2048}, Batch{"1 x 512", 1, 512}, Batch{"1 x 128", 1, 128},
+                           Batch{"4 x 512", 4, 512}, Batch{"8 x 256", 8, 256}}) {
+        const int64_t n = b.n_seqs * b.len, dt_stride = H + 8;
+        // xBC in bf16, values +-(1/128 .. 1/64) * 2^k patterns as bench_moe_mamba; dt raw likewise
+        DeviceBuffer xbc(static_cast<size_t>(n * conv_dim * 2)), dt(static_cast<size_t>(n * dt_stride * 2)),
+            y_seq(static_cast<size_t>(n * d_inner * 2)), y_chunk(static_cast<size_t>(n * d_inner * 2));
+        nibble::cuda::fill_random_u32(xbc.as<uint32_t>(), xbc.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        nibble::cuda::fill_random_u32(dt.as<uint32_t>(), dt.bytes() / 4, ++seed, 0x803f803fu, 0x3f003f00u, stream);
+        std::vector<int32_t> starts(static_cast<size_t>(b.n_seqs + 1));
+        for (int64_t s = 0; s <= b.n_seqs; ++s) starts[static_cast<size_t>(s)] = static_cast<int32_t>(s * b.len);
+        DeviceBuffer dstarts(starts.size() * 4);
+        dstarts.upload(starts.data(), starts.size() * 4);
+        const size_t state_bytes = static_cast<size_t>(b.n_seqs * H * P * N * 4);
+        DeviceBuffer state(state_bytes), state0(state_bytes);
+        nibble::cuda::fill_random_u32(state0.as<uint32_t>(), state_bytes / 4, ++seed, 0x807fffffu, 0x3e000000u, stream);
+        std::vector<void*> sptr;
+        for (int64_t s = 0; s < b.n_seqs; ++s) sptr.push_back(state.as<float>() + s * H * P * N);
+        DeviceBuffer dsptr(sptr.size() * sizeof(void*));
+        dsptr.upload(sptr.data(), dsptr.bytes());
+        DeviceBuffer workspace(nibble::cuda::ssm_scan_chunked_workspace_bytes(sp, n, b.n_seqs));
+        auto sequential = [&] {
+            nibble::cuda::ssm_scan(sp, n, dstarts.as<int32_t>(), b.n_seqs, xbc.get(), conv_dim, dt.get(), dt_stride,
+                                   DType::BF16, dsptr.as<void* const>(), nibble::SsmStateDtype::F32, y_seq.get(),
+                                   stream);
+        };
+        auto chunked = [&] {
+            nibble::cuda::ssm_scan_chunked(sp, n, dstarts.as<int32_t>(), b.n_seqs, xbc.get(), conv_dim, dt.get(),
+                                           dt_stride, DType::BF16, dsptr.as<void* const>(),
+                                           nibble::SsmStateDtype::F32, y_chunk.get(), workspace.get(),
+                                           workspace.bytes(), stream);
+        };
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(state.get(), state0.get(), state_bytes, cudaMemcpyDeviceToDevice, stream));
+        const double t_seq = time_ms(stream, 2, 30, sequential);
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(state.get(), state0.get(), state_bytes, cudaMemcpyDeviceToDevice, stream));
+        const double t_chunk = time_ms(stream, 2, 30, chunked);
+        // Sanity: both from the same states.
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(state.get(), state0.get(), state_bytes, cudaMemcpyDeviceToDevice, stream));
+        sequential();
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(state.get(), state0.get(), state_bytes, cudaMemcpyDeviceToDevice, stream));
+        chunked();
+        NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<uint16_t> a(static_cast<size_t>(n * d_inner)), c(a.size());
+        y_seq.download(a.data(), a.size() * 2);
+        y_chunk.download(c.data(), c.size() * 2);
+        auto widen = [](uint16_t v) {
+            const uint32_t bits = static_cast<uint32_t>(v) << 16;
+            float f;
+            std::memcpy(&f, &bits, 4);
+            return f;
+        };
+        double max_diff = 0, max_y = 0;
+        for (size_t i = 0; i < a.size(); ++i) {
+            max_diff = std::max(max_diff, static_cast<double>(std::fabs(widen(a[i]) - widen(c[i]))));
+            max_y = std::max(max_y, static_cast<double>(std::fabs(widen(a[i]))));
+        }
+        std::printf("ssd scan %-9s sequential %9.2f us  chunked %9.2f us  (%.2fx; %.1f MiB workspace)  max|dy| %.3g of "
+                    "max|y| %.3g\n",
+                    b.name, t_seq * 1e3, t_chunk * 1e3, t_seq / t_chunk, workspace.bytes() / 1048576.0, max_diff,
+                    max_y);
+    }
+}
+
 // MoE prefill experts (`nibble-kernel-bench moe-prefill`, not part of "all"): one layer's grouped NVFP4 up
 // and down over m tokens (BF16 x, random router logits: near-uniform expert loads), the decode GEMV
 // (MoeExpertKernel::Gemv) against the tensor-core grouped GEMM (Gemm), at the Qwen3-30B-A3B (128 experts,
@@ -723,6 +808,11 @@ int main(int argc, char** argv) {
         const std::string part = argc > 1 ? argv[1] : "all";
         if (part == "moe-prefill") {  // not in "all": minutes of GEMV runs at m = 2048
             bench_moe_prefill(stream);
+            NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            return 0;
+        }
+        if (part == "ssd") {  // not in "all"
+            bench_ssd_scan(stream);
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }

@@ -193,8 +193,16 @@ void HybridForward::mamba(const DeviceHybridLayer& L, const DeviceBatch& b, cuda
                            .dt_bias = L.dt_bias.as<float>(),
                            .dt_min = mb.dt_min,
                            .dt_max = mb.dt_max};
-    cuda::ssm_scan(sp, m, b.q_start, b.n_seqs, xbc_.get(), conv_dim, zx + static_cast<size_t>(d_inner + conv_dim) * es,
-                   in_dim, act_, ssm_ptrs_.as<void*>() + table, pool_.ssm_dtype, y_.get(), stream);
+    const void* dt = zx + static_cast<size_t>(d_inner + conv_dim) * es;
+    // The chunked scan where run() could give it its workspace (not while capturing a graph).
+    if (b.max_q_len >= kChunkedScanMinTokens &&
+        scan_workspace_.bytes() >= cuda::ssm_scan_chunked_workspace_bytes(sp, m, b.n_seqs))
+        cuda::ssm_scan_chunked(sp, m, b.q_start, b.n_seqs, xbc_.get(), conv_dim, dt, in_dim, act_,
+                               ssm_ptrs_.as<void*>() + table, pool_.ssm_dtype, y_.get(), scan_workspace_.get(),
+                               scan_workspace_.bytes(), stream);
+    else
+        cuda::ssm_scan(sp, m, b.q_start, b.n_seqs, xbc_.get(), conv_dim, dt, in_dim, act_,
+                       ssm_ptrs_.as<void*>() + table, pool_.ssm_dtype, y_.get(), stream);
     cuda::gated_rmsnorm(y_.get(), zx, in_dim, act_, m, d_inner, d_inner / mb.n_groups, L.gated_norm.as<float>(),
                         c.norm_eps, y_.get(), stream);
     linear(L.out_proj, y_.get(), m, proj_.get(), stream);
@@ -245,6 +253,18 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
         NIBBLE_CHECK(b.state_slots != nullptr, "CUDA hybrid forward: {} needs a state slot per sequence", c.arch_name);
         cuda::mamba_slot_tables(pool_, b.state_slots, b.start_pos, b.n_seqs, conv_ptrs_.as<float*>(),
                                 ssm_ptrs_.as<void*>(), stream);
+        if (b.max_q_len >= kChunkedScanMinTokens) {  // the chunked scan's workspace: grown outside graph capture
+            const MambaConfig& mb = c.mamba;
+            const SsmScanParams shape{.n_heads = mb.n_heads, .head_dim = mb.head_dim, .state_size = mb.state_size,
+                                      .n_groups = mb.n_groups};
+            const size_t need = cuda::ssm_scan_chunked_workspace_bytes(shape, m, b.n_seqs);
+            cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+            NIBBLE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+            if (need > scan_workspace_.bytes() && capture == cudaStreamCaptureStatusNone) {
+                scan_workspace_ = cuda::DeviceBuffer();  // free first: the two need not fit together
+                scan_workspace_ = cuda::DeviceBuffer(need);
+            }
+        }
     }
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs,
                                   .n_tokens = m,

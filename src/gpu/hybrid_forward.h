@@ -60,6 +60,11 @@ public:
 
     // Rows above this run the prefill GEMM (BF16 activations), the rest the GEMVs.
     static constexpr int64_t kGemvMaxRows = 32;
+    // Batches whose longest sequence has at least this many tokens run the chunked (SSD) scan, the rest
+    // the sequential one. The sequential scan's latency is L dependent steps (a few hundred cycles each);
+    // the chunked one costs three launches and a 64-token chunk's quadratic work whatever L, so it pays
+    // from about two chunks on (nibble-kernel-bench ssd prints both at 128 .. 2048 tokens).
+    static constexpr int64_t kChunkedScanMinTokens = 128;
 
 private:
     void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);
@@ -89,6 +94,7 @@ private:
     cuda::DeviceBuffer selected_;                     // [max_seqs, n_embd] float32
     cuda::DeviceBuffer logits_;                       // [max_seqs, vocab] float32
     cuda::DeviceBuffer workspace_;                    // attention splits' partials
+    cuda::DeviceBuffer scan_workspace_;               // ssm_scan_chunked's chunk states, grown on demand
     cuda::DeviceBuffer conv_states_, ssm_states_;     // the slot pool (mamba_slots_cuda.h layout)
     cuda::DeviceBuffer conv_snapshots_, ssm_snapshots_;  // [n_snapshots, one slot]
     cuda::DeviceBuffer conv_ptrs_, ssm_ptrs_;         // [n_mamba, max_seqs] this step's state pointers

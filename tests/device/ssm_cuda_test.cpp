@@ -14,6 +14,16 @@
 //     4 u (|h dA| + |dx B|), so E' = E dA + |h| dA (12 u |d A| + 6 u) + |dx B| 12 u + 4 u (|h dA| + |dx B|);
 //     y = h' . C + D x: sum |C| E' + 2 (N + 2) u (sum |h' C| + |D x|). The final state: E, plus for a
 //     bfloat16 state one rounding on each side, u_b (2 |h| + E).
+//   chunked scan (ssm_scan_chunked, chunks of Q = 64): on top of the sequential bound (which already counts
+//     the CPU side), each path from an input (h_in, or token k's dt x B) to an output carries a relative
+//     error rho: dt 6 u and its products 2 u; the segment sums cs are float prefix sums of Q terms fl(d A),
+//     so cs_j - cs_k is off by <= (2 Q + 15) u Lambda (Lambda: the largest |cs_last| of the head's chunks)
+//     and expf adds 4 u, twice on a path (the chunk-state weight or G, and exp(cs_j)); the sums over N
+//     (C B^T, C . h_in) and over Q (S, G x) and the few adds: (N + Q + 8) u; each chunk crossed on the way
+//     costs the state pass's decay (Q + 7) u Lambda + 4 u and its fma 2 u. So
+//       rho(m) = (N + Q + 24) u + (4 Q + 30) u Lambda + m ((Q + 7) u Lambda + 6 u),  m = chunks crossed,
+//     times sum_n |C_n| habs_n + |D x| for y (habs: the recurrence run on magnitudes from |h_init|, which
+//     bounds the sum of the paths' magnitudes), and times habs for the final state.
 //   gated RMSNorm: g = y silu(z) within 12 u on both sides together (24 u in the sum of squares, 12 u in
 //     1 / rms), the group_size-term sum of squares, the square root, division and two multiplies:
 //     2 (group_size + 40) u |out|.
@@ -147,18 +157,22 @@ TEST(SsmCuda, Conv1d) {
     run_conv(rng, {5, 1}, 4096 + 2 * 8 * 128, 4, true, true);  // NemotronH Nano conv_dim: x + B + C
 }
 
+constexpr int64_t kChunk = 64;  // ssm_scan_chunked's chunk length (ssm_cuda.cu)
+
 struct ScanShape {
     int64_t n_heads, head_dim, state_size, n_groups;
 };
 
+// chunked: cuda::ssm_scan_chunked instead of cuda::ssm_scan, against the same CPU reference.
 void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>& lengths,
-              const ScanShape& sh, SsmStateDtype state_dtype, bool bf16, bool clamp_dt) {
+              const ScanShape& sh, SsmStateDtype state_dtype, bool bf16, bool clamp_dt,
+              bool chunked = false) {
     const bool bf16_state = state_dtype == SsmStateDtype::Bf16;
     const std::string what = "scan " + lengths_name(lengths) + " H=" + std::to_string(sh.n_heads) +
                              " P=" + std::to_string(sh.head_dim) + " N=" + std::to_string(sh.state_size) +
                              " G=" + std::to_string(sh.n_groups) +
                              (bf16_state ? " bf16 state" : " f32 state") + (bf16 ? " bf16" : " f32") +
-                             (clamp_dt ? " clamped dt" : "");
+                             (clamp_dt ? " clamped dt" : "") + (chunked ? " chunked" : "");
     SCOPED_TRACE(what);
     const int64_t H = sh.n_heads, P = sh.head_dim, N = sh.state_size, G = sh.n_groups;
     const int64_t d_inner = H * P, xbc_stride = d_inner + 2 * G * N + 3, dt_stride = H + 2;
@@ -213,6 +227,28 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
                                  init_f32.begin() + (s + 1) * state_elems);
         // The bound, with a double shadow of the state for magnitudes.
         std::vector<double> hd(state.begin(), state.end()), E(state.size(), 0.0);
+        // The chunked scan's extra error (the file's header): habs runs the recurrence on magnitudes,
+        // so sum |C| habs bounds every path's |contribution| to y; Lambda[h] = max over chunks of |cs_last|.
+        std::vector<double> habs(hd.size()), Lambda(static_cast<size_t>(H), 0.0);
+        for (size_t e = 0; e < hd.size(); ++e) habs[e] = std::fabs(hd[e]);
+        auto d_of = [&](int64_t t, int64_t h) {
+            const float v =
+                dt[static_cast<size_t>((st + t) * dt_stride + h)] + dt_bias[static_cast<size_t>(h)];
+            const double d = v > 20.0f ? v : std::log1p(std::exp(static_cast<double>(v)));
+            return std::clamp(d, static_cast<double>(p.dt_min), static_cast<double>(p.dt_max));
+        };
+        for (int64_t h = 0; h < H && chunked; ++h)
+            for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+                double cs = 0;
+                for (int64_t t = c0; t < std::min(len, c0 + kChunk); ++t)
+                    cs += d_of(t, h) * A[static_cast<size_t>(h)];
+                Lambda[static_cast<size_t>(h)] = std::max(Lambda[static_cast<size_t>(h)], std::fabs(cs));
+            }
+        auto chunk_rho = [&](int64_t h, int64_t crossings) {
+            const double L = Lambda[static_cast<size_t>(h)], Q = kChunk;
+            return (static_cast<double>(N) + Q + 24) * u + (4 * Q + 30) * u * L +
+                   static_cast<double>(crossings) * ((Q + 7) * u * L + 6 * u);
+        };
         for (int64_t t = 0; t < len; ++t) {
             const float* row = xbc.data() + (st + t) * xbc_stride;
             for (int64_t h = 0; h < H; ++h) {
@@ -226,9 +262,12 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
                 for (int64_t i = 0; i < P; ++i) {
                     const double xv = row[h * P + i], dx = d * xv;
                     double y = 0, ys = 0, ye = 0;
+                    double yabs = 0;
                     for (int64_t k = 0; k < N; ++k) {
                         const auto si = static_cast<size_t>((h * P + i) * N + k);
                         const double B = row[d_inner + g * N + k], C = row[d_inner + G * N + g * N + k];
+                        habs[si] = habs[si] * dA + std::fabs(dx * B);
+                        yabs += habs[si] * std::fabs(C);
                         const double hdA = std::fabs(hd[si] * dA), dxB = std::fabs(dx * B);
                         E[si] = E[si] * dA + hdA * dA_rel + dxB * 12.0 * u + 4.0 * u * (hdA + dxB);
                         hd[si] = hd[si] * dA + dx * B;
@@ -240,6 +279,7 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
                     y += Dx;
                     const auto yi = static_cast<size_t>((st + t) * d_inner + h * P + i);
                     tol_y[yi] = ye + 2.0 * static_cast<double>(N + 2) * u * (ys + std::fabs(Dx));
+                    if (chunked) tol_y[yi] += chunk_rho(h, t / kChunk + 1) * (yabs + std::fabs(Dx));
                 }
             }
         }
@@ -251,6 +291,9 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
         host_states[static_cast<size_t>(s)].load_ssm(0, ref_state.data() + s * state_elems);
         for (int64_t e = 0; e < state_elems; ++e) {
             const auto i = static_cast<size_t>(s * state_elems + e);
+            if (chunked && len > 0)  // folded into E: the bfloat16 rounding term below then covers it too
+                E[static_cast<size_t>(e)] +=
+                    chunk_rho(e / (P * N), (len + kChunk - 1) / kChunk + 1) * habs[static_cast<size_t>(e)];
             tol_state[i] =
                 E[static_cast<size_t>(e)] +
                 (bf16_state && len > 0
@@ -282,9 +325,20 @@ void run_scan(ThreadPool& pool, std::mt19937_64& rng, const std::vector<int64_t>
     SsmScanParams dp = p;
     dp.A = dA.as<float>(), dp.D = dD.as<float>(), dp.dt_bias = ddt_bias.as<float>();
     DeviceOut y(ref_y.size(), bf16);
-    cuda::ssm_scan(dp, n_tokens, dstarts.as<int32_t>(), n_seqs, dxbc.buf.get(), xbc_stride, ddt.buf.get(),
-                   dt_stride, bf16 ? DType::BF16 : DType::F32, dptrs.as<void* const>(), state_dtype,
-                   y.buf.get(), nullptr);
+    if (chunked) {
+        // The workspace poisoned too: every chunk state must be written before it is read.
+        cuda::DeviceBuffer workspace(cuda::ssm_scan_chunked_workspace_bytes(dp, n_tokens, n_seqs));
+        workspace.fill_bytes(0xff);
+        cuda::ssm_scan_chunked(dp, n_tokens, dstarts.as<int32_t>(), n_seqs, dxbc.buf.get(), xbc_stride,
+                               ddt.buf.get(), dt_stride, bf16 ? DType::BF16 : DType::F32,
+                               dptrs.as<void* const>(), state_dtype, y.buf.get(), workspace.get(),
+                               workspace.bytes(), nullptr);
+        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    } else {
+        cuda::ssm_scan(dp, n_tokens, dstarts.as<int32_t>(), n_seqs, dxbc.buf.get(), xbc_stride, ddt.buf.get(),
+                       dt_stride, bf16 ? DType::BF16 : DType::F32, dptrs.as<void* const>(), state_dtype,
+                       y.buf.get(), nullptr);
+    }
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     if (!ref_y.empty()) test::expect_close(y.download(), ref_y, tol_y, what + " y");
     std::vector<float> got_state;
@@ -330,6 +384,35 @@ TEST(SsmCuda, ScanModelShape) {
     ThreadPool pool;
     run_scan(pool, rng, {1, 1, 1}, {64, 64, 128, 8}, SsmStateDtype::F32, true, false);
     run_scan(pool, rng, {24}, {64, 64, 128, 8}, SsmStateDtype::Bf16, true, false);
+}
+
+// The chunked scan: chunk edges (1, 63, 64, 65 tokens), several chunks (300, 2048), batches of several
+// sequences with empty ones between, random (non-zero) initial states, both state and activation dtypes.
+const std::vector<std::vector<int64_t>> kChunkedBatches = {
+    {1}, {63}, {64}, {65}, {300}, {2048}, {65, 0, 1, 300, 64, 0, 63, 129}, {3, 0}};
+
+TEST(SsmCuda, ChunkedScan) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& lengths : kChunkedBatches)
+        for (const ScanShape& sh :
+             {ScanShape{8, 16, 64, 2}, ScanShape{6, 8, 16, 3}, ScanShape{2, 96, 200, 2}})
+            for (bool bf16 : {false, true})
+                for (SsmStateDtype sd : {SsmStateDtype::F32, SsmStateDtype::Bf16})
+                    run_scan(pool, rng, lengths, sh, sd, bf16, false, true);
+    run_scan(pool, rng, {9, 130, 1}, {8, 16, 64, 2}, SsmStateDtype::F32, false, true, true);
+    run_scan(pool, rng, {9, 130, 1}, {8, 16, 64, 2}, SsmStateDtype::Bf16, true, true, true);
+}
+
+// Nemotron-3-Nano's mixer shape (64 heads x 64, state 128, 8 groups): a 2048-token prefill and a mixed batch.
+TEST(SsmCuda, ChunkedScanModelShape) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    run_scan(pool, rng, {2048}, {64, 64, 128, 8}, SsmStateDtype::F32, true, false, true);
+    run_scan(pool, rng, {300, 1, 65, 0, 128}, {64, 64, 128, 8}, SsmStateDtype::Bf16, true, false, true);
+    run_scan(pool, rng, {200, 64}, {64, 64, 128, 8}, SsmStateDtype::F32, false, false, true);
 }
 
 void run_gated_norm(std::mt19937_64& rng, int64_t m, int64_t d, int64_t group_size, bool bf16,
@@ -400,6 +483,15 @@ TEST(SsmCuda, RejectsBadArguments) {
     EXPECT_THROW(cuda::ssm_scan(p, 1, buf.as<int32_t>(), 1, buf.get(), 1000, buf.get(), 8, DType::F32,
                                 buf.as<void* const>(), SsmStateDtype::F32, buf.get(), nullptr),
                  std::invalid_argument);
+    EXPECT_THROW(cuda::ssm_scan_chunked(p, 1, buf.as<int32_t>(), 1, buf.get(), 1000, buf.get(), 8, DType::F32,
+                                        buf.as<void* const>(), SsmStateDtype::F32, buf.get(), buf.get(),
+                                        buf.bytes(), nullptr),
+                 std::invalid_argument);
+    p.n_groups = 2;  // valid now; a workspace too small for 2048 tokens
+    EXPECT_THROW(
+        cuda::ssm_scan_chunked(p, 2048, buf.as<int32_t>(), 1, buf.get(), 1000, buf.get(), 8, DType::F32,
+                               buf.as<void* const>(), SsmStateDtype::F32, buf.get(), buf.get(), 64, nullptr),
+        std::invalid_argument);
     EXPECT_THROW(cuda::gated_rmsnorm(buf.get(), buf.get(), 100, DType::F32, 1, 100, 30, buf.as<float>(),
                                      1e-5f, buf.get(), nullptr),
                  std::invalid_argument);  // 100 not a multiple of 30

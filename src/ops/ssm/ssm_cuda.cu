@@ -159,6 +159,284 @@ __global__ void __launch_bounds__(kScanWarps * 32)
     }
 }
 
+// ---- Chunked (SSD) scan ----
+// Per sequence, head h and chunk of kChunk tokens t0 .. t0 + Q - 1 (the last chunk may be shorter), with
+// d_k the token's dt after softplus and clamping and cs_j = sum_{k <= j} d_k A (cs_j <= 0, non-increasing):
+//   h_{t0 + j} = exp(cs_j) h_in + sum_{k <= j} exp(cs_j - cs_k) d_k x_k B_k^T
+// which is the sequential recurrence unrolled (exp(cs_j - cs_k) = prod_{k < i <= j} dA_i). Hence
+//   y_j       = exp(cs_j) C_j . h_in + sum_{k <= j} (C_j . B_k) exp(cs_j - cs_k) d_k x_k + D x_j
+//   h_out     = exp(cs_last) h_in + S,  S = sum_k exp(cs_last - cs_k) d_k x_k B_k^T
+// Three launches: chunk_state_kernel (S of every chunk, and exp(cs_last)), state_pass_kernel (sequential
+// over a sequence's chunks, per state element: each chunk's S is replaced by the chunk's entering state,
+// the final state goes to the slot) and chunk_output_kernel (y). Every exponent is <= 0: no overflow.
+// Chunk slots: chunk c of sequence s lives in slot s + seq_starts[s] / kChunk + c; these ranges are
+// disjoint across sequences and below n_seqs + ceil(n_tokens / kChunk) (see
+// ssm_scan_chunked_workspace_bytes).
+constexpr int kChunk = 64;          // tokens per chunk
+constexpr int kChunkThreads = 256;  // 16 x 16 threads, each a 4 x 4 tile of a 64 x 64 product
+constexpr int kChunkNTile = 32;     // state columns per shared tile in chunk_output_kernel
+
+struct ChunkArgs {
+    int n_heads, head_dim, state_size, heads_per_group, n_seqs;
+    const float* A;
+    const float* D;
+    const float* dt_bias;
+    float dt_min, dt_max;
+    int64_t xbc_stride, dt_stride, b_off, c_off, d_inner;
+    float* chunk_states;  // [n_slots, n_heads, head_dim, state_size]
+    float* chunk_decay;   // [n_slots, n_heads] exp(cs_last)
+};
+
+// The chunk of blockIdx.x: its sequence, first token and token count; false for an unused slot.
+__device__ __forceinline__ bool chunk_of_slot(const int32_t* __restrict__ seq_starts, int n_seqs,
+                                              int64_t slot, int64_t& begin, int& count) {
+    int lo = 0,
+        hi = n_seqs;  // base(lo) <= slot < base(hi), base(s) = s + seq_starts[s] / kChunk (increasing)
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (mid + seq_starts[mid] / kChunk <= slot)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    const int64_t start = seq_starts[lo], end = seq_starts[lo + 1];
+    const int64_t c = slot - (lo + start / kChunk);
+    begin = start + c * kChunk;
+    if (begin >= end) return false;
+    count = static_cast<int>(min(static_cast<int64_t>(kChunk), end - begin));
+    return true;
+}
+
+// d_s[k] = the token's dt (0 past the chunk's end), cs_s[k] = its cumulative d A (summed in token order,
+// the same in both kernels that call this).
+template <class T>
+__device__ __forceinline__ void chunk_decays(const ChunkArgs& a, const T* __restrict__ dt, int64_t begin,
+                                             int count, int h, float* d_s, float* cs_s) {
+    const int k = threadIdx.x;
+    if (k < kChunk) {
+        float d = 0.0f;
+        if (k < count) {
+            const float v = load1(dt + (begin + k) * a.dt_stride + h) + a.dt_bias[h];
+            d = fminf(fmaxf(softplus(v), a.dt_min), a.dt_max);
+        }
+        d_s[k] = d;
+        cs_s[k] = d * a.A[h];  // the per-token log decay, summed below
+    }
+    __syncthreads();
+    float cs = 0.0f;
+    if (k < kChunk)
+        for (int i = 0; i <= k; ++i) cs += cs_s[i];
+    __syncthreads();
+    if (k < kChunk) cs_s[k] = cs;
+    __syncthreads();
+}
+
+// S[p, n] = sum_k exp(cs_last - cs_k) d_k x_k[p] B_k[n] for one (chunk, head); grid (n_slots, n_heads).
+template <class T>
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_state_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
+                       const T* __restrict__ dt) {
+    __shared__ float d_s[kChunk], cs_s[kChunk];
+    __shared__ float w_s[kChunk][64];  // [token, p]: the decayed, dt-scaled x
+    __shared__ float b_s[kChunk][64];  // [token, n]
+    int64_t begin;
+    int count;
+    if (!chunk_of_slot(seq_starts, a.n_seqs, blockIdx.x, begin, count)) return;  // the whole CTA
+    const int h = blockIdx.y, g = h / a.heads_per_group, P = a.head_dim, N = a.state_size;
+    chunk_decays(a, dt, begin, count, h, d_s, cs_s);
+    const float cs_last = cs_s[kChunk - 1];
+    if (threadIdx.x == 0) a.chunk_decay[static_cast<int64_t>(blockIdx.x) * a.n_heads + h] = expf(cs_last);
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    float* S = a.chunk_states + (static_cast<int64_t>(blockIdx.x) * a.n_heads + h) * P * N;
+    for (int p0 = 0; p0 < P; p0 += 64) {
+        for (int e = threadIdx.x; e < kChunk * 64; e += kChunkThreads) {
+            const int k = e >> 6, p = e & 63;
+            float v = 0.0f;
+            if (k < count && p0 + p < P)
+                v = expf(cs_last - cs_s[k]) * d_s[k] *
+                    load1(xbc + (begin + k) * a.xbc_stride + static_cast<int64_t>(h) * P + p0 + p);
+            w_s[k][p] = v;
+        }
+        for (int n0 = 0; n0 < N; n0 += 64) {
+            for (int e = threadIdx.x; e < kChunk * 64; e += kChunkThreads) {
+                const int k = e >> 6, n = e & 63;
+                b_s[k][n] = k < count && n0 + n < N ? load1(xbc + (begin + k) * a.xbc_stride + a.b_off +
+                                                            static_cast<int64_t>(g) * N + n0 + n)
+                                                    : 0.0f;
+            }
+            __syncthreads();
+            float acc[4][4] = {};
+#pragma unroll 4
+            for (int k = 0; k < kChunk; ++k) {
+                float wv[4], bv[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) wv[i] = w_s[k][ty + 16 * i], bv[i] = b_s[k][tx + 16 * i];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(wv[i], bv[j], acc[i][j]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int p = p0 + ty + 16 * i, n = n0 + tx + 16 * j;
+                    if (p < P && n < N) S[static_cast<int64_t>(p) * N + n] = acc[i][j];
+                }
+            __syncthreads();  // b_s (and w_s after the last tile) are rewritten next
+        }
+    }
+}
+
+// Per (sequence, head, state element): h = the slot's state; for each chunk c: S_c <- h (the state entering
+// chunk c), h = exp(cs_last_c) h + S_c; the slot <- h. Grid (ceil(P N / 256), n_heads, n_seqs).
+template <class ST>
+__global__ void __launch_bounds__(kChunkThreads)
+    state_pass_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, void* const* __restrict__ states) {
+    const int64_t PN = static_cast<int64_t>(a.head_dim) * a.state_size;
+    const int64_t e = static_cast<int64_t>(blockIdx.x) * kChunkThreads + threadIdx.x;
+    if (e >= PN) return;
+    const int h = blockIdx.y, s = blockIdx.z;
+    const int64_t start = seq_starts[s], len = seq_starts[s + 1] - start;
+    if (len <= 0) return;
+    const int64_t n_chunks = (len + kChunk - 1) / kChunk, base = s + start / kChunk;
+    ST* st = static_cast<ST*>(states[s]) + h * PN + e;
+    float state = load_state(st);
+    auto at = [&](int64_t c) { return a.chunk_states + ((base + c) * a.n_heads + h) * PN + e; };
+    // The next chunk's S and decay load before this chunk's update: they do not depend on the state.
+    float S = *at(0), dec = a.chunk_decay[base * a.n_heads + h];
+    for (int64_t c = 0; c < n_chunks; ++c) {
+        float S_next = 0.0f, dec_next = 0.0f;
+        if (c + 1 < n_chunks) S_next = *at(c + 1), dec_next = a.chunk_decay[(base + c + 1) * a.n_heads + h];
+        *at(c) = state;
+        state = fmaf(dec, state, S);
+        S = S_next, dec = dec_next;
+    }
+    store_state(st, state);
+}
+
+// y of one (chunk, head): exp(cs_j) C_j . h_in + sum_{k <= j} G[j, k] x_k + D x_j with
+// G[j, k] = (C_j . B_k) exp(cs_j - cs_k) d_k; h_in from the chunk's slot. Grid (n_slots, n_heads).
+template <class T>
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_output_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
+                        const T* __restrict__ dt, T* __restrict__ y) {
+    __shared__ float d_s[kChunk], cs_s[kChunk];
+    __shared__ float g_s[kChunk][kChunk + 1];  // [j, k] odd row stride: column and row reads conflict-free
+    // Two [64][33] tiles (C and B, or C and h_in), or later one [64][64] tile of x.
+    __shared__ float tiles[2 * kChunk * (kChunkNTile + 1)];
+    static_assert(kChunk * 64 <= 2 * kChunk * (kChunkNTile + 1), "the x tile fits the two tiles");
+    float(*c_s)[kChunkNTile + 1] = reinterpret_cast<float(*)[kChunkNTile + 1]>(tiles);
+    float(*o_s)[kChunkNTile + 1] =
+        reinterpret_cast<float(*)[kChunkNTile + 1]>(tiles + kChunk * (kChunkNTile + 1));
+    float(*x_s)[64] = reinterpret_cast<float(*)[64]>(tiles);
+    int64_t begin;
+    int count;
+    if (!chunk_of_slot(seq_starts, a.n_seqs, blockIdx.x, begin, count)) return;  // the whole CTA
+    const int h = blockIdx.y, g = h / a.heads_per_group, P = a.head_dim, N = a.state_size;
+    chunk_decays(a, dt, begin, count, h, d_s, cs_s);
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    const T* C_g = xbc + a.c_off + static_cast<int64_t>(g) * N;
+    const T* B_g = xbc + a.b_off + static_cast<int64_t>(g) * N;
+    // c_s[j][n] = C of token j, state columns n0 .. n0 + 31 (zeros past the chunk or the state)
+    auto load_c = [&](int n0) {
+        for (int e = threadIdx.x; e < kChunk * kChunkNTile; e += kChunkThreads) {
+            const int j = e / kChunkNTile, n = e % kChunkNTile;
+            c_s[j][n] = j < count && n0 + n < N ? load1(C_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
+        }
+    };
+    // G = C B^T, then masked and decayed.
+    {
+        float acc[4][4] = {};
+        for (int n0 = 0; n0 < N; n0 += kChunkNTile) {
+            load_c(n0);
+            for (int e = threadIdx.x; e < kChunk * kChunkNTile; e += kChunkThreads) {
+                const int k = e / kChunkNTile, n = e % kChunkNTile;
+                o_s[k][n] = k < count && n0 + n < N ? load1(B_g + (begin + k) * a.xbc_stride + n0 + n) : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int n = 0; n < kChunkNTile; ++n) {
+                float cv[4], bv[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) cv[i] = c_s[ty + 16 * i][n], bv[i] = o_s[tx + 16 * i][n];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(cv[i], bv[j], acc[i][j]);
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int r = ty + 16 * i, k = tx + 16 * j;  // r: the output token, k: the input token
+                g_s[r][k] = k <= r ? acc[i][j] * expf(cs_s[r] - cs_s[k]) * d_s[k] : 0.0f;
+            }
+        // g_s is read after the next __syncthreads (below)
+    }
+    const float* h_in = a.chunk_states + (static_cast<int64_t>(blockIdx.x) * a.n_heads + h) * P * N;
+    const float Dh = a.D[h];
+    for (int p0 = 0; p0 < P; p0 += 64) {
+        float acc[4][4] = {};
+        // inter-chunk: C_j . h_in[p]
+        for (int n0 = 0; n0 < N; n0 += kChunkNTile) {
+            load_c(n0);
+            for (int e = threadIdx.x; e < 64 * kChunkNTile; e += kChunkThreads) {
+                const int p = e / kChunkNTile, n = e % kChunkNTile;
+                o_s[p][n] = p0 + p < P && n0 + n < N ? h_in[static_cast<int64_t>(p0 + p) * N + n0 + n] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int n = 0; n < kChunkNTile; ++n) {
+                float cv[4], hv[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) cv[i] = c_s[ty + 16 * i][n], hv[i] = o_s[tx + 16 * i][n];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(cv[i], hv[j], acc[i][j]);
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float decay = expf(cs_s[ty + 16 * i]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] *= decay;
+        }
+        // intra-chunk: sum_k G[j, k] x_k[p]
+        for (int e = threadIdx.x; e < kChunk * 64; e += kChunkThreads) {
+            const int k = e >> 6, p = e & 63;
+            x_s[k][p] = k < count && p0 + p < P
+                            ? load1(xbc + (begin + k) * a.xbc_stride + static_cast<int64_t>(h) * P + p0 + p)
+                            : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int k = 0; k < kChunk; ++k) {
+            float gv[4], xv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) gv[i] = g_s[ty + 16 * i][k], xv[i] = x_s[k][tx + 16 * i];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(gv[i], xv[j], acc[i][j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int r = ty + 16 * i, p = tx + 16 * j;
+                if (r < count && p0 + p < P)
+                    store1(y + (begin + r) * a.d_inner + static_cast<int64_t>(h) * P + p0 + p,
+                           acc[i][j] + Dh * x_s[r][p]);
+            }
+        __syncthreads();  // x_s aliases the tiles the next p0 loads
+    }
+}
+
 constexpr int kNormThreads = 128;
 
 __device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
@@ -244,23 +522,35 @@ void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
-              const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
-              void* const* ssm_states, SsmStateDtype state_dtype, void* y, cudaStream_t stream) {
-    check_dtype(dtype, "ssm_scan");
+namespace {
+
+void check_scan(const char* what, const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs,
+                int64_t xbc_stride, int64_t dt_stride, DType dtype) {
+    check_dtype(dtype, what);
     if (p.n_heads < 1 || p.n_groups < 1 || p.n_heads % p.n_groups != 0 || p.head_dim < 1 ||
         p.state_size < 1 || p.state_size > 32 * kMaxStatePerLane || p.n_heads > 0x7fff || p.head_dim > 0x7fff)
-        bad("ssm_scan: " + std::to_string(p.n_heads) + " heads in " + std::to_string(p.n_groups) +
+        bad(std::string(what) + ": " + std::to_string(p.n_heads) + " heads in " + std::to_string(p.n_groups) +
             " groups, head_dim " + std::to_string(p.head_dim) + ", state_size " +
             std::to_string(p.state_size) + " (state_size must be 1..256, heads a multiple of groups)");
     const int64_t d_inner = p.n_heads * p.head_dim;
     if (xbc_stride < d_inner + 2 * p.n_groups * p.state_size || dt_stride < p.n_heads || n_seqs < 1 ||
-        n_seqs > 65535)
-        bad("ssm_scan: xbc_stride " + std::to_string(xbc_stride) + " / dt_stride " +
+        n_seqs > 65535 || n_tokens < 0 || n_tokens > 0x7fffffff)
+        bad(std::string(what) + ": xbc_stride " + std::to_string(xbc_stride) + " / dt_stride " +
             std::to_string(dt_stride) + " shorter than a row, or n_seqs " + std::to_string(n_seqs) +
-            " not in 1..65535");
+            " not in 1..65535, or n_tokens " + std::to_string(n_tokens) + " out of range");
     if (p.A == nullptr || p.D == nullptr || p.dt_bias == nullptr)
-        bad("ssm_scan: A, D and dt_bias are required");
+        bad(std::string(what) + ": A, D and dt_bias are required");
+}
+
+int64_t chunk_slots(int64_t n_tokens, int64_t n_seqs) { return n_seqs + (n_tokens + kChunk - 1) / kChunk; }
+
+}  // namespace
+
+void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
+              const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
+              void* const* ssm_states, SsmStateDtype state_dtype, void* y, cudaStream_t stream) {
+    check_scan("ssm_scan", p, n_tokens, n_seqs, xbc_stride, dt_stride, dtype);
+    const int64_t d_inner = p.n_heads * p.head_dim;
     if (n_tokens == 0) return;
     ScanArgs a{};
     a.n_heads = static_cast<int>(p.n_heads);
@@ -277,6 +567,66 @@ void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_start
         scan_kernel<T, ST><<<grid, kScanWarps * 32, 0, stream>>>(a, seq_starts, static_cast<const T*>(xbc),
                                                                  static_cast<const T*>(dt), ssm_states,
                                                                  static_cast<T*>(y));
+    };
+    const bool f32_state = state_dtype == SsmStateDtype::F32;
+    if (dtype == DType::F32) {
+        if (f32_state)
+            body.template operator()<float, float>();
+        else
+            body.template operator()<float, __nv_bfloat16>();
+    } else {
+        if (f32_state)
+            body.template operator()<__nv_bfloat16, float>();
+        else
+            body.template operator()<__nv_bfloat16, __nv_bfloat16>();
+    }
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t ssm_scan_chunked_workspace_bytes(const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs) {
+    const int64_t slots = chunk_slots(n_tokens, n_seqs);
+    const auto states = static_cast<size_t>(slots * p.n_heads * p.head_dim * p.state_size) * sizeof(float);
+    const size_t aligned = (states + 255) / 256 * 256;
+    return aligned + static_cast<size_t>(slots * p.n_heads) * sizeof(float);
+}
+
+void ssm_scan_chunked(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
+                      const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
+                      void* const* ssm_states, SsmStateDtype state_dtype, void* y, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream) {
+    check_scan("ssm_scan_chunked", p, n_tokens, n_seqs, xbc_stride, dt_stride, dtype);
+    const size_t need = ssm_scan_chunked_workspace_bytes(p, n_tokens, n_seqs);
+    if (workspace == nullptr || workspace_bytes < need)
+        bad("ssm_scan_chunked: workspace of " + std::to_string(workspace_bytes) + " bytes, " +
+            std::to_string(need) + " needed for " + std::to_string(n_tokens) + " tokens in " +
+            std::to_string(n_seqs) + " sequences");
+    if (n_tokens == 0) return;
+    const int64_t d_inner = p.n_heads * p.head_dim, slots = chunk_slots(n_tokens, n_seqs);
+    ChunkArgs a{};
+    a.n_heads = static_cast<int>(p.n_heads);
+    a.head_dim = static_cast<int>(p.head_dim);
+    a.state_size = static_cast<int>(p.state_size);
+    a.heads_per_group = static_cast<int>(p.n_heads / p.n_groups);
+    a.n_seqs = static_cast<int>(n_seqs);
+    a.A = p.A, a.D = p.D, a.dt_bias = p.dt_bias;
+    a.dt_min = p.dt_min, a.dt_max = p.dt_max;
+    a.xbc_stride = xbc_stride, a.dt_stride = dt_stride;
+    a.b_off = d_inner, a.c_off = d_inner + p.n_groups * p.state_size, a.d_inner = d_inner;
+    a.chunk_states = static_cast<float*>(workspace);
+    const auto states_bytes =
+        static_cast<size_t>(slots * p.n_heads * p.head_dim * p.state_size) * sizeof(float);
+    a.chunk_decay =
+        reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + (states_bytes + 255) / 256 * 256);
+    const dim3 chunk_grid(static_cast<unsigned>(slots), static_cast<unsigned>(p.n_heads));
+    const dim3 pass_grid(blocks_for(p.head_dim * p.state_size, kChunkThreads, "ssm_scan_chunked"),
+                         static_cast<unsigned>(p.n_heads), static_cast<unsigned>(n_seqs));
+    auto body = [&]<class T, class ST>() {
+        const T* xt = static_cast<const T*>(xbc);
+        const T* dtt = static_cast<const T*>(dt);
+        chunk_state_kernel<T><<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt);
+        state_pass_kernel<ST><<<pass_grid, kChunkThreads, 0, stream>>>(a, seq_starts, ssm_states);
+        chunk_output_kernel<T>
+            <<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt, static_cast<T*>(y));
     };
     const bool f32_state = state_dtype == SsmStateDtype::F32;
     if (dtype == DType::F32) {

@@ -17,7 +17,7 @@
 // token's inputs load during the current step): per token a warp does state_size FMA pairs and a
 // 5-shuffle reduction, so a prefill of L tokens costs L dependent steps (a few hundred cycles each:
 // expf, log1pf, the FMAs, 5 shuffles) however many heads run beside it, i.e. O(L) latency instead of
-// the O(L / chunk) of a chunked scan. A chunked (SSD) scan, parallel over time, is the next step for
+// the O(L / chunk) of a chunked scan. ssm_scan_chunked (below) is that scan, parallel over time, for
 // long prompts; decode (L = 1) is already a single step.
 // Preconditions (std::invalid_argument): conv kernel 1..8; state_size 1..256; n_heads a multiple of
 // n_groups; d a multiple of group_size.
@@ -25,6 +25,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "ops/ssm/ssm.h"
@@ -48,6 +49,20 @@ void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens
 void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
               const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
               void* const* ssm_states, SsmStateDtype state_dtype, void* y, cudaStream_t stream);
+
+// The same scan, chunked (SSD) for prefill: each sequence's tokens in chunks of 64, within a chunk the
+// quadratic form (C B^T masked by the cumulative decays, times dt x) plus the decayed entering state
+// (C . h_in), a pass over the chunks carrying the state from the slot's, the final state written back
+// (bfloat16: rounded once). Equal to ssm_scan in exact arithmetic; in float32 the sums run in another
+// order and the decays come from segment sums of dt A (ssm_cuda.cu and tests/device/ssm_cuda_test.cpp
+// give the bound). Three launches, parallel over (chunk, head); no host sync (graph-capturable).
+// workspace: ssm_scan_chunked_workspace_bytes(p, n_tokens, n_seqs) bytes of device memory, any content;
+// about (n_seqs + n_tokens / 64) * n_heads * head_dim * state_size * 4 bytes (the chunk states).
+size_t ssm_scan_chunked_workspace_bytes(const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs);
+void ssm_scan_chunked(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
+                      const void* xbc, int64_t xbc_stride, const void* dt, int64_t dt_stride, DType dtype,
+                      void* const* ssm_states, SsmStateDtype state_dtype, void* y, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream);
 
 // out = weight * g / rms(g) per group of group_size, g = y * silu(z) (gated_rmsnorm_cpu).
 //   y, out [m, d] (may alias); z [m, d] rows z_stride apart; weight [d] float32
