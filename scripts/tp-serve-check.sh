@@ -133,15 +133,26 @@ a, b = one["choices"][0], many["choices"][0]
 if a["text"] == b["text"]:
     print(f"PASS: {prompt!r}: -tp 1 and -tp {tp} both say {a['text']!r}")
     sys.exit(0)
-print(f"FAIL: {prompt!r}:\n  -tp 1:  {a['text']!r}\n  -tp {tp}: {b['text']!r}")
+# Serving runs BF16 activations: the all-reduce rounds each row-parallel layer's partial sums to BF16 once
+# more than -tp 1 does, which moves logits by up to ~3e-2 (the device test's BF16 bound, relative to the
+# logits' RMS). A first difference where -tp 1's top two tokens lie closer than that is a near-tie, not a
+# wrong shard (a wrong slice or offset moves logits by far more); it is reported and does not fail the check.
+near_tie = 0.05
 ta, tb = a.get("logprobs") or {}, b.get("logprobs") or {}
 toks_a, toks_b = ta.get("tokens", []), tb.get("tokens", [])
+margin = float("nan")
 for k, (x, y) in enumerate(zip(toks_a, toks_b)):
     if x != y:
         top = sorted((ta.get("top_logprobs") or [{}] * (k + 1))[k].values(), reverse=True)
         margin = top[0] - top[1] if len(top) > 1 else float("nan")
-        print(f"  first difference at token {k}: {x!r} vs {y!r}; -tp 1's top-2 logprob margin there {margin:.4f}")
+        where = f"first difference at token {k}: {x!r} vs {y!r}; -tp 1's top-2 logprob margin there {margin:.4f}"
         break
+else:
+    where = "no token-level difference found in the logprobs"
+if margin < near_tie:
+    print(f"PASS (near-tie): {prompt!r}: {where} < {near_tie}\n  -tp 1:  {a['text']!r}\n  -tp {tp}: {b['text']!r}")
+    sys.exit(0)
+print(f"FAIL: {prompt!r}: {where}\n  -tp 1:  {a['text']!r}\n  -tp {tp}: {b['text']!r}")
 sys.exit(1)
 PY
 done
