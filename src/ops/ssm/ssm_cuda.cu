@@ -166,14 +166,15 @@ __global__ void __launch_bounds__(kScanWarps * 32)
 // which is the sequential recurrence unrolled (exp(cs_j - cs_k) = prod_{k < i <= j} dA_i). Hence
 //   y_j       = exp(cs_j) C_j . h_in + sum_{k <= j} (C_j . B_k) exp(cs_j - cs_k) d_k x_k + D x_j
 //   h_out     = exp(cs_last) h_in + S,  S = sum_k exp(cs_last - cs_k) d_k x_k B_k^T
-// Three launches: chunk_state_kernel (S of every chunk, and exp(cs_last)), state_pass_kernel (sequential
-// over a sequence's chunks, per state element: each chunk's S is replaced by the chunk's entering state,
-// the final state goes to the slot) and chunk_output_kernel (y). Every exponent is <= 0: no overflow.
+// Four launches: chunk_state_kernel (S of every chunk, and exp(cs_last)), chunk_cb_kernel (C B^T of every
+// chunk and group: the heads of a group share it), state_pass_kernel (sequential over a sequence's chunks,
+// per state element: each chunk's S is replaced by the chunk's entering state, the final state goes to the
+// slot) and chunk_output_kernel (y). Every exponent is <= 0: no overflow.
 // Chunk slots: chunk c of sequence s lives in slot s + seq_starts[s] / kChunk + c; these ranges are
 // disjoint across sequences and below n_seqs + ceil(n_tokens / kChunk) (see
 // ssm_scan_chunked_workspace_bytes).
 constexpr int kChunk = 64;          // tokens per chunk
-constexpr int kChunkThreads = 256;  // 16 x 16 threads, each a 4 x 4 tile of a 64 x 64 product
+constexpr int kChunkThreads = 256;  // 16 x 16 threads, each a 4 x 4 block of a 64 x 64 product
 constexpr int kChunkNTile = 32;     // state columns per shared tile in chunk_output_kernel
 
 struct ChunkArgs {
@@ -185,6 +186,7 @@ struct ChunkArgs {
     int64_t xbc_stride, dt_stride, b_off, c_off, d_inner;
     float* chunk_states;  // [n_slots, n_heads, head_dim, state_size]
     float* chunk_decay;   // [n_slots, n_heads] exp(cs_last)
+    float* chunk_cb;      // [n_slots, n_groups, kChunk, kChunk] C_j . B_k (shared by the group's heads)
 };
 
 // The chunk of blockIdx.x: its sequence, first token and token count; false for an unused slot.
@@ -231,14 +233,34 @@ __device__ __forceinline__ void chunk_decays(const ChunkArgs& a, const T* __rest
     __syncthreads();
 }
 
+// acc[i][j] += sum_{k < K} A[k][4 ty + i] B[k][4 tx + j] over two k-major shared tiles (row strides lda,
+// ldb: multiples of 4 floats): the 64 x 64 product of a CTA, 4 x 4 per thread (ty = tid / 16, tx = tid % 16).
+// Each k reads one float4 of A (two distinct per warp: a broadcast) and one of B (256 contiguous bytes
+// per warp): 2 shared wavefronts per 16 FMAs.
+template <int K>
+__device__ __forceinline__ void product_64x64(float (&acc)[4][4], const float* A, int lda, const float* B,
+                                              int ldb) {
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+#pragma unroll 8
+    for (int k = 0; k < K; ++k) {
+        const float4 av = *reinterpret_cast<const float4*>(A + k * lda + 4 * ty);
+        const float4 bv = *reinterpret_cast<const float4*>(B + k * ldb + 4 * tx);
+        const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+    }
+}
+
 // S[p, n] = sum_k exp(cs_last - cs_k) d_k x_k[p] B_k[n] for one (chunk, head); grid (n_slots, n_heads).
 template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
     chunk_state_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                        const T* __restrict__ dt) {
     __shared__ float d_s[kChunk], cs_s[kChunk];
-    __shared__ float w_s[kChunk][64];  // [token, p]: the decayed, dt-scaled x
-    __shared__ float b_s[kChunk][64];  // [token, n]
+    __shared__ __align__(16) float w_s[kChunk * 64];  // [token k][p]: the decayed, dt-scaled x
+    __shared__ __align__(16) float b_s[kChunk * 64];  // [token k][n]
     int64_t begin;
     int count;
     if (!chunk_of_slot(seq_starts, a.n_seqs, blockIdx.x, begin, count)) return;  // the whole CTA
@@ -255,32 +277,23 @@ __global__ void __launch_bounds__(kChunkThreads)
             if (k < count && p0 + p < P)
                 v = expf(cs_last - cs_s[k]) * d_s[k] *
                     load1(xbc + (begin + k) * a.xbc_stride + static_cast<int64_t>(h) * P + p0 + p);
-            w_s[k][p] = v;
+            w_s[e] = v;
         }
         for (int n0 = 0; n0 < N; n0 += 64) {
             for (int e = threadIdx.x; e < kChunk * 64; e += kChunkThreads) {
                 const int k = e >> 6, n = e & 63;
-                b_s[k][n] = k < count && n0 + n < N ? load1(xbc + (begin + k) * a.xbc_stride + a.b_off +
-                                                            static_cast<int64_t>(g) * N + n0 + n)
-                                                    : 0.0f;
+                b_s[e] = k < count && n0 + n < N ? load1(xbc + (begin + k) * a.xbc_stride + a.b_off +
+                                                         static_cast<int64_t>(g) * N + n0 + n)
+                                                 : 0.0f;
             }
             __syncthreads();
             float acc[4][4] = {};
-#pragma unroll 4
-            for (int k = 0; k < kChunk; ++k) {
-                float wv[4], bv[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) wv[i] = w_s[k][ty + 16 * i], bv[i] = b_s[k][tx + 16 * i];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(wv[i], bv[j], acc[i][j]);
-            }
+            product_64x64<kChunk>(acc, w_s, 64, b_s, 64);
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int p = p0 + ty + 16 * i, n = n0 + tx + 16 * j;
+                    const int p = p0 + 4 * ty + i, n = n0 + 4 * tx + j;
                     if (p < P && n < N) S[static_cast<int64_t>(p) * N + n] = acc[i][j];
                 }
             __syncthreads();  // b_s (and w_s after the last tile) are rewritten next
@@ -315,21 +328,57 @@ __global__ void __launch_bounds__(kChunkThreads)
     store_state(st, state);
 }
 
-// y of one (chunk, head): exp(cs_j) C_j . h_in + sum_{k <= j} G[j, k] x_k + D x_j with
-// G[j, k] = (C_j . B_k) exp(cs_j - cs_k) d_k; h_in from the chunk's slot. Grid (n_slots, n_heads).
+// Shared tiles of the kernels below are k-major (the summed index first) with rows kLd = 68 floats apart:
+// float4-aligned, and the transposing stores from row-major global data conflict only 4-way.
+constexpr int kLd = 68;
+
+// CB[j][k] = C_j . B_k of one (chunk, group); grid (n_slots, n_groups).
 template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
+    chunk_cb_kernel(ChunkArgs a, int n_groups, const int32_t* __restrict__ seq_starts,
+                    const T* __restrict__ xbc) {
+    __shared__ __align__(16) float ct_s[kChunkNTile * kLd];  // [n][j]
+    __shared__ __align__(16) float bt_s[kChunkNTile * kLd];  // [n][k]
+    int64_t begin;
+    int count;
+    if (!chunk_of_slot(seq_starts, a.n_seqs, blockIdx.x, begin, count)) return;  // the whole CTA
+    const int g = blockIdx.y, N = a.state_size;
+    const T* C_g = xbc + a.c_off + static_cast<int64_t>(g) * N;
+    const T* B_g = xbc + a.b_off + static_cast<int64_t>(g) * N;
+    float acc[4][4] = {};
+    for (int n0 = 0; n0 < N; n0 += kChunkNTile) {
+        for (int e = threadIdx.x; e < kChunk * kChunkNTile; e += kChunkThreads) {
+            const int j = e / kChunkNTile, n = e % kChunkNTile;
+            const bool in = j < count && n0 + n < N;
+            ct_s[n * kLd + j] = in ? load1(C_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
+            bt_s[n * kLd + j] = in ? load1(B_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
+        }
+        __syncthreads();
+        product_64x64<kChunkNTile>(acc, ct_s, kLd, bt_s, kLd);
+        __syncthreads();
+    }
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    float* CB = a.chunk_cb + (static_cast<int64_t>(blockIdx.x) * n_groups + g) * kChunk * kChunk;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        *reinterpret_cast<float4*>(CB + (4 * ty + i) * kChunk + 4 * tx) =
+            make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+}
+
+// y of one (chunk, head): exp(cs_j) C_j . h_in + sum_{k <= j} G[j, k] x_k + D x_j with
+// G[j, k] = CB[j, k] exp(cs_j - cs_k) d_k; h_in from the chunk's slot. Grid (n_slots, n_heads).
+template <class T>
+__global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 registers (64 spilled)
     chunk_output_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                         const T* __restrict__ dt, T* __restrict__ y) {
     __shared__ float d_s[kChunk], cs_s[kChunk];
-    __shared__ float g_s[kChunk][kChunk + 1];  // [j, k] odd row stride: column and row reads conflict-free
-    // Two [64][33] tiles (C and B, or C and h_in), or later one [64][64] tile of x.
-    __shared__ float tiles[2 * kChunk * (kChunkNTile + 1)];
-    static_assert(kChunk * 64 <= 2 * kChunk * (kChunkNTile + 1), "the x tile fits the two tiles");
-    float(*c_s)[kChunkNTile + 1] = reinterpret_cast<float(*)[kChunkNTile + 1]>(tiles);
-    float(*o_s)[kChunkNTile + 1] =
-        reinterpret_cast<float(*)[kChunkNTile + 1]>(tiles + kChunk * (kChunkNTile + 1));
-    float(*x_s)[64] = reinterpret_cast<float(*)[64]>(tiles);
+    __shared__ __align__(16) float gt_s[kChunk * kLd];  // [k][j]: G transposed
+    // ct_s [n][j] (C, 32 state columns) and ot_s [n][k or p] (B or h_in), or later x_s [k][p] over both.
+    __shared__ __align__(16) float tiles[2 * kChunkNTile * kLd];
+    static_assert(kChunk * kLd <= 2 * kChunkNTile * kLd, "the x tile fits the two tiles");
+    float* ct_s = tiles;
+    float* ot_s = tiles + kChunkNTile * kLd;
+    float* x_s = tiles;
     int64_t begin;
     int count;
     if (!chunk_of_slot(seq_starts, a.n_seqs, blockIdx.x, begin, count)) return;  // the whole CTA
@@ -337,44 +386,30 @@ __global__ void __launch_bounds__(kChunkThreads)
     chunk_decays(a, dt, begin, count, h, d_s, cs_s);
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
     const T* C_g = xbc + a.c_off + static_cast<int64_t>(g) * N;
-    const T* B_g = xbc + a.b_off + static_cast<int64_t>(g) * N;
-    // c_s[j][n] = C of token j, state columns n0 .. n0 + 31 (zeros past the chunk or the state)
+    // ct_s[n][j] = C of token j at state column n0 + n (zeros past the chunk or the state)
     auto load_c = [&](int n0) {
         for (int e = threadIdx.x; e < kChunk * kChunkNTile; e += kChunkThreads) {
             const int j = e / kChunkNTile, n = e % kChunkNTile;
-            c_s[j][n] = j < count && n0 + n < N ? load1(C_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
+            ct_s[n * kLd + j] =
+                j < count && n0 + n < N ? load1(C_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
         }
     };
-    // G = C B^T, then masked and decayed.
+    // G from the group's C B^T, masked and decayed, stored transposed (read after the next __syncthreads).
     {
-        float acc[4][4] = {};
-        for (int n0 = 0; n0 < N; n0 += kChunkNTile) {
-            load_c(n0);
-            for (int e = threadIdx.x; e < kChunk * kChunkNTile; e += kChunkThreads) {
-                const int k = e / kChunkNTile, n = e % kChunkNTile;
-                o_s[k][n] = k < count && n0 + n < N ? load1(B_g + (begin + k) * a.xbc_stride + n0 + n) : 0.0f;
-            }
-            __syncthreads();
-#pragma unroll 4
-            for (int n = 0; n < kChunkNTile; ++n) {
-                float cv[4], bv[4];
+        const float* CB =
+            a.chunk_cb +
+            (static_cast<int64_t>(blockIdx.x) * (a.n_heads / a.heads_per_group) + g) * kChunk * kChunk;
 #pragma unroll
-                for (int i = 0; i < 4; ++i) cv[i] = c_s[ty + 16 * i][n], bv[i] = o_s[tx + 16 * i][n];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(cv[i], bv[j], acc[i][j]);
-            }
-            __syncthreads();
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 4; ++i) {
+            const int r = 4 * ty + i;  // the output token
+            const float4 cb4 = *reinterpret_cast<const float4*>(CB + r * kChunk + 4 * tx);
+            const float cb[4] = {cb4.x, cb4.y, cb4.z, cb4.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const int r = ty + 16 * i, k = tx + 16 * j;  // r: the output token, k: the input token
-                g_s[r][k] = k <= r ? acc[i][j] * expf(cs_s[r] - cs_s[k]) * d_s[k] : 0.0f;
+                const int k = 4 * tx + j;  // the input token
+                gt_s[k * kLd + r] = k <= r ? cb[j] * expf(cs_s[r] - cs_s[k]) * d_s[k] : 0.0f;
             }
-        // g_s is read after the next __syncthreads (below)
+        }
     }
     const float* h_in = a.chunk_states + (static_cast<int64_t>(blockIdx.x) * a.n_heads + h) * P * N;
     const float Dh = a.D[h];
@@ -385,53 +420,37 @@ __global__ void __launch_bounds__(kChunkThreads)
             load_c(n0);
             for (int e = threadIdx.x; e < 64 * kChunkNTile; e += kChunkThreads) {
                 const int p = e / kChunkNTile, n = e % kChunkNTile;
-                o_s[p][n] = p0 + p < P && n0 + n < N ? h_in[static_cast<int64_t>(p0 + p) * N + n0 + n] : 0.0f;
+                ot_s[n * kLd + p] =
+                    p0 + p < P && n0 + n < N ? h_in[static_cast<int64_t>(p0 + p) * N + n0 + n] : 0.0f;
             }
             __syncthreads();
-#pragma unroll 4
-            for (int n = 0; n < kChunkNTile; ++n) {
-                float cv[4], hv[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) cv[i] = c_s[ty + 16 * i][n], hv[i] = o_s[tx + 16 * i][n];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(cv[i], hv[j], acc[i][j]);
-            }
+            product_64x64<kChunkNTile>(acc, ct_s, kLd, ot_s, kLd);
             __syncthreads();
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float decay = expf(cs_s[ty + 16 * i]);
+            const float decay = expf(cs_s[4 * ty + i]);
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[i][j] *= decay;
         }
         // intra-chunk: sum_k G[j, k] x_k[p]
         for (int e = threadIdx.x; e < kChunk * 64; e += kChunkThreads) {
             const int k = e >> 6, p = e & 63;
-            x_s[k][p] = k < count && p0 + p < P
-                            ? load1(xbc + (begin + k) * a.xbc_stride + static_cast<int64_t>(h) * P + p0 + p)
-                            : 0.0f;
+            x_s[k * kLd + p] =
+                k < count && p0 + p < P
+                    ? load1(xbc + (begin + k) * a.xbc_stride + static_cast<int64_t>(h) * P + p0 + p)
+                    : 0.0f;
         }
         __syncthreads();
-#pragma unroll 4
-        for (int k = 0; k < kChunk; ++k) {
-            float gv[4], xv[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) gv[i] = g_s[ty + 16 * i][k], xv[i] = x_s[k][tx + 16 * i];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(gv[i], xv[j], acc[i][j]);
-        }
+        product_64x64<kChunk>(acc, gt_s, kLd, x_s, kLd);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const int r = ty + 16 * i, p = tx + 16 * j;
+                const int r = 4 * ty + i, p = 4 * tx + j;
                 if (r < count && p0 + p < P)
                     store1(y + (begin + r) * a.d_inner + static_cast<int64_t>(h) * P + p0 + p,
-                           acc[i][j] + Dh * x_s[r][p]);
+                           acc[i][j] + Dh * x_s[r * kLd + p]);
             }
         __syncthreads();  // x_s aliases the tiles the next p0 loads
     }
@@ -583,11 +602,27 @@ void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_start
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The workspace: chunk states [slots, H, P, N], then decays [slots, H], then C B^T [slots, G, 64, 64]
+// (float32, each part 256-byte aligned).
+struct ChunkWorkspace {
+    size_t states, decay, cb, total;
+    ChunkWorkspace(const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs) {
+        const auto slots = static_cast<size_t>(chunk_slots(n_tokens, n_seqs));
+        states = 0;
+        decay = align256(slots * static_cast<size_t>(p.n_heads * p.head_dim * p.state_size) * sizeof(float));
+        cb = decay + align256(slots * static_cast<size_t>(p.n_heads) * sizeof(float));
+        total = cb + slots * static_cast<size_t>(p.n_groups) * kChunk * kChunk * sizeof(float);
+    }
+};
+
+}  // namespace
+
 size_t ssm_scan_chunked_workspace_bytes(const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs) {
-    const int64_t slots = chunk_slots(n_tokens, n_seqs);
-    const auto states = static_cast<size_t>(slots * p.n_heads * p.head_dim * p.state_size) * sizeof(float);
-    const size_t aligned = (states + 255) / 256 * 256;
-    return aligned + static_cast<size_t>(slots * p.n_heads) * sizeof(float);
+    return ChunkWorkspace(p, n_tokens, n_seqs).total;
 }
 
 void ssm_scan_chunked(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_starts, int64_t n_seqs,
@@ -612,18 +647,21 @@ void ssm_scan_chunked(const SsmScanParams& p, int64_t n_tokens, const int32_t* s
     a.dt_min = p.dt_min, a.dt_max = p.dt_max;
     a.xbc_stride = xbc_stride, a.dt_stride = dt_stride;
     a.b_off = d_inner, a.c_off = d_inner + p.n_groups * p.state_size, a.d_inner = d_inner;
-    a.chunk_states = static_cast<float*>(workspace);
-    const auto states_bytes =
-        static_cast<size_t>(slots * p.n_heads * p.head_dim * p.state_size) * sizeof(float);
-    a.chunk_decay =
-        reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + (states_bytes + 255) / 256 * 256);
+    const ChunkWorkspace layout(p, n_tokens, n_seqs);
+    auto* base = static_cast<uint8_t*>(workspace);
+    a.chunk_states = reinterpret_cast<float*>(base + layout.states);
+    a.chunk_decay = reinterpret_cast<float*>(base + layout.decay);
+    a.chunk_cb = reinterpret_cast<float*>(base + layout.cb);
     const dim3 chunk_grid(static_cast<unsigned>(slots), static_cast<unsigned>(p.n_heads));
+    const dim3 cb_grid(static_cast<unsigned>(slots), static_cast<unsigned>(p.n_groups));
     const dim3 pass_grid(blocks_for(p.head_dim * p.state_size, kChunkThreads, "ssm_scan_chunked"),
                          static_cast<unsigned>(p.n_heads), static_cast<unsigned>(n_seqs));
     auto body = [&]<class T, class ST>() {
         const T* xt = static_cast<const T*>(xbc);
         const T* dtt = static_cast<const T*>(dt);
         chunk_state_kernel<T><<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt);
+        chunk_cb_kernel<T>
+            <<<cb_grid, kChunkThreads, 0, stream>>>(a, static_cast<int>(p.n_groups), seq_starts, xt);
         state_pass_kernel<ST><<<pass_grid, kChunkThreads, 0, stream>>>(a, seq_starts, ssm_states);
         chunk_output_kernel<T>
             <<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt, static_cast<T*>(y));

@@ -55,7 +55,7 @@ void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_start
 // (C . h_in), a pass over the chunks carrying the state from the slot's, the final state written back
 // (bfloat16: rounded once). Equal to ssm_scan in exact arithmetic; in float32 the sums run in another
 // order and the decays come from segment sums of dt A (ssm_cuda.cu and tests/device/ssm_cuda_test.cpp
-// give the bound). Three launches, parallel over (chunk, head); no host sync (graph-capturable).
+// give the bound). Four launches, parallel over (chunk, head); no host sync (graph-capturable).
 // workspace: ssm_scan_chunked_workspace_bytes(p, n_tokens, n_seqs) bytes of device memory, any content;
 // about (n_seqs + n_tokens / 64) * n_heads * head_dim * state_size * 4 bytes (the chunk states).
 size_t ssm_scan_chunked_workspace_bytes(const SsmScanParams& p, int64_t n_tokens, int64_t n_seqs);
