@@ -4,6 +4,7 @@
 
 #include <nccl.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -68,9 +69,22 @@ NcclCommunicator::NcclCommunicator(const NcclBootstrap& b, cudaStream_t stream)
                                  " (different NCCL versions on the nodes?)");
     ncclUniqueId id;
     std::memcpy(&id, id_bytes.data(), sizeof id);
+    // NCCL connects its peers lazily, at the first collective that needs them, by default; a connection
+    // cannot be made inside CUDA graph capture (measured on 2 x H100: "internal error" when a decode graph
+    // held the group's first all-reduce). Connect every peer at init instead, unless the user chose otherwise.
+    setenv("NCCL_RUNTIME_CONNECT", "0", 0);
     ncclComm_t comm = nullptr;
     NIBBLE_NCCL_CHECK(ncclCommInitRank(&comm, b.world_size, id, b.rank));
     comm_ = comm;
+    // One eager all-reduce before any capture: whatever NCCL still sets up on first use happens here.
+    float* probe = nullptr;
+    const size_t gather = 256, probe_floats = 1024 + gather * static_cast<size_t>(world_size_);
+    NIBBLE_CUDA_CHECK(cudaMalloc(&probe, probe_floats * sizeof(float)));
+    NIBBLE_CUDA_CHECK(cudaMemsetAsync(probe, 0, probe_floats * sizeof(float), stream_));
+    NIBBLE_NCCL_CHECK(ncclAllReduce(probe, probe, 1024, ncclFloat32, ncclSum, comm_, stream_));
+    NIBBLE_NCCL_CHECK(ncclAllGather(probe, probe + 1024, gather, ncclFloat32, comm_, stream_));
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    NIBBLE_CUDA_CHECK(cudaFree(probe));
 }
 
 NcclCommunicator::~NcclCommunicator() {

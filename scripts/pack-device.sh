@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Packs what the lent GPU machine lacks into .carry/pack.tar.xz for scripts/device-run.sh: the CUDA build's
+# binaries (built here for sm_90a) and the shared libraries of this machine that `ldd` says they need
+# (not the C runtime, not NCCL or cuBLASLt, which load from the device's own CUDA).
+#   scripts/pack-device.sh [BUILD_DIR]   (default build-cuda)
+set -euo pipefail
+build="${1:-build-cuda}"
+cmake --build "$build" -j2 --target nibble nibble-device-tests nibble-kernel-bench
+pack="$(mktemp -d)"
+mkdir -p "$pack/bin" "$pack/lib" .carry
+cp "$build/nibble" "$build/nibble-device-tests" "$build/nibble-kernel-bench" "$pack/bin/"
+for b in "$pack"/bin/*; do ldd "$b" | awk '/=> \//{print $3}'; done | sort -u |
+    grep -v -E 'lib(c|m|stdc\+\+|gcc_s|pthread|dl|rt|nccl|cublas|cublasLt)\.so|ld-linux' |
+    xargs -I{} cp -L {} "$pack/lib/"
+tar -C "$pack" -cf - . | xz -T2 -6 > .carry/pack.tar.xz
+rm -rf "$pack"
+echo "packed $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'): $(du -h .carry/pack.tar.xz | cut -f1)"
