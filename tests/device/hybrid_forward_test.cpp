@@ -275,9 +275,12 @@ std::shared_ptr<gpu::DeviceHybrid> upload(const Model& model) {
     return std::make_shared<gpu::DeviceHybrid>(gpu::upload_hybrid(model.config(), view));
 }
 
-// The step-by-step comparison of the header; tie_margin 0: no router-tie watch.
+// The step-by-step comparison of the header; tie_margin 0: no router-tie watch. lengths: the prompts;
+// first_take (if given): the tokens of each prompt the first step feeds, the rest following in step 2 (a
+// prefill continuing from a non-zero recurrent state).
 void compare_hybrid(const fs::path& dir, DType act, SsmStateDtype ssm, double rel, double tie_margin,
-                    const std::string& what) {
+                    const std::string& what, const std::vector<int64_t>& lengths = {37, 5, 70},
+                    const std::vector<int64_t>& first_take = {}) {
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(dir.string(), pool);
     const ModelConfig& c = model->config();
@@ -292,11 +295,12 @@ void compare_hybrid(const fs::path& dir, DType act, SsmStateDtype ssm, double re
     std::mt19937_64 rng(test::fresh_seed());
     const int64_t vocab = c.vocab_size;
     std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-    const std::vector<int64_t> lengths = {37, 5, 70};
     std::vector<std::vector<int32_t>> seqs(lengths.size()), tables(lengths.size());
     for (size_t s = 0; s < lengths.size(); ++s) {
         for (int64_t i = 0; i < lengths[s]; ++i) seqs[s].push_back(tok(rng));
-        for (int64_t b = 0; b < 12; ++b) tables[s].push_back(static_cast<int32_t>(s * 20 + static_cast<size_t>(b)));
+        const int64_t blocks = (lengths[s] + 12 + 15) / 16;  // the prompt and 12 generated tokens
+        EXPECT_LE(blocks, 20) << what;
+        for (int64_t b = 0; b < blocks; ++b) tables[s].push_back(static_cast<int32_t>(s * 20 + static_cast<size_t>(b)));
     }
     // Slots 5, 2, 7: not the sequences' indices, so a slot mix-up shows.
     const std::vector<int32_t> slots = {5, 2, 7};
@@ -304,14 +308,18 @@ void compare_hybrid(const fs::path& dir, DType act, SsmStateDtype ssm, double re
     int near_ties = 0, skipped = 0;
     for (int step = 0; step < 12; ++step) {
         std::vector<RunnerSequence> batch;
+        std::vector<int64_t> take(seqs.size());
         ties.row_seq.clear();
         for (size_t s = 0; s < seqs.size(); ++s) {
-            batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
+            take[s] = static_cast<int64_t>(seqs[s].size()) - done[s];
+            if (step == 0 && !first_take.empty()) take[s] = std::min(take[s], first_take[s]);
+            batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s]),
+                                                                  static_cast<size_t>(take[s])),
                              .block_table = tables[s],
                              .start_pos = done[s],
                              .needs_logits = true,
                              .state_slot = slots[s]});
-            ties.row_seq.insert(ties.row_seq.end(), seqs[s].size() - static_cast<size_t>(done[s]), s);
+            ties.row_seq.insert(ties.row_seq.end(), static_cast<size_t>(take[s]), s);
         }
         std::vector<float> ref, got;
         cpu.execute(batch, ref);
@@ -323,8 +331,9 @@ void compare_hybrid(const fs::path& dir, DType act, SsmStateDtype ssm, double re
             for (int64_t i = 0; i < vocab; ++i)
                 ASSERT_TRUE(std::isfinite(g[i])) << what << ": step " << step << " seq " << s << " logit " << i;
             const int32_t ct = static_cast<int32_t>(std::max_element(r, r + vocab) - r);
-            done[s] = static_cast<int64_t>(seqs[s].size());
-            seqs[s].push_back(ct);  // teacher forcing: both continue with the CPU's token
+            done[s] += take[s];
+            // teacher forcing: both continue with the CPU's token once the prompt is in
+            if (done[s] == static_cast<int64_t>(seqs[s].size())) seqs[s].push_back(ct);
             if (s < ties.tied.size() && ties.tied[s]) {
                 ++skipped;
                 continue;
@@ -374,6 +383,17 @@ TEST_F(HybridForwardCuda, F32ActivationsRoutedMatchCpu) {
 TEST_F(HybridForwardCuda, F32ActivationsBf16SsmStateMatchCpu) {
     compare_hybrid(nvfp4_checkpoint(root_, "all", kAllExperts, 13), DType::F32, SsmStateDtype::Bf16, 1e-2, 0,
                    "nemotron_h f32 act / bf16 ssm state");
+}
+
+// Prompts long enough for the chunked (SSD) scan (HybridForward::kChunkedScanMinTokens): a 150-token
+// prefill beside short ones; then a 200-token prompt fed as 60 tokens and then 140 continuing from the
+// state the first 60 left (in a batch with two decoding sequences), BF16 SSM state too.
+TEST_F(HybridForwardCuda, ChunkedScanPrefillMatchesCpu) {
+    compare_hybrid(nvfp4_checkpoint(root_, "all", kAllExperts, 16), DType::F32, SsmStateDtype::F32, 2e-3, 0,
+                   "nemotron_h f32 act / chunked scan prefill", {150, 5, 100});
+    compare_hybrid(nvfp4_checkpoint(root_, "all2", kAllExperts, 17), DType::F32, SsmStateDtype::Bf16, 1e-2, 0,
+                   "nemotron_h f32 act / bf16 ssm state / chunked scan continuing a prompt", {200, 5, 40},
+                   {60, 5, 40});
 }
 
 TEST_F(HybridForwardCuda, Bf16ActivationsAllExpertsMatchCpu) {
