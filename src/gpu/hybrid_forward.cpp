@@ -260,7 +260,8 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
             const size_t need = cuda::ssm_scan_chunked_workspace_bytes(shape, m, b.n_seqs);
             cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
             NIBBLE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-            if (need > scan_workspace_.bytes() && capture == cudaStreamCaptureStatusNone) {
+            if (need > scan_workspace_.bytes() && need <= kChunkedScanMaxWorkspaceBytes &&
+                capture == cudaStreamCaptureStatusNone) {
                 scan_workspace_ = cuda::DeviceBuffer();  // free first: the two need not fit together
                 scan_workspace_ = cuda::DeviceBuffer(need);
             }

@@ -62,9 +62,13 @@ public:
     static constexpr int64_t kGemvMaxRows = 32;
     // Batches whose longest sequence has at least this many tokens run the chunked (SSD) scan, the rest
     // the sequential one. The sequential scan's latency is L dependent steps (a few hundred cycles each);
-    // the chunked one costs three launches and a 64-token chunk's quadratic work whatever L, so it pays
+    // the chunked one costs four launches and a 64-token chunk's quadratic work whatever L, so it pays
     // from about two chunks on (nibble-kernel-bench ssd prints both at 128 .. 2048 tokens).
     static constexpr int64_t kChunkedScanMinTokens = 128;
+    // Its workspace (chunk states: about 2 MiB per 64-token chunk and per sequence at Nemotron-3-Nano's
+    // shape, 70 MiB for one 2048-token prompt) grows on demand up to this; a batch needing more (hundreds
+    // of sequences beside a long prompt) takes the sequential scan.
+    static constexpr size_t kChunkedScanMaxWorkspaceBytes = size_t{512} << 20;
 
 private:
     void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);
