@@ -233,16 +233,16 @@ __device__ __forceinline__ void chunk_decays(const ChunkArgs& a, const T* __rest
     __syncthreads();
 }
 
-// acc[i][j] += sum_{k < K} A[k][4 ty + i] B[k][4 tx + j] over two k-major shared tiles (row strides lda,
-// ldb: multiples of 4 floats): the 64 x 64 product of a CTA, 4 x 4 per thread (ty = tid / 16, tx = tid % 16).
-// Each k reads one float4 of A (two distinct per warp: a broadcast) and one of B (256 contiguous bytes
-// per warp): 2 shared wavefronts per 16 FMAs.
-template <int K>
+// acc[i][j] += sum_{k < k_end} A[k][4 ty + i] B[k][4 tx + j] over two k-major shared tiles (row strides
+// lda, ldb: multiples of 4 floats): the 64 x 64 product of a CTA, 4 x 4 per thread (ty = tid / 16,
+// tx = tid % 16). Each k reads one float4 of A (two distinct per warp: a broadcast) and one of B (256
+// contiguous bytes per warp): 2 shared wavefronts per 16 FMAs. Sums over a chunk's tokens stop at its
+// token count rounded up to 8 (the rows past it are zeros): a short last chunk costs what it holds.
 __device__ __forceinline__ void product_64x64(float (&acc)[4][4], const float* A, int lda, const float* B,
-                                              int ldb) {
+                                              int ldb, int k_end) {
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
 #pragma unroll 8
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < k_end; ++k) {
         const float4 av = *reinterpret_cast<const float4*>(A + k * lda + 4 * ty);
         const float4 bv = *reinterpret_cast<const float4*>(B + k * ldb + 4 * tx);
         const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kChunkThreads)
             }
             __syncthreads();
             float acc[4][4] = {};
-            product_64x64<kChunk>(acc, w_s, 64, b_s, 64);
+            product_64x64(acc, w_s, 64, b_s, 64, (count + 7) & ~7);
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -316,14 +316,23 @@ __global__ void __launch_bounds__(kChunkThreads)
     ST* st = static_cast<ST*>(states[s]) + h * PN + e;
     float state = load_state(st);
     auto at = [&](int64_t c) { return a.chunk_states + ((base + c) * a.n_heads + h) * PN + e; };
-    // The next chunk's S and decay load before this chunk's update: they do not depend on the state.
-    float S = *at(0), dec = a.chunk_decay[base * a.n_heads + h];
-    for (int64_t c = 0; c < n_chunks; ++c) {
-        float S_next = 0.0f, dec_next = 0.0f;
-        if (c + 1 < n_chunks) S_next = *at(c + 1), dec_next = a.chunk_decay[(base + c + 1) * a.n_heads + h];
-        *at(c) = state;
-        state = fmaf(dec, state, S);
-        S = S_next, dec = dec_next;
+    // S and the decays of kAhead chunks load together (they do not depend on the state): one memory round
+    // trip per kAhead chunks on the sequential path, not one per chunk.
+    constexpr int kAhead = 8;
+    for (int64_t c0 = 0; c0 < n_chunks; c0 += kAhead) {
+        float S[kAhead], dec[kAhead];
+#pragma unroll
+        for (int q = 0; q < kAhead; ++q) {
+            const bool in = c0 + q < n_chunks;
+            S[q] = in ? *at(c0 + q) : 0.0f;
+            dec[q] = in ? a.chunk_decay[(base + c0 + q) * a.n_heads + h] : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < kAhead; ++q)
+            if (c0 + q < n_chunks) {
+                *at(c0 + q) = state;
+                state = fmaf(dec[q], state, S[q]);
+            }
     }
     store_state(st, state);
 }
@@ -354,7 +363,7 @@ __global__ void __launch_bounds__(kChunkThreads)
             bt_s[n * kLd + j] = in ? load1(B_g + (begin + j) * a.xbc_stride + n0 + n) : 0.0f;
         }
         __syncthreads();
-        product_64x64<kChunkNTile>(acc, ct_s, kLd, bt_s, kLd);
+        product_64x64(acc, ct_s, kLd, bt_s, kLd, kChunkNTile);
         __syncthreads();
     }
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
@@ -424,7 +433,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 register
                     p0 + p < P && n0 + n < N ? h_in[static_cast<int64_t>(p0 + p) * N + n0 + n] : 0.0f;
             }
             __syncthreads();
-            product_64x64<kChunkNTile>(acc, ct_s, kLd, ot_s, kLd);
+            product_64x64(acc, ct_s, kLd, ot_s, kLd, kChunkNTile);
             __syncthreads();
         }
 #pragma unroll
@@ -442,7 +451,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 register
                     : 0.0f;
         }
         __syncthreads();
-        product_64x64<kChunk>(acc, gt_s, kLd, x_s, kLd);
+        product_64x64(acc, gt_s, kLd, x_s, kLd, (count + 7) & ~7);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
