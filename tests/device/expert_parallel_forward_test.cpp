@@ -11,8 +11,8 @@
 // output is each rank's weighted sum over its own experts (in ascending id, as the whole model's), the
 // ranks' partial sums then added by the all-reduce: a token's top_k terms are summed in another grouping.
 //   F32 activations: float32 keeps gamma_K sum|terms| either way for every regrouped sum, so the
-//   difference stays at rounding level; 1e-4 (the llama tensor-parallel and graph-vs-eager bound) covers
-//   it, while a wrong expert window, a dropped pair that still contributes or a missing all-reduce moves
+//   difference stays at rounding level, amplified through the layers (measured on 2 x H100: 3.4e-6 to
+//   4.4e-4 of the logits' RMS); 1e-3 (as the llama tensor-parallel test) covers it, while a wrong expert window, a dropped pair that still contributes or a missing all-reduce moves
 //   logits by 1e-2 or more. Routing: the router sees TP = 2's h, which differs from TP = 1's by rounding
 //   only; a choice could flip only at a router near-tie of that size (improbable at 1e-6: never seen).
 //   BF16 activations: every all-reduce rounds its partial sums to BF16 once more (one ulp of an activation,
@@ -194,7 +194,7 @@ TEST_P(CudaExpertParallel, GreedyTokensAndLogitsMatchTpOne) {
     const std::vector<RankResult> two = run_ranks(*model, 2, c.act, c.graph_size, prompt, forced, ++port);
     ASSERT_EQ(two.size(), 2u);
     for (int r = 0; r < 2; ++r) EXPECT_EQ(two[static_cast<size_t>(r)].experts_held, n_experts / 2) << "rank " << r;
-    const double rel = c.act == DType::F32 ? 1e-4 : 3e-2;
+    const double rel = c.act == DType::F32 ? 1e-3 : 3e-2;
     double worst = 0;
     int near_ties = 0;
     for (size_t step = 0; step < one[0].logits.size(); ++step) {

@@ -10,9 +10,11 @@
 // tokens (teacher forcing) and must pick the same greedy token at every step on every rank (every rank holds
 // the gathered logits), with logits within rel x max(1, RMS) of TP = 1's:
 //   F32 activations: only summation order differs (a row-parallel output is N partial sums added by the
-//   all-reduce; float32 keeps gamma_K sum|terms| either way, as tests/parallel/llama_tp_test.cpp derives), and
-//   the graph-vs-eager check allows the same reordering 1e-4: 1e-4 here. A wrong head slice, a bias added
-//   twice or a vocabulary offset off by one row moves logits by 1e-2 or more.
+//   all-reduce; float32 keeps gamma_K sum|terms| either way, as tests/parallel/llama_tp_test.cpp derives).
+//   Each reordered sum differs by a few float32 ulps, but the difference is carried and amplified through
+//   the layers, norms and an NVFP4 lm_head's large weights: measured on 2 x H100, 1.4e-6 to 1.4e-4 of the
+//   logits' RMS over these models. 1e-3 here: an order of magnitude above that, an order below what a wrong
+//   head slice, a bias added twice or a vocabulary offset off by one row does (1e-2 or more).
 //   BF16 activations: the all-reduce rounds the partial sums to BF16 once more per row-parallel layer, so one
 //   ulp of a rounded activation can differ (3e-2, as graphs vs eager); greedy tokens must agree except at
 //   near-ties (gap below the tolerance), which are counted.
@@ -178,7 +180,7 @@ TEST_P(CudaTensorParallel, GreedyTokensAndLogitsMatchTpOne) {
     const std::vector<int32_t> forced(one[0].greedy.begin(), one[0].greedy.end() - 1);
     const std::vector<RankResult> two = run_ranks(*model, 2, c.act, c.graph_size, prompt, forced, ++port);
     ASSERT_EQ(two.size(), 2u);
-    const double rel = c.act == DType::F32 ? 1e-4 : 3e-2;
+    const double rel = c.act == DType::F32 ? 1e-3 : 3e-2;
     double worst = 0;
     int near_ties = 0;
     for (size_t step = 0; step < one[0].logits.size(); ++step) {
