@@ -119,6 +119,13 @@ void DecoderForward::set_communicator(Communicator* comm) {
     NIBBLE_CHECK(comm == nullptr || comm->rank() == w_.tp.rank, "CUDA forward: communicator rank {} holds rank {}'s weights",
                  comm ? comm->rank() : 0, w_.tp.rank);
     comm_ = comm;
+    reduce_rows_ = nullptr;
+    // Every rank calls this at the same point with the same sizes (the fast buffer is collective).
+    if (comm_ != nullptr && w_.sharded())
+        reduce_rows_ = comm_->fast_buffer(static_cast<size_t>(max_tokens_ * w_.config.n_embd) * dtype_size(act_));
+    if (comm_ != nullptr && w_.sharded())
+        log::info("tensor parallelism: all-reduces on {}", reduce_rows_ ? "the communicator's symmetric buffer"
+                                                                        : "the forward's own buffer");
 }
 
 void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
@@ -351,25 +358,30 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     const bool capture = capturing != cudaStreamCaptureStatusNone;
     const tune::ResolvedChoice* attention = attention_choice(b);
     const bool sharded = w_.sharded();
+    // The row-parallel layers' outputs: summed over the ranks in place, then added to the residual stream.
+    void* const proj = reduce_rows_ != nullptr ? reduce_rows_ : proj_.get();
     NIBBLE_CHECK(!sharded || comm_ != nullptr, "CUDA forward: rank {} of {} runs without a communicator", w_.tp.rank,
                  w_.tp.tp_size);
     // Sums the row-parallel partial outputs (and the embedding's shares) over the ranks.
     auto all_reduce = [&](void* rows) {
         if (sharded) comm_->all_reduce_sum(rows, m * d, act_);
     };
-    if (sharded)
+    if (sharded) {  // each rank's vocabulary rows, summed into the residual stream
         cuda::embed_shard(static_cast<const uint16_t*>(w_.embed.get()), w_.tp.vocab.begin, c.vocab_size, d, b.tokens,
-                          m, act_, x_.get(), stream);
-    else
+                          m, act_, proj, stream);
+        all_reduce(proj);
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(x_.get(), proj, static_cast<size_t>(m * d) * dtype_size(act_),
+                                          cudaMemcpyDeviceToDevice, stream));
+    } else {
         cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(),
                     stream);
-    all_reduce(x_.get());
+    }
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceDecoderLayer& L = w_.layers[il];
         if (il == 0)
             cuda::rmsnorm(x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(), stream);
         else  // x += the previous layer's MLP output; h = norm(x)
-            cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
+            cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
                                    stream);
         const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
         if (gemv && fusable(L.q, L.k, L.v)) {  // one launch for q, k and v (the small shapes' tails overlap)
@@ -407,9 +419,9 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                       attn_.get(), stream);
             }, "attention");
         }
-        linear(L.o, attn_.get(), m, proj_.get(), stream, gemv_choice(il, 3), capture);
-        all_reduce(proj_.get());
-        cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
+        linear(L.o, attn_.get(), m, proj, stream, gemv_choice(il, 3), capture);
+        all_reduce(proj);
+        cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
         if (L.moe) {  // proj = sum over the top_k experts of weight * expert(h)
             const MoeConfig& e = c.moe;
             // Few experts (the tests' 4 or 8) make a GEMM too narrow to trust cuBLASLt with: the GEMV then.
@@ -429,8 +441,8 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 ids = moe_local_ids_.as<int32_t>();
             }
             cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k, L.experts.device(),
-                                    MoeActivation::SwiGlu, nullptr, moe_workspace_.get(), proj_.get(), stream);
-            all_reduce(proj_.get());
+                                    MoeActivation::SwiGlu, nullptr, moe_workspace_.get(), proj, stream);
+            all_reduce(proj);
             continue;
         }
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
@@ -441,11 +453,11 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
             cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
         }
-        linear(L.down, gate_.get(), m, proj_.get(), stream, gemv_choice(il, 6), capture);
-        all_reduce(proj_.get());
+        linear(L.down, gate_.get(), m, proj, stream, gemv_choice(il, 6), capture);
+        all_reduce(proj);
     }
     if (b.n_logit_rows == 0) return;
-    cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
+    cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
     if (!sharded)

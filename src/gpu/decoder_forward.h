@@ -143,6 +143,9 @@ private:
     cuda::DeviceBuffer selected_;                                    // [max_logit_rows, n_embd] float32
     cuda::DeviceBuffer logits_;                                      // [max_logit_rows, vocab] float32
     Communicator* comm_ = nullptr;                                   // tensor parallelism: this rank's group
+    // Tensor parallelism: where the row-parallel outputs (and the embedding's shares) are summed: the group's
+    // fast buffer [max_tokens, n_embd] when it has one (NCCL: a symmetric window), else proj_.
+    void* reduce_rows_ = nullptr;
     cuda::DeviceBuffer rank_logits_;     // sharded: [max_logit_rows, vocab_per_rank] this rank's vocabulary rows
     cuda::DeviceBuffer gathered_logits_;  // sharded: [tp_size, max_logit_rows * vocab_per_rank]
     cuda::DeviceBuffer workspace_;                                   // attention splits' partials

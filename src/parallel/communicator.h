@@ -7,6 +7,7 @@
 // Sums are over ranks in rank order, so every rank ends with bit-identical results.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "tensor/dtype.h"
@@ -24,6 +25,11 @@ public:
     // recv[r * count + i] = send[i] of rank r. dtype F32 or BF16.
     //   send [count], recv [world_size, count]
     virtual void all_gather(const void* send, int64_t count, DType dtype, void* recv) = 0;
+    // Memory this group's collectives run fastest on, owned by the communicator (NCCL: a buffer registered
+    // as a symmetric window, which its low-latency kernels need); collective: every rank calls it with the
+    // same size at the same point, and passes the same offsets into it to later collectives. Null when the
+    // implementation has no such memory (callers then use their own).
+    virtual void* fast_buffer(size_t bytes) { return nullptr; }
 };
 
 }  // namespace nibble

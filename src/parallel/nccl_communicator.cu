@@ -4,6 +4,7 @@
 
 #include <nccl.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -88,7 +89,35 @@ NcclCommunicator::NcclCommunicator(const NcclBootstrap& b, cudaStream_t stream)
 }
 
 NcclCommunicator::~NcclCommunicator() {
-    if (comm_ != nullptr) ncclCommDestroy(comm_);
+    if (comm_ != nullptr) {
+        for (const Window& w : windows_) {
+            (void)ncclCommWindowDeregister(comm_, static_cast<ncclWindow_t>(w.handle));
+            (void)ncclMemFree(w.ptr);
+        }
+        ncclCommDestroy(comm_);
+    }
+}
+
+void* NcclCommunicator::fast_buffer(size_t bytes) {
+    // NIBBLE_NCCL_WINDOWS=0: ordinary memory (to measure what the symmetric kernels save).
+    if (const char* e = std::getenv("NIBBLE_NCCL_WINDOWS"); e != nullptr && std::string(e) == "0") return nullptr;
+    void* ptr = nullptr;
+    ncclResult_t rc = ncclMemAlloc(&ptr, bytes);
+    if (rc != ncclSuccess) {
+        std::fprintf(stderr, "NCCL: ncclMemAlloc of %zu bytes failed (%s); collectives use ordinary memory\n", bytes,
+                     ncclGetErrorString(rc));
+        return nullptr;
+    }
+    ncclWindow_t win = nullptr;
+    rc = ncclCommWindowRegister(comm_, ptr, bytes, &win, NCCL_WIN_COLL_SYMMETRIC);
+    if (rc != ncclSuccess) {
+        std::fprintf(stderr, "NCCL: symmetric window registration failed (%s); collectives use ordinary memory\n",
+                     ncclGetErrorString(rc));
+        (void)ncclMemFree(ptr);
+        return nullptr;
+    }
+    windows_.push_back({ptr, win});
+    return ptr;
 }
 
 void NcclCommunicator::all_reduce_sum(void* data, int64_t count, DType dtype) {
