@@ -209,6 +209,169 @@ __global__ void __launch_bounds__(kRouteThreads)
     }
 }
 
+// ---- warp routers (n_experts <= 256) ----
+//
+// One warp per token, expert e in lane e % 32, register slot e / 32: top_k rounds of a shuffle argmax
+// instead of the block kernels' barrier rounds. The same float operations as the block kernels: the softmax
+// sum adds, as the 128-thread CTA does, per virtual thread 32 w + lane its experts e and e + 128 (slots w and
+// w + 4), butterflies each w's partials over the lanes in warp_sum's order and adds the four as the CTA's
+// second butterfly does, (w0 + w2) + (w1 + w3); max, ranks and weights are order-free or kept in order.
+// Ids and weights are then bit-identical to the block kernels'.
+constexpr int kWarpRouteMaxExperts = 256;
+constexpr int kWarpRouteSlots = kWarpRouteMaxExperts / 32;
+constexpr int kWarpRouteWarps = 4;  // tokens per CTA
+
+// The best (value, id) over the warp by ranks_before, aux travelling with it; every lane gets the result
+// (ranks_before is a strict total order over distinct ids, so every lane picks the same one).
+__device__ __forceinline__ void warp_argmax(float& v, int& id, float& aux) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+        const float oa = __shfl_xor_sync(0xffffffffu, aux, o);
+        if (ranks_before(ov, oi, v, id)) v = ov, id = oi, aux = oa;
+    }
+}
+
+template <class LT>
+__global__ void __launch_bounds__(kWarpRouteWarps * 32)
+    route_softmax_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
+                              bool norm_topk_prob, int32_t* __restrict__ ids, float* __restrict__ weights) {
+    const int lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + (threadIdx.x >> 5);
+    if (t >= m) return;  // the whole warp; no block barrier below
+    const LT* l = logits + t * n_experts;
+    float score[kWarpRouteSlots];  // logits of experts s * 32 + lane
+    float mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kWarpRouteSlots; ++s) {
+        const int e = s * 32 + lane;
+        score[s] = e < n_experts ? load1(l + e) : -INFINITY;
+        if (e < n_experts) mx = fmaxf(mx, score[s]);
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float part[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        float p = 0.0f;
+        if (w * 32 + lane < n_experts) p += expf(score[w] - mx);
+        if ((w + 4) * 32 + lane < n_experts) p += expf(score[w + 4] - mx);
+        part[w] = warp_sum(p);
+    }
+    const float sum = (part[0] + part[2]) + (part[1] + part[3]);
+    unsigned taken = 0;  // bit s: expert s * 32 + lane chosen
+    int my_id = -1;      // lane j < top_k: choice j
+    float my_p = 0.0f, total = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+        float bv = 0.0f, unused = 0.0f;
+        int bi = -1;
+#pragma unroll
+        for (int s = 0; s < kWarpRouteSlots; ++s) {
+            const int e = s * 32 + lane;
+            if (e < n_experts && !((taken >> s) & 1u) && ranks_before(score[s], e, bv, bi)) bv = score[s], bi = e;
+        }
+        warp_argmax(bv, bi, unused);
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        const float p = expf(bv - mx) / sum;
+        total += p;
+        if (lane == j) my_id = bi, my_p = p;
+    }
+    if (lane < top_k) {
+        ids[t * top_k + lane] = my_id;
+        weights[t * top_k + lane] = norm_topk_prob ? my_p / total : my_p;
+    }
+}
+
+// Group scores (when some groups are excluded) go through shared memory, computed by the block kernel's
+// sequential scan with one lane per group.
+template <class LT>
+__global__ void __launch_bounds__(kWarpRouteWarps * 32)
+    route_sigmoid_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
+                              const float* __restrict__ correction_bias, int n_group, int topk_group,
+                              bool norm_topk_prob, float routed_scaling_factor, int32_t* __restrict__ ids,
+                              float* __restrict__ weights) {
+    __shared__ float choice_sh[kWarpRouteWarps][kWarpRouteMaxExperts];
+    __shared__ float group_score[kWarpRouteWarps][kWarpRouteMaxExperts];
+    __shared__ unsigned char group_eligible[kWarpRouteWarps][kWarpRouteMaxExperts];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + warp;
+    if (t >= m) return;  // the whole warp; no block barrier below
+    const LT* l = logits + t * n_experts;
+    const int per_group = n_experts / n_group;
+    float choice[kWarpRouteSlots], sig[kWarpRouteSlots];  // of experts s * 32 + lane
+    unsigned eligible = 0;                                  // bit s: expert s * 32 + lane may be chosen
+#pragma unroll
+    for (int s = 0; s < kWarpRouteSlots; ++s) {
+        const int e = s * 32 + lane;
+        sig[s] = 0.0f;
+        choice[s] = -INFINITY;
+        if (e < n_experts) {
+            const float v = 1.0f / (1.0f + expf(-load1(l + e)));
+            sig[s] = v;
+            choice[s] = v + (correction_bias != nullptr ? correction_bias[e] : 0.0f);
+            eligible |= 1u << s;
+        }
+    }
+    if (topk_group < n_group) {
+#pragma unroll
+        for (int s = 0; s < kWarpRouteSlots; ++s)
+            if (s * 32 + lane < n_experts) choice_sh[warp][s * 32 + lane] = choice[s];
+        __syncwarp();
+        for (int g = lane; g < n_group; g += 32) {  // the sum of its two best choice values, as the CPU scans
+            float best = -INFINITY, second = -INFINITY;
+            for (int e = g * per_group; e < (g + 1) * per_group; ++e) {
+                const float v = choice_sh[warp][e];
+                if (v > best) {
+                    second = best;
+                    best = v;
+                } else if (v > second) {
+                    second = v;
+                }
+            }
+            group_score[warp][g] = per_group >= 2 ? best + second : best;
+            group_eligible[warp][g] = 0;
+        }
+        __syncwarp();
+        for (int i = 0; i < topk_group; ++i) {
+            float bv = 0.0f, unused = 0.0f;
+            int bi = -1;
+            for (int g = lane; g < n_group; g += 32)
+                if (!group_eligible[warp][g] && ranks_before(group_score[warp][g], g, bv, bi))
+                    bv = group_score[warp][g], bi = g;
+            warp_argmax(bv, bi, unused);
+            if (lane == 0) group_eligible[warp][bi] = 1;
+            __syncwarp();
+        }
+        eligible = 0;
+#pragma unroll
+        for (int s = 0; s < kWarpRouteSlots; ++s) {
+            const int e = s * 32 + lane;
+            if (e < n_experts && group_eligible[warp][e / per_group]) eligible |= 1u << s;
+        }
+    }
+    int my_id = -1;  // lane j < top_k: choice j and its s
+    float my_sig = 0.0f, total = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+        float bv = 0.0f, bs = 0.0f;
+        int bi = -1;
+#pragma unroll
+        for (int s = 0; s < kWarpRouteSlots; ++s) {
+            const int e = s * 32 + lane;
+            if (((eligible >> s) & 1u) && ranks_before(choice[s], e, bv, bi)) bv = choice[s], bi = e, bs = sig[s];
+        }
+        warp_argmax(bv, bi, bs);
+        if ((bi & 31) == lane) eligible &= ~(1u << (bi >> 5));  // taken
+        total += bs;
+        if (lane == j) my_id = bi, my_sig = bs;
+    }
+    if (lane < top_k) {
+        const float denom = norm_topk_prob ? total + 1e-20f : 1.0f;
+        ids[t * top_k + lane] = my_id;
+        weights[t * top_k + lane] = my_sig / denom * routed_scaling_factor;
+    }
+}
+
 // ---- permutation ----
 
 constexpr int kPermuteWarps = 4;
@@ -271,19 +434,31 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
 
 // ---- grouped NVFP4 GEMV ----
 
-constexpr int kGemvWarps = 4;  // output rows per CTA (one per warp)
+constexpr int kGemvWarps = 4;
 constexpr int kTokenTile = 8;
+// 16-byte weight chunks a lane loads before it computes on them: rows are grouped per warp so that a lane
+// gets about this many (gemv_lanes_per_row), all in flight together.
+constexpr int kGemvChunksInFlight = 4;
 
 enum class Epilogue { None, SwiGlu, Relu2 };
 
-// out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list), rows
-// blockIdx.x * 4 + warp. Input row of position p: x[sorted_pairs[p] / top_k] when kGather (the token),
-// else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
+// Sum over the `lanes` (a power of two) consecutive lanes of a segment; every lane of it gets the sum.
+// All 32 lanes must call it. lanes = 32 adds in warp_sum's order.
+__device__ __forceinline__ float segment_sum(float v, int lanes) {
+    for (int o = lanes >> 1; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list). A warp
+// computes 32 / lanes_per_row consecutive output rows, each by a segment of lanes_per_row lanes striding
+// over the row's 32-wide chunks of k (at small k one row per warp would leave lanes idle and each lane one
+// load: the kernel would be all latency). Input row of position p: x[sorted_pairs[p] / top_k] when kGather
+// (the token), else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k,
                           const Nvfp4DeviceWeight* __restrict__ w0s,
-                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n,
+                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, int lanes_per_row,
                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                           const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                           float* __restrict__ out) {
@@ -291,23 +466,30 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     if (static_cast<int>(blockIdx.y) >= *n_active) return;
     const int e = active_experts[blockIdx.y];
     const int lane = threadIdx.x & 31;
-    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-    if (row >= n) return;  // the whole warp; no block barrier below
+    const int rows_per_warp = 32 / lanes_per_row;
+    const int sub = lane & (lanes_per_row - 1);  // lane within the row's segment
+    const int64_t warp_row0 =
+        (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * rows_per_warp;
+    if (warp_row0 >= n) return;  // the whole warp; no block barrier below
+    const int64_t row = warp_row0 + lane / lanes_per_row;
+    const bool row_ok = row < n;  // lanes past n load nothing but join the shuffles
+    const int64_t wrow = row_ok ? row : warp_row0;
     const int begin = offsets[e], count = offsets[e + 1] - begin;
     const int64_t chunks = k >> 5;
     const Nvfp4DeviceWeight w1 = w1s[e];
-    const uint4* q1 = reinterpret_cast<const uint4*>(w1.packed) + row * chunks;
-    const unsigned short* s1 = reinterpret_cast<const unsigned short*>(w1.scales) + row * chunks;
+    const uint4* q1 = reinterpret_cast<const uint4*>(w1.packed) + wrow * chunks;
+    const unsigned short* s1 = reinterpret_cast<const unsigned short*>(w1.scales) + wrow * chunks;
     const uint4* q0 = nullptr;
     const unsigned short* s0 = nullptr;
     float scale0 = 0.0f;
     if constexpr (kGated) {
         const Nvfp4DeviceWeight w0 = w0s[e];
-        q0 = reinterpret_cast<const uint4*>(w0.packed) + row * chunks;
-        s0 = reinterpret_cast<const unsigned short*>(w0.scales) + row * chunks;
+        q0 = reinterpret_cast<const uint4*>(w0.packed) + wrow * chunks;
+        s0 = reinterpret_cast<const unsigned short*>(w0.scales) + wrow * chunks;
         scale0 = w0.global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
     }
     const float scale1 = w1.global_scale * 16384.0f;
+    const int64_t my_chunks = row_ok ? chunks : 0;
 
     for (int t0 = 0; t0 < count; t0 += kTokenTile) {
         const int nb = min(kTokenTile, count - t0);
@@ -321,55 +503,69 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         float acc0[kTokenTile], acc1[kTokenTile];
 #pragma unroll
         for (int i = 0; i < kTokenTile; ++i) acc0[i] = acc1[i] = 0.0f;
-        for (int64_t c = lane; c < chunks; c += 32) {
-            const uint4 qa = __ldg(q1 + c);
-            const uint32_t sa = __ldg(s1 + c);
-            uint4 qb = make_uint4(0, 0, 0, 0);
-            uint32_t sb = 0;
-            if constexpr (kGated) qb = __ldg(q0 + c), sb = __ldg(s0 + c);
+        for (int64_t c0 = sub; c0 < my_chunks; c0 += static_cast<int64_t>(kGemvChunksInFlight) * lanes_per_row) {
+            // All of this lane's loads of the group first, then the arithmetic.
+            uint4 qa[kGemvChunksInFlight], qb[kGemvChunksInFlight];
+            uint32_t sa[kGemvChunksInFlight], sb[kGemvChunksInFlight];
 #pragma unroll
-            for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 16
-                float part0[kTokenTile], part1[kTokenTile];
+            for (int u = 0; u < kGemvChunksInFlight; ++u) {
+                const int64_t c = c0 + static_cast<int64_t>(u) * lanes_per_row;
+                qa[u] = qb[u] = make_uint4(0, 0, 0, 0);
+                sa[u] = sb[u] = 0;
+                if (c < my_chunks) {
+                    qa[u] = __ldg(q1 + c);
+                    sa[u] = __ldg(s1 + c);
+                    if constexpr (kGated) qb[u] = __ldg(q0 + c), sb[u] = __ldg(s0 + c);
+                }
+            }
 #pragma unroll
-                for (int i = 0; i < kTokenTile; ++i) part0[i] = part1[i] = 0.0f;
+            for (int u = 0; u < kGemvChunksInFlight; ++u) {
+                const int64_t c = c0 + static_cast<int64_t>(u) * lanes_per_row;
+                if (c >= my_chunks) break;  // the later ones are past the row too
 #pragma unroll
-                for (int j = 2 * b; j < 2 * b + 2; ++j) {  // words of 8 codes
-                    float wa[8], wb[8];
-                    e2m1x8_to_float(word_of(qa, j), wa);
-                    if constexpr (kGated) e2m1x8_to_float(word_of(qb, j), wb);
+                for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 16
+                    float part0[kTokenTile], part1[kTokenTile];
 #pragma unroll
-                    for (int i = 0; i < kTokenTile; ++i) {
-                        if (i >= nb) break;  // warp-uniform
-                        float xv[8];
-                        load8(xr[i] + c * 32 + 8 * j, xv);
+                    for (int i = 0; i < kTokenTile; ++i) part0[i] = part1[i] = 0.0f;
 #pragma unroll
-                        for (int q = 0; q < 8; ++q) {
-                            part1[i] = fmaf(wa[q], xv[q], part1[i]);
-                            if constexpr (kGated) part0[i] = fmaf(wb[q], xv[q], part0[i]);
+                    for (int j = 2 * b; j < 2 * b + 2; ++j) {  // words of 8 codes
+                        float wa[8], wb[8];
+                        e2m1x8_to_float(word_of(qa[u], j), wa);
+                        if constexpr (kGated) e2m1x8_to_float(word_of(qb[u], j), wb);
+#pragma unroll
+                        for (int i = 0; i < kTokenTile; ++i) {
+                            if (i >= nb) break;  // warp-uniform
+                            float xv[8];
+                            load8(xr[i] + c * 32 + 8 * j, xv);
+#pragma unroll
+                            for (int q = 0; q < 8; ++q) {
+                                part1[i] = fmaf(wa[q], xv[q], part1[i]);
+                                if constexpr (kGated) part0[i] = fmaf(wb[q], xv[q], part0[i]);
+                            }
                         }
                     }
-                }
-                const float sca = e4m3_exact(sa >> (8 * b));
-                const float scb = kGated ? e4m3_exact(sb >> (8 * b)) : 0.0f;
+                    const float sca = e4m3_exact(sa[u] >> (8 * b));
+                    const float scb = kGated ? e4m3_exact(sb[u] >> (8 * b)) : 0.0f;
 #pragma unroll
-                for (int i = 0; i < kTokenTile; ++i) {
-                    acc1[i] = fmaf(part1[i], sca, acc1[i]);
-                    if constexpr (kGated) acc0[i] = fmaf(part0[i], scb, acc0[i]);
+                    for (int i = 0; i < kTokenTile; ++i) {
+                        acc1[i] = fmaf(part1[i], sca, acc1[i]);
+                        if constexpr (kGated) acc0[i] = fmaf(part0[i], scb, acc0[i]);
+                    }
                 }
             }
         }
 #pragma unroll
         for (int i = 0; i < kTokenTile; ++i) {
             if (i >= nb) break;  // warp-uniform
-            const float u = warp_sum(acc1[i]) * scale1;
+            const float u = segment_sum(acc1[i], lanes_per_row) * scale1;
             float v = u;
             if constexpr (kEpi == Epilogue::SwiGlu) {
-                const float g = warp_sum(acc0[i]) * scale0;
+                const float g = segment_sum(acc0[i], lanes_per_row) * scale0;
                 v = g / (1.0f + expf(-g)) * u;
             } else if constexpr (kEpi == Epilogue::Relu2) {
                 v = u > 0.0f ? u * u : 0.0f;
             }
-            if (lane == 0) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
+            if (sub == 0 && row_ok) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
         }
     }
 }
@@ -708,6 +904,20 @@ unsigned grid_y_for(int64_t m, int64_t top_k, int64_t n_experts) {
     return static_cast<unsigned>(std::min<int64_t>(m * top_k, n_experts));
 }
 
+// Lanes per output row of the GEMV: the fewest (a power of two) that leave each lane at most
+// kGemvChunksInFlight chunks of k (k = 768: 8 lanes, 4 rows a warp, 3 chunks a lane; k = 2048: 16 lanes).
+int gemv_lanes_per_row(int64_t k) {
+    const int64_t chunks = k / 32;
+    int lanes = 1;
+    while (lanes < 32 && lanes * static_cast<int64_t>(kGemvChunksInFlight) < chunks) lanes *= 2;
+    return lanes;
+}
+
+unsigned gemv_grid_x(int64_t n, int lanes_per_row) {
+    const int64_t rows_per_cta = static_cast<int64_t>(kGemvWarps) * (32 / lanes_per_row);
+    return static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta);
+}
+
 bool use_gemm(MoeExpertKernel kernel, int64_t m, int64_t top_k, int64_t n_experts, DType activations) {
     return kernel == MoeExpertKernel::Gemm ||
            (kernel == MoeExpertKernel::Auto && moe_prefers_gemm(m, top_k, n_experts, activations));
@@ -744,8 +954,19 @@ void moe_route_softmax(const void* logits, DType dtype, int64_t m, int64_t n_exp
                        bool norm_topk_prob, int32_t* ids, float* weights, cudaStream_t stream) {
     check_router(dtype, m, n_experts, top_k, "moe_route_softmax");
     if (m == 0) return;
-    const size_t smem = static_cast<size_t>(n_experts) * 5;
     const int ne = static_cast<int>(n_experts), k = static_cast<int>(top_k);
+    if (n_experts <= kWarpRouteMaxExperts) {
+        const auto blocks = static_cast<unsigned>((m + kWarpRouteWarps - 1) / kWarpRouteWarps);
+        if (dtype == DType::F32)
+            route_softmax_warp_kernel<float><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
+                static_cast<const float*>(logits), m, ne, k, norm_topk_prob, ids, weights);
+        else
+            route_softmax_warp_kernel<__nv_bfloat16><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
+                static_cast<const __nv_bfloat16*>(logits), m, ne, k, norm_topk_prob, ids, weights);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+    const size_t smem = static_cast<size_t>(n_experts) * 5;
     if (dtype == DType::F32)
         route_softmax_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
             static_cast<const float*>(logits), ne, k, norm_topk_prob, ids, weights);
@@ -766,10 +987,23 @@ void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_exp
         bad("moe_route_sigmoid: top_k " + std::to_string(top_k) + " of " +
             std::to_string(topk_group * (n_experts / n_group)) + " eligible experts");
     if (m == 0) return;
-    // choice, sig [n_experts] float; group_score [n_group] float; taken [n_experts], eligible [n_group] bytes
-    const size_t smem = static_cast<size_t>(n_experts) * 9 + static_cast<size_t>(n_group) * 5;
     const int ne = static_cast<int>(n_experts), k = static_cast<int>(top_k);
     const int ng = static_cast<int>(n_group), kg = static_cast<int>(topk_group);
+    if (n_experts <= kWarpRouteMaxExperts) {
+        const auto blocks = static_cast<unsigned>((m + kWarpRouteWarps - 1) / kWarpRouteWarps);
+        if (dtype == DType::F32)
+            route_sigmoid_warp_kernel<float><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
+                static_cast<const float*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
+                routed_scaling_factor, ids, weights);
+        else
+            route_sigmoid_warp_kernel<__nv_bfloat16><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
+                static_cast<const __nv_bfloat16*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
+                routed_scaling_factor, ids, weights);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+    // choice, sig [n_experts] float; group_score [n_group] float; taken [n_experts], eligible [n_group] bytes
+    const size_t smem = static_cast<size_t>(n_experts) * 9 + static_cast<size_t>(n_group) * 5;
     if (dtype == DType::F32)
         route_sigmoid_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
             static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
@@ -835,12 +1069,12 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
-    const dim3 grid(static_cast<unsigned>((experts.n_ff + kGemvWarps - 1) / kGemvWarps),
-                    grid_y_for(m, top_k, experts.n_experts));
+    const int lanes = gemv_lanes_per_row(experts.n_embd);
+    const dim3 grid(gemv_grid_x(experts.n_ff, lanes), grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
         moe_gemv_nvfp4_kernel<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
-            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff,
+            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
             perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
     if (dtype == DType::F32) {
@@ -875,10 +1109,10 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
-    const dim3 grid(static_cast<unsigned>((experts.n_embd + kGemvWarps - 1) / kGemvWarps),
-                    grid_y_for(m, top_k, experts.n_experts));
+    const int lanes = gemv_lanes_per_row(experts.n_ff);
+    const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
     moe_gemv_nvfp4_kernel<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-        h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, perm.offsets,
+        h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
         perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
