@@ -432,6 +432,85 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
     }
 }
 
+// Small batches (decode: n_pairs <= kSmallPermutePairs) in one CTA, one launch: counts by shared atomics,
+// a block scan (one thread per expert) for offsets and the active list, then warp 0 places the pairs in
+// index order, 32 at a time (__match_any_sync ranks equal ids within the 32; a running per-expert fill
+// carries across them), which keeps token order inside an expert.
+constexpr int kSmallPermuteThreads = 1024;  // >= the 1024 experts moe_permute allows
+constexpr int kSmallPermutePairs = 1024;
+
+__global__ void __launch_bounds__(kSmallPermuteThreads)
+    permute_small_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
+                         int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                         int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+                         int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    __shared__ int count_sh[kSmallPermuteThreads];  // then: the next free sorted position of each expert
+    __shared__ int id_sh[kSmallPermutePairs];
+    __shared__ int warp_count[32], warp_active[32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    count_sh[tid] = 0;
+    __syncthreads();
+    for (int i = tid; i < n_pairs; i += kSmallPermuteThreads) {
+        const int e = ids[i];
+        const bool routed = e >= 0 && e < n_experts;  // others are dropped
+        id_sh[i] = routed ? e : -1;
+        if (routed) atomicAdd(&count_sh[e], 1);
+    }
+    __syncthreads();
+    // Exclusive scans of the counts and of the active flags over expert = tid.
+    const int c = tid < n_experts ? count_sh[tid] : 0;
+    const int a = c > 0 ? 1 : 0;
+    int ic = c, ia = a;  // inclusive within the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int xc = __shfl_up_sync(0xffffffffu, ic, o);
+        const int xa = __shfl_up_sync(0xffffffffu, ia, o);
+        if (lane >= o) ic += xc, ia += xa;
+    }
+    if (lane == 31) warp_count[warp] = ic, warp_active[warp] = ia;
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the 32 warp totals
+        const int wc = warp_count[lane], wa = warp_active[lane];
+        int sc = wc, sa = wa;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int xc = __shfl_up_sync(0xffffffffu, sc, o);
+            const int xa = __shfl_up_sync(0xffffffffu, sa, o);
+            if (lane >= o) sc += xc, sa += xa;
+        }
+        warp_count[lane] = sc - wc;
+        warp_active[lane] = sa - wa;
+    }
+    __syncthreads();
+    const int before = warp_count[warp] + ic - c, active_before = warp_active[warp] + ia - a;
+    if (tid < n_experts) {
+        counts[tid] = c;
+        offsets[tid] = before;
+        count_sh[tid] = before;  // only this thread read count_sh[tid] since the last barrier
+        if (c > 0) active_experts[active_before] = tid;
+        if (tid == n_experts - 1) {
+            offsets[n_experts] = before + c;
+            *n_active = active_before + a;
+        }
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    for (int base = 0; base < n_pairs; base += 32) {
+        const int i = base + lane;
+        const int e = i < n_pairs ? id_sh[i] : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int rank = __popc(peers & ((1u << lane) - 1u));
+        if (e >= 0) {
+            const int pos = count_sh[e] + rank;
+            sorted_pairs[pos] = i;
+            pair_position[i] = pos;
+        }
+        __syncwarp();  // every peer read the fill before its leader moves it
+        if (e >= 0 && rank == 0) count_sh[e] += __popc(peers);
+        __syncwarp();
+    }
+}
+
 // ---- grouped NVFP4 GEMV ----
 
 constexpr int kGemvWarps = 4;
@@ -826,39 +905,47 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
 }
 
 constexpr int kCombineThreads = 256;
+constexpr int kCombineTargetCtas = 264;  // two CTAs an SM of an H100: small m splits the columns
 
+// y[t] over the columns of column block cb, grid (m * col_blocks): token t = blockIdx.x / col_blocks. Warp 0
+// ranks the token's kept choices by (expert id, choice index) in parallel, which is the order the
+// insertion sort of a stable sort by id gives; every column then adds them in that order from zero.
 template <class YT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
                    const float* __restrict__ weights, const int32_t* __restrict__ pair_position, int top_k,
-                   int64_t n_embd, const YT* __restrict__ shared, YT* __restrict__ y) {
+                   int64_t n_embd, int col_blocks, const YT* __restrict__ shared, YT* __restrict__ y) {
     __shared__ int order_pos[kMaxTopK];
     __shared__ float order_w[kMaxTopK];
-    const int64_t t = blockIdx.x;
     __shared__ int n_routed;
-    if (threadIdx.x == 0) {  // the token's choices by expert id ascending (insertion sort, top_k <= 32)
-        int id[kMaxTopK];
-        int n = 0;  // choices kept: a negative id was dropped by the permutation (another rank's expert)
-        for (int j = 0; j < top_k; ++j) {
-            const int e = ids[t * top_k + j];
-            if (e < 0) continue;
-            int i = n++;
-            for (; i > 0 && id[i - 1] > e; --i) {
-                id[i] = id[i - 1];
-                order_pos[i] = order_pos[i - 1];
-                order_w[i] = order_w[i - 1];
-            }
-            id[i] = e;
-            order_pos[i] = pair_position[t * top_k + j];
-            order_w[i] = weights[t * top_k + j];
+    const int64_t t = blockIdx.x / col_blocks;
+    const int cb = static_cast<int>(blockIdx.x % col_blocks);
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int e = -1, pos = 0;
+        float w = 0.0f;
+        if (lane < top_k) {
+            e = ids[t * top_k + lane];
+            w = weights[t * top_k + lane];
+            pos = pair_position[t * top_k + lane];  // a dropped choice's is unwritten: read, not used
         }
-        n_routed = n;
+        const bool kept = e >= 0;  // a negative id was dropped by the permutation (another rank's expert)
+        int rank = 0;
+        for (int j = 0; j < top_k; ++j) {
+            const int ej = __shfl_sync(0xffffffffu, e, j);
+            if (ej >= 0 && (ej < e || (ej == e && j < lane))) ++rank;
+        }
+        if (kept) order_pos[rank] = pos, order_w[rank] = w;
+        const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
+        if (lane == 0) n_routed = __popc(kept_mask);
     }
     __syncthreads();
-    for (int64_t c = threadIdx.x; c < n_embd; c += kCombineThreads) {
+    const int n = n_routed;
+    for (int64_t c = static_cast<int64_t>(cb) * kCombineThreads + threadIdx.x; c < n_embd;
+         c += static_cast<int64_t>(kCombineThreads) * col_blocks) {
         float acc = 0.0f;
-        for (int j = 0; j < n_routed; ++j)
-            acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
+#pragma unroll 8
+        for (int j = 0; j < n; ++j) acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
         if (shared != nullptr) acc += load1(shared + t * n_embd + c);
         store1(y + t * n_embd + c, acc);
     }
@@ -1021,6 +1108,13 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
         bad("moe_permute: m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_experts " +
             std::to_string(n_experts) + " out of range");
     const int n_pairs = static_cast<int>(m * top_k), ne = static_cast<int>(n_experts);
+    if (n_pairs <= kSmallPermutePairs) {
+        permute_small_kernel<<<1, kSmallPermuteThreads, 0, stream>>>(
+            ids, n_pairs, ne, perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position,
+            perm.active_experts, perm.n_active);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     const unsigned blocks = static_cast<unsigned>((n_experts + kPermuteWarps - 1) / kPermuteWarps);
     permute_count_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts);
     permute_place_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(
@@ -1126,13 +1220,18 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
             std::to_string(n_embd) + " out of range");
     if (m == 0) return;
     const int k = static_cast<int>(top_k);
+    // Column blocks per token: enough CTAs to fill the card at small m, one per token from m = 264.
+    const int64_t col_blocks = std::clamp<int64_t>((kCombineTargetCtas + m - 1) / m, 1,
+                                                   (n_embd + kCombineThreads - 1) / kCombineThreads);
+    const auto blocks = static_cast<unsigned>(m * col_blocks);  // <= max(m, 2 * 264)
+    const int cbs = static_cast<int>(col_blocks);
     if (dtype == DType::F32)
-        combine_kernel<float><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
-            o, ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared),
+        combine_kernel<float><<<blocks, kCombineThreads, 0, stream>>>(
+            o, ids, weights, pair_position, k, n_embd, cbs, static_cast<const float*>(shared),
             static_cast<float*>(y));
     else
-        combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kCombineThreads, 0, stream>>>(
-            o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
+        combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, stream>>>(
+            o, ids, weights, pair_position, k, n_embd, cbs, static_cast<const __nv_bfloat16*>(shared),
             static_cast<__nv_bfloat16*>(y));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
