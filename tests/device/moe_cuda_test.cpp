@@ -234,6 +234,38 @@ TEST(MoeCuda, SigmoidRouterTiesGoToLowerId) {
         for (bool bf16 : {false, true}) run_sigmoid(rng, 40, s, true, false, bf16, true);
 }
 
+// The warp-per-token routers (n_experts <= 256) at their slot boundaries, next to the block routers (257).
+TEST(MoeCuda, SoftmaxRouterWarpSizes) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t ne : {8, 33, 64, 128, 129, 200, 256, 257})
+        for (int64_t k : {1, 6, 8, 32}) {
+            if (k > ne) continue;
+            for (int64_t m : {1, 5, 9})
+                for (bool bf16 : {false, true}) run_softmax(rng, m, ne, k, (m + k) % 2 == 0, bf16, false);
+        }
+    for (int64_t ne : {8, 64, 128, 256})
+        for (bool bf16 : {false, true}) {
+            run_softmax(rng, 37, ne, 8, true, bf16, true);
+            run_softmax(rng, 6, ne, std::min<int64_t>(ne, 32), false, bf16, true);
+        }
+}
+
+// Group counts above 32 (a lane scores several groups), groups of one expert, no group excluded with top_k 32.
+const SigmoidShape kWarpSigmoidShapes[] = {
+    {256, 64, 16, 8}, {256, 256, 32, 8}, {200, 8, 3, 6}, {96, 3, 2, 4}, {256, 1, 1, 32}, {8, 2, 1, 2}};
+
+TEST(MoeCuda, SigmoidRouterWarpShapes) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (const auto& s : kWarpSigmoidShapes) {
+        for (int64_t m : {1, 9})
+            for (bool norm : {false, true}) run_sigmoid(rng, m, s, norm, true, false, false);
+        run_sigmoid(rng, 5, s, true, false, true, false);
+        for (bool bf16 : {false, true}) run_sigmoid(rng, 21, s, true, false, bf16, true);
+    }
+}
+
 // Random distinct expert ids per token, or a skewed draw where every token picks from a few experts.
 std::vector<int32_t> random_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, int64_t n_experts,
                                 bool skewed) {
@@ -302,6 +334,63 @@ TEST(MoeCuda, Permute) {
                     EXPECT_EQ(download_vec<int32_t>(dp.n_active, 1)[0], static_cast<int32_t>(active.size()));
                     EXPECT_EQ(download_vec<int32_t>(dp.active, active.size()), active);
                 }
+}
+
+// The one-CTA permutation's boundary (n_pairs <= 1024) on both sides, up to 1024 experts, with some ids
+// dropped (negative or >= n_experts): not counted, not placed, their pair_position left as poisoned.
+TEST(MoeCuda, PermuteSmallBatchesAndDroppedIds) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    struct Shape {
+        int64_t m, k;
+    };
+    for (const Shape sh : {Shape{1, 1}, Shape{1, 8}, Shape{341, 3}, Shape{128, 8}, Shape{205, 5}, Shape{33, 32}})
+        for (int64_t ne : {8, 128, 1000, 1024})
+            for (int drop_pct : {0, 10}) {
+                const int64_t m = sh.m, k = std::min(sh.k, ne), n_pairs = m * k;
+                SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
+                             " dropped " + std::to_string(drop_pct) + "%");
+                auto ids = random_ids(rng, m, k, ne, false);
+                std::uniform_int_distribution<int> pct(0, 99), kind(0, 2);
+                for (auto& e : ids)
+                    if (pct(rng) < drop_pct) {
+                        const int which = kind(rng);
+                        e = which == 0 ? -1 : which == 1 ? static_cast<int32_t>(ne) : static_cast<int32_t>(ne + 7);
+                    }
+                std::vector<int32_t> sorted, position(static_cast<size_t>(n_pairs), -1);
+                for (int32_t i = 0; i < static_cast<int32_t>(n_pairs); ++i) {
+                    const int32_t e = ids[static_cast<size_t>(i)];
+                    if (e >= 0 && e < ne) sorted.push_back(i);
+                }
+                std::stable_sort(sorted.begin(), sorted.end(), [&](int32_t a, int32_t b) {
+                    return ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)];
+                });
+                for (size_t p = 0; p < sorted.size(); ++p)
+                    position[static_cast<size_t>(sorted[p])] = static_cast<int32_t>(p);
+                const size_t n_routed = sorted.size();
+                sorted.resize(static_cast<size_t>(n_pairs), -1);  // positions past the routed ones stay poisoned
+                std::vector<int32_t> counts(static_cast<size_t>(ne), 0), offsets(static_cast<size_t>(ne + 1), 0),
+                    active;
+                for (int32_t e : ids)
+                    if (e >= 0 && e < ne) ++counts[static_cast<size_t>(e)];
+                for (int64_t e = 0; e < ne; ++e) {
+                    offsets[static_cast<size_t>(e + 1)] =
+                        offsets[static_cast<size_t>(e)] + counts[static_cast<size_t>(e)];
+                    if (counts[static_cast<size_t>(e)] > 0) active.push_back(static_cast<int32_t>(e));
+                }
+                ASSERT_EQ(static_cast<size_t>(offsets.back()), n_routed);
+
+                auto dids = upload_vec(ids);
+                DevicePermutation dp(n_pairs, ne);
+                cuda::moe_permute(dids.as<int32_t>(), m, k, ne, dp.view, nullptr);
+                NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                EXPECT_EQ(download_vec<int32_t>(dp.counts, counts.size()), counts);
+                EXPECT_EQ(download_vec<int32_t>(dp.offsets, offsets.size()), offsets);
+                EXPECT_EQ(download_vec<int32_t>(dp.sorted, sorted.size()), sorted);
+                EXPECT_EQ(download_vec<int32_t>(dp.position, position.size()), position);
+                EXPECT_EQ(download_vec<int32_t>(dp.n_active, 1)[0], static_cast<int32_t>(active.size()));
+                EXPECT_EQ(download_vec<int32_t>(dp.active, active.size()), active);
+            }
 }
 
 // ---- experts ----
@@ -553,6 +642,29 @@ TEST(MoeCuda, ExpertsNvfp4) {
     for (const auto& c : kExpertCases)
         for (int64_t m : {1, 3, 17, 64})
             for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1);
+}
+
+// The decode GEMV's row grouping (lanes per row from k: 1 at k <= 128, 2 at 256, 8 at 768, 16 at 1856 and
+// 2048), with CTA row tails (k = 256 and 160 over 96 and 800 rows: 64 rows a CTA; k = 96 over 256 rows) and
+// chunk counts not a multiple of the lanes (1856 / 32 = 58 over 16); n_embd 2048 also splits the combine's
+// columns over CTAs. m = 17 at top_k 2 over 8 experts puts more than one 8-token tile on some experts.
+const ExpertsCase kGemvRowGroupCases[] = {
+    {MoeActivation::SwiGlu, 8, 768, 256, 3},
+    {MoeActivation::Relu2, 8, 2048, 1856, 2},
+    {MoeActivation::Relu2, 8, 96, 256, 2},
+    {MoeActivation::SwiGlu, 4, 160, 800, 2},
+    {MoeActivation::SwiGlu, 6, 2048, 768, 2},
+};
+
+TEST(MoeCuda, ExpertsNvfp4GemvRowGroups) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const auto gemv = cuda::MoeExpertKernel::Gemv;
+    for (const auto& c : kGemvRowGroupCases)
+        for (int64_t m : {1, 17})
+            for (bool bf16 : {false, true})
+                run_experts(pool, rng, c, m, bf16, m == 1 ? Draw::Uniform : Draw::Few, bf16, !bf16, gemv);
 }
 
 // Every token on the same few experts: more than one 8-token tile per expert, most experts idle. The BF16
