@@ -1,12 +1,17 @@
 // MoE kernels (ops/moe/moe_cuda.h).
 //
-// Routers: one CTA of 128 threads per token; logits (and scores) in shared memory; top-k as k rounds of a
-// block argmax with (score desc, id asc) order, which is a stable sort's first k: the CPU's choice.
-// Permutation: one warp per expert, ballots over the pair ids in order (so token order inside an expert
-// is kept without a sort); a count pass, then a place pass that also derives offsets and the active list.
-// Grouped GEMV: CUDA cores, one warp per output row, lanes over 32-wide chunks of k (16 bytes of E2M1
-// codes + 2 E4M3 scales, the decode of ops/linear/nvfp4_decode.cuh), tokens in tiles of 8; the gate and
-// up rows of a SwiGLU expert are read in the same pass and the activation is applied in the epilogue.
+// Routers: top-k as k rounds of an argmax with (score desc, id asc) order, which is a stable sort's first k:
+// the CPU's choice. Up to 256 experts one warp per token, scores in registers, shuffle argmax rounds;
+// above, one CTA of 128 threads per token, scores in shared memory, block argmax rounds (same arithmetic).
+// Permutation: up to 1024 pairs (decode) one CTA does it all in one launch (shared-memory counts, a block
+// scan, placement in pair order by one warp); above, one warp per expert, ballots over the pair ids in
+// order (so token order inside an expert is kept without a sort), a count pass, then a place pass that also
+// derives offsets and the active list.
+// Grouped GEMV: CUDA cores, a warp per 32 / L output rows, the L lanes of a row over its 32-wide chunks of k
+// (16 bytes of E2M1 codes + 2 E4M3 scales, the decode of ops/linear/nvfp4_decode.cuh), L the fewest lanes
+// leaving each at most 4 chunks, all loaded before use; tokens in tiles of 8; the gate and up rows of a
+// SwiGLU expert are read in the same pass and the activation is applied in the epilogue.
+// Combine: CTAs over (token, column block), the choices ranked by expert id by one warp with shuffles.
 // Grouped GEMM (prefill, MoeExpertKernel::Gemm): tensor cores over (expert, 64 positions, 128 weight rows)
 // tiles, weights dequantized to BF16 in shared memory; see the comment above moe_gemm_nvfp4_kernel.
 #include <cuda_bf16.h>

@@ -21,7 +21,7 @@
 //
 // Expert weights are NVFP4 (ops/linear/linear_cuda.h's layout), one Nvfp4DeviceWeight per expert in
 // device arrays; all experts share n_embd and n_ff (their n / k fields are not read). The grouped GEMV
-// reads only the active experts' weights: one CTA row tile per (active expert, 4 output rows), all tokens
+// reads only the active experts' weights: one CTA row tile per (active expert, 4 warps of rows), all tokens
 // routed to that expert in tiles of 8 (a tile past the first re-reads the rows, from L1/L2, which decode
 // rarely needs: at m = 64, top_k = 8 over 128 experts an expert gets 4 tokens on average).
 // Prefill (MoeExpertKernel below) runs a grouped GEMM instead: tensor cores (mma.sync m16n8k16 BF16,
@@ -107,7 +107,7 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
 
 // y[t] = sum over the token's choices in ascending expert id of weights[t, j] * o[pair_position[t, j]],
 // from zero (moe_experts_cpu's order), then + shared[t] when shared is not null. A choice with a negative
-// id (dropped: moe_localize_ids' other ranks' experts) contributes nothing, its pair_position unread; a
+// id (dropped: moe_localize_ids' other ranks' experts) contributes nothing, its pair_position unused; a
 // token with none left gets zero (+ shared).
 //   o [m * top_k, n_embd] float32; ids, weights [m, top_k]; shared, y [m, n_embd] in dtype (F32 or BF16)
 void moe_combine(const float* o, const int32_t* ids, const float* weights, const int32_t* pair_position,
