@@ -547,8 +547,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                           const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                           float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
-    if (static_cast<int>(blockIdx.y) >= *n_active) return;
+    // Both loads at once (gridDim.y <= n_experts keeps the slot in bounds; past n_active it is not used):
+    // the prologue is a chain of dependent loads, and decode's step is short enough for it to show.
+    const int active = *n_active;
     const int e = active_experts[blockIdx.y];
+    if (static_cast<int>(blockIdx.y) >= active) return;
     const int lane = threadIdx.x & 31;
     const int rows_per_warp = 32 / lanes_per_row;
     const int sub = lane & (lanes_per_row - 1);  // lane within the row's segment
