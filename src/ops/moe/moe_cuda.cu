@@ -519,7 +519,9 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
 // ---- grouped NVFP4 GEMV ----
 
 constexpr int kGemvWarps = 4;
-constexpr int kTokenTile = 8;
+// Tokens of an expert per pass over its rows (kTokenTile, a template argument): 8, or 1 for a single-token
+// step (every expert then holds one token; the 8-token tile's registers would cost occupancy for nothing).
+constexpr int kGemvTokenTile = 8;
 // 16-byte weight chunks a lane loads before it computes on them: rows are grouped per warp so that a lane
 // gets about this many (gemv_lanes_per_row), all in flight together.
 constexpr int kGemvChunksInFlight = 4;
@@ -538,7 +540,7 @@ __device__ __forceinline__ float segment_sum(float v, int lanes) {
 // over the row's 32-wide chunks of k (at small k one row per warp would leave lanes idle and each lane one
 // load: the kernel would be all latency). Input row of position p: x[sorted_pairs[p] / top_k] when kGather
 // (the token), else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
-template <class XT, bool kGather, Epilogue kEpi>
+template <class XT, bool kGather, Epilogue kEpi, int kTokenTile>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k,
                           const Nvfp4DeviceWeight* __restrict__ w0s,
@@ -1175,9 +1177,14 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     const dim3 grid(gemv_grid_x(experts.n_ff, lanes), grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
-        moe_gemv_nvfp4_kernel<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
-            static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
-            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+        if (m == 1)
+            moe_gemv_nvfp4_kernel<XT, true, kEpi, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
+                static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
+                perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+        else
+            moe_gemv_nvfp4_kernel<XT, true, kEpi, kGemvTokenTile><<<grid, kGemvWarps * 32, 0, stream>>>(
+                static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
+                perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
     if (dtype == DType::F32) {
         if (swiglu)
@@ -1213,9 +1220,14 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
-    moe_gemv_nvfp4_kernel<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-        h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
-        perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+    if (m == 1)
+        moe_gemv_nvfp4_kernel<float, false, Epilogue::None, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
+            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
+            perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+    else
+        moe_gemv_nvfp4_kernel<float, false, Epilogue::None, kGemvTokenTile><<<grid, kGemvWarps * 32, 0, stream>>>(
+            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
+            perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
