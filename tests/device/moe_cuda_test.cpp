@@ -647,7 +647,8 @@ TEST(MoeCuda, ExpertsNvfp4) {
 // The decode GEMV's row grouping (lanes per row from k: 1 at k <= 128, 2 at 256, 8 at 768, 16 at 1856 and
 // 2048), with CTA row tails (k = 256 and 160 over 96 and 800 rows: 64 rows a CTA; k = 96 over 256 rows) and
 // chunk counts not a multiple of the lanes (1856 / 32 = 58 over 16); n_embd 2048 also splits the combine's
-// columns over CTAs. m = 17 at top_k 2 over 8 experts puts more than one 8-token tile on some experts.
+// columns over CTAs. m = 2 (m top_k <= n_experts: the 1-token tile) drawn over top_k + 1 experts passes
+// over some experts' rows twice; m = 17 puts more than one 8-token tile on some experts.
 const ExpertsCase kGemvRowGroupCases[] = {
     {MoeActivation::SwiGlu, 8, 768, 256, 3},
     {MoeActivation::Relu2, 8, 2048, 1856, 2},
@@ -662,7 +663,7 @@ TEST(MoeCuda, ExpertsNvfp4GemvRowGroups) {
     ThreadPool pool;
     const auto gemv = cuda::MoeExpertKernel::Gemv;
     for (const auto& c : kGemvRowGroupCases)
-        for (int64_t m : {1, 17})
+        for (int64_t m : {1, 2, 17})
             for (bool bf16 : {false, true})
                 run_experts(pool, rng, c, m, bf16, m == 1 ? Draw::Uniform : Draw::Few, bf16, !bf16, gemv);
 }

@@ -519,8 +519,10 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
 // ---- grouped NVFP4 GEMV ----
 
 constexpr int kGemvWarps = 4;
-// Tokens of an expert per pass over its rows (kTokenTile, a template argument): 8, or 1 for a single-token
-// step (every expert then holds one token; the 8-token tile's registers would cost occupancy for nothing).
+// Tokens of an expert per pass over its rows (kTokenTile, a template argument): 8, or 1 when the experts
+// average at most one token (gemv_single_token_tile: the 8-token tile's registers, 148 for SwiGLU against
+// 80, would halve the resident warps for nothing; a rarer expert with more tokens passes over its rows
+// again, from L1).
 constexpr int kGemvTokenTile = 8;
 // 16-byte weight chunks a lane loads before it computes on them: rows are grouped per warp so that a lane
 // gets about this many (gemv_lanes_per_row), all in flight together.
@@ -1010,6 +1012,12 @@ int gemv_lanes_per_row(int64_t k) {
     return lanes;
 }
 
+// m = 1 (each expert then holds at most one token, localized ids included) or at most one token per
+// expert on average.
+bool gemv_single_token_tile(int64_t m, int64_t top_k, int64_t n_experts) {
+    return m == 1 || m * top_k <= n_experts;
+}
+
 unsigned gemv_grid_x(int64_t n, int lanes_per_row) {
     const int64_t rows_per_cta = static_cast<int64_t>(kGemvWarps) * (32 / lanes_per_row);
     return static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta);
@@ -1177,7 +1185,7 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     const dim3 grid(gemv_grid_x(experts.n_ff, lanes), grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
-        if (m == 1)
+        if (gemv_single_token_tile(m, top_k, experts.n_experts))
             moe_gemv_nvfp4_kernel<XT, true, kEpi, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
                 static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
                 perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
@@ -1220,7 +1228,7 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
-    if (m == 1)
+    if (gemv_single_token_tile(m, top_k, experts.n_experts))
         moe_gemv_nvfp4_kernel<float, false, Epilogue::None, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
             h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
             perm.sorted_pairs, perm.active_experts, perm.n_active, o);
