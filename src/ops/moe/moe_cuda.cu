@@ -543,13 +543,13 @@ __device__ __forceinline__ float segment_sum(float v, int lanes) {
 // load: the kernel would be all latency). Input row of position p: x[sorted_pairs[p] / top_k] when kGather
 // (the token), else x[p]. SwiGlu reads w0 = gate and w1 = up; otherwise w1 alone.
 template <class XT, bool kGather, Epilogue kEpi, int kTokenTile>
-__global__ void __launch_bounds__(kGemvWarps * 32)
-    moe_gemv_nvfp4_kernel(const XT* __restrict__ x, int64_t k, int top_k,
-                          const Nvfp4DeviceWeight* __restrict__ w0s,
-                          const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, int lanes_per_row,
-                          const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
-                          const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
-                          float* __restrict__ out) {
+__device__ __forceinline__ void moe_gemv_nvfp4(const XT* __restrict__ x, int64_t k, int top_k,
+                                               const Nvfp4DeviceWeight* __restrict__ w0s,
+                                               const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n,
+                                               int lanes_per_row, const int32_t* __restrict__ offsets,
+                                               const int32_t* __restrict__ sorted_pairs,
+                                               const int32_t* __restrict__ active_experts,
+                                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     // Both loads at once (gridDim.y <= n_experts keeps the slot in bounds; past n_active it is not used):
     // the prologue is a chain of dependent loads, and decode's step is short enough for it to show.
@@ -659,6 +659,33 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
             if (sub == 0 && row_ok) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
         }
     }
+}
+
+// The 1-token tile as the compiler likes it (56-96 registers); the 8-token tile asks for 4 CTAs an SM
+// (SwiGLU: 128 registers, no spills, instead of 148 and 3 CTAs). A minimum of blocks on the 1-token one
+// would raise its registers instead.
+template <class XT, bool kGather, Epilogue kEpi>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    moe_gemv_nvfp4_kernel_t1(const XT* __restrict__ x, int64_t k, int top_k,
+                             const Nvfp4DeviceWeight* __restrict__ w0s, const Nvfp4DeviceWeight* __restrict__ w1s,
+                             int64_t n, int lanes_per_row, const int32_t* __restrict__ offsets,
+                             const int32_t* __restrict__ sorted_pairs,
+                             const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
+                             float* __restrict__ out) {
+    moe_gemv_nvfp4<XT, kGather, kEpi, 1>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets, sorted_pairs,
+                                         active_experts, n_active, out);
+}
+
+template <class XT, bool kGather, Epilogue kEpi>
+__global__ void __launch_bounds__(kGemvWarps * 32, 4)
+    moe_gemv_nvfp4_kernel_t8(const XT* __restrict__ x, int64_t k, int top_k,
+                             const Nvfp4DeviceWeight* __restrict__ w0s, const Nvfp4DeviceWeight* __restrict__ w1s,
+                             int64_t n, int lanes_per_row, const int32_t* __restrict__ offsets,
+                             const int32_t* __restrict__ sorted_pairs,
+                             const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
+                             float* __restrict__ out) {
+    moe_gemv_nvfp4<XT, kGather, kEpi, kGemvTokenTile>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets,
+                                                      sorted_pairs, active_experts, n_active, out);
 }
 
 // ---- grouped NVFP4 GEMM (prefill) ----
@@ -1186,11 +1213,11 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
         if (gemv_single_token_tile(m, top_k, experts.n_experts))
-            moe_gemv_nvfp4_kernel<XT, true, kEpi, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
+            moe_gemv_nvfp4_kernel_t1<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
                 static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
                 perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
         else
-            moe_gemv_nvfp4_kernel<XT, true, kEpi, kGemvTokenTile><<<grid, kGemvWarps * 32, 0, stream>>>(
+            moe_gemv_nvfp4_kernel_t8<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
                 static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
                 perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
@@ -1229,11 +1256,11 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     const int lanes = gemv_lanes_per_row(experts.n_ff);
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
     if (gemv_single_token_tile(m, top_k, experts.n_experts))
-        moe_gemv_nvfp4_kernel<float, false, Epilogue::None, 1><<<grid, kGemvWarps * 32, 0, stream>>>(
+        moe_gemv_nvfp4_kernel_t1<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
             h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
             perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     else
-        moe_gemv_nvfp4_kernel<float, false, Epilogue::None, kGemvTokenTile><<<grid, kGemvWarps * 32, 0, stream>>>(
+        moe_gemv_nvfp4_kernel_t8<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
             h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
             perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
