@@ -383,6 +383,33 @@ void bench_moe_mamba(cudaStream_t stream) {
             const double bytes = active_sum / kBuffers * static_cast<double>(mats * (packed + scales));
             std::printf("moe %-16s m=%-2lld active %5.1f experts %8.2f us/step %6.0f GB/s of active weights\n", c.name,
                         static_cast<long long>(m), active_sum / kBuffers, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
+            // Each stage alone (the others' outputs from the last full step stay valid): where a step's time goes.
+            auto stage_us = [&](auto&& launch) {
+                return time_ms(stream, 2, 50, [&] {
+                           for (int b = 0; b < kBuffers; ++b) launch(next++ % kBuffers);
+                       }) / kBuffers * 1e3;
+            };
+            const double route = stage_us([&](int b) {
+                nibble::cuda::moe_route_softmax(logits[static_cast<size_t>(b)].get(), DType::BF16, m, c.n_experts,
+                                                c.top_k, true, ids.as<int32_t>(), rw.as<float>(), stream);
+            });
+            const double permute = stage_us([&](int) {
+                nibble::cuda::moe_permute(ids.as<int32_t>(), m, c.top_k, c.n_experts, perm, stream);
+            });
+            const double up = stage_us([&](int) {
+                nibble::cuda::moe_experts_up_nvfp4(x.get(), DType::BF16, m, c.top_k, ex,
+                                                   c.swiglu ? nibble::MoeActivation::SwiGlu : nibble::MoeActivation::Relu2,
+                                                   perm, h.as<float>(), stream);
+            });
+            const double down = stage_us([&](int) {
+                nibble::cuda::moe_experts_down_nvfp4(h.as<float>(), m, c.top_k, ex, perm, o.as<float>(), stream);
+            });
+            const double combine = stage_us([&](int) {
+                nibble::cuda::moe_combine(o.as<float>(), ids.as<int32_t>(), rw.as<float>(), perm.pair_position, m,
+                                          c.top_k, c.d, nullptr, DType::BF16, y.get(), stream);
+            });
+            std::printf("    stages: route %.2f  permute %.2f  up %.2f  down %.2f  combine %.2f us\n", route, permute,
+                        up, down, combine);
         }
     }
 
