@@ -40,6 +40,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "decoder_forward_util.h"
+#include "tensor_parallel_util.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
@@ -50,95 +51,6 @@ namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-
-constexpr int kDecodeSteps = 12;
-
-struct RankResult {
-    std::vector<std::vector<float>> logits;  // [steps][vocab]: prefill's last row, then each decode step
-    std::vector<int32_t> greedy;             // [steps] argmax of each
-    int64_t experts_held = 0;                // a MoE layer's experts on this rank
-};
-
-int32_t argmax(const std::vector<float>& row) {
-    return static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
-}
-
-// Runs the prompt and kDecodeSteps decode steps on tp ranks (GPUs 0 .. tp-1); decode feeds `forced` when
-// given, else each step's own greedy token.
-std::vector<RankResult> run_ranks(const Model& model, int tp, DType act, int64_t graph_size,
-                                  const std::vector<int32_t>& prompt, const std::vector<int32_t>& forced, int port) {
-    DecoderView view;
-    EXPECT_TRUE(model.decoder_view(view));
-    std::vector<RankResult> results(static_cast<size_t>(tp));
-    std::vector<std::exception_ptr> errors(static_cast<size_t>(tp));
-    std::vector<std::thread> threads;
-    for (int r = 0; r < tp; ++r)
-        threads.emplace_back([&, r] {
-            try {
-                NIBBLE_CUDA_CHECK(cudaSetDevice(r));
-                auto weights = std::make_shared<const gpu::DeviceDecoder>(
-                    gpu::upload_decoder_rank(model.config(), model.quant_config(), view, tp, r));
-                RankResult& out = results[static_cast<size_t>(r)];
-                for (const gpu::DeviceDecoderLayer& L : weights->layers)
-                    if (L.moe) out.experts_held = L.experts.n_experts;
-                cudaStream_t stream = nullptr;
-                NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-                std::unique_ptr<NcclCommunicator> comm;
-                if (tp > 1)
-                    comm = std::make_unique<NcclCommunicator>(
-                        NcclBootstrap{.world_size = tp, .rank = r, .device = r, .master_addr = "127.0.0.1",
-                                      .master_port = port, .timeout_ms = 60000},
-                        stream);
-                {
-                    gpu::CudaModelRunner runner(weights, {.kv_dtype = KvDtype::Bf16,
-                                                          .num_blocks = 16,
-                                                          .block_size = 16,
-                                                          .max_model_len = 256,
-                                                          .max_num_batched_tokens = 128,
-                                                          .max_num_seqs = 4,
-                                                          .act_dtype = act,
-                                                          .max_cudagraph_capture_size = graph_size,
-                                                          .stream = stream});
-                    runner.set_communicator(comm.get());
-                    std::vector<int32_t> table(16);
-                    for (int i = 0; i < 16; ++i) table[static_cast<size_t>(i)] = i;
-                    std::vector<float> logits;
-                    const RunnerSequence prefill{.tokens = prompt, .block_table = table, .start_pos = 0,
-                                                 .needs_logits = true};
-                    runner.execute(std::span(&prefill, 1), logits);
-                    out.logits.push_back(logits);
-                    out.greedy.push_back(argmax(logits));
-                    for (int step = 0; step < kDecodeSteps; ++step) {
-                        const std::vector<int32_t> token{forced.empty() ? out.greedy.back()
-                                                                        : forced[static_cast<size_t>(step)]};
-                        const RunnerSequence s{.tokens = token, .block_table = table,
-                                               .start_pos = static_cast<int64_t>(prompt.size()) + step,
-                                               .needs_logits = true};
-                        runner.execute(std::span(&s, 1), logits);
-                        out.logits.push_back(logits);
-                        out.greedy.push_back(argmax(logits));
-                    }
-                    if (graph_size > 0) {
-                        EXPECT_GE(runner.num_cuda_graphs(), 1) << "rank " << r;
-                    }
-                }
-                comm.reset();
-                (void)cudaStreamDestroy(stream);
-            } catch (...) {
-                errors[static_cast<size_t>(r)] = std::current_exception();
-            }
-        });
-    for (std::thread& t : threads) t.join();
-    for (int r = 0; r < tp; ++r)
-        if (errors[static_cast<size_t>(r)]) {
-            try {
-                std::rethrow_exception(errors[static_cast<size_t>(r)]);
-            } catch (const std::exception& e) {
-                ADD_FAILURE() << "rank " << r << " of " << tp << ": " << e.what();
-            }
-        }
-    return results;
-}
 
 // The checkpoints, written once per process: BF16, then quantized to NVFP4 ModelOpt (router kept BF16).
 fs::path test_model(const std::string& name) {
@@ -187,48 +99,18 @@ TEST_P(CudaExpertParallel, GreedyTokensAndLogitsMatchTpOne) {
     std::vector<int32_t> prompt(37);
     for (int32_t& t : prompt) t = token(rng);
     static int port = 29720;  // a fresh rendezvous port per group: the last one's socket may linger
-    const std::vector<RankResult> one = run_ranks(*model, 1, c.act, c.graph_size, prompt, {}, ++port);
-    ASSERT_EQ(one[0].greedy.size(), static_cast<size_t>(kDecodeSteps + 1));
+    const std::vector<test::RankResult> one = test::run_ranks(*model, 1, c.act, c.graph_size, prompt, {}, ++port);
+    ASSERT_EQ(one[0].greedy.size(), static_cast<size_t>(test::kTpDecodeSteps + 1));
     EXPECT_EQ(one[0].experts_held, n_experts);
     const std::vector<int32_t> forced(one[0].greedy.begin(), one[0].greedy.end() - 1);
-    const std::vector<RankResult> two = run_ranks(*model, 2, c.act, c.graph_size, prompt, forced, ++port);
+    const std::vector<test::RankResult> two = test::run_ranks(*model, 2, c.act, c.graph_size, prompt, forced, ++port);
     ASSERT_EQ(two.size(), 2u);
     for (int r = 0; r < 2; ++r) EXPECT_EQ(two[static_cast<size_t>(r)].experts_held, n_experts / 2) << "rank " << r;
-    const double rel = c.act == DType::F32 ? 1e-3 : 3e-2;
-    double worst = 0;
-    int near_ties = 0;
-    for (size_t step = 0; step < one[0].logits.size(); ++step) {
-        const std::vector<float>& ref = one[0].logits[step];
-        double ms = 0;
-        for (float v : ref) ms += static_cast<double>(v) * v;
-        const double tol = rel * std::max(1.0, std::sqrt(ms / static_cast<double>(ref.size())));
-        for (int r = 0; r < 2; ++r) {
-            ASSERT_EQ(two[static_cast<size_t>(r)].logits.size(), one[0].logits.size()) << "rank " << r;
-            const std::vector<float>& got = two[static_cast<size_t>(r)].logits[step];
-            ASSERT_EQ(got.size(), ref.size());
-            double d = 0;
-            for (size_t i = 0; i < ref.size(); ++i) {
-                ASSERT_TRUE(std::isfinite(got[i])) << "rank " << r << " step " << step << " logit " << i;
-                d = std::max(d, std::fabs(static_cast<double>(got[i]) - ref[i]));
-            }
-            EXPECT_LE(d, tol) << "rank " << r << " step " << step;
-            worst = std::max(worst, d);
-            const int32_t want = one[0].greedy[step], have = two[static_cast<size_t>(r)].greedy[step];
-            if (have != want) {
-                EXPECT_NE(c.act, DType::F32) << "rank " << r << " step " << step << ": greedy " << have
-                                             << " vs TP=1 " << want;
-                EXPECT_LT(ref[static_cast<size_t>(want)] - ref[static_cast<size_t>(have)], tol)
-                    << "rank " << r << " step " << step << ": greedy " << have << " vs TP=1 " << want
-                    << " beyond a near-tie";
-                ++near_ties;
-            }
-        }
-        EXPECT_EQ(two[0].logits[step], two[1].logits[step]) << "step " << step;  // the same gathered logits
-    }
+    const test::TpComparison cmp = test::compare_tp_two_with_one(one, two, c.act, c.act == DType::F32 ? 1e-3 : 3e-2);
     std::printf("[  detail  ] %s %s %s: TP=2 (experts split by id) vs TP=1 over %d steps: max |diff| %.3g, "
                 "%d near-ties\n",
                 c.model.c_str(), c.act == DType::F32 ? "f32" : "bf16", c.graph_size > 0 ? "graphs" : "eager",
-                kDecodeSteps + 1, worst, near_ties);
+                test::kTpDecodeSteps + 1, cmp.worst, cmp.near_ties);
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaExpertParallel,
