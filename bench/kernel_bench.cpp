@@ -302,6 +302,44 @@ void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
 }
 
 
+// One MoE layer's experts for the benches: random NVFP4 weights and E4M3 scales (every expert's matrices
+// back to back) and the device tables of per-expert pointers the launchers read.
+struct BenchMoeExperts {
+    int64_t mats;         // matrices an expert holds: gate, up, down with SwiGLU; up, down otherwise
+    size_t expert_bytes;  // one expert's weight + scale bytes
+    DeviceBuffer packed, scales;  // [n_experts * mats, d * ff / 2], [n_experts * mats, d * ff / 16]
+    DeviceBuffer tables[3];       // gate, up, down: [n_experts] Nvfp4DeviceWeight (gate empty without SwiGLU)
+    nibble::cuda::MoeDeviceExperts experts;
+
+    BenchMoeExperts(bool swiglu, int64_t n_experts, int64_t d, int64_t ff, uint64_t& seed, cudaStream_t stream) {
+        mats = swiglu ? 3 : 2;
+        const size_t packed_bytes = static_cast<size_t>(d * ff / 2), scale_bytes = static_cast<size_t>(d * ff / 16);
+        expert_bytes = static_cast<size_t>(mats) * (packed_bytes + scale_bytes);
+        packed = DeviceBuffer(packed_bytes * mats * n_experts);
+        scales = DeviceBuffer(scale_bytes * mats * n_experts);
+        nibble::cuda::fill_random_u32(packed.as<uint32_t>(), packed.bytes() / 4, ++seed, ~0u, 0u, stream);
+        nibble::cuda::fill_random_u32(scales.as<uint32_t>(), scales.bytes() / 4, ++seed, 0x1f1f1f1fu, 0x20202020u,
+                                      stream);
+        std::vector<nibble::cuda::Nvfp4DeviceWeight> host[3];  // gate, up, down
+        for (int64_t e = 0; e < n_experts; ++e)
+            for (int64_t j = 0; j < mats; ++j) {
+                const size_t i = static_cast<size_t>(e * mats + j);
+                const bool down = j == mats - 1;
+                host[swiglu ? j : j + 1].push_back({packed.as<uint8_t>() + i * packed_bytes,
+                                                    scales.as<uint8_t>() + i * scale_bytes, 0.01f, down ? d : ff,
+                                                    down ? ff : d});
+            }
+        for (int j = 0; j < 3; ++j) {
+            tables[j] = DeviceBuffer(std::max<size_t>(1, host[j].size()) * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+            if (!host[j].empty())
+                tables[j].upload(host[j].data(), host[j].size() * sizeof(nibble::cuda::Nvfp4DeviceWeight));
+        }
+        experts = {swiglu ? tables[0].as<nibble::cuda::Nvfp4DeviceWeight>() : nullptr,
+                   tables[1].as<nibble::cuda::Nvfp4DeviceWeight>(), tables[2].as<nibble::cuda::Nvfp4DeviceWeight>(),
+                   n_experts, d, ff};
+    }
+};
+
 // MoE decode step (`nibble-kernel-bench moe`): BF16 router logits -> route -> permute -> grouped NVFP4 up
 // and down -> combine, at Qwen3-30B-A3B (128 experts, top-8, SwiGLU, 2048 x 768) and Nemotron-3-Nano
 // (128 experts, top-6, relu^2, 2688 x 1856) shapes, m = 1 / 8 / 32 / 64 tokens. Eight logits buffers
@@ -318,28 +356,8 @@ void bench_moe_mamba(cudaStream_t stream) {
     const Cfg cfgs[] = {{"qwen3-30b-a3b", true, 128, 2048, 768, 8}, {"nemotron-3-nano", false, 128, 2688, 1856, 6}};
     uint64_t seed = 777;
     for (const Cfg& c : cfgs) {
-        const int64_t mats = c.swiglu ? 3 : 2;
-        const size_t packed = static_cast<size_t>(c.d * c.ff / 2), scales = static_cast<size_t>(c.d * c.ff / 16);
-        DeviceBuffer wq(packed * mats * c.n_experts), ws(scales * mats * c.n_experts);
-        nibble::cuda::fill_random_u32(wq.as<uint32_t>(), wq.bytes() / 4, ++seed, ~0u, 0u, stream);
-        nibble::cuda::fill_random_u32(ws.as<uint32_t>(), ws.bytes() / 4, ++seed, 0x1f1f1f1fu, 0x20202020u, stream);
-        std::vector<nibble::cuda::Nvfp4DeviceWeight> tables[3];  // gate, up, down
-        for (int64_t e = 0; e < c.n_experts; ++e)
-            for (int64_t j = 0; j < mats; ++j) {
-                const size_t i = static_cast<size_t>(e * mats + j);
-                const bool down = j == mats - 1;
-                tables[c.swiglu ? j : j + 1].push_back({wq.as<uint8_t>() + i * packed, ws.as<uint8_t>() + i * scales,
-                                                        0.01f, down ? c.d : c.ff, down ? c.ff : c.d});
-            }
-        DeviceBuffer dtab[3];
-        for (int j = 0; j < 3; ++j) {
-            dtab[j] = DeviceBuffer(std::max<size_t>(1, tables[j].size()) * sizeof(nibble::cuda::Nvfp4DeviceWeight));
-            if (!tables[j].empty())
-                dtab[j].upload(tables[j].data(), tables[j].size() * sizeof(nibble::cuda::Nvfp4DeviceWeight));
-        }
-        const nibble::cuda::MoeDeviceExperts ex{c.swiglu ? dtab[0].as<nibble::cuda::Nvfp4DeviceWeight>() : nullptr,
-                                                dtab[1].as<nibble::cuda::Nvfp4DeviceWeight>(),
-                                                dtab[2].as<nibble::cuda::Nvfp4DeviceWeight>(), c.n_experts, c.d, c.ff};
+        const BenchMoeExperts moe(c.swiglu, c.n_experts, c.d, c.ff, seed, stream);
+        const nibble::cuda::MoeDeviceExperts& ex = moe.experts;
         for (int64_t m : {1, 8, 32, 64}) {
             const int64_t pairs = m * c.top_k;
             constexpr int kBuffers = 8;
@@ -380,7 +398,7 @@ void bench_moe_mamba(cudaStream_t stream) {
             const double ms = time_ms(stream, 2, 50, [&] {
                 for (int b = 0; b < kBuffers; ++b) step(next++ % kBuffers);
             }) / kBuffers;
-            const double bytes = active_sum / kBuffers * static_cast<double>(mats * (packed + scales));
+            const double bytes = active_sum / kBuffers * static_cast<double>(moe.expert_bytes);
             std::printf("moe %-16s m=%-2lld active %5.1f experts %8.2f us/step %6.0f GB/s of active weights\n", c.name,
                         static_cast<long long>(m), active_sum / kBuffers, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
             // Each stage alone (the others' outputs from the last full step stay valid): where a step's time goes.
@@ -579,28 +597,8 @@ void bench_moe_prefill(cudaStream_t stream) {
     std::printf("\n| moe prefill | m | gemv up+down us | gemm up us | gemm down us | gemm TFLOP/s | %% bf16 | "
                 "speed-up | step us (auto) | MoE tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Cfg& c : cfgs) {
-        const int64_t mats = c.swiglu ? 3 : 2;
-        const size_t packed = static_cast<size_t>(c.d * c.ff / 2), scales = static_cast<size_t>(c.d * c.ff / 16);
-        DeviceBuffer wq(packed * mats * c.n_experts), ws(scales * mats * c.n_experts);
-        nibble::cuda::fill_random_u32(wq.as<uint32_t>(), wq.bytes() / 4, ++seed, ~0u, 0u, stream);
-        nibble::cuda::fill_random_u32(ws.as<uint32_t>(), ws.bytes() / 4, ++seed, 0x1f1f1f1fu, 0x20202020u, stream);
-        std::vector<nibble::cuda::Nvfp4DeviceWeight> tables[3];  // gate, up, down
-        for (int64_t e = 0; e < c.n_experts; ++e)
-            for (int64_t j = 0; j < mats; ++j) {
-                const size_t i = static_cast<size_t>(e * mats + j);
-                const bool down = j == mats - 1;
-                tables[c.swiglu ? j : j + 1].push_back({wq.as<uint8_t>() + i * packed, ws.as<uint8_t>() + i * scales,
-                                                        0.01f, down ? c.d : c.ff, down ? c.ff : c.d});
-            }
-        DeviceBuffer dtab[3];
-        for (int j = 0; j < 3; ++j) {
-            dtab[j] = DeviceBuffer(std::max<size_t>(1, tables[j].size()) * sizeof(nibble::cuda::Nvfp4DeviceWeight));
-            if (!tables[j].empty())
-                dtab[j].upload(tables[j].data(), tables[j].size() * sizeof(nibble::cuda::Nvfp4DeviceWeight));
-        }
-        const nibble::cuda::MoeDeviceExperts ex{c.swiglu ? dtab[0].as<nibble::cuda::Nvfp4DeviceWeight>() : nullptr,
-                                                dtab[1].as<nibble::cuda::Nvfp4DeviceWeight>(),
-                                                dtab[2].as<nibble::cuda::Nvfp4DeviceWeight>(), c.n_experts, c.d, c.ff};
+        const BenchMoeExperts moe(c.swiglu, c.n_experts, c.d, c.ff, seed, stream);
+        const nibble::cuda::MoeDeviceExperts& ex = moe.experts;
         const auto act = c.swiglu ? nibble::MoeActivation::SwiGlu : nibble::MoeActivation::Relu2;
         for (int64_t m : {64, 128, 256, 512, 2048}) {
             const int64_t pairs = m * c.top_k;
@@ -641,7 +639,7 @@ void bench_moe_prefill(cudaStream_t stream) {
                 nibble::cuda::moe_experts_nvfp4(x.get(), DType::BF16, m, ids.as<int32_t>(), rw.as<float>(), c.top_k, ex,
                                                 act, nullptr, workspace.get(), y.get(), stream);
             });
-            const double flops = 2.0 * static_cast<double>(pairs) * static_cast<double>(mats * c.d * c.ff);
+            const double flops = 2.0 * static_cast<double>(pairs) * static_cast<double>(moe.mats * c.d * c.ff);
             const double tflops = flops / ((up_ms + down_ms) * 1e-3) / 1e12;
             std::printf("| %s | %lld | %.1f | %.1f | %.1f | %.1f | %.1f%% | %.2fx | %.1f | %.0f |\n", c.name,
                         static_cast<long long>(m), gemv_ms * 1e3, up_ms * 1e3, down_ms * 1e3, tflops,
