@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <deque>
-#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -14,40 +13,34 @@
 #include "model/qwen_moe.h"
 #include "parallel/decoder_view_shard.h"
 #include "parallel/tensor_parallel.h"
+#include "parallel_test_util.h"
 
 namespace nibble {
 namespace {
 
+using test::decoder_config;
+using test::error_of;
+
 // Qwen3-30B-A3B's shape fields (48 layers cut to 4; layer 1 made dense through mlp_only_layers).
 ModelConfig qwen3_30b_a3b() {
-    ModelConfig c;
-    c.arch = Arch::Qwen3Moe;
-    c.arch_name = "Qwen3MoeForCausalLM";
-    c.n_embd = 2048;
-    c.n_layers = 4;
-    c.n_heads = 32;
-    c.n_kv_heads = 4;
-    c.head_dim = 128;
-    c.n_ff = 6144;
+    ModelConfig c = decoder_config({.arch = Arch::Qwen3Moe,
+                                    .arch_name = "Qwen3MoeForCausalLM",
+                                    .n_embd = 2048,
+                                    .n_layers = 4,
+                                    .n_heads = 32,
+                                    .n_kv_heads = 4,
+                                    .head_dim = 128,
+                                    .n_ff = 6144,
+                                    .vocab_size = 151936,
+                                    .max_position_embeddings = 40960,
+                                    .dtype = DType::BF16});
     c.qk_norm = true;
-    c.vocab_size = 151936;
-    c.max_position_embeddings = 40960;
-    c.dtype = DType::BF16;
     c.moe.n_experts = 128;
     c.moe.top_k = 8;
     c.moe.n_ff = 768;
     c.moe.norm_topk_prob = true;
     c.mlp_only_layers = {1};
     return c;
-}
-
-std::string error_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
 }
 
 TEST(ExpertParallelLayout, RanksHoldEqualRangesOfWholeExperts) {
@@ -154,16 +147,16 @@ struct TinyView {
     DecoderView view;
 
     TinyView() {
+        config = decoder_config({.arch = Arch::Qwen3Moe,
+                                 .arch_name = "Qwen3MoeForCausalLM",
+                                 .n_embd = 32,
+                                 .n_layers = 2,
+                                 .n_heads = 4,
+                                 .n_kv_heads = 2,
+                                 .head_dim = 8,
+                                 .n_ff = 64,
+                                 .vocab_size = 10});
         ModelConfig& c = config;
-        c.arch = Arch::Qwen3Moe;
-        c.arch_name = "Qwen3MoeForCausalLM";
-        c.n_embd = 32;
-        c.n_layers = 2;
-        c.n_heads = 4;
-        c.n_kv_heads = 2;
-        c.head_dim = 8;
-        c.n_ff = 64;
-        c.vocab_size = 10;
         c.moe.n_experts = 8;
         c.moe.top_k = 2;
         c.moe.n_ff = 16;

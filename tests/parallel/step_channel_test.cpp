@@ -19,9 +19,12 @@
 #include "base/error.h"
 #include "parallel/step_channel.h"
 #include "parallel/tcp_socket.h"
+#include "parallel_test_util.h"
 
 namespace nibble {
 namespace {
+
+using test::error_of;
 
 StepChannelOptions leader_options(int world, int timeout_ms = 20000) {
     return {.master_addr = "127.0.0.1", .port = 0, .world_size = world, .rank = 0, .timeout_ms = timeout_ms};
@@ -29,16 +32,6 @@ StepChannelOptions leader_options(int world, int timeout_ms = 20000) {
 
 StepChannelOptions follower_options(int port, int world, int rank, int timeout_ms = 20000) {
     return {.master_addr = "127.0.0.1", .port = port, .world_size = world, .rank = rank, .timeout_ms = timeout_ms};
-}
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
 }
 
 TEST(StepChannel, EveryFollowerReceivesEveryMessageInOrder) {

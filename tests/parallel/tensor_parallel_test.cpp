@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,34 +16,27 @@
 #include "parallel/tensor_parallel.h"
 #include "tensor/float_formats.h"
 #include "tensor/nvfp4.h"
+#include "parallel_test_util.h"
 
 namespace nibble {
 namespace {
 
+using test::decoder_config;
+using test::error_of;
+
 // Llama-3.1-70B's shape fields.
 ModelConfig llama70b() {
-    ModelConfig c;
-    c.arch = Arch::Llama;
-    c.arch_name = "LlamaForCausalLM";
-    c.n_embd = 8192;
-    c.n_layers = 80;
-    c.n_heads = 64;
-    c.n_kv_heads = 8;
-    c.head_dim = 128;
-    c.n_ff = 28672;
-    c.vocab_size = 128256;
-    c.max_position_embeddings = 131072;
-    c.dtype = DType::BF16;
-    return c;
-}
-
-std::string error_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
+    return decoder_config({.arch = Arch::Llama,
+                           .arch_name = "LlamaForCausalLM",
+                           .n_embd = 8192,
+                           .n_layers = 80,
+                           .n_heads = 64,
+                           .n_kv_heads = 8,
+                           .head_dim = 128,
+                           .n_ff = 28672,
+                           .vocab_size = 128256,
+                           .max_position_embeddings = 131072,
+                           .dtype = DType::BF16});
 }
 
 TEST(TensorParallelLayout, SplitsHeadsByKvGroupAndEverythingEvenly) {
