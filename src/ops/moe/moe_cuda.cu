@@ -688,6 +688,120 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
                                                       sorted_pairs, active_experts, n_active, out);
 }
 
+// ---- the down GEMV (k = n_ff <= kDownMaxK): weights in registers, h staged in shared memory ----
+//
+// The generic GEMV above loads, per 16-byte weight chunk, its 32 float32 inputs (128 bytes) from global
+// memory, at a 128-byte stride across a row's lanes: with h in float32 the L1 wavefronts, not the weight
+// bytes, bound it (down reads 8 times more h than weight bytes; up, BF16 x and two weight rows, 2 times).
+// Here each lane keeps kDownRowsPerLane rows' chunks of its k-columns in registers (all loaded at the start,
+// before h is needed, so the weights stream while h is staged), reads each input float4 once from shared
+// memory for those rows, and every token of the expert reuses the registers (no second pass over the rows).
+// Rows of a warp: segment g (lanes_per_row lanes) holds rows warp_row0 + r * segments + g, r < kDownRowsPerLane.
+// Per row the same float operations in the same order as moe_gemv_nvfp4: outputs are bit-identical to it.
+constexpr int kDownWarps = 4;
+constexpr int kDownRowsPerLane = 4;
+constexpr int64_t kDownMaxK = 32 * 32 * kGemvChunksInFlight;  // 32 lanes of kGemvChunksInFlight chunks a row
+constexpr int kDownTokenTile = 8;                              // tokens staged at once (fewer at large k)
+constexpr size_t kDownSharedBytes = 48 * 1024;                 // no opt-in needed
+
+// h row staging: float4 f of a row (chunk f / 8, quarter f % 8) lives at f ^ (chunk % 8) within its chunk,
+// so the 8 lanes of a quarter-warp, at 8 consecutive chunks and the same quarter, hit 8 distinct bank groups.
+__device__ __forceinline__ int down_swizzle(int f) { return f ^ ((f >> 3) & 7); }
+
+__global__ void __launch_bounds__(kDownWarps * 32)
+    moe_down_gemv_nvfp4_kernel(const float* __restrict__ h, int k, const Nvfp4DeviceWeight* __restrict__ ws,
+                               int n, int lanes_per_row, int token_tile, const int32_t* __restrict__ offsets,
+                               const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
+                               float* __restrict__ out) {
+    extern __shared__ float4 h_sh[];  // [token_tile][k / 4], swizzled (down_swizzle)
+    const int active = *n_active;
+    const int e = active_experts[blockIdx.y];       // slot < gridDim.y <= n_experts: in bounds
+    if (static_cast<int>(blockIdx.y) >= active) return;  // the whole CTA, before any barrier
+    const Nvfp4DeviceWeight w = ws[e];
+    const int begin = offsets[e], count = offsets[e + 1] - begin;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int segments = 32 / lanes_per_row;
+    const int sub = lane & (lanes_per_row - 1), seg = lane / lanes_per_row;
+    const int chunks = k >> 5, quads = k >> 2;
+    const int64_t warp_row0 =
+        (static_cast<int64_t>(blockIdx.x) * kDownWarps + warp) * segments * kDownRowsPerLane;
+    const bool warp_has_rows = warp_row0 < n;  // warp-uniform; a warp without rows still stages and syncs
+
+    // All weight loads first: kDownRowsPerLane rows x kGemvChunksInFlight chunks (chunks sub + u * lanes).
+    uint4 q[kDownRowsPerLane][kGemvChunksInFlight];
+    uint32_t s[kDownRowsPerLane][kGemvChunksInFlight];
+#pragma unroll
+    for (int r = 0; r < kDownRowsPerLane; ++r) {
+        const int64_t row = warp_row0 + r * segments + seg;
+        const bool row_ok = row < n;
+        const uint4* qr = reinterpret_cast<const uint4*>(w.packed) + (row_ok ? row : 0) * chunks;
+        const unsigned short* sr = reinterpret_cast<const unsigned short*>(w.scales) + (row_ok ? row : 0) * chunks;
+#pragma unroll
+        for (int u = 0; u < kGemvChunksInFlight; ++u) {
+            const int c = sub + u * lanes_per_row;
+            q[r][u] = make_uint4(0, 0, 0, 0);
+            s[r][u] = 0;
+            if (row_ok && c < chunks) q[r][u] = __ldg(qr + c), s[r][u] = __ldg(sr + c);
+        }
+    }
+    const float scale = w.global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
+    const float4* h4 = reinterpret_cast<const float4*>(h);
+
+    for (int t0 = 0; t0 < count; t0 += token_tile) {
+        const int nb = min(token_tile, count - t0);
+        __syncthreads();  // the previous tile's readers are done with h_sh
+        for (int idx = threadIdx.x; idx < nb * quads; idx += kDownWarps * 32) {
+            const int i = idx / quads, f = idx - i * quads;
+            h_sh[i * quads + down_swizzle(f)] = __ldg(h4 + static_cast<int64_t>(begin + t0 + i) * quads + f);
+        }
+        __syncthreads();
+        if (!warp_has_rows) continue;  // warp-uniform: the shuffles below stay whole-warp
+        for (int i = 0; i < nb; ++i) {
+            const float4* hr = h_sh + i * quads;
+            float acc[kDownRowsPerLane];
+#pragma unroll
+            for (int r = 0; r < kDownRowsPerLane; ++r) acc[r] = 0.0f;
+#pragma unroll
+            for (int u = 0; u < kGemvChunksInFlight; ++u) {
+                const int c = sub + u * lanes_per_row;
+                if (c >= chunks) break;  // the later ones are past the row too
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 16
+                    float part[kDownRowsPerLane];
+#pragma unroll
+                    for (int r = 0; r < kDownRowsPerLane; ++r) part[r] = 0.0f;
+#pragma unroll
+                    for (int j = 2 * b; j < 2 * b + 2; ++j) {  // words of 8 codes
+                        const float4 lo = hr[down_swizzle(c * 8 + 2 * j)];
+                        const float4 hi = hr[down_swizzle(c * 8 + 2 * j + 1)];
+                        const float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                        for (int r = 0; r < kDownRowsPerLane; ++r) {
+                            // Opaque to the compiler, so it decodes per token instead of hoisting
+                            // all decoded weights (512 floats a lane) out of the token loop.
+                            uint32_t codes = word_of(q[r][u], j);
+                            asm volatile("" : "+r"(codes));
+                            float wv[8];
+                            e2m1x8_to_float(codes, wv);
+#pragma unroll
+                            for (int qq = 0; qq < 8; ++qq) part[r] = fmaf(wv[qq], xv[qq], part[r]);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < kDownRowsPerLane; ++r)
+                        acc[r] = fmaf(part[r], e4m3_exact(s[r][u] >> (8 * b)), acc[r]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < kDownRowsPerLane; ++r) {
+                const float v = segment_sum(acc[r], lanes_per_row) * scale;
+                const int64_t row = warp_row0 + r * segments + seg;
+                if (sub == 0 && row < n) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
+            }
+        }
+    }
+}
+
 // ---- grouped NVFP4 GEMM (prefill) ----
 //
 // One CTA of 4 warps computes a tile of 64 sorted positions of one expert by 128 weight rows: rows
@@ -1254,6 +1368,18 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
         return;
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
+    if (experts.n_ff <= kDownMaxK && experts.n_embd <= 0x7fffffff) {
+        const int64_t rows_per_cta = static_cast<int64_t>(kDownWarps) * (32 / lanes) * kDownRowsPerLane;
+        const dim3 grid(static_cast<unsigned>((experts.n_embd + rows_per_cta - 1) / rows_per_cta),
+                        grid_y_for(m, top_k, experts.n_experts));
+        const size_t row_bytes = static_cast<size_t>(experts.n_ff) * sizeof(float);
+        const int token_tile = static_cast<int>(std::min<size_t>(kDownTokenTile, kDownSharedBytes / row_bytes));
+        moe_down_gemv_nvfp4_kernel<<<grid, kDownWarps * 32, token_tile * row_bytes, stream>>>(
+            h, static_cast<int>(experts.n_ff), experts.down, static_cast<int>(experts.n_embd), lanes, token_tile,
+            perm.offsets, perm.active_experts, perm.n_active, o);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
     if (gemv_single_token_tile(m, top_k, experts.n_experts))
         moe_gemv_nvfp4_kernel_t1<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
