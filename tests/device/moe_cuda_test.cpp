@@ -128,14 +128,19 @@ void run_softmax(std::mt19937_64& rng, int64_t m, int64_t n_experts, int64_t top
                              " k=" + std::to_string(top_k) + (norm ? " norm" : "") +
                              (bf16 ? " bf16" : " f32") + (integer_logits ? " ties" : "");
     std::vector<float> logits(static_cast<size_t>(m * n_experts));
-    std::uniform_int_distribution<int> small(-2, 1);
+    // Ties: integers in -2..1, zeros of either sign (-0 ties +0: the lower id goes first).
+    std::uniform_int_distribution<int> small(-3, 1);
+    auto tie_value = [&] {
+        const int v = small(rng);
+        return v == -3 ? -0.0f : static_cast<float>(v);
+    };
     for (int64_t t = 0; t < m; ++t) {
         float* l = logits.data() + t * n_experts;
         for (;;) {
             const auto v = test::random_normal(rng, static_cast<size_t>(n_experts), 2.0f);
             for (int64_t e = 0; e < n_experts; ++e)
                 l[e] = integer_logits
-                           ? static_cast<float>(small(rng))
+                           ? tie_value()
                            : (bf16 ? test::round_bf16(v[static_cast<size_t>(e)]) : v[static_cast<size_t>(e)]);
             if (integer_logits) break;
             // BF16 logits tie often, and exactly: equal values are fine, near ones are not.

@@ -238,6 +238,17 @@ __device__ __forceinline__ void warp_argmax(float& v, int& id, float& aux) {
     }
 }
 
+// An unsigned key in ranks_before's score order: larger score, larger key; equal scores (-0 and +0 alike:
+// adding +0 turns -0 into +0), equal keys. NaN logits have no order in either (the CPU's is undefined too).
+__device__ __forceinline__ unsigned order_key(float v) {
+    const unsigned u = __float_as_uint(v + 0.0f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// The score of a key (-0 comes back as +0: the same exp(score - max)).
+__device__ __forceinline__ float order_key_value(unsigned key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
 template <class LT>
 __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     route_softmax_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
@@ -265,19 +276,30 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
         part[w] = warp_sum(p);
     }
     const float sum = (part[0] + part[2]) + (part[1] + part[3]);
-    unsigned taken = 0;  // bit s: expert s * 32 + lane chosen
-    int my_id = -1;      // lane j < top_k: choice j
+    // Each round: the largest score key over the warp (one redux), then the lowest id holding it (another):
+    // ranks_before's order without its serial chain of compares and shuffles.
+    unsigned key[kWarpRouteSlots];
+#pragma unroll
+    for (int s = 0; s < kWarpRouteSlots; ++s) key[s] = order_key(score[s]);
+    unsigned open = 0;  // bit s: expert s * 32 + lane exists and is not chosen yet
+#pragma unroll
+    for (int s = 0; s < kWarpRouteSlots; ++s)
+        if (s * 32 + lane < n_experts) open |= 1u << s;
+    int my_id = -1;  // lane j < top_k: choice j
     float my_p = 0.0f, total = 0.0f;
     for (int j = 0; j < top_k; ++j) {
-        float bv = 0.0f, unused = 0.0f;
-        int bi = -1;
+        unsigned lane_best = 0;
 #pragma unroll
-        for (int s = 0; s < kWarpRouteSlots; ++s) {
-            const int e = s * 32 + lane;
-            if (e < n_experts && !((taken >> s) & 1u) && ranks_before(score[s], e, bv, bi)) bv = score[s], bi = e;
-        }
-        warp_argmax(bv, bi, unused);
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        for (int s = 0; s < kWarpRouteSlots; ++s)
+            if ((open >> s) & 1u) lane_best = max(lane_best, key[s]);
+        const unsigned best = __reduce_max_sync(0xffffffffu, lane_best);
+        int lane_id = 0x7fffffff;  // the lowest open id of this lane with the best key
+#pragma unroll
+        for (int s = kWarpRouteSlots - 1; s >= 0; --s)
+            if (((open >> s) & 1u) && key[s] == best) lane_id = s * 32 + lane;
+        const int bi = __reduce_min_sync(0xffffffffu, lane_id);
+        if ((bi & 31) == lane) open &= ~(1u << (bi >> 5));
+        const float bv = order_key_value(best);
         const float p = expf(bv - mx) / sum;
         total += p;
         if (lane == j) my_id = bi, my_p = p;
