@@ -20,8 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <map>
-#include <mutex>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -123,36 +121,12 @@ TEST_F(DecoderForwardCuda, EngineOnCudaMatchesEngineOnCpu) {
         for (auto& t : p) t = tok(rng);
         prompts.push_back(p);
     }
-    auto generate = [&](std::unique_ptr<ModelRunner> runner) {
-        Engine engine(*model, cfg, std::move(runner));
-        std::mutex mu;
-        std::map<std::string, std::vector<int32_t>> out;
-        for (size_t i = 0; i < prompts.size(); ++i) {
-            GenerationRequest r;
-            r.id = std::string("r").append(std::to_string(i));
-            r.prompt = prompts[i];
-            r.sampling.temperature = 0.0f;
-            r.max_tokens = 12;
-            r.ignore_eos = true;
-            engine.submit(r, [&](const RequestOutput& o) {
-                std::lock_guard lock(mu);
-                for (const auto& s : o.outputs) out[o.request_id].insert(out[o.request_id].end(), s.tokens.begin(), s.tokens.end());
-            });
-        }
-        int steps = 0;
-        while (engine.step()) EXPECT_LT(++steps, 10000);
-        return out;
-    };
-    const auto on_cpu = generate(nullptr);
-    const auto on_gpu = generate(std::make_unique<gpu::CudaModelRunner>(
-        weights, gpu::CudaRunnerOptions{.kv_dtype = KvDtype::Bf16, .num_blocks = 96, .block_size = 16,
-                                        .max_model_len = 256, .max_num_batched_tokens = 128, .max_num_seqs = 8,
-                                        .act_dtype = DType::F32, .max_cudagraph_capture_size = 8}));
-    ASSERT_EQ(on_cpu.size(), prompts.size());
-    for (const auto& [id, tokens] : on_cpu) {
-        EXPECT_EQ(tokens.size(), 12u) << id;
-        EXPECT_EQ(on_gpu.at(id), tokens) << id;
-    }
+    test::expect_engine_on_cuda_matches_cpu(*model, cfg, prompts, [&] {
+        return std::make_unique<gpu::CudaModelRunner>(
+            weights, gpu::CudaRunnerOptions{.kv_dtype = KvDtype::Bf16, .num_blocks = 96, .block_size = 16,
+                                            .max_model_len = 256, .max_num_batched_tokens = 128, .max_num_seqs = 8,
+                                            .act_dtype = DType::F32, .max_cudagraph_capture_size = 8});
+    });
 }
 
 }  // namespace

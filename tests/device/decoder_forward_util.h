@@ -1,6 +1,8 @@
 // Helpers of the whole-forward device tests (decoder_forward_test.cpp, tune_runner_test.cpp,
-// moe_forward_test.cpp): small random llama-family and Qwen3-MoE checkpoints, their NVFP4 quantizations, and the step-by-step comparison of the CUDA runner
-// with the CPU reference (its tolerance rules are explained in decoder_forward_test.cpp's header).
+// moe_forward_test.cpp, hybrid_forward_test.cpp): small random llama-family and Qwen3-MoE checkpoints, their
+// NVFP4 quantizations, the step-by-step comparison of the CUDA runner with the CPU reference (its tolerance
+// rules are explained in decoder_forward_test.cpp's header), CUDA graphs against eager steps, and the engine
+// over the CUDA runner against the engine over the CPU one.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -10,7 +12,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -19,6 +24,7 @@
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
 #include "device_test_util.h"
+#include "engine/engine.h"
 #include "engine/model_runner.h"
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
@@ -218,12 +224,14 @@ inline void compare_forward(const fs::path& dir, DType act, KvDtype kv, double r
 // Decode steps of 5 sequences (padded to the graph bucket of 8) replayed from CUDA graphs compute what eager
 // steps compute: finite logits within rel x max(1, RMS) of the eager ones (F32 activations: summation order
 // only, 1e-4; BF16: one ulp of a rounded activation can differ through the layers, 3e-2), for 30 steps fed the
-// eager run's greedy tokens; the graph runner captured at least one graph, the eager one none.
-inline void expect_graph_replays_match_eager(const std::shared_ptr<const gpu::DeviceDecoder>& weights, DType act,
-                                             const std::string& what) {
-    gpu::CudaRunnerOptions o{.kv_dtype = KvDtype::Bf16, .num_blocks = 128, .block_size = 16, .max_model_len = 2048,
-                             .max_num_batched_tokens = 256, .max_num_seqs = 8, .act_dtype = act,
-                             .max_cudagraph_capture_size = 8};
+// eager run's greedy tokens; the graph runner captured at least one graph, the eager one none. Both runners
+// take o but for max_cudagraph_capture_size (8 and 0). state_slots: sequence s runs in state slot 7 - s
+// (hybrid models; not its index, so a slot mix-up shows), else in none. Weights: gpu::DeviceDecoder or
+// gpu::DeviceHybrid.
+template <class Weights>
+void expect_graph_replays_match_eager(const std::shared_ptr<Weights>& weights, gpu::CudaRunnerOptions o,
+                                      bool state_slots, const std::string& what) {
+    o.max_cudagraph_capture_size = 8;
     gpu::CudaModelRunner graphs(weights, o);
     o.max_cudagraph_capture_size = 0;
     gpu::CudaModelRunner eager(weights, o);
@@ -237,12 +245,13 @@ inline void expect_graph_replays_match_eager(const std::shared_ptr<const gpu::De
         for (int64_t b = 0; b < 20; ++b) tables[s].push_back(static_cast<int32_t>(s * 24 + static_cast<size_t>(b)));
     }
     std::vector<int64_t> done(lengths.size(), 0);
-    const double rel = act == DType::F32 ? 1e-4 : 3e-2;
+    const double rel = o.act_dtype == DType::F32 ? 1e-4 : 3e-2;
     for (int step = 0; step < 30; ++step) {
         std::vector<RunnerSequence> batch;
         for (size_t s = 0; s < seqs.size(); ++s)
             batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
-                             .block_table = tables[s], .start_pos = done[s], .needs_logits = true});
+                             .block_table = tables[s], .start_pos = done[s], .needs_logits = true,
+                             .state_slot = state_slots ? static_cast<int32_t>(7 - s) : RunnerSequence{}.state_slot});
         std::vector<float> a, b;
         graphs.execute(batch, a);
         eager.execute(batch, b);
@@ -262,6 +271,49 @@ inline void expect_graph_replays_match_eager(const std::shared_ptr<const gpu::De
     }
     EXPECT_GE(graphs.num_cuda_graphs(), 1) << what;
     EXPECT_EQ(eager.num_cuda_graphs(), 0) << what;
+}
+
+// The same for a llama-family or Qwen3-MoE decoder with act activations and a BF16 KV cache.
+inline void expect_graph_replays_match_eager(const std::shared_ptr<const gpu::DeviceDecoder>& weights, DType act,
+                                             const std::string& what) {
+    const gpu::CudaRunnerOptions o{.kv_dtype = KvDtype::Bf16, .num_blocks = 128, .block_size = 16,
+                                   .max_model_len = 2048, .max_num_batched_tokens = 256, .max_num_seqs = 8,
+                                   .act_dtype = act};
+    expect_graph_replays_match_eager(weights, o, false, what);
+}
+
+// The engine over the CUDA runner generates what it generates over the CPU runner, request for request: every
+// prompt's 12 greedy tokens (EOS ignored). The CPU run goes first; make_cuda_runner is called after it.
+inline void expect_engine_on_cuda_matches_cpu(Model& model, const EngineConfig& cfg,
+                                              const std::vector<std::vector<int32_t>>& prompts,
+                                              const std::function<std::unique_ptr<ModelRunner>()>& make_cuda_runner) {
+    auto generate = [&](std::unique_ptr<ModelRunner> runner) {
+        Engine engine(model, cfg, std::move(runner));
+        std::mutex mu;
+        std::map<std::string, std::vector<int32_t>> out;
+        for (size_t i = 0; i < prompts.size(); ++i) {
+            GenerationRequest r;
+            r.id = std::string("r").append(std::to_string(i));
+            r.prompt = prompts[i];
+            r.sampling.temperature = 0.0f;
+            r.max_tokens = 12;
+            r.ignore_eos = true;
+            engine.submit(r, [&](const RequestOutput& o) {
+                std::lock_guard lock(mu);
+                for (const auto& s : o.outputs) out[o.request_id].insert(out[o.request_id].end(), s.tokens.begin(), s.tokens.end());
+            });
+        }
+        int steps = 0;
+        while (engine.step()) EXPECT_LT(++steps, 10000);
+        return out;
+    };
+    const auto on_cpu = generate(nullptr);
+    const auto on_gpu = generate(make_cuda_runner());
+    ASSERT_EQ(on_cpu.size(), prompts.size());
+    for (const auto& [id, tokens] : on_cpu) {
+        EXPECT_EQ(tokens.size(), 12u) << id;
+        EXPECT_EQ(on_gpu.at(id), tokens) << id;
+    }
 }
 
 }  // namespace nibble::test

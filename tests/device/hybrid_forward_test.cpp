@@ -33,7 +33,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
@@ -403,7 +402,8 @@ TEST_F(HybridForwardCuda, Bf16ActivationsAllExpertsMatchCpu) {
 
 // Decode steps of 5 sequences (padded to the graph bucket of 8: three padding sequences in the scratch slot)
 // replayed from CUDA graphs compute what eager steps compute (F32 activations: summation order only, 1e-4;
-// BF16: 3e-2, as decoder_forward_util.h's check), for 30 steps fed the eager run's greedy tokens.
+// BF16: 3e-2), for 30 steps fed the eager run's greedy tokens: decoder_forward_util.h's check, the sequences
+// in state slots 7 - s.
 TEST_F(HybridForwardCuda, GraphReplaysMatchEager) {
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(nvfp4_checkpoint(root_, "routed", {}, 15).string(), pool);
@@ -413,47 +413,7 @@ TEST_F(HybridForwardCuda, GraphReplaysMatchEager) {
         gpu::CudaRunnerOptions o = runner_options(act, KvDtype::Bf16, SsmStateDtype::F32);
         o.num_blocks = 128;
         o.max_model_len = 2048;
-        o.max_cudagraph_capture_size = 8;
-        gpu::CudaModelRunner graphs(weights, o);
-        o.max_cudagraph_capture_size = 0;
-        gpu::CudaModelRunner eager(weights, o);
-        std::mt19937_64 rng(test::fresh_seed());
-        const int64_t vocab = weights->config.vocab_size;
-        std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-        const std::vector<int64_t> lengths = {3, 40, 17, 1, 66};
-        std::vector<std::vector<int32_t>> seqs(lengths.size()), tables(lengths.size());
-        for (size_t s = 0; s < lengths.size(); ++s) {
-            for (int64_t i = 0; i < lengths[s]; ++i) seqs[s].push_back(tok(rng));
-            for (int64_t b = 0; b < 20; ++b) tables[s].push_back(static_cast<int32_t>(s * 24 + static_cast<size_t>(b)));
-        }
-        std::vector<int64_t> done(lengths.size(), 0);
-        const double rel = act == DType::F32 ? 1e-4 : 3e-2;
-        for (int step = 0; step < 30; ++step) {
-            std::vector<RunnerSequence> batch;
-            for (size_t s = 0; s < seqs.size(); ++s)
-                batch.push_back({.tokens = std::span(seqs[s]).subspan(static_cast<size_t>(done[s])),
-                                 .block_table = tables[s], .start_pos = done[s], .needs_logits = true,
-                                 .state_slot = static_cast<int32_t>(7 - s)});
-            std::vector<float> a, b;
-            graphs.execute(batch, a);
-            eager.execute(batch, b);
-            ASSERT_EQ(a.size(), b.size()) << what;
-            double worst = 0, ms = 0;
-            for (size_t i = 0; i < a.size(); ++i) {
-                ASSERT_TRUE(std::isfinite(a[i])) << what << " step " << step;
-                worst = std::max(worst, std::fabs(static_cast<double>(a[i]) - b[i]));
-                ms += static_cast<double>(b[i]) * b[i];
-            }
-            EXPECT_LE(worst, rel * std::max(1.0, std::sqrt(ms / static_cast<double>(a.size())))) << what << " step "
-                                                                                               << step;
-            for (size_t s = 0; s < seqs.size(); ++s) {
-                const float* row = b.data() + s * static_cast<size_t>(vocab);
-                done[s] = static_cast<int64_t>(seqs[s].size());
-                seqs[s].push_back(static_cast<int32_t>(std::max_element(row, row + vocab) - row));
-            }
-        }
-        EXPECT_GE(graphs.num_cuda_graphs(), 1) << what;
-        EXPECT_EQ(eager.num_cuda_graphs(), 0) << what;
+        test::expect_graph_replays_match_eager(weights, o, true, what);
     }
 }
 
@@ -540,38 +500,14 @@ TEST_F(HybridForwardCuda, EngineOnCudaMatchesEngineOnCpu) {
         for (size_t j = i % 2 == 0 ? shared.size() : 0; j < p.size(); ++j) p[j] = tok(rng);
         prompts.push_back(p);
     }
-    auto generate = [&](std::unique_ptr<ModelRunner> runner) {
-        Engine engine(*model, cfg, std::move(runner));
-        std::mutex mu;
-        std::map<std::string, std::vector<int32_t>> out;
-        for (size_t i = 0; i < prompts.size(); ++i) {
-            GenerationRequest r;
-            r.id = std::string("r").append(std::to_string(i));
-            r.prompt = prompts[i];
-            r.sampling.temperature = 0.0f;
-            r.max_tokens = 12;
-            r.ignore_eos = true;
-            engine.submit(r, [&](const RequestOutput& o) {
-                std::lock_guard lock(mu);
-                for (const auto& s : o.outputs) out[o.request_id].insert(out[o.request_id].end(), s.tokens.begin(), s.tokens.end());
-            });
-        }
-        int steps = 0;
-        while (engine.step()) EXPECT_LT(++steps, 10000);
-        return out;
-    };
-    const auto on_cpu = generate(nullptr);
-    gpu::CudaRunnerOptions o = runner_options(DType::F32, KvDtype::Bf16, SsmStateDtype::F32, cfg.max_num_seqs);
-    o.num_blocks = cfg.num_blocks;
-    o.max_model_len = cfg.max_model_len;
-    o.max_num_batched_tokens = cfg.max_num_batched_tokens;
-    o.max_cudagraph_capture_size = 8;
-    const auto on_gpu = generate(std::make_unique<gpu::CudaModelRunner>(weights, o));
-    ASSERT_EQ(on_cpu.size(), prompts.size());
-    for (const auto& [id, tokens] : on_cpu) {
-        EXPECT_EQ(tokens.size(), 12u) << id;
-        EXPECT_EQ(on_gpu.at(id), tokens) << id;
-    }
+    test::expect_engine_on_cuda_matches_cpu(*model, cfg, prompts, [&] {
+        gpu::CudaRunnerOptions o = runner_options(DType::F32, KvDtype::Bf16, SsmStateDtype::F32, cfg.max_num_seqs);
+        o.num_blocks = cfg.num_blocks;
+        o.max_model_len = cfg.max_model_len;
+        o.max_num_batched_tokens = cfg.max_num_batched_tokens;
+        o.max_cudagraph_capture_size = 8;
+        return std::make_unique<gpu::CudaModelRunner>(weights, o);
+    });
 }
 
 // relu2 against relu2_cpu on fresh Normal inputs (half of them negative), outputs poisoned first: F32 exact
