@@ -653,10 +653,11 @@ TEST(MoeCuda, ExpertsNvfp4) {
 // 2048), with CTA row tails (k = 256 and 160 over 96 and 800 rows: 64 rows a CTA; k = 96 over 256 rows) and
 // chunk counts not a multiple of the lanes (1856 / 32 = 58 over 16); n_embd 2048 also splits the combine's
 // columns over CTAs. m = 2 (m top_k <= n_experts: the 1-token tile) drawn over top_k + 1 experts passes
-// over some experts' rows twice; m = 17 puts more than one 8-token tile on some experts. The down GEMV
-// (k = n_ff <= 4096: 16 rows a warp at n_ff 768, h staged 8 tokens at a time, fewer at large n_ff) gets
-// warps without rows (n_embd 96 and 160), a warp with some rows (96 at 64 rows a warp), n_ff 4096 (32 lanes
-// of 4 chunks, 3 tokens staged: several tiles at m = 17) and n_ff 4128 (past it: the generic GEMV).
+// over some experts' rows twice; m = 17 puts more than one 8-token tile on some experts. The register GEMV
+// (k <= 4096: weights in registers, inputs staged 8 rows at a time, fewer at large k; 16 rows a warp at
+// down's k = 768) gets warps without rows (n_embd 96 and 160), a warp with some rows (96 at 64 rows a warp),
+// n_ff 4096 (32 lanes of 4 chunks, 3 rows staged: several tiles at m = 17), and k = 4128 (past it: the
+// generic GEMV, its 8-token tile at m = 17) for down and for both up epilogues.
 const ExpertsCase kGemvRowGroupCases[] = {
     {MoeActivation::SwiGlu, 8, 768, 256, 3},
     {MoeActivation::Relu2, 8, 2048, 1856, 2},
@@ -665,6 +666,8 @@ const ExpertsCase kGemvRowGroupCases[] = {
     {MoeActivation::SwiGlu, 6, 2048, 768, 2},
     {MoeActivation::Relu2, 4, 96, 4096, 2},
     {MoeActivation::Relu2, 4, 64, 4128, 2},
+    {MoeActivation::Relu2, 4, 4128, 64, 2},
+    {MoeActivation::SwiGlu, 4, 4128, 64, 2},
 };
 
 TEST(MoeCuda, ExpertsNvfp4GemvRowGroups) {

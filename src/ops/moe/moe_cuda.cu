@@ -1,8 +1,10 @@
 // MoE kernels (ops/moe/moe_cuda.h).
 //
 // Routers: top-k as k rounds of an argmax with (score desc, id asc) order, which is a stable sort's first k:
-// the CPU's choice. Up to 256 experts one warp per token, scores in registers, shuffle argmax rounds;
-// above, one CTA of 128 threads per token, scores in shared memory, block argmax rounds (same arithmetic).
+// the CPU's choice. Up to 256 experts one warp per token, scores in registers, shuffle argmax rounds
+// (softmax: a round is a max warp reduction over an order key of the scores, then a min over the ids
+// holding it); above, one CTA of 128 threads per token, scores in shared memory, block argmax rounds (same
+// arithmetic).
 // Permutation: up to 1024 pairs (decode) one CTA does it all in one launch (shared-memory counts, a block
 // scan, placement in pair order by one warp); above, one warp per expert, ballots over the pair ids in
 // order (so token order inside an expert is kept without a sort), a count pass, then a place pass that also
@@ -11,6 +13,9 @@
 // (16 bytes of E2M1 codes + 2 E4M3 scales, the decode of ops/linear/nvfp4_decode.cuh), L the fewest lanes
 // leaving each at most 4 chunks, all loaded before use; tokens in tiles of 8; the gate and up rows of a
 // SwiGLU expert are read in the same pass and the activation is applied in the epilogue.
+// Up to k = 4096 the GEMV keeps 2 (SwiGLU) or 4 rows a lane of weights in registers instead, loaded first,
+// reads its inputs from swizzled shared memory (staged as float32, up to 8 rows at a time), and reuses the
+// registers for every token of the expert: the same per-row arithmetic (moe_reg_gemv_nvfp4_kernel).
 // Combine: CTAs over (token, column block), the choices ranked by expert id by one warp with shuffles.
 // Grouped GEMM (prefill, MoeExpertKernel::Gemm): tensor cores over (expert, 64 positions, 128 weight rows)
 // tiles, weights dequantized to BF16 in shared memory; see the comment above moe_gemm_nvfp4_kernel.
@@ -710,118 +715,175 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
                                                       sorted_pairs, active_experts, n_active, out);
 }
 
-// ---- the down GEMV (k = n_ff <= kDownMaxK): weights in registers, h staged in shared memory ----
+// ---- the register GEMV (k <= kRegGemvMaxK): weights in registers, inputs staged in shared memory ----
 //
-// The generic GEMV above loads, per 16-byte weight chunk, its 32 float32 inputs (128 bytes) from global
-// memory, at a 128-byte stride across a row's lanes: with h in float32 the L1 wavefronts, not the weight
-// bytes, bound it (down reads 8 times more h than weight bytes; up, BF16 x and two weight rows, 2 times).
-// Here each lane keeps kDownRowsPerLane rows' chunks of its k-columns in registers (all loaded at the start,
-// before h is needed, so the weights stream while h is staged), reads each input float4 once from shared
-// memory for those rows, and every token of the expert reuses the registers (no second pass over the rows).
-// Rows of a warp: segment g (lanes_per_row lanes) holds rows warp_row0 + r * segments + g, r < kDownRowsPerLane.
-// Per row the same float operations in the same order as moe_gemv_nvfp4: outputs are bit-identical to it.
-constexpr int kDownWarps = 4;
-constexpr int kDownRowsPerLane = 4;
-constexpr int64_t kDownMaxK = 32 * 32 * kGemvChunksInFlight;  // 32 lanes of kGemvChunksInFlight chunks a row
-constexpr int kDownTokenTile = 8;                              // tokens staged at once (fewer at large k)
-constexpr size_t kDownSharedBytes = 48 * 1024;                 // no opt-in needed
+// The generic GEMV above loads, per 16-byte weight chunk, its 32 inputs from global memory at a chunk's
+// stride across a row's lanes: with down's float32 h (128 bytes a chunk, 8 times the weight bytes) the L1
+// wavefronts, not the weight bytes, bound it; an expert with two tokens also reads its rows twice. Here each
+// lane keeps kRows rows' chunks of its k-columns in registers (kGemvChunksInFlight chunks of each, all
+// loaded first, so the weights stream while the inputs are staged), reads each input float4 once from shared
+// memory for all of them, and every token of the expert reuses the registers. Inputs are staged as float32
+// (BF16 widens exactly), token_tile rows at a time. Rows of a warp: segment g (lanes_per_row lanes) holds
+// rows warp_row0 + r * segments + g, r < kRows. Per row the same float operations in the same order as
+// moe_gemv_nvfp4: outputs are bit-identical to it.
+constexpr int kRegGemvWarps = 4;
+constexpr int64_t kRegGemvMaxK = 32 * 32 * kGemvChunksInFlight;  // 32 lanes of kGemvChunksInFlight chunks
+constexpr int kRegGemvTokenTile = 8;                              // input rows staged at once (fewer at large k)
+constexpr size_t kRegGemvSharedBytes = 48 * 1024;                 // no opt-in needed
+// Rows a lane: 4 (16 weight chunks in registers); SwiGLU 2 (gate and up: 16 as well).
+constexpr int reg_gemv_rows(Epilogue epi) { return epi == Epilogue::SwiGlu ? 2 : 4; }
 
-// h row staging: float4 f of a row (chunk f / 8, quarter f % 8) lives at f ^ (chunk % 8) within its chunk,
+// Staged input rows: float4 f of a row (chunk f / 8, quarter f % 8) lives at f ^ (chunk % 8) within its chunk,
 // so the 8 lanes of a quarter-warp, at 8 consecutive chunks and the same quarter, hit 8 distinct bank groups.
-__device__ __forceinline__ int down_swizzle(int f) { return f ^ ((f >> 3) & 7); }
+__device__ __forceinline__ int reg_gemv_swizzle(int f) { return f ^ ((f >> 3) & 7); }
 
-__global__ void __launch_bounds__(kDownWarps * 32)
-    moe_down_gemv_nvfp4_kernel(const float* __restrict__ h, int k, const Nvfp4DeviceWeight* __restrict__ ws,
-                               int n, int lanes_per_row, int token_tile, const int32_t* __restrict__ offsets,
-                               const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
-                               float* __restrict__ out) {
-    extern __shared__ float4 h_sh[];  // [token_tile][k / 4], swizzled (down_swizzle)
+__device__ __forceinline__ float4 load4_float(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 load4_float(const __nv_bfloat16* p) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+
+// out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list); input
+// row of p as in moe_gemv_nvfp4 (x[sorted_pairs[p] / top_k] when kGather, else x[p]); SwiGlu reads w0 = gate.
+template <class XT, bool kGather, Epilogue kEpi>
+__global__ void __launch_bounds__(kRegGemvWarps * 32)
+    moe_reg_gemv_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
+                              const Nvfp4DeviceWeight* __restrict__ w1s, int n, int lanes_per_row, int token_tile,
+                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
+                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
+                              float* __restrict__ out) {
+    constexpr bool kGated = kEpi == Epilogue::SwiGlu;
+    constexpr int kRows = reg_gemv_rows(kEpi);
+    constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
+    extern __shared__ float4 x_sh[];       // [token_tile][k / 4], swizzled (reg_gemv_swizzle)
     const int active = *n_active;
-    const int e = active_experts[blockIdx.y];       // slot < gridDim.y <= n_experts: in bounds
+    const int e = active_experts[blockIdx.y];            // slot < gridDim.y <= n_experts: in bounds
     if (static_cast<int>(blockIdx.y) >= active) return;  // the whole CTA, before any barrier
-    const Nvfp4DeviceWeight w = ws[e];
+    Nvfp4DeviceWeight w[kSets];
+    w[0] = w1s[e];
+    if constexpr (kGated) w[1] = w0s[e];
     const int begin = offsets[e], count = offsets[e + 1] - begin;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int segments = 32 / lanes_per_row;
     const int sub = lane & (lanes_per_row - 1), seg = lane / lanes_per_row;
     const int chunks = k >> 5, quads = k >> 2;
-    const int64_t warp_row0 =
-        (static_cast<int64_t>(blockIdx.x) * kDownWarps + warp) * segments * kDownRowsPerLane;
+    const int64_t warp_row0 = (static_cast<int64_t>(blockIdx.x) * kRegGemvWarps + warp) * segments * kRows;
     const bool warp_has_rows = warp_row0 < n;  // warp-uniform; a warp without rows still stages and syncs
 
-    // All weight loads first: kDownRowsPerLane rows x kGemvChunksInFlight chunks (chunks sub + u * lanes).
-    uint4 q[kDownRowsPerLane][kGemvChunksInFlight];
-    uint32_t s[kDownRowsPerLane][kGemvChunksInFlight];
+    // All weight loads first: kSets x kRows rows x kGemvChunksInFlight chunks (chunks sub + u * lanes).
+    uint4 q[kSets][kRows][kGemvChunksInFlight];
+    uint32_t sc[kSets][kRows][kGemvChunksInFlight];
 #pragma unroll
-    for (int r = 0; r < kDownRowsPerLane; ++r) {
-        const int64_t row = warp_row0 + r * segments + seg;
-        const bool row_ok = row < n;
-        const uint4* qr = reinterpret_cast<const uint4*>(w.packed) + (row_ok ? row : 0) * chunks;
-        const unsigned short* sr = reinterpret_cast<const unsigned short*>(w.scales) + (row_ok ? row : 0) * chunks;
+    for (int m = 0; m < kSets; ++m)
 #pragma unroll
-        for (int u = 0; u < kGemvChunksInFlight; ++u) {
-            const int c = sub + u * lanes_per_row;
-            q[r][u] = make_uint4(0, 0, 0, 0);
-            s[r][u] = 0;
-            if (row_ok && c < chunks) q[r][u] = __ldg(qr + c), s[r][u] = __ldg(sr + c);
+        for (int r = 0; r < kRows; ++r) {
+            const int64_t row = warp_row0 + r * segments + seg;
+            const bool row_ok = row < n;
+            const uint4* qr = reinterpret_cast<const uint4*>(w[m].packed) + (row_ok ? row : 0) * chunks;
+            const unsigned short* sr =
+                reinterpret_cast<const unsigned short*>(w[m].scales) + (row_ok ? row : 0) * chunks;
+#pragma unroll
+            for (int u = 0; u < kGemvChunksInFlight; ++u) {
+                const int c = sub + u * lanes_per_row;
+                q[m][r][u] = make_uint4(0, 0, 0, 0);
+                sc[m][r][u] = 0;
+                if (row_ok && c < chunks) q[m][r][u] = __ldg(qr + c), sc[m][r][u] = __ldg(sr + c);
+            }
         }
-    }
-    const float scale = w.global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
-    const float4* h4 = reinterpret_cast<const float4*>(h);
+    float scale[kSets];  // 2^14 undoes the fp16 placement of the codes
+#pragma unroll
+    for (int m = 0; m < kSets; ++m) scale[m] = w[m].global_scale * 16384.0f;
 
     for (int t0 = 0; t0 < count; t0 += token_tile) {
         const int nb = min(token_tile, count - t0);
-        __syncthreads();  // the previous tile's readers are done with h_sh
-        for (int idx = threadIdx.x; idx < nb * quads; idx += kDownWarps * 32) {
+        __syncthreads();  // the previous tile's readers are done with x_sh
+        for (int idx = threadIdx.x; idx < nb * quads; idx += kRegGemvWarps * 32) {
             const int i = idx / quads, f = idx - i * quads;
-            h_sh[i * quads + down_swizzle(f)] = __ldg(h4 + static_cast<int64_t>(begin + t0 + i) * quads + f);
+            const int p = begin + t0 + i;
+            const int64_t src = kGather ? sorted_pairs[p] / top_k : p;
+            x_sh[i * quads + reg_gemv_swizzle(f)] = load4_float(x + src * k + 4 * f);
         }
         __syncthreads();
         if (!warp_has_rows) continue;  // warp-uniform: the shuffles below stay whole-warp
         for (int i = 0; i < nb; ++i) {
-            const float4* hr = h_sh + i * quads;
-            float acc[kDownRowsPerLane];
+            const float4* xr = x_sh + i * quads;
+            float acc[kSets][kRows];
 #pragma unroll
-            for (int r = 0; r < kDownRowsPerLane; ++r) acc[r] = 0.0f;
+            for (int m = 0; m < kSets; ++m)
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) acc[m][r] = 0.0f;
 #pragma unroll
             for (int u = 0; u < kGemvChunksInFlight; ++u) {
                 const int c = sub + u * lanes_per_row;
                 if (c >= chunks) break;  // the later ones are past the row too
 #pragma unroll
                 for (int b = 0; b < 2; ++b) {  // the chunk's two blocks of 16
-                    float part[kDownRowsPerLane];
+                    float part[kSets][kRows];
 #pragma unroll
-                    for (int r = 0; r < kDownRowsPerLane; ++r) part[r] = 0.0f;
+                    for (int m = 0; m < kSets; ++m)
+#pragma unroll
+                        for (int r = 0; r < kRows; ++r) part[m][r] = 0.0f;
 #pragma unroll
                     for (int j = 2 * b; j < 2 * b + 2; ++j) {  // words of 8 codes
-                        const float4 lo = hr[down_swizzle(c * 8 + 2 * j)];
-                        const float4 hi = hr[down_swizzle(c * 8 + 2 * j + 1)];
+                        const float4 lo = xr[reg_gemv_swizzle(c * 8 + 2 * j)];
+                        const float4 hi = xr[reg_gemv_swizzle(c * 8 + 2 * j + 1)];
                         const float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-                        for (int r = 0; r < kDownRowsPerLane; ++r) {
-                            // Opaque to the compiler, so it decodes per token instead of hoisting
-                            // all decoded weights (512 floats a lane) out of the token loop.
-                            uint32_t codes = word_of(q[r][u], j);
-                            asm volatile("" : "+r"(codes));
-                            float wv[8];
-                            e2m1x8_to_float(codes, wv);
+                        for (int m = 0; m < kSets; ++m)
 #pragma unroll
-                            for (int qq = 0; qq < 8; ++qq) part[r] = fmaf(wv[qq], xv[qq], part[r]);
-                        }
+                            for (int r = 0; r < kRows; ++r) {
+                                // Opaque to the compiler, so it decodes per token instead of hoisting all
+                                // decoded weights (hundreds of floats a lane) out of the token loop.
+                                uint32_t codes = word_of(q[m][r][u], j);
+                                asm volatile("" : "+r"(codes));
+                                float wv[8];
+                                e2m1x8_to_float(codes, wv);
+#pragma unroll
+                                for (int qq = 0; qq < 8; ++qq) part[m][r] = fmaf(wv[qq], xv[qq], part[m][r]);
+                            }
                     }
 #pragma unroll
-                    for (int r = 0; r < kDownRowsPerLane; ++r)
-                        acc[r] = fmaf(part[r], e4m3_exact(s[r][u] >> (8 * b)), acc[r]);
+                    for (int m = 0; m < kSets; ++m)
+#pragma unroll
+                        for (int r = 0; r < kRows; ++r)
+                            acc[m][r] = fmaf(part[m][r], e4m3_exact(sc[m][r][u] >> (8 * b)), acc[m][r]);
                 }
             }
 #pragma unroll
-            for (int r = 0; r < kDownRowsPerLane; ++r) {
-                const float v = segment_sum(acc[r], lanes_per_row) * scale;
+            for (int r = 0; r < kRows; ++r) {
+                const float up = segment_sum(acc[0][r], lanes_per_row) * scale[0];
+                float v = up;
+                if constexpr (kEpi == Epilogue::SwiGlu) {
+                    const float g = segment_sum(acc[kSets - 1][r], lanes_per_row) * scale[kSets - 1];
+                    v = g / (1.0f + expf(-g)) * up;
+                } else if constexpr (kEpi == Epilogue::Relu2) {
+                    v = up > 0.0f ? up * up : 0.0f;
+                }
                 const int64_t row = warp_row0 + r * segments + seg;
                 if (sub == 0 && row < n) out[static_cast<int64_t>(begin + t0 + i) * n + row] = v;
             }
         }
     }
+}
+
+// Launches the register GEMV when k fits it; false otherwise (the caller runs moe_gemv_nvfp4's kernels).
+template <class XT, bool kGather, Epilogue kEpi>
+bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWeight* w0s,
+                     const Nvfp4DeviceWeight* w1s, int64_t n, int64_t grid_y, const MoePermutation& perm, float* out,
+                     cudaStream_t stream) {
+    if (k > kRegGemvMaxK || n > 0x7fffffff) return false;
+    const int64_t chunks = k / 32;
+    int lanes = 1;  // as gemv_lanes_per_row: the fewest leaving each lane at most kGemvChunksInFlight chunks
+    while (lanes < 32 && lanes * static_cast<int64_t>(kGemvChunksInFlight) < chunks) lanes *= 2;
+    const int64_t rows_per_cta = static_cast<int64_t>(kRegGemvWarps) * (32 / lanes) * reg_gemv_rows(kEpi);
+    const dim3 grid(static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(grid_y));
+    const size_t row_bytes = static_cast<size_t>(k) * sizeof(float);
+    const int token_tile = static_cast<int>(std::min<size_t>(kRegGemvTokenTile, kRegGemvSharedBytes / row_bytes));
+    moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi><<<grid, kRegGemvWarps * 32, token_tile * row_bytes, stream>>>(
+        x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s, static_cast<int>(n), lanes, token_tile,
+        perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, out);
+    return true;
 }
 
 // ---- grouped NVFP4 GEMM (prefill) ----
@@ -1348,6 +1410,9 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     const dim3 grid(gemv_grid_x(experts.n_ff, lanes), grid_y_for(m, top_k, experts.n_experts));
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
+        if (launch_reg_gemv<XT, true, kEpi>(static_cast<const XT*>(x), experts.n_embd, top_k, experts.gate,
+                                            experts.up, experts.n_ff, grid.y, perm, h, stream))
+            return;
         if (gemv_single_token_tile(m, top_k, experts.n_experts))
             moe_gemv_nvfp4_kernel_t1<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
                 static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
@@ -1390,15 +1455,9 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
         return;
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
-    if (experts.n_ff <= kDownMaxK && experts.n_embd <= 0x7fffffff) {
-        const int64_t rows_per_cta = static_cast<int64_t>(kDownWarps) * (32 / lanes) * kDownRowsPerLane;
-        const dim3 grid(static_cast<unsigned>((experts.n_embd + rows_per_cta - 1) / rows_per_cta),
-                        grid_y_for(m, top_k, experts.n_experts));
-        const size_t row_bytes = static_cast<size_t>(experts.n_ff) * sizeof(float);
-        const int token_tile = static_cast<int>(std::min<size_t>(kDownTokenTile, kDownSharedBytes / row_bytes));
-        moe_down_gemv_nvfp4_kernel<<<grid, kDownWarps * 32, token_tile * row_bytes, stream>>>(
-            h, static_cast<int>(experts.n_ff), experts.down, static_cast<int>(experts.n_embd), lanes, token_tile,
-            perm.offsets, perm.active_experts, perm.n_active, o);
+    if (launch_reg_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, nullptr, experts.down,
+                                                       experts.n_embd, grid_y_for(m, top_k, experts.n_experts),
+                                                       perm, o, stream)) {
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
