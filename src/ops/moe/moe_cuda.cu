@@ -798,6 +798,7 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
     for (int t0 = 0; t0 < count; t0 += token_tile) {
         const int nb = min(token_tile, count - t0);
         __syncthreads();  // the previous tile's readers are done with x_sh
+#pragma unroll 4
         for (int idx = threadIdx.x; idx < nb * quads; idx += kRegGemvWarps * 32) {
             const int i = idx / quads, f = idx - i * quads;
             const int p = begin + t0 + i;
