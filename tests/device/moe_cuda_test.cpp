@@ -34,6 +34,7 @@
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe.h"
+#include "ops/moe/moe_workspace.h"
 #include "tensor/nvfp4.h"
 
 namespace nibble {
@@ -256,9 +257,74 @@ TEST(MoeCuda, SoftmaxRouterWarpSizes) {
         }
 }
 
-// Group counts above 32 (a lane scores several groups), groups of one expert, no group excluded with top_k 32.
-const SigmoidShape kWarpSigmoidShapes[] = {
-    {256, 64, 16, 8}, {256, 256, 32, 8}, {200, 8, 3, 6}, {96, 3, 2, 4}, {256, 1, 1, 32}, {8, 2, 1, 2}};
+// The fused decode router and permutation against the two launchers it replaces: bit-identical ids,
+// weights and workspace permutation (poisoned alike first), on both sides of its limits (n_experts 256 / 257,
+// m top_k 1024 / 1032), F32 and BF16 logits, with and without ties.
+TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    struct Shape {
+        int64_t m, k;
+    };
+    std::uniform_int_distribution<int> small(-3, 1);
+    for (int64_t ne : {8, 128, 256, 257})
+        for (const Shape sh :
+             {Shape{1, 8}, Shape{3, 6}, Shape{33, 1}, Shape{128, 8}, Shape{129, 8}, Shape{32, 32}})
+            for (bool bf16 : {false, true})
+                for (bool ties : {false, true}) {
+                    const int64_t m = sh.m, k = std::min(sh.k, ne), n = m * k;
+                    const bool norm = (m + k) % 2 == 1;
+                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" +
+                                 std::to_string(k) + (bf16 ? " bf16" : " f32") + (ties ? " ties" : ""));
+                    std::vector<float> logits = test::random_normal(rng, static_cast<size_t>(m * ne), 2.0f);
+                    if (ties)
+                        for (float& v : logits) {
+                            const int t = small(rng);
+                            v = t == -3 ? -0.0f : static_cast<float>(t);
+                        }
+                    DeviceActs dl;
+                    dl.upload(logits, bf16);
+                    const DType dtype = bf16 ? DType::BF16 : DType::F32;
+                    cuda::MoeDeviceExperts ex;
+                    ex.n_experts = ne;
+                    ex.n_embd = 64;
+                    ex.n_ff = 32;
+                    const size_t bytes = cuda::moe_workspace_bytes(m, k, ne, ex.n_embd, ex.n_ff);
+                    const MoeWorkspaceLayout l = moe_workspace_layout(m, k, ne, ex.n_embd, ex.n_ff);
+                    auto ws_fused = poisoned(bytes), ws_two = poisoned(bytes);
+                    auto ids_fused = poisoned(static_cast<size_t>(n) * 4),
+                         w_fused = poisoned(static_cast<size_t>(n) * 4);
+                    auto ids_two = poisoned(static_cast<size_t>(n) * 4),
+                         w_two = poisoned(static_cast<size_t>(n) * 4);
+                    cuda::moe_route_softmax_permute(dl.buf.get(), dtype, m, k, norm, ex,
+                                                    ids_fused.as<int32_t>(), w_fused.as<float>(),
+                                                    ws_fused.get(), nullptr);
+                    cuda::moe_route_softmax(dl.buf.get(), dtype, m, ne, k, norm, ids_two.as<int32_t>(),
+                                            w_two.as<float>(), nullptr);
+                    auto* base = ws_two.as<unsigned char>();
+                    const cuda::MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),
+                                                    reinterpret_cast<int32_t*>(base + l.offsets),
+                                                    reinterpret_cast<int32_t*>(base + l.sorted),
+                                                    reinterpret_cast<int32_t*>(base + l.position),
+                                                    reinterpret_cast<int32_t*>(base + l.active),
+                                                    reinterpret_cast<int32_t*>(base + l.n_active)};
+                    cuda::moe_permute(ids_two.as<int32_t>(), m, k, ne, perm, nullptr);
+                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                    const auto got_ids = download_vec<int32_t>(ids_fused, static_cast<size_t>(n));
+                    EXPECT_EQ(got_ids, download_vec<int32_t>(ids_two, static_cast<size_t>(n)));
+                    EXPECT_EQ(download_vec<uint32_t>(w_fused, static_cast<size_t>(n)),
+                              download_vec<uint32_t>(w_two, static_cast<size_t>(n)));
+                    for (int32_t id : got_ids) ASSERT_TRUE(id >= 0 && id < ne) << id;
+                    // The permutation parts (everything before h), padding included.
+                    EXPECT_EQ(download_vec<uint32_t>(ws_fused, l.h / 4),
+                              download_vec<uint32_t>(ws_two, l.h / 4));
+                }
+}
+
+// Group counts above 32 (a lane scores several groups), groups of one expert, no group excluded with
+// top_k 32.
+const SigmoidShape kWarpSigmoidShapes[] = {{256, 64, 16, 8}, {256, 256, 32, 8}, {200, 8, 3, 6},
+                                           {96, 3, 2, 4},    {256, 1, 1, 32},   {8, 2, 1, 2}};
 
 TEST(MoeCuda, SigmoidRouterWarpShapes) {
     NIBBLE_REQUIRE_GPU();
@@ -349,18 +415,21 @@ TEST(MoeCuda, PermuteSmallBatchesAndDroppedIds) {
     struct Shape {
         int64_t m, k;
     };
-    for (const Shape sh : {Shape{1, 1}, Shape{1, 8}, Shape{341, 3}, Shape{128, 8}, Shape{205, 5}, Shape{33, 32}})
+    for (const Shape sh :
+         {Shape{1, 1}, Shape{1, 8}, Shape{341, 3}, Shape{128, 8}, Shape{205, 5}, Shape{33, 32}})
         for (int64_t ne : {8, 128, 1000, 1024})
             for (int drop_pct : {0, 10}) {
                 const int64_t m = sh.m, k = std::min(sh.k, ne), n_pairs = m * k;
-                SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
-                             " dropped " + std::to_string(drop_pct) + "%");
+                SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) +
+                             " k=" + std::to_string(k) + " dropped " + std::to_string(drop_pct) + "%");
                 auto ids = random_ids(rng, m, k, ne, false);
                 std::uniform_int_distribution<int> pct(0, 99), kind(0, 2);
                 for (auto& e : ids)
                     if (pct(rng) < drop_pct) {
                         const int which = kind(rng);
-                        e = which == 0 ? -1 : which == 1 ? static_cast<int32_t>(ne) : static_cast<int32_t>(ne + 7);
+                        e = which == 0   ? -1
+                            : which == 1 ? static_cast<int32_t>(ne)
+                                         : static_cast<int32_t>(ne + 7);
                     }
                 std::vector<int32_t> sorted, position(static_cast<size_t>(n_pairs), -1);
                 for (int32_t i = 0; i < static_cast<int32_t>(n_pairs); ++i) {
@@ -373,9 +442,10 @@ TEST(MoeCuda, PermuteSmallBatchesAndDroppedIds) {
                 for (size_t p = 0; p < sorted.size(); ++p)
                     position[static_cast<size_t>(sorted[p])] = static_cast<int32_t>(p);
                 const size_t n_routed = sorted.size();
-                sorted.resize(static_cast<size_t>(n_pairs), -1);  // positions past the routed ones stay poisoned
-                std::vector<int32_t> counts(static_cast<size_t>(ne), 0), offsets(static_cast<size_t>(ne + 1), 0),
-                    active;
+                sorted.resize(static_cast<size_t>(n_pairs),
+                              -1);  // positions past the routed ones stay poisoned
+                std::vector<int32_t> counts(static_cast<size_t>(ne), 0),
+                    offsets(static_cast<size_t>(ne + 1), 0), active;
                 for (int32_t e : ids)
                     if (e >= 0 && e < ne) ++counts[static_cast<size_t>(e)];
                 for (int64_t e = 0; e < ne; ++e) {
@@ -659,14 +729,10 @@ TEST(MoeCuda, ExpertsNvfp4) {
 // n_ff 4096 (32 lanes of 4 chunks, 3 rows staged: several tiles at m = 17), and k = 4128 (past it: the
 // generic GEMV, its 8-token tile at m = 17) for down and for both up epilogues.
 const ExpertsCase kGemvRowGroupCases[] = {
-    {MoeActivation::SwiGlu, 8, 768, 256, 3},
-    {MoeActivation::Relu2, 8, 2048, 1856, 2},
-    {MoeActivation::Relu2, 8, 96, 256, 2},
-    {MoeActivation::SwiGlu, 4, 160, 800, 2},
-    {MoeActivation::SwiGlu, 6, 2048, 768, 2},
-    {MoeActivation::Relu2, 4, 96, 4096, 2},
-    {MoeActivation::Relu2, 4, 64, 4128, 2},
-    {MoeActivation::Relu2, 4, 4128, 64, 2},
+    {MoeActivation::SwiGlu, 8, 768, 256, 3},  {MoeActivation::Relu2, 8, 2048, 1856, 2},
+    {MoeActivation::Relu2, 8, 96, 256, 2},    {MoeActivation::SwiGlu, 4, 160, 800, 2},
+    {MoeActivation::SwiGlu, 6, 2048, 768, 2}, {MoeActivation::Relu2, 4, 96, 4096, 2},
+    {MoeActivation::Relu2, 4, 64, 4128, 2},   {MoeActivation::Relu2, 4, 4128, 64, 2},
     {MoeActivation::SwiGlu, 4, 4128, 64, 2},
 };
 

@@ -254,14 +254,11 @@ __device__ __forceinline__ float order_key_value(unsigned key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// One token's routing by the calling warp (all 32 lanes): lane j < top_k gets choice j's id and weight.
 template <class LT>
-__global__ void __launch_bounds__(kWarpRouteWarps * 32)
-    route_softmax_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
-                              bool norm_topk_prob, int32_t* __restrict__ ids, float* __restrict__ weights) {
+__device__ __forceinline__ void route_softmax_warp_token(const LT* __restrict__ l, int n_experts, int top_k,
+                                                         bool norm_topk_prob, int& id, float& weight) {
     const int lane = threadIdx.x & 31;
-    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + (threadIdx.x >> 5);
-    if (t >= m) return;  // the whole warp; no block barrier below
-    const LT* l = logits + t * n_experts;
     float score[kWarpRouteSlots];  // logits of experts s * 32 + lane
     float mx = -INFINITY;
 #pragma unroll
@@ -309,10 +306,21 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
         total += p;
         if (lane == j) my_id = bi, my_p = p;
     }
-    if (lane < top_k) {
-        ids[t * top_k + lane] = my_id;
-        weights[t * top_k + lane] = norm_topk_prob ? my_p / total : my_p;
-    }
+    id = my_id;
+    weight = norm_topk_prob ? my_p / total : my_p;
+}
+
+template <class LT>
+__global__ void __launch_bounds__(kWarpRouteWarps * 32)
+    route_softmax_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
+                              bool norm_topk_prob, int32_t* __restrict__ ids, float* __restrict__ weights) {
+    const int lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + (threadIdx.x >> 5);
+    if (t >= m) return;  // the whole warp; no block barrier below
+    int id;
+    float weight;
+    route_softmax_warp_token(logits + t * n_experts, n_experts, top_k, norm_topk_prob, id, weight);
+    if (lane < top_k) ids[t * top_k + lane] = id, weights[t * top_k + lane] = weight;
 }
 
 // Group scores (when some groups are excluded) go through shared memory, computed by the block kernel's
@@ -332,7 +340,7 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     const LT* l = logits + t * n_experts;
     const int per_group = n_experts / n_group;
     float choice[kWarpRouteSlots], sig[kWarpRouteSlots];  // of experts s * 32 + lane
-    unsigned eligible = 0;                                  // bit s: expert s * 32 + lane may be chosen
+    unsigned eligible = 0;                                // bit s: expert s * 32 + lane may be chosen
 #pragma unroll
     for (int s = 0; s < kWarpRouteSlots; ++s) {
         const int e = s * 32 + lane;
@@ -390,7 +398,8 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
 #pragma unroll
         for (int s = 0; s < kWarpRouteSlots; ++s) {
             const int e = s * 32 + lane;
-            if (((eligible >> s) & 1u) && ranks_before(choice[s], e, bv, bi)) bv = choice[s], bi = e, bs = sig[s];
+            if (((eligible >> s) & 1u) && ranks_before(choice[s], e, bv, bi))
+                bv = choice[s], bi = e, bs = sig[s];
         }
         warp_argmax(bv, bi, bs);
         if ((bi & 31) == lane) eligible &= ~(1u << (bi >> 5));  // taken
@@ -471,24 +480,14 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
 constexpr int kSmallPermuteThreads = 1024;  // >= the 1024 experts moe_permute allows
 constexpr int kSmallPermutePairs = 1024;
 
-__global__ void __launch_bounds__(kSmallPermuteThreads)
-    permute_small_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
-                         int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
-                         int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
-                         int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
-    __shared__ int count_sh[kSmallPermuteThreads];  // then: the next free sorted position of each expert
-    __shared__ int id_sh[kSmallPermutePairs];
+// The part after the counting, shared with the fused router (route_softmax_permute_kernel). On entry (after
+// a barrier) id_sh[i] holds pair i's expert (-1: dropped) and count_sh[e] its pair count.
+__device__ __forceinline__ void permute_small_from_shared(
+    int* count_sh, const int* id_sh, int n_pairs, int n_experts, int32_t* __restrict__ counts,
+    int32_t* __restrict__ offsets, int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+    int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
     __shared__ int warp_count[32], warp_active[32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    count_sh[tid] = 0;
-    __syncthreads();
-    for (int i = tid; i < n_pairs; i += kSmallPermuteThreads) {
-        const int e = ids[i];
-        const bool routed = e >= 0 && e < n_experts;  // others are dropped
-        id_sh[i] = routed ? e : -1;
-        if (routed) atomicAdd(&count_sh[e], 1);
-    }
-    __syncthreads();
     // Exclusive scans of the counts and of the active flags over expert = tid.
     const int c = tid < n_experts ? count_sh[tid] : 0;
     const int a = c > 0 ? 1 : 0;
@@ -543,6 +542,60 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
     }
 }
 
+__global__ void __launch_bounds__(kSmallPermuteThreads)
+    permute_small_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
+                         int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                         int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+                         int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    __shared__ int count_sh[kSmallPermuteThreads];  // then: the next free sorted position of each expert
+    __shared__ int id_sh[kSmallPermutePairs];
+    const int tid = threadIdx.x;
+    count_sh[tid] = 0;
+    __syncthreads();
+    for (int i = tid; i < n_pairs; i += kSmallPermuteThreads) {
+        const int e = ids[i];
+        const bool routed = e >= 0 && e < n_experts;  // others are dropped
+        id_sh[i] = routed ? e : -1;
+        if (routed) atomicAdd(&count_sh[e], 1);
+    }
+    __syncthreads();
+    permute_small_from_shared(count_sh, id_sh, n_pairs, n_experts, counts, offsets, sorted_pairs,
+                              pair_position, active_experts, n_active);
+}
+
+// Decode's router and permutation in one launch (n_experts <= kWarpRouteMaxExperts, m top_k <=
+// kSmallPermutePairs): the 32 warps route the tokens (route_softmax_warp_token, as moe_route_softmax), the
+// choices go to ids / weights and into the shared state of permute_small_kernel, which then runs as there.
+template <class LT>
+__global__ void __launch_bounds__(kSmallPermuteThreads)
+    route_softmax_permute_kernel(const LT* __restrict__ logits, int m, int n_experts, int top_k,
+                                 bool norm_topk_prob, int32_t* __restrict__ ids, float* __restrict__ weights,
+                                 int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                 int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+                                 int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    __shared__ int count_sh[kSmallPermuteThreads];
+    __shared__ int id_sh[kSmallPermutePairs];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    count_sh[tid] = 0;
+    __syncthreads();
+    for (int t = warp; t < m; t += kSmallPermuteThreads / 32) {  // warp-uniform
+        int id;
+        float weight;
+        route_softmax_warp_token(logits + static_cast<int64_t>(t) * n_experts, n_experts, top_k,
+                                 norm_topk_prob, id, weight);
+        if (lane < top_k) {  // id in [0, n_experts)
+            const int i = t * top_k + lane;
+            ids[i] = id;
+            weights[i] = weight;
+            id_sh[i] = id;
+            atomicAdd(&count_sh[id], 1);
+        }
+    }
+    __syncthreads();
+    permute_small_from_shared(count_sh, id_sh, m * top_k, n_experts, counts, offsets, sorted_pairs,
+                              pair_position, active_experts, n_active);
+}
+
 // ---- grouped NVFP4 GEMV ----
 
 constexpr int kGemvWarps = 4;
@@ -576,7 +629,8 @@ __device__ __forceinline__ void moe_gemv_nvfp4(const XT* __restrict__ x, int64_t
                                                int lanes_per_row, const int32_t* __restrict__ offsets,
                                                const int32_t* __restrict__ sorted_pairs,
                                                const int32_t* __restrict__ active_experts,
-                                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
+                                               const int32_t* __restrict__ n_active,
+                                               float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     // Both loads at once (gridDim.y <= n_experts keeps the slot in bounds; past n_active it is not used):
     // the prologue is a chain of dependent loads, and decode's step is short enough for it to show.
@@ -621,7 +675,8 @@ __device__ __forceinline__ void moe_gemv_nvfp4(const XT* __restrict__ x, int64_t
         float acc0[kTokenTile], acc1[kTokenTile];
 #pragma unroll
         for (int i = 0; i < kTokenTile; ++i) acc0[i] = acc1[i] = 0.0f;
-        for (int64_t c0 = sub; c0 < my_chunks; c0 += static_cast<int64_t>(kGemvChunksInFlight) * lanes_per_row) {
+        for (int64_t c0 = sub; c0 < my_chunks;
+             c0 += static_cast<int64_t>(kGemvChunksInFlight) * lanes_per_row) {
             // All of this lane's loads of the group first, then the arithmetic.
             uint4 qa[kGemvChunksInFlight], qb[kGemvChunksInFlight];
             uint32_t sa[kGemvChunksInFlight], sb[kGemvChunksInFlight];
@@ -694,9 +749,9 @@ __device__ __forceinline__ void moe_gemv_nvfp4(const XT* __restrict__ x, int64_t
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     moe_gemv_nvfp4_kernel_t1(const XT* __restrict__ x, int64_t k, int top_k,
-                             const Nvfp4DeviceWeight* __restrict__ w0s, const Nvfp4DeviceWeight* __restrict__ w1s,
-                             int64_t n, int lanes_per_row, const int32_t* __restrict__ offsets,
-                             const int32_t* __restrict__ sorted_pairs,
+                             const Nvfp4DeviceWeight* __restrict__ w0s,
+                             const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, int lanes_per_row,
+                             const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
     moe_gemv_nvfp4<XT, kGather, kEpi, 1>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets, sorted_pairs,
@@ -706,9 +761,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kGemvWarps * 32, 4)
     moe_gemv_nvfp4_kernel_t8(const XT* __restrict__ x, int64_t k, int top_k,
-                             const Nvfp4DeviceWeight* __restrict__ w0s, const Nvfp4DeviceWeight* __restrict__ w1s,
-                             int64_t n, int lanes_per_row, const int32_t* __restrict__ offsets,
-                             const int32_t* __restrict__ sorted_pairs,
+                             const Nvfp4DeviceWeight* __restrict__ w0s,
+                             const Nvfp4DeviceWeight* __restrict__ w1s, int64_t n, int lanes_per_row,
+                             const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
     moe_gemv_nvfp4<XT, kGather, kEpi, kGemvTokenTile>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets,
@@ -728,31 +783,36 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
 // moe_gemv_nvfp4: outputs are bit-identical to it.
 constexpr int kRegGemvWarps = 4;
 constexpr int64_t kRegGemvMaxK = 32 * 32 * kGemvChunksInFlight;  // 32 lanes of kGemvChunksInFlight chunks
-constexpr int kRegGemvTokenTile = 8;                              // input rows staged at once (fewer at large k)
-constexpr size_t kRegGemvSharedBytes = 48 * 1024;                 // no opt-in needed
+constexpr int kRegGemvTokenTile = 8;               // input rows staged at once (fewer at large k)
+constexpr size_t kRegGemvSharedBytes = 48 * 1024;  // no opt-in needed
 // Rows a lane: 4 (16 weight chunks in registers); SwiGLU 2 (gate and up: 16 as well).
 constexpr int reg_gemv_rows(Epilogue epi) { return epi == Epilogue::SwiGlu ? 2 : 4; }
 
-// Staged input rows: float4 f of a row (chunk f / 8, quarter f % 8) lives at f ^ (chunk % 8) within its chunk,
-// so the 8 lanes of a quarter-warp, at 8 consecutive chunks and the same quarter, hit 8 distinct bank groups.
+// Staged input rows: float4 f of a row (chunk f / 8, quarter f % 8) lives at f ^ (chunk % 8) within its
+// chunk, so the 8 lanes of a quarter-warp, at 8 consecutive chunks and the same quarter, hit 8 distinct bank
+// groups.
 __device__ __forceinline__ int reg_gemv_swizzle(int f) { return f ^ ((f >> 3) & 7); }
 
-__device__ __forceinline__ float4 load4_float(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 load4_float(const float* p) {
+    return __ldg(reinterpret_cast<const float4*>(p));
+}
 __device__ __forceinline__ float4 load4_float(const __nv_bfloat16* p) {
     const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
-    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
-                       __uint_as_float(u.y & 0xffff0000u));
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 }
 
 // out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list); input
 // row of p as in moe_gemv_nvfp4 (x[sorted_pairs[p] / top_k] when kGather, else x[p]); SwiGlu reads w0 = gate.
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kRegGemvWarps * 32)
-    moe_reg_gemv_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
-                              const Nvfp4DeviceWeight* __restrict__ w1s, int n, int lanes_per_row, int token_tile,
-                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
-                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
-                              float* __restrict__ out) {
+    moe_reg_gemv_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
+                              const Nvfp4DeviceWeight* __restrict__ w0s,
+                              const Nvfp4DeviceWeight* __restrict__ w1s, int n, int lanes_per_row,
+                              int token_tile, const int32_t* __restrict__ offsets,
+                              const int32_t* __restrict__ sorted_pairs,
+                              const int32_t* __restrict__ active_experts,
+                              const int32_t* __restrict__ n_active, float* __restrict__ out) {
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kRows = reg_gemv_rows(kEpi);
     constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
@@ -871,19 +931,22 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
 // Launches the register GEMV when k fits it; false otherwise (the caller runs moe_gemv_nvfp4's kernels).
 template <class XT, bool kGather, Epilogue kEpi>
 bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWeight* w0s,
-                     const Nvfp4DeviceWeight* w1s, int64_t n, int64_t grid_y, const MoePermutation& perm, float* out,
-                     cudaStream_t stream) {
+                     const Nvfp4DeviceWeight* w1s, int64_t n, int64_t grid_y, const MoePermutation& perm,
+                     float* out, cudaStream_t stream) {
     if (k > kRegGemvMaxK || n > 0x7fffffff) return false;
     const int64_t chunks = k / 32;
     int lanes = 1;  // as gemv_lanes_per_row: the fewest leaving each lane at most kGemvChunksInFlight chunks
     while (lanes < 32 && lanes * static_cast<int64_t>(kGemvChunksInFlight) < chunks) lanes *= 2;
     const int64_t rows_per_cta = static_cast<int64_t>(kRegGemvWarps) * (32 / lanes) * reg_gemv_rows(kEpi);
-    const dim3 grid(static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(grid_y));
+    const dim3 grid(static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta),
+                    static_cast<unsigned>(grid_y));
     const size_t row_bytes = static_cast<size_t>(k) * sizeof(float);
-    const int token_tile = static_cast<int>(std::min<size_t>(kRegGemvTokenTile, kRegGemvSharedBytes / row_bytes));
-    moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi><<<grid, kRegGemvWarps * 32, token_tile * row_bytes, stream>>>(
-        x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s, static_cast<int>(n), lanes, token_tile,
-        perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, out);
+    const int token_tile =
+        static_cast<int>(std::min<size_t>(kRegGemvTokenTile, kRegGemvSharedBytes / row_bytes));
+    moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi>
+        <<<grid, kRegGemvWarps * 32, token_tile * row_bytes, stream>>>(
+            x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s, static_cast<int>(n), lanes, token_tile,
+            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, out);
     return true;
 }
 
@@ -1193,7 +1256,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 constexpr int kLocalizeThreads = 256;
 
-// local[i] = ids[i] - begin for ids in [begin, end), else -1 (dropped by moe_permute, skipped by the combine).
+// local[i] = ids[i] - begin for ids in [begin, end), else -1 (dropped by moe_permute, skipped by the
+// combine).
 __global__ void __launch_bounds__(kLocalizeThreads)
     localize_ids_kernel(const int32_t* __restrict__ ids, int n_pairs, int begin, int end,
                         int32_t* __restrict__ local) {
@@ -1457,20 +1521,20 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
     if (launch_reg_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, nullptr, experts.down,
-                                                       experts.n_embd, grid_y_for(m, top_k, experts.n_experts),
-                                                       perm, o, stream)) {
+                                                      experts.n_embd, grid_y_for(m, top_k, experts.n_experts),
+                                                      perm, o, stream)) {
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
     if (gemv_single_token_tile(m, top_k, experts.n_experts))
         moe_gemv_nvfp4_kernel_t1<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
-            perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes,
+            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     else
         moe_gemv_nvfp4_kernel_t8<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes, perm.offsets,
-            perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes,
+            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1502,12 +1566,13 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
 void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_t end, int32_t* local_ids,
                       cudaStream_t stream) {
     if (n_pairs < 0 || n_pairs > 0x7fffffff || begin < 0 || begin >= end || end > 1024)
-        bad("moe_localize_ids: " + std::to_string(n_pairs) + " pairs, experts [" + std::to_string(begin) + ", " +
-            std::to_string(end) + ") (need a non-empty range inside 0..1024)");
+        bad("moe_localize_ids: " + std::to_string(n_pairs) + " pairs, experts [" + std::to_string(begin) +
+            ", " + std::to_string(end) + ") (need a non-empty range inside 0..1024)");
     if (n_pairs == 0) return;
     const int n = static_cast<int>(n_pairs);
-    localize_ids_kernel<<<static_cast<unsigned>((n + kLocalizeThreads - 1) / kLocalizeThreads), kLocalizeThreads, 0,
-                          stream>>>(ids, n, static_cast<int>(begin), static_cast<int>(end), local_ids);
+    localize_ids_kernel<<<static_cast<unsigned>((n + kLocalizeThreads - 1) / kLocalizeThreads),
+                          kLocalizeThreads, 0, stream>>>(ids, n, static_cast<int>(begin),
+                                                         static_cast<int>(end), local_ids);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1519,28 +1584,81 @@ size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t 
     return moe_workspace_layout(m, top_k, n_experts, n_embd, n_ff).total;
 }
 
-void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
-                       int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
-                       void* workspace, void* y, cudaStream_t stream, MoeExpertKernel kernel) {
+namespace {
+
+// The permutation carved from moe_experts_nvfp4's workspace.
+MoePermutation workspace_permutation(void* workspace, const MoeWorkspaceLayout& l) {
+    auto* base = static_cast<unsigned char*>(workspace);
+    return MoePermutation{
+        reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
+        reinterpret_cast<int32_t*>(base + l.sorted), reinterpret_cast<int32_t*>(base + l.position),
+        reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active)};
+}
+
+}  // namespace
+
+void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64_t top_k, bool norm_topk_prob,
+                               const MoeDeviceExperts& experts, int32_t* ids, float* weights, void* workspace,
+                               cudaStream_t stream) {
+    const char* what = "moe_route_softmax_permute";
+    check_router(dtype, m, experts.n_experts, top_k, what);
+    if (experts.n_embd < 1 || experts.n_ff < 1)  // the workspace layout needs them; the weights are not read
+        bad(std::string(what) + ": n_embd " + std::to_string(experts.n_embd) + " and n_ff " +
+            std::to_string(experts.n_ff) + " must be positive");
+    check_aligned(workspace, what, "workspace");
+    if (m == 0) return;
+    const MoePermutation perm = workspace_permutation(
+        workspace, moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff));
+    if (experts.n_experts > kWarpRouteMaxExperts || m * top_k > kSmallPermutePairs) {
+        moe_route_softmax(logits, dtype, m, experts.n_experts, top_k, norm_topk_prob, ids, weights, stream);
+        moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
+        return;
+    }
+    const int mm = static_cast<int>(m), ne = static_cast<int>(experts.n_experts), k = static_cast<int>(top_k);
+    if (dtype == DType::F32)
+        route_softmax_permute_kernel<float><<<1, kSmallPermuteThreads, 0, stream>>>(
+            static_cast<const float*>(logits), mm, ne, k, norm_topk_prob, ids, weights, perm.counts,
+            perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+    else
+        route_softmax_permute_kernel<__nv_bfloat16><<<1, kSmallPermuteThreads, 0, stream>>>(
+            static_cast<const __nv_bfloat16*>(logits), mm, ne, k, norm_topk_prob, ids, weights, perm.counts,
+            perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
+                                const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
+                                MoeActivation act, const void* shared, void* workspace, void* y,
+                                cudaStream_t stream, MoeExpertKernel kernel) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
     const MoeWorkspaceLayout l =
         moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff);
+    const MoePermutation perm = workspace_permutation(workspace, l);
     auto* base = static_cast<unsigned char*>(workspace);
-    const MoePermutation perm{
-        reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
-        reinterpret_cast<int32_t*>(base + l.sorted), reinterpret_cast<int32_t*>(base + l.position),
-        reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active)};
     float* h = reinterpret_cast<float*>(base + l.h);
     float* o = reinterpret_cast<float*>(base + l.o);
-    moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
     if (kernel == MoeExpertKernel::Auto)  // one choice for both, from the activations' dtype
         kernel = moe_prefers_gemm(m, top_k, experts.n_experts, dtype) ? MoeExpertKernel::Gemm
                                                                       : MoeExpertKernel::Gemv;
     moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
     moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
     moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
+}
+
+void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
+                       int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
+                       void* workspace, void* y, cudaStream_t stream, MoeExpertKernel kernel) {
+    check_experts(experts, m, top_k, "moe_experts_nvfp4");
+    check_aligned(workspace, "moe_experts_nvfp4", "workspace");
+    if (m == 0) return;
+    moe_permute(ids, m, top_k, experts.n_experts,
+                workspace_permutation(workspace, moe_workspace_layout(m, top_k, experts.n_experts,
+                                                                      experts.n_embd, experts.n_ff)),
+                stream);
+    moe_experts_nvfp4_permuted(x, dtype, m, ids, weights, top_k, experts, act, shared, workspace, y, stream,
+                               kernel);
 }
 
 }  // namespace nibble::cuda

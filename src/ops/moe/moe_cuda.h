@@ -32,8 +32,8 @@
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
 // Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
 // 1 <= n_experts <= 1024, 1 <= top_k <= 32 (routers: top_k <= n_experts too). Not checked (the tables
-// live on the device): each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of cudaMalloc'd tensors
-// and of any row-aligned slice of them).
+// live on the device): each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of
+// cudaMalloc'd tensors and of any row-aligned slice of them).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -131,5 +131,18 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
                        void* workspace, void* y, cudaStream_t stream,
                        MoeExpertKernel kernel = MoeExpertKernel::Auto);
+
+// Decode's router and permutation in one launch: moe_route_softmax (n_experts = experts.n_experts) into ids,
+// weights, then moe_permute of those ids into the permutation of moe_experts_nvfp4's `workspace` (same
+// outputs as the two); one kernel when n_experts <= 256 and m top_k <= 1024, else the two launchers. Follow
+// it with moe_experts_nvfp4_permuted on the same workspace, ids and weights (not for localized ids).
+void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64_t top_k, bool norm_topk_prob,
+                               const MoeDeviceExperts& experts, int32_t* ids, float* weights, void* workspace,
+                               cudaStream_t stream);
+// moe_experts_nvfp4 minus its moe_permute: the workspace already holds the permutation of ids.
+void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
+                                const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
+                                MoeActivation act, const void* shared, void* workspace, void* y,
+                                cudaStream_t stream, MoeExpertKernel kernel = MoeExpertKernel::Auto);
 
 }  // namespace nibble::cuda
