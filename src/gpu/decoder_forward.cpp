@@ -429,19 +429,27 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 linear(L.router, h_.get(), m, router_logits_.get(), stream, gemv_choice(il, 4), capture);
             else
                 this->gemv(L.router, h_.get(), act_, m, router_logits_.get(), stream, gemv_choice(il, 4), capture);
-            cuda::moe_route_softmax(router_logits_.get(), act_, m, e.n_experts, e.top_k, e.norm_topk_prob,
-                                    moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
             // Expert parallelism: every rank routed every token alike (the router is replicated); each runs
             // its own experts tp.experts only, the others' pairs dropped, and the all-reduce adds the partial
             // sums (the combine's order over a token's experts becomes: per rank, then across ranks).
             const int32_t* ids = moe_ids_.as<int32_t>();
             if (sharded) {
+                cuda::moe_route_softmax(router_logits_.get(), act_, m, e.n_experts, e.top_k, e.norm_topk_prob,
+                                        moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
                 cuda::moe_localize_ids(ids, m * e.top_k, w_.tp.experts.begin, w_.tp.experts.end,
                                        moe_local_ids_.as<int32_t>(), stream);
                 ids = moe_local_ids_.as<int32_t>();
+                cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
+                                        L.experts.device(), MoeActivation::SwiGlu, nullptr, moe_workspace_.get(),
+                                        proj, stream);
+            } else {  // router and permutation in one launch at decode sizes
+                cuda::moe_route_softmax_permute(router_logits_.get(), act_, m, e.top_k, e.norm_topk_prob,
+                                                L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
+                                                moe_workspace_.get(), stream);
+                cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
+                                                 L.experts.device(), MoeActivation::SwiGlu, nullptr,
+                                                 moe_workspace_.get(), proj, stream);
             }
-            cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k, L.experts.device(),
-                                    MoeActivation::SwiGlu, nullptr, moe_workspace_.get(), proj, stream);
             all_reduce(proj);
             continue;
         }
