@@ -390,18 +390,27 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
             if (e < n_experts && group_eligible[warp][e / per_group]) eligible |= 1u << s;
         }
     }
+    // Each round as the softmax router's: a max reduction over the choice keys, a min over the ids holding
+    // it (the host checked that at least top_k experts are eligible: a round always finds one); its s comes
+    // from the lane that holds it.
+    unsigned key[kWarpRouteSlots];
+#pragma unroll
+    for (int s = 0; s < kWarpRouteSlots; ++s) key[s] = order_key(choice[s]);
     int my_id = -1;  // lane j < top_k: choice j and its s
     float my_sig = 0.0f, total = 0.0f;
     for (int j = 0; j < top_k; ++j) {
-        float bv = 0.0f, bs = 0.0f;
-        int bi = -1;
+        unsigned lane_best = 0;
 #pragma unroll
-        for (int s = 0; s < kWarpRouteSlots; ++s) {
-            const int e = s * 32 + lane;
-            if (((eligible >> s) & 1u) && ranks_before(choice[s], e, bv, bi))
-                bv = choice[s], bi = e, bs = sig[s];
-        }
-        warp_argmax(bv, bi, bs);
+        for (int s = 0; s < kWarpRouteSlots; ++s)
+            if ((eligible >> s) & 1u) lane_best = max(lane_best, key[s]);
+        const unsigned best = __reduce_max_sync(0xffffffffu, lane_best);
+        int lane_id = 0x7fffffff;  // the lowest eligible id of this lane with the best key, and its s
+        float lane_sig = 0.0f;
+#pragma unroll
+        for (int s = kWarpRouteSlots - 1; s >= 0; --s)
+            if (((eligible >> s) & 1u) && key[s] == best) lane_id = s * 32 + lane, lane_sig = sig[s];
+        const int bi = __reduce_min_sync(0xffffffffu, lane_id);
+        const float bs = __shfl_sync(0xffffffffu, lane_sig, bi & 31);
         if ((bi & 31) == lane) eligible &= ~(1u << (bi >> 5));  // taken
         total += bs;
         if (lane == j) my_id = bi, my_sig = bs;
