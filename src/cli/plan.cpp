@@ -168,6 +168,7 @@ void run_plan(const PlanCliOptions& opt) {
             {"attention_scratch_bytes", p.attention_scratch_bytes},
             {"moe_workspace_bytes", p.moe_workspace_bytes},
             {"gemm_scratch_bytes", p.gemm_scratch_bytes},
+            {"ssm_scratch_bytes", p.ssm_scratch_bytes},
             {"kv_cache_dtype", kv_dtype_name(p.kv_dtype)},
             {"kv_bytes_per_token", p.kv_bytes_per_token},
             {"kv_cache_bytes", p.kv_cache_bytes},
@@ -211,8 +212,11 @@ void run_plan(const PlanCliOptions& opt) {
                     bytes_text(static_cast<double>(p.activation_bytes)), bytes_text(static_cast<double>(p.logits_bytes)),
                     bytes_text(static_cast<double>(p.attention_scratch_bytes)),
                     p.moe_workspace_bytes > 0 ? ", MoE " + bytes_text(static_cast<double>(p.moe_workspace_bytes)) : "",
-                    p.gemm_scratch_bytes > 0 ? ", GEMM scratch " + bytes_text(static_cast<double>(p.gemm_scratch_bytes))
-                                             : "",
+                    (p.gemm_scratch_bytes > 0 ? ", GEMM scratch " + bytes_text(static_cast<double>(p.gemm_scratch_bytes))
+                                              : std::string()) +
+                        (p.ssm_scratch_bytes > 0
+                             ? ", SSM scan scratch " + bytes_text(static_cast<double>(p.ssm_scratch_bytes))
+                             : std::string()),
                     p.max_num_batched_tokens));
     if (p.moe_workspace_bytes > 0)
         row("MoE workspace", bytes_text(static_cast<double>(p.moe_workspace_bytes)),

@@ -10,6 +10,7 @@
 #include "base/error.h"
 #include "model/model.h"
 #include "ops/moe/moe_workspace.h"
+#include "ops/ssm/ssm_workspace.h"
 #include "parallel/tensor_parallel.h"
 #include "tensor/nvfp4.h"
 
@@ -178,6 +179,7 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
                                  .ssm_dtype = o.mamba_ssm_cache_dtype};
         p.mamba_state_bytes_per_seq = st.bytes();
         p.mamba_state_bytes = o.max_num_seqs * st.bytes();
+        if (o.cuda_forward) p.ssm_scratch_bytes = kSsdScanMaxWorkspaceBytes + st.bytes();
         NIBBLE_CHECK(o.mamba_prefix_snapshots >= -1, "--mamba-prefix-snapshots must be -1 (auto) or more, got {}",
                      o.mamba_prefix_snapshots);
         if (o.mamba_prefix_snapshots >= 0) {  // a given count is fixed memory; auto is taken from the KV below

@@ -89,8 +89,12 @@ struct MemoryPlan {
     // workspace
     int64_t activation_bytes = 0, logits_bytes = 0, attention_scratch_bytes = 0;
     int64_t moe_workspace_bytes = 0, gemm_scratch_bytes = 0;  // CUDA forward only (PlanOptions::cuda_forward)
+    // CUDA forward of a hybrid model: the chunked scan's workspace at its cap (ops/ssm/ssm_workspace.h) and
+    // the scratch state padding sequences of a graph step compute into.
+    int64_t ssm_scratch_bytes = 0;
     int64_t workspace_bytes() const {
-        return activation_bytes + logits_bytes + attention_scratch_bytes + moe_workspace_bytes + gemm_scratch_bytes;
+        return activation_bytes + logits_bytes + attention_scratch_bytes + moe_workspace_bytes + gemm_scratch_bytes +
+               ssm_scratch_bytes;
     }
     // hybrid models: recurrent state, one per sequence slot (max_num_seqs), beside the KV cache
     int64_t mamba_state_bytes_per_seq = 0, mamba_state_bytes = 0;

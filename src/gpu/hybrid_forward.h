@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "ops/ssm/ssm_workspace.h"
 #include "cuda/device_buffer.h"
 #include "gpu/decoder_forward.h"
 #include "gpu/device_forward.h"
@@ -65,10 +66,9 @@ public:
     // the chunked one costs four launches and a 64-token chunk's quadratic work whatever L, so it pays
     // from about two chunks on (nibble-kernel-bench ssd prints both at 128 .. 2048 tokens).
     static constexpr int64_t kChunkedScanMinTokens = 128;
-    // Its workspace (chunk states: about 2 MiB per 64-token chunk and per sequence at Nemotron-3-Nano's
-    // shape, 70 MiB for one 2048-token prompt) grows on demand up to this; a batch needing more (hundreds
-    // of sequences beside a long prompt) takes the sequential scan.
-    static constexpr size_t kChunkedScanMaxWorkspaceBytes = size_t{512} << 20;
+    // Its workspace grows on demand up to this (ops/ssm/ssm_workspace.h, which the memory plan counts); a
+    // batch needing more (hundreds of sequences beside a long prompt) takes the sequential scan.
+    static constexpr size_t kChunkedScanMaxWorkspaceBytes = static_cast<size_t>(kSsdScanMaxWorkspaceBytes);
 
 private:
     void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream);

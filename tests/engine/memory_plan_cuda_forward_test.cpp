@@ -1,6 +1,6 @@
-// The CUDA forward's own lines of the memory plan (PlanOptions::cuda_forward): the MoE workspace and the GEMM
-// scratch, checked against byte counts worked out by hand from their layouts (memory_plan.h), and the MoE
-// router rows every plan adds to the activations.
+// The CUDA forward's own lines of the memory plan (PlanOptions::cuda_forward): the MoE workspace, the GEMM
+// scratch and a hybrid model's scan scratch, checked against byte counts worked out by hand from their
+// layouts (memory_plan.h), and the MoE router rows every plan adds to the activations.
 #include <gtest/gtest.h>
 
 #include "engine/memory_plan.h"
@@ -72,6 +72,23 @@ TEST(MemoryPlanCudaForward, GemmScratch) {
     const RealShape moe = real_shape("qwen3-30b-a3b", {.nvfp4 = true});
     EXPECT_EQ(plan_memory(moe.config, moe.quant, options(8192, true)).gemm_scratch_bytes,
               (int64_t{32} << 20) + 3 * (4096 * 2048) * 2);
+}
+
+// Hybrid models on the CUDA forward: the chunked scan's workspace at its 512 MiB cap and one more recurrent
+// state (the scratch slot padding sequences compute into), both beside the per-sequence states.
+TEST(MemoryPlanCudaForward, HybridScanScratch) {
+    const RealShape s = real_shape("nemotron-3-nano-30b-a3b", {.nvfp4 = true});
+    const MemoryPlan cuda = plan_memory(s.config, s.quant, options(2048, true));
+    const MemoryPlan host = plan_memory(s.config, s.quant, options(2048, false));
+    ASSERT_GT(cuda.mamba_state_bytes_per_seq, 0);
+    EXPECT_EQ(cuda.ssm_scratch_bytes, (int64_t{512} << 20) + cuda.mamba_state_bytes_per_seq);
+    EXPECT_EQ(host.ssm_scratch_bytes, 0);
+    EXPECT_EQ(cuda.mamba_state_bytes, host.mamba_state_bytes);  // the per-sequence states are the same
+    EXPECT_EQ(cuda.workspace_bytes() - host.workspace_bytes(),
+              cuda.moe_workspace_bytes + cuda.gemm_scratch_bytes + cuda.ssm_scratch_bytes);
+    // Attention-only models have none.
+    const RealShape dense = real_shape("llama3-8b", {.nvfp4 = true});
+    EXPECT_EQ(plan_memory(dense.config, dense.quant, options(2048, true)).ssm_scratch_bytes, 0);
 }
 
 }  // namespace
