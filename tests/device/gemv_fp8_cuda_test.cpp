@@ -19,6 +19,7 @@
 
 #include "base/thread_pool.h"
 #include "device_test_util.h"
+#include "linear_reference.h"
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "tensor/float_formats.h"
@@ -67,21 +68,9 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Codes codes, int64_t n, in
     DeviceActs dx;
     dx.upload(x, bf16_acts);  // x now holds exactly what the device reads
 
-    std::vector<float> ref(static_cast<size_t>(m * n));
-    linear_cpu(pool, x.data(), m, w, ref.data());
-    std::vector<double> tol(ref.size());
-    std::vector<float> row(static_cast<size_t>(k));
-    for (int64_t r = 0; r < n; ++r) {
-        w.dequantize_row(r, row.data());
-        for (int64_t t = 0; t < m; ++t) {
-            double s = with_bias ? std::fabs(w.bias[static_cast<size_t>(r)]) : 0.0;
-            for (int64_t i = 0; i < k; ++i)
-                s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) * x[static_cast<size_t>(t * k + i)]);
-            const double fp = 2.0 * static_cast<double>(k + 32) * test::kEpsF32 * s;
-            const size_t o = static_cast<size_t>(t * n + r);
-            tol[o] = bf16_acts ? fp * (1 + test::kEpsBf16) + test::kEpsBf16 * std::fabs(ref[o]) : fp;
-        }
-    }
+    std::vector<float> ref;
+    std::vector<double> tol;
+    test::linear_reference(pool, w, x, m, bf16_acts, ref, tol);
 
     const cuda::DeviceBuffer dw = test::upload_vec(fp8);
     cuda::DeviceBuffer dbias;

@@ -18,6 +18,7 @@
 
 #include "base/thread_pool.h"
 #include "device_test_util.h"
+#include "linear_reference.h"
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "tensor/nvfp4.h"
@@ -107,22 +108,9 @@ void run_case(ThreadPool& pool, std::mt19937_64& rng, Kind kind, int64_t n, int6
     DeviceActs dx;
     dx.upload(x, bf16_acts);  // x now holds exactly what the device reads
 
-    std::vector<float> ref(static_cast<size_t>(m * n));
-    linear_cpu(pool, x.data(), m, w, ref.data());
-
-    // S = sum |w_i x_i| + |b| per output, from the dequantized rows, in double.
-    std::vector<double> tol(ref.size());
-    std::vector<float> row(static_cast<size_t>(k));
-    for (int64_t r = 0; r < n; ++r) {
-        w.dequantize_row(r, row.data());
-        for (int64_t t = 0; t < m; ++t) {
-            double s = with_bias ? std::fabs(w.bias[static_cast<size_t>(r)]) : 0.0;
-            for (int64_t i = 0; i < k; ++i) s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) * x[static_cast<size_t>(t * k + i)]);
-            const double fp = 2.0 * static_cast<double>(k + 32) * test::kEpsF32 * s;
-            const size_t o = static_cast<size_t>(t * n + r);
-            tol[o] = bf16_acts ? fp * (1 + test::kEpsBf16) + test::kEpsBf16 * std::fabs(ref[o]) : fp;
-        }
-    }
+    std::vector<float> ref;
+    std::vector<double> tol;
+    test::linear_reference(pool, w, x, m, bf16_acts, ref, tol);
 
     cuda::DeviceBuffer dbias;
     if (with_bias) {
@@ -191,20 +179,8 @@ void build_projection(DeviceProjection& p, ThreadPool& pool, std::mt19937_64& rn
     p.ds = cuda::DeviceBuffer(p.h.scales.size());
     p.dq.upload(p.h.packed.data(), p.dq.bytes());
     p.ds.upload(p.h.scales.data(), p.ds.bytes());
-    p.ref.assign(static_cast<size_t>(m * n), 0.0f);
-    linear_cpu(pool, x.data(), m, w, p.ref.data());
-    p.tol.assign(p.ref.size(), 0.0);
-    std::vector<float> row(static_cast<size_t>(k));
-    for (int64_t r = 0; r < n; ++r) {
-        w.dequantize_row(r, row.data());
-        for (int64_t t = 0; t < m; ++t) {
-            double s = with_bias ? std::fabs(w.bias[static_cast<size_t>(r)]) : 0.0;
-            for (int64_t i = 0; i < k; ++i)
-                s += std::fabs(static_cast<double>(row[static_cast<size_t>(i)]) *
-                               x[static_cast<size_t>(t * k + i)]);
-            p.tol[static_cast<size_t>(t * n + r)] = 2.0 * static_cast<double>(k + 32) * test::kEpsF32 * s;
-        }
-    }
+    // The float32 bound; the callers add a BF16 output's rounding (output_tol).
+    test::linear_reference(pool, w, x, m, /*bf16_acts=*/false, p.ref, p.tol);
 }
 
 // A BF16 output adds its own rounding to a float32 bound.
