@@ -1444,6 +1444,27 @@ bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activat
     return activations == DType::BF16 && m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
 }
 
+namespace {
+
+// Calls launch.template operator()<XT, kEpi>() for the activation dtype (F32 or BF16) and the up projection's
+// epilogue (SwiGLU or relu^2): the one dispatch of the up kernels, GEMM and GEMV alike.
+template <class Launch>
+void launch_up_variant(DType dtype, bool swiglu, const Launch& launch) {
+    if (dtype == DType::F32) {
+        if (swiglu)
+            launch.template operator()<float, Epilogue::SwiGlu>();
+        else
+            launch.template operator()<float, Epilogue::Relu2>();
+    } else {
+        if (swiglu)
+            launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
+        else
+            launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
+    }
+}
+
+}  // namespace
+
 void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                           const MoeDeviceExperts& experts, MoeActivation act, const MoePermutation& perm,
                           float* h, cudaStream_t stream, MoeExpertKernel kernel) {
@@ -1466,17 +1487,7 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                 experts.gate, experts.up, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
                 perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h);
         };
-        if (dtype == DType::F32) {
-            if (swiglu)
-                launch.template operator()<float, Epilogue::SwiGlu>();
-            else
-                launch.template operator()<float, Epilogue::Relu2>();
-        } else {
-            if (swiglu)
-                launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
-            else
-                launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
-        }
+        launch_up_variant(dtype, swiglu, launch);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
@@ -1496,17 +1507,7 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                 static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
                 perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
-    if (dtype == DType::F32) {
-        if (swiglu)
-            launch.template operator()<float, Epilogue::SwiGlu>();
-        else
-            launch.template operator()<float, Epilogue::Relu2>();
-    } else {
-        if (swiglu)
-            launch.template operator()<__nv_bfloat16, Epilogue::SwiGlu>();
-        else
-            launch.template operator()<__nv_bfloat16, Epilogue::Relu2>();
-    }
+    launch_up_variant(dtype, swiglu, launch);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
