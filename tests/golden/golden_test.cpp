@@ -261,7 +261,10 @@ TEST_P(GoldenKvDtype, StayWithinFormatTolerance) {
     const double tol = ref.tol + kv.gain * kv.u * std::max(1.0, max_abs);
 
     auto run = [&](int chunk_size) -> std::vector<float> {
-        const std::string tag = "golden_kv_" + name + "_" + kv.name + "_chunk" + std::to_string(chunk_size);
+        // Named by this test's own case too: the chunked case also runs chunk 0, which must not share (and
+        // remove) the file of the chunk-0 case running beside it under ctest -j.
+        const std::string tag = "golden_kv_" + name + "_" + kv.name + "_case" + std::to_string(chunk) + "_chunk" +
+                                std::to_string(chunk_size);
         const fs::path out = fs::path(::testing::TempDir()) / (tag + ".safetensors");
         const fs::path log = fs::path(::testing::TempDir()) / (tag + ".log");
         fs::remove(out);
