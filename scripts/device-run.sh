@@ -3,7 +3,8 @@
 # lacks from .carry/pack.tar.xz (built here for sm_90a), then runs the device tests and the benchmarks named
 # by the arguments: tests[:FILTER], bench[:ARGS...], kbench[:PART], startup[:SERVE FLAGS] (serve start to
 # first token on a synthetic 8B NVFP4 checkpoint), tpserve[:N] (nibble serve -tp N against -tp 1:
-# scripts/tp-serve-check.sh; needs N GPUs). Logs go to $OUT.
+# scripts/tp-serve-check.sh; needs N GPUs), trace:[NIBBLE_TRACE_*=V ...] ARGS (`nibble ARGS` under the CUPTI
+# kernel tracer: docs/perf.md, Kernel traces without nsys; report in $OUT/trace[-N].txt). Logs go to $OUT.
 set -uo pipefail
 root=/tmp/nibble-pack
 mkdir -p "$root" && tar -C "$root" -xJf .carry/pack.tar.xz
@@ -20,6 +21,12 @@ for step in "$@"; do
         bench) "$root/bin/nibble" bench $arg 2>&1 | tee -a "$out/bench.log" | grep -v "^\[" ;;
         kbench) "$root/bin/nibble-kernel-bench" $arg 2>&1 | tee -a "$out/kbench.log" | tail -40 ;;
         tpserve) NCCL_NVLS_ENABLE=0 scripts/tp-serve-check.sh "$root/bin/nibble" "" "${arg:-2}" 2>&1 | tee -a "$out/tpserve.log" | tail -40 ;;
+        trace) read -ra words <<< "$arg"; envs=()
+               while [[ "${words[0]:-}" == NIBBLE_TRACE_*=* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+               ntrace=$(( ${ntrace:-0} + 1 )); report="$out/trace$( (( ntrace > 1 )) && echo "-$ntrace").txt"
+               env CUDA_INJECTION64_PATH="$root/lib/libnibble_trace.so" NIBBLE_TRACE_OUT="$report" "${envs[@]}" \
+                   "$root/bin/nibble" "${words[@]}" 2>&1 | tee -a "$out/trace.log" | grep -v "^\[" | tail -20
+               head -n 33 "$report"; sed -n '/^== timeline summary/,$p' "$report" ;;
         startup) python3 scripts/make-synthetic-checkpoint.py /tmp/synth8b && \
                  scripts/startup-time.sh "$root/bin/nibble" /tmp/synth8b $arg 2>&1 | tee -a "$out/startup.log" ;;
     esac

@@ -12,6 +12,14 @@ cp "$build/nibble" "$build/nibble-device-tests" "$build/nibble-kernel-bench" "$p
 for b in "$pack"/bin/*; do ldd "$b" | awk '/=> \//{print $3}'; done | sort -u |
     grep -v -E 'lib(c|m|stdc\+\+|gcc_s|pthread|dl|rt|nccl|cublas|cublasLt)\.so|ld-linux' |
     xargs -I{} cp -L {} "$pack/lib/"
+# The kernel tracer (docs/perf.md: Kernel traces without nsys), when this build has it, and the toolkit's
+# CUPTI it loads (the GPU machine may lack it).
+if cmake --build "$build" --target help | grep '^nibble-trace:' >/dev/null; then
+    cmake --build "$build" -j2 --target nibble-trace
+    cp "$build/libnibble_trace.so" "$pack/lib/"
+    cupti="$(ldd "$build/libnibble_trace.so" | awk '/libcupti/ && /=> \//{print $3}')"
+    cp -L "${cupti:-/usr/local/cuda/lib64/libcupti.so.13}" "$pack/lib/"
+fi
 tar -C "$pack" -cf - . | xz -T2 -6 > .carry/pack.tar.xz
 rm -rf "$pack"
 echo "packed $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'): $(du -h .carry/pack.tar.xz | cut -f1)"
