@@ -20,6 +20,7 @@
 #include "cuda/cuda_check.h"
 #include "ops/attention/attention_cuda.h"
 
+#include "ops/attention/kv_quant.cuh"
 namespace nibble::cuda {
 namespace {
 
@@ -31,11 +32,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <KvDtype KV>
 constexpr int elems_per_chunk() {
     return KV == KvDtype::Bf16 ? 8 : KV == KvDtype::Fp8 ? 16 : 32;
-}
-
-__device__ __forceinline__ float e4m3_to_float_dev(uint8_t code) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code), __NV_E4M3);
-    return __half2float(__half(h));
 }
 
 // Dequantizes one 16-byte chunk into out[EPC] (without the layer scale). `scales` holds the chunk's two
@@ -1489,16 +1485,6 @@ void check_common(DType dtype, const PagedKvLayer& kv, int64_t n_heads) {
 
 // ---- KV write ----
 
-// E2M1 of x rounded to nearest, ties to even, saturating to +-6 (what cuda_fp4.h's host conversion and
-// float_formats.h's e2m1_from_float do; sm_90 has no cvt for it). The grid is {0, .5, 1, 1.5, 2, 3, 4, 6};
-// the midpoints .25, 1.25, 2.5 and 5 go down to the even code, .75, 1.75 and 3.5 up.
-__device__ __forceinline__ uint32_t e2m1_rne(float x) {
-    const float a = fabsf(x);
-    const uint32_t code = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u
-                        : a <= 2.5f  ? 4u : a < 3.5f  ? 5u : a <= 5.0f  ? 6u : 7u;
-    return code | ((__float_as_uint(x) >> 28) & 0x8u);
-}
-
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
     const float4 a = *reinterpret_cast<const float4*>(p);
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
@@ -1547,27 +1533,20 @@ __global__ void __launch_bounds__(256)
             if (slot >= 0) {
                 uint32_t word = 0;
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    word |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(x[i] / ls, __NV_SATFINITE, __NV_E4M3))
-                            << (8 * i);
+                for (int i = 0; i < 4; ++i) word |= kv_fp8_code(x[i], ls) << (8 * i);
                 *reinterpret_cast<uint32_t*>(block + row * head_dim + quad * 4) = word;
             }
         } else {
-            // nvfp4_quantize_row's recipe, operation for operation (IEEE division, no contraction).
+            // nvfp4_quantize_row's recipe (ops/attention/kv_quant.cuh).
             float amax = fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])), fmaxf(fabsf(x[2]), fabsf(x[3])));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
             if (slot >= 0) {
-                const float six_global = __fmul_rn(6.0f, ls);
-                uint32_t scale = 0x38;  // E4M3 1.0 for an all-zero group
-                if (amax > 0.0f) {
-                    scale = __nv_cvt_float_to_fp8(__fdiv_rn(amax, six_global), __NV_SATFINITE, __NV_E4M3);
-                    if (scale == 0) scale = 0x01;  // at least the smallest subnormal
-                }
-                const float denom = __fmul_rn(e4m3_to_float_dev(static_cast<uint8_t>(scale)), ls);
+                const uint32_t scale = nvfp4_scale_code(amax, ls);
+                const float divisor = nvfp4_divisor(scale, ls);
                 uint32_t codes = 0;
 #pragma unroll
-                for (int i = 0; i < 4; ++i) codes |= e2m1_rne(__fdiv_rn(x[i], denom)) << (4 * i);
+                for (int i = 0; i < 4; ++i) codes |= nvfp4_code(x[i], divisor) << (4 * i);
                 *reinterpret_cast<uint16_t*>(block + row * (head_dim / 2) + quad * 2) = static_cast<uint16_t>(codes);
                 if (quad % 4 == 0)
                     block[static_cast<int64_t>(block_size) * n_kv_heads * (head_dim / 2) + row * (head_dim / 16) +

@@ -11,6 +11,7 @@
 #include "cuda/cuda_check.h"
 #include "ops/rope/rope_cuda.h"
 
+#include "ops/rope/rope_rotate.cuh"
 namespace nibble::cuda {
 namespace {
 
@@ -63,12 +64,10 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float angle = pos * inv_freq[q * 4 + e];
+            const float angle = rope_angle(pos, inv_freq[q * 4 + e]);
             float s, c;
             sincosf(angle, &s, &c);
-            const float na = a[e] * c - b[e] * s;
-            const float nb = b[e] * c + a[e] * s;
-            a[e] = na, b[e] = nb;
+            rope_rotate(a[e], b[e], c, s, a[e], b[e]);
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
