@@ -13,6 +13,7 @@
 #include "base/log.h"
 #include "cuda/device_info.h"
 #include "ops/activation/activation_cuda.h"
+#include "ops/attention/qkv_prepare_cuda.h"
 #include "ops/embed/embed_cuda.h"
 #include "ops/embed/gather_rows_cuda.h"
 #include "ops/linear/linear_cuda.h"
@@ -394,16 +395,37 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             linear(L.k, h_.get(), m, k_.get(), stream, gemv_choice(il, 1), capture);
             linear(L.v, h_.get(), m, v_.get(), stream, gemv_choice(il, 2), capture);
         }
-        if (L.q_norm.bytes() > 0) {
-            cuda::rmsnorm(q_.get(), act_, m * c.n_heads, hd, L.q_norm.as<float>(), c.norm_eps, q_.get(), stream);
-            cuda::rmsnorm(k_.get(), act_, m * c.n_kv_heads, hd, L.k_norm.as<float>(), c.norm_eps, k_.get(), stream);
-        }
-        cuda::rope_apply(q_.get(), act_, m, c.n_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim, stream,
-                         c.rope.interleaved);
-        cuda::rope_apply(k_.get(), act_, m, c.n_kv_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim,
-                         stream, c.rope.interleaved);
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
-        cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
+        const bool qk_norm = L.q_norm.bytes() > 0;
+        if (cuda::qkv_prepare_supported(hd, w_.rotary_dim)) {  // q/k norm, RoPE and the KV write in one launch
+            cuda::qk_norm_rope_kv_write({.q = q_.get(),
+                                         .k = k_.get(),
+                                         .v = v_.get(),
+                                         .dtype = act_,
+                                         .m = m,
+                                         .n_heads = c.n_heads,
+                                         .q_norm_weight = qk_norm ? L.q_norm.as<float>() : nullptr,
+                                         .k_norm_weight = qk_norm ? L.k_norm.as<float>() : nullptr,
+                                         .norm_eps = c.norm_eps,
+                                         .positions = b.positions,
+                                         .inv_freq = w_.inv_freq.as<float>(),
+                                         .rotary_dim = w_.rotary_dim,
+                                         .interleaved = c.rope.interleaved,
+                                         .slot_mapping = b.slot_mapping,
+                                         .kv = layer},
+                                        stream);
+        } else {  // a head the fused kernel does not take (the same stores, in five launches)
+            if (qk_norm) {
+                cuda::rmsnorm(q_.get(), act_, m * c.n_heads, hd, L.q_norm.as<float>(), c.norm_eps, q_.get(), stream);
+                cuda::rmsnorm(k_.get(), act_, m * c.n_kv_heads, hd, L.k_norm.as<float>(), c.norm_eps, k_.get(),
+                              stream);
+            }
+            cuda::rope_apply(q_.get(), act_, m, c.n_heads, hd, b.positions, w_.inv_freq.as<float>(), w_.rotary_dim,
+                             stream, c.rope.interleaved);
+            cuda::rope_apply(k_.get(), act_, m, c.n_kv_heads, hd, b.positions, w_.inv_freq.as<float>(),
+                             w_.rotary_dim, stream, c.rope.interleaved);
+            cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
+        }
         if (attention == nullptr) {
             cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace, workspace_bytes, attn_.get(),
                                   stream);

@@ -10,6 +10,7 @@
 #include "cuda/device_info.h"
 #include "ops/activation/activation_cuda.h"
 #include "ops/attention/attention_cuda.h"
+#include "ops/attention/qkv_prepare_cuda.h"
 #include "ops/embed/embed_cuda.h"
 #include "ops/embed/gather_rows_cuda.h"
 #include "ops/linear/linear_cuda.h"
@@ -292,7 +293,16 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
                 linear(L.k, h_.get(), m, k_.get(), stream);
                 linear(L.v, h_.get(), m, v_.get(), stream);
                 const cuda::PagedKvLayer layer = kv.layer(L.cache_index);
-                cuda::kv_cache_write(k_.get(), v_.get(), act_, m, b.slot_mapping, layer, stream);
+                // No q/k norm and no RoPE here: the fused launch is the KV write alone (with PDL).
+                cuda::qk_norm_rope_kv_write({.q = q_.get(),
+                                             .k = k_.get(),
+                                             .v = v_.get(),
+                                             .dtype = act_,
+                                             .m = m,
+                                             .n_heads = c.n_heads,
+                                             .slot_mapping = b.slot_mapping,
+                                             .kv = layer},
+                                            stream);
                 cuda::paged_attention(q_.get(), act_, layer, ab, args, splits, workspace, workspace_bytes, attn_.get(),
                                       stream);
                 linear(L.o, attn_.get(), m, proj_.get(), stream);
