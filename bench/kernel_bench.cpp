@@ -695,9 +695,10 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
         };
         for (int m : {1, 2, 4, 8, 16}) {
             double us[4];
-            // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused launched programmatically (PDL)
+            // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused again (every GEMV launches
+            // programmatically since cuda/pdl.cuh, so the old PDL column became a repeat: run-to-run spread)
             for (int method = 0; method < 4; ++method) {
-                const bool fused = method >= 2, pdl = method == 3;
+                const bool fused = method >= 2;
                 size_t next = 0;
                 auto launch = [&] {
                     for (size_t cc = 0; cc < copies; ++cc, ++next) {
@@ -705,13 +706,13 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
                         if (fused && c.gate_up) {
                             nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0),
                                                                   nullptr, weight(cp, 1), nullptr, h.get(),
-                                                                  stream, 0, pdl);
+                                                                  stream, 0);
                         } else if (fused) {
                             Nvfp4Projection p[3];
                             for (size_t i = 0; i < c.ns.size(); ++i)
                                 p[i] = {weight(cp, i), nullptr, y[i].get()};
                             nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p,
-                                                           static_cast<int>(c.ns.size()), stream, 0, pdl);
+                                                           static_cast<int>(c.ns.size()), stream, 0);
                         } else {
                             for (size_t i = 0; i < c.ns.size(); ++i) {
                                 if (method == 0)
@@ -910,8 +911,7 @@ int main(int argc, char** argv) {
                                     else
                                         nibble::cuda::gemv_nvfp4_pipelined(
                                             x.get(), DType::BF16, m, dw, nullptr, y.get(), stream,
-                                            variant == 2 || variant == 6 ? 0 : 1 << (variant - 3),
-                                            variant == 6);
+                                            variant == 2 || variant == 6 ? 0 : 1 << (variant - 3));
                                 } else {
                                     nibble::cuda::gemv_bf16(x.get(), DType::BF16, m, w[i].as<uint16_t>(), s.n,
                                                             s.k, nullptr, y.get(), stream);

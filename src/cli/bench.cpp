@@ -65,7 +65,6 @@ struct BenchOptions {
     int64_t prefill_chunk = 2048;
     bool enforce_eager = false;
     bool unfused = false;
-    bool pdl = false;
     std::string tune;  // off | cached; empty: cached when this GPU has a tune cache
     int64_t tensor_parallel_size = 1;  // -tp: one thread per GPU, one NCCL group (GPUs 0 .. N-1)
     int master_port = 29511;           // the group's NCCL rendezvous on 127.0.0.1
@@ -221,7 +220,6 @@ std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& k
                                               .act_dtype = DType::BF16,
                                               .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
                                               .fused_gemv = !o.unfused,
-                                              .programmatic_launch = o.pdl,
                                               .kernel_choices = kernel_choices,
                                               .num_state_slots = 1,
                                               .stream = stream});
@@ -424,10 +422,10 @@ void run_bench(const BenchOptions& o) {
         std::printf("%s\n", j.dump(2).c_str());
         return;
     }
-    std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s%s\n\n", limits.device_name.c_str(),
-                limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12, model_name.c_str(),
-                o.enforce_eager ? "eager" : "CUDA graphs",
-                (std::string(o.unfused ? ", unfused GEMVs" : "") + (o.pdl ? ", PDL" : "")).c_str());
+    std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s%s\n\n",
+                limits.device_name.c_str(), limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12,
+                model_name.c_str(), o.enforce_eager ? "eager" : "CUDA graphs",
+                std::string(o.unfused ? ", unfused GEMVs" : "").c_str());
     std::printf("| kv    | test            |            t/s | bound t/s | of bound | bound by       |\n");
     std::printf("| ----- | --------------- | -------------: | --------: | -------: | -------------- |\n");
     for (const Row& r : rows) {
@@ -457,10 +455,10 @@ void add_bench_command(CLI::App& app) {
     cmd->add_option("-r,--repetitions", o->repeats, "repeats of each test (default 5)");
     cmd->add_option("-o,--output", o->output, "md (default) or json");
     cmd->add_flag("--enforce-eager", o->enforce_eager, "decode without CUDA graphs (to measure what they save)");
-    cmd->add_option("--tune", o->tune,
-                    "kernel choices: cached (this GPU's tune cache, `nibble tune`; the default when one exists) or "
-                    "off (the built-in dispatch)");
-    cmd->add_flag("--pdl", o->pdl, "fused decode GEMVs with programmatic dependent launch (to compare)");
+    cmd->add_option(
+        "--tune", o->tune,
+        "kernel choices: cached (this GPU's tune cache, `nibble tune`; the default when one exists) or "
+        "off (the built-in dispatch)");
     cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
     // -tp arrives as --tensor-parallel-size (main.cpp spells it out: CLI11 cannot declare a two-letter flag).
     cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,

@@ -65,7 +65,6 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights,
                                                                        weights_->v_scales));
         forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
         forward_->set_fused_gemv(o.fused_gemv);
-        forward_->set_programmatic_launch(o.programmatic_launch);
         if (o.kernel_choices)
             forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
         fwd_ = forward_.get();

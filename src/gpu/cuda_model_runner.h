@@ -34,7 +34,6 @@ struct CudaRunnerOptions {
     // 0 runs every step eagerly (vLLM's --enforce-eager).
     int64_t max_cudagraph_capture_size = 256;
     bool fused_gemv = true;  // decode: q/k/v in one launch, gate/up with SwiGLU in one (NVFP4 weights)
-    bool programmatic_launch = false;  // the fused GEMVs overlap their weight loads with the previous kernel
     // The autotuner's kernel choices (tune cache + device profile + build targets); null: the ops' built-in
     // dispatch. Resolved once at construction (DecoderForward::set_kernel_choices); shared so that several
     // runners (and tests) see one record of failed variants and launches.

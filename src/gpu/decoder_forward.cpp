@@ -389,7 +389,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             const cuda::Nvfp4Projection p[3] = {{L.q.nvfp4(), L.q.bias_ptr(), q_.get()},
                                                 {L.k.nvfp4(), L.k.bias_ptr(), k_.get()},
                                                 {L.v.nvfp4(), L.v.bias_ptr(), v_.get()}};
-            cuda::gemv_nvfp4_fused(h_.get(), act_, m, p, 3, stream, 0, pdl_);
+            cuda::gemv_nvfp4_fused(h_.get(), act_, m, p, 3, stream);
         } else {
             linear(L.q, h_.get(), m, q_.get(), stream, gemv_choice(il, 0), capture);
             linear(L.k, h_.get(), m, k_.get(), stream, gemv_choice(il, 1), capture);
@@ -477,7 +477,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         }
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
             cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
-                                          L.up.bias_ptr(), gate_.get(), stream, 0, pdl_);
+                                          L.up.bias_ptr(), gate_.get(), stream);
         } else {
             linear(L.gate, h_.get(), m, gate_.get(), stream, gemv_choice(il, 4), capture);
             linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);

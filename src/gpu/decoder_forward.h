@@ -93,9 +93,6 @@ public:
     // Decode GEMVs of NVFP4 weights fused per input (q/k/v in one launch, gate/up with SwiGLU in another);
     // on by default, off to compare or to test the separate launches.
     void set_fused_gemv(bool on) { fuse_ = on; }
-    // The fused GEMVs launch with programmatic dependent launch (sm_90+): each starts streaming its weights
-    // while the kernel before it finishes. Off by default until measured faster.
-    void set_programmatic_launch(bool on) { pdl_ = on; }
 
     // The autotuner's choices (tune/kernel_choices.h); null (the default) leaves every launch to the ops'
     // own dispatch. Resolves every shape this forward can run once, here: each linear's GEMV per m tile,
@@ -131,7 +128,6 @@ private:
               const GemvChoice* choice, bool capturing);
     bool fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const;
     bool fuse_ = true;
-    bool pdl_ = false;
 
     const DeviceDecoder& w_;
     DType act_;

@@ -349,9 +349,9 @@ TEST(LinearCuda, Nvfp4GateUpSilu) {
                 run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
 }
 
-// Programmatic launches consume what the launch before them wrote: y1 = x W1^T (the v2 kernel, a normal
-// launch; y1 poisoned with NaN first), then y2 = y1 W2^T and h = silu(y1 G^T) * (y1 U^T), both launched with
-// programmatic stream serialization straight after it, so they start early and must wait for y1.
+// Programmatic launches (every GEMV launches that way, cuda/pdl.cuh) consume what the launch before them
+// wrote: y1 = x W1^T (the v2 kernel; y1 poisoned with NaN first), then y2 = y1 W2^T and
+// h = silu(y1 G^T) * (y1 U^T) straight after it, so they start early and must wait for y1.
 TEST(LinearCuda, Nvfp4ProgrammaticChain) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
@@ -382,11 +382,11 @@ TEST(LinearCuda, Nvfp4ProgrammaticChain) {
             DeviceOut y2(static_cast<size_t>(m * n2), bf16), hout(static_cast<size_t>(m * n_ff), bf16);
             cuda::gemv_nvfp4_pipelined(y1.buf.get(), dt, m,
                                        {q2.as<uint8_t>(), s2.as<uint8_t>(), h2.w.scale, n2, k2}, nullptr,
-                                       y2.buf.get(), nullptr, 0, true);
+                                       y2.buf.get(), nullptr, 0);
             cuda::gemv_nvfp4_gate_up_silu(y1.buf.get(), dt, m,
                                           {qg.as<uint8_t>(), sg.as<uint8_t>(), hg.w.scale, n_ff, k2}, nullptr,
                                           {qu.as<uint8_t>(), su.as<uint8_t>(), hu.w.scale, n_ff, k2}, nullptr,
-                                          hout.buf.get(), nullptr, 0, true);
+                                          hout.buf.get(), nullptr, 0);
             NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
             const std::vector<float> y1_host = y1.download();  // exactly what stage 2 read
             std::vector<double> tol1(w1.tol.size());

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
 #include "ops/activation/activation_cuda.h"
 
@@ -17,6 +18,7 @@ __device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.0f 
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) silu_mul_kernel(const T* gate, const T* up, int64_t n, T* out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
     const int64_t vecs = n / 8;
     for (int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; v < vecs; v += stride) {
@@ -35,6 +37,7 @@ __device__ __forceinline__ float relu2_1(float v) { return v > 0.0f ? v * v : 0.
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) relu2_kernel(const T* x, int64_t n, T* out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
     const int64_t vecs = n / 8;
     for (int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; v < vecs; v += stride) {
@@ -57,11 +60,11 @@ void relu2(const void* x, DType dtype, int64_t n, void* out, cudaStream_t stream
     if (n <= 0) return;
     const int64_t blocks = std::min<int64_t>((n / 8 + kThreads) / kThreads, 132 * 16);
     if (dtype == DType::F32)
-        relu2_kernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const float*>(x), n,
-                                                                                     static_cast<float*>(out));
+        launch_pdl(relu2_kernel<float>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                   static_cast<const float*>(x), n, static_cast<float*>(out));
     else
-        relu2_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            static_cast<const __nv_bfloat16*>(x), n, static_cast<__nv_bfloat16*>(out));
+        launch_pdl(relu2_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
+                   stream, static_cast<const __nv_bfloat16*>(x), n, static_cast<__nv_bfloat16*>(out));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -74,12 +77,13 @@ void silu_mul(const void* gate, const void* up, DType dtype, int64_t n, void* ou
     if (n <= 0) return;
     const int64_t blocks = std::min<int64_t>((n / 8 + kThreads) / kThreads, 132 * 16);
     if (dtype == DType::F32)
-        silu_mul_kernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            static_cast<const float*>(gate), static_cast<const float*>(up), n, static_cast<float*>(out));
+        launch_pdl(silu_mul_kernel<float>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                   static_cast<const float*>(gate), static_cast<const float*>(up), n,
+                   static_cast<float*>(out));
     else
-        silu_mul_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
-            static_cast<__nv_bfloat16*>(out));
+        launch_pdl(silu_mul_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
+                   stream, static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
+                   static_cast<__nv_bfloat16*>(out));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

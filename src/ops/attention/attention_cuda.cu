@@ -18,9 +18,10 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "ops/attention/attention_cuda.h"
-
 #include "ops/attention/kv_quant.cuh"
+
 namespace nibble::cuda {
 namespace {
 
@@ -109,6 +110,7 @@ constexpr size_t attn_smem_bytes() {
 
 template <KvDtype KV, int HD, int NJ>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnParams p) {
+    pdl_enter();                           // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr int R = 4 * NJ;              // rows of the tile
     constexpr int EPC = elems_per_chunk<KV>();
     constexpr int CPR = HD / EPC;          // chunks per stored row
@@ -329,6 +331,7 @@ template <int HD>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_m, const float* __restrict__ part_l,
                    int n_splits, int64_t n_rows, bool bf16, void* out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
@@ -458,6 +461,7 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
 
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParams p) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr bool BF = KV == KvDtype::Bf16;
     constexpr int BITS = KV == KvDtype::Bf16 ? 16 : KV == KvDtype::Fp8 ? 8 : 4;
     constexpr int ROW_BYTES = HD * BITS / 8;
@@ -654,9 +658,9 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
 template <KvDtype KV>
 void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t stream) {
     if (hd == 64)
-        decode_mma_kernel<KV, 64><<<grid, kThreads, 0, stream>>>(p);
+        launch_pdl(decode_mma_kernel<KV, 64>, dim3(grid), dim3(kThreads), 0, stream, p);
     else
-        decode_mma_kernel<KV, 128><<<grid, kThreads, 0, stream>>>(p);
+        launch_pdl(decode_mma_kernel<KV, 128>, dim3(grid), dim3(kThreads), 0, stream, p);
 }
 
 // ---- Decode on the tensor cores, pipelined (FP8 / NVFP4 cache; DecodeKernel::Pipelined) ----
@@ -707,6 +711,7 @@ __device__ __forceinline__ constexpr int pair_dim(int P, int half) {
 
 template <KvDtype KV, int HD, int NSUB, int MIN_CTAS>
 __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const AttnParams p) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     static_assert(KV != KvDtype::Bf16, "BF16 runs decode_mma_kernel");
     constexpr bool PERM = KV == KvDtype::Nvfp4;
     constexpr int BITS = KV == KvDtype::Fp8 ? 8 : 4;
@@ -967,17 +972,17 @@ void launch_decode_pipe(int64_t hd, bool narrow, const AttnParams& p, dim3 grid,
     if constexpr (KV == KvDtype::Nvfp4) {
         if (narrow) {
             if (hd == 64)
-                decode_pipe_kernel<KV, 64, 1, 3><<<grid, kThreads, 0, stream>>>(p);
+                launch_pdl(decode_pipe_kernel<KV, 64, 1, 3>, dim3(grid), dim3(kThreads), 0, stream, p);
             else
-                decode_pipe_kernel<KV, 128, 1, 3><<<grid, kThreads, 0, stream>>>(p);
+                launch_pdl(decode_pipe_kernel<KV, 128, 1, 3>, dim3(grid), dim3(kThreads), 0, stream, p);
             return;
         }
     }
     constexpr int NSUB = KV == KvDtype::Nvfp4 ? 2 : 1;
     if (hd == 64)
-        decode_pipe_kernel<KV, 64, NSUB, 2><<<grid, kThreads, 0, stream>>>(p);
+        launch_pdl(decode_pipe_kernel<KV, 64, NSUB, 2>, dim3(grid), dim3(kThreads), 0, stream, p);
     else
-        decode_pipe_kernel<KV, 128, NSUB, 2><<<grid, kThreads, 0, stream>>>(p);
+        launch_pdl(decode_pipe_kernel<KV, 128, NSUB, 2>, dim3(grid), dim3(kThreads), 0, stream, p);
 }
 
 // ---- Prefill on the tensor cores (flash-attention-2 style; BF16 q) ----
@@ -1130,6 +1135,7 @@ __device__ __forceinline__ void dequant_to_tile(const uint4& raw, uint32_t scale
 
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnParams p) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr bool BF = KV == KvDtype::Bf16;
     constexpr bool PERM = KV == KvDtype::Nvfp4;
     constexpr int CH = HD / 8;                  // 16-byte chunks of a 16-bit row
@@ -1417,7 +1423,7 @@ void launch_prefill_mma_hd(const AttnParams& p, dim3 grid, cudaStream_t stream) 
     constexpr size_t smem = prefill_smem_bytes<HD>();
     auto kernel = prefill_mma_kernel<KV, HD>;
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, kPfThreads, smem, stream>>>(p);
+    launch_pdl(kernel, dim3(grid), dim3(kPfThreads), smem, stream, p);
 }
 
 template <KvDtype KV>
@@ -1439,7 +1445,7 @@ void launch_attention(const AttnParams& p, dim3 grid, cudaStream_t stream) {
     constexpr size_t smem = attn_smem_bytes<HD, NJ>();
     auto kernel = paged_attention_kernel<KV, HD, NJ>;
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
+    launch_pdl(kernel, dim3(grid), dim3(kThreads), smem, stream, p);
 }
 
 template <KvDtype KV, int HD>
@@ -1502,6 +1508,7 @@ __global__ void __launch_bounds__(256)
     kv_write_kernel(const T* __restrict__ k, const T* __restrict__ v, int64_t n_tokens,
                     const int64_t* __restrict__ slots, uint8_t* kc, uint8_t* vc, int64_t block_bytes, int block_size,
                     int n_kv_heads, int head_dim, float k_scale, float v_scale) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int quads = head_dim / 4;
     const int64_t per_tensor = n_tokens * n_kv_heads * quads;
     const int64_t total = 2 * per_tensor;
@@ -1567,16 +1574,16 @@ void launch_write(const void* k, const void* v, int64_t n_tokens, const int64_t*
     const T* vt = static_cast<const T*>(v);
     switch (kv.dtype) {
         case KvDtype::Bf16:
-            kv_write_kernel<T, KvDtype::Bf16><<<blocks, 256, 0, stream>>>(kt, vt, n_tokens, slots, kv.k, kv.v,
-                                                                         kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
+            launch_pdl(kv_write_kernel<T, KvDtype::Bf16>, dim3(blocks), dim3(256), 0, stream, kt, vt,
+                       n_tokens, slots, kv.k, kv.v, kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
             break;
         case KvDtype::Fp8:
-            kv_write_kernel<T, KvDtype::Fp8><<<blocks, 256, 0, stream>>>(kt, vt, n_tokens, slots, kv.k, kv.v,
-                                                                        kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
+            launch_pdl(kv_write_kernel<T, KvDtype::Fp8>, dim3(blocks), dim3(256), 0, stream, kt, vt, n_tokens,
+                       slots, kv.k, kv.v, kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
             break;
         default:
-            kv_write_kernel<T, KvDtype::Nvfp4><<<blocks, 256, 0, stream>>>(kt, vt, n_tokens, slots, kv.k, kv.v,
-                                                                          kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
+            launch_pdl(kv_write_kernel<T, KvDtype::Nvfp4>, dim3(blocks), dim3(256), 0, stream, kt, vt,
+                       n_tokens, slots, kv.k, kv.v, kv.block_bytes, bs, nkv, hd, kv.k_scale, kv.v_scale);
             break;
     }
 }
@@ -1726,11 +1733,11 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
         const int64_t n_rows = b.n_tokens * args.n_heads;
         const unsigned blocks = static_cast<unsigned>((n_rows + 3) / 4);
         if (kv.head_dim == 64)
-            combine_kernel<64><<<blocks, kThreads, 0, stream>>>(p.part_o, p.part_m, p.part_l, n_splits, n_rows,
-                                                                p.bf16, out);
+            launch_pdl(combine_kernel<64>, dim3(blocks), dim3(kThreads), 0, stream, p.part_o, p.part_m,
+                       p.part_l, n_splits, n_rows, p.bf16, out);
         else
-            combine_kernel<128><<<blocks, kThreads, 0, stream>>>(p.part_o, p.part_m, p.part_l, n_splits, n_rows,
-                                                                 p.bf16, out);
+            launch_pdl(combine_kernel<128>, dim3(blocks), dim3(kThreads), 0, stream, p.part_o, p.part_m,
+                       p.part_l, n_splits, n_rows, p.bf16, out);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
     }
 }

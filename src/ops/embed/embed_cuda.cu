@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
 #include "ops/embed/embed_cuda.h"
 
@@ -19,6 +20,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     embed_kernel(const __nv_bfloat16* __restrict__ table, int64_t row_begin, int64_t rows, int64_t d,
                  const int32_t* __restrict__ tokens, bool outside_is_zero, T* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t i = blockIdx.x;
     const int64_t row = static_cast<int64_t>(tokens[i]) - row_begin;
     const bool valid = row >= 0 && row < rows;
@@ -45,11 +47,11 @@ void launch_embed(const uint16_t* table, int64_t row_begin, int64_t rows, int64_
     if (m <= 0) return;
     const auto* t = reinterpret_cast<const __nv_bfloat16*>(table);
     if (out_dtype == DType::F32)
-        embed_kernel<float><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
-            t, row_begin, rows, d, tokens, outside_is_zero, static_cast<float*>(out));
+        launch_pdl(embed_kernel<float>, dim3(static_cast<unsigned>(m)), dim3(kThreads), 0, stream, t,
+                   row_begin, rows, d, tokens, outside_is_zero, static_cast<float*>(out));
     else
-        embed_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
-            t, row_begin, rows, d, tokens, outside_is_zero, static_cast<__nv_bfloat16*>(out));
+        launch_pdl(embed_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(m)), dim3(kThreads), 0, stream, t,
+                   row_begin, rows, d, tokens, outside_is_zero, static_cast<__nv_bfloat16*>(out));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

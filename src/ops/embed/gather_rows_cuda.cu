@@ -1,11 +1,11 @@
-#include "ops/embed/gather_rows_cuda.h"
-
 #include <cuda_bf16.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
+#include "ops/embed/gather_rows_cuda.h"
 
 namespace nibble::cuda {
 namespace {
@@ -14,6 +14,7 @@ namespace {
 template <class In, class Out>
 __global__ void gather_rows_kernel(const In* __restrict__ src, int64_t d, const int32_t* __restrict__ rows,
                                    Out* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const In* s = src + static_cast<int64_t>(rows[blockIdx.x]) * d;
     Out* o = out + static_cast<int64_t>(blockIdx.x) * d;
     for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < d; c += 8 * blockDim.x) {
@@ -27,10 +28,11 @@ template <class In>
 void launch_for_out(const In* src, int64_t d, const int32_t* rows, int64_t n, void* out, DType out_dtype,
                     cudaStream_t stream) {
     if (out_dtype == DType::F32)
-        gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(src, d, rows, static_cast<float*>(out));
+        launch_pdl(gather_rows_kernel<In, float>, dim3(static_cast<unsigned>(n)), dim3(128), 0, stream, src,
+                   d, rows, static_cast<float*>(out));
     else
-        gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(src, d, rows,
-                                                                         static_cast<__nv_bfloat16*>(out));
+        launch_pdl(gather_rows_kernel<In, __nv_bfloat16>, dim3(static_cast<unsigned>(n)), dim3(128), 0,
+                   stream, src, d, rows, static_cast<__nv_bfloat16*>(out));
 }
 
 }  // namespace

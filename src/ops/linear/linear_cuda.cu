@@ -47,6 +47,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "ops/linear/linear_cuda.h"
 #include "ops/linear/nvfp4_decode.cuh"
 
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kThreads)
     gemv_nvfp4_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                       const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                       XT* __restrict__ y, int64_t n) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 5;
     const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -309,6 +311,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     gemv_nvfp4_mma_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                           const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                           XT* __restrict__ y, int64_t n) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr int P = XChunk<XT>::kParts;
     __shared__ float red[kMmaWarps][NT * 8][16];  // [warp][token][row]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -470,20 +473,6 @@ constexpr int pipe_min_ctas() {
 // cap (ptxas: ~158 registers, 12 warps an SM), more bytes in flight per warp, fewer warps.
 constexpr int kDeepPipeDepth = 4;
 
-// Programmatic dependent launch (sm_90+): griddepcontrol.wait returns once the grids this one depends on
-// have completed and their writes are visible (at once when launched without the attribute);
-// launch_dependents lets a dependent grid be scheduled early. Both are compiled out below sm_90.
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // job.proj[i] for a runtime i through static indices only, so the fields stay in the parameter bank and
 // are re-read where used instead of held in registers through the main loop.
 __device__ __forceinline__ PipeProjection pick_projection(const PipeJob& job, int i) {
@@ -607,10 +596,11 @@ __global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     Stage ring[D];
     // The weights are constants, so their first D steps load before waiting on the previous kernel in the
-    // stream (a no-op unless launched with programmatic stream serialization); x and y only after it.
+    // stream (cuda/pdl.cuh); x and y only after it.
 #pragma unroll
     for (int d = 0; d < D; ++d) load_weights(s_begin + d, ring[d]);
-    wait_for_previous_grid();
+    pdl_launch_dependents();
+    pdl_wait();
 #pragma unroll
     for (int d = 0; d < D; ++d) load_acts(s_begin + d, ring[d]);
     for (int64_t base = s_begin; base < s_end; base += D) {
@@ -622,10 +612,6 @@ __global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>
             load_acts(base + d + D, ring[d]);
         }
     }
-    // This CTA's loads are issued: a programmatic launch that follows may be scheduled now (it still waits
-    // for this whole grid to complete before it reads anything).
-    allow_next_grid();
-
     // Accumulator i: mma rows g (0, 1) and g + 8 (2, 3), tokens 8i + 2t (0, 2) and 8i + 2t + 1 (1, 3).
     if constexpr (KS > 1) {
         if (k_part != 0) {
@@ -683,6 +669,7 @@ template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
     gemv_bf16_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w,
                      const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 4;
     const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -758,6 +745,7 @@ template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
     gemv_fp8_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w, float scale,
                     const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
+    pdl_enter();          // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr int U = 2;  // chunks per lane and step
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 4;
@@ -848,6 +836,7 @@ template <int NT>  // token tiles of 8
 __global__ void __launch_bounds__(kFp8MmaWarps * 32)
     gemv_fp8_mma_kernel(const __nv_bfloat16* __restrict__ x, int m, int64_t k, const uint8_t* __restrict__ w,
                         float out_scale, const float* __restrict__ bias, __nv_bfloat16* __restrict__ y, int64_t n) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ float partial[kFp8MmaWarps][NT][4][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -949,9 +938,9 @@ void launch_nvfp4(const XT* x, int m, const Nvfp4DeviceWeight& w, const float* b
     constexpr int R = rows_per_warp<MT>();
     // 2^14 undoes the fp16 placement of the E2M1 codes (exact: a power of two).
     const float out_scale = w.global_scale * 16384.0f;
-    gemv_nvfp4_kernel<MT, R, XT><<<grid_for(w.n, R, sms), kThreads, 0, stream>>>(
-        x, m, w.k, reinterpret_cast<const uint4*>(w.packed), reinterpret_cast<const unsigned short*>(w.scales),
-        out_scale, bias, y, w.n);
+    launch_pdl(gemv_nvfp4_kernel<MT, R, XT>, dim3(grid_for(w.n, R, sms)), dim3(kThreads), 0, stream, x, m,
+               w.k, reinterpret_cast<const uint4*>(w.packed),
+               reinterpret_cast<const unsigned short*>(w.scales), out_scale, bias, y, w.n);
 }
 
 template <int NT, class XT>
@@ -960,32 +949,18 @@ void launch_nvfp4_mma(const XT* x, int m, const Nvfp4DeviceWeight& w, const floa
     const float out_scale = w.global_scale * 256.0f;
     const int64_t tiles = (w.n + 15) / 16;
     if (tiles > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4: n = " + std::to_string(w.n) + " is too large");
-    gemv_nvfp4_mma_kernel<NT, XT><<<static_cast<unsigned>(tiles), kMmaThreads, 0, stream>>>(
-        x, m, w.k, reinterpret_cast<const uint4*>(w.packed), reinterpret_cast<const unsigned short*>(w.scales),
-        out_scale, bias, y, w.n);
+    launch_pdl(gemv_nvfp4_mma_kernel<NT, XT>, dim3(static_cast<unsigned>(tiles)), dim3(kMmaThreads), 0,
+               stream, x, m, w.k, reinterpret_cast<const uint4*>(w.packed),
+               reinterpret_cast<const unsigned short*>(w.scales), out_scale, bias, y, w.n);
 }
 
 template <int NT, int KS, class XT, bool DEEP = false>
-void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, bool programmatic, cudaStream_t stream) {
+void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, cudaStream_t stream) {
     constexpr int kTilesPerCta = kPipeWarps / KS;
     const int64_t ctas = (job.total_tiles + kTilesPerCta - 1) / kTilesPerCta;
     if (ctas > 0x7fffffff) throw std::invalid_argument("gemv_nvfp4 (pipelined): too many rows");
-    if (!programmatic) {
-        gemv_nvfp4_pipe_kernel<NT, KS, XT, DEEP>
-            <<<static_cast<unsigned>(ctas), kPipeThreads, 0, stream>>>(x, m, k, job);
-        return;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-    cfg.blockDim = dim3(kPipeThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nvfp4_pipe_kernel<NT, KS, XT, DEEP>, x, m, k, job));
+    launch_pdl(gemv_nvfp4_pipe_kernel<NT, KS, XT, DEEP>, dim3(static_cast<unsigned>(ctas)),
+               dim3(kPipeThreads), 0, stream, x, m, k, job);
 }
 
 // Warps per tile along k: 1 unless the tiles alone leave fewer than 12 warps an SM (BF16 at m <= 8 holds 16,
@@ -1011,7 +986,7 @@ int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
 // Runs `job` (outputs at token 0) over m in launches of up to 16 tokens.
 // deep: the 4-stage alternative where it exists (BF16, m <= 8), the default kernel elsewhere.
 void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& job, int k_split,
-              bool programmatic, const char* what, cudaStream_t stream, bool deep = false) {
+              const char* what, cudaStream_t stream, bool deep = false) {
     const int ks = pipe_k_split(job.total_tiles, k, k_split, what);
     auto body = [&]<class XT>() {
         const auto* xt = static_cast<const XT*>(x);
@@ -1024,20 +999,20 @@ void run_pipe(const void* x, DType dtype, int64_t m, int64_t k, const PipeJob& j
                 if constexpr (NT == 1 && sizeof(XT) == 2) {
                     if (deep) {
                         if (ks == 1)
-                            launch_pipe<1, 1, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                            launch_pipe<1, 1, XT, true>(xt + m0 * k, mt, k, jt, stream);
                         else if (ks == 2)
-                            launch_pipe<1, 2, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                            launch_pipe<1, 2, XT, true>(xt + m0 * k, mt, k, jt, stream);
                         else
-                            launch_pipe<1, 4, XT, true>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                            launch_pipe<1, 4, XT, true>(xt + m0 * k, mt, k, jt, stream);
                         return;
                     }
                 }
                 if (ks == 1)
-                    launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                    launch_pipe<NT, 1, XT>(xt + m0 * k, mt, k, jt, stream);
                 else if (ks == 2)
-                    launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                    launch_pipe<NT, 2, XT>(xt + m0 * k, mt, k, jt, stream);
                 else
-                    launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, programmatic, stream);
+                    launch_pipe<NT, 4, XT>(xt + m0 * k, mt, k, jt, stream);
             };
             if (mt <= 8)
                 go.template operator()<1>();
@@ -1067,8 +1042,8 @@ template <int MT, class XT>
 void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, const float* bias, XT* y, int sms,
                  cudaStream_t stream) {
     constexpr int R = rows_per_warp<MT>();
-    gemv_bf16_kernel<MT, R, XT><<<grid_for(n, R, sms), kThreads, 0, stream>>>(
-        x, m, k, reinterpret_cast<const uint4*>(w), bias, y, n);
+    launch_pdl(gemv_bf16_kernel<MT, R, XT>, dim3(grid_for(n, R, sms)), dim3(kThreads), 0, stream, x, m, k,
+               reinterpret_cast<const uint4*>(w), bias, y, n);
 }
 
 // FP8 keeps 2 rows a warp at m = 16 too (the BF16 kernel drops to 1 there): each activation load then serves
@@ -1082,8 +1057,8 @@ template <int MT, class XT>
 void launch_fp8(const XT* x, int m, const uint8_t* w, int64_t n, int64_t k, float scale, const float* bias, XT* y,
                 int sms, cudaStream_t stream) {
     constexpr int R = fp8_rows_per_warp<MT>();
-    gemv_fp8_kernel<MT, R, XT><<<grid_for(n, R, sms), kThreads, 0, stream>>>(
-        x, m, k, reinterpret_cast<const uint4*>(w), scale, bias, y, n);
+    launch_pdl(gemv_fp8_kernel<MT, R, XT>, dim3(grid_for(n, R, sms)), dim3(kThreads), 0, stream, x, m, k,
+               reinterpret_cast<const uint4*>(w), scale, bias, y, n);
 }
 
 // Calls f.template operator()<MT>() for the smallest M tile that holds m (m in 1..16).
@@ -1167,9 +1142,9 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
 }
 
 void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
-                          const float* bias, void* y, cudaStream_t stream, int k_split, bool programmatic) {
+                          const float* bias, void* y, cudaStream_t stream, int k_split) {
     const Nvfp4Projection p{w, bias, y};
-    gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split, programmatic);
+    gemv_nvfp4_fused(x, dtype, m, &p, 1, stream, k_split);
 }
 
 void gemv_nvfp4_pipelined_deep(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
@@ -1181,11 +1156,11 @@ void gemv_nvfp4_pipelined_deep(const void* x, DType dtype, int64_t m, const Nvfp
     job.proj[0] = pipe_projection(w, bias, y);
     job.proj[0].tile_end = job.total_tiles;
     for (int i = 1; i < kMaxProjections; ++i) job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
-    run_pipe(x, dtype, m, w.k, job, k_split, false, "gemv_nvfp4_pipelined_deep", stream, true);
+    run_pipe(x, dtype, m, w.k, job, k_split, "gemv_nvfp4_pipelined_deep", stream, true);
 }
 
 void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projection* projections, int count,
-                      cudaStream_t stream, int k_split, bool programmatic) {
+                      cudaStream_t stream, int k_split) {
     if (count < 1 || count > kMaxProjections || !projections)
         throw std::invalid_argument("gemv_nvfp4_fused: 1 to 3 projections, got " + std::to_string(count));
     PipeJob job;
@@ -1206,12 +1181,12 @@ void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projecti
     if (m == 0 || used == 0) return;
     for (int i = used; i < kMaxProjections; ++i)
         job.proj[i].tile_end = job.total_tiles;  // n = 0: never chosen
-    run_pipe(x, dtype, m, projections[0].w.k, job, k_split, programmatic, "gemv_nvfp4_fused", stream);
+    run_pipe(x, dtype, m, projections[0].w.k, job, k_split, "gemv_nvfp4_fused", stream);
 }
 
 void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& gate,
                              const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias,
-                             void* h, cudaStream_t stream, int k_split, bool programmatic) {
+                             void* h, cudaStream_t stream, int k_split) {
     check_nvfp4(x, dtype, m, h, gate);
     check_nvfp4(x, dtype, m, h, up);
     if (gate.n != up.n || gate.k != up.k)
@@ -1225,7 +1200,7 @@ void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4D
     job.proj[0] = pipe_projection(gate, gate_bias, h);
     job.proj[1] = pipe_projection(up, up_bias, nullptr);
     for (auto& p : job.proj) p.tile_end = job.total_tiles;
-    run_pipe(x, dtype, m, gate.k, job, k_split, programmatic, "gemv_nvfp4_gate_up_silu", stream);
+    run_pipe(x, dtype, m, gate.k, job, k_split, "gemv_nvfp4_gate_up_silu", stream);
 }
 
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,
@@ -1276,11 +1251,11 @@ void gemv_fp8_mma(const void* x, DType dtype, int64_t m, const uint8_t* w, int64
     const float out_scale = scale * 256.0f;  // 2^8 undoes the bf16 placement, exactly
     run_tiles<__nv_bfloat16>(x, m, n, k, y, [&](const __nv_bfloat16* xt, int mt, __nv_bfloat16* yt) {
         if (mt <= 8)
-            gemv_fp8_mma_kernel<1><<<static_cast<unsigned>(tiles), kFp8MmaWarps * 32, 0, stream>>>(xt, mt, k, w,
-                                                                                                 out_scale, bias, yt, n);
+            launch_pdl(gemv_fp8_mma_kernel<1>, dim3(static_cast<unsigned>(tiles)), dim3(kFp8MmaWarps * 32), 0,
+                       stream, xt, mt, k, w, out_scale, bias, yt, n);
         else
-            gemv_fp8_mma_kernel<2><<<static_cast<unsigned>(tiles), kFp8MmaWarps * 32, 0, stream>>>(xt, mt, k, w,
-                                                                                                 out_scale, bias, yt, n);
+            launch_pdl(gemv_fp8_mma_kernel<2>, dim3(static_cast<unsigned>(tiles)), dim3(kFp8MmaWarps * 32), 0,
+                       stream, xt, mt, k, w, out_scale, bias, yt, n);
     });
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }

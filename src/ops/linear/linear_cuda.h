@@ -44,13 +44,11 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
 // Version 3 (same contract as gemv_nvfp4, candidates to replace its kernels once measured): the tensor-core
 // kernel with one warp per 16-row tile (k split over k_split = 1, 2 or 4 warps; 0 picks from the shape) and
 // weights, scales and activations loaded 2-3 steps ahead in registers (linear_cuda.cu explains).
-// programmatic: launch with programmatic stream serialization (sm_90+, CUDA graphs keep it): the kernel
-// starts loading its weights while the previous kernel in the stream finishes, and reads x / writes y only
-// once that kernel has completed. Precondition: that previous kernel does not write the weights or scales
-// (they are read before the wait). Off by default; the three v3 launchers take it alike.
+// Every GEMV launches with programmatic stream serialization (cuda/pdl.cuh): the v3 kernels start loading
+// their weights while the previous kernel in the stream finishes, and read x / write y only once it has
+// completed. Precondition: that previous kernel does not write the weights or scales.
 void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
-                          const float* bias, void* y, cudaStream_t stream, int k_split = 0,
-                          bool programmatic = false);
+                          const float* bias, void* y, cudaStream_t stream, int k_split = 0);
 
 // For measuring against gemv_nvfp4_pipelined (same contract): at BF16 and m <= 8 a 4-stage ring without the
 // 128-register cap (12 warps an SM instead of 16); elsewhere the same kernel as gemv_nvfp4_pipelined.
@@ -66,12 +64,12 @@ struct Nvfp4Projection {
 // 1..3 projections of the same x (same k; each its own global scale, bias and output) in one launch, e.g.
 // q, k and v. Projections with n = 0 are skipped.
 void gemv_nvfp4_fused(const void* x, DType dtype, int64_t m, const Nvfp4Projection* projections, int count,
-                      cudaStream_t stream, int k_split = 0, bool programmatic = false);
+                      cudaStream_t stream, int k_split = 0);
 // SwiGLU MLP input in one launch: h[m, n] = silu(x gate^T + gate_bias) * (x up^T + up_bias), silu(g) =
 // g / (1 + e^-g) in float32, h in the activations' dtype; gate and up [n, k] NVFP4 (own global scales).
 void gemv_nvfp4_gate_up_silu(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& gate,
                              const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias,
-                             void* h, cudaStream_t stream, int k_split = 0, bool programmatic = false);
+                             void* h, cudaStream_t stream, int k_split = 0);
 
 //   w [n, k] BF16
 void gemv_bf16(const void* x, DType dtype, int64_t m, const uint16_t* w, int64_t n, int64_t k, const float* bias,

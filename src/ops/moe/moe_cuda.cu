@@ -26,6 +26,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
 #include "ops/linear/nvfp4_decode.cuh"
 #include "ops/moe/moe_cuda.h"
@@ -100,6 +101,7 @@ template <class LT>
 __global__ void __launch_bounds__(kRouteThreads)
     route_softmax_kernel(const LT* __restrict__ logits, int n_experts, int top_k, bool norm_topk_prob,
                          int32_t* __restrict__ ids, float* __restrict__ weights) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     extern __shared__ float smem[];
     __shared__ float scratch_v[32];
     __shared__ int scratch_i[32];
@@ -151,6 +153,7 @@ __global__ void __launch_bounds__(kRouteThreads)
                          const float* __restrict__ correction_bias, int n_group, int topk_group,
                          bool norm_topk_prob, float routed_scaling_factor, int32_t* __restrict__ ids,
                          float* __restrict__ weights) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     extern __shared__ float smem[];
     __shared__ float scratch_v[32];
     __shared__ int scratch_i[32];
@@ -314,6 +317,7 @@ template <class LT>
 __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     route_softmax_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
                               bool norm_topk_prob, int32_t* __restrict__ ids, float* __restrict__ weights) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + (threadIdx.x >> 5);
     if (t >= m) return;  // the whole warp; no block barrier below
@@ -331,6 +335,7 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
                               const float* __restrict__ correction_bias, int n_group, int topk_group,
                               bool norm_topk_prob, float routed_scaling_factor, int32_t* __restrict__ ids,
                               float* __restrict__ weights) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ float choice_sh[kWarpRouteWarps][kWarpRouteMaxExperts];
     __shared__ float group_score[kWarpRouteWarps][kWarpRouteMaxExperts];
     __shared__ unsigned char group_eligible[kWarpRouteWarps][kWarpRouteMaxExperts];
@@ -430,6 +435,7 @@ constexpr int kPermuteWarps = 4;
 __global__ void __launch_bounds__(kPermuteWarps * 32)
     permute_count_kernel(const int32_t* __restrict__ ids, int n_pairs, int n_experts,
                          int32_t* __restrict__ counts) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int e = blockIdx.x * kPermuteWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (e >= n_experts) return;
     int count = 0;
@@ -446,6 +452,7 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
                          const int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                          int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
                          int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int e = blockIdx.x * kPermuteWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (e >= n_experts) return;
     int before = 0, active_before = 0;  // pairs and active experts with a lower id
@@ -556,6 +563,7 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
                          int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                          int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
                          int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    pdl_enter();                                    // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ int count_sh[kSmallPermuteThreads];  // then: the next free sorted position of each expert
     __shared__ int id_sh[kSmallPermutePairs];
     const int tid = threadIdx.x;
@@ -582,6 +590,7 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
                                  int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                                  int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
                                  int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ int count_sh[kSmallPermuteThreads];
     __shared__ int id_sh[kSmallPermutePairs];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -763,6 +772,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     moe_gemv_nvfp4<XT, kGather, kEpi, 1>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets, sorted_pairs,
                                          active_experts, n_active, out);
 }
@@ -775,6 +785,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     moe_gemv_nvfp4<XT, kGather, kEpi, kGemvTokenTile>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets,
                                                       sorted_pairs, active_experts, n_active, out);
 }
@@ -822,6 +833,7 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
                               const int32_t* __restrict__ sorted_pairs,
                               const int32_t* __restrict__ active_experts,
                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kRows = reg_gemv_rows(kEpi);
     constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
@@ -952,10 +964,10 @@ bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWei
     const size_t row_bytes = static_cast<size_t>(k) * sizeof(float);
     const int token_tile =
         static_cast<int>(std::min<size_t>(kRegGemvTokenTile, kRegGemvSharedBytes / row_bytes));
-    moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi>
-        <<<grid, kRegGemvWarps * 32, token_tile * row_bytes, stream>>>(
-            x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s, static_cast<int>(n), lanes, token_tile,
-            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, out);
+    launch_pdl(moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi>, dim3(grid), dim3(kRegGemvWarps * 32),
+               token_tile * row_bytes, stream, x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s,
+               static_cast<int>(n), lanes, token_tile, perm.offsets, perm.sorted_pairs, perm.active_experts,
+               perm.n_active, out);
     return true;
 }
 
@@ -1067,6 +1079,7 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
                           const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                           int n_experts, float* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;           // output columns per CTA tile
     __shared__ __align__(16) __nv_bfloat16 a_s[2][kGemmRows][kGemmStride];   // [stage][position][k]
@@ -1225,6 +1238,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
                    const float* __restrict__ weights, const int32_t* __restrict__ pair_position, int top_k,
                    int64_t n_embd, int col_blocks, const YT* __restrict__ shared, YT* __restrict__ y) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ int order_pos[kMaxTopK];
     __shared__ float order_w[kMaxTopK];
     __shared__ int n_routed;
@@ -1270,6 +1284,7 @@ constexpr int kLocalizeThreads = 256;
 __global__ void __launch_bounds__(kLocalizeThreads)
     localize_ids_kernel(const int32_t* __restrict__ ids, int n_pairs, int begin, int end,
                         int32_t* __restrict__ local) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int i = blockIdx.x * kLocalizeThreads + threadIdx.x;
     if (i >= n_pairs) return;
     const int e = ids[i];
@@ -1362,21 +1377,23 @@ void moe_route_softmax(const void* logits, DType dtype, int64_t m, int64_t n_exp
     if (n_experts <= kWarpRouteMaxExperts) {
         const auto blocks = static_cast<unsigned>((m + kWarpRouteWarps - 1) / kWarpRouteWarps);
         if (dtype == DType::F32)
-            route_softmax_warp_kernel<float><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
-                static_cast<const float*>(logits), m, ne, k, norm_topk_prob, ids, weights);
+            launch_pdl(route_softmax_warp_kernel<float>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0, stream,
+                       static_cast<const float*>(logits), m, ne, k, norm_topk_prob, ids, weights);
         else
-            route_softmax_warp_kernel<__nv_bfloat16><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
-                static_cast<const __nv_bfloat16*>(logits), m, ne, k, norm_topk_prob, ids, weights);
+            launch_pdl(route_softmax_warp_kernel<__nv_bfloat16>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0,
+                       stream, static_cast<const __nv_bfloat16*>(logits), m, ne, k, norm_topk_prob, ids,
+                       weights);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
     const size_t smem = static_cast<size_t>(n_experts) * 5;
     if (dtype == DType::F32)
-        route_softmax_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
-            static_cast<const float*>(logits), ne, k, norm_topk_prob, ids, weights);
+        launch_pdl(route_softmax_kernel<float>, dim3(static_cast<unsigned>(m)), dim3(kRouteThreads), smem,
+                   stream, static_cast<const float*>(logits), ne, k, norm_topk_prob, ids, weights);
     else
-        route_softmax_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
-            static_cast<const __nv_bfloat16*>(logits), ne, k, norm_topk_prob, ids, weights);
+        launch_pdl(route_softmax_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(m)), dim3(kRouteThreads),
+                   smem, stream, static_cast<const __nv_bfloat16*>(logits), ne, k, norm_topk_prob, ids,
+                   weights);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1396,26 +1413,26 @@ void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_exp
     if (n_experts <= kWarpRouteMaxExperts) {
         const auto blocks = static_cast<unsigned>((m + kWarpRouteWarps - 1) / kWarpRouteWarps);
         if (dtype == DType::F32)
-            route_sigmoid_warp_kernel<float><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
-                static_cast<const float*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
-                routed_scaling_factor, ids, weights);
+            launch_pdl(route_sigmoid_warp_kernel<float>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0, stream,
+                       static_cast<const float*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
+                       routed_scaling_factor, ids, weights);
         else
-            route_sigmoid_warp_kernel<__nv_bfloat16><<<blocks, kWarpRouteWarps * 32, 0, stream>>>(
-                static_cast<const __nv_bfloat16*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
-                routed_scaling_factor, ids, weights);
+            launch_pdl(route_sigmoid_warp_kernel<__nv_bfloat16>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0,
+                       stream, static_cast<const __nv_bfloat16*>(logits), m, ne, k, correction_bias, ng, kg,
+                       norm_topk_prob, routed_scaling_factor, ids, weights);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
     // choice, sig [n_experts] float; group_score [n_group] float; taken [n_experts], eligible [n_group] bytes
     const size_t smem = static_cast<size_t>(n_experts) * 9 + static_cast<size_t>(n_group) * 5;
     if (dtype == DType::F32)
-        route_sigmoid_kernel<float><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
-            static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
-            routed_scaling_factor, ids, weights);
+        launch_pdl(route_sigmoid_kernel<float>, dim3(static_cast<unsigned>(m)), dim3(kRouteThreads), smem,
+                   stream, static_cast<const float*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
+                   routed_scaling_factor, ids, weights);
     else
-        route_sigmoid_kernel<__nv_bfloat16><<<static_cast<unsigned>(m), kRouteThreads, smem, stream>>>(
-            static_cast<const __nv_bfloat16*>(logits), ne, k, correction_bias, ng, kg, norm_topk_prob,
-            routed_scaling_factor, ids, weights);
+        launch_pdl(route_sigmoid_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(m)), dim3(kRouteThreads),
+                   smem, stream, static_cast<const __nv_bfloat16*>(logits), ne, k, correction_bias, ng, kg,
+                   norm_topk_prob, routed_scaling_factor, ids, weights);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1426,17 +1443,18 @@ void moe_permute(const int32_t* ids, int64_t m, int64_t top_k, int64_t n_experts
             std::to_string(n_experts) + " out of range");
     const int n_pairs = static_cast<int>(m * top_k), ne = static_cast<int>(n_experts);
     if (n_pairs <= kSmallPermutePairs) {
-        permute_small_kernel<<<1, kSmallPermuteThreads, 0, stream>>>(
-            ids, n_pairs, ne, perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position,
-            perm.active_experts, perm.n_active);
+        launch_pdl(permute_small_kernel, dim3(1), dim3(kSmallPermuteThreads), 0, stream, ids, n_pairs, ne,
+                   perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts,
+                   perm.n_active);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
     const unsigned blocks = static_cast<unsigned>((n_experts + kPermuteWarps - 1) / kPermuteWarps);
-    permute_count_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(ids, n_pairs, ne, perm.counts);
-    permute_place_kernel<<<blocks, kPermuteWarps * 32, 0, stream>>>(
-        ids, n_pairs, ne, perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position,
-        perm.active_experts, perm.n_active);
+    launch_pdl(permute_count_kernel, dim3(blocks), dim3(kPermuteWarps * 32), 0, stream, ids, n_pairs, ne,
+               perm.counts);
+    launch_pdl(permute_place_kernel, dim3(blocks), dim3(kPermuteWarps * 32), 0, stream, ids, n_pairs, ne,
+               perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts,
+               perm.n_active);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1482,10 +1500,10 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
         const int64_t col_tiles = (experts.n_ff + out_cols - 1) / out_cols;
         const unsigned blocks = gemm_grid(m, top_k, experts, col_tiles, what);
         auto launch = [&]<class XT, Epilogue kEpi>() {
-            moe_gemm_nvfp4_kernel<XT, true, kEpi><<<blocks, kGemmThreads, 0, stream>>>(
-                static_cast<const XT*>(x), static_cast<int>(experts.n_embd), static_cast<int>(top_k),
-                experts.gate, experts.up, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
-                perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h);
+            launch_pdl(moe_gemm_nvfp4_kernel<XT, true, kEpi>, dim3(blocks), dim3(kGemmThreads), 0, stream,
+                       static_cast<const XT*>(x), static_cast<int>(experts.n_embd), static_cast<int>(top_k),
+                       experts.gate, experts.up, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
+                       perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h);
         };
         launch_up_variant(dtype, swiglu, launch);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
@@ -1499,13 +1517,13 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
                                             experts.up, experts.n_ff, grid.y, perm, h, stream))
             return;
         if (gemv_single_token_tile(m, top_k, experts.n_experts))
-            moe_gemv_nvfp4_kernel_t1<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
-                static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
-                perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+            launch_pdl(moe_gemv_nvfp4_kernel_t1<XT, true, kEpi>, dim3(grid), dim3(kGemvWarps * 32), 0, stream,
+                       static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff,
+                       lanes, perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
         else
-            moe_gemv_nvfp4_kernel_t8<XT, true, kEpi><<<grid, kGemvWarps * 32, 0, stream>>>(
-                static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff, lanes,
-                perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
+            launch_pdl(moe_gemv_nvfp4_kernel_t8<XT, true, kEpi>, dim3(grid), dim3(kGemvWarps * 32), 0, stream,
+                       static_cast<const XT*>(x), experts.n_embd, k, experts.gate, experts.up, experts.n_ff,
+                       lanes, perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, h);
     };
     launch_up_variant(dtype, swiglu, launch);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
@@ -1521,11 +1539,11 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     if (m == 0) return;
     if (use_gemm(kernel, m, top_k, experts.n_experts, DType::BF16)) {
         const int64_t col_tiles = (experts.n_embd + kGemmWRows - 1) / kGemmWRows;
-        moe_gemm_nvfp4_kernel<float, false, Epilogue::None>
-            <<<gemm_grid(m, top_k, experts, col_tiles, what), kGemmThreads, 0, stream>>>(
-                h, static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
-                static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
-                perm.sorted_pairs, static_cast<int>(experts.n_experts), o);
+        launch_pdl(moe_gemm_nvfp4_kernel<float, false, Epilogue::None>,
+                   dim3(gemm_grid(m, top_k, experts, col_tiles, what)), dim3(kGemmThreads), 0, stream, h,
+                   static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
+                   static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
+                   perm.sorted_pairs, static_cast<int>(experts.n_experts), o);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
@@ -1538,13 +1556,13 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     }
     const dim3 grid(gemv_grid_x(experts.n_embd, lanes), grid_y_for(m, top_k, experts.n_experts));
     if (gemv_single_token_tile(m, top_k, experts.n_experts))
-        moe_gemv_nvfp4_kernel_t1<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes,
-            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+        launch_pdl(moe_gemv_nvfp4_kernel_t1<float, false, Epilogue::None>, dim3(grid), dim3(kGemvWarps * 32),
+                   0, stream, h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd,
+                   lanes, perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     else
-        moe_gemv_nvfp4_kernel_t8<float, false, Epilogue::None><<<grid, kGemvWarps * 32, 0, stream>>>(
-            h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd, lanes,
-            perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
+        launch_pdl(moe_gemv_nvfp4_kernel_t8<float, false, Epilogue::None>, dim3(grid), dim3(kGemvWarps * 32),
+                   0, stream, h, experts.n_ff, static_cast<int>(top_k), nullptr, experts.down, experts.n_embd,
+                   lanes, perm.offsets, perm.sorted_pairs, perm.active_experts, perm.n_active, o);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1563,13 +1581,12 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
     const auto blocks = static_cast<unsigned>(m * col_blocks);  // <= max(m, 2 * 264)
     const int cbs = static_cast<int>(col_blocks);
     if (dtype == DType::F32)
-        combine_kernel<float><<<blocks, kCombineThreads, 0, stream>>>(
-            o, ids, weights, pair_position, k, n_embd, cbs, static_cast<const float*>(shared),
-            static_cast<float*>(y));
+        launch_pdl(combine_kernel<float>, dim3(blocks), dim3(kCombineThreads), 0, stream, o, ids, weights,
+                   pair_position, k, n_embd, cbs, static_cast<const float*>(shared), static_cast<float*>(y));
     else
-        combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, stream>>>(
-            o, ids, weights, pair_position, k, n_embd, cbs, static_cast<const __nv_bfloat16*>(shared),
-            static_cast<__nv_bfloat16*>(y));
+        launch_pdl(combine_kernel<__nv_bfloat16>, dim3(blocks), dim3(kCombineThreads), 0, stream, o, ids,
+                   weights, pair_position, k, n_embd, cbs, static_cast<const __nv_bfloat16*>(shared),
+                   static_cast<__nv_bfloat16*>(y));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1580,9 +1597,9 @@ void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_
             ", " + std::to_string(end) + ") (need a non-empty range inside 0..1024)");
     if (n_pairs == 0) return;
     const int n = static_cast<int>(n_pairs);
-    localize_ids_kernel<<<static_cast<unsigned>((n + kLocalizeThreads - 1) / kLocalizeThreads),
-                          kLocalizeThreads, 0, stream>>>(ids, n, static_cast<int>(begin),
-                                                         static_cast<int>(end), local_ids);
+    launch_pdl(
+        localize_ids_kernel, dim3(static_cast<unsigned>((n + kLocalizeThreads - 1) / kLocalizeThreads)),
+        dim3(kLocalizeThreads), 0, stream, ids, n, static_cast<int>(begin), static_cast<int>(end), local_ids);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1626,13 +1643,14 @@ void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64
     }
     const int mm = static_cast<int>(m), ne = static_cast<int>(experts.n_experts), k = static_cast<int>(top_k);
     if (dtype == DType::F32)
-        route_softmax_permute_kernel<float><<<1, kSmallPermuteThreads, 0, stream>>>(
-            static_cast<const float*>(logits), mm, ne, k, norm_topk_prob, ids, weights, perm.counts,
-            perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+        launch_pdl(route_softmax_permute_kernel<float>, dim3(1), dim3(kSmallPermuteThreads), 0, stream,
+                   static_cast<const float*>(logits), mm, ne, k, norm_topk_prob, ids, weights, perm.counts,
+                   perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
     else
-        route_softmax_permute_kernel<__nv_bfloat16><<<1, kSmallPermuteThreads, 0, stream>>>(
-            static_cast<const __nv_bfloat16*>(logits), mm, ne, k, norm_topk_prob, ids, weights, perm.counts,
-            perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+        launch_pdl(route_softmax_permute_kernel<__nv_bfloat16>, dim3(1), dim3(kSmallPermuteThreads), 0,
+                   stream, static_cast<const __nv_bfloat16*>(logits), mm, ne, k, norm_topk_prob, ids, weights,
+                   perm.counts, perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts,
+                   perm.n_active);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 
@@ -32,6 +33,7 @@ __global__ void __launch_bounds__(kThreads)
     rmsnorm_kernel(const T* x, T* residual, int64_t d, const float* __restrict__ weight, float eps,
                    T* out) {
     __shared__ float scratch[32];
+    pdl_enter();  // every input comes from the kernels before
     const int64_t row = blockIdx.x;
     const T* xr = x + row * d;
     T* rr = kResidual ? residual + row * d : nullptr;
@@ -76,8 +78,8 @@ template <class T, bool kResidual>
 void launch(const void* x, void* residual, int64_t m, int64_t d, const float* weight, float eps, void* out,
             cudaStream_t stream) {
     if (m == 0) return;
-    rmsnorm_kernel<T, kResidual><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<T*>(residual), d, weight, eps, static_cast<T*>(out));
+    launch_pdl(rmsnorm_kernel<T, kResidual>, dim3(static_cast<unsigned>(m)), dim3(kThreads), 0, stream,
+               static_cast<const T*>(x), static_cast<T*>(residual), d, weight, eps, static_cast<T*>(out));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -9,9 +9,10 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "ops/rope/rope_cuda.h"
-
 #include "ops/rope/rope_rotate.cuh"
+
 namespace nibble::cuda {
 namespace {
 
@@ -39,6 +40,7 @@ template <class T, bool INTERLEAVED>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(T* __restrict__ x, int64_t m, int64_t n_heads, int64_t head_dim,
                 const int64_t* __restrict__ positions, const float* __restrict__ inv_freq, int64_t half) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t quads = half / 4;
     const int64_t total = m * n_heads * quads;
     for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
@@ -98,11 +100,11 @@ void rope_apply(void* x, DType dtype, int64_t m, int64_t n_heads, int64_t head_d
     auto launch = [&]<class T>() {
         T* const xt = static_cast<T*>(x);
         if (interleaved)
-            rope_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xt, m, n_heads, head_dim, positions, inv_freq,
-                                                                  rotary_dim / 2);
+            launch_pdl(rope_kernel<T, true>, dim3(blocks), dim3(kThreads), 0, stream, xt, m, n_heads,
+                       head_dim, positions, inv_freq, rotary_dim / 2);
         else
-            rope_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xt, m, n_heads, head_dim, positions, inv_freq,
-                                                                   rotary_dim / 2);
+            launch_pdl(rope_kernel<T, false>, dim3(blocks), dim3(kThreads), 0, stream, xt, m, n_heads,
+                       head_dim, positions, inv_freq, rotary_dim / 2);
     };
     if (dtype == DType::F32) launch.template operator()<float>();
     else launch.template operator()<__nv_bfloat16>();

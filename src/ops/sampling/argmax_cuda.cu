@@ -1,7 +1,8 @@
-#include "ops/sampling/argmax_cuda.h"
-
 #include <stdexcept>
 #include <string>
+
+#include "cuda/pdl.cuh"
+#include "ops/sampling/argmax_cuda.h"
 
 namespace nibble::cuda {
 namespace {
@@ -15,6 +16,7 @@ __device__ __forceinline__ void keep_better(float& v, int32_t& i, float ov, int3
 
 // One block per row: a strided scan per thread, then a warp and a block reduction.
 __global__ void argmax_kernel(const float* __restrict__ logits, int64_t vocab, int32_t* __restrict__ tokens) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const float* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
     float best = -__int_as_float(0x7f800000);  // -inf: NaN compares false and is never kept
     int32_t best_i = 0x7fffffff;
@@ -46,7 +48,8 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int64_t vocab, i
 void argmax_rows(const float* logits, int64_t n_rows, int64_t vocab, int32_t* tokens, cudaStream_t stream) {
     if (vocab <= 0 || vocab > 0x7fffffff) throw std::invalid_argument("argmax_rows: vocab = " + std::to_string(vocab));
     if (n_rows <= 0) return;
-    argmax_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(logits, vocab, tokens);
+    launch_pdl(argmax_kernel, dim3(static_cast<unsigned>(n_rows)), dim3(kThreads), 0, stream, logits, vocab,
+               tokens);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) throw std::runtime_error(std::string("argmax_rows: launch failed: ") + cudaGetErrorString(err));
 }

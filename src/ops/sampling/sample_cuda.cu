@@ -1,10 +1,10 @@
-#include "ops/sampling/sample_cuda.h"
-
-#include "ops/sampling/sampling_weight.h"
-
 #include <climits>
 #include <stdexcept>
 #include <string>
+
+#include "cuda/pdl.cuh"
+#include "ops/sampling/sample_cuda.h"
+#include "ops/sampling/sampling_weight.h"
 
 namespace nibble::cuda {
 namespace {
@@ -116,6 +116,7 @@ __device__ int32_t first_crossing(const float* __restrict__ row, int32_t n, Weig
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int32_t n,
                                                           const RowSamplingParams* __restrict__ rows,
                                                           int32_t* __restrict__ tokens) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ uint32_t red_u[kWarps];
     __shared__ int32_t red_i[kWarps];
     __shared__ double red_d[kWarps];
@@ -286,8 +287,8 @@ void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const RowSa
         throw std::invalid_argument("sample_rows: vocab = " + std::to_string(vocab));
     if (n_rows < 0 || n_rows > INT_MAX) throw std::invalid_argument("sample_rows: n_rows = " + std::to_string(n_rows));
     if (n_rows == 0) return;
-    sample_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(logits, static_cast<int32_t>(vocab), rows,
-                                                                           tokens);
+    launch_pdl(sample_kernel, dim3(static_cast<unsigned>(n_rows)), dim3(kThreads), 0, stream, logits,
+               static_cast<int32_t>(vocab), rows, tokens);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) throw std::runtime_error(std::string("sample_rows: launch failed: ") + cudaGetErrorString(err));
 }

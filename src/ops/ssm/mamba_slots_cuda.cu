@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "ops/ssm/mamba_slots_cuda.h"
 
 namespace nibble::cuda {
@@ -19,6 +20,7 @@ __device__ __forceinline__ int64_t resolve_slot(int32_t slot, int64_t n_slots) {
 __global__ void __launch_bounds__(kThreads)
     zero_fresh_kernel(float* conv, uint32_t* ssm, int64_t n_slots, int64_t conv_words, int64_t ssm_words,
                       const int32_t* __restrict__ slots, const int32_t* __restrict__ start_pos) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int s = blockIdx.y;
     if (start_pos[s] != 0) return;
     const int64_t slot = resolve_slot(slots[s], n_slots);
@@ -33,6 +35,7 @@ __global__ void __launch_bounds__(kThreads)
     tables_kernel(float* conv, char* ssm, int64_t n_slots, int64_t n_layers, int64_t conv_elems,
                   int64_t ssm_layer_bytes, const int32_t* __restrict__ slots, int64_t n_seqs, float** conv_ptrs,
                   void** ssm_ptrs) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
     if (idx >= n_layers * n_seqs) return;
     const int64_t l = idx / n_seqs, s = idx - l * n_seqs;
@@ -56,12 +59,13 @@ void mamba_slot_tables(const MambaSlotPool& pool, const int32_t* slots, const in
     const int64_t most = conv_words > ssm_words ? conv_words : ssm_words;
     int64_t chunks = (most + kThreads - 1) / kThreads;
     if (chunks > 128) chunks = 128;  // grid-stride beyond; a fresh sequence is rare next to decode steps
-    zero_fresh_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(n_seqs)), kThreads, 0, stream>>>(
-        pool.conv, static_cast<uint32_t*>(pool.ssm), pool.n_slots, conv_words, ssm_words, slots, start_pos);
+    launch_pdl(zero_fresh_kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(n_seqs)),
+               dim3(kThreads), 0, stream, pool.conv, static_cast<uint32_t*>(pool.ssm), pool.n_slots,
+               conv_words, ssm_words, slots, start_pos);
     const int64_t n = pool.n_layers * n_seqs;
-    tables_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        pool.conv, static_cast<char*>(pool.ssm), pool.n_slots, pool.n_layers, pool.conv_elems,
-        pool.ssm_elems * pool.ssm_elem_bytes(), slots, n_seqs, conv_ptrs, ssm_ptrs);
+    launch_pdl(tables_kernel, dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+               stream, pool.conv, static_cast<char*>(pool.ssm), pool.n_slots, pool.n_layers, pool.conv_elems,
+               pool.ssm_elems * pool.ssm_elem_bytes(), slots, n_seqs, conv_ptrs, ssm_ptrs);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
 #include "ops/ssm/ssm_cuda.h"
 
@@ -38,6 +39,7 @@ __global__ void __launch_bounds__(kConvThreads)
                   const int32_t* __restrict__ seq_starts, int n_seqs, const float* __restrict__ weight,
                   const float* __restrict__ bias, int kernel, float* const* __restrict__ states,
                   T* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
     if (idx >= n_tokens * channels) return;
     const int64_t t = idx / channels;
@@ -62,6 +64,7 @@ __global__ void __launch_bounds__(kConvThreads)
     conv1d_state_kernel(const T* __restrict__ x, int64_t x_stride, int channels,
                         const int32_t* __restrict__ seq_starts, int n_seqs, int kernel,
                         float* const* states) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * kConvThreads + threadIdx.x;
     if (idx >= static_cast<int64_t>(n_seqs) * channels) return;
     const int s = static_cast<int>(idx / channels), c = static_cast<int>(idx % channels);
@@ -98,6 +101,7 @@ template <class T, class ST>
 __global__ void __launch_bounds__(kScanWarps * 32)
     scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                 const T* __restrict__ dt, void* const* __restrict__ states, T* __restrict__ y) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x / a.row_tiles;
     const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
@@ -258,6 +262,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
     chunk_state_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                        const T* __restrict__ dt) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ float d_s[kChunk], cs_s[kChunk];
     __shared__ __align__(16) float w_s[kChunk * 64];  // [token k][p]: the decayed, dt-scaled x
     __shared__ __align__(16) float b_s[kChunk * 64];  // [token k][n]
@@ -306,6 +311,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 template <class ST>
 __global__ void __launch_bounds__(kChunkThreads)
     state_pass_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, void* const* __restrict__ states) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     const int64_t PN = static_cast<int64_t>(a.head_dim) * a.state_size;
     const int64_t e = static_cast<int64_t>(blockIdx.x) * kChunkThreads + threadIdx.x;
     if (e >= PN) return;
@@ -346,6 +352,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
     chunk_cb_kernel(ChunkArgs a, int n_groups, const int32_t* __restrict__ seq_starts,
                     const T* __restrict__ xbc) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ __align__(16) float ct_s[kChunkNTile * kLd];  // [n][j]
     __shared__ __align__(16) float bt_s[kChunkNTile * kLd];  // [n][k]
     int64_t begin;
@@ -380,6 +387,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 registers (64 spilled)
     chunk_output_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                         const T* __restrict__ dt, T* __restrict__ y) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ float d_s[kChunk], cs_s[kChunk];
     __shared__ __align__(16) float gt_s[kChunk * kLd];  // [k][j]: G transposed
     // ct_s [n][j] (C, 32 state columns) and ot_s [n][k or p] (B or h_in), or later x_s [k][p] over both.
@@ -484,6 +492,7 @@ template <class T>
 __global__ void __launch_bounds__(kNormThreads)
     gated_rmsnorm_kernel(const T* y, const T* __restrict__ z, int64_t z_stride, int64_t d, int64_t group_size,
                          const float* __restrict__ weight, float eps, T* out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ float scratch[32];
     const int64_t groups = d / group_size;
     const int64_t r = blockIdx.x / groups, g0 = (blockIdx.x % groups) * group_size;
@@ -534,14 +543,12 @@ void mamba_conv1d(const void* x, DType dtype, int64_t x_stride, int64_t n_tokens
     auto body = [&]<class T>() {
         const T* xt = static_cast<const T*>(x);
         if (n_tokens > 0)
-            conv1d_kernel<T>
-                <<<blocks_for(n_tokens * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
-                    xt, x_stride, n_tokens, ch, seq_starts, ns, weight, bias, kw, conv_states,
-                    static_cast<T*>(out));
+            launch_pdl(conv1d_kernel<T>, dim3(blocks_for(n_tokens * channels, kConvThreads, what)),
+                       dim3(kConvThreads), 0, stream, xt, x_stride, n_tokens, ch, seq_starts, ns, weight,
+                       bias, kw, conv_states, static_cast<T*>(out));
         if (kernel > 1 && n_tokens > 0)
-            conv1d_state_kernel<T>
-                <<<blocks_for(n_seqs * channels, kConvThreads, what), kConvThreads, 0, stream>>>(
-                    xt, x_stride, ch, seq_starts, ns, kw, conv_states);
+            launch_pdl(conv1d_state_kernel<T>, dim3(blocks_for(n_seqs * channels, kConvThreads, what)),
+                       dim3(kConvThreads), 0, stream, xt, x_stride, ch, seq_starts, ns, kw, conv_states);
     };
     if (dtype == DType::F32)
         body.template operator()<float>();
@@ -592,9 +599,8 @@ void ssm_scan(const SsmScanParams& p, int64_t n_tokens, const int32_t* seq_start
     a.b_off = d_inner, a.c_off = d_inner + p.n_groups * p.state_size, a.d_inner = d_inner;
     const dim3 grid(static_cast<unsigned>(a.n_heads * a.row_tiles), static_cast<unsigned>(n_seqs));
     auto body = [&]<class T, class ST>() {
-        scan_kernel<T, ST><<<grid, kScanWarps * 32, 0, stream>>>(a, seq_starts, static_cast<const T*>(xbc),
-                                                                 static_cast<const T*>(dt), ssm_states,
-                                                                 static_cast<T*>(y));
+        launch_pdl(scan_kernel<T, ST>, dim3(grid), dim3(kScanWarps * 32), 0, stream, a, seq_starts,
+                   static_cast<const T*>(xbc), static_cast<const T*>(dt), ssm_states, static_cast<T*>(y));
     };
     const bool f32_state = state_dtype == SsmStateDtype::F32;
     if (dtype == DType::F32) {
@@ -668,12 +674,14 @@ void ssm_scan_chunked(const SsmScanParams& p, int64_t n_tokens, const int32_t* s
     auto body = [&]<class T, class ST>() {
         const T* xt = static_cast<const T*>(xbc);
         const T* dtt = static_cast<const T*>(dt);
-        chunk_state_kernel<T><<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt);
-        chunk_cb_kernel<T>
-            <<<cb_grid, kChunkThreads, 0, stream>>>(a, static_cast<int>(p.n_groups), seq_starts, xt);
-        state_pass_kernel<ST><<<pass_grid, kChunkThreads, 0, stream>>>(a, seq_starts, ssm_states);
-        chunk_output_kernel<T>
-            <<<chunk_grid, kChunkThreads, 0, stream>>>(a, seq_starts, xt, dtt, static_cast<T*>(y));
+        launch_pdl(chunk_state_kernel<T>, dim3(chunk_grid), dim3(kChunkThreads), 0, stream, a, seq_starts, xt,
+                   dtt);
+        launch_pdl(chunk_cb_kernel<T>, dim3(cb_grid), dim3(kChunkThreads), 0, stream, a,
+                   static_cast<int>(p.n_groups), seq_starts, xt);
+        launch_pdl(state_pass_kernel<ST>, dim3(pass_grid), dim3(kChunkThreads), 0, stream, a, seq_starts,
+                   ssm_states);
+        launch_pdl(chunk_output_kernel<T>, dim3(chunk_grid), dim3(kChunkThreads), 0, stream, a, seq_starts,
+                   xt, dtt, static_cast<T*>(y));
     };
     const bool f32_state = state_dtype == SsmStateDtype::F32;
     if (dtype == DType::F32) {
@@ -700,9 +708,9 @@ void gated_rmsnorm(const void* y, const void* z, int64_t z_stride, DType dtype, 
     const int64_t ctas = m * (d / group_size);
     if (ctas > 0x7fffffff) bad("gated_rmsnorm: too many rows");
     auto body = [&]<class T>() {
-        gated_rmsnorm_kernel<T><<<static_cast<unsigned>(ctas), kNormThreads, 0, stream>>>(
-            static_cast<const T*>(y), static_cast<const T*>(z), z_stride, d, group_size, weight, eps,
-            static_cast<T*>(out));
+        launch_pdl(gated_rmsnorm_kernel<T>, dim3(static_cast<unsigned>(ctas)), dim3(kNormThreads), 0, stream,
+                   static_cast<const T*>(y), static_cast<const T*>(z), z_stride, d, group_size, weight, eps,
+                   static_cast<T*>(out));
     };
     if (dtype == DType::F32)
         body.template operator()<float>();
