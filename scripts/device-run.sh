@@ -5,9 +5,11 @@
 # first token on a synthetic 8B NVFP4 checkpoint), tpserve[:N] (nibble serve -tp N against -tp 1:
 # scripts/tp-serve-check.sh; needs N GPUs), trace:[NIBBLE_TRACE_*=V ...] ARGS (`nibble ARGS` under the CUPTI
 # kernel tracer: docs/perf.md, Kernel traces without nsys; report in $OUT/trace[-N].txt). Logs go to $OUT.
+# NIBBLE_PACK=.carry/other.tar.xz runs another pack (e.g. a baseline build, for figures of the same call).
 set -uo pipefail
-root=/tmp/nibble-pack
-mkdir -p "$root" && tar -C "$root" -xJf .carry/pack.tar.xz
+pack="${NIBBLE_PACK:-.carry/pack.tar.xz}"
+root="/tmp/nibble-pack-$(basename "$pack" .tar.xz)"
+mkdir -p "$root" && tar -C "$root" -xJf "$pack"
 export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
