@@ -18,7 +18,8 @@
 // sum over the 512 queries of depth + i + 1), and what 32 such layers cost per token (the attention share of
 // a Llama-3.1-8B pp512 at that depth). `nibble-kernel-bench gemv`, `attention`, `prefill`, `moe` (MoE
 // decode step and Mamba2 ops, see bench_moe_mamba) or `fp8` (FP8-weight GEMV, see bench_gemv_fp8) runs one
-// part; no argument runs all five.
+// part; no argument runs all five. `stream` (the stream NVFP4 GEMVs beside the production ones, see
+// bench_gemv_stream) runs only when named.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -37,6 +38,7 @@
 #include "ops/activation/activation_cuda.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/linear/gemm_cuda.h"
+#include "ops/linear/gemv_stream_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
 #include "ops/ssm/ssm_cuda.h"
@@ -800,6 +802,105 @@ void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy
         }
     }
 }
+
+// The stream NVFP4 GEMVs (ops/linear/gemv_stream_cuda.h, CUDA cores, U = 2 and 4 chunks a lane) against the
+// production path at the Llama-3.1-8B decode shapes, BF16 activations: qkvo 4096x4096 and down 4096x14336
+// and lm_head 128256x4096 (gemv_nvfp4), q/k/v 4096 + 1024 + 1024 rows in one launch (gemv_nvfp4_fused),
+// gate/up 2 x 14336 rows + SwiGLU (gemv_nvfp4_gate_up_silu). Same method as the GEMV table: weight copies
+// >= 4x L2 launched in turn, median of 50 batches; bytes = weights + scales + x + every output written.
+// `nibble-kernel-bench stream` runs this part alone (not part of "all").
+void bench_gemv_stream(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
+    using nibble::cuda::Nvfp4DeviceWeight;
+    using nibble::cuda::Nvfp4Projection;
+    enum class Kind { Single, Fused, GateUp };
+    struct Case {
+        const char* name;
+        std::vector<int64_t> ns;
+        int64_t k;
+        Kind kind;
+    };
+    const Case cases[] = {{"qkvo 4096x4096", {4096}, 4096, Kind::Single},
+                          {"qkv 4096+1024+1024 x 4096", {4096, 1024, 1024}, 4096, Kind::Fused},
+                          {"gate_up 2x14336 x 4096", {14336, 14336}, 4096, Kind::GateUp},
+                          {"down 4096x14336", {4096}, 14336, Kind::Single},
+                          {"lm_head 128256x4096", {128256}, 4096, Kind::Single}};
+    const int max_m = 8;
+    uint64_t seed = 5150;
+    std::printf("\n| stream case | m | production us | GB/s | %% copy | stream U=2 us | GB/s | %% copy | stream U=4 us | "
+                "GB/s | %% copy | production / best stream time |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const auto& c : cases) {
+        size_t set_bytes = 0;
+        for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * c.k / 2 + n * c.k / 16);
+        const size_t copies =
+            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
+        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
+        for (size_t cp = 0; cp < copies; ++cp)
+            for (int64_t n : c.ns) {
+                w[cp].emplace_back(static_cast<size_t>(n * c.k / 2));
+                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed, ~0u,
+                                              0u, stream);
+                // E4M3 scales 0x20..0x3f: 2^-3 .. 1.875, never NaN.
+                sc[cp].emplace_back(static_cast<size_t>(n * c.k / 16));
+                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
+                                              0x1f1f1f1fu, 0x20202020u, stream);
+            }
+        DeviceBuffer x(static_cast<size_t>(max_m * c.k * 2));
+        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
+        std::vector<DeviceBuffer> y;  // [max_m, n] BF16 a projection (gate/up: y[0] is h)
+        for (int64_t n : c.ns) y.emplace_back(static_cast<size_t>(max_m * n * 2));
+        NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        auto weight = [&](size_t cp, size_t i) {
+            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, c.ns[i], c.k};
+        };
+        size_t out_elems = 0;
+        for (int64_t n : c.ns) out_elems += static_cast<size_t>(n);
+        if (c.kind == Kind::GateUp) out_elems = static_cast<size_t>(c.ns[0]);
+        for (int m : {1, 2, 4, 8}) {
+            double us[3];  // 0 production, 1 stream U = 2, 2 stream U = 4
+            for (int method = 0; method < 3; ++method) {
+                const int u = method == 1 ? 2 : 4;
+                size_t next = 0;
+                auto launch = [&] {
+                    for (size_t cc = 0; cc < copies; ++cc, ++next) {
+                        const size_t cp = next % copies;
+                        if (c.kind == Kind::GateUp) {
+                            if (method == 0)
+                                nibble::cuda::gemv_nvfp4_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0), nullptr,
+                                                                      weight(cp, 1), nullptr, y[0].get(), stream);
+                            else
+                                nibble::cuda::gemv_nvfp4_stream_gate_up_silu(x.get(), DType::BF16, m, weight(cp, 0),
+                                                                             nullptr, weight(cp, 1), nullptr,
+                                                                             y[0].get(), stream, u);
+                        } else if (c.kind == Kind::Fused) {
+                            Nvfp4Projection p[3];
+                            for (size_t i = 0; i < c.ns.size(); ++i) p[i] = {weight(cp, i), nullptr, y[i].get()};
+                            if (method == 0)
+                                nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, m, p,
+                                                               static_cast<int>(c.ns.size()), stream);
+                            else
+                                nibble::cuda::gemv_nvfp4_stream_fused(x.get(), DType::BF16, m, p,
+                                                                      static_cast<int>(c.ns.size()), stream, u);
+                        } else if (method == 0) {
+                            nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, m, weight(cp, 0), nullptr, y[0].get(),
+                                                     stream);
+                        } else {
+                            nibble::cuda::gemv_nvfp4_stream(x.get(), DType::BF16, m, weight(cp, 0), nullptr,
+                                                            y[0].get(), stream, u);
+                        }
+                    }
+                };
+                us[method] = time_ms(stream, 2, 50, launch) / static_cast<double>(copies) * 1e3;
+            }
+            const double bytes = static_cast<double>(set_bytes) + 2.0 * m * (static_cast<double>(c.k) + out_elems);
+            double gbps[3];
+            for (int i = 0; i < 3; ++i) gbps[i] = bytes / (us[i] * 1e-6) / 1e9;
+            std::printf("| %s | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.2fx |\n",
+                        c.name, m, us[0], gbps[0], 100 * gbps[0] / copy_gbps, us[1], gbps[1],
+                        100 * gbps[1] / copy_gbps, us[2], gbps[2], 100 * gbps[2] / copy_gbps,
+                        us[0] / std::min(us[1], us[2]));
+        }
+    }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -834,6 +935,11 @@ int main(int argc, char** argv) {
         const std::string part = argc > 1 ? argv[1] : "all";
         if (part == "moe-prefill") {  // not in "all": minutes of GEMV runs at m = 2048
             bench_moe_prefill(stream);
+            NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            return 0;
+        }
+        if (part == "stream") {  // not in "all": candidates beside the production NVFP4 GEMVs
+            bench_gemv_stream(prop, stream, copy_gbps);
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }
