@@ -22,10 +22,13 @@
 // Activations are re-read per warp from L1 (x is at most 8 x 14336 x 4 bytes) with ld.global.ca, not the
 // non-coherent path: x is written by the kernel this one overlaps with under programmatic launch.
 //
-// Per weight at m = 1 (BF16): ~1.5 integer ops of decode, 1 conversion, 1 FMA, 0.5 activation widening;
-// ~4 issue slots, ~72 of the SM's 128 a cycle at 80% of H100 copy bandwidth (18 weights a cycle). Each
-// further token adds an FMA and 0.5 widening per weight, so from m = 4 the float32 math, not the memory,
-// bounds this kernel (m = 8 needs 144 FMAs a cycle on a 128-lane SM): it is meant for m = 1..2.
+// Per weight at m = 1 (BF16): ~1.6 integer ops of decode, 1 fp16 -> fp32 widening, 1 FMA, 0.5 activation
+// widening, ~0.3 of loads, addressing and scales: ~4.4 issue slots, ~81 of the SM's 128 a cycle at 80% of
+// H100 copy bandwidth (18.5 weights a cycle; v1 measured ~5.3 a weight, docs/perf.md). Each further token
+// adds an FMA, 0.5 widening and L1 traffic per weight (a lane's 64 activation bytes per chunk come in 4
+// 16-byte loads whose warp spans 2 KB, ~1/32 L1 cycle a weight and token), so from m = 2-4 the float32 math
+// and L1, not the memory, bound this kernel (m = 8 needs 148 FMAs a cycle on a 128-lane SM): it is meant for
+// m = 1..2, with the tensor-core kernels above that.
 //
 // Resources of gemv_nvfp4_stream_kernel<MT, U, XT, GATE_UP> (ptxas -v, CUDA 13.0, -O3, sm_90a; 128 threads,
 // no shared memory, no stack, no spills), registers for BF16 / F32 activations, plain / gate-up:
