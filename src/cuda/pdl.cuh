@@ -10,7 +10,13 @@
 //   1. before pdl_wait(): read only constant data (weights, scales, tables, kernel parameters); write nothing;
 //   2. every CTA calls pdl_wait() before any early return, so the grid cannot complete before its
 //      predecessor has (which keeps the ordering transitive along a chain of such kernels);
-//   3. pdl_launch_dependents() may come anywhere: the dependent grid still waits for this whole grid.
+//   3. pdl_launch_dependents() may come anywhere: the dependent grid still waits for this whole grid. Where
+//      it comes matters for speed: a dependent scheduled early holds SM slots while it waits, and if it too
+//      releases its own dependent at once, a whole chain of waiting grids can take the slots a one-wave
+//      GEMV needs (measured on H100: llama3-8b tg128 305 -> 268 tok/s with every kernel releasing at its
+//      start). So small kernels (norms, RoPE, KV write, routing) release at their start (pdl_enter), while
+//      grids that fill the GPU (GEMVs, attention, expert GEMMs, scans) only wait at their top and release
+//      after their main loop or at exit; a chain of early grids then stops at the next big one.
 // Without the launch attribute (or below sm_90) both calls return at once and the launch is an ordinary one.
 #pragma once
 

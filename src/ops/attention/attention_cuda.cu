@@ -110,7 +110,7 @@ constexpr size_t attn_smem_bytes() {
 
 template <KvDtype KV, int HD, int NJ>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnParams p) {
-    pdl_enter();                           // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr int R = 4 * NJ;              // rows of the tile
     constexpr int EPC = elems_per_chunk<KV>();
     constexpr int CPR = HD / EPC;          // chunks per stored row
@@ -461,7 +461,7 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
 
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParams p) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool BF = KV == KvDtype::Bf16;
     constexpr int BITS = KV == KvDtype::Bf16 ? 16 : KV == KvDtype::Fp8 ? 8 : 4;
     constexpr int ROW_BYTES = HD * BITS / 8;
@@ -711,7 +711,7 @@ __device__ __forceinline__ constexpr int pair_dim(int P, int half) {
 
 template <KvDtype KV, int HD, int NSUB, int MIN_CTAS>
 __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const AttnParams p) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     static_assert(KV != KvDtype::Bf16, "BF16 runs decode_mma_kernel");
     constexpr bool PERM = KV == KvDtype::Nvfp4;
     constexpr int BITS = KV == KvDtype::Fp8 ? 8 : 4;
@@ -1135,7 +1135,7 @@ __device__ __forceinline__ void dequant_to_tile(const uint4& raw, uint32_t scale
 
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnParams p) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool BF = KV == KvDtype::Bf16;
     constexpr bool PERM = KV == KvDtype::Nvfp4;
     constexpr int CH = HD / 8;                  // 16-byte chunks of a 16-bit row

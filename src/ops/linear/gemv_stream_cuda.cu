@@ -196,8 +196,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_min_ctas<MT, U>())
     point_rows(group);
 #pragma unroll
     for (int u = 0; u < U; ++u) load_chunk(u, group, 0);
-    pdl_launch_dependents();
-    pdl_wait();
+    pdl_wait();  // no early pdl_launch_dependents: this grid fills the GPU (cuda/pdl.cuh)
 
     float acc[kRows][MT];
 #pragma unroll

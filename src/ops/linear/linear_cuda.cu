@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
     gemv_nvfp4_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                       const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                       XT* __restrict__ y, int64_t n) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 5;
     const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     gemv_nvfp4_mma_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                           const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                           XT* __restrict__ y, int64_t n) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr int P = XChunk<XT>::kParts;
     __shared__ float red[kMmaWarps][NT * 8][16];  // [warp][token][row]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -599,7 +599,6 @@ __global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>
     // stream (cuda/pdl.cuh); x and y only after it.
 #pragma unroll
     for (int d = 0; d < D; ++d) load_weights(s_begin + d, ring[d]);
-    pdl_launch_dependents();
     pdl_wait();
 #pragma unroll
     for (int d = 0; d < D; ++d) load_acts(s_begin + d, ring[d]);
@@ -612,6 +611,9 @@ __global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>
             load_acts(base + d + D, ring[d]);
         }
     }
+    // The loads are issued: the next kernel may be scheduled now (it still waits for this whole grid). Not
+    // earlier: a dependent resident from the start takes SM slots this one-wave grid needs (cuda/pdl.cuh).
+    pdl_launch_dependents();
     // Accumulator i: mma rows g (0, 1) and g + 8 (2, 3), tokens 8i + 2t (0, 2) and 8i + 2t + 1 (1, 3).
     if constexpr (KS > 1) {
         if (k_part != 0) {
@@ -669,7 +671,7 @@ template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
     gemv_bf16_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w,
                      const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 4;
     const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -745,7 +747,7 @@ template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
     gemv_fp8_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w, float scale,
                     const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
-    pdl_enter();          // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr int U = 2;  // chunks per lane and step
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 4;
@@ -836,7 +838,7 @@ template <int NT>  // token tiles of 8
 __global__ void __launch_bounds__(kFp8MmaWarps * 32)
     gemv_fp8_mma_kernel(const __nv_bfloat16* __restrict__ x, int m, int64_t k, const uint8_t* __restrict__ w,
                         float out_scale, const float* __restrict__ bias, __nv_bfloat16* __restrict__ y, int64_t n) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     __shared__ float partial[kFp8MmaWarps][NT][4][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;

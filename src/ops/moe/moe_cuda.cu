@@ -772,7 +772,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     moe_gemv_nvfp4<XT, kGather, kEpi, 1>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets, sorted_pairs,
                                          active_experts, n_active, out);
 }
@@ -785,7 +785,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
                              const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                              const int32_t* __restrict__ active_experts, const int32_t* __restrict__ n_active,
                              float* __restrict__ out) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     moe_gemv_nvfp4<XT, kGather, kEpi, kGemvTokenTile>(x, k, top_k, w0s, w1s, n, lanes_per_row, offsets,
                                                       sorted_pairs, active_experts, n_active, out);
 }
@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
                               const int32_t* __restrict__ sorted_pairs,
                               const int32_t* __restrict__ active_experts,
                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kRows = reg_gemv_rows(kEpi);
     constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
@@ -1079,7 +1079,7 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
                           const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
                           int n_experts, float* __restrict__ out) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;           // output columns per CTA tile
     __shared__ __align__(16) __nv_bfloat16 a_s[2][kGemmRows][kGemmStride];   // [stage][position][k]

@@ -101,7 +101,7 @@ template <class T, class ST>
 __global__ void __launch_bounds__(kScanWarps * 32)
     scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                 const T* __restrict__ dt, void* const* __restrict__ states, T* __restrict__ y) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x / a.row_tiles;
     const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
@@ -262,7 +262,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
     chunk_state_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                        const T* __restrict__ dt) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     __shared__ float d_s[kChunk], cs_s[kChunk];
     __shared__ __align__(16) float w_s[kChunk * 64];  // [token k][p]: the decayed, dt-scaled x
     __shared__ __align__(16) float b_s[kChunk * 64];  // [token k][n]
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 template <class ST>
 __global__ void __launch_bounds__(kChunkThreads)
     state_pass_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, void* const* __restrict__ states) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     const int64_t PN = static_cast<int64_t>(a.head_dim) * a.state_size;
     const int64_t e = static_cast<int64_t>(blockIdx.x) * kChunkThreads + threadIdx.x;
     if (e >= PN) return;
@@ -352,7 +352,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads)
     chunk_cb_kernel(ChunkArgs a, int n_groups, const int32_t* __restrict__ seq_starts,
                     const T* __restrict__ xbc) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     __shared__ __align__(16) float ct_s[kChunkNTile * kLd];  // [n][j]
     __shared__ __align__(16) float bt_s[kChunkNTile * kLd];  // [n][k]
     int64_t begin;
@@ -387,7 +387,7 @@ template <class T>
 __global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 registers (64 spilled)
     chunk_output_kernel(ChunkArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                         const T* __restrict__ dt, T* __restrict__ y) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     __shared__ float d_s[kChunk], cs_s[kChunk];
     __shared__ __align__(16) float gt_s[kChunk * kLd];  // [k][j]: G transposed
     // ct_s [n][j] (C, 32 state columns) and ot_s [n][k or p] (B or h_in), or later x_s [k][p] over both.
