@@ -76,6 +76,8 @@ private:
     void mamba(const DeviceHybridLayer& L, const DeviceBatch& b, cudaStream_t stream);
     void relu2_mlp(const DeviceLinear& up, const DeviceLinear& down, int64_t m, void* out, cudaStream_t stream);
     void moe(const DeviceHybridLayer& L, int64_t m, cudaStream_t stream);
+    // From the router logits on: sigmoid top-k routing, the shared expert and the routed experts.
+    void route_and_run_experts(const DeviceHybridLayer& L, int64_t m, cudaStream_t stream);
     // Copies one slot's conv and SSM state between the slot pool and a snapshot buffer.
     void copy_slot(bool to_snapshot, int32_t state_slot, int32_t snapshot, cudaStream_t stream);
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -139,6 +140,48 @@ TEST(GemmCuda, Fp8) {
 }
 
 // The dequantized BF16 weight equals the host codec's value of every (e2m1, e4m3) pair, bit for bit.
+// gemm_bf16_f32 (NemotronH's float32 router at prefill sizes): BF16 operands, float32 output, no rounding to
+// BF16, so the bound is the two float32 sums' alone: |device - cpu| <= 2 k u32 S.
+TEST(GemmCuda, Bf16Float32Out) {
+    NIBBLE_REQUIRE_GPU();
+    for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{33, 128, 2688}, {2048, 128, 2688}, {100, 64, 4096}}) {
+        std::mt19937_64 rng(test::fresh_seed());
+        const auto vals = test::random_normal(rng, static_cast<size_t>(n * k), 0.05f);
+        std::vector<uint16_t> bf16(vals.size());
+        for (size_t i = 0; i < vals.size(); ++i) bf16[i] = bf16_from_float(vals[i]);
+        LinearWeight w;
+        w.name = "router";
+        w.n_out = n;
+        w.n_in = k;
+        w.format = WeightFormat::Dense;
+        w.dtype = DType::BF16;
+        w.data = bf16.data();
+        cuda::DeviceBuffer dw(bf16.size() * 2);
+        dw.upload(bf16.data(), bf16.size() * 2);
+        std::vector<float> x = test::random_normal(rng, static_cast<size_t>(m * k), 1.0f);
+        DeviceActs dx;
+        dx.upload(x, true);  // x now holds the BF16-rounded values the device reads
+        DeviceOut dy(static_cast<size_t>(m * n), false);  // float32, poisoned
+        cuda::GemmContext ctx(0);
+        cuda::gemm_bf16_f32(ctx, dx.buf.get(), m, dw.as<uint16_t>(), n, k, dy.buf.as<float>(), nullptr);
+        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+        ThreadPool pool(0);
+        std::vector<float> ref(static_cast<size_t>(m * n));
+        linear_cpu(pool, x.data(), m, w, ref.data());
+        std::vector<double> tol(ref.size());
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t i = 0; i < m; ++i) {
+                double sum = 0;
+                for (int64_t j = 0; j < k; ++j)
+                    sum += std::fabs(static_cast<double>(bf16_to_float(bf16[static_cast<size_t>(r * k + j)])) *
+                                     x[static_cast<size_t>(i * k + j)]);
+                tol[static_cast<size_t>(i * n + r)] = 2.0 * static_cast<double>(k) * test::kEpsF32 * sum + 1e-30;
+            }
+        test::expect_close(dy.download(), ref, tol,
+                           "gemm_bf16_f32 m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    }
+}
+
 TEST(GemmCuda, Nvfp4DequantizeIsExact) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());

@@ -112,10 +112,11 @@ struct GemmContext::Impl {
     DeviceBuffer workspace;
     DeviceBuffer scratch;  // [max_weight_elems] BF16
     int64_t scratch_elems = 0;
-    std::map<std::tuple<int64_t, int64_t, int64_t>, GemmPlan> plans;
+    std::map<std::tuple<int64_t, int64_t, int64_t, int>, GemmPlan> plans;
 
-    const GemmPlan& plan(int64_t m, int64_t n, int64_t k) {
-        const auto key = std::make_tuple(m, n, k);
+    // out: CUDA_R_16BF (the prefill GEMMs) or CUDA_R_32F (float32 outputs of BF16 operands: gemm_bf16_f32).
+    const GemmPlan& plan(int64_t m, int64_t n, int64_t k, cudaDataType_t out = CUDA_R_16BF) {
+        const auto key = std::make_tuple(m, n, k, static_cast<int>(out));
         if (auto it = plans.find(key); it != plans.end()) return it->second;
         GemmPlan p;
         check_cublas(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul descriptor");
@@ -126,7 +127,7 @@ struct GemmContext::Impl {
         check_cublas(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "transb");
         check_cublas(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, k, n, k), "layout A");
         check_cublas(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, k, m, k), "layout B");
-        check_cublas(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, n, m, n), "layout C");
+        check_cublas(cublasLtMatrixLayoutCreate(&p.c, out, n, m, n), "layout C");
         cublasLtMatmulPreference_t pref = nullptr;
         check_cublas(cublasLtMatmulPreferenceCreate(&pref), "preference");
         const size_t ws = kWorkspaceBytes;
@@ -139,7 +140,8 @@ struct GemmContext::Impl {
         cublasLtMatmulPreferenceDestroy(pref);
         check_cublas(st, "algorithm heuristic");
         if (found == 0)
-            throw std::runtime_error("cuBLASLt: no BF16 GEMM algorithm for m=" + std::to_string(m) +
+            throw std::runtime_error(std::string("cuBLASLt: no BF16 GEMM algorithm (") +
+                                     (out == CUDA_R_32F ? "float32" : "BF16") + " out) for m=" + std::to_string(m) +
                                      " n=" + std::to_string(n) + " k=" + std::to_string(k));
         p.algo = result.algo;
         return plans.emplace(key, p).first->second;
@@ -228,6 +230,17 @@ void gemm_bf16(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, in
                const float* bias, void* y, cudaStream_t stream) {
     check_shape("gemm_bf16", x, m, n, k, y);
     run_gemm(ctx.impl(), x, m, w, n, k, alpha, bias, y, stream);
+}
+
+void gemm_bf16_f32(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, int64_t n, int64_t k, float* y,
+                   cudaStream_t stream) {
+    check_shape("gemm_bf16_f32", x, m, n, k, y);
+    GemmContext::Impl& c = ctx.impl();
+    const GemmPlan& p = c.plan(m, n, k, CUDA_R_32F);
+    const float alpha = 1.0f, beta = 0.0f;
+    check_cublas(cublasLtMatmul(c.handle, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
+                                c.workspace.get(), c.workspace.bytes(), stream),
+                 "matmul (float32 out)");
 }
 
 void gemm_nvfp4(GemmContext& ctx, const void* x, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,

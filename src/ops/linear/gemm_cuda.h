@@ -42,6 +42,11 @@ private:
 
 void gemm_bf16(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, int64_t n, int64_t k, float alpha,
                const float* bias, void* y, cudaStream_t stream);
+// y[m, n] float32 = x[m, k] W^T with BF16 x and W: every product is exact in float32 and the sums are float32,
+// so this is the float32 linear of the widened operands (e.g. NemotronH's router, which transformers runs in
+// float32 on BF16 hidden states), up to the order of the sums.
+void gemm_bf16_f32(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, int64_t n, int64_t k, float* y,
+                   cudaStream_t stream);
 void gemm_nvfp4(GemmContext& ctx, const void* x, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream);
 void gemm_fp8(GemmContext& ctx, const void* x, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
