@@ -1625,9 +1625,7 @@ int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int6
     // a BF16 one); among those counts, the one with the fewest waves per split, ceil(ctas s / slots) / s
     // (the busiest SM's share), plus 0.05% a split for the partials and the combine. Slots: the decode
     // kernel's resident CTAs per SM (registers, listed above decode_pipe_kernel; Mma: 3).
-    // 16 KB, not 64: at a few hundred keys a CTA is bound by its own loads in flight, not by the partials; the
-    // CUDA-kernel trace on H100 showed 64 KB splits at ~530 keys taking 7.6-8.6 us a layer (llama3-8b, Qwen3).
-    constexpr int64_t kMinSplitBytes = 16 * 1024;
+    constexpr int64_t kMinSplitBytes = 64 * 1024;
     const int64_t row_bytes = kv.dtype == KvDtype::Bf16 ? 2 * kv.head_dim
                             : kv.dtype == KvDtype::Fp8  ? kv.head_dim
                                                         : kv.head_dim / 2 + kv.head_dim / 16;
