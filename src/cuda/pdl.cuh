@@ -14,7 +14,7 @@
 //      it comes matters for speed: a dependent scheduled early holds SM slots while it waits, and if it too
 //      releases its own dependent at once, a whole chain of waiting grids can take the slots a one-wave
 //      GEMV needs (measured on H100: llama3-8b tg128 305 -> 268 tok/s with every kernel releasing at its
-//      start). So small kernels (norms, RoPE, KV write, routing) release at their start (pdl_enter), while
+//      start). So small kernels (norms, RoPE, KV write, routing) release right after their wait (pdl_enter), while
 //      grids that fill the GPU (GEMVs, attention, expert GEMMs, scans) only wait at their top and release
 //      after their main loop or at exit; a chain of early grids then stops at the next big one.
 // Without the launch attribute (or below sm_90) both calls return at once and the launch is an ordinary one.
@@ -40,11 +40,14 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// The usual prologue of a kernel whose inputs all come from its predecessor: release the next kernel, then
-// wait for this one's inputs.
+// The usual prologue of a kernel whose inputs all come from its predecessor: wait for them, then release the
+// next kernel. In this order (not release-then-wait, the order of the failing runs) a dependent is never
+// scheduled before this kernel's own prerequisite has completed: griddepcontrol.wait promises visibility of
+// the direct prerequisite's writes only, and a grid resident before an older grid finished is the case the
+// failing runs had that this order removes.
 __device__ __forceinline__ void pdl_enter() {
-    pdl_launch_dependents();
     pdl_wait();
+    pdl_launch_dependents();
 }
 
 // OFF until the device suite passes with it: with every forward kernel launched programmatically, the whole
@@ -53,7 +56,9 @@ __device__ __forceinline__ void pdl_enter() {
 // while every kernel's own test passed. Leading suspect, not yet tested: the GEMVs read their activations
 // through the non-coherent path (__ldg / ld.global.nc), and a grid resident before its predecessor finished
 // may hit lines of the same buffer cached for the previous layer; the fix to try is coherent activation
-// loads (ld.global.cg) in every kernel that can start early, then this flag on again and the suite re-run.
+// loads (ld.global.cg) in every kernel that can start early; a second, that pdl_enter released before it
+// waited (now wait first). Next: this flag on again, the suite re-run (then bisect with the fused
+// q/k-norm + RoPE + KV write of the same window if it still fails).
 // Measured with it on (H100, same call as the baseline): llama3-8b tg128 305 -> 323, Qwen3-30B-A3B 270 ->
 // 318 (docs/perf.md), so it is worth the work.
 inline constexpr bool kProgrammaticLaunch = false;
