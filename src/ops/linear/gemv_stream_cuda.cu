@@ -45,6 +45,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
+#include "ops/linear/gemv_common.cuh"
 #include "ops/linear/gemv_stream_cuda.h"
 #include "ops/linear/nvfp4_decode.cuh"
 
@@ -70,57 +71,6 @@ struct StreamJob {
     StreamProjection proj[kMaxProjections];  // gate/up: proj[0] = gate, proj[1] = up
     int64_t groups = 0;                      // row groups (warp tasks) in all
 };
-
-// 8 consecutive activations as float32, through L1 (ld.global.ca: coherent with the previous grid's writes
-// once griddepcontrol.wait returned, unlike the read-only path).
-__device__ __forceinline__ void load_x8(const float* p, float (&v)[8]) {
-    const float4 a = __ldca(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldca(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-__device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
-    const uint4 u = __ldca(reinterpret_cast<const uint4*>(p));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const uint32_t wd = word_of(u, j);
-        v[2 * j] = __uint_as_float(wd << 16);
-        v[2 * j + 1] = __uint_as_float(wd & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Butterfly reduce-scatter of V sums over the warp: at each of the first log2(V) levels a lane keeps half of
-// its values (the upper half where its lane bit is set) and adds its partner's copy of that half, so the
-// traffic halves each level; the last levels add whole sums. Lanes with (lane & (32 / V - 1)) == 0 end with
-// the warp total of value `index`, whose bits, highest first, are lane bits 4, 3, ... (V - 1 + log2(32 / V)
-// shuffles instead of 5 V).
-template <int V, int LIVE>
-__device__ __forceinline__ void reduce_scatter_level(float (&v)[V], int lane, int& index) {
-    if constexpr (LIVE > 1) {  // compile-time levels: every index of v stays static (no local memory)
-        constexpr int half = LIVE / 2, offset = 16 * LIVE / V;
-        const bool upper = (lane & offset) != 0;
-#pragma unroll
-        for (int i = 0; i < half; ++i) {
-            const float mine = upper ? v[i + half] : v[i];
-            const float theirs = upper ? v[i] : v[i + half];
-            v[i] = mine + __shfl_xor_sync(0xffffffffu, theirs, offset);
-        }
-        if (upper) index += half;
-        reduce_scatter_level<V, half>(v, lane, index);
-    }
-}
-template <int V>
-__device__ __forceinline__ float reduce_scatter(float (&v)[V], int lane, int& index) {
-    static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "V must be a power of two up to 32");
-    index = 0;
-    reduce_scatter_level<V, V>(v, lane, index);
-    float total = v[0];
-#pragma unroll
-    for (int offset = 16 / V; offset >= 1; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
-    return total;
-}
 
 // The projection owning row group `group` (< job.groups) and its first group. Unused slots have group_end
 // == job.groups, so they are never chosen.
@@ -233,7 +183,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_min_ctas<MT, U>())
                         for (int mi = 0; mi < MT; ++mi) {
                             if (mi >= m) break;  // warp-uniform
                             float xv[8];
-                            load_x8(xc + static_cast<int64_t>(mi) * k + 8 * j, xv);
+                            load_x8<XLoad::Coherent>(xc + static_cast<int64_t>(mi) * k + 8 * j, xv);
 #pragma unroll
                             for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -272,7 +222,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_min_ctas<MT, U>())
                     float gate = total * gp.out_scale, up = up_total * upp.out_scale;
                     if (gp.bias) gate += gp.bias[row];
                     if (upp.bias) up += upp.bias[row];
-                    store_out(static_cast<XT*>(gp.y) + static_cast<int64_t>(mi) * gp.n + row,
+                    store_y(static_cast<XT*>(gp.y) + static_cast<int64_t>(mi) * gp.n + row,
                               gate / (1.0f + expf(-gate)) * up);
                 }
             } else if (holder && mi < m) {
@@ -282,7 +232,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_min_ctas<MT, U>())
                 if (row < p.n) {
                     float out = total * p.out_scale;
                     if (p.bias) out += p.bias[row];
-                    store_out(static_cast<XT*>(p.y) + static_cast<int64_t>(mi) * p.n + row, out);
+                    store_y(static_cast<XT*>(p.y) + static_cast<int64_t>(mi) * p.n + row, out);
                 }
             }
         }

@@ -48,6 +48,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
+#include "ops/linear/gemv_common.cuh"
 #include "ops/linear/linear_cuda.h"
 #include "ops/linear/nvfp4_decode.cuh"
 
@@ -56,50 +57,6 @@ namespace {
 
 constexpr int kThreads = 128;  // small blocks spread a 4096-row matrix over all SMs
 constexpr int kWarps = kThreads / 32;
-
-// 8 consecutive activations as float32.
-__device__ __forceinline__ void load_x8(const float* p, float (&v)[8]) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-__device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const uint32_t wd = word_of(u, j);
-        v[2 * j] = __uint_as_float(wd << 16);
-        v[2 * j + 1] = __uint_as_float(wd & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ void store_y(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_y(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Sums each of V values over the warp and leaves the total of value `index` in the lanes with
-// (lane & (32 / V - 1)) == 0: V - 1 + log2(32 / V) shuffles instead of 5 V.
-template <int V>
-__device__ __forceinline__ float warp_reduce_scatter(float (&v)[V], int lane, int& index) {
-    static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "V must be a power of two up to 32");
-    index = 0;
-    int o = 16;
-#pragma unroll
-    for (int len = V; len > 1; len >>= 1, o >>= 1) {
-        const int half = len >> 1;
-        const bool upper = (lane & o) != 0;
-#pragma unroll
-        for (int i = 0; i < half; ++i) {
-            const float send = upper ? v[i] : v[i + half];
-            const float keep = upper ? v[i + half] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-        }
-        if (upper) index += half;
-    }
-    float t = v[0];
-#pragma unroll
-    for (; o >= 1; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    return t;
-}
 
 template <int MT, int R, class XT>
 __device__ __forceinline__ void reduce_and_store(float (&acc)[R][MT], int lane, int64_t row0, int m, int64_t n,
@@ -112,7 +69,7 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[R][MT], int lane, 
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
     int index = 0;
-    const float total = warp_reduce_scatter<V>(flat, lane, index);
+    const float total = reduce_scatter<V>(flat, lane, index);
     if ((lane & (32 / V - 1)) != 0) return;
     const int r = index / MT, mi = index % MT;
     const int64_t row = row0 + r;
