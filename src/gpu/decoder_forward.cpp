@@ -156,9 +156,14 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
 
 void DecoderForward::gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
                           const GemvChoice* choice, bool capturing) {
-    if (w.format == WeightFormat::Fp8)  // no registry variant: gemv_fp8's own dispatch
-        return cuda::gemv_fp8(x, act, m, static_cast<const uint8_t*>(w.data), w.n_out, w.n_in, w.scale, w.bias_ptr(),
-                              y, stream);
+    if (w.format == WeightFormat::Fp8) {  // no registry variant
+        // nibble-kernel-bench fp8 (H100, docs/perf.md session 4): the tensor-core kernel wins every shape from
+        // m = 4 (1.2-2.3x at m = 4-32), the CUDA-core one at m = 1 and splits m = 2; m = 3 goes with 4.
+        const auto* w8 = static_cast<const uint8_t*>(w.data);
+        if (act == DType::BF16 && m >= 3 && w.n_in % 64 == 0)
+            return cuda::gemv_fp8_mma(x, act, m, w8, w.n_out, w.n_in, w.scale, w.bias_ptr(), y, stream);
+        return cuda::gemv_fp8(x, act, m, w8, w.n_out, w.n_in, w.scale, w.bias_ptr(), y, stream);
+    }
     const bool nvfp4 = w.format == WeightFormat::Nvfp4;
     auto launch = [&](const tune::KernelVariant* v) {
         if (!nvfp4)  // every BF16 GEMV variant is gemv_bf16's instantiation for the tile

@@ -81,7 +81,8 @@ void gemv_fp8(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n
               const float* bias, void* y, cudaStream_t stream);
 // The same on the tensor cores (mma.sync m16n8k16, the E4M3 codes widened to bf16 exactly in registers),
 // BF16 activations only, k % 64 == 0: a candidate for m >= 4, where the CUDA-core kernel's float32 FMAs and
-// activation re-reads bound it. gemv_fp8 does not call it until measured (nibble-kernel-bench fp8).
+// activation re-reads bound it. Measured faster from m = 3-4 (nibble-kernel-bench fp8); the decoder forward
+// picks it there (gpu/decoder_forward.cpp), gemv_fp8 itself does not call it.
 void gemv_fp8_mma(const void* x, DType dtype, int64_t m, const uint8_t* w, int64_t n, int64_t k, float scale,
                   const float* bias, void* y, cudaStream_t stream);
 
