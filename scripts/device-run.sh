@@ -19,7 +19,10 @@ for step in "$@"; do
     arg=""
     [[ "$step" == *:* ]] && arg="${step#*:}"
     case "$kind" in
-        tests) "$root/bin/nibble-device-tests" --gtest_brief=1 ${arg:+--gtest_filter=$arg} 2>&1 | tee "$out/tests.log" | grep -E "FAILED|OK \]|PASSED|detail|Failure|error|expected|got" | tail -60 ;;
+        tests) "$root/bin/nibble-device-tests" --gtest_brief=1 ${arg:+--gtest_filter=$arg} 2>&1 | tee "$out/tests.log" | grep -E "FAILED|OK \]|PASSED|detail|Failure|error|expected|got" | tail -60
+               # --gtest_brief prints no list of failures at the end: name them here, last, so a tail shows them.
+               echo "failed tests: $(grep -c '^\[  FAILED  \]' "$out/tests.log")"
+               grep '^\[  FAILED  \]' "$out/tests.log" | sed 's/, where GetParam.*//' ;;
         bench) "$root/bin/nibble" bench $arg 2>&1 | tee -a "$out/bench.log" | grep -v "^\[" ;;
         kbench) "$root/bin/nibble-kernel-bench" $arg 2>&1 | tee -a "$out/kbench.log" | tail -40 ;;
         tpserve) NCCL_NVLS_ENABLE=0 scripts/tp-serve-check.sh "$root/bin/nibble" "" "${arg:-2}" 2>&1 | tee -a "$out/tpserve.log" | tail -40 ;;
