@@ -697,8 +697,8 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
         };
         for (int m : {1, 2, 4, 8, 16}) {
             double us[4];
-            // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused again (every GEMV launches
-            // programmatically since cuda/pdl.cuh, so the old PDL column became a repeat: run-to-run spread)
+            // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused again (the old PDL column: PDL is now a
+            // build option, cuda/pdl.cuh, the same for every launch, so this is a repeat: run-to-run spread)
             for (int method = 0; method < 4; ++method) {
                 const bool fused = method >= 2;
                 size_t next = 0;

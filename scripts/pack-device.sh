@@ -2,9 +2,11 @@
 # Packs what the lent GPU machine lacks into .carry/pack.tar.xz for scripts/device-run.sh: the CUDA build's
 # binaries (built here for sm_90a) and the shared libraries of this machine that `ldd` says they need
 # (not the C runtime, not NCCL or cuBLASLt, which load from the device's own CUDA).
-#   scripts/pack-device.sh [BUILD_DIR]   (default build-cuda)
+#   scripts/pack-device.sh [BUILD_DIR [PACK]]   (defaults build-cuda, .carry/pack.tar.xz; e.g. a build with
+#   -DNIBBLE_PROGRAMMATIC_LAUNCH=ON into .carry/pdl.tar.xz, run beside the default by NIBBLE_PACK=... device-run.sh)
 set -euo pipefail
 build="${1:-build-cuda}"
+out="${2:-.carry/pack.tar.xz}"
 cmake --build "$build" -j2 --target nibble nibble-device-tests nibble-kernel-bench
 pack="$(mktemp -d)"
 mkdir -p "$pack/bin" "$pack/lib" .carry
@@ -20,6 +22,6 @@ if cmake --build "$build" --target help | grep '^nibble-trace:' >/dev/null; then
     cupti="$(ldd "$build/libnibble_trace.so" | awk '/libcupti/ && /=> \//{print $3}')"
     cp -L "${cupti:-/usr/local/cuda/lib64/libcupti.so.13}" "$pack/lib/"
 fi
-tar -C "$pack" -cf - . | xz -T2 -6 > .carry/pack.tar.xz
+tar -C "$pack" -cf - . | xz -T2 -6 > "$out"
 rm -rf "$pack"
-echo "packed $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'): $(du -h .carry/pack.tar.xz | cut -f1)"
+echo "packed $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty') into $out: $(du -h "$out" | cut -f1)"

@@ -61,7 +61,12 @@ __device__ __forceinline__ void pdl_enter() {
 // q/k-norm + RoPE + KV write of the same window if it still fails).
 // Measured with it on (H100, same call as the baseline): llama3-8b tg128 305 -> 323, Qwen3-30B-A3B 270 ->
 // 318 (docs/perf.md), so it is worth the work.
+// CMake option NIBBLE_PROGRAMMATIC_LAUNCH=ON builds the variant with it on.
+#ifdef NIBBLE_PROGRAMMATIC_LAUNCH
+inline constexpr bool kProgrammaticLaunch = true;
+#else
 inline constexpr bool kProgrammaticLaunch = false;
+#endif
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
 // kProgrammaticLaunch is on. The kernel must keep the contract above. Errors are thrown (NIBBLE_CUDA_CHECK).

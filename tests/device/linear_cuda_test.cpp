@@ -349,8 +349,8 @@ TEST(LinearCuda, Nvfp4GateUpSilu) {
                 run_gate_up_case(pool, rng, 37, 4128, m, bf16, m % 2 == 0, k_split);
 }
 
-// Programmatic launches (every GEMV launches that way, cuda/pdl.cuh) consume what the launch before them
-// wrote: y1 = x W1^T (the v2 kernel; y1 poisoned with NaN first), then y2 = y1 W2^T and
+// Programmatic launches (every GEMV when built with NIBBLE_PROGRAMMATIC_LAUNCH, cuda/pdl.cuh) consume what
+// the launch before them wrote: y1 = x W1^T (the v2 kernel; y1 poisoned with NaN first), then y2 = y1 W2^T and
 // h = silu(y1 G^T) * (y1 U^T) straight after it, so they start early and must wait for y1.
 TEST(LinearCuda, Nvfp4ProgrammaticChain) {
     NIBBLE_REQUIRE_GPU();

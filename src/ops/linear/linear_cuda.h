@@ -44,7 +44,7 @@ void gemv_nvfp4_cuda_core(const void* x, DType dtype, int64_t m, const Nvfp4Devi
 // Version 3 (same contract as gemv_nvfp4, candidates to replace its kernels once measured): the tensor-core
 // kernel with one warp per 16-row tile (k split over k_split = 1, 2 or 4 warps; 0 picks from the shape) and
 // weights, scales and activations loaded 2-3 steps ahead in registers (linear_cuda.cu explains).
-// Every GEMV launches with programmatic stream serialization (cuda/pdl.cuh): the v3 kernels start loading
+// With programmatic launch built in (cuda/pdl.cuh, NIBBLE_PROGRAMMATIC_LAUNCH) the v3 kernels start loading
 // their weights while the previous kernel in the stream finishes, and read x / write y only once it has
 // completed. Precondition: that previous kernel does not write the weights or scales.
 void gemv_nvfp4_pipelined(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w,
