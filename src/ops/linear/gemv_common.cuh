@@ -44,6 +44,18 @@ __device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float (&v)[8]) {
 __device__ __forceinline__ void store_y(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_y(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// job.proj[i] (a fused launch's projection) for a runtime i through static indices only, so the fields stay
+// in the parameter bank and are re-read where used instead of held in registers through the main loop.
+template <class Job>
+__device__ __forceinline__ auto pick_projection(const Job& job, int i) {
+    constexpr int kCount = static_cast<int>(sizeof(job.proj) / sizeof(job.proj[0]));
+    auto p = job.proj[0];
+#pragma unroll
+    for (int j = 1; j < kCount; ++j)
+        if (i == j) p = job.proj[j];
+    return p;
+}
+
 // Butterfly reduce-scatter of V sums over the warp: at each of the first log2(V) levels a lane keeps half of
 // its values (the upper half where its lane bit is set) and adds its partner's copy of that half, so the
 // traffic halves each level; the last levels add whole sums. Lanes with (lane & (32 / V - 1)) == 0 end with

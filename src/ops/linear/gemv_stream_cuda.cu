@@ -83,15 +83,6 @@ __device__ __forceinline__ int projection_of(const StreamJob& job, int64_t group
     return p;
 }
 
-// job.proj[i] through static indices only, so the fields stay in the parameter bank.
-__device__ __forceinline__ StreamProjection pick_projection(const StreamJob& job, int i) {
-    StreamProjection p = job.proj[0];
-#pragma unroll
-    for (int j = 1; j < kMaxProjections; ++j)
-        if (i == j) p = job.proj[j];
-    return p;
-}
-
 // At MT = 1 and U = 2 the live state is ~60 registers: cap it at 64 so 8 CTAs (32 warps) fit an SM.
 template <int MT, int U>
 constexpr int stream_min_ctas() {

@@ -430,16 +430,6 @@ constexpr int pipe_min_ctas() {
 // cap (ptxas: ~158 registers, 12 warps an SM), more bytes in flight per warp, fewer warps.
 constexpr int kDeepPipeDepth = 4;
 
-// job.proj[i] for a runtime i through static indices only, so the fields stay in the parameter bank and
-// are re-read where used instead of held in registers through the main loop.
-__device__ __forceinline__ PipeProjection pick_projection(const PipeJob& job, int i) {
-    PipeProjection p = job.proj[0];
-#pragma unroll
-    for (int j = 1; j < kMaxProjections; ++j)
-        if (i == j) p = job.proj[j];
-    return p;
-}
-
 // One chunk (32 k) of rows g and g + 8 against NT groups of 8 tokens: decode, scale, mma into acc.
 template <int NT, class XT>
 __device__ __forceinline__ void mma_chunk(const uint4 (&q)[2], const uint32_t (&s)[2],
