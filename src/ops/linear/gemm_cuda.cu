@@ -180,9 +180,10 @@ void check_shape(const char* what, const void* x, int64_t m, int64_t n, int64_t 
         throw std::invalid_argument(std::string(what) + ": x and y must be 16-byte aligned");
 }
 
+// out: y's type (BF16, or float32 for gemm_bf16_f32, which takes no bias).
 void run_gemm(GemmContext::Impl& ctx, const void* x, int64_t m, const void* w, int64_t n, int64_t k, float alpha,
-              const float* bias, void* y, cudaStream_t stream) {
-    const GemmPlan& p = ctx.plan(m, n, k);
+              const float* bias, void* y, cudaStream_t stream, cudaDataType_t out = CUDA_R_16BF) {
+    const GemmPlan& p = ctx.plan(m, n, k, out);
     const float beta = 0.0f;
     check_cublas(cublasLtMatmul(ctx.handle, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
                                 ctx.workspace.get(), ctx.workspace.bytes(), stream),
@@ -235,12 +236,7 @@ void gemm_bf16(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, in
 void gemm_bf16_f32(GemmContext& ctx, const void* x, int64_t m, const uint16_t* w, int64_t n, int64_t k, float* y,
                    cudaStream_t stream) {
     check_shape("gemm_bf16_f32", x, m, n, k, y);
-    GemmContext::Impl& c = ctx.impl();
-    const GemmPlan& p = c.plan(m, n, k, CUDA_R_32F);
-    const float alpha = 1.0f, beta = 0.0f;
-    check_cublas(cublasLtMatmul(c.handle, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo,
-                                c.workspace.get(), c.workspace.bytes(), stream),
-                 "matmul (float32 out)");
+    run_gemm(ctx.impl(), x, m, w, n, k, 1.0f, nullptr, y, stream, CUDA_R_32F);
 }
 
 void gemm_nvfp4(GemmContext& ctx, const void* x, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
