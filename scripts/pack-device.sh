@@ -3,7 +3,7 @@
 # binaries (built here for sm_90a) and the shared libraries of this machine that `ldd` says they need
 # (not the C runtime, not NCCL or cuBLASLt, which load from the device's own CUDA).
 #   scripts/pack-device.sh [BUILD_DIR [PACK]]   (defaults build-cuda, .carry/pack.tar.xz; e.g. a build with
-#   -DNIBBLE_PROGRAMMATIC_LAUNCH=ON into .carry/pdl.tar.xz, run beside the default by NIBBLE_PACK=... device-run.sh)
+#   -DNIBBLE_PROGRAMMATIC_LAUNCH=OFF into .carry/base.tar.xz, run beside the default by NIBBLE_PACK=... device-run.sh)
 set -euo pipefail
 build="${1:-build-cuda}"
 out="${2:-.carry/pack.tar.xz}"

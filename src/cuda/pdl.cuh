@@ -8,6 +8,11 @@
 //
 // The contract every kernel launched through launch_pdl keeps (otherwise it races its predecessor):
 //   1. before pdl_wait(): read only constant data (weights, scales, tables, kernel parameters); write nothing;
+//      and a kernel that loads anything before pdl_wait() reads its predecessor's outputs with coherent loads
+//      only, never ld.global.nc (__ldg, or a const __restrict__ pointer the compiler turns into one): ptxas may
+//      move non-coherent loads above the wait, and did (gemv_nvfp4_pipe_kernel's activations, CUDA 13.0: the
+//      forward read the previous layer's values; found by bisecting with NIBBLE_PDL_ONLY, below). The device
+//      test PdlContract.NoNonCoherentLoadAboveGridDependencyWait checks every kernel's SASS for it;
 //   2. every CTA calls pdl_wait() before any early return, so the grid cannot complete before its
 //      predecessor has (which keeps the ordering transitive along a chain of such kernels);
 //   3. pdl_launch_dependents() may come anywhere: the dependent grid still waits for this whole grid. Where
@@ -50,26 +55,26 @@ __device__ __forceinline__ void pdl_enter() {
     pdl_launch_dependents();
 }
 
-// OFF until the device suite passes with it: with every forward kernel launched programmatically, the whole
-// suite on H100 (commits 385357b..8821972) failed the NVFP4-weight forward tests (CUDA vs CPU logits 3-5x
-// over tolerance), GraphReplaysMatchEagerSteps (graphs != eager: a race) and the NVFP4 TP/EP comparisons,
-// while every kernel's own test passed. Leading suspect, not yet tested: the GEMVs read their activations
-// through the non-coherent path (__ldg / ld.global.nc), and a grid resident before its predecessor finished
-// may hit lines of the same buffer cached for the previous layer; the fix to try is coherent activation
-// loads (ld.global.cg) in every kernel that can start early; a second, that pdl_enter released before it
-// waited (now wait first). Next: this flag on again, the suite re-run (then bisect with the fused
-// q/k-norm + RoPE + KV write of the same window if it still fails).
-// Measured with it on (H100, same call as the baseline): llama3-8b tg128 305 -> 323, Qwen3-30B-A3B 270 ->
-// 318 (docs/perf.md), so it is worth the work.
-// CMake option NIBBLE_PROGRAMMATIC_LAUNCH=ON builds the variant with it on.
+// On by default (CMake option NIBBLE_PROGRAMMATIC_LAUNCH; OFF builds ordinary launches, for comparisons).
+// History: with it on, the device suite on H100 (commits 385357b..8821972) failed the NVFP4-weight forward
+// tests and GraphReplaysMatchEagerSteps while every kernel's own test passed; it stayed off from 90ea977.
+// Bisected with NIBBLE_PDL_ONLY/SKIP (scripts/pdl-bisect.sh): gemv_nvfp4_pipe_kernel alone made the failure;
+// its SASS had the activations' LDG.CONSTANT above ACQBULK (rule 1 above). With coherent activation loads the
+// whole suite passes with it on (H200, this commit's docs/perf.md entry). Measured: llama3-8b tg128 332 -> 344
+// tok/s on H200, 305 -> 323 on H100 (the earlier, racy build).
 #ifdef NIBBLE_PROGRAMMATIC_LAUNCH
 inline constexpr bool kProgrammaticLaunch = true;
 #else
 inline constexpr bool kProgrammaticLaunch = false;
 #endif
 
+// For bisecting a PDL build on the device: whether `kernel` is launched programmatically, from the
+// environment, read once: NIBBLE_PDL_ONLY (comma-separated substrings of mangled kernel names: only the kernels
+// matching one) and NIBBLE_PDL_SKIP (those matching one launch ordinarily). Neither set: every kernel.
+bool programmatic_launch_selected(const void* kernel);
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// kProgrammaticLaunch is on. The kernel must keep the contract above. Errors are thrown (NIBBLE_CUDA_CHECK).
+// kProgrammaticLaunch is on (and the kernel is selected, above). The kernel must keep the contract above. Errors are thrown (NIBBLE_CUDA_CHECK).
 template <class... KernelArgs, class... Args>
 void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 Args&&... args) {
@@ -82,7 +87,7 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = kProgrammaticLaunch ? 1 : 0;
+    cfg.numAttrs = kProgrammaticLaunch && programmatic_launch_selected(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
     NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KernelArgs>(args)...));
 }
 

@@ -10,9 +10,11 @@
 
 namespace nibble::cuda {
 
-// How a GEMV reads its activations. ReadOnly: the non-coherent path (__ldg), for a grid during whose whole
-// lifetime x does not change. Coherent: through L1 (ld.global.ca), for a grid that may be resident before the
-// kernel writing x has finished (programmatic dependent launch, cuda/pdl.cuh).
+// How a GEMV reads its activations. ReadOnly: the non-coherent path (__ldg, ld.global.nc), for a grid that waits
+// for its predecessor before its first load. Coherent: through L1 (ld.global.ca), required in a grid that loads
+// anything before griddepcontrol.wait: ptxas treats ld.global.nc as reading memory constant for the grid's
+// lifetime and moved such activation loads above the wait (SASS of gemv_nvfp4_pipe_kernel, cuda 13.0: LDG.CONSTANT
+// before ACQBULK), so they read the previous layer's x (cuda/pdl.cuh).
 enum class XLoad { ReadOnly, Coherent };
 
 template <XLoad L, class V>

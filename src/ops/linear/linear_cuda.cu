@@ -208,7 +208,8 @@ __device__ __forceinline__ float bf16_lo(uint32_t p) { return __uint_as_float(p 
 __device__ __forceinline__ float bf16_hi(uint32_t p) { return __uint_as_float(p & 0xffff0000u); }
 
 // Activation operand of one chunk (32 consecutive k) for one token: BF16 as loaded, F32 as loaded (split
-// into bf16 parts when used).
+// into bf16 parts when used). Coherent loads: the pipe kernel loads weights before its grid-dependency wait
+// (gemv_common.cuh, XLoad).
 template <class XT>
 struct XChunk;
 template <>
@@ -217,7 +218,7 @@ struct XChunk<__nv_bfloat16> {
     uint4 v[4];
     __device__ __forceinline__ void load(const __nv_bfloat16* p) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        for (int i = 0; i < 4; ++i) v[i] = load_vector<XLoad::Coherent>(reinterpret_cast<const uint4*>(p) + i);
     }
     __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -238,7 +239,7 @@ struct XChunk<float> {
     float4 v[8];
     __device__ __forceinline__ void load(const float* p) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = __ldg(reinterpret_cast<const float4*>(p) + i);
+        for (int i = 0; i < 8; ++i) v[i] = load_vector<XLoad::Coherent>(reinterpret_cast<const float4*>(p) + i);
     }
     __device__ __forceinline__ void zero() {
 #pragma unroll
