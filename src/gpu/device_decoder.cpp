@@ -6,6 +6,7 @@
 #include "base/error.h"
 #include "model/real_shapes.h"
 #include "cuda/fill_random.h"
+#include "ops/attention/attention_cuda.h"
 #include "ops/rope/rope.h"
 
 namespace nibble::gpu {
@@ -128,8 +129,8 @@ void check_decoder_supported(const ModelConfig& c) {
         NIBBLE_CHECK(e.n_ff % 32 == 0, "the CUDA MoE needs moe_intermediate_size a multiple of 32, not {}", e.n_ff);
         for (int64_t il = 0; il < c.n_layers; ++il) any_dense_mlp |= !c.is_moe_layer(il);
     }
-    NIBBLE_CHECK(c.head_dim == 64 || c.head_dim == 128,
-                 "the CUDA attention kernels take head_dim 64 or 128; this model has {}", c.head_dim);
+    NIBBLE_CHECK(cuda::paged_attention_head_dim_supported(c.head_dim),
+                 "the CUDA attention kernels take head_dim 16, 32, 64, 128 or 256; this model has {}", c.head_dim);
     NIBBLE_CHECK(c.n_heads % c.n_kv_heads == 0 && c.n_heads / c.n_kv_heads <= 32,
                  "the CUDA attention kernels take at most 32 query heads per KV head ({} / {})", c.n_heads,
                  c.n_kv_heads);

@@ -10,6 +10,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/fill_random.h"
 #include "gpu/weight_upload.h"
+#include "ops/attention/attention_cuda.h"
 
 namespace nibble::gpu {
 
@@ -85,8 +86,8 @@ void check_hybrid_supported(const ModelConfig& c) {
     const auto has = [&](LayerKind k) { return std::count(c.layer_kinds.begin(), c.layer_kinds.end(), k) > 0; };
     NIBBLE_CHECK(c.n_embd % 32 == 0, "the CUDA matmuls need a hidden size that is a multiple of 32, not {}", c.n_embd);
     if (has(LayerKind::Attention)) {
-        NIBBLE_CHECK(c.head_dim == 64 || c.head_dim == 128,
-                     "the CUDA attention kernels take head_dim 64 or 128; this model has {}", c.head_dim);
+        NIBBLE_CHECK(cuda::paged_attention_head_dim_supported(c.head_dim),
+                     "the CUDA attention kernels take head_dim 16, 32, 64, 128 or 256; this model has {}", c.head_dim);
         NIBBLE_CHECK(c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0 && c.n_heads / c.n_kv_heads <= 32,
                      "the CUDA attention kernels take at most 32 query heads per KV head ({} / {})", c.n_heads,
                      c.n_kv_heads);

@@ -112,12 +112,19 @@ template <KvDtype KV, int HD, int NJ>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnParams p) {
     pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr int R = 4 * NJ;              // rows of the tile
-    constexpr int EPC = elems_per_chunk<KV>();
+    constexpr int ROW_BYTES = KV == KvDtype::Bf16 ? HD * 2 : KV == KvDtype::Fp8 ? HD : HD / 2;
+    constexpr int SCALE_BYTES = KV == KvDtype::Nvfp4 ? HD / 16 : 0;
+    // A chunk is 16 bytes of a stored row, or the whole row when shorter (NVFP4 with head_dim 16: 8 bytes,
+    // one group, one scale byte); dequant_chunk always fills EPC_FULL values, of which the first EPC are real.
+    constexpr int CHUNK_BYTES = ROW_BYTES < 16 ? ROW_BYTES : 16;
+    constexpr int EPC_FULL = elems_per_chunk<KV>();
+    constexpr int EPC = EPC_FULL * CHUNK_BYTES / 16;
     constexpr int CPR = HD / EPC;          // chunks per stored row
     constexpr int NCH = kKeyTile * CPR;    // chunks per key tile
     constexpr int ITER = (NCH + kThreads - 1) / kThreads;
-    constexpr int ROW_BYTES = KV == KvDtype::Bf16 ? HD * 2 : KV == KvDtype::Fp8 ? HD : HD / 2;
-    constexpr int SCALE_BYTES = KV == KvDtype::Nvfp4 ? HD / 16 : 0;
+    static_assert(CPR * EPC == HD && CPR * CHUNK_BYTES == ROW_BYTES && (CHUNK_BYTES == 16 || CHUNK_BYTES == 8),
+                  "head_dim must split into whole 16-byte chunks, or be one 8-byte NVFP4 row");
+    static_assert(HD % 4 == 0 && kThreads % (HD / 4) == 0, "P.V needs whole float4 column groups per CTA pass");
     constexpr int KS = HD + 4;             // padded K row: lanes reading different keys hit different banks
     constexpr int COLS = HD / 4;           // float4 column groups in P.V
     constexpr int ROWLANES = kThreads / COLS;
@@ -180,14 +187,27 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnPar
                 const int64_t block = table[key / p.block_size];
                 const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
                 const int64_t base = block * p.block_bytes;
-                const int64_t off = base + row * ROW_BYTES + c * 16;
-                rk[it] = __ldg(reinterpret_cast<const uint4*>(p.k + off));
-                rv[it] = __ldg(reinterpret_cast<const uint4*>(p.v + off));
+                const int64_t off = base + row * ROW_BYTES + c * CHUNK_BYTES;
+                if constexpr (CHUNK_BYTES == 16) {
+                    rk[it] = __ldg(reinterpret_cast<const uint4*>(p.k + off));
+                    rv[it] = __ldg(reinterpret_cast<const uint4*>(p.v + off));
+                } else {  // an 8-byte row: the upper half of the chunk stays zero (dequantized, never stored)
+                    const uint2 k8 = __ldg(reinterpret_cast<const uint2*>(p.k + off));
+                    const uint2 v8 = __ldg(reinterpret_cast<const uint2*>(p.v + off));
+                    rk[it] = make_uint4(k8.x, k8.y, 0, 0);
+                    rv[it] = make_uint4(v8.x, v8.y, 0, 0);
+                }
                 if constexpr (KV == KvDtype::Nvfp4) {
-                    const int64_t soff =
-                        base + static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES + row * SCALE_BYTES + c * 2;
-                    sck[it] = __ldg(reinterpret_cast<const unsigned short*>(p.k + soff));
-                    scv[it] = __ldg(reinterpret_cast<const unsigned short*>(p.v + soff));
+                    // The chunk's group scales: two bytes for a 16-byte chunk, one for an 8-byte row.
+                    const int64_t soff = base + static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES +
+                                         row * SCALE_BYTES + c * (CHUNK_BYTES / 8);
+                    if constexpr (CHUNK_BYTES == 16) {
+                        sck[it] = __ldg(reinterpret_cast<const unsigned short*>(p.k + soff));
+                        scv[it] = __ldg(reinterpret_cast<const unsigned short*>(p.v + soff));
+                    } else {
+                        sck[it] = __ldg(p.k + soff);
+                        scv[it] = __ldg(p.v + soff);
+                    }
                 }
             }
         }
@@ -209,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnPar
             const int ch = tid + it * kThreads;
             if (ch < NCH) {
                 const int kk = ch / CPR, c = ch % CPR;
-                float buf[EPC];
+                float buf[EPC_FULL];
                 dequant_chunk<KV>(rk[it], sck[it], buf);
 #pragma unroll
                 for (int e = 0; e < EPC; e += 4)
@@ -1460,11 +1480,18 @@ void dispatch_nj(int nj, const AttnParams& p, dim3 grid, cudaStream_t stream) {
 
 template <KvDtype KV>
 void dispatch_hd(int64_t hd, int nj, const AttnParams& p, dim3 grid, cudaStream_t stream) {
-    if (hd == 64)
-        dispatch_nj<KV, 64>(nj, p, grid, stream);
-    else
-        dispatch_nj<KV, 128>(nj, p, grid, stream);
+    switch (hd) {
+        case 16: dispatch_nj<KV, 16>(nj, p, grid, stream); break;
+        case 32: dispatch_nj<KV, 32>(nj, p, grid, stream); break;
+        case 64: dispatch_nj<KV, 64>(nj, p, grid, stream); break;
+        case 128: dispatch_nj<KV, 128>(nj, p, grid, stream); break;
+        default: dispatch_nj<KV, 256>(nj, p, grid, stream); break;  // check_common admits no other
+    }
 }
+
+// The head sizes the tensor-core prefill and decode kernels are built for; the others take the CUDA-core
+// kernel on every path.
+bool tensor_core_head_dim(int64_t hd) { return hd == 64 || hd == 128; }
 
 // Rows a CTA holds: NJ = rows / 4. Decode (one query token): the group, rounded up to a power of two >= 4;
 // prefill: 32 rows, 32 / group query tokens.
@@ -1479,9 +1506,9 @@ void check_common(DType dtype, const PagedKvLayer& kv, int64_t n_heads) {
     if (dtype != DType::F32 && dtype != DType::BF16)
         throw std::invalid_argument("paged attention: q/out must be F32 or BF16");
     if (kv.dtype == KvDtype::F32) throw std::invalid_argument("paged attention: the F32 KV cache is host-only");
-    if (kv.head_dim != 64 && kv.head_dim != 128)
+    if (!paged_attention_head_dim_supported(kv.head_dim))
         throw std::invalid_argument("paged attention: head_dim " + std::to_string(kv.head_dim) +
-                                    " unsupported (64 or 128)");
+                                    " unsupported (16, 32, 64, 128 or 256)");
     if (kv.n_kv_heads <= 0 || n_heads % kv.n_kv_heads != 0 || n_heads / kv.n_kv_heads > 32)
         throw std::invalid_argument("paged attention: " + std::to_string(n_heads) + " query heads over " +
                                     std::to_string(kv.n_kv_heads) + " KV heads (need a multiple, group <= 32)");
@@ -1590,6 +1617,10 @@ void launch_write(const void* k, const void* v, int64_t n_tokens, const int64_t*
 
 }  // namespace
 
+bool paged_attention_head_dim_supported(int64_t head_dim) {
+    return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
+
 int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t n_heads, int sm_count) {
     if (n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / n_kv_heads;
@@ -1619,7 +1650,7 @@ int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t 
 int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int64_t n_heads, int sm_count) {
     if (kv.n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / kv.n_kv_heads;
-    if (b.max_q_len > 1 || group > 8)  // prefill and the CUDA-core decode: by keys
+    if (b.max_q_len > 1 || group > 8 || !tensor_core_head_dim(kv.head_dim))  // prefill, CUDA-core decode: by keys
         return paged_attention_splits(b, kv.n_kv_heads, n_heads, sm_count);
     // Decode: each split reads at least kMinSplitBytes of K + V (so a 4-bit split covers ~3.5x the keys of
     // a BF16 one); among those counts, the one with the fewest waves per split, ceil(ctas s / slots) / s
@@ -1660,7 +1691,9 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     const int nj = rows_per_warp(group, b.max_q_len);
     // Prefill (some sequence with >= 16 rows of query tokens x group) with BF16 q runs on the tensor cores;
     // F32 q (the CPU-parity path) and a non-positive scale keep the CUDA-core kernel.
-    const bool prefill_mma = dtype == DType::BF16 && args.scale > 0.0f && prefill_rows_enough(group, b.max_q_len);
+    const bool tensor_cores = tensor_core_head_dim(kv.head_dim);
+    const bool prefill_mma =
+        tensor_cores && dtype == DType::BF16 && args.scale > 0.0f && prefill_rows_enough(group, b.max_q_len);
     const int64_t q_tile = prefill_mma ? kPfRows / group : b.max_q_len > 1 ? (4 * nj) / group : 1;
     const int64_t key_align = prefill_mma ? kPfKeys : kKeyTile;  // splits start on key-tile boundaries
 
@@ -1702,7 +1735,7 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
             case KvDtype::Fp8: launch_prefill_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream); break;
             default: launch_prefill_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream); break;
         }
-    } else if (b.max_q_len == 1 && group <= 8) {
+    } else if (tensor_cores && b.max_q_len == 1 && group <= 8) {
         // Decode on the tensor cores: the pipelined kernel for FP8 / NVFP4 unless Mma is asked for.
         const bool pipelined = kv.dtype != KvDtype::Bf16 && args.decode_kernel != DecodeKernel::Mma;
         switch (kv.dtype) {
@@ -1732,12 +1765,17 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     if (n_splits > 1) {
         const int64_t n_rows = b.n_tokens * args.n_heads;
         const unsigned blocks = static_cast<unsigned>((n_rows + 3) / 4);
-        if (kv.head_dim == 64)
-            launch_pdl(combine_kernel<64>, dim3(blocks), dim3(kThreads), 0, stream, p.part_o, p.part_m,
-                       p.part_l, n_splits, n_rows, p.bf16, out);
-        else
-            launch_pdl(combine_kernel<128>, dim3(blocks), dim3(kThreads), 0, stream, p.part_o, p.part_m,
-                       p.part_l, n_splits, n_rows, p.bf16, out);
+        auto combine = [&](auto kernel) {
+            launch_pdl(kernel, dim3(blocks), dim3(kThreads), 0, stream, p.part_o, p.part_m, p.part_l, n_splits,
+                       n_rows, p.bf16, out);
+        };
+        switch (kv.head_dim) {
+            case 16: combine(combine_kernel<16>); break;
+            case 32: combine(combine_kernel<32>); break;
+            case 64: combine(combine_kernel<64>); break;
+            case 128: combine(combine_kernel<128>); break;
+            default: combine(combine_kernel<256>); break;
+        }
         NIBBLE_CUDA_CHECK(cudaGetLastError());
     }
 }
@@ -1746,9 +1784,10 @@ void kv_cache_write(const void* k, const void* v, DType dtype, int64_t n_tokens,
                     const PagedKvLayer& kv, cudaStream_t stream) {
     if (dtype != DType::F32 && dtype != DType::BF16) throw std::invalid_argument("kv_cache_write: K/V must be F32 or BF16");
     if (kv.dtype == KvDtype::F32) throw std::invalid_argument("kv_cache_write: the F32 KV cache is host-only");
-    if (kv.head_dim <= 0 || kv.head_dim % 32 != 0)
+    // A multiple of 16: whole NVFP4 groups, each 4 neighbouring lanes of kv_write_kernel.
+    if (kv.head_dim <= 0 || kv.head_dim % 16 != 0)
         throw std::invalid_argument("kv_cache_write: head_dim " + std::to_string(kv.head_dim) +
-                                    " unsupported (a multiple of 32)");
+                                    " unsupported (a positive multiple of 16)");
     if (n_tokens <= 0) return;
     if (dtype == DType::F32)
         launch_write<float>(k, v, n_tokens, slot_mapping, kv, stream);

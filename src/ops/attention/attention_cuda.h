@@ -23,7 +23,8 @@
 //   slot_mapping  [n_tokens] int64 physical slot block * block_size + offset; negative: skipped
 // Causality as paged_attention_cpu: token i of a sequence attends to positions 0 .. start_pos + i (only
 // the last sliding_window of them when sliding_window > 0); the K/V of the new tokens must have been
-// written to the cache first. Preconditions (std::invalid_argument): head_dim 64 or 128, n_heads a
+// written to the cache first. Preconditions (std::invalid_argument): head_dim 16, 32, 64, 128 or 256 (the
+// tensor-core kernels take 64 and 128; other sizes run the CUDA-core kernel on every path), n_heads a
 // multiple of n_kv_heads with at most 32 query heads per KV head, a cache dtype other than F32.
 // Tensor-core decode takes q as hi + lo 16-bit parts: BF16 parts for the BF16 cache, fp16 parts for
 // FP8/NVFP4. Tensor-core prefill takes q as is (BF16) for the BF16 cache and converted to fp16 for
@@ -89,11 +90,14 @@ int paged_attention_splits(const AttentionBatch& batch, int64_t n_kv_heads, int6
 int paged_attention_splits(const AttentionBatch& batch, const PagedKvLayer& kv, int64_t n_heads, int sm_count);
 size_t paged_attention_workspace_bytes(int n_splits, int64_t n_tokens, int64_t n_heads, int64_t head_dim);
 
+// Whether paged_attention takes this head_dim (16, 32, 64, 128, 256).
+bool paged_attention_head_dim_supported(int64_t head_dim);
+
 void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const AttentionBatch& batch,
                      const AttentionArgs& args, int n_splits, void* workspace, size_t workspace_bytes, void* out,
                      cudaStream_t stream);
 
-// Quantizes and stores K and V of n_tokens tokens, bit for bit as kv_encode_head does on the host (same
+// Quantizes and stores K and V of n_tokens tokens (head_dim a multiple of 16), bit for bit as kv_encode_head does on the host (same
 // roundings: cuda_fp8.h's conversions for E4M3, E2M1 rounded to nearest even in software). A non-finite
 // input is not detected here (the host path throws for it): it stores what the conversions make of it.
 void kv_cache_write(const void* k, const void* v, DType dtype, int64_t n_tokens, const int64_t* slot_mapping,

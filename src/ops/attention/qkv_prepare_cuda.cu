@@ -188,7 +188,7 @@ void launch_cache(const Params& p, KvDtype dtype, bool interleaved, dim3 grid, c
 }  // namespace
 
 bool qkv_prepare_supported(int64_t head_dim, int64_t rotary_dim) {
-    return head_dim > 0 && head_dim % 32 == 0 && head_dim <= kQkvPrepareMaxHeadDim && rotary_dim >= 0 &&
+    return head_dim > 0 && head_dim % 16 == 0 && head_dim <= kQkvPrepareMaxHeadDim && rotary_dim >= 0 &&
            rotary_dim % 8 == 0 && rotary_dim <= head_dim;
 }
 
@@ -198,9 +198,9 @@ void qk_norm_rope_kv_write(const QkvPrepareArgs& a, cudaStream_t stream) {
         throw std::invalid_argument("qk_norm_rope_kv_write: q/k/v must be F32 or BF16");
     if (kv.dtype == KvDtype::F32)
         throw std::invalid_argument("qk_norm_rope_kv_write: the F32 KV cache is host-only");
-    if (kv.head_dim <= 0 || kv.head_dim % 32 != 0 || kv.head_dim > kQkvPrepareMaxHeadDim)
+    if (kv.head_dim <= 0 || kv.head_dim % 16 != 0 || kv.head_dim > kQkvPrepareMaxHeadDim)
         throw std::invalid_argument("qk_norm_rope_kv_write: head_dim " + std::to_string(kv.head_dim) +
-                                    " unsupported (a multiple of 32 up to " +
+                                    " unsupported (a multiple of 16 up to " +
                                     std::to_string(kQkvPrepareMaxHeadDim) + ")");
     if (a.rotary_dim < 0 || a.rotary_dim % 8 != 0 || a.rotary_dim > kv.head_dim)
         throw std::invalid_argument("qk_norm_rope_kv_write: rotary_dim " + std::to_string(a.rotary_dim) +

@@ -19,7 +19,7 @@
 //   inv_freq      [rotary_dim / 2] float32 (RopeTable::inv_freq uploaded)
 //   slot_mapping  [m] int64 physical slot block * block_size + offset; negative: the token is not cached
 // Preconditions (std::invalid_argument): dtype F32 or BF16; a cache dtype other than F32; head_dim =
-// kv.head_dim a multiple of 32 and at most 256; rotary_dim 0 (no RoPE, e.g. NemotronH's attention layers) or
+// kv.head_dim a multiple of 16 (whole NVFP4 groups: lane pairs) and at most 256; rotary_dim 0 (no RoPE, e.g. NemotronH's attention layers) or
 // a multiple of 8 up to head_dim; n_heads > 0, kv.n_kv_heads > 0.
 #pragma once
 
