@@ -7,12 +7,14 @@
 //    element-wise with a tolerance derived per element below, the cache contents being the same bytes.
 //    Decode with GQA <= 8 runs the tensor-core decode kernel; prefill with BF16 q (>= 16 rows of query
 //    tokens x group) the tensor-core prefill kernel; decode with GQA 16/32 and prefill with F32 q the
-//    CUDA-core one.
+//    CUDA-core one. head_dim 16, 32 and 256 (no tensor-core kernels) take the CUDA-core kernel everywhere.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -189,6 +191,41 @@ TEST(KvCacheWriteCuda, MatchesCpuByteForByte) {
                 // Small kv_scale: FP8 saturates at 448, NVFP4 group scales saturate.
                 kv_write_case(rng, dt, hd, 3, bf16, 0.002f, 0.004f, false);
             }
+}
+
+// Head sizes off the 64/128 of the served models: 16 (the golden fixtures'; an NVFP4 row is 8 bytes, one
+// group, one scale byte), 32 and 256; odd KV head counts so rows and the NVFP4 scale area are not 16-byte
+// multiples of each other.
+TEST(KvCacheWriteCuda, OtherHeadDimsMatchCpuByteForByte) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4})
+        for (int64_t hd : {16, 32, 256})
+            for (bool bf16 : {false, true}) {
+                kv_write_case(rng, dt, hd, 2, bf16, 0.5f, 2.0f, false);
+                kv_write_case(rng, dt, hd, 3, bf16, 0.002f, 0.004f, false);
+            }
+    for (int64_t hd : {16, 32}) kv_write_case(rng, KvDtype::Nvfp4, hd, 1, false, 6.0f, 6.0f, true);
+}
+
+// head_dim not a multiple of 16 is refused by name before anything is launched (no device memory is read).
+TEST(KvCacheWriteCuda, RejectsUnsupportedHeadDim) {
+    for (int64_t hd : {0, 8, 24, 40}) {
+        cuda::PagedKvLayer kv{};
+        kv.n_blocks = 1;
+        kv.block_bytes = 1024;
+        kv.n_kv_heads = 1;
+        kv.head_dim = hd;
+        kv.dtype = KvDtype::Bf16;
+        try {
+            cuda::kv_cache_write(nullptr, nullptr, DType::F32, 1, nullptr, kv, nullptr);
+            ADD_FAILURE() << "head_dim " << hd << " accepted";
+        } catch (const std::invalid_argument& e) {
+            const std::string what = e.what();
+            EXPECT_NE(what.find("kv_cache_write"), std::string::npos) << what;
+            EXPECT_NE(what.find("head_dim " + std::to_string(hd)), std::string::npos) << what;
+        }
+    }
 }
 
 TEST(KvCacheWriteCuda, Nvfp4RoundsE2m1TiesToEven) {
@@ -392,7 +429,7 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
     // Which kernel runs (attention_cuda.cu): the tensor-core prefill kernel for BF16 q with >= 16 rows of
     // query tokens x group in some sequence. Its split boundaries: ceil(max_kv / splits) rounded up to its
     // 64-key tile (32 for the other kernels).
-    const bool tc_prefill = c.bf16 && max_q > 1 && max_q * group >= 16;
+    const bool tc_prefill = (hd == 64 || hd == 128) && c.bf16 && max_q > 1 && max_q * group >= 16;
     const int64_t align = tc_prefill ? 64 : 32;
     const int64_t per = (max_kv + splits - 1) / splits;
     const int64_t keys_per_split = std::max<int64_t>(align, (per + align - 1) / align * align);
@@ -568,6 +605,55 @@ TEST(PagedAttentionCuda, PrefillTensorCoresMatchCpu) {
         attention_case(pool, rng, {dt, 16, 2, 64, true, 37, mixed});    // window < key tile
         attention_case(pool, rng, {dt, 16, 4, 128, true, 0, mixed, 3});  // split-K
         attention_case(pool, rng, {dt, 8, 2, 64, true, 100, {{3000, 70}, {40, 40}}, 37});  // empty splits
+    }
+}
+
+// head_dim 16 (the golden fixtures'), 32 and 256 have no tensor-core kernels: decode (GQA 1, 2, 8 and 16;
+// launcher and by-bytes split choices) and prefill (BF16 q, which takes the tensor cores at 64/128, and F32 q;
+// fresh prompts, chunks after cached tokens, sliding window, split-K with empty splits) all run the CUDA-core
+// kernel, and the combine kernel at these widths.
+TEST(PagedAttentionCuda, OtherHeadDimsMatchCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const std::vector<SeqSpec> decode = {{1, 1}, {17, 1}, {33, 1}, {300, 1}, {2049, 1}};
+    const std::vector<SeqSpec> mixed = {{600, 600}, {300, 129}, {50, 7}, {1, 1}, {77, 77}};
+    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+        for (int64_t hd : {16, 32, 256}) {
+            attention_case(pool, rng, {dt, 4, 2, hd, true, 0, decode});        // GQA 2
+            attention_case(pool, rng, {dt, 16, 2, hd, false, 0, decode, -1});  // GQA 8, splits by bytes
+            attention_case(pool, rng, {dt, 4, 4, hd, false, 0, decode, 5});    // GQA 1, 5 splits
+            attention_case(pool, rng, {dt, 32, 2, hd, true, 0, decode});       // GQA 16
+            attention_case(pool, rng, {dt, 4, 2, hd, true, 0, mixed});         // prefill, BF16 q
+            attention_case(pool, rng, {dt, 4, 2, hd, false, 0, mixed});        // prefill, F32 q
+            attention_case(pool, rng, {dt, 8, 2, hd, true, 37, mixed, 3});     // window, split-K
+            attention_case(pool, rng, {dt, 4, 2, hd, false, 0, {{3000, 70}, {40, 40}}, 37});  // empty splits
+        }
+    }
+}
+
+// Other head sizes are refused by name before anything is launched (no device memory is read).
+TEST(PagedAttentionCuda, RejectsUnsupportedHeadDim) {
+    EXPECT_TRUE(cuda::paged_attention_head_dim_supported(16));
+    EXPECT_TRUE(cuda::paged_attention_head_dim_supported(128));
+    for (int64_t hd : {0, 8, 24, 48, 80, 96, 192, 512}) {
+        EXPECT_FALSE(cuda::paged_attention_head_dim_supported(hd)) << hd;
+        cuda::PagedKvLayer kv{};
+        kv.n_blocks = 1;
+        kv.block_bytes = 1024;
+        kv.n_kv_heads = 1;
+        kv.head_dim = hd;
+        kv.dtype = KvDtype::Bf16;
+        const cuda::AttentionBatch batch{1, 1, nullptr, nullptr, nullptr, 1, 1, 1};
+        try {
+            cuda::paged_attention(nullptr, DType::F32, kv, batch, cuda::AttentionArgs{1, 1.0f, 0}, 1, nullptr, 0,
+                                  nullptr, nullptr);
+            ADD_FAILURE() << "head_dim " << hd << " accepted";
+        } catch (const std::invalid_argument& e) {
+            const std::string what = e.what();
+            EXPECT_NE(what.find("paged attention"), std::string::npos) << what;
+            EXPECT_NE(what.find("head_dim " + std::to_string(hd)), std::string::npos) << what;
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 // inputs, with q and both caches poisoned (0xff bytes) first:
 //  (a) against the unfused CUDA sequence it replaces (rmsnorm on q and k, rope_apply on q and k,
 //      kv_cache_write): the same q bytes and the same K/V cache bytes, for the BF16, FP8 and NVFP4 caches,
-//      F32 and BF16 activations, head_dim 64 / 128 (and 96, 256), with and without the q/k norm, rotate-half
+//      F32 and BF16 activations, head_dim 64 / 128 (and 16, 32, 48, 96, 256), with and without the q/k norm, rotate-half
 //      and interleaved RoPE, rotary_dim = head_dim, < head_dim, 0, GQA, m = 1, 3, 17, 64, padding tokens
 //      (negative slots) and slots in shuffled order;
 //  (b) against the CPU reference (rmsnorm_cpu, rope_apply_cpu, then kv_encode_head as kv_cache_write_cpu
@@ -354,6 +354,13 @@ TEST(QkvPrepareCuda, OtherHeadDims) {
             run_case(rng, {kv, 96, bf16, true, true, 32, 4, 1, 3});
             run_case(rng, {kv, 256, bf16, true, false, 256, 8, 2, 17});
             run_case(rng, {kv, 256, bf16, false, true, 64, 4, 4, 3});
+            // The golden fixtures' head_dim 16 (2 lanes a row, one NVFP4 group) and 32, and 48 (3 groups).
+            run_case(rng, {kv, 16, bf16, true, false, 16, 4, 2, 40});
+            run_case(rng, {kv, 16, bf16, false, true, 8, 4, 1, 3});
+            run_case(rng, {kv, 16, bf16, false, false, 0, 4, 2, 17});  // KV write alone (NemotronH)
+            run_case(rng, {kv, 32, bf16, true, false, 32, 4, 2, 17});
+            run_case(rng, {kv, 32, bf16, true, true, 16, 8, 2, 3});
+            run_case(rng, {kv, 48, bf16, true, false, 48, 4, 2, 5});
         }
 }
 
@@ -376,9 +383,9 @@ TEST(QkvPrepareCuda, RejectsUnsupportedArguments) {
     bad.kv.dtype = KvDtype::F32;
     expect_throw(bad, "F32 cache");
     bad = a;
-    bad.kv.head_dim = 48;
-    bad.rotary_dim = 48;
-    expect_throw(bad, "head_dim 48");
+    bad.kv.head_dim = 40;
+    bad.rotary_dim = 40;
+    expect_throw(bad, "head_dim 40");
     bad = a;
     bad.kv.head_dim = 512;
     bad.rotary_dim = 0;
@@ -395,6 +402,8 @@ TEST(QkvPrepareCuda, RejectsUnsupportedArguments) {
     EXPECT_TRUE(cuda::qkv_prepare_supported(128, 64));
     EXPECT_FALSE(cuda::qkv_prepare_supported(128, 60));
     EXPECT_FALSE(cuda::qkv_prepare_supported(320, 64));
+    EXPECT_TRUE(cuda::qkv_prepare_supported(16, 16));
+    EXPECT_FALSE(cuda::qkv_prepare_supported(24, 8));
 }
 
 }  // namespace

@@ -70,6 +70,8 @@ TEST(RopeCuda, InterleavedMatchesCpu) {
         interleaved_case(rng, llama3, 37, 8, 128, bf16);
         interleaved_case(rng, partial, 9, 3, 128, bf16);
         interleaved_case(rng, RopeConfig{}, 1, 1, 8, bf16);  // one thread: a single group of 4 pairs
+        interleaved_case(rng, llama3, 40, 4, 16, bf16);      // the golden fixtures' head_dim 16
+        interleaved_case(rng, RopeConfig{}, 7, 2, 32, bf16);
     }
 }
 

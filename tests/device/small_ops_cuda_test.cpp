@@ -136,6 +136,22 @@ TEST(RopeCuda, MatchesCpu) {
     }
 }
 
+// The golden fixtures' head sizes: head_dim 16 (2 threads a head, one group of 4 pairs each) and 32, whole
+// heads rotated, the default table and the fixtures' llama3 scaling (factor 8, low 1, high 4, original 32).
+TEST(RopeCuda, SmallHeadDimsMatchCpu) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    RopeConfig llama3;
+    llama3.type = RopeType::Llama3, llama3.factor = 8.0f;
+    llama3.low_freq_factor = 1.0f, llama3.high_freq_factor = 4.0f, llama3.original_max_position = 32;
+    for (bool bf16 : {false, true})
+        for (int64_t hd : {16, 32}) {
+            rope_case(rng, RopeConfig{}, 40, 4, hd, bf16);
+            rope_case(rng, llama3, 33, 2, hd, bf16);
+            rope_case(rng, RopeConfig{}, 1, 1, hd, bf16);
+        }
+}
+
 // SwiGLU: e^-g within 2 ulp (device) and 1 ulp (CPU), then 1 + e, a division and a product: each side
 // within ~10 u32 relative, so |device - cpu| <= 32 u32 |y| (inputs |g| < 88: no overflow of e^-g).
 TEST(SiluMulCuda, MatchesCpu) {
