@@ -1,6 +1,6 @@
 // The whole CUDA forward (gpu/cuda_model_runner.h) against the CPU reference (CpuModelRunner over the same
-// checkpoint), on small random llama-family checkpoints with real head sizes (the golden fixtures' head_dim 16
-// is below what the CUDA attention takes; the CPU reference itself matches transformers on those).
+// checkpoint), on small random llama-family checkpoints with real head sizes (golden_cuda_test.cpp runs the
+// golden fixtures, head_dim 16 and 32, on the CUDA runner against transformers and the CPU).
 //
 // Three sequences run in one batch: a prefill step (prompts of 37, 5 and 70 tokens: 112 rows, so BF16
 // activations take the prefill GEMM) and then decode steps. Both runners are fed the CPU's greedy token

@@ -2,9 +2,8 @@
 // against the unsharded CUDA forward, with the ranks as threads of this process on GPUs 0 .. N-1 (skipped on a
 // machine with fewer GPUs). The models are the llama-family variants of the whole-forward device tests
 // (decoder_forward_util.h: Llama with and without biases and tied embeddings, Qwen2 biases, Qwen3 QK-norm,
-// head_dim 64 and 128; BF16, NVFP4 ModelOpt and NVFP4 compressed-tensors): the golden fixtures' head_dim 16
-// and 32 are below what the CUDA attention takes, and tests/parallel/llama_tp_test.cpp runs those sharded on
-// the CPU.
+// head_dim 64 and 128; BF16, NVFP4 ModelOpt and NVFP4 compressed-tensors); tests/parallel/llama_tp_test.cpp
+// runs the golden fixtures (head_dim 16 and 32) sharded on the CPU.
 //
 // A random prompt is prefilled and then decoded greedily for 12 steps by TP = 1; TP = N is fed the same
 // tokens (teacher forcing) and must pick the same greedy token at every step on every rank (every rank holds
