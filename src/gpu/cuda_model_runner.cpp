@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string_view>
 
 #include "base/error.h"
 #include "base/log.h"
@@ -67,13 +65,6 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights,
                                                                        weights_->v_scales));
         forward_ = std::make_unique<DecoderForward>(*weights_, o.act_dtype, o.max_num_batched_tokens, o.max_num_seqs);
         forward_->set_fused_gemv(o.fused_gemv);
-        bool prefetch = o.l2_prefetch;
-        if (const char* env = std::getenv("NIBBLE_L2_PREFETCH"); env != nullptr && *env != '\0') {
-            NIBBLE_CHECK(std::string_view(env) == "0" || std::string_view(env) == "1",
-                         "NIBBLE_L2_PREFETCH is '{}': expected 0 or 1", env);
-            prefetch = *env == '1';
-        }
-        forward_->set_l2_prefetch(prefetch);
         if (o.kernel_choices)
             forward_->set_kernel_choices(o.kernel_choices, o.kv_dtype, o.max_num_seqs, o.max_model_len);
         fwd_ = forward_.get();

@@ -34,10 +34,6 @@ struct CudaRunnerOptions {
     // 0 runs every step eagerly (vLLM's --enforce-eager).
     int64_t max_cudagraph_capture_size = 256;
     bool fused_gemv = true;  // decode: q/k/v in one launch, gate/up with SwiGLU in one (NVFP4 weights)
-    // Decode: each layer's o_proj and the start of gate/up prefetched into L2 behind its attention
-    // (DecoderForward::set_l2_prefetch). The environment variable NIBBLE_L2_PREFETCH=0 or 1 overrides it, so
-    // `nibble bench` can compare both in one build.
-    bool l2_prefetch = false;
     // The autotuner's kernel choices (tune cache + device profile + build targets); null: the ops' built-in
     // dispatch. Resolved once at construction (DecoderForward::set_kernel_choices); shared so that several
     // runners (and tests) see one record of failed variants and launches.

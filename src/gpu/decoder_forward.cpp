@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <stdexcept>
 #include <tuple>
@@ -19,7 +18,6 @@
 #include "ops/embed/gather_rows_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
-#include "ops/prefetch/l2_prefetch_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "ops/rope/rope_cuda.h"
 #include "tune/launch_guard_cuda.h"
@@ -68,7 +66,6 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     int device = 0;
     NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
     sm_count_ = cuda::query_device(device).sm_count;
-    plan_l2_prefetch(device);
     const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
     x_ = activations(max_tokens, c.n_embd, act);
     h_ = activations(max_tokens, c.n_embd, act);
@@ -114,58 +111,7 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     }
 }
 
-DecoderForward::~DecoderForward() {
-    if (prefetch_stream_ != nullptr) (void)cudaStreamSynchronize(prefetch_stream_);
-    if (prefetch_fork_ != nullptr) (void)cudaEventDestroy(prefetch_fork_);
-    if (prefetch_join_ != nullptr) (void)cudaEventDestroy(prefetch_join_);
-    if (prefetch_stream_ != nullptr) (void)cudaStreamDestroy(prefetch_stream_);
-}
-
-void DecoderForward::plan_l2_prefetch(int device) {
-    int l2_bytes = 0;
-    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
-    // What is asked per layer: 60% of L2, so the lines survive the attention's own reads (at most a quarter
-    // of L2 of KV, else the kernel skips) and the other traffic between prefetch and use.
-    int percent = 60;
-    if (const char* env = std::getenv("NIBBLE_L2_PREFETCH_PCT")) percent = std::atoi(env);  // measurement only
-    const int64_t budget = static_cast<int64_t>(l2_bytes) * percent / 100;
-    const int64_t max_kv_bytes = static_cast<int64_t>(l2_bytes) / 4;
-    layer_prefetch_.assign(w_.layers.size(), cuda::L2PrefetchJob{});
-    if (budget <= 0) return;
-    NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&prefetch_stream_, cudaStreamNonBlocking));
-    NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_fork_, cudaEventDisableTiming));
-    NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_join_, cudaEventDisableTiming));
-    // The weight's rows (and block scales' rows), the first `fraction` of each; rows not 16-byte aligned skip.
-    auto add = [](cuda::L2PrefetchJob& job, const DeviceLinear& w, double fraction) {
-        auto range = [&](const void* base, int64_t row_bytes) {
-            if (base == nullptr || row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(base) % 16 != 0) return;
-            if (job.n_ranges == cuda::kMaxL2PrefetchRanges) return;
-            const int64_t prefix = static_cast<int64_t>(static_cast<double>(row_bytes) * fraction) / 16 * 16;
-            if (prefix > 0) job.ranges[job.n_ranges++] = {base, w.n_out, row_bytes, prefix};
-        };
-        switch (w.format) {
-            case WeightFormat::Dense: range(w.data, w.n_in * 2); break;
-            case WeightFormat::Fp8: range(w.data, w.n_in); break;
-            case WeightFormat::Nvfp4:
-                range(w.data, w.n_in / 2);
-                range(w.scale_storage.get(), w.n_in / 16);
-                break;
-        }
-    };
-    for (size_t il = 0; il < w_.layers.size(); ++il) {
-        const DeviceDecoderLayer& L = w_.layers[il];
-        cuda::L2PrefetchJob& job = layer_prefetch_[il];
-        job.max_kv_bytes = max_kv_bytes;
-        const int64_t o_bytes = L.o.stored_bytes();
-        add(job, L.o, std::min(1.0, static_cast<double>(budget) / static_cast<double>(std::max<int64_t>(1, o_bytes))));
-        const int64_t left = budget - o_bytes;
-        if (L.moe || left <= 0) continue;  // experts are known only after routing
-        const int64_t mlp_bytes = L.gate.stored_bytes() + L.up.stored_bytes();
-        const double fraction = std::min(1.0, static_cast<double>(left) / static_cast<double>(std::max<int64_t>(1, mlp_bytes)));
-        add(job, L.gate, fraction);
-        add(job, L.up, fraction);
-    }
-}
+DecoderForward::~DecoderForward() = default;
 
 void DecoderForward::set_communicator(Communicator* comm) {
     NIBBLE_CHECK(comm == nullptr || comm->world_size() == w_.tp.tp_size,
@@ -436,15 +382,6 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(),
                     stream);
     }
-    bool prefetched = false;  // a prefetch was forked onto prefetch_stream_: join it before returning
-    struct JoinPrefetch {
-        bool& forked;
-        cudaStream_t side, main;
-        cudaEvent_t done;
-        ~JoinPrefetch() {
-            if (forked && cudaEventRecord(done, side) == cudaSuccess) (void)cudaStreamWaitEvent(main, done, 0);
-        }
-    } join{prefetched, prefetch_stream_, stream, prefetch_join_};
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceDecoderLayer& L = w_.layers[il];
         if (il == 0)
@@ -464,17 +401,6 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             linear(L.v, h_.get(), m, v_.get(), stream, gemv_choice(il, 2), capture);
         }
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
-        if (gemv && l2_prefetch_ && layer_prefetch_[il].n_ranges > 0) {  // o and gate/up, behind the attention
-            cuda::L2PrefetchJob job = layer_prefetch_[il];
-            job.start_pos = b.start_pos;
-            job.q_start = b.q_start;
-            job.n_seqs = static_cast<int>(b.n_seqs);
-            job.kv_bytes_per_key = 2 * layer.block_bytes / std::max<int64_t>(1, layer.block_size);
-            NIBBLE_CUDA_CHECK(cudaEventRecord(prefetch_fork_, stream));
-            NIBBLE_CUDA_CHECK(cudaStreamWaitEvent(prefetch_stream_, prefetch_fork_, 0));
-            cuda::l2_prefetch(job, prefetch_stream_);
-            prefetched = true;
-        }
         const bool qk_norm = L.q_norm.bytes() > 0;
         if (cuda::qkv_prepare_supported(hd, w_.rotary_dim)) {  // q/k norm, RoPE and the KV write in one launch
             cuda::qk_norm_rope_kv_write({.q = q_.get(),

@@ -24,7 +24,6 @@
 #include "ops/attention/attention_cuda.h"
 #include "ops/attention/kv_cache.h"
 #include "ops/linear/gemm_cuda.h"
-#include "ops/prefetch/l2_prefetch_cuda.h"
 #include "parallel/communicator.h"
 #include "tensor/dtype.h"
 #include "tune/kernel_choices.h"
@@ -95,11 +94,6 @@ public:
     // on by default, off to compare or to test the separate launches.
     void set_fused_gemv(bool on) { fuse_ = on; }
 
-    // Decode steps: prefetch each layer's o_proj and the start of its gate/up weights into L2 while its
-    // q/k-norm, RoPE, KV write and attention run (ops/prefetch/l2_prefetch_cuda.h); skipped on the device when
-    // the step's KV reads would evict them. On by default; off to compare (the logits are identical).
-    void set_l2_prefetch(bool on) { l2_prefetch_ = on; }
-
     // The autotuner's choices (tune/kernel_choices.h); null (the default) leaves every launch to the ops'
     // own dispatch. Resolves every shape this forward can run once, here: each linear's GEMV per m tile,
     // attention per (sequences, cache length) bucket for decode and (query rows, cache length) for
@@ -134,15 +128,6 @@ private:
               const GemvChoice* choice, bool capturing);
     bool fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const;
     bool fuse_ = true;
-    bool l2_prefetch_ = false;
-    // Per layer: the ranges to prefetch (budgeted against this device's L2), without the batch's fields.
-    std::vector<cuda::L2PrefetchJob> layer_prefetch_;
-    void plan_l2_prefetch(int device);
-    // The prefetches run on a side stream forked from the forward's after each layer's q/k/v GEMV and joined
-    // at the end of the step: in the forward's own chain a prefetch kernel held up the next kernel ~20 us
-    // a layer (H100 trace), whatever the bytes asked.
-    cudaStream_t prefetch_stream_ = nullptr;
-    cudaEvent_t prefetch_fork_ = nullptr, prefetch_join_ = nullptr;
 
     const DeviceDecoder& w_;
     DType act_;
