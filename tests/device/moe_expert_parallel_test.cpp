@@ -399,9 +399,10 @@ TEST(MoeExpertParallelCuda, EveryExpertKernelDropsOtherRanksPairs) {
                                         << "rank " << r << " element " << i
                                         << ": moe_experts_nvfp4 vs the same steps one by one";
                                 }
-                                if (only_first_rank && r > 0)  // no token routes here: exactly zero
+                                if (only_first_rank && r > 0) {  // no token routes here: exactly zero
                                     for (size_t i = 0; i < ny; ++i)
                                         ASSERT_EQ(part[i], 0.0f) << "rank " << r << " element " << i;
+                                }
                                 for (size_t i = 0; i < ny; ++i) {
                                     sum[i] += part[i];
                                     sum_abs[i] += std::fabs(static_cast<double>(part[i]));
@@ -417,9 +418,10 @@ TEST(MoeExpertParallelCuda, EveryExpertKernelDropsOtherRanksPairs) {
                                                   << " vs whole " << ref[i] << " (tolerance " << tol << ")";
                             }
                             ASSERT_EQ(bad, 0) << bad << " of " << ny << " elements off";
-                            if (only_first_rank)  // one rank holds every chosen expert: the same bits
+                            if (only_first_rank) {  // one rank holds every chosen expert: the same bits
                                 for (size_t i = 0; i < ny; ++i)
                                     ASSERT_EQ(static_cast<float>(sum[i]), ref[i]) << i;
+                            }
                         }
     }
 }
