@@ -366,6 +366,13 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     const bool sharded = w_.sharded();
     // The row-parallel layers' outputs: summed over the ranks in place, then added to the residual stream.
     void* const proj = reduce_rows_ != nullptr ? reduce_rows_ : proj_.get();
+    // An expert-parallel MoE layer's partial sums go to the forward's own buffer and are all-reduced there, not
+    // in the symmetric window: with them in the window, CudaExpertParallel failed on 2 x H200 (logits off by up
+    // to 1.1 from the prefill on, 2 to 4 of 4 cases, timing-dependent) and passed with NIBBLE_NCCL_WINDOWS=0,
+    // while every dense row-parallel output passes in it; the cause inside NCCL's symmetric kernels is not
+    // found (docs/perf.md, session 5). layer_out: where the last layer's output (the residual's addend) is.
+    void* const moe_out = sharded ? proj_.get() : proj;
+    void* layer_out = proj;
     NIBBLE_CHECK(!sharded || comm_ != nullptr, "CUDA forward: rank {} of {} runs without a communicator", w_.tp.rank,
                  w_.tp.tp_size);
     // Sums the row-parallel partial outputs (and the embedding's shares) over the ranks.
@@ -387,7 +394,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         if (il == 0)
             cuda::rmsnorm(x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(), stream);
         else  // x += the previous layer's MLP output; h = norm(x)
-            cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
+            cuda::rmsnorm_residual(layer_out, x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
                                    stream);
         const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
         if (gemv && fusable(L.q, L.k, L.v)) {  // one launch for q, k and v (the small shapes' tails overlap)
@@ -468,16 +475,17 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 ids = moe_local_ids_.as<int32_t>();
                 cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
                                         L.experts.device(), MoeActivation::SwiGlu, nullptr, moe_workspace_.get(),
-                                        proj, stream);
+                                        moe_out, stream);
             } else {  // router and permutation in one launch at decode sizes
                 cuda::moe_route_softmax_permute(router_logits_.get(), act_, m, e.top_k, e.norm_topk_prob,
                                                 L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
                                                 moe_workspace_.get(), stream);
                 cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
                                                  L.experts.device(), MoeActivation::SwiGlu, nullptr,
-                                                 moe_workspace_.get(), proj, stream);
+                                                 moe_workspace_.get(), moe_out, stream);
             }
-            all_reduce(proj);
+            all_reduce(moe_out);
+            layer_out = moe_out;
             continue;
         }
         if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
@@ -490,9 +498,11 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         }
         linear(L.down, gate_.get(), m, proj, stream, gemv_choice(il, 6), capture);
         all_reduce(proj);
+        layer_out = proj;
     }
     if (b.n_logit_rows == 0) return;
-    cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
+    cuda::rmsnorm_residual(layer_out, x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(),
+                           stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
     if (!sharded)
