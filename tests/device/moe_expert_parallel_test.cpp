@@ -103,29 +103,39 @@ std::vector<int32_t> draw_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, in
     return ids;
 }
 
+// n_experts random NVFP4 experts (gate and up [ff, d], down [d, ff]) on the device, and their tables; of() is
+// a rank's window of them (experts [begin, end)).
+struct RandomExperts {
+    std::vector<Nvfp4Matrix> gate, up, down;  // own the device weights the tables point at
+    cuda::DeviceBuffer gate_arr, up_arr, down_arr;
+    int64_t d = 0, ff = 0;
+    RandomExperts(std::mt19937_64& rng, int64_t n_experts, int64_t d_, int64_t ff_) : d(d_), ff(ff_) {
+        std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
+        for (int64_t e = 0; e < n_experts; ++e) {
+            gate.push_back(random_nvfp4(rng, ff, d));
+            up.push_back(random_nvfp4(rng, ff, d));
+            down.push_back(random_nvfp4(rng, d, ff));
+        }
+        for (int64_t e = 0; e < n_experts; ++e) {
+            const auto i = static_cast<size_t>(e);
+            dgate.push_back(gate[i].device(ff, d));
+            dup.push_back(up[i].device(ff, d));
+            ddown.push_back(down[i].device(d, ff));
+        }
+        gate_arr = upload_vec(dgate), up_arr = upload_vec(dup), down_arr = upload_vec(ddown);
+    }
+    cuda::MoeDeviceExperts of(int64_t begin, int64_t end) const {
+        return cuda::MoeDeviceExperts{gate_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
+                                      up_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
+                                      down_arr.as<cuda::Nvfp4DeviceWeight>() + begin, end - begin, d, ff};
+    }
+};
+
 TEST(MoeExpertParallelCuda, RanksPartialSumsAddUpToTheWholeModel) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     const int64_t n_experts = 16, d = 128, ff = 64;
-    std::vector<Nvfp4Matrix> gate, up, down;
-    std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
-    for (int64_t e = 0; e < n_experts; ++e) {
-        gate.push_back(random_nvfp4(rng, ff, d));
-        up.push_back(random_nvfp4(rng, ff, d));
-        down.push_back(random_nvfp4(rng, d, ff));
-    }
-    for (int64_t e = 0; e < n_experts; ++e) {
-        const auto i = static_cast<size_t>(e);
-        dgate.push_back(gate[i].device(ff, d));
-        dup.push_back(up[i].device(ff, d));
-        ddown.push_back(down[i].device(d, ff));
-    }
-    auto gate_arr = upload_vec(dgate), up_arr = upload_vec(dup), down_arr = upload_vec(ddown);
-    auto experts_of = [&](int64_t begin, int64_t end) {  // a rank's experts: a window of the tables
-        return cuda::MoeDeviceExperts{gate_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
-                                      up_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
-                                      down_arr.as<cuda::Nvfp4DeviceWeight>() + begin, end - begin, d, ff};
-    };
+    const RandomExperts experts(rng, n_experts, d, ff);
     for (int64_t top_k : {2, 8})
         for (int64_t m : {1, 5, 40})
             for (int64_t ranks : {2, 4, 8})
@@ -143,7 +153,7 @@ TEST(MoeExpertParallelCuda, RanksPartialSumsAddUpToTheWholeModel) {
                     auto dids = upload_vec(ids), dweights = upload_vec(weights), dx = upload_vec(x);
 
                     // The whole model, step by step, keeping o and the pair positions for the tolerance.
-                    const cuda::MoeDeviceExperts whole = experts_of(0, n_experts);
+                    const cuda::MoeDeviceExperts whole = experts.of(0, n_experts);
                     auto counts = poisoned(n_experts * 4), offsets = poisoned((n_experts + 1) * 4),
                          sorted = poisoned(static_cast<size_t>(n_pairs) * 4),
                          position = poisoned(static_cast<size_t>(n_pairs) * 4), active = poisoned(n_experts * 4),
@@ -186,7 +196,7 @@ TEST(MoeExpertParallelCuda, RanksPartialSumsAddUpToTheWholeModel) {
                         auto ws = poisoned(cuda::moe_workspace_bytes(m, top_k, per_rank, d, ff));
                         auto y = poisoned(static_cast<size_t>(m * d) * 4);
                         cuda::moe_experts_nvfp4(dx.get(), DType::F32, m, local.as<int32_t>(), dweights.as<float>(),
-                                                top_k, experts_of(begin, end), MoeActivation::SwiGlu, nullptr,
+                                                top_k, experts.of(begin, end), MoeActivation::SwiGlu, nullptr,
                                                 ws.get(), y.get(), nullptr);
                         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
                         const std::vector<float> part = download_vec<float>(y, ref.size());
@@ -262,26 +272,8 @@ TEST(MoeExpertParallelCuda, EveryExpertKernelDropsOtherRanksPairs) {
     const int64_t kMaxTokens = 130;  // the forward's workspace holds max_tokens rows, not m
     for (const EpKernelShape& s : shapes) {
         const int64_t n_experts = s.n_experts, top_k = s.top_k, d = s.n_embd, ff = s.n_ff;
-        std::vector<Nvfp4Matrix> gate, up, down;
-        std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
-        for (int64_t e = 0; e < n_experts; ++e) {
-            gate.push_back(random_nvfp4(rng, ff, d));
-            up.push_back(random_nvfp4(rng, ff, d));
-            down.push_back(random_nvfp4(rng, d, ff));
-        }
-        for (int64_t e = 0; e < n_experts; ++e) {
-            const auto i = static_cast<size_t>(e);
-            dgate.push_back(gate[i].device(ff, d));
-            dup.push_back(up[i].device(ff, d));
-            ddown.push_back(down[i].device(d, ff));
-        }
-        auto gate_arr = upload_vec(dgate), up_arr = upload_vec(dup), down_arr = upload_vec(ddown);
-        auto experts_of = [&](int64_t begin, int64_t end) {
-            return cuda::MoeDeviceExperts{gate_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
-                                          up_arr.as<cuda::Nvfp4DeviceWeight>() + begin,
-                                          down_arr.as<cuda::Nvfp4DeviceWeight>() + begin, end - begin, d, ff};
-        };
-        const cuda::MoeDeviceExperts whole = experts_of(0, n_experts);
+        const RandomExperts experts(rng, n_experts, d, ff);
+        const cuda::MoeDeviceExperts whole = experts.of(0, n_experts);
         for (int64_t ranks : s.ranks)
             for (bool bf16 : {false, true})
                 for (int64_t m : {1, 5, 37, 40, 130})
@@ -352,7 +344,7 @@ TEST(MoeExpertParallelCuda, EveryExpertKernelDropsOtherRanksPairs) {
                             std::vector<double> sum(ny, 0.0), sum_abs(ny, 0.0);
                             for (int64_t r = 0; r < ranks; ++r) {
                                 const int64_t begin = r * per_rank, end = begin + per_rank;
-                                const cuda::MoeDeviceExperts mine = experts_of(begin, end);
+                                const cuda::MoeDeviceExperts mine = experts.of(begin, end);
                                 auto rids = poisoned(static_cast<size_t>(n_pairs) * 4),
                                      rweights = poisoned(static_cast<size_t>(n_pairs) * 4),
                                      local = poisoned(static_cast<size_t>(n_pairs) * 4);
