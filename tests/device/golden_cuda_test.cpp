@@ -48,6 +48,7 @@
 
 #include "base/thread_pool.h"
 #include "checkpoint/safetensors.h"
+#include "../golden/golden_reference.h"
 #include "device_test_util.h"
 #include "engine/model_runner.h"
 #include "gpu/cuda_model_runner.h"
@@ -63,13 +64,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Every fixture (tests/golden/golden_test.cpp's kCases; GoldenCuda.EveryFolderIsACase keeps them equal).
-const std::vector<std::string> kCases = {
-    "llama_gqa",          "llama3_rope_tied", "llama_attn_bias",      "mistral",
-    "qwen2_bias",         "qwen3_qknorm",     "qwen3_nvfp4_modelopt", "llama_nvfp4_ct",
-    "llama_fp8_modelopt", "nemotron_h",       "nemotron_h_nvfp4_modelopt",
-    "qwen3_moe",          "qwen3_moe_nvfp4_modelopt", "qwen2_moe",
-};
+using golden::kCases;
 // The fixtures the CUDA backend runs. Not here, with the reason the checks give: nemotron_h and
 // nemotron_h_nvfp4_modelopt (shared expert of width 48, the CUDA MoE takes multiples of 32), qwen3_moe (BF16
 // experts, the CUDA MoE runs NVFP4 experts), qwen2_moe (a shared expert).
@@ -90,45 +85,8 @@ fs::path fixtures_dir() {
     return {};
 }
 
-// The fixture's reference: tokens, transformers' logits [n, vocab] and golden_test.cpp's tolerance.
-struct Reference {
-    std::vector<int32_t> tokens;
-    std::vector<float> logits;
-    int64_t n = 0, vocab = 0;
-    double tol = 0, max_abs = 0;
-};
-
-double metadata_number(const SafetensorsFile& file, const std::string& key) {
-    auto it = file.metadata().find(key);
-    if (it == file.metadata().end()) {
-        ADD_FAILURE() << file.path() << ": __metadata__ has no " << key;
-        return NAN;
-    }
-    return std::stod(it->second);
-}
-
-Reference load_reference(const fs::path& dir) {
-    Reference ref;
-    SafetensorsFile expected((dir / "expected.safetensors").string());
-    const TensorInfo* tokens = expected.find("tokens");
-    const TensorInfo* logits = expected.find("logits");
-    EXPECT_TRUE(tokens && logits) << expected.path() << ": needs tensors tokens and logits";
-    if (!tokens || !logits || tokens->dtype != DType::I32 || logits->dtype != DType::F32 || logits->shape.ndim != 2) {
-        ADD_FAILURE() << expected.path() << ": tokens I32 [n] and logits F32 [n, vocab] expected";
-        return ref;
-    }
-    ref.n = logits->shape[0];
-    ref.vocab = logits->shape[1];
-    EXPECT_EQ(tokens->shape.numel(), ref.n);
-    ref.tokens.resize(static_cast<size_t>(tokens->shape.numel()));
-    std::memcpy(ref.tokens.data(), tokens->data, ref.tokens.size() * sizeof(int32_t));
-    ref.logits.resize(static_cast<size_t>(ref.n * ref.vocab));
-    std::memcpy(ref.logits.data(), logits->data, ref.logits.size() * sizeof(float));
-    const double gap = metadata_number(expected, "fp64_gap");
-    ref.max_abs = metadata_number(expected, "max_abs_logit");
-    ref.tol = std::max(8.0 * gap, 1e-5 * std::max(1.0, ref.max_abs));
-    return ref;
-}
+using golden::load_reference;
+using golden::Reference;
 
 // Whether a checkpoint holds dense matrices in F16/F32 (2-D tensors: linear weights and embeddings; norms,
 // biases and quantization scales are 1-D or scalars and stay as they are on the device too).
@@ -377,18 +335,6 @@ TEST(GoldenCudaFixtures, FixturesOnCuda) {
     std::sort(want.begin(), want.end());
     std::sort(on_cuda.begin(), on_cuda.end());
     EXPECT_EQ(on_cuda, want) << "the fixtures the CUDA backend runs changed: update kOnCuda (and its comment)";
-}
-
-TEST(GoldenCudaFixtures, EveryFolderIsACase) {
-    const fs::path fixtures = fixtures_dir();
-    ASSERT_FALSE(fixtures.empty()) << "golden fixtures not found";
-    std::vector<std::string> folders;
-    for (const auto& entry : fs::directory_iterator(fixtures))
-        if (entry.is_directory()) folders.push_back(entry.path().filename().string());
-    std::sort(folders.begin(), folders.end());
-    std::vector<std::string> cases = kCases;
-    std::sort(cases.begin(), cases.end());
-    EXPECT_EQ(folders, cases) << "tests/golden/fixtures and kCases in golden_cuda_test.cpp must name the same cases";
 }
 
 }  // namespace

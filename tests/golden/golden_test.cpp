@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "checkpoint/safetensors.h"
+#include "golden_reference.h"
 #include "tensor/float_formats.h"
 #include "tensor/nvfp4.h"
 
@@ -47,13 +48,8 @@ using nibble::DType;
 using nibble::SafetensorsFile;
 using nibble::TensorInfo;
 
-// Every case the generator writes; GoldenFixtures.EveryFolderIsACase keeps this list and the folders equal.
-const std::vector<std::string> kCases = {
-    "llama_gqa",          "llama3_rope_tied", "llama_attn_bias",      "mistral",
-    "qwen2_bias",         "qwen3_qknorm",     "qwen3_nvfp4_modelopt", "llama_nvfp4_ct",
-    "llama_fp8_modelopt", "nemotron_h",       "nemotron_h_nvfp4_modelopt",
-    "qwen3_moe",          "qwen3_moe_nvfp4_modelopt", "qwen2_moe",
-};
+// The fixtures (golden_reference.h; GoldenFixtures.EveryFolderIsACase keeps the list and the folders equal).
+using nibble::golden::kCases;
 const std::vector<int> kChunks = {0, 1, 7};  // 0: the whole sequence at once
 
 fs::path fixtures_dir() { return fs::path(NIBBLE_SOURCE_DIR) / "tests" / "golden" / "fixtures"; }
@@ -82,47 +78,8 @@ std::vector<float> read_f32(const TensorInfo& t) {
     return v;
 }
 
-double metadata_number(const SafetensorsFile& file, const std::string& key) {
-    auto it = file.metadata().find(key);
-    if (it == file.metadata().end()) {
-        ADD_FAILURE() << file.path() << ": __metadata__ has no " << key;
-        return NAN;
-    }
-    return std::stod(it->second);
-}
-
-// The fixture's reference: tokens, logits [n, vocab] and the derived tolerance.
-struct Reference {
-    std::vector<int32_t> tokens;
-    std::vector<float> logits;
-    int64_t n = 0, vocab = 0;
-    double tol = 0, min_top2_margin = 0;
-};
-
-Reference load_reference(const fs::path& dir) {
-    Reference ref;
-    SafetensorsFile expected((dir / "expected.safetensors").string());
-    const TensorInfo* tokens = expected.find("tokens");
-    const TensorInfo* logits = expected.find("logits");
-    EXPECT_TRUE(tokens && logits) << expected.path() << ": needs tensors tokens and logits";
-    if (!tokens || !logits) return ref;
-    EXPECT_EQ(tokens->dtype, DType::I32);
-    EXPECT_EQ(tokens->shape.ndim, 1);
-    EXPECT_EQ(logits->dtype, DType::F32);
-    EXPECT_EQ(logits->shape.ndim, 2);
-    if (tokens->dtype != DType::I32 || logits->dtype != DType::F32 || logits->shape.ndim != 2) return ref;
-    ref.n = logits->shape[0];
-    ref.vocab = logits->shape[1];
-    EXPECT_EQ(tokens->shape.numel(), ref.n);
-    ref.tokens.resize(static_cast<size_t>(tokens->shape.numel()));
-    std::memcpy(ref.tokens.data(), tokens->data, ref.tokens.size() * sizeof(int32_t));
-    ref.logits = read_f32(*logits);
-    const double gap = metadata_number(expected, "fp64_gap");
-    const double max_abs = metadata_number(expected, "max_abs_logit");
-    ref.min_top2_margin = metadata_number(expected, "min_top2_margin");
-    ref.tol = std::max(8.0 * gap, 1e-5 * std::max(1.0, max_abs));
-    return ref;
-}
+using nibble::golden::load_reference;
+using nibble::golden::Reference;
 
 std::string token_list(const std::vector<int32_t>& tokens) {
     std::string s;
@@ -145,7 +102,7 @@ TEST(GoldenFixtures, EveryFolderIsACase) {
     std::vector<std::string> cases = kCases;
     std::sort(cases.begin(), cases.end());
     EXPECT_EQ(folders, cases)
-        << "tests/golden/fixtures and kCases in golden_test.cpp must name the same cases";
+        << "tests/golden/fixtures and kCases in golden_reference.h must name the same cases";
     for (const auto& name : cases)
         for (const char* file : {"model/config.json", "model/model.safetensors", "expected.safetensors"})
             EXPECT_TRUE(fs::is_regular_file(fixtures_dir() / name / file)) << name << " lacks " << file;
