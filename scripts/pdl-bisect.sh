@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine: the device tests FILTER of a PDL pack (built with
-# NIBBLE_PROGRAMMATIC_LAUNCH on, the default) once per kernel selection (cuda/pdl.cuh: NIBBLE_PDL_ONLY / NIBBLE_PDL_SKIP,
-# substrings of kernel names), and a table of failed tests per selection last.
+# Runs on the lent GPU machine: the device tests FILTER of a PDL pack (built with NIBBLE_PROGRAMMATIC_LAUNCH on,
+# the default) once per kernel selection (cuda/pdl.cuh: NIBBLE_PDL_ONLY / NIBBLE_PDL_SKIP, substrings of kernel
+# names), and a table of failed tests per selection last.
 #   scripts/pdl-bisect.sh PACK FILTER SELECTION...   where SELECTION is all, only=a,b or skip=a,b
 set -uo pipefail
 pack="$1" filter="$2"

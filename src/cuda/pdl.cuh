@@ -74,7 +74,8 @@ inline constexpr bool kProgrammaticLaunch = false;
 bool programmatic_launch_selected(const void* kernel);
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// kProgrammaticLaunch is on (and the kernel is selected, above). The kernel must keep the contract above. Errors are thrown (NIBBLE_CUDA_CHECK).
+// kProgrammaticLaunch is on (and the kernel is selected, above). The kernel must keep the contract above.
+// Errors are thrown (NIBBLE_CUDA_CHECK).
 template <class... KernelArgs, class... Args>
 void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 Args&&... args) {
