@@ -16,6 +16,7 @@
 #include "ops/attention/qkv_prepare_cuda.h"
 #include "ops/embed/embed_cuda.h"
 #include "ops/embed/gather_rows_cuda.h"
+#include "ops/linear/gemv_stream_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
@@ -488,7 +489,12 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             layer_out = moe_out;
             continue;
         }
-        if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
+        if (gemv && fusable(L.gate, L.up, L.up) && m == 1) {
+            // One token: the CUDA-core streaming GEMV measured 32.2 against the tensor-core kernel's 35.0 us at
+            // 2 x 14336 x 4096 on H100 (nibble-kernel-bench stream, docs/perf.md); from 2 tokens on it loses.
+            cuda::gemv_nvfp4_stream_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(),
+                                                 L.up.nvfp4(), L.up.bias_ptr(), gate_.get(), stream);
+        } else if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch
             cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
                                           L.up.bias_ptr(), gate_.get(), stream);
         } else {
