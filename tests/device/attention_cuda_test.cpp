@@ -208,15 +208,22 @@ TEST(KvCacheWriteCuda, OtherHeadDimsMatchCpuByteForByte) {
     for (int64_t hd : {16, 32}) kv_write_case(rng, KvDtype::Nvfp4, hd, 1, false, 6.0f, 6.0f, true);
 }
 
+// A one-block BF16 cache layer of one KV head with no memory behind it: enough for the argument checks, which
+// refuse a bad head_dim before anything is launched.
+cuda::PagedKvLayer unlaunched_layer(int64_t head_dim) {
+    cuda::PagedKvLayer kv{};
+    kv.n_blocks = 1;
+    kv.block_bytes = 1024;
+    kv.n_kv_heads = 1;
+    kv.head_dim = head_dim;
+    kv.dtype = KvDtype::Bf16;
+    return kv;
+}
+
 // head_dim not a multiple of 16 is refused by name before anything is launched (no device memory is read).
 TEST(KvCacheWriteCuda, RejectsUnsupportedHeadDim) {
     for (int64_t hd : {0, 8, 24, 40}) {
-        cuda::PagedKvLayer kv{};
-        kv.n_blocks = 1;
-        kv.block_bytes = 1024;
-        kv.n_kv_heads = 1;
-        kv.head_dim = hd;
-        kv.dtype = KvDtype::Bf16;
+        const cuda::PagedKvLayer kv = unlaunched_layer(hd);
         try {
             cuda::kv_cache_write(nullptr, nullptr, DType::F32, 1, nullptr, kv, nullptr);
             ADD_FAILURE() << "head_dim " << hd << " accepted";
@@ -638,12 +645,7 @@ TEST(PagedAttentionCuda, RejectsUnsupportedHeadDim) {
     EXPECT_TRUE(cuda::paged_attention_head_dim_supported(128));
     for (int64_t hd : {0, 8, 24, 48, 80, 96, 192, 512}) {
         EXPECT_FALSE(cuda::paged_attention_head_dim_supported(hd)) << hd;
-        cuda::PagedKvLayer kv{};
-        kv.n_blocks = 1;
-        kv.block_bytes = 1024;
-        kv.n_kv_heads = 1;
-        kv.head_dim = hd;
-        kv.dtype = KvDtype::Bf16;
+        const cuda::PagedKvLayer kv = unlaunched_layer(hd);
         const cuda::AttentionBatch batch{1, 1, nullptr, nullptr, nullptr, 1, 1, 1};
         try {
             cuda::paged_attention(nullptr, DType::F32, kv, batch, cuda::AttentionArgs{1, 1.0f, 0}, 1, nullptr, 0,
