@@ -489,14 +489,15 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             layer_out = moe_out;
             continue;
         }
-        if (gemv && fusable(L.gate, L.up, L.up) && m == 1) {
+        if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
             // One token: the CUDA-core streaming GEMV measured 32.2 against the tensor-core kernel's 35.0 us at
             // 2 x 14336 x 4096 on H100 (nibble-kernel-bench stream, docs/perf.md); from 2 tokens on it loses.
-            cuda::gemv_nvfp4_stream_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(),
-                                                 L.up.nvfp4(), L.up.bias_ptr(), gate_.get(), stream);
-        } else if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch
-            cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
-                                          L.up.bias_ptr(), gate_.get(), stream);
+            if (m == 1)
+                cuda::gemv_nvfp4_stream_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(),
+                                                     L.up.nvfp4(), L.up.bias_ptr(), gate_.get(), stream);
+            else
+                cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
+                                              L.up.bias_ptr(), gate_.get(), stream);
         } else {
             linear(L.gate, h_.get(), m, gate_.get(), stream, gemv_choice(il, 4), capture);
             linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
