@@ -1,9 +1,13 @@
 // The tensor-parallel CUDA forward (weights sharded by parallel/decoder_view_shard.h, collectives by NCCL)
-// against the unsharded CUDA forward, with the ranks as threads of this process on GPUs 0 .. N-1 (skipped on a
-// machine with fewer GPUs). The models are the llama-family variants of the whole-forward device tests
-// (decoder_forward_util.h: Llama with and without biases and tied embeddings, Qwen2 biases, Qwen3 QK-norm,
-// head_dim 64 and 128; BF16, NVFP4 ModelOpt and NVFP4 compressed-tensors); tests/parallel/llama_tp_test.cpp
-// runs the golden fixtures (head_dim 16 and 32) sharded on the CPU.
+// against the unsharded CUDA forward, with the ranks as threads of this process on GPUs 0 .. N-1, N = 2 and 4
+// (each case skipped on a machine with fewer than N GPUs). The models are the llama-family variants of the
+// whole-forward device tests (decoder_forward_util.h: Llama with and without biases and tied embeddings, Qwen2
+// biases, Qwen3 QK-norm, head_dim 64 and 128; BF16, NVFP4 ModelOpt and NVFP4 compressed-tensors);
+// tests/parallel/llama_tp_test.cpp runs the golden fixtures (head_dim 16 and 32) sharded on the CPU.
+// At N = 4 every model here splits (check_tensor_parallel / check_tensor_parallel_quant): its 4 query heads
+// give one per rank, its 2 KV heads are each replicated on 2 ranks (rank r reads KV head r / 2, as its query
+// head r does in the whole model), the intermediate size 512 gives 128 per rank (8 NVFP4 blocks of down_proj's
+// inputs), o_proj's 256 or 512 inputs give 64 or 128 (4 or 8 blocks), and the vocabulary 1024 gives 256 rows.
 //
 // A random prompt is prefilled and then decoded greedily for 12 steps by TP = 1; TP = N is fed the same
 // tokens (teacher forcing) and must pick the same greedy token at every step on every rank (every rank holds
@@ -12,11 +16,13 @@
 //   all-reduce; float32 keeps gamma_K sum|terms| either way, as tests/parallel/llama_tp_test.cpp derives).
 //   Each reordered sum differs by a few float32 ulps, but the difference is carried and amplified through
 //   the layers, norms and an NVFP4 lm_head's large weights: measured on 2 x H100, 1.4e-6 to 1.4e-4 of the
-//   logits' RMS over these models. 1e-3 here: an order of magnitude above that, an order below what a wrong
-//   head slice, a bias added twice or a vocabulary offset off by one row does (1e-2 or more).
-//   BF16 activations: the all-reduce rounds the partial sums to BF16 once more per row-parallel layer, so one
-//   ulp of a rounded activation can differ (3e-2, as graphs vs eager); greedy tokens must agree except at
-//   near-ties (gap below the tolerance), which are counted.
+//   logits' RMS over these models at N = 2 (N = 4 cuts each sum into 4 partials: the same bound, not yet
+//   measured). 1e-3 here: an order of magnitude above that, an order below what a wrong head slice, a bias
+//   added twice or a vocabulary offset off by one row does (1e-2 or more).
+//   BF16 activations: the all-reduce rounds the partial sums to BF16 once more per row-parallel layer (at
+//   N = 4 a ring all-reduce may round each of its N - 1 additions), so an ulp or so of a rounded activation can
+//   differ (3e-2, as graphs vs eager); greedy tokens must agree except at near-ties (gap below the tolerance),
+//   which are counted.
 // Decode steps run as CUDA graphs (NCCL's collectives captured) and eagerly.
 #include <gtest/gtest.h>
 
@@ -53,6 +59,7 @@ struct TpCase {
     std::string model;  // a name of test_model()
     DType act;
     int64_t graph_size;  // 0: eager decode
+    int tp;              // ranks of the sharded run (GPUs 0 .. tp-1)
 };
 
 // The test's checkpoints, written once per process under a temporary folder.
@@ -77,9 +84,8 @@ fs::path test_model(const std::string& name) {
 class CudaTensorParallel : public ::testing::TestWithParam<TpCase> {};
 
 TEST_P(CudaTensorParallel, GreedyTokensAndLogitsMatchTpOne) {
-    const int gpus = cuda::device_count();
-    if (gpus < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << gpus;
     const TpCase& c = GetParam();
+    if (const std::string missing = test::missing_gpus(c.tp); !missing.empty()) GTEST_SKIP() << missing;
     ThreadPool pool(0);
     const std::unique_ptr<Model> model = load_model(test_model(c.model).string(), pool);
     std::mt19937_64 rng(test::fresh_seed());
@@ -90,28 +96,33 @@ TEST_P(CudaTensorParallel, GreedyTokensAndLogitsMatchTpOne) {
     const std::vector<test::RankResult> one = test::run_ranks(*model, 1, c.act, c.graph_size, prompt, {}, ++port);
     ASSERT_EQ(one[0].greedy.size(), static_cast<size_t>(test::kTpDecodeSteps + 1));
     const std::vector<int32_t> forced(one[0].greedy.begin(), one[0].greedy.end() - 1);
-    const std::vector<test::RankResult> two = test::run_ranks(*model, 2, c.act, c.graph_size, prompt, forced, ++port);
-    const test::TpComparison cmp = test::compare_tp_two_with_one(one, two, c.act, c.act == DType::F32 ? 1e-3 : 3e-2);
-    std::printf("[  detail  ] %s %s %s: TP=2 vs TP=1 over %d steps: max |diff| %.3g, %d near-ties\n", c.model.c_str(),
-                c.act == DType::F32 ? "f32" : "bf16", c.graph_size > 0 ? "graphs" : "eager", test::kTpDecodeSteps + 1,
-                cmp.worst, cmp.near_ties);
+    const std::vector<test::RankResult> many =
+        test::run_ranks(*model, c.tp, c.act, c.graph_size, prompt, forced, ++port);
+    ASSERT_EQ(many.size(), static_cast<size_t>(c.tp));
+    const test::TpComparison cmp = test::compare_tp_with_one(one, many, c.act, c.act == DType::F32 ? 1e-3 : 3e-2);
+    std::printf("[  detail  ] %s %s %s: TP=%d vs TP=1 over %d steps: max |diff| %.3g, %d near-ties\n",
+                c.model.c_str(), c.act == DType::F32 ? "f32" : "bf16", c.graph_size > 0 ? "graphs" : "eager", c.tp,
+                test::kTpDecodeSteps + 1, cmp.worst, cmp.near_ties);
 }
 
 std::vector<TpCase> tp_cases() {
     std::vector<TpCase> cases;
-    for (const char* m : {"llama", "llama_bias_tied", "qwen2_bias", "qwen3_qknorm_hd128", "llama_nvfp4_modelopt",
-                          "qwen3_nvfp4_ct_lm_head"}) {
-        cases.push_back({m, DType::F32, 8});
-        cases.push_back({m, DType::BF16, 8});
+    for (int tp : {2, 4}) {
+        for (const char* m : {"llama", "llama_bias_tied", "qwen2_bias", "qwen3_qknorm_hd128", "llama_nvfp4_modelopt",
+                              "qwen3_nvfp4_ct_lm_head"}) {
+            cases.push_back({m, DType::F32, 8, tp});
+            cases.push_back({m, DType::BF16, 8, tp});
+        }
+        cases.push_back({"llama", DType::F32, 0, tp});
+        cases.push_back({"llama_nvfp4_modelopt", DType::BF16, 0, tp});
     }
-    cases.push_back({"llama", DType::F32, 0});
-    cases.push_back({"llama_nvfp4_modelopt", DType::BF16, 0});
     return cases;
 }
 
 INSTANTIATE_TEST_SUITE_P(LlamaFamily, CudaTensorParallel, ::testing::ValuesIn(tp_cases()), [](const auto& info) {
     const TpCase& c = info.param;
-    return c.model + (c.act == DType::F32 ? "_f32" : "_bf16") + (c.graph_size > 0 ? "_graphs" : "_eager");
+    return c.model + (c.act == DType::F32 ? "_f32" : "_bf16") + (c.graph_size > 0 ? "_graphs" : "_eager") + "_tp" +
+           std::to_string(c.tp);
 });
 
 }  // namespace

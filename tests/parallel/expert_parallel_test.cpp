@@ -242,5 +242,42 @@ TEST(ExpertParallelShard, EachRankPointsAtItsOwnExperts) {
     EXPECT_NE(b.find("model.layers.0.mlp.gate has 7 experts"), std::string::npos) << b;
 }
 
+// At 4 ranks the 2 KV heads are fewer than the ranks: each is replicated on 2 (rank r holds KV head r / 2, the
+// one its query head r reads), and the views the CUDA upload reads point at exactly those rows: q, k and v
+// rows (views into the model's memory), o_proj's columns, and the embedding's vocabulary rows (ceil(10 / 4) = 3
+// per rank, the last rank 1).
+TEST(ExpertParallelShard, FourRanksReplicateTheKvHeadsAndSliceTheRest) {
+    const TinyView t;
+    const QuantConfig none;
+    const int64_t hd = t.config.head_dim, d = t.config.n_embd;
+    const auto* embed_rows = static_cast<const float*>(t.view.embed.data);
+    for (int64_t r = 0; r < 4; ++r) {
+        const auto s = shard_decoder_view(t.config, none, t.view, 4, r);
+        EXPECT_EQ(s->layout.kv_replicas, 2);
+        EXPECT_EQ(s->layout.kv_heads, (IndexRange{r / 2, r / 2 + 1})) << "rank " << r;
+        EXPECT_EQ(s->config.n_heads, 1);
+        EXPECT_EQ(s->config.n_kv_heads, 1);
+        ASSERT_EQ(s->view.layers.size(), t.view.layers.size());
+        for (size_t il = 0; il < t.view.layers.size(); ++il) {
+            const DecoderLayerView &L = s->view.layers[il], &full = t.view.layers[il];
+            const auto* q_rows = static_cast<const float*>(full.q->data);
+            const auto* k_rows = static_cast<const float*>(full.k->data);
+            EXPECT_EQ(L.q->n_out, hd);
+            EXPECT_EQ(static_cast<const float*>(L.q->data), q_rows + r * hd * d) << "rank " << r << " layer " << il;
+            EXPECT_EQ(L.k->n_out, hd);
+            EXPECT_EQ(static_cast<const float*>(L.k->data), k_rows + (r / 2) * hd * d)
+                << "rank " << r << " layer " << il;
+            EXPECT_EQ(L.v->n_out, hd);
+            EXPECT_EQ(L.o->n_in, hd);
+            EXPECT_EQ(L.o->n_out, d);
+        }
+        const int64_t rows = r < 3 ? 3 : 1;
+        EXPECT_EQ(s->view.embed.shape, (Shape{rows, d})) << "rank " << r;
+        EXPECT_EQ(static_cast<const float*>(s->view.embed.data), embed_rows + r * 3 * d) << "rank " << r;
+        EXPECT_EQ(s->view.lm_head->n_out, rows) << "rank " << r;
+        EXPECT_EQ(s->layout.vocab_per_rank, 3);
+    }
+}
+
 }  // namespace
 }  // namespace nibble
