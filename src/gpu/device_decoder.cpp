@@ -21,6 +21,13 @@ int64_t DeviceLinear::stored_bytes() const {
 }
 
 cuda::MoeDeviceExperts DeviceMoeExperts::device() const {
+    if (bf16.bytes() != 0) {
+        const auto* b = bf16.as<const uint16_t>();
+        const int64_t per_kind = n_experts * n_ff * n_embd;  // elements of one matrix kind, all experts
+        const uint16_t* up = b + (n_mats - 2) * per_kind;
+        return {.n_experts = n_experts, .n_embd = n_embd, .n_ff = n_ff, .bf16_gate = n_mats == 3 ? b : nullptr,
+                .bf16_up = up, .bf16_down = up + per_kind};
+    }
     const auto* t = tables.as<const cuda::Nvfp4DeviceWeight>();
     const auto* up = t + (n_mats - 2) * n_experts;  // after the gates, when there are
     return {.gate = n_mats == 3 ? t : nullptr, .up = up, .down = up + n_experts, .n_experts = n_experts,
@@ -34,6 +41,14 @@ void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, in
     e.n_mats = gated ? 3 : 2;
     e.packed = cuda::DeviceBuffer(static_cast<size_t>(e.n_mats * n_experts * n_ff * n_embd / 2));
     e.scales = cuda::DeviceBuffer(static_cast<size_t>(e.n_mats * n_experts * n_ff * n_embd / 16));
+}
+
+void allocate_bf16_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff, bool gated) {
+    e.n_experts = n_experts;
+    e.n_embd = n_embd;
+    e.n_ff = n_ff;
+    e.n_mats = gated ? 3 : 2;
+    e.bf16 = cuda::DeviceBuffer(static_cast<size_t>(e.n_mats * n_experts * n_ff * n_embd * 2));
 }
 
 void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales) {

@@ -46,8 +46,13 @@ struct DeviceMoeExperts {
     cuda::DeviceBuffer packed;  // [n_mats, n_experts, n_ff * n_embd / 2] [gate,] up, down (down is [n_embd, n_ff])
     cuda::DeviceBuffer scales;  // [n_mats, n_experts, n_ff * n_embd / 16] E4M3
     cuda::DeviceBuffer tables;  // [n_mats, n_experts] cuda::Nvfp4DeviceWeight into packed / scales
+    // BF16 experts instead (packed, scales and tables empty): [n_mats, n_experts, n_ff * n_embd] in the same
+    // order. The CUDA MoE runs them on its plain GEMV (moe_cuda.h moe_uses_plain_kernel); small models only.
+    cuda::DeviceBuffer bf16;
     // One expert's [gate +] up + down bytes (what a token routed to it streams).
-    int64_t expert_bytes() const { return n_mats * (n_ff * n_embd / 2 + n_ff * n_embd / 16); }
+    int64_t expert_bytes() const {
+        return bf16.bytes() != 0 ? n_mats * n_ff * n_embd * 2 : n_mats * (n_ff * n_embd / 2 + n_ff * n_embd / 16);
+    }
     int64_t bytes() const { return n_experts * expert_bytes(); }
     cuda::MoeDeviceExperts device() const;
 };
@@ -56,6 +61,8 @@ struct DeviceMoeExperts {
 void allocate_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff, bool gated = true);
 // Builds and uploads e.tables over e.packed / e.scales; global_scales [n_mats, n_experts] ([gate,] up, down).
 void set_expert_tables(DeviceMoeExperts& e, const std::vector<float>& global_scales);
+// Allocates e.bf16 for n_experts BF16 experts (contents unset); packed / scales / tables stay empty.
+void allocate_bf16_experts(DeviceMoeExperts& e, int64_t n_experts, int64_t n_embd, int64_t n_ff, bool gated);
 
 struct DeviceDecoderLayer {
     cuda::DeviceBuffer attn_norm, mlp_norm;  // [n_embd] float32

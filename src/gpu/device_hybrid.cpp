@@ -94,8 +94,10 @@ void check_hybrid_supported(const ModelConfig& c) {
         NIBBLE_CHECK((c.n_heads * c.head_dim) % 32 == 0, "the CUDA matmuls need q width a multiple of 32, not {}",
                      c.n_heads * c.head_dim);
     }
+    // Widths of 16 (mod 32) run the CUDA matmuls' plain kernels (gemv_nvfp4's 16-element blocks, the MoE's
+    // plain GEMV): small test models only, real ones have multiples of 32.
     if (has(LayerKind::Mlp))
-        NIBBLE_CHECK(c.n_ff % 32 == 0, "the CUDA matmuls need intermediate_size a multiple of 32, not {}", c.n_ff);
+        NIBBLE_CHECK(c.n_ff % 16 == 0, "the CUDA matmuls need intermediate_size a multiple of 16, not {}", c.n_ff);
     if (has(LayerKind::Mamba)) {
         const MambaConfig& mb = c.mamba;
         NIBBLE_CHECK(mb.conv_kernel >= 1 && mb.conv_kernel <= 8, "the CUDA Mamba conv takes conv_kernel 1..8, not {}",
@@ -116,8 +118,8 @@ void check_hybrid_supported(const ModelConfig& c) {
         NIBBLE_CHECK(e.n_experts >= 1 && e.n_experts <= 1024 && e.top_k >= 1 && e.top_k <= 32 && e.top_k <= e.n_experts,
                      "the CUDA MoE takes 1..1024 experts and top_k 1..32 (at most the experts); this model has {} "
                      "experts, top_k {}", e.n_experts, e.top_k);
-        NIBBLE_CHECK(e.n_ff % 32 == 0 && (e.n_shared_experts == 0 || e.n_ff_shared % 32 == 0),
-                     "the CUDA MoE needs moe_intermediate_size ({}) and the shared expert's ({}) multiples of 32",
+        NIBBLE_CHECK(e.n_ff % 16 == 0 && (e.n_shared_experts == 0 || e.n_ff_shared % 16 == 0),
+                     "the CUDA MoE needs moe_intermediate_size ({}) and the shared expert's ({}) multiples of 16",
                      e.n_ff, e.n_ff_shared);
     }
 }
@@ -141,34 +143,56 @@ void check_hybrid_supported(const ModelConfig& c, const HybridView& view) {
                      weight_format_name(L.router->format));
         NIBBLE_CHECK(L.up != nullptr && L.down != nullptr, "{}: the CUDA hybrid MoE needs the shared expert",
                      L.router->name);
+        // NVFP4 experts, or (small models: the MoE's plain GEMV) dense ones, rounded to BF16 on upload; one
+        // format for all of a layer's experts.
+        const WeightFormat experts_format =
+            L.expert_up.empty() ? WeightFormat::Nvfp4 : L.expert_up.front()->format;
         for (const auto* list : {&L.expert_up, &L.expert_down}) {
             NIBBLE_CHECK(static_cast<int64_t>(list->size()) == c.moe.n_experts,
                          "{}: the view holds {} experts, the config {}", L.router->name, list->size(), c.moe.n_experts);
-            for (const LinearWeight* w : *list)
-                NIBBLE_CHECK(w->format == WeightFormat::Nvfp4,
-                             "{}: the CUDA backend runs MoE experts in NVFP4 only, this one is {} (quantize the "
-                             "checkpoint to NVFP4, or serve it with --device cpu)",
+            for (const LinearWeight* w : *list) {
+                NIBBLE_CHECK(w->format == WeightFormat::Nvfp4 || w->format == WeightFormat::Dense,
+                             "{}: the CUDA backend runs MoE experts in NVFP4 (or BF16), this one is {} (quantize "
+                             "the checkpoint to NVFP4, or serve it with --device cpu)",
                              w->name, weight_format_name(w->format));
+                NIBBLE_CHECK(w->format == experts_format, "{}: the CUDA backend needs one format for a layer's "
+                             "experts, this one is {}, the first {}", w->name, weight_format_name(w->format),
+                             weight_format_name(experts_format));
+            }
         }
     }
 }
 
 namespace {
 
-// A MoE layer's routed experts into one DeviceMoeExperts of up / down matrices (formats checked before).
+// A MoE layer's routed experts into one DeviceMoeExperts of up / down matrices (formats checked before):
+// NVFP4, or dense ones as BF16.
 DeviceMoeExperts upload_relu2_experts(PinnedUploader& up, const ModelConfig& c, const HybridLayerView& L) {
     const int64_t n = c.moe.n_experts, d = c.n_embd, ff = c.moe.n_ff;
     DeviceMoeExperts e;
-    allocate_experts(e, n, d, ff, /*gated=*/false);
     const int64_t elems = ff * d;
+    auto check_shape = [&](const LinearWeight* w, bool down) {
+        NIBBLE_CHECK(w->n_out == (down ? d : ff) && w->n_in == (down ? ff : d) && w->bias.empty(),
+                     "{}: expert shape [{}, {}]{}, expected [{}, {}] without bias", w->name, w->n_out, w->n_in,
+                     w->bias.empty() ? "" : " with bias", down ? d : ff, down ? ff : d);
+    };
+    if (L.expert_up.front()->format == WeightFormat::Dense) {
+        allocate_bf16_experts(e, n, d, ff, /*gated=*/false);
+        int64_t slot = 0;
+        for (const auto* list : {&L.expert_up, &L.expert_down})
+            for (const LinearWeight* w : *list) {
+                check_shape(w, list == &L.expert_down);
+                up.copy_as_bf16(e.bf16.as<uint16_t>() + slot * elems, w->data, w->dtype, elems);
+                ++slot;
+            }
+        return e;
+    }
+    allocate_experts(e, n, d, ff, /*gated=*/false);
     std::vector<float> global_scales;
     int64_t slot = 0;
     for (const auto* list : {&L.expert_up, &L.expert_down}) {
-        const bool down = list == &L.expert_down;
         for (const LinearWeight* w : *list) {
-            NIBBLE_CHECK(w->n_out == (down ? d : ff) && w->n_in == (down ? ff : d) && w->bias.empty(),
-                         "{}: expert shape [{}, {}]{}, expected [{}, {}] without bias", w->name, w->n_out, w->n_in,
-                         w->bias.empty() ? "" : " with bias", down ? d : ff, down ? ff : d);
+            check_shape(w, list == &L.expert_down);
             up.copy(e.packed.as<uint8_t>() + slot * (elems / 2), w->data, static_cast<size_t>(elems / 2));
             up.copy(e.scales.as<uint8_t>() + slot * (elems / 16), w->block_scales, static_cast<size_t>(elems / 16));
             global_scales.push_back(w->scale);

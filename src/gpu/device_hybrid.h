@@ -1,7 +1,8 @@
 // A hybrid Mamba2 / attention / MLP / MoE stack's weights in device memory (NemotronH, Nemotron-3-Nano), as
 // gpu/hybrid_forward.h reads them: linear layers in their stored format (NVFP4 packed + E4M3 block scales,
 // or BF16; ModelOpt's NVFP4 exports keep the attention layers, the Mamba layer feeding each and the lm_head
-// BF16), the routed experts NVFP4 (up and down only: relu^2 experts), the router BF16, norms, the Mamba
+// BF16), the routed experts NVFP4 (up and down only: relu^2 experts; BF16 for a BF16 checkpoint, which only
+// small test models are: the MoE's plain GEMV runs them), the router BF16, norms, the Mamba
 // conv, A, D and dt_bias in float32, the embedding table BF16. Made by uploading a Model's HybridView or by
 // filling random values of a real architecture's shape (synthetic_hybrid).
 #pragma once
@@ -35,7 +36,7 @@ struct DeviceHybridLayer {
     // Moe
     DeviceLinear router;                  // [n_experts, n_embd] BF16
     cuda::DeviceBuffer correction_bias;   // [n_experts] float32
-    DeviceMoeExperts experts;             // NVFP4 up / down (n_mats 2)
+    DeviceMoeExperts experts;             // NVFP4 (or BF16) up / down (n_mats 2)
 };
 
 struct DeviceHybrid {
@@ -60,7 +61,8 @@ struct DeviceHybrid {
 
 // Checks that the CUDA hybrid forward supports this architecture and shape; throws naming what does not fit.
 void check_hybrid_supported(const ModelConfig& config);
-// The same plus the weights' formats: routed experts NVFP4, router unquantized, no FP8 linears.
+// The same plus the weights' formats: routed experts NVFP4 or dense (one format a layer), router unquantized,
+// no FP8 linears.
 void check_hybrid_supported(const ModelConfig& config, const HybridView& view);
 
 // Uploads a Model's hybrid weights (model.h hybrid_view) with a progress bar on stderr.

@@ -7,8 +7,8 @@
 //                  attention layer); paged attention; o projection
 //   MLP (-):       relu(h W_up^T)^2 W_down^T
 //   MoE (E):       router logits in float32 (h widened, BF16 weights), sigmoid top-k with correction bias,
-//                  groups and routed_scaling_factor (moe_route_sigmoid); the routed relu^2 NVFP4 experts
-//                  (moe_experts_nvfp4) plus the shared expert, added in the combine.
+//                  groups and routed_scaling_factor (moe_route_sigmoid); the routed relu^2 NVFP4 (or BF16)
+//                  experts (moe_experts_nvfp4) plus the shared expert, added in the combine.
 // Final RMSNorm, then the lm_head on the rows that need logits in float32. Activations BF16 (serving) or
 // F32 (the exactness mode the device tests compare with the CPU reference in). Everything is enqueued on
 // one stream and nothing synchronizes with the host, so a decode step can be captured into a CUDA graph.

@@ -65,6 +65,7 @@ namespace fs = std::filesystem;
 struct TinyHybrid {
     std::string pattern = "M-M*EM";
     int64_t n_experts = 8, top_k = 2, n_group = 2, topk_group = 1;
+    int64_t ff = 256, moe_ff = 64, shared_ff = 96;  // the MLP's, an expert's and the shared expert's widths
 };
 
 // A BF16 NemotronH checkpoint with random weights: linears Normal(0, 0.05), router Normal(0, 0.1), correction
@@ -72,8 +73,9 @@ struct TinyHybrid {
 // dt_bias in -4..-1 (softplus 0.02..0.3), D near 1.
 fs::path write_hybrid_checkpoint(const fs::path& dir, const TinyHybrid& a, uint64_t seed) {
     fs::create_directories(dir);
-    const int64_t d = 256, heads = 4, kv_heads = 2, hd = 64, ff = 256, vocab = 1024;
-    const int64_t m_heads = 8, m_hd = 32, state = 16, groups = 2, kernel = 4, moe_ff = 64, shared_ff = 96;
+    const int64_t d = 256, heads = 4, kv_heads = 2, hd = 64, ff = a.ff, vocab = 1024;
+    const int64_t m_heads = 8, m_hd = 32, state = 16, groups = 2, kernel = 4, moe_ff = a.moe_ff,
+                  shared_ff = a.shared_ff;
     const int64_t d_inner = m_heads * m_hd, conv_dim = d_inner + 2 * groups * state;
     const int64_t in_dim = d_inner + conv_dim + m_heads;
     const int64_t layers = static_cast<int64_t>(a.pattern.size());
@@ -398,6 +400,24 @@ TEST_F(HybridForwardCuda, ChunkedScanPrefillMatchesCpu) {
 TEST_F(HybridForwardCuda, Bf16ActivationsAllExpertsMatchCpu) {
     compare_hybrid(nvfp4_checkpoint(root_, "all", kAllExperts, 14), DType::BF16, SsmStateDtype::F32, 8e-2, 0,
                    "nemotron_h bf16 act / all experts");
+}
+
+// Widths of 16 (mod 32) (MLP 208, experts 48, shared expert 80; real models have multiples of 32): gemv_nvfp4's
+// 16-element block kernel and the MoE's plain GEMV inside the forward, on NVFP4 checkpoints and on BF16 ones
+// (BF16 routed experts: the plain GEMV too), F32 and BF16 activations (112 prefill rows: the BF16 run takes
+// the prefill GEMM on the dense linears, k = 80 and 208 included). All experts chosen, as the tests above.
+const TinyHybrid kNarrow{.n_experts = 4, .top_k = 4, .n_group = 1, .topk_group = 1, .ff = 208, .moe_ff = 48,
+                         .shared_ff = 80};
+
+TEST_F(HybridForwardCuda, NarrowWidthsMatchCpu) {
+    compare_hybrid(nvfp4_checkpoint(root_, "narrow", kNarrow, 18), DType::F32, SsmStateDtype::F32, 2e-3, 0,
+                   "nemotron_h widths 208/48/80 nvfp4 / f32 act");
+    compare_hybrid(nvfp4_checkpoint(root_, "narrow2", kNarrow, 19), DType::BF16, SsmStateDtype::F32, 8e-2, 0,
+                   "nemotron_h widths 208/48/80 nvfp4 / bf16 act");
+    compare_hybrid(write_hybrid_checkpoint(root_ / "narrow-bf16", kNarrow, 20), DType::F32, SsmStateDtype::F32,
+                   2e-3, 0, "nemotron_h widths 208/48/80 bf16 weights / f32 act");
+    compare_hybrid(write_hybrid_checkpoint(root_ / "narrow-bf16-2", kNarrow, 21), DType::BF16, SsmStateDtype::F32,
+                   8e-2, 0, "nemotron_h widths 208/48/80 bf16 weights / bf16 act");
 }
 
 // Decode steps of 5 sequences (padded to the graph bucket of 8: three padding sequences in the scratch slot)

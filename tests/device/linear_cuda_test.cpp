@@ -444,11 +444,25 @@ TEST(LinearCuda, Nvfp4EveryCode) {
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, m, bf16, false);
 }
 
+// gemv_nvfp4 with k = 16 (mod 32) (its 16-element block kernel): k 48 and 80 (small models' shared expert and
+// MLP widths), 16 (one block), 1040 (65 blocks: lane 0 takes three, the others two);
+// m across its 8-token passes and the 16-row tiles the other kernels use; quantized and raw (every code) weights.
+TEST(LinearCuda, Nvfp4BlockK) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& s : {Shape{64, 48}, Shape{17, 80}, Shape{48, 16}, Shape{130, 1040}, Shape{5, 48}})
+        for (int64_t m : {1, 2, 7, 8, 9, 16, 17, 40})
+            for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1);
+    for (int64_t m : {1, 9})
+        for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 67, 80, m, bf16, true);
+}
+
 TEST(LinearCuda, Bf16Weights) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
-    for (const auto& s : {Shape{1, 16}, Shape{67, 4096}, Shape{45, 14336}, Shape{130, 48}})
+    for (const auto& s : {Shape{1, 16}, Shape{67, 4096}, Shape{45, 14336}, Shape{130, 48}, Shape{48, 80}})
         for (int64_t m : kMs)
             for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Bf16, s.n, s.k, m, bf16, m % 2 == 0);
 }
@@ -456,8 +470,14 @@ TEST(LinearCuda, Bf16Weights) {
 TEST(LinearCuda, RejectsBadShapes) {
     NIBBLE_REQUIRE_GPU();
     cuda::DeviceBuffer buf(1 << 16);
-    cuda::Nvfp4DeviceWeight w{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 48};  // k % 32 != 0
+    cuda::Nvfp4DeviceWeight w{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 40};  // k % 16 != 0
     EXPECT_THROW(cuda::gemv_nvfp4(buf.get(), DType::F32, 1, w, nullptr, buf.get(), nullptr), std::invalid_argument);
+    // k = 48: the dispatcher takes it (block kernel), the 32-chunk kernels do not.
+    cuda::Nvfp4DeviceWeight w48{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 48};
+    EXPECT_THROW(cuda::gemv_nvfp4_mma(buf.get(), DType::F32, 1, w48, nullptr, buf.get(), nullptr),
+                 std::invalid_argument);
+    EXPECT_THROW(cuda::gemv_nvfp4_cuda_core(buf.get(), DType::F32, 1, w48, nullptr, buf.get(), nullptr),
+                 std::invalid_argument);
     EXPECT_THROW(cuda::gemv_bf16(buf.get(), DType::F16, 1, buf.as<uint16_t>(), 4, 16, nullptr, buf.get(), nullptr),
                  std::invalid_argument);
     cuda::Nvfp4DeviceWeight w64{buf.as<uint8_t>(), buf.as<uint8_t>(), 1.0f, 4, 64};

@@ -35,6 +35,7 @@
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe.h"
 #include "ops/moe/moe_workspace.h"
+#include "tensor/float_formats.h"
 #include "tensor/nvfp4.h"
 
 namespace nibble {
@@ -531,6 +532,7 @@ std::vector<int32_t> draw_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, in
 struct ExpertsCase {
     MoeActivation act;
     int64_t n_experts, n_embd, n_ff, top_k;
+    bool bf16_weights = false;  // BF16 experts (the plain GEMV) instead of NVFP4
 };
 
 // one_call: through moe_experts_nvfp4 and its workspace instead of the four launchers.
@@ -541,31 +543,57 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     const bool gated = c.act == MoeActivation::SwiGlu;
     // Which kernels run: Auto's up follows the activations' dtype; the separate down launcher decides as
     // for BF16 (h has no dtype), the one-call launcher as its up.
+    // BF16 experts or widths not a multiple of 32 take the plain GEMV whatever the kernel asked.
     const bool auto_pick = kernel == cuda::MoeExpertKernel::Auto;
     const DType dt = bf16 ? DType::BF16 : DType::F32;
-    const bool gemm_up = kernel == cuda::MoeExpertKernel::Gemm ||
-                         (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt));
+    const bool plain = c.bf16_weights || c.n_embd % 32 != 0 || c.n_ff % 32 != 0;
+    const bool gemm_up = !plain && (kernel == cuda::MoeExpertKernel::Gemm ||
+                                    (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt)));
     const bool gemm_down =
-        one_call ? gemm_up
-                 : kernel == cuda::MoeExpertKernel::Gemm ||
-                       (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16));
+        !plain && (one_call ? gemm_up
+                            : kernel == cuda::MoeExpertKernel::Gemm ||
+                                  (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16)));
     const char* draw_name = draw == Draw::Uniform ? "" : draw == Draw::Few ? " skewed" : " hot";
     const std::string what =
         std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
         " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) + " k=" + std::to_string(c.top_k) +
         " m=" + std::to_string(m) + (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
-        (one_call ? " one call" : "") + (gemm_up ? " gemm" : " gemv") + (gemm_down ? "/gemm" : "/gemv");
+        (one_call ? " one call" : "") + (c.bf16_weights ? " bf16 experts" : "") +
+        (plain ? " plain" : std::string(gemm_up ? " gemm" : " gemv") + (gemm_down ? "/gemm" : "/gemv"));
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
     std::vector<MoeExpertWeights> cpu_experts(static_cast<size_t>(c.n_experts));
     std::vector<cuda::Nvfp4DeviceWeight> dgate, dup, ddown;
-    for (int64_t e = 0; e < c.n_experts; ++e) {
+    // BF16 experts: [mats, n_experts, ff * d] ([gate,] up, down), the layout the device reads.
+    const int64_t mats = gated ? 3 : 2;
+    std::vector<uint16_t> bf16_host;
+    if (c.bf16_weights) {
+        const auto v = test::random_normal(rng, static_cast<size_t>(mats * c.n_experts * ff * d), 0.1f);
+        bf16_host.resize(v.size());
+        for (size_t i = 0; i < v.size(); ++i) bf16_host[i] = bf16_from_float(v[i]);
+        auto dense = [&](int64_t mat, int64_t e, int64_t n, int64_t kk) {
+            LinearWeight w;
+            w.name = "expert";
+            w.format = WeightFormat::Dense;
+            w.dtype = DType::BF16;
+            w.n_out = n, w.n_in = kk;
+            w.data = bf16_host.data() + (mat * c.n_experts + e) * ff * d;
+            return w;
+        };
+        for (int64_t e = 0; e < c.n_experts; ++e) {
+            MoeExpertWeights& w = cpu_experts[static_cast<size_t>(e)];
+            if (gated) w.gate = dense(0, e, ff, d);
+            w.up = dense(mats - 2, e, ff, d);
+            w.down = dense(mats - 1, e, d, ff);
+        }
+    }
+    for (int64_t e = 0; e < c.n_experts && !c.bf16_weights; ++e) {
         if (gated) gate.push_back(quantized(rng, ff, d, 0.1f));
         up.push_back(quantized(rng, ff, d, 0.1f));
         down.push_back(quantized(rng, d, ff, 0.1f));
     }
-    for (int64_t e = 0; e < c.n_experts; ++e) {
+    for (int64_t e = 0; e < c.n_experts && !c.bf16_weights; ++e) {
         const auto i = static_cast<size_t>(e);
         MoeExpertWeights& w = cpu_experts[i];
         if (gated) {
@@ -580,6 +608,7 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
             {down[i].dpacked.as<uint8_t>(), down[i].dscales.as<uint8_t>(), down[i].global, d, ff});
     }
     auto dgate_arr = upload_vec(dgate), dup_arr = upload_vec(dup), ddown_arr = upload_vec(ddown);
+    auto dbf16 = upload_vec(bf16_host);
 
     MoeRouting routing;
     routing.m = m, routing.top_k = k;
@@ -678,12 +707,20 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     auto h = poisoned(static_cast<size_t>(n_pairs * ff) * 4);
     auto o = poisoned(static_cast<size_t>(n_pairs * d) * 4);
     DeviceOut y(ref.size(), bf16);
-    const cuda::MoeDeviceExperts ex{gated ? dgate_arr.as<cuda::Nvfp4DeviceWeight>() : nullptr,
-                                    dup_arr.as<cuda::Nvfp4DeviceWeight>(),
-                                    ddown_arr.as<cuda::Nvfp4DeviceWeight>(),
-                                    c.n_experts,
-                                    d,
-                                    ff};
+    cuda::MoeDeviceExperts ex{gated ? dgate_arr.as<cuda::Nvfp4DeviceWeight>() : nullptr,
+                              dup_arr.as<cuda::Nvfp4DeviceWeight>(),
+                              ddown_arr.as<cuda::Nvfp4DeviceWeight>(),
+                              c.n_experts,
+                              d,
+                              ff};
+    if (c.bf16_weights) {
+        const uint16_t* b = dbf16.as<uint16_t>();
+        ex.gate = ex.up = ex.down = nullptr;
+        ex.bf16_gate = gated ? b : nullptr;
+        ex.bf16_up = b + (mats - 2) * c.n_experts * ff * d;
+        ex.bf16_down = b + (mats - 1) * c.n_experts * ff * d;
+    }
+    EXPECT_EQ(cuda::moe_uses_plain_kernel(ex), plain);
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
         cuda::moe_experts_nvfp4(dx.buf.get(), dt, m, dids.as<int32_t>(), dweights.as<float>(), k, ex, c.act,
@@ -797,6 +834,33 @@ TEST(MoeCuda, ExpertsNvfp4GemmPrefill) {
     run_experts(pool, rng, r, 2048, true, Draw::Uniform, false, true);
 }
 
+// The plain GEMV (moe_uses_plain_kernel): NVFP4 experts whose n_embd or n_ff is 16 (mod 32) (NemotronH's golden
+// fixture: 48 and 80 wide), and BF16 experts at any width (multiples of 32 too), both activations, SwiGLU and
+// relu^2, through the launchers and the one-call launcher (whatever kernel is asked for: GEMM included), with
+// uniform, skewed and hot routing, m up to a prefill that asks Auto for the GEMM.
+const ExpertsCase kPlainCases[] = {
+    {MoeActivation::Relu2, 4, 64, 48, 2},          {MoeActivation::Relu2, 4, 80, 32, 2},
+    {MoeActivation::SwiGlu, 8, 48, 80, 3},         {MoeActivation::Relu2, 6, 1040, 48, 2},
+    {MoeActivation::Relu2, 4, 64, 32, 2, true},    {MoeActivation::Relu2, 4, 48, 80, 2, true},
+    {MoeActivation::SwiGlu, 8, 80, 48, 3, true},   {MoeActivation::SwiGlu, 16, 256, 128, 4, true},
+};
+
+TEST(MoeCuda, ExpertsPlainGemv) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& c : kPlainCases)
+        for (int64_t m : {1, 2, 17, 40})
+            for (bool bf16 : {false, true}) {
+                run_experts(pool, rng, c, m, bf16, m == 2 ? Draw::Few : Draw::Uniform, m % 2 == 1);
+                run_experts(pool, rng, c, m, bf16, Draw::Hot, m % 2 == 0, true, cuda::MoeExpertKernel::Gemm);
+            }
+    for (const auto& c : kPlainCases) {
+        ASSERT_TRUE(cuda::moe_prefers_gemm(300, c.top_k, c.n_experts, DType::BF16));
+        run_experts(pool, rng, c, 300, true, Draw::Uniform, true, true);
+    }
+}
+
 TEST(MoeCuda, RejectsBadArguments) {
     NIBBLE_REQUIRE_GPU();
     cuda::DeviceBuffer buf(1 << 16);
@@ -810,16 +874,26 @@ TEST(MoeCuda, RejectsBadArguments) {
                                          buf.as<int32_t>(), buf.as<float>(), nullptr),
                  std::invalid_argument);  // 10 experts in 4 groups
     const cuda::MoeDeviceExperts ex{
-        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 48, 64};
+        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 40, 64};
     cuda::MoePermutation perm;
     EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, ex, MoeActivation::Relu2, perm,
                                             buf.as<float>(), nullptr),
-                 std::invalid_argument);  // n_embd 48 not a multiple of 32
+                 std::invalid_argument);  // n_embd 40 not a multiple of 16
     const cuda::MoeDeviceExperts ex_ff{
-        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 64, 80};
+        nullptr, buf.as<cuda::Nvfp4DeviceWeight>(), buf.as<cuda::Nvfp4DeviceWeight>(), 4, 64, 72};
     EXPECT_THROW(cuda::moe_experts_down_nvfp4(buf.as<float>(), 64, 2, ex_ff, perm, buf.as<float>(), nullptr,
                                               cuda::MoeExpertKernel::Gemm),
-                 std::invalid_argument);  // n_ff 80 not a multiple of 32, GEMM path
+                 std::invalid_argument);  // n_ff 72 not a multiple of 16
+    cuda::MoeDeviceExperts mixed = ex_ff;  // BF16 and NVFP4 arrays at once
+    mixed.n_ff = 64;
+    mixed.bf16_up = mixed.bf16_down = buf.as<uint16_t>();
+    EXPECT_THROW(cuda::moe_experts_down_nvfp4(buf.as<float>(), 1, 2, mixed, perm, buf.as<float>(), nullptr),
+                 std::invalid_argument);
+    cuda::MoeDeviceExperts bf16_ungated{nullptr, nullptr, nullptr, 4, 64, 64};
+    bf16_ungated.bf16_up = bf16_ungated.bf16_down = buf.as<uint16_t>();
+    EXPECT_THROW(cuda::moe_experts_up_nvfp4(buf.get(), DType::F32, 1, 2, bf16_ungated, MoeActivation::SwiGlu, perm,
+                                            buf.as<float>(), nullptr),
+                 std::invalid_argument);  // SwiGLU without bf16_gate
 }
 
 }  // namespace

@@ -1021,6 +1021,85 @@ void dispatch_m_tile(int m, F&& f) {
     else f.template operator()<16>();
 }
 
+// ---- NVFP4 with k a multiple of 16 but not of 32 (small models' MLPs, e.g. a shared expert of width 48) ----
+//
+// The kernels above read 32-element chunks (16 bytes of codes, two scales) from 16-byte aligned rows; with
+// k = 16 (mod 32) a row of k / 2 bytes starts only 8-byte aligned and ends in half a chunk. This one reads one
+// 16-element block (8 bytes of codes, one E4M3 scale) per lane step: a warp per output row, lanes striding
+// over the row's blocks, kBlockGemvTokens tokens per pass over the row (more tokens pass over it again, from
+// L1/L2). Real models' widths are multiples of 32 and never come here.
+constexpr int kBlockGemvWarps = 4;
+constexpr int kBlockGemvTokens = 8;
+
+//   x [m, k]; packed [n, k / 2]; scales [n, k / 16]; bias [n] or null; y [m, n]
+template <class XT>
+__global__ void __launch_bounds__(kBlockGemvWarps * 32)
+    gemv_nvfp4_block16_kernel(const XT* x, int m, int64_t k, const uint8_t* __restrict__ packed,
+                              const uint8_t* __restrict__ scales, float out_scale, const float* bias, XT* y,
+                              int64_t n) {
+    pdl_wait();  // everything below may depend on the previous kernel's output (x)
+    const int lane = threadIdx.x & 31;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kBlockGemvWarps + (threadIdx.x >> 5);
+    if (row >= n) return;  // the whole warp
+    const int64_t blocks = k / 16;
+    const uint2* q = reinterpret_cast<const uint2*>(packed + row * (k / 2));  // 8-byte aligned: k / 2 % 8 == 0
+    const uint8_t* s = scales + row * blocks;
+    const float b = bias != nullptr ? bias[row] : 0.0f;
+    for (int t0 = 0; t0 < m; t0 += kBlockGemvTokens) {
+        const int nt = min(kBlockGemvTokens, m - t0);
+        float acc[kBlockGemvTokens];
+#pragma unroll
+        for (int i = 0; i < kBlockGemvTokens; ++i) acc[i] = 0.0f;
+        for (int64_t blk = lane; blk < blocks; blk += 32) {
+            const uint2 codes = __ldg(q + blk);
+            float lo[8], hi[8];
+            e2m1x8_to_float(codes.x, lo);  // elements 0..7 of the block (times 2^-14)
+            e2m1x8_to_float(codes.y, hi);  // elements 8..15
+            const float sc = e4m3_exact(__ldg(s + blk));
+#pragma unroll
+            for (int i = 0; i < kBlockGemvTokens; ++i) {
+                if (i >= nt) break;  // warp-uniform
+                const XT* xr = x + static_cast<int64_t>(t0 + i) * k + blk * 16;
+                float xv[8];
+                float part = 0.0f;
+                load_x8<XLoad::Coherent>(xr, xv);  // coherent: x is the previous kernel's output (pdl.cuh)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) part = fmaf(lo[j], xv[j], part);
+                load_x8<XLoad::Coherent>(xr + 8, xv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) part = fmaf(hi[j], xv[j], part);
+                acc[i] = fmaf(part, sc, acc[i]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < kBlockGemvTokens; ++i) {
+            if (i >= nt) break;  // warp-uniform
+            float v = acc[i];
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) store_y(y + static_cast<int64_t>(t0 + i) * n + row, v * out_scale + b);
+        }
+    }
+}
+
+void launch_nvfp4_block16(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias,
+                          void* y, cudaStream_t stream) {
+    if (m > 0x7fffffff || (w.n + kBlockGemvWarps - 1) / kBlockGemvWarps > 0x7fffffff)
+        throw std::invalid_argument("gemv_nvfp4: m = " + std::to_string(m) + ", n = " + std::to_string(w.n) +
+                                    " too large for k = " + std::to_string(w.k));
+    const dim3 grid(static_cast<unsigned>((w.n + kBlockGemvWarps - 1) / kBlockGemvWarps));
+    // 2^14 undoes the fp16 placement of the E2M1 codes (exact: a power of two).
+    const float out_scale = w.global_scale * 16384.0f;
+    if (dtype == DType::F32)
+        launch_pdl(gemv_nvfp4_block16_kernel<float>, grid, dim3(kBlockGemvWarps * 32), 0, stream,
+                   static_cast<const float*>(x), static_cast<int>(m), w.k, w.packed, w.scales, out_scale, bias,
+                   static_cast<float*>(y), w.n);
+    else
+        launch_pdl(gemv_nvfp4_block16_kernel<__nv_bfloat16>, grid, dim3(kBlockGemvWarps * 32), 0, stream,
+                   static_cast<const __nv_bfloat16*>(x), static_cast<int>(m), w.k, w.packed, w.scales, out_scale,
+                   bias, static_cast<__nv_bfloat16*>(y), w.n);
+}
+
 void check_common(const void* x, DType dtype, int64_t m, const void* y, int64_t n, int64_t k, const char* what) {
     if (dtype != DType::F32 && dtype != DType::BF16)
         throw std::invalid_argument(std::string(what) + ": activations must be F32 or BF16");
@@ -1029,9 +1108,14 @@ void check_common(const void* x, DType dtype, int64_t m, const void* y, int64_t 
         throw std::invalid_argument(std::string(what) + ": x and y must be 16-byte aligned");
 }
 
-void check_nvfp4(const void* x, DType dtype, int64_t m, const void* y, const Nvfp4DeviceWeight& w) {
+// k_multiple: 32 for the chunked kernels, 16 for the dispatcher (gemv_nvfp4 sends k = 16 mod 32 to the
+// 16-element block kernel).
+void check_nvfp4(const void* x, DType dtype, int64_t m, const void* y, const Nvfp4DeviceWeight& w,
+                 int64_t k_multiple = 32) {
     check_common(x, dtype, m, y, w.n, w.k, "gemv_nvfp4");
-    if (w.k % 32 != 0) throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of 32");
+    if (w.k % k_multiple != 0)
+        throw std::invalid_argument("gemv_nvfp4: k = " + std::to_string(w.k) + " is not a multiple of " +
+                                    std::to_string(k_multiple));
     if ((reinterpret_cast<uintptr_t>(w.packed) % 16) != 0 || (reinterpret_cast<uintptr_t>(w.scales) % 2) != 0)
         throw std::invalid_argument("gemv_nvfp4: packed weights must be 16-byte aligned, scales 2-byte aligned");
 }
@@ -1050,8 +1134,13 @@ void run_tiles(const void* x, int64_t m, int64_t n, int64_t k, void* y, Launch&&
 
 void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream) {
-    check_nvfp4(x, dtype, m, y, w);
+    check_nvfp4(x, dtype, m, y, w, 16);
     if (m == 0 || w.n == 0) return;
+    if (w.k % 32 != 0) {  // only k = 16 (mod 32): small test models; the kernels below take whole 32-chunks
+        launch_nvfp4_block16(x, dtype, m, w, bias, y, stream);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     // m = 1 below 65536 rows: the CUDA-core kernel measured 12-15% faster (docs/perf.md, version 2);
     // the tensor-core kernel wins at lm_head size and at every m >= 4.
     if (m == 1 && w.n < 65536) {

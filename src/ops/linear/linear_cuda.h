@@ -11,7 +11,8 @@
 //   FP8   w [n, k] E4M3 (float8_e4m3fn); value = e4m3 * scale (the per-tensor weight_scale)
 //   bias  [n] float32, or null
 //   y     [m, n]            same dtype as x
-// Preconditions (checked, std::invalid_argument): NVFP4 k % 32 == 0, BF16 and FP8 k % 16 == 0; 16-byte aligned
+// Preconditions (checked, std::invalid_argument): NVFP4 k % 32 == 0 (gemv_nvfp4 itself: k % 16 == 0, sending
+// k = 16 mod 32 to a plain kernel of 16-element blocks), BF16 and FP8 k % 16 == 0; 16-byte aligned
 // x, W and scale rows follow from those when the base pointers are 16-byte aligned (cudaMalloc's are).
 // E4M3 scale and FP8 weight codes 0x7f/0xff (NaN) are not detected: checkpoints never hold them.
 #pragma once
@@ -31,6 +32,8 @@ struct Nvfp4DeviceWeight {
     int64_t n = 0, k = 0;
 };
 
+// k % 32 == 0: the kernels below (unchanged dispatch); k = 16 (mod 32), which no real model has (a small
+// test model's shared expert of width 48): a CUDA-core kernel of one 16-element block a lane step, a warp a row.
 void gemv_nvfp4(const void* x, DType dtype, int64_t m, const Nvfp4DeviceWeight& w, const float* bias, void* y,
                 cudaStream_t stream);
 

@@ -1227,6 +1227,123 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
         }
 }
 
+// ---- the plain expert GEMV (moe_uses_plain_kernel): BF16 experts, or widths not a multiple of 32 ----
+//
+// One warp per (output row, sorted position): lanes stride over the row's 16-element blocks of k (NVFP4: 8
+// bytes of codes and one E4M3 scale, rows only 8-byte aligned when k = 16 mod 32; BF16: 32 bytes), then a
+// warp sum. Simple and exact in structure, not fast: only small test models come here.
+constexpr int kPlainWarps = 4;
+constexpr int kPlainMaxGridY = 65535;
+
+// Block blk (16 elements) of row `row` of one expert's matrix of k columns, dotted with the inputs x0 (its
+// elements 0..7) and x1 (8..15). NVFP4: the block's sum times its E4M3 scale, in units of 2^-14 (the caller
+// applies global_scale * 2^14); BF16: the plain sum.
+__device__ __forceinline__ float nvfp4_block_dot(const Nvfp4DeviceWeight& w, int64_t row, int64_t k, int64_t blk,
+                                                 const float (&x0)[8], const float (&x1)[8]) {
+    const uint2 codes = __ldg(reinterpret_cast<const uint2*>(w.packed + row * (k / 2)) + blk);
+    float lo[8], hi[8];
+    e2m1x8_to_float(codes.x, lo);
+    e2m1x8_to_float(codes.y, hi);
+    float part = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) part = fmaf(lo[j], x0[j], part);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) part = fmaf(hi[j], x1[j], part);
+    return part * e4m3_exact(__ldg(w.scales + row * (k / 16) + blk));
+}
+__device__ __forceinline__ float bf16_block_dot(const uint16_t* w, int64_t row, int64_t k, int64_t blk,
+                                                const float (&x0)[8], const float (&x1)[8]) {
+    const uint4* p = reinterpret_cast<const uint4*>(w + row * k + blk * 16);  // 32-byte aligned: k % 16 == 0
+    float part = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const uint4 u = __ldg(p + h);
+        const float(&xv)[8] = h == 0 ? x0 : x1;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t wd = word_of(u, j);
+            part = fmaf(__uint_as_float(wd << 16), xv[2 * j], part);
+            part = fmaf(__uint_as_float(wd & 0xffff0000u), xv[2 * j + 1], part);
+        }
+    }
+    return part;
+}
+
+// out[p, row] for every sorted position p < offsets[n_experts] (grid.y strides over them) and the rows of
+// this CTA's warps. Input row of position p: x[sorted_pairs[p] / top_k] when kGather, else x[p]. The
+// expert of p: the last e with offsets[e] <= p. SwiGlu reads matrix 0 (gate) and 1 (up), the others 1.
+// kBf16: b0s / b1s [n_experts, n, k] BF16; else w0s / w1s NVFP4 tables.
+template <class XT, bool kGather, Epilogue kEpi, bool kBf16>
+__global__ void __launch_bounds__(kPlainWarps * 32)
+    moe_plain_gemv_kernel(const XT* x, int64_t k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
+                          const Nvfp4DeviceWeight* __restrict__ w1s, const uint16_t* __restrict__ b0s,
+                          const uint16_t* __restrict__ b1s, int64_t n, const int32_t* offsets,
+                          const int32_t* sorted_pairs, int n_experts, float* out) {
+    pdl_wait();  // the permutation and x come from the kernels before
+    constexpr bool kGated = kEpi == Epilogue::SwiGlu;
+    const int lane = threadIdx.x & 31;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kPlainWarps + (threadIdx.x >> 5);
+    if (row >= n) return;  // the whole warp
+    const int total = offsets[n_experts];  // routed pairs (dropped ids have no position)
+    const int64_t blocks = k / 16;
+    for (int p = static_cast<int>(blockIdx.y); p < total; p += static_cast<int>(gridDim.y)) {
+        int lo = 0, hi = n_experts - 1;  // offsets[lo] <= p < offsets[hi + 1]
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (offsets[mid] <= p) lo = mid;
+            else hi = mid - 1;
+        }
+        const int e = lo;
+        const int64_t src = kGather ? sorted_pairs[p] / top_k : p;
+        const XT* xr = x + src * k;
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int64_t blk = lane; blk < blocks; blk += 32) {
+            float x0[8], x1[8];
+            load8(xr + blk * 16, x0);
+            load8(xr + blk * 16 + 8, x1);
+            if constexpr (kBf16) {
+                const int64_t mat = static_cast<int64_t>(e) * n * k;  // expert e's matrix
+                a1 += bf16_block_dot(b1s + mat, row, k, blk, x0, x1);
+                if constexpr (kGated) a0 += bf16_block_dot(b0s + mat, row, k, blk, x0, x1);
+            } else {
+                a1 += nvfp4_block_dot(w1s[e], row, k, blk, x0, x1);
+                if constexpr (kGated) a0 += nvfp4_block_dot(w0s[e], row, k, blk, x0, x1);
+            }
+        }
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) {
+            a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+            if constexpr (kGated) a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+        }
+        float u = a1, g = a0;
+        if constexpr (!kBf16) {
+            u *= w1s[e].global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
+            if constexpr (kGated) g *= w0s[e].global_scale * 16384.0f;
+        }
+        float v = u;
+        if constexpr (kEpi == Epilogue::SwiGlu) v = g / (1.0f + expf(-g)) * u;
+        else if constexpr (kEpi == Epilogue::Relu2) v = u > 0.0f ? u * u : 0.0f;
+        if (lane == 0) out[static_cast<int64_t>(p) * n + row] = v;
+    }
+}
+
+// The plain GEMV over n output rows of k inputs for up to `pairs` sorted positions.
+template <class XT, bool kGather, Epilogue kEpi>
+void launch_plain_gemv(const XT* x, int64_t k, int64_t top_k, int64_t pairs, const MoeDeviceExperts& ex,
+                       bool down, int64_t n, const MoePermutation& perm, float* out, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>((n + kPlainWarps - 1) / kPlainWarps),
+                    static_cast<unsigned>(std::min<int64_t>(pairs, kPlainMaxGridY)));
+    const int tk = static_cast<int>(top_k), ne = static_cast<int>(ex.n_experts);
+    if (ex.bf16_weights())
+        launch_pdl(moe_plain_gemv_kernel<XT, kGather, kEpi, true>, grid, dim3(kPlainWarps * 32), 0, stream, x, k,
+                   tk, nullptr, nullptr, down ? nullptr : ex.bf16_gate, down ? ex.bf16_down : ex.bf16_up, n,
+                   perm.offsets, perm.sorted_pairs, ne, out);
+    else
+        launch_pdl(moe_plain_gemv_kernel<XT, kGather, kEpi, false>, grid, dim3(kPlainWarps * 32), 0, stream, x, k,
+                   tk, down ? nullptr : ex.gate, down ? ex.down : ex.up, nullptr, nullptr, n, perm.offsets,
+                   perm.sorted_pairs, ne, out);
+}
+
 constexpr int kCombineThreads = 256;
 constexpr int kCombineTargetCtas = 264;  // two CTAs an SM of an H100: small m splits the columns
 
@@ -1357,13 +1474,21 @@ unsigned gemm_grid(int64_t m, int64_t top_k, const MoeDeviceExperts& ex, int64_t
 
 void check_experts(const MoeDeviceExperts& ex, int64_t m, int64_t top_k, const char* what) {
     if (ex.n_experts < 1 || ex.n_experts > 1024) bad(std::string(what) + ": n_experts must be in 1..1024");
-    if (ex.n_embd <= 0 || ex.n_embd % 32 != 0 || ex.n_ff <= 0 || ex.n_ff % 32 != 0)
+    // Multiples of 32 run the GEMV / GEMM, of 16 (whole NVFP4 blocks) the plain GEMV.
+    if (ex.n_embd <= 0 || ex.n_embd % 16 != 0 || ex.n_ff <= 0 || ex.n_ff % 16 != 0)
         bad(std::string(what) + ": n_embd " + std::to_string(ex.n_embd) + " and n_ff " +
-            std::to_string(ex.n_ff) + " must be positive multiples of 32");
+            std::to_string(ex.n_ff) + " must be positive multiples of 16");
     // top_k may exceed n_experts when the ids were localized (moe_localize_ids: a rank's few experts).
     if (top_k < 1 || top_k > kMaxTopK || m < 0 || m * top_k > 0x7fffffff)
         bad(std::string(what) + ": m " + std::to_string(m) + " x top_k " + std::to_string(top_k) +
             " out of range");
+    if (ex.bf16_weights() || ex.bf16_down != nullptr || ex.bf16_gate != nullptr) {
+        if (ex.bf16_up == nullptr || ex.bf16_down == nullptr || ex.up != nullptr || ex.down != nullptr ||
+            ex.gate != nullptr)
+            bad(std::string(what) + ": BF16 experts need bf16_up and bf16_down, and no NVFP4 arrays beside them");
+        for (const uint16_t* p : {ex.bf16_gate, ex.bf16_up, ex.bf16_down}) check_aligned(p, what, "BF16 experts");
+        return;
+    }
     if (ex.up == nullptr || ex.down == nullptr) bad(std::string(what) + ": expert weight arrays missing");
 }
 
@@ -1462,6 +1587,10 @@ bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activat
     return activations == DType::BF16 && m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
 }
 
+bool moe_uses_plain_kernel(const MoeDeviceExperts& experts) {
+    return experts.bf16_weights() || experts.n_embd % 32 != 0 || experts.n_ff % 32 != 0;
+}
+
 namespace {
 
 // Calls launch.template operator()<XT, kEpi>() for the activation dtype (F32 or BF16) and the up projection's
@@ -1491,10 +1620,20 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     check_experts(experts, m, top_k, what);
     check_aligned(x, what, "x");
     check_aligned(h, what, "h");
-    if (act == MoeActivation::SwiGlu && experts.gate == nullptr)
+    if (act == MoeActivation::SwiGlu &&
+        (experts.bf16_weights() ? experts.bf16_gate == nullptr : experts.gate == nullptr))
         bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
     if (m == 0) return;
     const bool swiglu = act == MoeActivation::SwiGlu;
+    if (moe_uses_plain_kernel(experts)) {
+        auto launch = [&]<class XT, Epilogue kEpi>() {
+            launch_plain_gemv<XT, true, kEpi>(static_cast<const XT*>(x), experts.n_embd, top_k, m * top_k, experts,
+                                              /*down=*/false, experts.n_ff, perm, h, stream);
+        };
+        launch_up_variant(dtype, swiglu, launch);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     if (use_gemm(kernel, m, top_k, experts.n_experts, dtype)) {
         const int64_t out_cols = swiglu ? kGemmWRows / 2 : kGemmWRows;
         const int64_t col_tiles = (experts.n_ff + out_cols - 1) / out_cols;
@@ -1537,6 +1676,12 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     check_aligned(h, what, "h");
     check_aligned(o, what, "o");
     if (m == 0) return;
+    if (moe_uses_plain_kernel(experts)) {
+        launch_plain_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, m * top_k, experts, /*down=*/true,
+                                                        experts.n_embd, perm, o, stream);
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     if (use_gemm(kernel, m, top_k, experts.n_experts, DType::BF16)) {
         const int64_t col_tiles = (experts.n_embd + kGemmWRows - 1) / kGemmWRows;
         launch_pdl(moe_gemm_nvfp4_kernel<float, false, Epilogue::None>,

@@ -30,7 +30,9 @@
 // bits; the per-expert global scale is applied in float32 in the epilogue). Its A operands are rounded to
 // BF16: x when it is F32, and h (stored float32 as for the GEMV) when the down GEMM reads it.
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
-// Preconditions (std::invalid_argument): n_embd and n_ff multiples of 32, 16-byte aligned x, h, o;
+// Expert weights may also be BF16 (MoeDeviceExperts' bf16_* arrays), and n_embd / n_ff multiples of 16 only:
+// both run a plain per-row GEMV (moe_uses_plain_kernel) in place of the kernels above.
+// Preconditions (std::invalid_argument): n_embd and n_ff multiples of 16, 16-byte aligned x, h, o;
 // 1 <= n_experts <= 1024, 1 <= top_k <= 32 (routers: top_k <= n_experts too). Not checked (the tables
 // live on the device): each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of
 // cudaMalloc'd tensors and of any row-aligned slice of them).
@@ -84,12 +86,23 @@ enum class MoeExpertKernel { Auto, Gemv, Gemm };
 constexpr int64_t kMoeGemmMinTokensPerExpert = 8;
 bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activations);
 
+// NVFP4 experts (gate / up / down) or BF16 experts (bf16_gate / bf16_up / bf16_down), one of the two sets.
 struct MoeDeviceExperts {
     const Nvfp4DeviceWeight* gate = nullptr;  // device array [n_experts], each [n_ff, n_embd]; SwiGlu only
     const Nvfp4DeviceWeight* up = nullptr;    // device array [n_experts], each [n_ff, n_embd]
     const Nvfp4DeviceWeight* down = nullptr;  // device array [n_experts], each [n_embd, n_ff]
     int64_t n_experts = 0, n_embd = 0, n_ff = 0;
+    const uint16_t* bf16_gate = nullptr;      // [n_experts, n_ff, n_embd] BF16, 16-byte aligned; SwiGlu only
+    const uint16_t* bf16_up = nullptr;        // [n_experts, n_ff, n_embd]
+    const uint16_t* bf16_down = nullptr;      // [n_experts, n_embd, n_ff]
+    bool bf16_weights() const { return bf16_up != nullptr; }
 };
+
+// Whether moe_experts_up_nvfp4 / moe_experts_down_nvfp4 run the plain expert GEMV whatever MoeExpertKernel
+// asks: BF16 experts, or n_embd or n_ff not a multiple of 32 (whole 16-element NVFP4 blocks only; small test
+// models). One warp per (sorted position, output row), float32 arithmetic on the activations as the GEMV's.
+// NVFP4 experts whose widths are multiples of 32 (every real model's) keep the GEMV / GEMM dispatch below.
+bool moe_uses_plain_kernel(const MoeDeviceExperts& experts);
 
 // h[p] = act(x[token of sorted pair p]) for the m * top_k sorted positions p:
 //   SwiGlu: silu(x W_gate^T) * (x W_up^T);  Relu2: relu(x W_up^T)^2
