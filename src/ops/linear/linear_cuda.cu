@@ -1027,16 +1027,16 @@ void dispatch_m_tile(int m, F&& f) {
 // k = 16 (mod 32) a row of k / 2 bytes starts only 8-byte aligned and ends in half a chunk. This one reads one
 // 16-element block (8 bytes of codes, one E4M3 scale) per lane step: a warp per output row, lanes striding
 // over the row's blocks, kBlockGemvTokens tokens per pass over the row (more tokens pass over it again, from
-// L1/L2). Real models' widths are multiples of 32 and never come here.
+// L1/L2). Real models' widths are multiples of 32 and never come here. Plain (coherent) loads only and nothing
+// before the grid-dependency wait: no non-coherent load ptxas could hoist above it (cuda/pdl.cuh).
 constexpr int kBlockGemvWarps = 4;
 constexpr int kBlockGemvTokens = 8;
 
 //   x [m, k]; packed [n, k / 2]; scales [n, k / 16]; bias [n] or null; y [m, n]
 template <class XT>
 __global__ void __launch_bounds__(kBlockGemvWarps * 32)
-    gemv_nvfp4_block16_kernel(const XT* x, int m, int64_t k, const uint8_t* __restrict__ packed,
-                              const uint8_t* __restrict__ scales, float out_scale, const float* bias, XT* y,
-                              int64_t n) {
+    gemv_nvfp4_block16_kernel(const XT* x, int m, int64_t k, const uint8_t* packed, const uint8_t* scales,
+                              float out_scale, const float* bias, XT* y, int64_t n) {
     pdl_wait();  // everything below may depend on the previous kernel's output (x)
     const int lane = threadIdx.x & 31;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kBlockGemvWarps + (threadIdx.x >> 5);
@@ -1051,18 +1051,18 @@ __global__ void __launch_bounds__(kBlockGemvWarps * 32)
 #pragma unroll
         for (int i = 0; i < kBlockGemvTokens; ++i) acc[i] = 0.0f;
         for (int64_t blk = lane; blk < blocks; blk += 32) {
-            const uint2 codes = __ldg(q + blk);
+            const uint2 codes = q[blk];
             float lo[8], hi[8];
             e2m1x8_to_float(codes.x, lo);  // elements 0..7 of the block (times 2^-14)
             e2m1x8_to_float(codes.y, hi);  // elements 8..15
-            const float sc = e4m3_exact(__ldg(s + blk));
+            const float sc = e4m3_exact(s[blk]);
 #pragma unroll
             for (int i = 0; i < kBlockGemvTokens; ++i) {
                 if (i >= nt) break;  // warp-uniform
                 const XT* xr = x + static_cast<int64_t>(t0 + i) * k + blk * 16;
                 float xv[8];
                 float part = 0.0f;
-                load_x8<XLoad::Coherent>(xr, xv);  // coherent: x is the previous kernel's output (pdl.cuh)
+                load_x8<XLoad::Coherent>(xr, xv);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) part = fmaf(lo[j], xv[j], part);
                 load_x8<XLoad::Coherent>(xr + 8, xv);

@@ -1231,7 +1231,8 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
 //
 // One warp per (output row, sorted position): lanes stride over the row's 16-element blocks of k (NVFP4: 8
 // bytes of codes and one E4M3 scale, rows only 8-byte aligned when k = 16 mod 32; BF16: 32 bytes), then a
-// warp sum. Simple and exact in structure, not fast: only small test models come here.
+// warp sum. Simple, not fast: only small test models come here. Plain (coherent) loads only, weights too, and
+// nothing before the grid-dependency wait: no non-coherent load ptxas could hoist above it (cuda/pdl.cuh).
 constexpr int kPlainWarps = 4;
 constexpr int kPlainMaxGridY = 65535;
 
@@ -1240,7 +1241,7 @@ constexpr int kPlainMaxGridY = 65535;
 // applies global_scale * 2^14); BF16: the plain sum.
 __device__ __forceinline__ float nvfp4_block_dot(const Nvfp4DeviceWeight& w, int64_t row, int64_t k, int64_t blk,
                                                  const float (&x0)[8], const float (&x1)[8]) {
-    const uint2 codes = __ldg(reinterpret_cast<const uint2*>(w.packed + row * (k / 2)) + blk);
+    const uint2 codes = reinterpret_cast<const uint2*>(w.packed + row * (k / 2))[blk];
     float lo[8], hi[8];
     e2m1x8_to_float(codes.x, lo);
     e2m1x8_to_float(codes.y, hi);
@@ -1249,7 +1250,7 @@ __device__ __forceinline__ float nvfp4_block_dot(const Nvfp4DeviceWeight& w, int
     for (int j = 0; j < 8; ++j) part = fmaf(lo[j], x0[j], part);
 #pragma unroll
     for (int j = 0; j < 8; ++j) part = fmaf(hi[j], x1[j], part);
-    return part * e4m3_exact(__ldg(w.scales + row * (k / 16) + blk));
+    return part * e4m3_exact(w.scales[row * (k / 16) + blk]);
 }
 __device__ __forceinline__ float bf16_block_dot(const uint16_t* w, int64_t row, int64_t k, int64_t blk,
                                                 const float (&x0)[8], const float (&x1)[8]) {
@@ -1257,7 +1258,7 @@ __device__ __forceinline__ float bf16_block_dot(const uint16_t* w, int64_t row, 
     float part = 0.0f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const uint4 u = __ldg(p + h);
+        const uint4 u = p[h];
         const float(&xv)[8] = h == 0 ? x0 : x1;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -1275,9 +1276,9 @@ __device__ __forceinline__ float bf16_block_dot(const uint16_t* w, int64_t row, 
 // kBf16: b0s / b1s [n_experts, n, k] BF16; else w0s / w1s NVFP4 tables.
 template <class XT, bool kGather, Epilogue kEpi, bool kBf16>
 __global__ void __launch_bounds__(kPlainWarps * 32)
-    moe_plain_gemv_kernel(const XT* x, int64_t k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
-                          const Nvfp4DeviceWeight* __restrict__ w1s, const uint16_t* __restrict__ b0s,
-                          const uint16_t* __restrict__ b1s, int64_t n, const int32_t* offsets,
+    moe_plain_gemv_kernel(const XT* x, int64_t k, int top_k, const Nvfp4DeviceWeight* w0s,
+                          const Nvfp4DeviceWeight* w1s, const uint16_t* b0s, const uint16_t* b1s, int64_t n,
+                          const int32_t* offsets,
                           const int32_t* sorted_pairs, int n_experts, float* out) {
     pdl_wait();  // the permutation and x come from the kernels before
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
