@@ -17,6 +17,9 @@
 // 16 u32 |a| (SwiGLU: expf, the add, division and multiply on both sides; relu^2: 4 u32 |a| for the
 // square); the down GEMV adds sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine
 // sum |w_j| do_j + 2 (top_k + 1) u32 (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
+// The plain GEMV (moe_uses_plain_kernel: BF16 experts, or widths of 16 mod 32) sums in float32 as the GEMV
+// does (a block's 16 products, its scale, the blocks, a warp sum: far fewer than k + 32 roundings), under the
+// same bound; for BF16 experts S is over the BF16 weights.
 // The grouped GEMM (MoeExpertKernel::Gemm) multiplies BF16 operands: its dequantized weights are exact in
 // BF16, but F32 activations x are rounded (u_bf16 |x_i| each: u_bf16 sum |w x| more on every up / gate
 // output) and so is h before the down GEMM (u_bf16 (|a| + da) more on each a).
