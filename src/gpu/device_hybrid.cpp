@@ -282,6 +282,11 @@ DeviceHybrid upload_hybrid(const ModelConfig& c, const HybridView& view) {
     d.v_scales = view.v_scales;
     if (converted)
         log::info("CUDA backend: F32/F16 dense weights were converted to BF16 on upload (its kernels read BF16)");
+    const bool bf16_experts = std::any_of(d.layers.begin(), d.layers.end(),
+                                          [](const DeviceHybridLayer& L) { return L.experts.bf16.bytes() != 0; });
+    if (bf16_experts)
+        log::warn("CUDA backend: the routed experts are BF16 and run on a plain GEMV meant for small test models; "
+                  "quantize the checkpoint to NVFP4 (nibble quantize) for the fast MoE kernels");
     return d;
 }
 
