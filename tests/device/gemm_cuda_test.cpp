@@ -186,7 +186,7 @@ TEST(GemmCuda, Nvfp4DequantizeIsExact) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     std::uniform_int_distribution<int> byte(0, 255);
-    const int64_t n = 64, k = 256;
+    const int64_t n = 96, k = 1040;  // 6,240 blocks: the last thread block of 256 partly past the end
     std::vector<uint8_t> packed(static_cast<size_t>(n * k / 2)), scales(static_cast<size_t>(n * k / 16));
     for (auto& b : packed) b = static_cast<uint8_t>(byte(rng));
     for (auto& s : scales) do s = static_cast<uint8_t>(byte(rng));
@@ -207,6 +207,27 @@ TEST(GemmCuda, Nvfp4DequantizeIsExact) {
                 ADD_FAILURE() << "row " << r << " col " << j << ": device " << got[static_cast<size_t>(r * k + j)]
                               << " host " << row[static_cast<size_t>(j)];
     }
+    EXPECT_EQ(bad, 0);
+}
+
+TEST(GemmCuda, Fp8DequantizeIsExact) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    std::uniform_int_distribution<int> byte(0, 255);
+    const int64_t n = 40, k = 2056;  // 10,280 octets: the last thread block of 256 partly past the end
+    std::vector<uint8_t> w(static_cast<size_t>(n * k));
+    for (auto& b : w) do b = static_cast<uint8_t>(byte(rng));
+        while ((b & 0x7f) == 0x7f);  // no NaN codes
+    cuda::DeviceBuffer dw(w.size()), out(w.size() * 2);
+    dw.upload(w.data(), w.size());
+    out.fill_bytes(0xff);
+    cuda::dequantize_fp8_to_bf16(dw.as<uint8_t>(), n, k, out.as<uint16_t>(), nullptr);
+    std::vector<uint16_t> got(w.size());
+    out.download(got.data(), got.size() * 2);
+    int bad = 0;
+    for (size_t i = 0; i < w.size(); ++i)
+        if (got[i] != bf16_from_float(e4m3_to_float(w[i])) && ++bad <= 5)
+            ADD_FAILURE() << "element " << i << ": device " << got[i] << " host " << e4m3_to_float(w[i]);
     EXPECT_EQ(bad, 0);
 }
 
