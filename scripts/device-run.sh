@@ -10,7 +10,12 @@ set -uo pipefail
 pack="${NIBBLE_PACK:-.carry/pack.tar.xz}"
 root="/tmp/nibble-pack-$(basename "$pack" .tar.xz)"
 mkdir -p "$root" && tar -C "$root" -xJf "$pack"
-export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# NCCL: the one this build's headers are from (2.28.9, CUDA 13's) when the machine has it, so that NCCL's device
+# API (the fused all-reduce + norm of tensor parallelism) can run: the lent machines' system NCCL is 2.28.3, and
+# their PyTorch environment carries 2.28.9. NIBBLE_NCCL_LIB_DIR overrides.
+nccl_dir="${NIBBLE_NCCL_LIB_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib}"
+[[ -d "$nccl_dir" ]] || nccl_dir=""
+export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64${nccl_dir:+:$nccl_dir}:${LD_LIBRARY_PATH:-}"
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader

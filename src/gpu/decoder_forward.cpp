@@ -122,12 +122,16 @@ void DecoderForward::set_communicator(Communicator* comm) {
                  comm ? comm->rank() : 0, w_.tp.rank);
     comm_ = comm;
     reduce_rows_ = nullptr;
-    // Every rank calls this at the same point with the same sizes (the fast buffer is collective).
-    if (comm_ != nullptr && w_.sharded())
-        reduce_rows_ = comm_->fast_buffer(static_cast<size_t>(max_tokens_ * w_.config.n_embd) * dtype_size(act_));
-    if (comm_ != nullptr && w_.sharded())
-        log::info("tensor parallelism: all-reduces on {}", reduce_rows_ ? "the communicator's symmetric buffer"
-                                                                        : "the forward's own buffer");
+    // Every rank calls this at the same point with the same sizes (the fast buffer is collective). Two halves:
+    // the fused reduce + norm alternates between them (Communicator::all_reduce_residual_rmsnorm).
+    if (comm_ == nullptr || !w_.sharded()) return;
+    const size_t rows_bytes = static_cast<size_t>(max_tokens_ * w_.config.n_embd) * dtype_size(act_);
+    reduce_rows_ = comm_->fast_buffer(2 * rows_bytes);
+    const bool fused = comm_->can_all_reduce_residual_rmsnorm(1, w_.config.n_embd, act_);
+    log::info("tensor parallelism: all-reduces on {}; decode steps {}",
+              reduce_rows_ ? "the communicator's symmetric buffer" : "the forward's own buffer",
+              fused ? "fuse each all-reduce with the residual add and the next norm (NCCL device API)"
+                    : "all-reduce, then norm");
 }
 
 void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
@@ -380,6 +384,19 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     auto all_reduce = [&](void* rows) {
         if (sharded) comm_->all_reduce_sum(rows, m * d, act_);
     };
+    // Decode steps of a group whose communicator fuses the sum with the residual add and the next norm: each
+    // row-parallel output goes to the other half of the fast buffer than the one before (a peer may still be
+    // reading the last one), and h_ready says the fused step already made the next layer's h.
+    const bool fuse_norm = sharded && reduce_rows_ != nullptr && comm_->can_all_reduce_residual_rmsnorm(m, d, act_);
+    int half = 1;  // the embedding's NCCL all-reduce just used half 0
+    auto fused_out = [&]() -> void* {
+        return static_cast<char*>(reduce_rows_) + static_cast<size_t>(half) * max_tokens_ * d * dtype_size(act_);
+    };
+    auto reduce_norm = [&](void* rows, const float* weight) {
+        comm_->all_reduce_residual_rmsnorm(rows, m, d, act_, x_.get(), weight, c.norm_eps, h_.get());
+        half ^= 1;
+    };
+    bool h_ready = false;
     if (sharded) {  // each rank's vocabulary rows, summed into the residual stream
         cuda::embed_shard(static_cast<const uint16_t*>(w_.embed.get()), w_.tp.vocab.begin, c.vocab_size, d, b.tokens,
                           m, act_, proj, stream);
@@ -394,9 +411,10 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         const DeviceDecoderLayer& L = w_.layers[il];
         if (il == 0)
             cuda::rmsnorm(x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(), stream);
-        else  // x += the previous layer's MLP output; h = norm(x)
+        else if (!h_ready)  // x += the previous layer's MLP output; h = norm(x)
             cuda::rmsnorm_residual(layer_out, x_.get(), act_, m, d, L.attn_norm.as<float>(), c.norm_eps, h_.get(),
                                    stream);
+        h_ready = false;
         const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
         if (gemv && fusable(L.q, L.k, L.v)) {  // one launch for q, k and v (the small shapes' tails overlap)
             const cuda::Nvfp4Projection p[3] = {{L.q.nvfp4(), L.q.bias_ptr(), q_.get()},
@@ -454,9 +472,15 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                       attn_.get(), stream);
             }, "attention");
         }
-        linear(L.o, attn_.get(), m, proj, stream, gemv_choice(il, 3), capture);
-        all_reduce(proj);
-        cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
+        if (fuse_norm) {
+            void* const out = fused_out();
+            linear(L.o, attn_.get(), m, out, stream, gemv_choice(il, 3), capture);
+            reduce_norm(out, L.mlp_norm.as<float>());
+        } else {
+            linear(L.o, attn_.get(), m, proj, stream, gemv_choice(il, 3), capture);
+            all_reduce(proj);
+            cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
+        }
         if (L.moe) {  // proj = sum over the top_k experts of weight * expert(h)
             const MoeConfig& e = c.moe;
             // Few experts (the tests' 4 or 8) make a GEMM too narrow to trust cuBLASLt with: the GEMV then.
@@ -503,13 +527,22 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
             cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
         }
+        if (fuse_norm) {  // with the next layer's input norm, or the final norm after the last layer
+            void* const out = fused_out();
+            linear(L.down, gate_.get(), m, out, stream, gemv_choice(il, 6), capture);
+            reduce_norm(out, il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
+                                                       : w_.final_norm.as<float>());
+            h_ready = true;
+            continue;
+        }
         linear(L.down, gate_.get(), m, proj, stream, gemv_choice(il, 6), capture);
         all_reduce(proj);
         layer_out = proj;
     }
     if (b.n_logit_rows == 0) return;
-    cuda::rmsnorm_residual(layer_out, x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(),
-                           stream);
+    if (!h_ready)
+        cuda::rmsnorm_residual(layer_out, x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(),
+                               stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
     if (!sharded)

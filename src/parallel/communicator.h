@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 
 #include "tensor/dtype.h"
 
@@ -30,6 +31,19 @@ public:
     // same size at the same point, and passes the same offsets into it to later collectives. Null when the
     // implementation has no such memory (callers then use their own).
     virtual void* fast_buffer(size_t bytes) { return nullptr; }
+    // Whether all_reduce_residual_rmsnorm takes m rows of d values of dtype (false: no such fused step here).
+    virtual bool can_all_reduce_residual_rmsnorm(int64_t m, int64_t d, DType dtype) const { return false; }
+    // In one step, the stores of all_reduce_sum(rows) followed by rmsnorm_residual(rows, residual, ...)
+    // (ops/rmsnorm/rmsnorm_cuda.h), except that rows itself is left as it was: residual = round(round(sum over
+    // ranks of rows) + residual), out = rmsnorm(residual) * weight. rows lies in this communicator's fast buffer,
+    // at the same offset on every rank, and may be written again only after the next such call (the caller
+    // alternates two buffers). Only where can_all_reduce_residual_rmsnorm says so.
+    //   rows, residual, out [m, d]; weight [d] float32
+    virtual void all_reduce_residual_rmsnorm(const void* rows, int64_t m, int64_t d, DType dtype, void* residual,
+                                             const float* weight, float eps, void* out) {
+        (void)rows, (void)m, (void)d, (void)dtype, (void)residual, (void)weight, (void)eps, (void)out;
+        throw std::logic_error("all_reduce_residual_rmsnorm: this communicator has no fused reduce");
+    }
 };
 
 }  // namespace nibble

@@ -3,6 +3,7 @@
 #include "parallel/nccl_communicator.h"
 
 #include <nccl.h>
+#include <nccl_device.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
+#include "parallel/lsa_reduce_norm_cuda.h"
 #include "parallel/tcp_rendezvous.h"
 
 namespace nibble {
@@ -90,6 +92,9 @@ NcclCommunicator::NcclCommunicator(const NcclBootstrap& b, cudaStream_t stream)
 
 NcclCommunicator::~NcclCommunicator() {
     if (comm_ != nullptr) {
+        if (dev_comm_ != nullptr) (void)ncclDevCommDestroy(comm_, dev_comm_);
+        delete dev_comm_;
+        if (reduce_scratch_ != nullptr) (void)cudaFree(reduce_scratch_);
         for (const Window& w : windows_) {
             (void)ncclCommWindowDeregister(comm_, static_cast<ncclWindow_t>(w.handle));
             (void)ncclMemFree(w.ptr);
@@ -116,8 +121,65 @@ void* NcclCommunicator::fast_buffer(size_t bytes) {
         (void)ncclMemFree(ptr);
         return nullptr;
     }
-    windows_.push_back({ptr, win});
+    windows_.push_back({ptr, bytes, win});
+    if (windows_.size() == 1) make_device_comm();
     return ptr;
+}
+
+// Collective like fast_buffer, which calls it: every rank takes the same branches (the same NCCL library and
+// environment on every rank of a node; across nodes the LSA check below fails alike everywhere).
+void NcclCommunicator::make_device_comm() {
+    if (const char* e = std::getenv("NIBBLE_LSA_NORM"); e != nullptr && std::string(e) == "0") return;
+    int version = 0;
+    if (ncclGetVersion(&version) != ncclSuccess || version != NCCL_VERSION_CODE) {
+        // The device API's structures are compiled in from nccl_device.h: only the library of that version
+        // is known to fill them the same way.
+        std::fprintf(stderr, "NCCL: runtime version %d, built against %d: the fused all-reduce + norm is off\n",
+                     version, NCCL_VERSION_CODE);
+        return;
+    }
+    ncclDevCommRequirements reqs;
+    std::memset(&reqs, 0, sizeof reqs);
+    reqs.lsaBarrierCount = static_cast<int>(cuda::kLsaReduceNormMaxSlices);
+    auto* dc = new ncclDevComm;
+    const ncclResult_t rc = ncclDevCommCreate(comm_, &reqs, dc);
+    if (rc != ncclSuccess) {
+        std::fprintf(stderr, "NCCL: no device communicator (%s): the fused all-reduce + norm is off\n",
+                     ncclGetErrorString(rc));
+        delete dc;
+        return;
+    }
+    if (dc->lsaSize != world_size_) {  // ranks on other nodes: not load/store accessible
+        (void)ncclDevCommDestroy(comm_, dc);
+        delete dc;
+        return;
+    }
+    dev_comm_ = dc;
+    NIBBLE_CUDA_CHECK(cudaMalloc(&reduce_scratch_, cuda::kLsaReduceNormScratchBytes));
+    NIBBLE_CUDA_CHECK(cudaMemset(reduce_scratch_, 0, cuda::kLsaReduceNormScratchBytes));
+}
+
+bool NcclCommunicator::can_all_reduce_residual_rmsnorm(int64_t m, int64_t d, DType dtype) const {
+    return dev_comm_ != nullptr && cuda::lsa_reduce_norm_supported(m, d, dtype);
+}
+
+void NcclCommunicator::all_reduce_residual_rmsnorm(const void* rows, int64_t m, int64_t d, DType dtype,
+                                                   void* residual, const float* weight, float eps, void* out) {
+    if (!can_all_reduce_residual_rmsnorm(m, d, dtype))
+        throw std::runtime_error("NcclCommunicator::all_reduce_residual_rmsnorm: not available for m = " +
+                                 std::to_string(m) + ", d = " + std::to_string(d));
+    const auto* at = static_cast<const char*>(rows);
+    const size_t bytes = static_cast<size_t>(m * d) * dtype_size(dtype);
+    for (const Window& w : windows_) {
+        const auto* base = static_cast<const char*>(w.ptr);
+        if (at < base || at + bytes > base + w.bytes) continue;
+        cuda::lsa_all_reduce_residual_rmsnorm(*dev_comm_, static_cast<ncclWindow_t>(w.handle),
+                                              static_cast<size_t>(at - base), m, d, dtype, residual, weight, eps, out,
+                                              reduce_scratch_, stream_);
+        return;
+    }
+    throw std::runtime_error("NcclCommunicator::all_reduce_residual_rmsnorm: the " + std::to_string(bytes) +
+                             " bytes of rows are not inside one fast buffer");
 }
 
 void NcclCommunicator::all_reduce_sum(void* data, int64_t count, DType dtype) {

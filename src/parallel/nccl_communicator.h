@@ -11,7 +11,8 @@
 #include "parallel/communicator.h"
 #include "parallel/parallel_options.h"
 
-struct ncclComm;  // nccl.h's communicator (ncclComm_t is a pointer to it)
+struct ncclComm;     // nccl.h's communicator (ncclComm_t is a pointer to it)
+struct ncclDevComm;  // nccl_device/core.h's device communicator
 
 namespace nibble {
 
@@ -56,14 +57,24 @@ public:
     // symmetric kernels, lower latency for the small all-reduces of decode); null, with a warning on stderr,
     // when this NCCL or system cannot (no CUMEM, an old NCCL). Freed with the communicator.
     void* fast_buffer(size_t bytes) override;
+    // The fused reduce of parallel/lsa_reduce_norm_cuda.h on rows in a fast buffer: available when NCCL's device
+    // API runs here (the runtime NCCL is the one built against, every rank load/store-accessible, i.e. one
+    // NVLink or P2P domain) and NIBBLE_LSA_NORM is not 0.
+    bool can_all_reduce_residual_rmsnorm(int64_t m, int64_t d, DType dtype) const override;
+    void all_reduce_residual_rmsnorm(const void* rows, int64_t m, int64_t d, DType dtype, void* residual,
+                                     const float* weight, float eps, void* out) override;
 
 private:
+    void make_device_comm();
     ncclComm* comm_ = nullptr;
     struct Window {
         void* ptr;
+        size_t bytes;
         void* handle;  // ncclWindow_t
     };
     std::vector<Window> windows_;
+    ncclDevComm* dev_comm_ = nullptr;  // null: no fused reduce
+    void* reduce_scratch_ = nullptr;   // the fused reduce's (lsa_reduce_norm_cuda.h)
     cudaStream_t stream_ = nullptr;
     int rank_ = 0, world_size_ = 1, device_ = 0;
 };
