@@ -13,9 +13,6 @@
 #include <gtest/gtest.h>
 
 #include <nccl.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -27,21 +24,10 @@
 #include "device_test_util.h"
 #include "parallel/lsa_reduce_norm_cuda.h"
 #include "parallel/nccl_communicator.h"
+#include "../parallel/free_port.h"
 
 namespace nibble {
 namespace {
-
-int unused_port() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    ::close(fd);
-    return ntohs(a.sin_port);
-}
 
 float round_to(float v, DType dtype) { return dtype == DType::BF16 ? bf16_to_float(bf16_from_float(v)) : v; }
 
@@ -133,7 +119,7 @@ TEST_P(LsaReduceNorm, MatchesTheHostReferenceOnEveryRank) {
     // got[rank][call]: residual and out after each call.
     std::vector<std::vector<std::vector<float>>> got_res(ranks), got_out(ranks);
     std::vector<std::string> errors(ranks);
-    const int port = unused_port();
+    const int port = test::free_port();
     std::vector<std::thread> threads;
     for (int r = 0; r < c.tp; ++r)
         threads.emplace_back([&, r] {

@@ -5,10 +5,6 @@
 // with four or more GPUs, four ranks likewise (the sum within the rounding bound of any order).
 #include <gtest/gtest.h>
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,22 +13,10 @@
 #include "cuda/cuda_check.h"
 #include "device_test_util.h"
 #include "parallel/nccl_communicator.h"
+#include "../parallel/free_port.h"
 
 namespace nibble {
 namespace {
-
-// A TCP port nobody listens on right now.
-int free_port() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    ::close(fd);
-    return ntohs(a.sin_port);
-}
 
 // Random values as raw bytes of `dtype` (F32 or BF16).
 std::vector<uint8_t> random_bytes(std::mt19937_64& rng, size_t n, DType dtype) {
@@ -57,7 +41,7 @@ TEST(NcclCommunicator, OneRankAllReduceAndAllGatherReturnTheInput) {
     NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));
     {
         // From the flags' defaults (one node, one GPU), as serve would build it.
-        const NcclBootstrap bootstrap = nccl_bootstrap(ParallelOptions{.master_port = free_port()}, 0);
+        const NcclBootstrap bootstrap = nccl_bootstrap(ParallelOptions{.master_port = test::free_port()}, 0);
         EXPECT_EQ(bootstrap.world_size, 1);
         EXPECT_EQ(bootstrap.rank, 0);
         NcclCommunicator comm(bootstrap, stream);
@@ -96,7 +80,7 @@ struct RankSums {
 };
 RankSums sum_and_gather_on_ranks(int tp, const std::vector<std::vector<float>>& host) {
     const size_t n = host[0].size(), ranks = static_cast<size_t>(tp);
-    const int port = free_port();
+    const int port = test::free_port();
     RankSums out{std::vector<std::vector<float>>(ranks, std::vector<float>(n)),
                  std::vector<std::vector<float>>(ranks, std::vector<float>(ranks * n))};
     std::vector<std::string> errors(ranks);

@@ -3,10 +3,6 @@
 // hang the others, and the unique-id hand-out between threads over 127.0.0.1.
 #include <gtest/gtest.h>
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <random>
 #include <thread>
@@ -16,6 +12,7 @@
 #include "parallel/parallel_options.h"
 #include "parallel/tcp_rendezvous.h"
 #include "tensor/float_formats.h"
+#include "free_port.h"
 
 namespace nibble {
 namespace {
@@ -100,22 +97,8 @@ TEST(InProcessGroup, AFailingRankDoesNotHangTheOthers) {
     EXPECT_THROW(group.communicator(0).all_reduce_sum(x.data(), 8, DType::I32), Error);
 }
 
-// A TCP port nobody listens on right now (bound and released).
-int free_port() {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = 0;
-    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    ::close(fd);
-    return ntohs(a.sin_port);
-}
-
 TEST(TcpRendezvous, RankZeroHandsItsBlobToEveryRank) {
-    const int n = 4, port = free_port();
+    const int n = 4, port = test::free_port();
     std::mt19937 rng(11);
     std::vector<uint8_t> blob(128);
     for (uint8_t& b : blob) b = static_cast<uint8_t>(rng());
@@ -143,7 +126,7 @@ TEST(TcpRendezvous, RankZeroHandsItsBlobToEveryRank) {
 }
 
 TEST(TcpRendezvous, TimeoutsAndMismatchesAreNamed) {
-    const int port = free_port();
+    const int port = test::free_port();
     try {
         rendezvous_broadcast({.master_addr = "127.0.0.1", .master_port = port, .world_size = 2, .rank = 1, .timeout_ms = 300},
                              {});
