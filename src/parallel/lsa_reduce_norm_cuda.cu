@@ -4,8 +4,8 @@
 // docs/perf.md, session 6). Warp w of a CTA takes rows w, w + 4, ...; lane l the slice's values 8l .. 8l + 7,
 // every peer's 8 loaded before any is added. Each CTA meets the peers at its own LSA barrier (index = slice),
 // writes its residual values and each row's partial sum of squares, and the CTAs then meet at a grid barrier
-// (all are resident: at most kLsaReduceNormMaxSlices small CTAs) and sum the partials in slice order: every CTA of every rank
-// gets the same norm factor.
+// (all are resident: at most kLsaReduceNormMaxSlices small CTAs) and sum the partials in slice order: every
+// CTA of every rank gets the same norm factor.
 #include <cuda_bf16.h>
 #include <nccl.h>
 #include <nccl_device.h>

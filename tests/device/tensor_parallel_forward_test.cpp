@@ -16,8 +16,9 @@
 //   all-reduce; float32 keeps gamma_K sum|terms| either way, as tests/parallel/llama_tp_test.cpp derives).
 //   Each reordered sum differs by a few float32 ulps, but the difference is carried and amplified through
 //   the layers, norms and an NVFP4 lm_head's large weights: measured on 2 x H100, 1.4e-6 to 1.4e-4 of the
-//   logits' RMS over these models at N = 2, up to 1.2e-4 at N = 4 (4 x H200). 1e-3 here: an order of magnitude above that, an order below what a wrong head slice, a bias
-//   added twice or a vocabulary offset off by one row does (1e-2 or more).
+//   logits' RMS over these models at N = 2, up to 1.2e-4 at N = 4 (4 x H200). 1e-3 here: an order of
+//   magnitude above that, an order below what a wrong head slice, a bias added twice or a vocabulary offset
+//   off by one row does (1e-2 or more).
 //   BF16 activations: the all-reduce rounds the partial sums to BF16 once more per row-parallel layer, so an
 //   ulp or so of a rounded activation can differ, and the difference is carried through the layers like the
 //   F32 one. Measured max |TP - TP=1| / max(1, RMS) on 2 and 4 x H200 over these models: 2.0% to 3.05% (the
