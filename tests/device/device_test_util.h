@@ -16,6 +16,7 @@
 
 #include "cuda/device_buffer.h"
 #include "cuda/device_info.h"
+#include "tensor/dtype.h"
 #include "tensor/float_formats.h"
 
 namespace nibble::test {
@@ -48,6 +49,33 @@ inline std::vector<float> random_normal(std::mt19937_64& rng, size_t n, float si
 }
 
 inline float round_bf16(float x) { return bf16_to_float(bf16_from_float(x)); }
+
+// Values as the raw bytes of an F32 or BF16 buffer (BF16 rounded to nearest even), and such bytes as values.
+inline std::vector<uint8_t> bytes_of(const std::vector<float>& v, DType dtype) {
+    std::vector<uint8_t> out(v.size() * dtype_size(dtype));
+    for (size_t i = 0; i < v.size(); ++i) {
+        if (dtype == DType::F32) {
+            std::memcpy(out.data() + 4 * i, &v[i], 4);
+        } else {
+            const uint16_t b = bf16_from_float(v[i]);
+            std::memcpy(out.data() + 2 * i, &b, 2);
+        }
+    }
+    return out;
+}
+inline std::vector<float> values_of(const std::vector<uint8_t>& b, DType dtype) {
+    std::vector<float> out(b.size() / dtype_size(dtype));
+    for (size_t i = 0; i < out.size(); ++i) {
+        if (dtype == DType::F32) {
+            std::memcpy(&out[i], b.data() + 4 * i, 4);
+        } else {
+            uint16_t h = 0;
+            std::memcpy(&h, b.data() + 2 * i, 2);
+            out[i] = bf16_to_float(h);
+        }
+    }
+    return out;
+}
 
 // Activations as the device sees them: F32 as is, or rounded to BF16 (host copy updated to the rounded
 // values, so the CPU reference computes on exactly what the device reads).

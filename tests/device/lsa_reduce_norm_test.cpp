@@ -31,34 +31,6 @@ namespace {
 
 float round_to(float v, DType dtype) { return dtype == DType::BF16 ? bf16_to_float(bf16_from_float(v)) : v; }
 
-std::vector<uint8_t> to_bytes(const std::vector<float>& v, DType dtype) {
-    std::vector<uint8_t> out(v.size() * dtype_size(dtype));
-    for (size_t i = 0; i < v.size(); ++i) {
-        if (dtype == DType::F32) {
-            std::memcpy(out.data() + 4 * i, &v[i], 4);
-        } else {
-            const uint16_t b = bf16_from_float(v[i]);
-            std::memcpy(out.data() + 2 * i, &b, 2);
-        }
-    }
-    return out;
-}
-
-std::vector<float> from_bytes(const std::vector<uint8_t>& b, DType dtype) {
-    const size_t n = b.size() / dtype_size(dtype);
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; ++i) {
-        if (dtype == DType::F32) {
-            std::memcpy(&out[i], b.data() + 4 * i, 4);
-        } else {
-            uint16_t h = 0;
-            std::memcpy(&h, b.data() + 2 * i, 2);
-            out[i] = bf16_to_float(h);
-        }
-    }
-    return out;
-}
-
 struct Case {
     int tp;
     int64_t m, d;
@@ -136,13 +108,13 @@ TEST_P(LsaReduceNorm, MatchesTheHostReferenceOnEveryRank) {
                     if (!comm.can_all_reduce_residual_rmsnorm(c.m, c.d, c.dtype))
                         throw std::runtime_error("the fused reduce is not available on this machine");
                     cuda::DeviceBuffer dres(bytes), dout(bytes), dw(static_cast<size_t>(c.d) * 4);
-                    const std::vector<uint8_t> r0 = to_bytes(residual, c.dtype);
+                    const std::vector<uint8_t> r0 = test::bytes_of(residual, c.dtype);
                     dres.upload(r0.data(), bytes);
                     dw.upload(weight.data(), dw.bytes());
                     for (int k = 0; k < kCalls; ++k) {
                         uint8_t* rows = window + static_cast<size_t>((k + 1) % 2) * bytes;  // 1, 0, 1 as the forward
                         const std::vector<uint8_t> p =
-                            to_bytes(partial[static_cast<size_t>(k)][static_cast<size_t>(r)], c.dtype);
+                            test::bytes_of(partial[static_cast<size_t>(k)][static_cast<size_t>(r)], c.dtype);
                         // After the previous call on this stream: the reuse rule's order.
                         NIBBLE_CUDA_CHECK(cudaMemcpyAsync(rows, p.data(), bytes, cudaMemcpyHostToDevice, stream));
                         NIBBLE_CUDA_CHECK(cudaMemsetAsync(dout.get(), 0xff, bytes, stream));
@@ -151,9 +123,9 @@ TEST_P(LsaReduceNorm, MatchesTheHostReferenceOnEveryRank) {
                         NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
                         std::vector<uint8_t> b(bytes);
                         dres.download(b.data(), bytes);
-                        got_res[static_cast<size_t>(r)].push_back(from_bytes(b, c.dtype));
+                        got_res[static_cast<size_t>(r)].push_back(test::values_of(b, c.dtype));
                         dout.download(b.data(), bytes);
-                        got_out[static_cast<size_t>(r)].push_back(from_bytes(b, c.dtype));
+                        got_out[static_cast<size_t>(r)].push_back(test::values_of(b, c.dtype));
                     }
                 }
                 NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -20,17 +20,7 @@ namespace {
 
 // Random values as raw bytes of `dtype` (F32 or BF16).
 std::vector<uint8_t> random_bytes(std::mt19937_64& rng, size_t n, DType dtype) {
-    const std::vector<float> v = test::random_normal(rng, n, 2.0f);
-    std::vector<uint8_t> out(n * dtype_size(dtype));
-    for (size_t i = 0; i < n; ++i) {
-        if (dtype == DType::F32) {
-            std::memcpy(out.data() + 4 * i, &v[i], 4);
-        } else {
-            const uint16_t b = bf16_from_float(v[i]);
-            std::memcpy(out.data() + 2 * i, &b, 2);
-        }
-    }
-    return out;
+    return test::bytes_of(test::random_normal(rng, n, 2.0f), dtype);
 }
 
 TEST(NcclCommunicator, OneRankAllReduceAndAllGatherReturnTheInput) {
