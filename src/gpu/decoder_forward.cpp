@@ -472,12 +472,11 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                       attn_.get(), stream);
             }, "attention");
         }
+        void* const o_out = fuse_norm ? fused_out() : proj;
+        linear(L.o, attn_.get(), m, o_out, stream, gemv_choice(il, 3), capture);
         if (fuse_norm) {
-            void* const out = fused_out();
-            linear(L.o, attn_.get(), m, out, stream, gemv_choice(il, 3), capture);
-            reduce_norm(out, L.mlp_norm.as<float>());
+            reduce_norm(o_out, L.mlp_norm.as<float>());
         } else {
-            linear(L.o, attn_.get(), m, proj, stream, gemv_choice(il, 3), capture);
             all_reduce(proj);
             cuda::rmsnorm_residual(proj, x_.get(), act_, m, d, L.mlp_norm.as<float>(), c.norm_eps, h_.get(), stream);
         }
@@ -527,17 +526,16 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
             cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
         }
+        void* const down_out = fuse_norm ? fused_out() : proj;
+        linear(L.down, gate_.get(), m, down_out, stream, gemv_choice(il, 6), capture);
         if (fuse_norm) {  // with the next layer's input norm, or the final norm after the last layer
-            void* const out = fused_out();
-            linear(L.down, gate_.get(), m, out, stream, gemv_choice(il, 6), capture);
-            reduce_norm(out, il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
-                                                       : w_.final_norm.as<float>());
+            reduce_norm(down_out, il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
+                                                            : w_.final_norm.as<float>());
             h_ready = true;
-            continue;
+        } else {
+            all_reduce(proj);
+            layer_out = proj;
         }
-        linear(L.down, gate_.get(), m, proj, stream, gemv_choice(il, 6), capture);
-        all_reduce(proj);
-        layer_out = proj;
     }
     if (b.n_logit_rows == 0) return;
     if (!h_ready)
