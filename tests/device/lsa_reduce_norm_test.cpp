@@ -24,6 +24,7 @@
 #include "device_test_util.h"
 #include "parallel/lsa_reduce_norm_cuda.h"
 #include "parallel/nccl_communicator.h"
+#include "tensor_parallel_util.h"
 #include "../parallel/free_port.h"
 
 namespace nibble {
@@ -42,8 +43,7 @@ class LsaReduceNorm : public ::testing::TestWithParam<Case> {};
 TEST_P(LsaReduceNorm, MatchesTheHostReferenceOnEveryRank) {
     NIBBLE_REQUIRE_GPU();
     const Case c = GetParam();
-    const int gpus = cuda::device_count();
-    if (gpus < c.tp) GTEST_SKIP() << "needs " << c.tp << " GPUs, this machine has " << gpus;
+    if (const std::string missing = test::missing_gpus(c.tp); !missing.empty()) GTEST_SKIP() << missing;
     int version = 0;
     if (ncclGetVersion(&version) != ncclSuccess || version != NCCL_VERSION_CODE)
         GTEST_SKIP() << "the runtime NCCL is " << version << ", this binary was built against " << NCCL_VERSION_CODE

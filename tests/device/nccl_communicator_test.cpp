@@ -13,6 +13,7 @@
 #include "cuda/cuda_check.h"
 #include "device_test_util.h"
 #include "parallel/nccl_communicator.h"
+#include "tensor_parallel_util.h"
 #include "../parallel/free_port.h"
 
 namespace nibble {
@@ -117,7 +118,7 @@ void expect_gathered_in_rank_order(const RankSums& got, const std::vector<std::v
 
 TEST(NcclCommunicator, TwoRanksOnTwoGpusSumAndGather) {
     NIBBLE_REQUIRE_GPU();
-    if (cuda::device_count() < 2) GTEST_SKIP() << "needs two GPUs";
+    if (const std::string missing = test::missing_gpus(2); !missing.empty()) GTEST_SKIP() << missing;
     std::mt19937_64 rng(test::fresh_seed());
     std::vector<std::vector<float>> host(2);
     for (auto& h : host) h = test::random_normal(rng, 4096);
@@ -135,8 +136,7 @@ TEST(NcclCommunicator, TwoRanksOnTwoGpusSumAndGather) {
 // missing or doubled rank's term is off by a whole term, far beyond it. The gather is a copy: bit for bit.
 TEST(NcclCommunicator, FourRanksOnFourGpusSumAndGather) {
     NIBBLE_REQUIRE_GPU();
-    const int gpus = cuda::device_count();
-    if (gpus < 4) GTEST_SKIP() << "needs 4 GPUs, this machine has " << gpus;
+    if (const std::string missing = test::missing_gpus(4); !missing.empty()) GTEST_SKIP() << missing;
     std::mt19937_64 rng(test::fresh_seed());
     std::vector<std::vector<float>> host(4);
     for (auto& h : host) h = test::random_normal(rng, 4096);
