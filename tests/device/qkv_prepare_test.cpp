@@ -7,6 +7,10 @@
 //      (negative slots) and slots in shuffled order;
 //  (b) against the CPU reference (rmsnorm_cpu, rope_apply_cpu, then kv_encode_head as kv_cache_write_cpu
 //      stores a head): q element-wise and the caches dequantized, within the tolerance derived below.
+// Every case also runs strided, as the decoder's fused q/k/v prefill GEMM leaves its output: q, k and v rows
+// side by side in one [m, W] buffer (W 8 elements wider than the three, so only the given stride finds the
+// rows), q written to a separate poisoned [m, n_heads, head_dim] buffer: the same bytes as the unfused
+// sequence, and the [m, W] buffer left as it was.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -45,13 +49,14 @@ struct Case {
     int64_t rotary_dim;
     int64_t n_heads, n_kv_heads;
     int64_t m;
+    bool strided = false;  // q, k, v rows in one [m, W] buffer; q out to its own
 };
 
 std::string name_of(const Case& c) {
     return std::string(kv_dtype_name(c.kv)) + " hd=" + std::to_string(c.head_dim) + (c.bf16 ? " bf16" : " f32") +
            (c.qk_norm ? " qk-norm" : "") + (c.interleaved ? " interleaved" : " rotate-half") +
            " rotary=" + std::to_string(c.rotary_dim) + " heads=" + std::to_string(c.n_heads) + "/" +
-           std::to_string(c.n_kv_heads) + " m=" + std::to_string(c.m);
+           std::to_string(c.n_kv_heads) + " m=" + std::to_string(c.m) + (c.strided ? " strided" : "");
 }
 
 // One device cache layer (layer kLayer's K and V areas only), poisoned.
@@ -216,22 +221,45 @@ void run_case(std::mt19937_64& rng, const Case& c) {
     auto d_q_norm = test::upload_vec(q_norm), d_k_norm = test::upload_vec(k_norm);
 
     DeviceCacheLayer fused(cache), unfused(cache);
-    cuda::qk_norm_rope_kv_write({.q = dq_fused.buf.get(),
-                                 .k = dk_fused.buf.get(),
-                                 .v = dv.buf.get(),
-                                 .dtype = act,
-                                 .m = m,
-                                 .n_heads = nh,
-                                 .q_norm_weight = c.qk_norm ? d_q_norm.as<float>() : nullptr,
-                                 .k_norm_weight = c.qk_norm ? d_k_norm.as<float>() : nullptr,
-                                 .norm_eps = kNormEps,
-                                 .positions = d_pos.as<int64_t>(),
-                                 .inv_freq = d_inv_freq.as<float>(),
-                                 .rotary_dim = c.rotary_dim,
-                                 .interleaved = c.interleaved,
-                                 .slot_mapping = d_slots.as<int64_t>(),
-                                 .kv = fused.layer},
-                                nullptr);
+    cuda::QkvPrepareArgs args{.q = dq_fused.buf.get(),
+                              .k = dk_fused.buf.get(),
+                              .v = dv.buf.get(),
+                              .dtype = act,
+                              .m = m,
+                              .n_heads = nh,
+                              .q_norm_weight = c.qk_norm ? d_q_norm.as<float>() : nullptr,
+                              .k_norm_weight = c.qk_norm ? d_k_norm.as<float>() : nullptr,
+                              .norm_eps = kNormEps,
+                              .positions = d_pos.as<int64_t>(),
+                              .inv_freq = d_inv_freq.as<float>(),
+                              .rotary_dim = c.rotary_dim,
+                              .interleaved = c.interleaved,
+                              .slot_mapping = d_slots.as<int64_t>(),
+                              .kv = fused.layer};
+    // Strided: [m, W] rows of q | k | v | 8 random padding elements (q, k, v: the values the device reads).
+    const int64_t width = (nh + 2 * nkv) * hd + 8;
+    std::vector<uint8_t> packed_bytes;
+    cuda::DeviceBuffer packed;
+    test::DeviceOut q_strided_out(q.size(), c.bf16);  // poisoned
+    if (c.strided) {
+        std::vector<float> rows = test::random_normal(rng, static_cast<size_t>(m * width));
+        for (int64_t t = 0; t < m; ++t) {
+            float* row = rows.data() + t * width;
+            std::copy_n(q.data() + t * nh * hd, nh * hd, row);
+            std::copy_n(k.data() + t * nkv * hd, nkv * hd, row + nh * hd);
+            std::copy_n(v.data() + t * nkv * hd, nkv * hd, row + (nh + nkv) * hd);
+        }
+        packed_bytes = test::bytes_of(rows, act);
+        packed = cuda::DeviceBuffer(packed_bytes.size());
+        packed.upload(packed_bytes.data(), packed_bytes.size());
+        const size_t es = dtype_size(act);
+        args.q = packed.get();
+        args.k = packed.as<uint8_t>() + static_cast<size_t>(nh * hd) * es;
+        args.v = packed.as<uint8_t>() + static_cast<size_t>((nh + nkv) * hd) * es;
+        args.q_stride = args.k_stride = args.v_stride = width;
+        args.q_out = q_strided_out.buf.get();
+    }
+    cuda::qk_norm_rope_kv_write(args, nullptr);
     if (c.qk_norm) {
         cuda::rmsnorm(dq_unfused.buf.get(), act, m * nh, hd, d_q_norm.as<float>(), kNormEps, dq_unfused.buf.get(),
                       nullptr);
@@ -248,7 +276,8 @@ void run_case(std::mt19937_64& rng, const Case& c) {
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 
     // (a) The unfused sequence's bytes.
-    const std::vector<uint8_t> q_fused = download_bytes(dq_fused.buf, q_bytes);
+    const std::vector<uint8_t> q_fused = download_bytes(c.strided ? q_strided_out.buf : dq_fused.buf, q_bytes);
+    if (c.strided) expect_same_bytes(download_bytes(packed, packed_bytes.size()), packed_bytes, "strided q/k/v input");
     expect_same_bytes(q_fused, download_bytes(dq_unfused.buf, q_bytes), "q");
     if (!c.qk_norm && c.rotary_dim == 0) expect_same_bytes(q_fused, q_input, "q (untouched)");
     const std::vector<uint8_t> kc = fused.download_k(), vc = fused.download_v();
@@ -339,10 +368,12 @@ TEST(QkvPrepareCuda, MatchesUnfusedAndCpu) {
     for (KvDtype kv : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4})
         for (int64_t hd : {64, 128})
             for (bool bf16 : {false, true})
-                for (const Case& c : cases_for(kv, hd, bf16)) {
-                    run_case(rng, c);
-                    if (::testing::Test::HasFatalFailure()) return;
-                }
+                for (Case c : cases_for(kv, hd, bf16))
+                    for (bool strided : {false, true}) {
+                        c.strided = strided;
+                        run_case(rng, c);
+                        if (::testing::Test::HasFatalFailure()) return;
+                    }
 }
 
 TEST(QkvPrepareCuda, OtherHeadDims) {
@@ -361,6 +392,8 @@ TEST(QkvPrepareCuda, OtherHeadDims) {
             run_case(rng, {kv, 32, bf16, true, false, 32, 4, 2, 17});
             run_case(rng, {kv, 32, bf16, true, true, 16, 8, 2, 3});
             run_case(rng, {kv, 48, bf16, true, false, 48, 4, 2, 5});
+            run_case(rng, {kv, 16, bf16, false, false, 0, 4, 2, 17, true});  // strided q copied to q_out
+            run_case(rng, {kv, 256, bf16, true, true, 64, 4, 2, 5, true});
         }
 }
 
@@ -399,6 +432,18 @@ TEST(QkvPrepareCuda, RejectsUnsupportedArguments) {
     bad = a;
     bad.n_heads = 0;
     expect_throw(bad, "no heads");
+    bad = a;
+    bad.q_stride = 4 * 128 - 8;
+    expect_throw(bad, "q_stride below the row");
+    bad = a;
+    bad.k_stride = 2 * 128 + 4;
+    expect_throw(bad, "k_stride not a multiple of 8");
+    bad = a;
+    bad.v_stride = -8;
+    expect_throw(bad, "negative v_stride");
+    bad = a;
+    bad.q_out = reinterpret_cast<void*>(uintptr_t{0x1008});
+    expect_throw(bad, "q_out misaligned");
     EXPECT_TRUE(cuda::qkv_prepare_supported(128, 64));
     EXPECT_FALSE(cuda::qkv_prepare_supported(128, 60));
     EXPECT_FALSE(cuda::qkv_prepare_supported(320, 64));

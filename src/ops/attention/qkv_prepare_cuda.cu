@@ -1,15 +1,17 @@
 // Fused q/k RMSNorm + RoPE + KV cache write (ops/attention/qkv_prepare_cuda.h has the contract).
 //
 // CTA: kWarps warps, one token (blockIdx.x) and kWarps rows of it (blockIdx.y): the token's rows are its q
-// heads (skipped when neither norm nor RoPE touches q), then its k heads, then its v heads. A warp owns one
-// row; lane l holds elements 8l .. 8l + 7 (head_dim / 8 <= 32 lanes hold data, the rest zeros), which is
-// exactly the split of rmsnorm_kernel's 256-thread block over a row of <= 256 values, so the sum of squares
-// runs the same fma chains and the same xor-tree (the block's second stage only adds zeros): the same float.
+// heads (skipped when neither norm nor RoPE touches q and q stays in place), then its k heads, then its v
+// heads. A warp owns one row; lane l holds elements 8l .. 8l + 7 (head_dim / 8 <= 32 lanes hold data, the
+// rest zeros), which is exactly the split of rmsnorm_kernel's 256-thread block over a row of <= 256 values,
+// so the sum of squares runs the same fma chains and the same xor-tree (the block's second stage only adds
+// zeros): the same float.
 // The CTA first computes the token's cos/sin table [rotary_dim / 2] in shared memory (the angle as
 // rope_kernel computes it); RoPE then reads each element's partner from the warp's row in shared memory.
 // NVFP4 groups of 16 are lane pairs (2g, 2g + 1).
 #include <cuda_bf16.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -27,9 +29,11 @@ constexpr int kWarps = 4;
 constexpr int kMaxHeadDim = static_cast<int>(kQkvPrepareMaxHeadDim);
 
 struct Params {
-    void* q;
+    const void* q;
+    void* q_out;  // q itself, or a separate contiguous [m, n_heads, head_dim]
     const void* k;
     const void* v;
+    int64_t q_stride, k_stride, v_stride, q_out_stride;  // elements between tokens' rows
     int n_heads, n_kv_heads, head_dim;
     int first_row;  // 0, or n_heads when q is left as is
     const float* q_norm;
@@ -70,8 +74,9 @@ __global__ void __launch_bounds__(kWarps * 32) qkv_prepare_kernel(const Params p
     const bool is_q = row < p.n_heads, is_k = !is_q && row < p.n_heads + p.n_kv_heads;
     const int head = is_q ? row : is_k ? row - p.n_heads : row - p.n_heads - p.n_kv_heads;
     const int hd = p.head_dim;
-    const T* const src = is_q ? static_cast<const T*>(p.q) + (token * p.n_heads + head) * hd
-                              : static_cast<const T*>(is_k ? p.k : p.v) + (token * p.n_kv_heads + head) * hd;
+    const T* const src = is_q   ? static_cast<const T*>(p.q) + token * p.q_stride + head * hd
+                         : is_k ? static_cast<const T*>(p.k) + token * p.k_stride + head * hd
+                                : static_cast<const T*>(p.v) + token * p.v_stride + head * hd;
     const bool has = lane * 8 < hd;  // this lane holds elements 8 lane .. 8 lane + 7
     float x[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (has) load8(src + lane * 8, x);
@@ -119,7 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32) qkv_prepare_kernel(const Params p
     }
 
     if (is_q) {
-        if (has) store8(static_cast<T*>(p.q) + (token * p.n_heads + head) * hd + lane * 8, x);
+        if (has) store8(static_cast<T*>(p.q_out) + token * p.q_out_stride + head * hd + lane * 8, x);
         return;
     }
 
@@ -211,12 +216,35 @@ void qk_norm_rope_kv_write(const QkvPrepareArgs& a, cudaStream_t stream) {
                                     ", n_kv_heads " + std::to_string(kv.n_kv_heads) + ", m " + std::to_string(a.m) +
                                     " (need positive heads, m >= 0)");
     if (kv.block_size <= 0) throw std::invalid_argument("qk_norm_rope_kv_write: bad block size");
+    const int64_t q_width = a.n_heads * kv.head_dim, kv_width = kv.n_kv_heads * kv.head_dim;
+    // A stride of 0 means contiguous rows; any other keeps every row's 8-element lane loads 16-byte aligned.
+    auto stride_of = [](int64_t stride, int64_t width, const char* name) {
+        if (stride == 0) return width;
+        if (stride < width || stride % 8 != 0)
+            throw std::invalid_argument(std::string("qk_norm_rope_kv_write: ") + name + " " + std::to_string(stride) +
+                                        " (need 0, or a multiple of 8 elements at least the row's " +
+                                        std::to_string(width) + ")");
+        return stride;
+    };
+    const int64_t q_stride = stride_of(a.q_stride, q_width, "q_stride");
+    const int64_t k_stride = stride_of(a.k_stride, kv_width, "k_stride");
+    const int64_t v_stride = stride_of(a.v_stride, kv_width, "v_stride");
+    for (const void* ptr : {static_cast<const void*>(a.q), a.k, a.v, static_cast<const void*>(a.q_out)})
+        if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+            throw std::invalid_argument("qk_norm_rope_kv_write: q, k, v and q_out must be 16-byte aligned");
     if (a.m == 0) return;
-    // q is untouched (and not even read) without a q norm and without RoPE.
-    const bool touch_q = a.q_norm_weight != nullptr || a.rotary_dim > 0;
+    const bool separate_q_out = a.q_out != nullptr && a.q_out != a.q;
+    // In place, q is untouched (and not even read) without a q norm and without RoPE; a separate q_out
+    // receives it all the same.
+    const bool touch_q = a.q_norm_weight != nullptr || a.rotary_dim > 0 || separate_q_out;
     const Params p{.q = a.q,
+                   .q_out = separate_q_out ? a.q_out : a.q,
                    .k = a.k,
                    .v = a.v,
+                   .q_stride = q_stride,
+                   .k_stride = k_stride,
+                   .v_stride = v_stride,
+                   .q_out_stride = separate_q_out ? q_width : q_stride,
                    .n_heads = static_cast<int>(a.n_heads),
                    .n_kv_heads = static_cast<int>(kv.n_kv_heads),
                    .head_dim = static_cast<int>(kv.head_dim),
