@@ -462,7 +462,11 @@ TEST(LinearCuda, Bf16Weights) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
-    for (const auto& s : {Shape{1, 16}, Shape{67, 4096}, Shape{45, 14336}, Shape{130, 48}, Shape{48, 80}})
+    // Few rows with k >= 1024 run the k-split kernel (the CTA's 4 warps share the rows): 67 x 4096, 45 x 14336,
+    // a MoE router (128 x 2048), a narrow projection (256 x 2688: 168 chunks, uneven over the warps) and k = 1040
+    // (65 chunks: warps 2 and 3 take none). Many rows (4100 x 1024) and k < 1024 run one warp a row group.
+    for (const auto& s : {Shape{1, 16}, Shape{67, 4096}, Shape{45, 14336}, Shape{130, 48}, Shape{48, 80},
+                          Shape{128, 2048}, Shape{256, 2688}, Shape{33, 1040}, Shape{4100, 1024}})
         for (int64_t m : kMs)
             for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Bf16, s.n, s.k, m, bf16, m % 2 == 0);
 }

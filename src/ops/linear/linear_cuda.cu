@@ -615,16 +615,25 @@ __global__ void __launch_bounds__(kPipeThreads, DEEP ? 1 : pipe_min_ctas<NT, XT>
 }
 
 // y[m, n] = x[m, k] W^T, W BF16. Chunk c of a row: 32 bytes (elements 16c..16c+15) as two 16-byte loads.
-template <int MT, int R, class XT>
+// KS = 1: each warp owns R rows and sweeps all of k. KS = kWarps: the CTA's warps share R rows and split k
+// (warp w takes chunks lane + 32 (w + KS i)), summed through shared memory: for matrices of few rows (MoE
+// routers, 128 x 2048; narrow k/v projections), where one warp a row group leaves most SMs idle and each
+// warp walks k alone (Qwen3-30B-A3B's router took 4.5 us for 0.5 MB, H100 kernel trace, docs/perf.md).
+template <int MT, int R, class XT, int KS>
 __global__ void __launch_bounds__(kThreads)
     gemv_bf16_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w,
                      const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
+    static_assert(KS == 1 || KS == kWarps, "a row group is one warp or the whole CTA");
+    constexpr int V = MT * R;
+    __shared__ float part[KS > 1 ? KS : 1][V];
     pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31;
+    const int sub = KS > 1 ? static_cast<int>(threadIdx.x >> 5) : 0;  // this warp's share of k
     const int64_t chunks = k >> 4;
-    const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * R;
-    for (int64_t row0 = warp * R; row0 < n; row0 += stride) {
+    const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / (32 * KS);
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * (kWarps / KS) * R;
+    // With KS > 1 every warp of the CTA runs the same rows, so the barriers below are reached by all.
+    for (int64_t row0 = group * R; row0 < n; row0 += stride) {
         int64_t base[R];  // uint4 index of each row's start
 #pragma unroll
         for (int r = 0; r < R; ++r) base[r] = min(row0 + r, n - 1) * (k >> 3);
@@ -634,23 +643,24 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int mi = 0; mi < MT; ++mi) acc[r][mi] = 0.0f;
 
+        const int64_t first = lane + 32 * sub, step = 32 * KS;
         uint4 q_next[R][2];
-        if (lane < chunks) {
+        if (first < chunks) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                q_next[r][0] = __ldcs(w + base[r] + 2 * lane);
-                q_next[r][1] = __ldcs(w + base[r] + 2 * lane + 1);
+                q_next[r][0] = __ldcs(w + base[r] + 2 * first);
+                q_next[r][1] = __ldcs(w + base[r] + 2 * first + 1);
             }
         }
-        for (int64_t c = lane; c < chunks; c += 32) {
+        for (int64_t c = first; c < chunks; c += step) {
             uint4 q[R][2];
 #pragma unroll
             for (int r = 0; r < R; ++r) q[r][0] = q_next[r][0], q[r][1] = q_next[r][1];
-            if (c + 32 < chunks) {
+            if (c + step < chunks) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
-                    q_next[r][0] = __ldcs(w + base[r] + 2 * (c + 32));
-                    q_next[r][1] = __ldcs(w + base[r] + 2 * (c + 32) + 1);
+                    q_next[r][0] = __ldcs(w + base[r] + 2 * (c + step));
+                    q_next[r][1] = __ldcs(w + base[r] + 2 * (c + step) + 1);
                 }
             }
             const XT* xc = x + c * 16;
@@ -677,7 +687,31 @@ __global__ void __launch_bounds__(kThreads)
                 }
             }
         }
-        reduce_and_store<MT, R>(acc, lane, row0, m, n, 1.0f, bias, y);
+        if constexpr (KS == 1) {
+            reduce_and_store<MT, R>(acc, lane, row0, m, n, 1.0f, bias, y);
+        } else {
+            float flat[V];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
+            int index = 0;
+            const float total = reduce_scatter<V>(flat, lane, index);
+            if ((lane & (32 / V - 1)) == 0) part[sub][index] = total;
+            __syncthreads();
+            if (threadIdx.x < V) {  // warps' sums in a fixed order: the same bits every run
+                const int v = static_cast<int>(threadIdx.x), r = v / MT, mi = v % MT;
+                float out = part[0][v];
+#pragma unroll
+                for (int s2 = 1; s2 < KS; ++s2) out += part[s2][v];
+                const int64_t row = row0 + r;
+                if (row < n && mi < m) {
+                    if (bias) out += bias[row];
+                    store_y(y + static_cast<int64_t>(mi) * n + row, out);
+                }
+            }
+            __syncthreads();  // part is rewritten by the next row group
+        }
     }
 }
 
@@ -988,11 +1022,24 @@ PipeProjection pipe_projection(const Nvfp4DeviceWeight& w, const float* bias, vo
     return p;
 }
 
+// Splitting k over a CTA's warps pays when one warp per row group would leave the SMs short of warps (fewer
+// than two CTAs' worth an SM) and k gives every warp of the CTA at least one 32-byte chunk a lane.
+bool bf16_split_k(int64_t n, int64_t k, int rows, int sms) {
+    const int64_t groups = (n + rows - 1) / rows;
+    return groups < 2LL * kWarps * sms && k >= 16 * 32 * kWarps / 2;
+}
+
 template <int MT, class XT>
 void launch_bf16(const XT* x, int m, const uint16_t* w, int64_t n, int64_t k, const float* bias, XT* y, int sms,
                  cudaStream_t stream) {
     constexpr int R = rows_per_warp<MT>();
-    launch_pdl(gemv_bf16_kernel<MT, R, XT>, dim3(grid_for(n, R, sms)), dim3(kThreads), 0, stream, x, m, k,
+    if (bf16_split_k(n, k, R, sms)) {  // one row group a CTA
+        const int grid = static_cast<int>(std::min<int64_t>((n + R - 1) / R, static_cast<int64_t>(sms) * 16));
+        launch_pdl(gemv_bf16_kernel<MT, R, XT, kWarps>, dim3(grid), dim3(kThreads), 0, stream, x, m, k,
+                   reinterpret_cast<const uint4*>(w), bias, y, n);
+        return;
+    }
+    launch_pdl(gemv_bf16_kernel<MT, R, XT, 1>, dim3(grid_for(n, R, sms)), dim3(kThreads), 0, stream, x, m, k,
                reinterpret_cast<const uint4*>(w), bias, y, n);
 }
 
