@@ -108,7 +108,8 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
         // Eager prefill dequantizes through the pipeline; prefill steps captured into a graph dequantize on
         // the forward's own stream, into GemmContext's scratch.
         gemm_ = std::make_unique<cuda::GemmContext>(fp8 || quantized ? w.max_linear_elems() : 0);
-        if (quantized) dequant_ = std::make_unique<DequantPipeline>(w.max_linear_elems());
+        const int64_t stacked_qkv = plan_fused_qkv();  // the scratch must hold a fused layer's q, k and v together
+        if (quantized) dequant_ = std::make_unique<DequantPipeline>(std::max(w.max_linear_elems(), stacked_qkv));
     }
 }
 
@@ -313,6 +314,84 @@ bool DecoderForward::fusable(const DeviceLinear& a, const DeviceLinear& b, const
            c.format == WeightFormat::Nvfp4 && a.n_in == b.n_in && b.n_in == c.n_in;
 }
 
+bool qkv_prefill_gemm_fusable(const DeviceDecoder& w, const DeviceDecoderLayer& L) {
+    const ModelConfig& c = w.config;
+    const DeviceLinear &q = L.q, &k = L.k, &v = L.v;
+    const bool quantized = q.format == WeightFormat::Nvfp4 || q.format == WeightFormat::Fp8;
+    return quantized && k.format == q.format && v.format == q.format && k.scale == q.scale && v.scale == q.scale &&
+           k.n_in == q.n_in && v.n_in == q.n_in && q.n_out == c.n_heads * c.head_dim &&
+           k.n_out == c.n_kv_heads * c.head_dim && v.n_out == k.n_out &&
+           cuda::qkv_prepare_supported(c.head_dim, w.rotary_dim);
+}
+
+namespace {
+
+DequantGroup qkv_group(const DeviceDecoderLayer& L) { return {{&L.q, &L.k, &L.v}, 3}; }
+
+}  // namespace
+
+int64_t DecoderForward::plan_fused_qkv() {
+    const ModelConfig& c = w_.config;
+    qkv_width_ = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+    fused_qkv_.assign(w_.layers.size(), {});
+    int64_t most = 0;
+    bool biased = false;
+    for (size_t il = 0; il < w_.layers.size(); ++il) {
+        const DeviceDecoderLayer& L = w_.layers[il];
+        if (!qkv_prefill_gemm_fusable(w_, L)) continue;
+        fused_qkv_[il].on = true;
+        most = std::max(most, qkv_width_ * L.q.n_in);
+        biased |= L.q.bias_ptr() != nullptr || L.k.bias_ptr() != nullptr || L.v.bias_ptr() != nullptr;
+    }
+    if (most == 0) return 0;
+    qkv_ = activations(max_tokens_, qkv_width_, act_);
+    if (!biased) return most;
+    // One bias row per layer; a missing bias adds zeros (the GEMM's bias epilogue then changes nothing but the
+    // sign of a zero).
+    qkv_bias_ = activations(static_cast<int64_t>(w_.layers.size()), qkv_width_, DType::F32);
+    NIBBLE_CUDA_CHECK(cudaMemset(qkv_bias_.get(), 0, qkv_bias_.bytes()));
+    for (size_t il = 0; il < w_.layers.size(); ++il) {
+        const DeviceDecoderLayer& L = w_.layers[il];
+        if (!fused_qkv_[il].on || (!L.q.bias_ptr() && !L.k.bias_ptr() && !L.v.bias_ptr())) continue;
+        float* row = qkv_bias_.as<float>() + static_cast<int64_t>(il) * qkv_width_;
+        fused_qkv_[il].bias = row;
+        for (const DeviceLinear* l : {&L.q, &L.k, &L.v}) {
+            if (l->bias_ptr() != nullptr)
+                NIBBLE_CUDA_CHECK(cudaMemcpy(row, l->bias_ptr(), static_cast<size_t>(l->n_out) * sizeof(float),
+                                             cudaMemcpyDeviceToDevice));
+            row += l->n_out;
+        }
+    }
+    return most;
+}
+
+std::vector<DequantGroup> DecoderForward::dequant_groups(const std::vector<const DeviceLinear*>& order) const {
+    std::vector<DequantGroup> groups;
+    groups.reserve(order.size());
+    // The order follows the layers, so the next fused layer's q is the only one to look for; its k and v follow.
+    size_t next = 0;
+    for (size_t i = 0; i < order.size(); ++i) {
+        while (next < fused_qkv_.size() && !(fuse_ && fused_qkv_[next].on)) ++next;
+        if (next == fused_qkv_.size() || order[i] != &w_.layers[next].q) {
+            groups.push_back(DequantGroup::one(*order[i]));
+            continue;
+        }
+        const DeviceDecoderLayer& L = w_.layers[next++];
+        NIBBLE_CHECK(i + 2 < order.size() && order[i + 1] == &L.k && order[i + 2] == &L.v,
+                     "CUDA forward: {} is not followed by its layer's k and v in the prefill order", L.q.name);
+        groups.push_back(qkv_group(L));
+        i += 2;
+    }
+    return groups;
+}
+
+void DecoderForward::fused_qkv_gemm(const DeviceDecoderLayer& L, size_t il, int64_t m, cudaStream_t stream) {
+    const uint16_t* stacked = dequant_->acquire(qkv_group(L), stream);  // [qkv_width_, n_in] BF16
+    cuda::gemm_bf16(*gemm_, h_.get(), m, stacked, qkv_width_, L.q.n_in, L.q.scale, fused_qkv_[il].bias, qkv_.get(),
+                    stream);
+    dequant_->release(stream);
+}
+
 int DecoderForward::attention_splits(const DeviceBatch& b, const DeviceKvCache& kv) const {
     const cuda::AttentionBatch ab{.n_seqs = b.n_seqs, .n_tokens = b.n_tokens, .max_blocks = b.max_blocks,
                                   .max_q_len = b.max_q_len, .max_kv_len = b.max_kv_len};
@@ -364,7 +443,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         for (const DeviceDecoderLayer& L : w_.layers)
             for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
                 if (l->format != WeightFormat::Dense) order.push_back(l);
-        dequant_->begin(std::move(order));
+        dequant_->begin(dequant_groups(order));
     }
     const bool capture = capturing != cudaStreamCaptureStatusNone;
     const tune::ResolvedChoice* attention = attention_choice(b);
@@ -416,11 +495,15 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                    stream);
         h_ready = false;
         const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
+        // Eager prefill steps only: the fused GEMM's stacked weights come from the dequantization pipeline.
+        const bool qkv_gemm = !gemv && !capture && dequant_ && fuse_ && fused_qkv_[il].on;
         if (gemv && fusable(L.q, L.k, L.v)) {  // one launch for q, k and v (the small shapes' tails overlap)
             const cuda::Nvfp4Projection p[3] = {{L.q.nvfp4(), L.q.bias_ptr(), q_.get()},
                                                 {L.k.nvfp4(), L.k.bias_ptr(), k_.get()},
                                                 {L.v.nvfp4(), L.v.bias_ptr(), v_.get()}};
             cuda::gemv_nvfp4_fused(h_.get(), act_, m, p, 3, stream);
+        } else if (qkv_gemm) {  // one GEMM into [m, q | k | v]
+            fused_qkv_gemm(L, il, m, stream);
         } else {
             linear(L.q, h_.get(), m, q_.get(), stream, gemv_choice(il, 0), capture);
             linear(L.k, h_.get(), m, k_.get(), stream, gemv_choice(il, 1), capture);
@@ -428,10 +511,13 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         }
         const cuda::PagedKvLayer layer = kv.layer(static_cast<int64_t>(il));
         const bool qk_norm = L.q_norm.bytes() > 0;
+        // q, k and v rows: their own buffers, or side by side in the fused GEMM's output (q then goes to q_).
+        char* const qkv = qkv_gemm ? qkv_.as<char>() : nullptr;
+        const size_t act_size = dtype_size(act_);
         if (cuda::qkv_prepare_supported(hd, w_.rotary_dim)) {  // q/k norm, RoPE and the KV write in one launch
-            cuda::qk_norm_rope_kv_write({.q = q_.get(),
-                                         .k = k_.get(),
-                                         .v = v_.get(),
+            cuda::qk_norm_rope_kv_write({.q = qkv_gemm ? qkv : q_.get(),
+                                         .k = qkv_gemm ? qkv + c.n_heads * hd * act_size : k_.get(),
+                                         .v = qkv_gemm ? qkv + (c.n_heads + c.n_kv_heads) * hd * act_size : v_.get(),
                                          .dtype = act_,
                                          .m = m,
                                          .n_heads = c.n_heads,
@@ -443,7 +529,11 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                          .rotary_dim = w_.rotary_dim,
                                          .interleaved = c.rope.interleaved,
                                          .slot_mapping = b.slot_mapping,
-                                         .kv = layer},
+                                         .kv = layer,
+                                         .q_stride = qkv_gemm ? qkv_width_ : 0,
+                                         .k_stride = qkv_gemm ? qkv_width_ : 0,
+                                         .v_stride = qkv_gemm ? qkv_width_ : 0,
+                                         .q_out = q_.get()},
                                         stream);
         } else {  // a head the fused kernel does not take (the same stores, in five launches)
             if (qk_norm) {

@@ -90,8 +90,9 @@ public:
     // Rows above this run the prefill GEMM (BF16 activations), the rest the GEMVs.
     static constexpr int64_t kGemvMaxRows = 32;
 
-    // Decode GEMVs of NVFP4 weights fused per input (q/k/v in one launch, gate/up with SwiGLU in another);
-    // on by default, off to compare or to test the separate launches.
+    // Decode GEMVs of NVFP4 weights fused per input (q/k/v in one launch, gate/up with SwiGLU in another), and
+    // eager prefill steps' q/k/v GEMMs fused into one where qkv_prefill_gemm_fusable; on by default, off to
+    // compare or to test the separate launches.
     void set_fused_gemv(bool on) { fuse_ = on; }
 
     // The autotuner's choices (tune/kernel_choices.h); null (the default) leaves every launch to the ops'
@@ -128,6 +129,22 @@ private:
               const GemvChoice* choice, bool capturing);
     bool fusable(const DeviceLinear& a, const DeviceLinear& b, const DeviceLinear& c) const;
     bool fuse_ = true;
+    // Eager prefill steps of a layer whose q, k and v fuse: one GEMM over their stacked dequantized copies into
+    // qkv_ [m, q | k | v], which qk_norm_rope_kv_write then reads with that row stride.
+    struct FusedQkv {
+        bool on = false;
+        const float* bias = nullptr;  // [qkv_width_] float32 into qkv_bias_: the three biases side by side, or null
+    };
+    std::vector<FusedQkv> fused_qkv_;  // [n_layers]
+    int64_t qkv_width_ = 0;            // n_heads * head_dim + 2 n_kv_heads * head_dim
+    cuda::DeviceBuffer qkv_;           // [max_tokens, qkv_width_] act, when a layer fuses
+    cuda::DeviceBuffer qkv_bias_;      // [n_layers, qkv_width_] float32, when a fused layer has a bias
+    // Plans fused_qkv_, qkv_ and qkv_bias_ (BF16 prefill sizes); returns the largest stacked q/k/v (the
+    // dequantization scratch must hold it).
+    int64_t plan_fused_qkv();
+    // The pipeline's order for this step's linears (in call order): a fused layer's q, k, v as one group.
+    std::vector<DequantGroup> dequant_groups(const std::vector<const DeviceLinear*>& order) const;
+    void fused_qkv_gemm(const DeviceDecoderLayer& L, size_t il, int64_t m, cudaStream_t stream);
 
     const DeviceDecoder& w_;
     DType act_;
@@ -159,5 +176,11 @@ private:
     std::vector<tune::ResolvedChoice> decode_attention_;   // [seq_buckets_, kv_buckets_] by log2 bucket
     std::vector<tune::ResolvedChoice> prefill_attention_;  // [q_buckets_, kv_buckets_]
 };
+
+// Whether an eager prefill step with BF16 activations runs layer L's q, k and v as one GEMM (DecoderForward,
+// unless set_fused_gemv(false)): all three NVFP4 or all FP8 with one global scale (the GEMM's alpha; ModelOpt
+// exports share it across q/k/v), one n_in, and a head the fused q/k norm + RoPE + KV write takes (it reads
+// the GEMM's rows with their stride). Biases may be present on any of them. Otherwise three GEMMs.
+bool qkv_prefill_gemm_fusable(const DeviceDecoder& w, const DeviceDecoderLayer& L);
 
 }  // namespace nibble::gpu
