@@ -18,6 +18,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "decoder_forward_util.h"
+#include "shared_qkv_scale.h"
 #include "tensor/float_formats.h"
 
 namespace nibble {
@@ -122,6 +123,19 @@ TEST_F(DecoderForwardFp8Cuda, Qwen3QkNormFp8Weights) {
         test::write_checkpoint(root_ / "qwen3", {.arch = "Qwen3ForCausalLM", .qk_norm = true, .head_dim = 128}, 12),
         root_ / "qwen3-fp8");
     test::compare_forward(m, DType::F32, KvDtype::Fp8, 3e-2, "qwen3 fp8 / f32 act / fp8 kv");
+}
+
+// q, k and v with one per-tensor scale: the BF16 prefill runs them as one GEMM over their stacked
+// dequantized copies, the three biases concatenated (fused), or as three GEMMs (fusion off).
+TEST_F(DecoderForwardFp8Cuda, SharedScaleOneQkvGemm) {
+    const fs::path shared =
+        test::with_shared_qkv_amax(test::write_checkpoint(root_ / "llama", {.bias = true, .head_dim = 128}, 13),
+                                   root_ / "llama-shared", 0.5f, test::fresh_seed());
+    const fs::path m = to_fp8(shared, root_ / "llama-fp8");
+    test::expect_qkv_prefill_fusion(m, true, "llama fp8 with biases, q/k/v one scale");
+    test::compare_forward(m, DType::BF16, KvDtype::Bf16, 6e-2, "llama fp8 fused qkv gemm / bf16 act / bf16 kv");
+    test::compare_forward(m, DType::BF16, KvDtype::Bf16, 6e-2, "llama fp8 fusion off / bf16 act / bf16 kv",
+                          {.fused_gemv = false});
 }
 
 }  // namespace
