@@ -425,7 +425,7 @@ void run_bench(const BenchOptions& o) {
     std::printf("\n%s | copy %.0f GB/s | BF16 matmul %.0f TFLOP/s | %s | decode %s%s\n\n",
                 limits.device_name.c_str(), limits.copy_bytes_per_s / 1e9, limits.bf16_flops_per_s / 1e12,
                 model_name.c_str(), o.enforce_eager ? "eager" : "CUDA graphs",
-                std::string(o.unfused ? ", unfused GEMVs" : "").c_str());
+                std::string(o.unfused ? ", q/k/v and gate/up unfused" : "").c_str());
     std::printf("| kv    | test            |            t/s | bound t/s | of bound | bound by       |\n");
     std::printf("| ----- | --------------- | -------------: | --------: | -------: | -------------- |\n");
     for (const Row& r : rows) {
@@ -459,7 +459,8 @@ void add_bench_command(CLI::App& app) {
         "--tune", o->tune,
         "kernel choices: cached (this GPU's tune cache, `nibble tune`; the default when one exists) or "
         "off (the built-in dispatch)");
-    cmd->add_flag("--no-fused-gemv", o->unfused, "decode q/k/v and gate/up as separate GEMV launches (to compare)");
+    cmd->add_flag("--no-fused-gemv", o->unfused,
+                  "q/k/v and gate/up as separate launches: the decode GEMVs, and the prefill's q/k/v GEMM (to compare)");
     // -tp arrives as --tensor-parallel-size (main.cpp spells it out: CLI11 cannot declare a two-letter flag).
     cmd->add_option("--tensor-parallel-size", o->tensor_parallel_size,
                     "-tp: GPUs the model is split over (one thread and NCCL rank per GPU, GPUs 0 .. N-1; default 1)");
