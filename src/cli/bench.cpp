@@ -445,7 +445,7 @@ void add_bench_command(CLI::App& app) {
     CLI::App* cmd = app.add_subcommand("bench", "llama-bench-style prompt and generation throughput on the CUDA backend");
     cmd->add_option("--model,-m", o->model_dir, "a checkpoint directory");
     cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b, qwen3-30b-a3b, "
-                    "nemotron-3-nano-30b-a3b (MoE: NVFP4 experts)");
+                    "nemotron-3-nano-30b-a3b (its experts NVFP4 only; qwen3-30b-a3b's BF16 too, with --weights bf16)");
     cmd->add_option("--weights", o->weights, "synthetic weights: nvfp4 (default) or bf16");
     cmd->add_flag("--lm-head-nvfp4", o->lm_head_nvfp4, "synthetic: lm_head in NVFP4 too (ModelOpt keeps it BF16)");
     cmd->add_option("-p,--n-prompt", (*lists)[0], "prompt lengths, comma-separated (default 512)");

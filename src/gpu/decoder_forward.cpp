@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 #include <stdexcept>
@@ -19,6 +20,7 @@
 #include "ops/linear/gemv_stream_cuda.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe_cuda.h"
+#include "ops/moe/shared_expert_gate_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "ops/rope/rope_cuda.h"
 #include "tune/launch_guard_cuda.h"
@@ -55,6 +57,12 @@ cuda::DeviceBuffer activations(int64_t rows, int64_t width, DType dtype) {
     return cuda::DeviceBuffer(static_cast<size_t>(rows * width) * dtype_size(dtype));
 }
 
+// A layer's linears that run through DecoderForward::linear (the GEMM at prefill sizes), in the order a step
+// calls them: attention, then the dense MLP or the MoE layer's shared expert (the other's are empty, BF16).
+std::array<const DeviceLinear*, 10> gemm_path_linears(const DeviceDecoderLayer& L) {
+    return {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.shared_gate, &L.shared_up, &L.shared_down};
+}
+
 }  // namespace
 
 DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_tokens, int64_t max_logit_rows)
@@ -75,9 +83,11 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     attn_ = activations(max_tokens, q_dim, act);
     k_ = activations(max_tokens, kv_dim, act);
     v_ = activations(max_tokens, kv_dim, act);
-    const int64_t dense_ff = w.has_dense_mlp() ? c.n_ff : 0;  // an all-MoE model needs no dense MLP buffers
-    gate_ = activations(max_tokens, dense_ff, act);
-    up_ = activations(max_tokens, dense_ff, act);
+    // The dense MLP's and the shared expert's hidden rows (an all-MoE model without one needs neither).
+    int64_t mlp_ff = w.has_dense_mlp() ? c.n_ff : 0;
+    for (const DeviceDecoderLayer& L : w.layers) mlp_ff = std::max(mlp_ff, L.shared_up.n_out);
+    gate_ = activations(max_tokens, mlp_ff, act);
+    up_ = activations(max_tokens, mlp_ff, act);
     if (w.has_moe()) {
         const MoeConfig& e = c.moe;
         router_logits_ = activations(max_tokens, e.n_experts, act);
@@ -91,6 +101,7 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
                              w.tp.experts.begin, w.tp.experts.end, L.experts.n_experts);
         }
         moe_workspace_ = cuda::DeviceBuffer(cuda::moe_workspace_bytes(max_tokens, e.top_k, e.n_experts, c.n_embd, e.n_ff));
+        if (e.n_shared_experts > 0) shared_ = activations(max_tokens, c.n_embd, act);
     }
     selected_ = activations(max_logit_rows, c.n_embd, DType::F32);
     logits_ = activations(max_logit_rows, w.vocab_size(), DType::F32);
@@ -101,7 +112,7 @@ DecoderForward::DecoderForward(const DeviceDecoder& w, DType act, int64_t max_to
     if (act == DType::BF16 && max_tokens > kGemvMaxRows) {
         bool fp8 = false, quantized = false;
         for (const DeviceDecoderLayer& L : w.layers)
-            for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+            for (const DeviceLinear* l : gemm_path_linears(L)) {
                 fp8 |= l->format == WeightFormat::Fp8;
                 quantized |= l->format != WeightFormat::Dense;
             }
@@ -158,6 +169,27 @@ void DecoderForward::linear(const DeviceLinear& w, const void* x, int64_t m, voi
         }
     }
     gemv(w, x, act_, m, y, stream, choice, capturing);
+}
+
+void DecoderForward::swiglu_mlp(const DeviceLinear& gate, const DeviceLinear& up, const DeviceLinear& down, int64_t m,
+                                void* out, cudaStream_t stream, const std::array<const GemvChoice*, 3>& choices,
+                                bool capturing) {
+    const bool gemv = m <= kGemvMaxRows || act_ != DType::BF16;
+    if (gemv && fusable(gate, up, up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
+        // One token: the CUDA-core streaming GEMV measured 32.2 against the tensor-core kernel's 35.0 us at
+        // 2 x 14336 x 4096 on H100 (nibble-kernel-bench stream, docs/perf.md); from 2 tokens on it loses.
+        if (m == 1)
+            cuda::gemv_nvfp4_stream_gate_up_silu(h_.get(), act_, m, gate.nvfp4(), gate.bias_ptr(), up.nvfp4(),
+                                                 up.bias_ptr(), gate_.get(), stream);
+        else
+            cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, gate.nvfp4(), gate.bias_ptr(), up.nvfp4(), up.bias_ptr(),
+                                          gate_.get(), stream);
+    } else {
+        linear(gate, h_.get(), m, gate_.get(), stream, choices[0], capturing);
+        linear(up, h_.get(), m, up_.get(), stream, choices[1], capturing);
+        cuda::silu_mul(gate_.get(), up_.get(), act_, m * gate.n_out, gate_.get(), stream);
+    }
+    linear(down, gate_.get(), m, out, stream, choices[2], capturing);
 }
 
 void DecoderForward::gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
@@ -441,7 +473,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     if (dequant_ && act_ == DType::BF16 && m > kGemvMaxRows && capturing == cudaStreamCaptureStatusNone) {
         std::vector<const DeviceLinear*> order;
         for (const DeviceDecoderLayer& L : w_.layers)
-            for (const DeviceLinear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+            for (const DeviceLinear* l : gemm_path_linears(L))
                 if (l->format != WeightFormat::Dense) order.push_back(l);
         dequant_->begin(dequant_groups(order));
     }
@@ -581,6 +613,16 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
             // its own experts tp.experts only, the others' pairs dropped, and the all-reduce adds the partial
             // sums (the combine's order over a token's experts becomes: per rank, then across ranks).
             const int32_t* ids = moe_ids_.as<int32_t>();
+            // Qwen2-MoE: the shared expert of h, times sigmoid(shared_expert_gate . h) per token, added to the
+            // routed sum by the combine (the CPU reference's order: routed sum, then + the scaled shared row).
+            void* shared = nullptr;
+            if (L.has_shared_expert()) {
+                shared = shared_.get();
+                swiglu_mlp(L.shared_gate, L.shared_up, L.shared_down, m, shared, stream, {}, capture);
+                if (L.shared_expert_gate.n_out > 0)
+                    cuda::shared_expert_gate(h_.get(), act_, m, d,
+                                             static_cast<const uint16_t*>(L.shared_expert_gate.data), shared, stream);
+            }
             if (sharded) {
                 cuda::moe_route_softmax(router_logits_.get(), act_, m, e.n_experts, e.top_k, e.norm_topk_prob,
                                         moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
@@ -588,36 +630,23 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                        moe_local_ids_.as<int32_t>(), stream);
                 ids = moe_local_ids_.as<int32_t>();
                 cuda::moe_experts_nvfp4(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
-                                        L.experts.device(), MoeActivation::SwiGlu, nullptr, moe_workspace_.get(),
+                                        L.experts.device(), MoeActivation::SwiGlu, shared, moe_workspace_.get(),
                                         moe_out, stream);
             } else {  // router and permutation in one launch at decode sizes
                 cuda::moe_route_softmax_permute(router_logits_.get(), act_, m, e.top_k, e.norm_topk_prob,
                                                 L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
                                                 moe_workspace_.get(), stream);
                 cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
-                                                 L.experts.device(), MoeActivation::SwiGlu, nullptr,
+                                                 L.experts.device(), MoeActivation::SwiGlu, shared,
                                                  moe_workspace_.get(), moe_out, stream);
             }
             all_reduce(moe_out);
             layer_out = moe_out;
             continue;
         }
-        if (gemv && fusable(L.gate, L.up, L.up)) {  // SwiGLU in the GEMV's epilogue: one launch, no h round trip
-            // One token: the CUDA-core streaming GEMV measured 32.2 against the tensor-core kernel's 35.0 us at
-            // 2 x 14336 x 4096 on H100 (nibble-kernel-bench stream, docs/perf.md); from 2 tokens on it loses.
-            if (m == 1)
-                cuda::gemv_nvfp4_stream_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(),
-                                                     L.up.nvfp4(), L.up.bias_ptr(), gate_.get(), stream);
-            else
-                cuda::gemv_nvfp4_gate_up_silu(h_.get(), act_, m, L.gate.nvfp4(), L.gate.bias_ptr(), L.up.nvfp4(),
-                                              L.up.bias_ptr(), gate_.get(), stream);
-        } else {
-            linear(L.gate, h_.get(), m, gate_.get(), stream, gemv_choice(il, 4), capture);
-            linear(L.up, h_.get(), m, up_.get(), stream, gemv_choice(il, 5), capture);
-            cuda::silu_mul(gate_.get(), up_.get(), act_, m * c.n_ff, gate_.get(), stream);
-        }
         void* const down_out = fuse_norm ? fused_out() : proj;
-        linear(L.down, gate_.get(), m, down_out, stream, gemv_choice(il, 6), capture);
+        swiglu_mlp(L.gate, L.up, L.down, m, down_out, stream,
+                   {gemv_choice(il, 4), gemv_choice(il, 5), gemv_choice(il, 6)}, capture);
         if (fuse_norm) {  // with the next layer's input norm, or the final norm after the last layer
             reduce_norm(down_out, il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
                                                             : w_.final_norm.as<float>());

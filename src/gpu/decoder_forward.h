@@ -1,4 +1,4 @@
-// The forward of a pre-norm decoder (llama family; Qwen3-MoE with its MoE blocks) on the device, over a batch of sequences whose new
+// The forward of a pre-norm decoder (llama family; Qwen3-MoE / Qwen2-MoE with their MoE blocks) on the device, over a batch of sequences whose new
 // tokens are flattened into rows, with their K/V appended to a paged device KV cache. Activations are BF16
 // (serving) or F32 (the exactness mode the device tests compare with the CPU reference in); the logits of the
 // rows that need them come out in float32. Every kernel is enqueued on one stream and nothing synchronizes,
@@ -6,12 +6,16 @@
 // A MoE layer runs, in place of the dense MLP: router logits = h W_router^T in the activation dtype (BF16
 // GEMV / GEMM, as transformers runs the router in the model's dtype; float32 in the F32 mode), the softmax
 // top-k (moe_route_softmax), then moe_experts_nvfp4 (permute, grouped NVFP4 up/down GEMVs, combine) into
-// a fixed workspace sized for max_tokens rows: no host sync, graph-capturable. Prefill too runs the grouped
-// GEMVs (tiles of 8 tokens per expert), not a grouped GEMM.
+// a fixed workspace sized for max_tokens rows: no host sync, graph-capturable. BF16 activations at prefill
+// sizes take the grouped tensor-core GEMM (moe_prefers_gemm); BF16 experts run the same GEMM there and a
+// plain GEMV for decode. Qwen2-MoE's shared expert runs as the dense MLP does (its GEMVs / GEMMs through the
+// ops' own dispatch, not the autotuner's), is scaled by sigmoid(shared_expert_gate . h) per token
+// (shared_expert_gate_cuda.h) and is added to the routed sum in the combine.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -124,6 +128,10 @@ private:
                        const std::string& what);
     void linear(const DeviceLinear& w, const void* x, int64_t m, void* y, cudaStream_t stream,
                 const GemvChoice* choice = nullptr, bool capturing = false);
+    // out [m, n_embd] = down(silu(gate h) * up h) of h_ (the dense MLP, or a MoE layer's shared expert), through
+    // gate_ / up_; choices: the three GEMVs' (null: the ops' dispatch).
+    void swiglu_mlp(const DeviceLinear& gate, const DeviceLinear& up, const DeviceLinear& down, int64_t m, void* out,
+                    cudaStream_t stream, const std::array<const GemvChoice*, 3>& choices, bool capturing);
     // A GEMV of `w` (NVFP4 or BF16) on x [m, w.n_in] in `act`, through `choice` (null: the ops' dispatch).
     void gemv(const DeviceLinear& w, const void* x, DType act, int64_t m, void* y, cudaStream_t stream,
               const GemvChoice* choice, bool capturing);
@@ -168,6 +176,7 @@ private:
     cuda::DeviceBuffer moe_local_ids_;  // MoE under tensor parallelism: [max_tokens, top_k] int32, the ids
                                         // minus tp.experts.begin, -1 for another rank's expert
     cuda::DeviceBuffer moe_workspace_;  // MoE: moe_workspace_bytes(max_tokens, ...)
+    cuda::DeviceBuffer shared_;         // Qwen2-MoE: [max_tokens, n_embd] act, the gated shared expert's rows
 
     std::shared_ptr<tune::KernelChoices> choices_;  // null: the ops' own dispatch
     std::vector<GemvChoice> layer_gemv_;            // [n_layers * kLinearsPerLayer]

@@ -76,7 +76,9 @@ namespace {
 std::vector<const DeviceLinear*> linears(const DeviceDecoder& d) {
     std::vector<const DeviceLinear*> all;
     for (const DeviceDecoderLayer& L : d.layers)
-        for (const DeviceLinear* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) all.push_back(w);
+        for (const DeviceLinear* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router, &L.shared_gate,
+                                      &L.shared_up, &L.shared_down, &L.shared_expert_gate})
+            all.push_back(w);
     return all;
 }
 
@@ -129,15 +131,18 @@ int64_t DeviceDecoder::max_linear_elems() const {
 void check_decoder_supported(const ModelConfig& c) {
     const bool dense_family = c.arch == Arch::Llama || c.arch == Arch::Mistral || c.arch == Arch::Qwen2 ||
                               c.arch == Arch::Qwen3;
-    const bool moe = c.arch == Arch::Qwen3Moe || (c.arch == Arch::Qwen2Moe && c.moe.n_shared_experts == 0);
+    const bool moe = c.arch == Arch::Qwen3Moe || c.arch == Arch::Qwen2Moe;
     NIBBLE_CHECK(dense_family || moe,
-                 "the CUDA backend runs the llama family (Llama, Mistral, Qwen2, Qwen3) and Qwen3-MoE so far; {} is "
-                 "served by the CPU backend (--device cpu)", c.arch_name);
+                 "the CUDA backend runs the llama family (Llama, Mistral, Qwen2, Qwen3), Qwen3-MoE and Qwen2-MoE so "
+                 "far; {} is served by the CPU backend (--device cpu)", c.arch_name);
     bool any_dense_mlp = !moe;
     if (moe) {
         const MoeConfig& e = c.moe;
-        NIBBLE_CHECK(e.n_shared_experts == 0 && e.scoring == MoeScoring::Softmax && e.gated_experts,
-                     "the CUDA MoE runs a softmax router over SwiGLU experts without a shared expert ({})", c.arch_name);
+        NIBBLE_CHECK(e.n_shared_experts <= 1 && e.scoring == MoeScoring::Softmax && e.gated_experts,
+                     "the CUDA MoE runs a softmax router over SwiGLU experts with at most one shared expert ({})",
+                     c.arch_name);
+        NIBBLE_CHECK(e.n_shared_experts == 0 || (e.n_ff_shared > 0 && e.n_ff_shared % 32 == 0),
+                     "the CUDA matmuls need shared_expert_intermediate_size a multiple of 32, not {}", e.n_ff_shared);
         NIBBLE_CHECK(e.n_experts >= 1 && e.n_experts <= 1024 && e.top_k >= 1 && e.top_k <= 32 && e.top_k <= e.n_experts,
                      "the CUDA MoE takes 1..1024 experts and top_k 1..32 (at most the experts); this model has {} "
                      "experts, top_k {}", e.n_experts, e.top_k);
@@ -171,15 +176,37 @@ void check_decoder_supported(const ModelConfig& c, const DecoderView& view, int6
         NIBBLE_CHECK(L.router->format == WeightFormat::Dense,
                      "{}: the CUDA backend runs the MoE router unquantized (BF16), this one is {}", L.router->name,
                      weight_format_name(L.router->format));
+        // NVFP4 experts, or dense ones (rounded to BF16 on upload); one format for all of a layer's experts.
+        const WeightFormat experts_format =
+            L.expert_up.empty() ? WeightFormat::Nvfp4 : L.expert_up.front()->format;
         for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down}) {
             NIBBLE_CHECK(static_cast<int64_t>(list->size()) == held,
                          "{}: the view holds {} experts, expected {} (of the config's {})", L.router->name,
                          list->size(), held, c.moe.n_experts);
-            for (const LinearWeight* w : *list)
-                NIBBLE_CHECK(w->format == WeightFormat::Nvfp4,
-                             "{}: the CUDA backend runs MoE experts in NVFP4 only, this one is {} (quantize the "
+            for (const LinearWeight* w : *list) {
+                NIBBLE_CHECK(w->format == WeightFormat::Nvfp4 || w->format == WeightFormat::Dense,
+                             "{}: the CUDA backend runs MoE experts in NVFP4 or BF16, this one is {} (quantize the "
                              "checkpoint to NVFP4, or serve it with --device cpu)",
                              w->name, weight_format_name(w->format));
+                NIBBLE_CHECK(w->format == experts_format,
+                             "{}: the CUDA backend needs one format for a layer's experts, this one is {}, the "
+                             "first {}", w->name, weight_format_name(w->format), weight_format_name(experts_format));
+            }
+        }
+        const bool want_shared = c.moe.n_shared_experts > 0;
+        NIBBLE_CHECK(L.has_shared_expert() == want_shared, "{}: the view {} a shared expert, the config {}",
+                     L.router->name, L.has_shared_expert() ? "has" : "lacks", want_shared ? "has one" : "none");
+        if (!want_shared) continue;
+        NIBBLE_CHECK(L.shared_gate != nullptr && L.shared_down != nullptr,
+                     "{}: the shared expert lacks its gate_proj or down_proj", L.router->name);
+        NIBBLE_CHECK((L.shared_expert_gate != nullptr) == c.moe.shared_expert_gate,
+                     "{}: the view {} a shared_expert_gate, the config {}", L.router->name,
+                     L.shared_expert_gate != nullptr ? "has" : "lacks", c.moe.shared_expert_gate ? "has one" : "none");
+        if (const LinearWeight* g = L.shared_expert_gate) {
+            NIBBLE_CHECK(g->format == WeightFormat::Dense && g->n_out == 1 && g->n_in == c.n_embd && g->bias.empty(),
+                         "{}: the CUDA backend runs the shared expert's gate as an unquantized [1, {}] vector without "
+                         "bias, this one is {} [{}, {}]{}", g->name, c.n_embd, weight_format_name(g->format),
+                         g->n_out, g->n_in, g->bias.empty() ? "" : " with bias");
         }
     }
 }
@@ -239,17 +266,30 @@ DeviceDecoder synthetic_decoder_holding(const ModelConfig& c, const SyntheticOpt
         L.v = random_linear(p + "self_attn.v_proj", kv_dim, c.n_embd, o.nvfp4, seed);
         L.o = random_linear(p + "self_attn.o_proj", c.n_embd, q_dim, o.nvfp4, seed);
         if (c.is_moe_layer(il)) {
-            NIBBLE_CHECK(o.nvfp4, "synthetic {}: the CUDA MoE runs NVFP4 experts only (BF16 synthetic weights "
-                                  "are not supported for MoE models)", c.arch_name);
             L.moe = true;
             // Apart from the per-rank stream above: a tensor-parallel rank's router equals every other's.
             uint64_t shared_seed = (router_seed + 0x5bd1e995u) * 2654435761u + static_cast<uint64_t>(il) * 2;
             L.router = random_linear(p + "mlp.gate", c.moe.n_experts, c.n_embd, false, shared_seed);
             DeviceMoeExperts& e = L.experts;
-            allocate_experts(e, experts_held, c.n_embd, c.moe.n_ff);
-            cuda::fill_random_u32(e.packed.as<uint32_t>(), e.packed.bytes() / 4, ++seed, 0xffffffffu, 0u, nullptr);
-            cuda::fill_random_u32(e.scales.as<uint32_t>(), e.scales.bytes() / 4, ++seed, kE4m3And, kE4m3Or, nullptr);
-            set_expert_tables(e, std::vector<float>(static_cast<size_t>(3 * experts_held), 0.25f));
+            if (o.nvfp4) {
+                allocate_experts(e, experts_held, c.n_embd, c.moe.n_ff);
+                cuda::fill_random_u32(e.packed.as<uint32_t>(), e.packed.bytes() / 4, ++seed, 0xffffffffu, 0u, nullptr);
+                cuda::fill_random_u32(e.scales.as<uint32_t>(), e.scales.bytes() / 4, ++seed, kE4m3And, kE4m3Or,
+                                      nullptr);
+                set_expert_tables(e, std::vector<float>(static_cast<size_t>(3 * experts_held), 0.25f));
+            } else {  // a BF16 checkpoint's experts
+                allocate_bf16_experts(e, experts_held, c.n_embd, c.moe.n_ff, /*gated=*/true);
+                cuda::fill_random_u32(e.bf16.as<uint32_t>(), e.bf16.bytes() / 4, ++seed, kBf16And, kBf16Or, nullptr);
+            }
+            if (c.moe.n_shared_experts > 0) {  // Qwen2-MoE's shared expert, quantized as the other linears
+                L.shared_gate = random_linear(p + "mlp.shared_expert.gate_proj", c.moe.n_ff_shared, c.n_embd, o.nvfp4,
+                                              seed);
+                L.shared_up = random_linear(p + "mlp.shared_expert.up_proj", c.moe.n_ff_shared, c.n_embd, o.nvfp4, seed);
+                L.shared_down = random_linear(p + "mlp.shared_expert.down_proj", c.n_embd, c.moe.n_ff_shared, o.nvfp4,
+                                              seed);
+                if (c.moe.shared_expert_gate)
+                    L.shared_expert_gate = random_linear(p + "mlp.shared_expert_gate", 1, c.n_embd, false, seed);
+            }
         } else {
             L.gate = random_linear(p + "mlp.gate_proj", c.n_ff, c.n_embd, o.nvfp4, seed);
             L.up = random_linear(p + "mlp.up_proj", c.n_ff, c.n_embd, o.nvfp4, seed);

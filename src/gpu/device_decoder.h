@@ -1,5 +1,6 @@
 // A pre-norm decoder's weights in device memory (the llama family: Llama, Mistral, Qwen2, Qwen3; and
-// Qwen3-MoE, whose MoE layers hold a router and NVFP4 experts in place of the dense MLP), as the CUDA
+// Qwen3-MoE / Qwen2-MoE, whose MoE layers hold a router and NVFP4 or BF16 experts in place of the dense MLP,
+// plus Qwen2-MoE's gated shared expert), as the CUDA
 // forward reads them: linear layers in their stored format (NVFP4 packed + E4M3 block scales, FP8, or
 // BF16), norms in float32, the embedding table in BF16. Made by uploading a Model's DecoderView
 // (weight_upload.h) or by filling random values of a real architecture's shape (synthetic_decoder).
@@ -47,7 +48,8 @@ struct DeviceMoeExperts {
     cuda::DeviceBuffer scales;  // [n_mats, n_experts, n_ff * n_embd / 16] E4M3
     cuda::DeviceBuffer tables;  // [n_mats, n_experts] cuda::Nvfp4DeviceWeight into packed / scales
     // BF16 experts instead (packed, scales and tables empty): [n_mats, n_experts, n_ff * n_embd] in the same
-    // order. The CUDA MoE runs them on its plain GEMV (moe_cuda.h moe_uses_plain_kernel); small models only.
+    // order. The CUDA MoE runs them on its grouped tensor-core GEMM for prefill and its plain GEMV for decode
+    // (moe_cuda.h moe_uses_plain_kernel).
     cuda::DeviceBuffer bf16;
     // One expert's [gate +] up + down bytes (what a token routed to it streams).
     int64_t expert_bytes() const {
@@ -72,6 +74,10 @@ struct DeviceDecoderLayer {
     bool moe = false;
     DeviceLinear router;                     // MoE: [n_experts, n_embd] BF16
     DeviceMoeExperts experts;                // MoE
+    // Qwen2-MoE: the shared expert (SwiGLU, gate/up [n_ff_shared, n_embd], down [n_embd, n_ff_shared]) and its
+    // gate [1, n_embd] BF16 (the output times sigmoid(gate . h) per token); empty (n_out 0) without one.
+    DeviceLinear shared_gate, shared_up, shared_down, shared_expert_gate;
+    bool has_shared_expert() const { return shared_up.n_out > 0; }
 };
 
 struct DeviceDecoder {
@@ -91,12 +97,12 @@ struct DeviceDecoder {
     bool sharded() const { return tp.tp_size > 1; }
     int64_t vocab_size() const { return sharded() ? full_vocab : config.vocab_size; }
 
-    // Weights one token's decode step streams: every linear layer once (MoE layers: the router and top_k
-    // experts; a tensor-parallel rank holding E_r of the E experts: top_k E_r / E of them, the average under
+    // Weights one token's decode step streams: every linear layer once (MoE layers: the router, the shared
+    // expert and top_k experts; a tensor-parallel rank holding E_r of the E experts: top_k E_r / E of them, the average under
     // uniform routing), the embedding rows aside.
     int64_t streamed_bytes_per_token() const;
-    // Multiply-accumulates per token in the linear layers (MoE layers: the router and top_k experts), the
-    // lm_head and attention aside.
+    // Multiply-accumulates per token in the linear layers (MoE layers: the router, the shared expert and
+    // top_k experts), the lm_head and attention aside.
     int64_t active_linear_params() const;
     int64_t device_bytes() const;
     // The largest n_out * n_in among the layers' dense-path linears (the prefill GEMM's dequantization scratch).
@@ -106,18 +112,19 @@ struct DeviceDecoder {
 };
 
 // Checks that the CUDA forward supports this architecture and shape; throws naming what does not fit.
-// Qwen3-MoE is accepted here by its shape; its weights must also fit (the overload below).
+// Qwen3-MoE and Qwen2-MoE are accepted here by their shape; their weights must also fit (the overload below).
 void check_decoder_supported(const ModelConfig& config);
-// The same plus the weights' formats: MoE experts NVFP4 (the CUDA MoE kernels read nothing else; a BF16 or
-// FP8 expert is refused, naming it) and the router unquantized. upload_decoder checks this; serve uses it
+// The same plus the weights' formats: MoE experts NVFP4 or BF16 (F32/F16 ones become BF16 on upload), one
+// format a layer (an FP8 expert is refused, naming it), the router and the shared expert's gate unquantized.
+// upload_decoder checks this; serve uses it
 // to choose the backend. experts_held: how many experts each MoE layer of the view holds (a tensor-parallel
 // rank's share, tensor_parallel.h layout.experts); 0: all of config.moe.n_experts.
 void check_decoder_supported(const ModelConfig& config, const DecoderView& view, int64_t experts_held = 0);
 
 // Random weights of `config`'s shape on the device: NVFP4 linear layers (valid E4M3 block scales around
 // 2^-6..2^-3 so activations stay O(1)) or BF16 ones; lm_head NVFP4 only when lm_head_nvfp4 (ModelOpt's
-// exports keep it BF16). MoE layers get a BF16 router and NVFP4 experts (nvfp4 must be on: the CUDA MoE
-// runs NVFP4 experts only). For benchmarks: no checkpoint, no host copy.
+// exports keep it BF16). MoE layers get a BF16 router and NVFP4 experts (BF16 ones when nvfp4 is off), and a
+// shared expert with its BF16 gate when the config has one. For benchmarks: no checkpoint, no host copy.
 struct SyntheticOptions {
     bool nvfp4 = true;
     bool lm_head_nvfp4 = false;

@@ -165,44 +165,6 @@ void check_hybrid_supported(const ModelConfig& c, const HybridView& view) {
 
 namespace {
 
-// A MoE layer's routed experts into one DeviceMoeExperts of up / down matrices (formats checked before):
-// NVFP4, or dense ones as BF16.
-DeviceMoeExperts upload_relu2_experts(PinnedUploader& up, const ModelConfig& c, const HybridLayerView& L) {
-    const int64_t n = c.moe.n_experts, d = c.n_embd, ff = c.moe.n_ff;
-    DeviceMoeExperts e;
-    const int64_t elems = ff * d;
-    auto check_shape = [&](const LinearWeight* w, bool down) {
-        NIBBLE_CHECK(w->n_out == (down ? d : ff) && w->n_in == (down ? ff : d) && w->bias.empty(),
-                     "{}: expert shape [{}, {}]{}, expected [{}, {}] without bias", w->name, w->n_out, w->n_in,
-                     w->bias.empty() ? "" : " with bias", down ? d : ff, down ? ff : d);
-    };
-    if (L.expert_up.front()->format == WeightFormat::Dense) {
-        allocate_bf16_experts(e, n, d, ff, /*gated=*/false);
-        int64_t slot = 0;
-        for (const auto* list : {&L.expert_up, &L.expert_down})
-            for (const LinearWeight* w : *list) {
-                check_shape(w, list == &L.expert_down);
-                up.copy_as_bf16(e.bf16.as<uint16_t>() + slot * elems, w->data, w->dtype, elems);
-                ++slot;
-            }
-        return e;
-    }
-    allocate_experts(e, n, d, ff, /*gated=*/false);
-    std::vector<float> global_scales;
-    int64_t slot = 0;
-    for (const auto* list : {&L.expert_up, &L.expert_down}) {
-        for (const LinearWeight* w : *list) {
-            check_shape(w, list == &L.expert_down);
-            up.copy(e.packed.as<uint8_t>() + slot * (elems / 2), w->data, static_cast<size_t>(elems / 2));
-            up.copy(e.scales.as<uint8_t>() + slot * (elems / 16), w->block_scales, static_cast<size_t>(elems / 16));
-            global_scales.push_back(w->scale);
-            ++slot;
-        }
-    }
-    set_expert_tables(e, global_scales);
-    return e;
-}
-
 DeviceLinear tied_head(const ModelConfig& c, const std::string& name, const cuda::DeviceBuffer& embed) {
     DeviceLinear h;
     h.name = name;
@@ -267,7 +229,7 @@ DeviceHybrid upload_hybrid(const ModelConfig& c, const HybridView& view) {
                     D.down = upload_linear(up, *L.down, converted);
                     D.router = upload_linear(up, *L.router, converted);
                     D.correction_bias = upload_floats(up, *L.correction_bias);
-                    D.experts = upload_relu2_experts(up, c, L);
+                    D.experts = upload_moe_experts(up, nullptr, L.expert_up, L.expert_down, c.n_embd, c.moe.n_ff);
                     break;
             }
             d.layers.push_back(std::move(D));

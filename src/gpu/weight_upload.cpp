@@ -126,41 +126,56 @@ DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& conv
     return d;
 }
 
-namespace {
-
-// A MoE layer's experts into one DeviceMoeExperts: each expert's gate, up and down NVFP4 (checked before)
-// of the config's expert shape; as many as the view holds (a tensor-parallel rank's share, or all).
-DeviceMoeExperts upload_experts(PinnedUploader& up, const ModelConfig& c, const DecoderLayerView& L) {
-    const int64_t n = static_cast<int64_t>(L.expert_gate.size()), d = c.n_embd, ff = c.moe.n_ff;
+DeviceMoeExperts upload_moe_experts(PinnedUploader& up, const std::vector<const LinearWeight*>* gate,
+                                    const std::vector<const LinearWeight*>& up_proj,
+                                    const std::vector<const LinearWeight*>& down_proj, int64_t d, int64_t ff) {
+    const auto n = static_cast<int64_t>(up_proj.size());
+    NIBBLE_CHECK(n > 0 && static_cast<int64_t>(down_proj.size()) == n &&
+                     (gate == nullptr || static_cast<int64_t>(gate->size()) == n),
+                 "MoE experts: {} gate, {} up and {} down matrices", gate ? gate->size() : 0, up_proj.size(),
+                 down_proj.size());
+    const bool bf16 = up_proj.front()->format == WeightFormat::Dense;
     DeviceMoeExperts e;
-    allocate_experts(e, n, d, ff);
+    if (bf16)
+        allocate_bf16_experts(e, n, d, ff, gate != nullptr);
+    else
+        allocate_experts(e, n, d, ff, gate != nullptr);
     const int64_t elems = ff * d;
     std::vector<float> global_scales;
-    global_scales.reserve(static_cast<size_t>(3 * n));
-    int64_t slot = 0;
-    for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down}) {
-        const bool down = list == &L.expert_down;
+    int64_t slot = 0;  // [gate,] up, down: the order DeviceMoeExperts holds them in
+    for (const auto* list : {gate, &up_proj, &down_proj}) {
+        if (list == nullptr) continue;
+        const bool down = list == &down_proj;
         for (const LinearWeight* w : *list) {
-            // Formats were checked by check_decoder_supported(config, view).
             NIBBLE_CHECK(w->n_out == (down ? d : ff) && w->n_in == (down ? ff : d) && w->bias.empty(),
                          "{}: expert shape [{}, {}]{}, expected [{}, {}] without bias", w->name, w->n_out, w->n_in,
                          w->bias.empty() ? "" : " with bias", down ? d : ff, down ? ff : d);
-            up.copy(e.packed.as<uint8_t>() + slot * (elems / 2), w->data, static_cast<size_t>(elems / 2));
-            up.copy(e.scales.as<uint8_t>() + slot * (elems / 16), w->block_scales, static_cast<size_t>(elems / 16));
-            global_scales.push_back(w->scale);
+            NIBBLE_CHECK((w->format == WeightFormat::Dense) == bf16 && (bf16 || w->format == WeightFormat::Nvfp4),
+                         "{}: MoE experts are NVFP4 or dense, one format a layer; this one is {}", w->name,
+                         weight_format_name(w->format));
+            if (bf16) {
+                up.copy_as_bf16(e.bf16.as<uint16_t>() + slot * elems, w->data, w->dtype, elems);
+            } else {
+                up.copy(e.packed.as<uint8_t>() + slot * (elems / 2), w->data, static_cast<size_t>(elems / 2));
+                up.copy(e.scales.as<uint8_t>() + slot * (elems / 16), w->block_scales, static_cast<size_t>(elems / 16));
+                global_scales.push_back(w->scale);
+            }
             ++slot;
         }
     }
-    set_expert_tables(e, global_scales);
+    if (!bf16) set_expert_tables(e, global_scales);
     return e;
 }
+
+namespace {
 
 // upload_decoder of a view whose MoE layers hold experts_held experts each (0: all).
 DeviceDecoder upload_decoder_holding(const ModelConfig& c, const DecoderView& view, int64_t experts_held) {
     check_decoder_supported(c, view, experts_held);
     uint64_t total = view.embed.nbytes();
     for (const DecoderLayerView& L : view.layers) {
-        for (const LinearWeight* w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down, L.router})
+        for (const LinearWeight* w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down, L.router, L.shared_gate, L.shared_up,
+                                      L.shared_down, L.shared_expert_gate})
             if (w != nullptr) total += static_cast<uint64_t>(linear_host_bytes(*w));
         for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down})
             for (const LinearWeight* w : *list) total += static_cast<uint64_t>(linear_host_bytes(*w));
@@ -188,7 +203,14 @@ DeviceDecoder upload_decoder_holding(const ModelConfig& c, const DecoderView& vi
             if (L.moe()) {
                 D.moe = true;
                 D.router = upload_linear(up, *L.router, converted);
-                D.experts = upload_experts(up, c, L);
+                D.experts = upload_moe_experts(up, &L.expert_gate, L.expert_up, L.expert_down, c.n_embd, c.moe.n_ff);
+                if (L.has_shared_expert()) {
+                    D.shared_gate = upload_linear(up, *L.shared_gate, converted);
+                    D.shared_up = upload_linear(up, *L.shared_up, converted);
+                    D.shared_down = upload_linear(up, *L.shared_down, converted);
+                    if (L.shared_expert_gate != nullptr)
+                        D.shared_expert_gate = upload_linear(up, *L.shared_expert_gate, converted);
+                }
             } else {
                 D.gate = upload_linear(up, *L.gate, converted);
                 D.up = upload_linear(up, *L.up, converted);
@@ -215,6 +237,11 @@ DeviceDecoder upload_decoder_holding(const ModelConfig& c, const DecoderView& vi
     d.v_scales = view.v_scales;
     if (converted)
         log::info("CUDA backend: F32/F16 dense weights were converted to BF16 on upload (its kernels read BF16)");
+    const bool bf16_experts = std::any_of(d.layers.begin(), d.layers.end(),
+                                          [](const DeviceDecoderLayer& L) { return L.experts.bf16.bytes() != 0; });
+    if (bf16_experts)
+        log::info("CUDA backend: the routed experts are BF16: prefill runs them on the grouped tensor-core GEMM, "
+                  "decode on a plain GEMV (NVFP4 experts, nibble quantize, stream 3.6x fewer bytes a token)");
     return d;
 }
 

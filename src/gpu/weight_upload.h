@@ -51,6 +51,12 @@ private:
 cuda::DeviceBuffer upload_floats(PinnedUploader& up, const std::vector<float>& v);
 DeviceLinear upload_linear(PinnedUploader& up, const LinearWeight& w, bool& converted);
 int64_t linear_host_bytes(const LinearWeight& w);
+// A MoE layer's routed experts into one DeviceMoeExperts: gate (null: ungated experts, up and down only), up
+// and down lists of equal length, each expert [n_ff, n_embd] (down [n_embd, n_ff]) without bias (checked,
+// naming the tensor). All NVFP4: as stored; all dense (F32/F16/BF16): as BF16 (the caller checked one format).
+DeviceMoeExperts upload_moe_experts(PinnedUploader& up, const std::vector<const LinearWeight*>* gate,
+                                    const std::vector<const LinearWeight*>& up_proj,
+                                    const std::vector<const LinearWeight*>& down_proj, int64_t n_embd, int64_t n_ff);
 
 // Uploads a Model's dense-decoder weights (model.h decoder_view) with a progress bar on stderr.
 DeviceDecoder upload_decoder(const ModelConfig& config, const DecoderView& view);

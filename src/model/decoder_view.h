@@ -1,5 +1,5 @@
-// A backend-neutral view of a pre-norm decoder's weights (the llama family, and Qwen3-MoE whose layers hold
-// a routed MoE block in place of the dense MLP), for backends that copy the weights elsewhere (the CUDA
+// A backend-neutral view of a pre-norm decoder's weights (the llama family, and Qwen3-MoE / Qwen2-MoE whose
+// layers hold a routed MoE block, with Qwen2-MoE's gated shared expert, in place of the dense MLP), for backends that copy the weights elsewhere (the CUDA
 // backend uploads them to the device). Pointers refer into the Model, which must outlive the view; nothing
 // is copied.
 #pragma once
@@ -23,10 +23,15 @@ struct DecoderLayerView {
     const LinearWeight *gate = nullptr, *up = nullptr, *down = nullptr;
     // MoE layer (router not null): softmax router [n_experts, n_embd] and each expert's SwiGLU MLP,
     // expert_gate/expert_up [n_experts] of [moe n_ff, n_embd], expert_down [n_experts] of [n_embd, moe n_ff].
-    // No shared expert (a model with one gives no view).
     const LinearWeight* router = nullptr;
     std::vector<const LinearWeight*> expert_gate, expert_up, expert_down;
+    // Qwen2-MoE's shared expert in a MoE layer (null without one): a SwiGLU MLP, shared_gate / shared_up
+    // [n_ff_shared, n_embd], shared_down [n_embd, n_ff_shared], whose output is scaled per token by
+    // sigmoid(shared_expert_gate x) (shared_expert_gate [1, n_embd]; null: unscaled) and added to the routed sum.
+    const LinearWeight *shared_gate = nullptr, *shared_up = nullptr, *shared_down = nullptr;
+    const LinearWeight* shared_expert_gate = nullptr;
     bool moe() const { return router != nullptr; }
+    bool has_shared_expert() const { return shared_up != nullptr; }
 };
 
 struct DecoderView {

@@ -153,7 +153,6 @@ std::vector<const LinearWeight*> QwenMoeModel::linear_weights() const {
 
 bool QwenMoeModel::decoder_view(DecoderView& out) const {
     out = DecoderView{};
-    if (config_.moe.n_shared_experts > 0) return false;
     out.embed = embed_;
     for (const Layer& L : layers_) {
         DecoderLayerView v{.attn_norm = &L.attn.norm,
@@ -170,6 +169,12 @@ bool QwenMoeModel::decoder_view(DecoderView& out) const {
                 v.expert_gate.push_back(&e.gate);
                 v.expert_up.push_back(&e.up);
                 v.expert_down.push_back(&e.down);
+            }
+            if (L.has_shared) {
+                v.shared_gate = &L.shared.gate;
+                v.shared_up = &L.shared.up;
+                v.shared_down = &L.shared.down;
+                if (config_.moe.shared_expert_gate) v.shared_expert_gate = &L.shared_gate;
             }
         } else {
             v.gate = &L.gate;

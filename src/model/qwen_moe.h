@@ -33,7 +33,7 @@ public:
     int64_t weight_bytes() const override;
     std::vector<const LinearWeight*> linear_weights() const override;
     void set_linear_input_observer(LinearInputObserver* observer) override { observer_ = observer; }
-    // Qwen3-MoE only (no shared expert): Qwen2-MoE's gated shared expert has no place in the view.
+    // Both architectures; Qwen2-MoE's shared expert and its gate in the MoE layers' shared_* fields.
     bool decoder_view(DecoderView& out) const override;
 
 private:

@@ -34,6 +34,9 @@ std::unique_ptr<DecoderViewShard> shard_decoder_view(const ModelConfig& config, 
         S.v = shard(L.v, plan.v);
         S.o = shard(L.o, plan.o);
         if (L.moe()) {  // expert parallelism: the router as it is, the rank's experts (pointers, no copies)
+            NIBBLE_CHECK(!L.has_shared_expert(),
+                         "tensor parallelism: {} has a shared expert, which has no tensor-parallel split yet "
+                         "(serve the model on one GPU)", L.router->name);
             const IndexRange e = plan.layout.experts;
             for (const auto* list : {&L.expert_gate, &L.expert_up, &L.expert_down})
                 NIBBLE_CHECK(static_cast<int64_t>(list->size()) == config.moe.n_experts,

@@ -65,15 +65,16 @@ namespace {
 namespace fs = std::filesystem;
 
 using golden::kCases;
-// The fixtures the CUDA backend runs. nemotron_h and nemotron_h_nvfp4_modelopt (shared expert of width 48:
-// k = 16 mod 32) run the plain kernels chosen for widths that are not multiples of 32 (gemv_nvfp4's 16-element
-// block kernel, the MoE's plain GEMV, which also runs nemotron_h's BF16 routed experts). Not here, with the
-// reason the checks give: qwen3_moe (BF16 experts: the CUDA decoder's MoE runs NVFP4 experts), qwen2_moe (a
-// shared expert).
+// The fixtures the CUDA backend runs: all of them. nemotron_h and nemotron_h_nvfp4_modelopt (shared expert of
+// width 48: k = 16 mod 32) run the plain kernels chosen for widths that are not multiples of 32 (gemv_nvfp4's
+// 16-element block kernel, the MoE's plain GEMV, which also runs nemotron_h's BF16 routed experts). qwen3_moe's
+// BF16 experts and qwen2_moe's (4 experts, with the sigmoid-gated shared expert) run the MoE's plain GEMV here
+// (F32 activations: the exactness mode never takes the grouped GEMM).
 const std::vector<std::string> kOnCuda = {
     "llama_gqa",      "llama3_rope_tied",     "llama_attn_bias", "mistral",
     "qwen2_bias",     "qwen3_qknorm",         "qwen3_nvfp4_modelopt", "llama_nvfp4_ct",
     "llama_fp8_modelopt", "qwen3_moe_nvfp4_modelopt", "nemotron_h", "nemotron_h_nvfp4_modelopt",
+    "qwen3_moe",      "qwen2_moe",
 };
 
 constexpr int64_t kBlockSize = 16;

@@ -17,11 +17,11 @@
 // 16 u32 |a| (SwiGLU: expf, the add, division and multiply on both sides; relu^2: 4 u32 |a| for the
 // square); the down GEMV adds sum |W_down| da + 2 (n_ff + 32) u32 sum |W_down a|; the combine
 // sum |w_j| do_j + 2 (top_k + 1) u32 (sum |w_j o_j| + |shared|); a BF16 output one u_bf16 of the result.
-// The plain GEMV (moe_uses_plain_kernel: BF16 experts, or widths of 16 mod 32) sums in float32 as the GEMV
+// The plain GEMV (moe_uses_plain_kernel: widths of 16 mod 32, or BF16 experts off the GEMM) sums in float32 as the GEMV
 // does (a block's 16 products, its scale, the blocks, a warp sum: far fewer than k + 32 roundings), under the
 // same bound; for BF16 experts S is over the BF16 weights.
-// The grouped GEMM (MoeExpertKernel::Gemm) multiplies BF16 operands: its dequantized weights are exact in
-// BF16, but F32 activations x are rounded (u_bf16 |x_i| each: u_bf16 sum |w x| more on every up / gate
+// The grouped GEMM (MoeExpertKernel::Gemm) multiplies BF16 operands: its dequantized (or BF16) weights are
+// exact in BF16, but F32 activations x are rounded (u_bf16 |x_i| each: u_bf16 sum |w x| more on every up / gate
 // output) and so is h before the down GEMM (u_bf16 (|a| + da) more on each a).
 #include "ops/moe/moe_cuda.h"
 
@@ -535,7 +535,7 @@ std::vector<int32_t> draw_ids(std::mt19937_64& rng, int64_t m, int64_t top_k, in
 struct ExpertsCase {
     MoeActivation act;
     int64_t n_experts, n_embd, n_ff, top_k;
-    bool bf16_weights = false;  // BF16 experts (the plain GEMV) instead of NVFP4
+    bool bf16_weights = false;  // BF16 experts (the plain GEMV, or the GEMM when chosen) instead of NVFP4
 };
 
 // one_call: through moe_experts_nvfp4 and its workspace instead of the four launchers.
@@ -546,23 +546,28 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
     const bool gated = c.act == MoeActivation::SwiGlu;
     // Which kernels run: Auto's up follows the activations' dtype; the separate down launcher decides as
     // for BF16 (h has no dtype), the one-call launcher as its up.
-    // BF16 experts or widths not a multiple of 32 take the plain GEMV whatever the kernel asked.
+    // Widths not a multiple of 32 take the plain GEMV whatever the kernel asked; BF16 experts take the GEMM
+    // when it is chosen and the plain GEMV otherwise.
     const bool auto_pick = kernel == cuda::MoeExpertKernel::Auto;
     const DType dt = bf16 ? DType::BF16 : DType::F32;
-    const bool plain = c.bf16_weights || c.n_embd % 32 != 0 || c.n_ff % 32 != 0;
-    const bool gemm_up = !plain && (kernel == cuda::MoeExpertKernel::Gemm ||
-                                    (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt)));
-    const bool gemm_down =
-        !plain && (one_call ? gemm_up
-                            : kernel == cuda::MoeExpertKernel::Gemm ||
-                                  (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16)));
+    const bool narrow = c.n_embd % 32 != 0 || c.n_ff % 32 != 0;
+    const bool gemm_up_asked = kernel == cuda::MoeExpertKernel::Gemm ||
+                               (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, dt));
+    const bool gemm_down_asked =
+        one_call ? gemm_up_asked
+                 : kernel == cuda::MoeExpertKernel::Gemm ||
+                       (auto_pick && cuda::moe_prefers_gemm(m, c.top_k, c.n_experts, DType::BF16));
+    const bool gemm_up = !narrow && gemm_up_asked, gemm_down = !narrow && gemm_down_asked;
+    const bool plain = narrow || (c.bf16_weights && !gemm_up && !gemm_down);
     const char* draw_name = draw == Draw::Uniform ? "" : draw == Draw::Few ? " skewed" : " hot";
     const std::string what =
         std::string(gated ? "swiglu" : "relu2") + " E=" + std::to_string(c.n_experts) +
         " d=" + std::to_string(c.n_embd) + " ff=" + std::to_string(c.n_ff) + " k=" + std::to_string(c.top_k) +
         " m=" + std::to_string(m) + (bf16 ? " bf16" : " f32") + draw_name + (with_shared ? " shared" : "") +
         (one_call ? " one call" : "") + (c.bf16_weights ? " bf16 experts" : "") +
-        (plain ? " plain" : std::string(gemm_up ? " gemm" : " gemv") + (gemm_down ? "/gemm" : "/gemv"));
+        (plain ? " plain"
+               : std::string(gemm_up ? " gemm" : c.bf16_weights ? " plain" : " gemv") +
+                     (gemm_down ? "/gemm" : c.bf16_weights ? "/plain" : "/gemv"));
     SCOPED_TRACE(what);
     const int64_t d = c.n_embd, ff = c.n_ff, k = c.top_k;
     std::vector<HostNvfp4> gate, up, down;
@@ -723,7 +728,8 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
         ex.bf16_up = b + (mats - 2) * c.n_experts * ff * d;
         ex.bf16_down = b + (mats - 1) * c.n_experts * ff * d;
     }
-    EXPECT_EQ(cuda::moe_uses_plain_kernel(ex), plain);
+    EXPECT_EQ(cuda::moe_uses_plain_kernel(ex, gemm_up), narrow || (c.bf16_weights && !gemm_up));
+    EXPECT_EQ(cuda::moe_uses_plain_kernel(ex, gemm_down), narrow || (c.bf16_weights && !gemm_down));
     if (one_call) {
         auto ws = poisoned(cuda::moe_workspace_bytes(m, k, c.n_experts, d, ff));
         cuda::moe_experts_nvfp4(dx.buf.get(), dt, m, dids.as<int32_t>(), dweights.as<float>(), k, ex, c.act,
@@ -838,9 +844,10 @@ TEST(MoeCuda, ExpertsNvfp4GemmPrefill) {
 }
 
 // The plain GEMV (moe_uses_plain_kernel): NVFP4 experts whose n_embd or n_ff is 16 (mod 32) (NemotronH's golden
-// fixture: 48 and 80 wide), and BF16 experts at any width (multiples of 32 too), both activations, SwiGLU and
-// relu^2, through the launchers and the one-call launcher (whatever kernel is asked for: GEMM included), with
-// uniform, skewed and hot routing, m up to a prefill that asks Auto for the GEMM.
+// fixture: 48 and 80 wide), and BF16 experts at any width, both activations, SwiGLU and relu^2, through the
+// launchers and the one-call launcher (whatever kernel is asked for: GEMM included; BF16 experts of widths
+// that are multiples of 32 then run the GEMM), with uniform, skewed and hot routing, m up to a prefill that
+// asks Auto for the GEMM.
 const ExpertsCase kPlainCases[] = {
     {MoeActivation::Relu2, 4, 64, 48, 2},          {MoeActivation::Relu2, 4, 80, 32, 2},
     {MoeActivation::SwiGlu, 8, 48, 80, 3},         {MoeActivation::Relu2, 6, 1040, 48, 2},
@@ -862,6 +869,31 @@ TEST(MoeCuda, ExpertsPlainGemv) {
         ASSERT_TRUE(cuda::moe_prefers_gemm(300, c.top_k, c.n_experts, DType::BF16));
         run_experts(pool, rng, c, 300, true, Draw::Uniform, true, true);
     }
+}
+
+// BF16 experts on the grouped GEMM (widths multiples of 32): forced at small and odd m, with column tails
+// (SwiGLU n_ff % 64, relu^2 n_embd % 128), hot and skewed routing, and Auto at a prefill size through the
+// one-call launcher (Qwen3-30B-A3B's expert count and top_k, BF16 activations), against the CPU over the
+// same BF16 weights.
+TEST(MoeCuda, ExpertsBf16Gemm) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    const auto gemm = cuda::MoeExpertKernel::Gemm;
+    const ExpertsCase cases[] = {
+        {MoeActivation::SwiGlu, 32, 256, 192, 8, true},
+        {MoeActivation::SwiGlu, 8, 96, 96, 2, true},
+        {MoeActivation::Relu2, 16, 224, 160, 6, true},
+    };
+    for (const auto& c : cases) {
+        for (int64_t m : {1, 33, 200})
+            for (bool bf16 : {false, true}) run_experts(pool, rng, c, m, bf16, Draw::Uniform, m % 2 == 1, false, gemm);
+        run_experts(pool, rng, c, 300, true, Draw::Hot, true, true, gemm);
+        run_experts(pool, rng, c, 150, false, Draw::Few, false, true, gemm);
+    }
+    const ExpertsCase q{MoeActivation::SwiGlu, 128, 128, 64, 8, true};
+    ASSERT_TRUE(cuda::moe_prefers_gemm(2048, q.top_k, q.n_experts, DType::BF16));
+    run_experts(pool, rng, q, 2048, true, Draw::Uniform, true, true);
 }
 
 TEST(MoeCuda, RejectsBadArguments) {

@@ -1,7 +1,8 @@
 // The CUDA forward of Qwen3-MoE (Qwen3MoeForCausalLM: the router + NVFP4 experts in place of the dense MLP,
 // gpu/decoder_forward.h) against the CPU reference (CpuModelRunner over the same checkpoint), on small random
 // checkpoints (hidden 256, head_dim 64, 8 experts of width 128, top 2, three layers with the middle one
-// dense through mlp_only_layers) quantized to NVFP4 ModelOpt (experts quantized, the router kept BF16).
+// dense through mlp_only_layers) quantized to NVFP4 ModelOpt (experts quantized, the router kept BF16), and
+// the same checkpoints unquantized (BF16 experts: the MoE's plain GEMV, and its grouped GEMM at prefill sizes).
 //
 // As decoder_forward_test.cpp: three sequences (prompts of 37, 5 and 70 tokens, then decode steps) with
 // teacher forcing; logits agree within tol = rel * max(1, rms(cpu logits)) and the greedy tokens agree
@@ -38,6 +39,7 @@
 #include "gpu/cuda_model_runner.h"
 #include "gpu/weight_upload.h"
 #include "model/model.h"
+#include "ops/moe/moe_cuda.h"
 #include "quant/quantize.h"
 #include "tensor/convert.h"
 
@@ -221,21 +223,42 @@ TEST_F(MoeForwardCuda, Qwen3MoeNvfp4ModelOptAllExperts) {
     compare_moe_forward(m, DType::BF16, KvDtype::Bf16, 8e-2, 1e-3, "qwen3-moe nvfp4 all 4/4 / bf16 act / bf16 kv");
 }
 
-// The CUDA MoE runs NVFP4 experts only: an unquantized (BF16) MoE checkpoint is refused at upload, naming
-// the first expert weight.
-TEST_F(MoeForwardCuda, Bf16ExpertsRefused) {
+// An unquantized (BF16) checkpoint: the experts stay BF16 on the device. F32 activations run them on the
+// MoE's plain GEMV (the exactness mode); BF16 activations on the all-experts model take the grouped GEMM at
+// the first step (112 prompt rows x 4 choices >= 8 x 4 experts: moe_prefers_gemm) and the plain GEMV for the
+// decode steps after it.
+TEST_F(MoeForwardCuda, Qwen3MoeBf16ExpertsF32Activations) {
+    const fs::path m = write_checkpoint(root_ / "moe-bf16", top2_of_8(64), 14);
+    compare_moe_forward(m, DType::F32, KvDtype::Bf16, 2e-3, 1e-3,
+                        "qwen3-moe bf16 experts top2/8 / f32 act / bf16 kv");
+}
+
+TEST_F(MoeForwardCuda, Qwen3MoeBf16ExpertsAllExperts) {
+    const fs::path m = write_checkpoint(root_ / "moe-bf16-all", all_of_4(), 17);
+    ASSERT_TRUE(cuda::moe_prefers_gemm(112, 4, 4, DType::BF16));
+    compare_moe_forward(m, DType::F32, KvDtype::Bf16, 2e-3, 1e-3,
+                        "qwen3-moe bf16 experts all 4/4 / f32 act / bf16 kv");
+    compare_moe_forward(m, DType::BF16, KvDtype::Bf16, 8e-2, 1e-3,
+                        "qwen3-moe bf16 experts all 4/4 / bf16 act / bf16 kv");
+}
+
+// An FP8 expert has no CUDA MoE kernel: refused at upload, naming it.
+TEST_F(MoeForwardCuda, Fp8ExpertRefused) {
     const fs::path dir = write_checkpoint(root_ / "moe-bf16", top2_of_8(64), 14);
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(dir.string(), pool);
     DecoderView view;
     ASSERT_TRUE(model->decoder_view(view));
+    LinearWeight fp8 = *view.layers[0].expert_up[3];
+    fp8.format = WeightFormat::Fp8;  // format only: the check refuses it before any byte is read
+    view.layers[0].expert_up[3] = &fp8;
     try {
         (void)gpu::upload_decoder(model->config(), view);
-        ADD_FAILURE() << "BF16 experts were accepted";
+        ADD_FAILURE() << "an FP8 expert was accepted";
     } catch (const std::exception& e) {
         const std::string msg = e.what();
-        EXPECT_NE(msg.find("model.layers.0.mlp.experts.0.gate_proj"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("NVFP4 only"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("model.layers.0.mlp.experts.3.up_proj"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("NVFP4 or BF16"), std::string::npos) << msg;
     }
 }
 
@@ -248,7 +271,9 @@ TEST_F(MoeForwardCuda, GraphReplaysMatchEagerSteps) {
                                     QuantLayout::ModelOpt, false);
     const fs::path all = quantized(write_checkpoint(root_ / "moe4", all_of_4(), 16), root_ / "moe4-nvfp4",
                                    QuantLayout::ModelOpt, false);
-    for (const auto& [dir, act] : {std::pair{top2, DType::F32}, std::pair{all, DType::BF16}}) {
+    const fs::path top2_bf16 = write_checkpoint(root_ / "moe2-bf16", top2_of_8(128), 18);  // BF16 experts
+    for (const auto& [dir, act] :
+         {std::pair{top2, DType::F32}, std::pair{all, DType::BF16}, std::pair{top2_bf16, DType::F32}}) {
         ThreadPool pool(0);
         std::unique_ptr<Model> model = load_model(dir.string(), pool);
         DecoderView view;
@@ -258,13 +283,17 @@ TEST_F(MoeForwardCuda, GraphReplaysMatchEagerSteps) {
     }
 }
 
-// The synthetic Qwen3-30B-A3B shape (bench --synthetic qwen3-30b-a3b) at 4 of its 48 layers runs eagerly
-// and from graphs with finite logits, and its accounting counts only the top_k experts per token.
-TEST_F(MoeForwardCuda, SyntheticQwen3MoeShapeRuns) {
+// The synthetic Qwen3-30B-A3B shape (bench --synthetic qwen3-30b-a3b, NVFP4 and --weights bf16) at 4 of its
+// 48 layers runs eagerly and from graphs with finite logits, and its accounting counts only the top_k experts
+// per token.
+class SyntheticQwen3Moe : public MoeForwardCuda, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(SyntheticQwen3Moe, ShapeRuns) {
     ModelConfig c = gpu::synthetic_config("qwen3-30b-a3b");
     EXPECT_EQ(c.arch, Arch::Qwen3Moe);
     c.n_layers = 4;
-    auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(c, {}));
+    auto weights = std::make_shared<gpu::DeviceDecoder>(gpu::synthetic_decoder(c, {.nvfp4 = GetParam()}));
+    EXPECT_EQ(weights->layers[0].experts.bf16.bytes() != 0, !GetParam());
     ASSERT_TRUE(weights->has_moe());
     EXPECT_FALSE(weights->has_dense_mlp());
     const int64_t expert_params = 3 * c.moe.n_ff * c.n_embd;
@@ -298,6 +327,9 @@ TEST_F(MoeForwardCuda, SyntheticQwen3MoeShapeRuns) {
     }
     EXPECT_GE(runner.num_cuda_graphs(), 1);
 }
+
+INSTANTIATE_TEST_SUITE_P(Weights, SyntheticQwen3Moe, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "nvfp4" : "bf16"; });
 
 }  // namespace
 }  // namespace nibble

@@ -1,6 +1,6 @@
 // Model::decoder_view of the MoE models (model/decoder_view.h), on the golden fixtures: Qwen3-MoE gives a
 // view whose MoE layers hold the router and every expert's weights in the checkpoint's formats (dense layers
-// from mlp_only_layers keep the dense MLP); Qwen2-MoE (a gated shared expert) gives none.
+// from mlp_only_layers keep the dense MLP); Qwen2-MoE's view adds each MoE layer's shared expert and its gate.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -74,12 +74,40 @@ TEST(DecoderView, Qwen3MoeNvfp4ModelOpt) { expect_moe_view("qwen3_moe_nvfp4_mode
 
 TEST(DecoderView, Qwen3MoeBf16) { expect_moe_view("qwen3_moe", WeightFormat::Dense); }
 
-TEST(DecoderView, Qwen2MoeSharedExpertHasNoView) {
+TEST(DecoderView, Qwen2MoeSharedExpert) {
     ThreadPool pool(0);
     std::unique_ptr<Model> model = load_model(fixture("qwen2_moe").string(), pool);
-    ASSERT_GT(model->config().moe.n_shared_experts, 0);
+    const ModelConfig& c = model->config();
+    ASSERT_GT(c.moe.n_shared_experts, 0);
+    ASSERT_TRUE(c.moe.shared_expert_gate);
     DecoderView view;
-    EXPECT_FALSE(model->decoder_view(view));
+    ASSERT_TRUE(model->decoder_view(view));
+    ASSERT_EQ(static_cast<int64_t>(view.layers.size()), c.n_layers);
+    int moe_layers = 0;
+    for (size_t il = 0; il < view.layers.size(); ++il) {
+        const DecoderLayerView& L = view.layers[il];
+        const std::string p = "model.layers." + std::to_string(il) + ".mlp.";
+        EXPECT_EQ(L.moe(), c.is_moe_layer(static_cast<int64_t>(il))) << "layer " << il;
+        if (!L.moe()) {
+            EXPECT_FALSE(L.has_shared_expert()) << "layer " << il;
+            EXPECT_EQ(L.shared_expert_gate, nullptr);
+            continue;
+        }
+        ++moe_layers;
+        EXPECT_EQ(static_cast<int64_t>(L.expert_up.size()), c.moe.n_experts);
+        ASSERT_TRUE(L.has_shared_expert());
+        ASSERT_NE(L.shared_gate, nullptr);
+        ASSERT_NE(L.shared_down, nullptr);
+        ASSERT_NE(L.shared_expert_gate, nullptr);
+        EXPECT_EQ(L.shared_gate->name, p + "shared_expert.gate_proj");
+        EXPECT_EQ(L.shared_up->name, p + "shared_expert.up_proj");
+        EXPECT_EQ(L.shared_down->name, p + "shared_expert.down_proj");
+        EXPECT_EQ(L.shared_expert_gate->name, p + "shared_expert_gate");
+        EXPECT_TRUE(L.shared_up->n_out == c.moe.n_ff_shared && L.shared_up->n_in == c.n_embd);
+        EXPECT_TRUE(L.shared_down->n_out == c.n_embd && L.shared_down->n_in == c.moe.n_ff_shared);
+        EXPECT_TRUE(L.shared_expert_gate->n_out == 1 && L.shared_expert_gate->n_in == c.n_embd);
+    }
+    EXPECT_GT(moe_layers, 0);
 }
 
 }  // namespace

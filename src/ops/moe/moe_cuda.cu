@@ -1072,13 +1072,16 @@ __device__ __forceinline__ int gemm_b_row(int wn, int j) {
     return wn * 64 + j * 8;
 }
 
-template <class XT, bool kGather, Epilogue kEpi>
+// kBf16: the weights are BF16 matrices b0s / b1s [n_experts, n, k] (w0s / w1s unused), copied into shared
+// memory as they are (64 bytes a row a step) and not scaled in the epilogue; else the NVFP4 tables.
+template <class XT, bool kGather, Epilogue kEpi, bool kBf16 = false>
 __global__ void __launch_bounds__(kGemmThreads, 4)
     moe_gemm_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
                           const Nvfp4DeviceWeight* __restrict__ w0s,
                           const Nvfp4DeviceWeight* __restrict__ w1s, int n, int n_col_tiles,
                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pairs,
-                          int n_experts, float* __restrict__ out) {
+                          int n_experts, float* __restrict__ out, const uint16_t* __restrict__ b0s,
+                          const uint16_t* __restrict__ b1s) {
     pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kOutCols = kGated ? kGemmWRows / 2 : kGemmWRows;           // output columns per CTA tile
@@ -1130,28 +1133,46 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
     // This thread's B row: weight row tid of the tile, clamped into the matrix at a column tail (the
     // columns it feeds are not stored).
     const int n0 = col_tile * kOutCols;
-    const Nvfp4DeviceWeight* wsel = kGated && tid < kGemmWRows / 2 ? w0s : w1s;
+    const bool b_first = kGated && tid < kGemmWRows / 2;  // a gate row (matrix 0), else matrix 1
     const int b_local = kGated ? tid % (kGemmWRows / 2) : tid;
     const int64_t b_row = min(n0 + b_local, n - 1);
-    const Nvfp4DeviceWeight wb = wsel[e];
-    const uint4* b_codes = reinterpret_cast<const uint4*>(wb.packed + b_row * (k / 2));
-    const unsigned short* b_scales = reinterpret_cast<const unsigned short*>(wb.scales + b_row * (k / 16));
+    const uint4* b_codes = nullptr;  // NVFP4: 16 bytes of codes a step; BF16: 4 x 16 bytes of values a step
+    const unsigned short* b_scales = nullptr;
+    if constexpr (kBf16) {
+        const uint16_t* mat = (b_first ? b0s : b1s) + static_cast<int64_t>(e) * n * k;
+        b_codes = reinterpret_cast<const uint4*>(mat + b_row * k);  // 64-byte aligned: k % 32 == 0
+    } else {
+        const Nvfp4DeviceWeight wb = (b_first ? w0s : w1s)[e];
+        b_codes = reinterpret_cast<const uint4*>(wb.packed + b_row * (k / 2));
+        b_scales = reinterpret_cast<const unsigned short*>(wb.scales + b_row * (k / 16));
+    }
 
     const int steps = k / kGemmK;
     ARowPart<XT> a_next;
-    uint4 b_next;
-    uint32_t s_next;
+    uint4 b_next[kBf16 ? 4 : 1];
+    uint32_t s_next = 0;
     auto load_step = [&](int step) {
         if (a_valid)
             a_next.load(a_src + step * kGemmK);
         else
             a_next.zero();
-        b_next = __ldg(b_codes + step);
-        s_next = __ldg(b_scales + step);
+        if constexpr (kBf16) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) b_next[i] = __ldg(b_codes + step * 4 + i);
+        } else {
+            b_next[0] = __ldg(b_codes + step);
+            s_next = __ldg(b_scales + step);
+        }
     };
     auto store_step = [&](int stage) {
         a_next.store(&a_s[stage][a_row][a_half]);
-        dequant32_to_shared(b_next, s_next, &b_s[stage][tid][0]);
+        if constexpr (kBf16) {
+            uint4* d = reinterpret_cast<uint4*>(&b_s[stage][tid][0]);  // 80-byte rows: 16-byte aligned
+#pragma unroll
+            for (int i = 0; i < 4; ++i) d[i] = b_next[i];
+        } else {
+            dequant32_to_shared(b_next[0], s_next, &b_s[stage][tid][0]);
+        }
     };
 
     const int wm = warp & 1, wn = warp >> 1;
@@ -1195,8 +1216,9 @@ __global__ void __launch_bounds__(kGemmThreads, 4)
 
     // Epilogue: accumulator c of mma tile (i, j) holds positions g, g (c < 2) or g + 8 (c >= 2), columns
     // 2 t + (c & 1), with g = lane / 4, t = lane % 4.
-    const float scale1 = w1s[e].global_scale * 16384.0f;  // 2^14 undoes the fp16 placement of the codes
-    const float scale0 = kGated ? w0s[e].global_scale * 16384.0f : 0.0f;
+    // NVFP4: 2^14 undoes the fp16 placement of the codes; BF16 weights carry their own scale.
+    const float scale1 = kBf16 ? 1.0f : w1s[e].global_scale * 16384.0f;
+    const float scale0 = kBf16 ? 1.0f : kGated ? w0s[e].global_scale * 16384.0f : 0.0f;
     const int g = lane >> 2, t2 = (lane & 3) * 2;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -1588,8 +1610,8 @@ bool moe_prefers_gemm(int64_t m, int64_t top_k, int64_t n_experts, DType activat
     return activations == DType::BF16 && m * top_k >= kMoeGemmMinTokensPerExpert * n_experts;
 }
 
-bool moe_uses_plain_kernel(const MoeDeviceExperts& experts) {
-    return experts.bf16_weights() || experts.n_embd % 32 != 0 || experts.n_ff % 32 != 0;
+bool moe_uses_plain_kernel(const MoeDeviceExperts& experts, bool gemm_chosen) {
+    return experts.n_embd % 32 != 0 || experts.n_ff % 32 != 0 || (experts.bf16_weights() && !gemm_chosen);
 }
 
 namespace {
@@ -1626,7 +1648,8 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
         bad("moe_experts_up_nvfp4: SwiGLU needs gate weights");
     if (m == 0) return;
     const bool swiglu = act == MoeActivation::SwiGlu;
-    if (moe_uses_plain_kernel(experts)) {
+    const bool gemm = use_gemm(kernel, m, top_k, experts.n_experts, dtype);
+    if (moe_uses_plain_kernel(experts, gemm)) {
         auto launch = [&]<class XT, Epilogue kEpi>() {
             launch_plain_gemv<XT, true, kEpi>(static_cast<const XT*>(x), experts.n_embd, top_k, m * top_k, experts,
                                               /*down=*/false, experts.n_ff, perm, h, stream);
@@ -1635,15 +1658,23 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
-    if (use_gemm(kernel, m, top_k, experts.n_experts, dtype)) {
+    if (gemm) {
         const int64_t out_cols = swiglu ? kGemmWRows / 2 : kGemmWRows;
         const int64_t col_tiles = (experts.n_ff + out_cols - 1) / out_cols;
         const unsigned blocks = gemm_grid(m, top_k, experts, col_tiles, what);
         auto launch = [&]<class XT, Epilogue kEpi>() {
-            launch_pdl(moe_gemm_nvfp4_kernel<XT, true, kEpi>, dim3(blocks), dim3(kGemmThreads), 0, stream,
-                       static_cast<const XT*>(x), static_cast<int>(experts.n_embd), static_cast<int>(top_k),
-                       experts.gate, experts.up, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
-                       perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h);
+            if (experts.bf16_weights())
+                launch_pdl(moe_gemm_nvfp4_kernel<XT, true, kEpi, true>, dim3(blocks), dim3(kGemmThreads), 0, stream,
+                           static_cast<const XT*>(x), static_cast<int>(experts.n_embd), static_cast<int>(top_k),
+                           nullptr, nullptr, static_cast<int>(experts.n_ff), static_cast<int>(col_tiles),
+                           perm.offsets, perm.sorted_pairs, static_cast<int>(experts.n_experts), h,
+                           experts.bf16_gate, experts.bf16_up);
+            else
+                launch_pdl(moe_gemm_nvfp4_kernel<XT, true, kEpi, false>, dim3(blocks), dim3(kGemmThreads), 0,
+                           stream, static_cast<const XT*>(x), static_cast<int>(experts.n_embd),
+                           static_cast<int>(top_k), experts.gate, experts.up, static_cast<int>(experts.n_ff),
+                           static_cast<int>(col_tiles), perm.offsets, perm.sorted_pairs,
+                           static_cast<int>(experts.n_experts), h, nullptr, nullptr);
         };
         launch_up_variant(dtype, swiglu, launch);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
@@ -1677,19 +1708,26 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     check_aligned(h, what, "h");
     check_aligned(o, what, "o");
     if (m == 0) return;
-    if (moe_uses_plain_kernel(experts)) {
+    const bool gemm = use_gemm(kernel, m, top_k, experts.n_experts, DType::BF16);
+    if (moe_uses_plain_kernel(experts, gemm)) {
         launch_plain_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, m * top_k, experts, /*down=*/true,
                                                         experts.n_embd, perm, o, stream);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
-    if (use_gemm(kernel, m, top_k, experts.n_experts, DType::BF16)) {
+    if (gemm) {
         const int64_t col_tiles = (experts.n_embd + kGemmWRows - 1) / kGemmWRows;
-        launch_pdl(moe_gemm_nvfp4_kernel<float, false, Epilogue::None>,
-                   dim3(gemm_grid(m, top_k, experts, col_tiles, what)), dim3(kGemmThreads), 0, stream, h,
-                   static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
-                   static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
-                   perm.sorted_pairs, static_cast<int>(experts.n_experts), o);
+        const dim3 grid(gemm_grid(m, top_k, experts, col_tiles, what));
+        if (experts.bf16_weights())
+            launch_pdl(moe_gemm_nvfp4_kernel<float, false, Epilogue::None, true>, grid, dim3(kGemmThreads), 0,
+                       stream, h, static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, nullptr,
+                       static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
+                       perm.sorted_pairs, static_cast<int>(experts.n_experts), o, nullptr, experts.bf16_down);
+        else
+            launch_pdl(moe_gemm_nvfp4_kernel<float, false, Epilogue::None, false>, grid, dim3(kGemmThreads), 0,
+                       stream, h, static_cast<int>(experts.n_ff), static_cast<int>(top_k), nullptr, experts.down,
+                       static_cast<int>(experts.n_embd), static_cast<int>(col_tiles), perm.offsets,
+                       perm.sorted_pairs, static_cast<int>(experts.n_experts), o, nullptr, nullptr);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }

@@ -30,8 +30,10 @@
 // bits; the per-expert global scale is applied in float32 in the epilogue). Its A operands are rounded to
 // BF16: x when it is F32, and h (stored float32 as for the GEMV) when the down GEMM reads it.
 // Intermediates h and o are float32; activations x and y F32 or BF16 (one dtype).
-// Expert weights may also be BF16 (MoeDeviceExperts' bf16_* arrays), and n_embd / n_ff multiples of 16 only:
-// both run a plain per-row GEMV (moe_uses_plain_kernel) in place of the kernels above.
+// Expert weights may also be BF16 (MoeDeviceExperts' bf16_* arrays): with widths that are multiples of 32 they
+// run the same grouped GEMM for prefill (the BF16 rows copied to shared memory as they are, no scale) and a
+// plain per-row GEMV for decode; n_embd / n_ff multiples of 16 only (either format) run the plain GEMV always
+// (moe_uses_plain_kernel).
 // Preconditions (std::invalid_argument): n_embd and n_ff multiples of 16, 16-byte aligned x, h, o;
 // 1 <= n_experts <= 1024, 1 <= top_k <= 32 (routers: top_k <= n_experts too). Not checked (the tables
 // live on the device): each expert's packed weights 16-byte aligned and scales 2-byte aligned (true of
@@ -98,11 +100,13 @@ struct MoeDeviceExperts {
     bool bf16_weights() const { return bf16_up != nullptr; }
 };
 
-// Whether moe_experts_up_nvfp4 / moe_experts_down_nvfp4 run the plain expert GEMV whatever MoeExpertKernel
-// asks: BF16 experts, or n_embd or n_ff not a multiple of 32 (whole 16-element NVFP4 blocks only; small test
-// models). One warp per (sorted position, output row), float32 arithmetic on the activations as the GEMV's.
-// NVFP4 experts whose widths are multiples of 32 (every real model's) keep the GEMV / GEMM dispatch below.
-bool moe_uses_plain_kernel(const MoeDeviceExperts& experts);
+// Whether moe_experts_up_nvfp4 / moe_experts_down_nvfp4 run the plain expert GEMV: n_embd or n_ff not a
+// multiple of 32 (whole 16-element NVFP4 blocks only; small test models) whatever MoeExpertKernel asks, or
+// BF16 experts when the grouped GEMM is not chosen (gemm_chosen: the kernel argument and moe_prefers_gemm
+// picked it; BF16 experts have no NVFP4 GEMV). One warp per (sorted position, output row), float32
+// arithmetic on the activations as the GEMV's. NVFP4 experts whose widths are multiples of 32 (every real
+// model's) keep the GEMV / GEMM dispatch below.
+bool moe_uses_plain_kernel(const MoeDeviceExperts& experts, bool gemm_chosen = false);
 
 // h[p] = act(x[token of sorted pair p]) for the m * top_k sorted positions p:
 //   SwiGlu: silu(x W_gate^T) * (x W_up^T);  Relu2: relu(x W_up^T)^2
