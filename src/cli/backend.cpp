@@ -31,14 +31,14 @@ bool use_cuda_backend(const std::string& device, const Model& model) {
     };
     if (device == "cuda") {
         NIBBLE_CHECK(gpu, "--device cuda: no CUDA device is present");
-        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family, Qwen3-MoE and NemotronH so far, not {} (use --device cpu)",
+        NIBBLE_CHECK(runs, "--device cuda: the CUDA backend runs the llama family, Qwen3-MoE, Qwen2-MoE and NemotronH so far, not {} (use --device cpu)",
                      model.config().arch_name);
         check();
         return true;
     }
     if (!gpu) return false;
     if (!runs) {
-        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family, Qwen3-MoE and NemotronH so far",
+        log::warn("{} runs on the CPU backend: the CUDA backend runs the llama family, Qwen3-MoE, Qwen2-MoE and NemotronH so far",
                   model.config().arch_name);
         return false;
     }

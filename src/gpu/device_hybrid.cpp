@@ -247,8 +247,8 @@ DeviceHybrid upload_hybrid(const ModelConfig& c, const HybridView& view) {
     const bool bf16_experts = std::any_of(d.layers.begin(), d.layers.end(),
                                           [](const DeviceHybridLayer& L) { return L.experts.bf16.bytes() != 0; });
     if (bf16_experts)
-        log::warn("CUDA backend: the routed experts are BF16 and run on a plain GEMV meant for small test models; "
-                  "quantize the checkpoint to NVFP4 (nibble quantize) for the fast MoE kernels");
+        log::warn("CUDA backend: the routed experts are BF16: a plain GEMV runs them for decode (the grouped GEMM "
+                  "for prefill); quantize the checkpoint to NVFP4 (nibble quantize) for the fast MoE kernels");
     return d;
 }
 
