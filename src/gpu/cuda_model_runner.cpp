@@ -94,8 +94,9 @@ CudaModelRunner::CudaModelRunner(std::shared_ptr<const DeviceDecoder> weights,
         const DeviceBatch probe{.n_tokens = b, .n_seqs = b, .max_q_len = 1, .max_kv_len = o.max_model_len,
                                 .max_blocks = max_blocks_per_seq_};
         most = std::max(most, fwd_->attention_workspace_bytes(fwd_->attention_splits(probe, *kv_), b));
-        // Tuned split counts differ per cache-length class: room for the most any class of this batch uses.
-        for (int64_t bound = 1024; o.kernel_choices && bound < o.max_model_len; bound *= 2) {
+        // Split counts differ per cache-length class (tuned ones, and the short-context rule of
+        // paged_attention_splits): room for the most any class of this batch uses.
+        for (int64_t bound = 1024; bound < o.max_model_len; bound *= 2) {
             DeviceBatch shorter = probe;
             shorter.max_kv_len = bound;
             most = std::max(most, fwd_->attention_workspace_bytes(fwd_->attention_splits(shorter, *kv_), b));

@@ -524,13 +524,15 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
     }
 }
 
-// The decode split count by bytes (a host function): within 1..256, every split reads >= 64 KiB of K + V
-// unless there is one split, a smaller cache dtype gets at most 4x BF16's count at the same shape (its
-// splits cover more keys), and prefill keeps the by-keys choice. Pointers are not read.
+// The decode split count (a host function), within 1..256. Up to 8192 keys (latency-bound, by CTAs and keys):
+// at least 64 CTAs when every split can keep >= 48 keys, never fewer than 48 keys a split, at most one wave of
+// resident CTAs beyond that floor. Longer caches (by bytes): every split reads >= 64 KiB of K + V unless there is
+// one split. Everywhere a smaller cache dtype gets at most 4x BF16's count at the same shape, and prefill keeps
+// the by-keys choice. Pointers are not read.
 TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
     for (int sm_count : {78, 132}) {
         for (int64_t n_seqs : {1, 3, 8, 32}) {
-            for (int64_t depth : {100, 4096, 8192, 65536, 131072}) {
+            for (int64_t depth : {100, 576, 1024, 4096, 8192, 65536, 131072}) {
                 cuda::AttentionBatch b{n_seqs, n_seqs, nullptr, nullptr, nullptr, (depth + 15) / 16, 1, depth};
                 int bf16_splits = 0;
                 for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
@@ -544,7 +546,17 @@ TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
                                  " depth=" + std::to_string(depth) + " sms=" + std::to_string(sm_count));
                     EXPECT_GE(s, 1);
                     EXPECT_LE(s, 256);
-                    if (s > 1) {
+                    const int64_t ctas = n_seqs * 8;
+                    if (depth <= 8192) {
+                        if (s > 1) {
+                            EXPECT_GE(depth / s, 48);
+                        }
+                        if (depth / 48 >= (64 + ctas - 1) / ctas) {
+                            EXPECT_GE(ctas * s, 64);
+                        }
+                        const int64_t slots = (dt == KvDtype::Bf16 ? 3 : 2) * sm_count;
+                        EXPECT_LE(ctas * s, std::max<int64_t>(64 + ctas - 1, slots));
+                    } else if (s > 1) {
                         EXPECT_GE(depth * 2 * row / s, 64 * 1024);
                     }
                     if (dt == KvDtype::Bf16) {
