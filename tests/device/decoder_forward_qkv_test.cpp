@@ -73,7 +73,9 @@ TEST_F(DecoderForwardQkvCuda, LlamaSharedScaleOneGemm) {
     compare_forward(m, DType::BF16, KvDtype::Bf16, 6e-2, "llama nvfp4 fused qkv gemm / bf16 act / bf16 kv");
     compare_forward(m, DType::BF16, KvDtype::Bf16, 6e-2, "llama nvfp4 fusion off / bf16 act / bf16 kv",
                     {.fused_gemv = false});
-    compare_forward(m, DType::BF16, KvDtype::Fp8, 6e-2, "llama nvfp4 fused qkv gemm / bf16 act / fp8 kv");
+    // BF16 activations and an FP8 cache: the two bounds add (6e-2 for BF16 activations, 3e-2 for the FP8
+    // cache with F32 activations, decoder_forward_test.cpp); 6e-2 alone failed at 0.062-0.065 (H100).
+    compare_forward(m, DType::BF16, KvDtype::Fp8, 9e-2, "llama nvfp4 fused qkv gemm / bf16 act / fp8 kv");
 }
 
 // Qwen3's q/k norms on the strided rows; NVFP4 cache (tolerance: decoder_forward_test.cpp's header).
