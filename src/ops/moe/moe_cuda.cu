@@ -813,17 +813,37 @@ constexpr int reg_gemv_rows(Epilogue epi) { return epi == Epilogue::SwiGlu ? 2 :
 // groups.
 __device__ __forceinline__ int reg_gemv_swizzle(int f) { return f ^ ((f >> 3) & 7); }
 
+// Coherent loads (ld.global.ca): the down instance loads before its pdl_wait, so its inputs must not take the
+// non-coherent path ptxas may hoist above the wait (cuda/pdl.cuh, rule 1).
 __device__ __forceinline__ float4 load4_float(const float* p) {
-    return __ldg(reinterpret_cast<const float4*>(p));
+    return __ldca(reinterpret_cast<const float4*>(p));
 }
 __device__ __forceinline__ float4 load4_float(const __nv_bfloat16* p) {
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 u = __ldca(reinterpret_cast<const uint2*>(p));
     return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
                        __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 }
 
+// An expert's weight descriptor through coherent loads (the down instance reads it before its pdl_wait).
+__device__ __forceinline__ Nvfp4DeviceWeight load_weight_coherent(const Nvfp4DeviceWeight* p) {
+    Nvfp4DeviceWeight w;
+    w.packed = reinterpret_cast<const uint8_t*>(__ldca(reinterpret_cast<const unsigned long long*>(&p->packed)));
+    w.scales = reinterpret_cast<const uint8_t*>(__ldca(reinterpret_cast<const unsigned long long*>(&p->scales)));
+    w.global_scale = __ldca(&p->global_scale);
+    w.n = __ldca(reinterpret_cast<const long long*>(&p->n));
+    w.k = __ldca(reinterpret_cast<const long long*>(&p->k));
+    return w;
+}
+
 // out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list); input
 // row of p as in moe_gemv_nvfp4 (x[sorted_pairs[p] / top_k] when kGather, else x[p]); SwiGlu reads w0 = gate.
+//
+// Decode's down projection is latency-bound (7 MB in ~8 us on H100, docs/perf.md), so the down instance
+// (!kGather) issues its weight loads before pdl_wait, while the up projection before it still runs: the up
+// instance (kGather) releases its dependent as soon as its own weights are requested. Down reads the routing
+// (offsets, active list) before its wait too: the routing comes from the kernel before up, and down can only
+// be resident once up has passed its own pdl_wait, so that kernel has completed (cuda/pdl.cuh, rule 2: every
+// kernel releases only after its wait). Every load before the wait is coherent (rule 1).
 template <class XT, bool kGather, Epilogue kEpi>
 __global__ void __launch_bounds__(kRegGemvWarps * 32)
     moe_reg_gemv_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
@@ -833,18 +853,22 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
                               const int32_t* __restrict__ sorted_pairs,
                               const int32_t* __restrict__ active_experts,
                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    constexpr bool kEarlyWeights = !kGather;
+    if constexpr (!kEarlyWeights) pdl_wait();
     constexpr bool kGated = kEpi == Epilogue::SwiGlu;
     constexpr int kRows = reg_gemv_rows(kEpi);
     constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
     extern __shared__ float4 x_sh[];       // [token_tile][k / 4], swizzled (reg_gemv_swizzle)
-    const int active = *n_active;
-    const int e = active_experts[blockIdx.y];            // slot < gridDim.y <= n_experts: in bounds
-    if (static_cast<int>(blockIdx.y) >= active) return;  // the whole CTA, before any barrier
+    const int active = __ldca(n_active);
+    if (static_cast<int>(blockIdx.y) >= active) {  // the whole CTA, before any barrier
+        if constexpr (kEarlyWeights) pdl_wait();   // rule 2: no CTA ends before its predecessor
+        return;
+    }
+    const int e = __ldca(active_experts + blockIdx.y);  // slot < gridDim.y <= n_experts: in bounds
     Nvfp4DeviceWeight w[kSets];
-    w[0] = w1s[e];
-    if constexpr (kGated) w[1] = w0s[e];
-    const int begin = offsets[e], count = offsets[e + 1] - begin;
+    w[0] = load_weight_coherent(w1s + e);
+    if constexpr (kGated) w[1] = load_weight_coherent(w0s + e);
+    const int begin = __ldca(offsets + e), count = __ldca(offsets + e + 1) - begin;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int segments = 32 / lanes_per_row;
     const int sub = lane & (lanes_per_row - 1), seg = lane / lanes_per_row;
@@ -869,9 +893,11 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
                 const int c = sub + u * lanes_per_row;
                 q[m][r][u] = make_uint4(0, 0, 0, 0);
                 sc[m][r][u] = 0;
-                if (row_ok && c < chunks) q[m][r][u] = __ldg(qr + c), sc[m][r][u] = __ldg(sr + c);
+                if (row_ok && c < chunks) q[m][r][u] = __ldcs(qr + c), sc[m][r][u] = __ldcs(sr + c);
             }
         }
+    if constexpr (kEarlyWeights) pdl_wait();        // the inputs (up's h) come from the kernel before
+    else pdl_launch_dependents();                   // down may now request its weights beside ours
     float scale[kSets];  // 2^14 undoes the fp16 placement of the codes
 #pragma unroll
     for (int m = 0; m < kSets; ++m) scale[m] = w[m].global_scale * 16384.0f;
@@ -883,7 +909,7 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
         for (int idx = threadIdx.x; idx < nb * quads; idx += kRegGemvWarps * 32) {
             const int i = idx / quads, f = idx - i * quads;
             const int p = begin + t0 + i;
-            const int64_t src = kGather ? sorted_pairs[p] / top_k : p;
+            const int64_t src = kGather ? __ldca(sorted_pairs + p) / top_k : p;
             x_sh[i * quads + reg_gemv_swizzle(f)] = load4_float(x + src * k + 4 * f);
         }
         __syncthreads();
@@ -950,9 +976,12 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
 }
 
 // Launches the register GEMV when k fits it; false otherwise (the caller runs moe_gemv_nvfp4's kernels).
+// m: tokens of the step, the most rows one expert can get (a token picks an expert at most once), which
+// bounds the staged rows: at decode one row of shared memory, not the 48 KB of a full tile, so more CTAs
+// (down's early ones beside up's) fit an SM.
 template <class XT, bool kGather, Epilogue kEpi>
 bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWeight* w0s,
-                     const Nvfp4DeviceWeight* w1s, int64_t n, int64_t grid_y, const MoePermutation& perm,
+                     const Nvfp4DeviceWeight* w1s, int64_t n, int64_t grid_y, int64_t m, const MoePermutation& perm,
                      float* out, cudaStream_t stream) {
     if (k > kRegGemvMaxK || n > 0x7fffffff) return false;
     const int64_t chunks = k / 32;
@@ -962,8 +991,8 @@ bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWei
     const dim3 grid(static_cast<unsigned>((n + rows_per_cta - 1) / rows_per_cta),
                     static_cast<unsigned>(grid_y));
     const size_t row_bytes = static_cast<size_t>(k) * sizeof(float);
-    const int token_tile =
-        static_cast<int>(std::min<size_t>(kRegGemvTokenTile, kRegGemvSharedBytes / row_bytes));
+    const int token_tile = static_cast<int>(std::min<size_t>(
+        {static_cast<size_t>(kRegGemvTokenTile), kRegGemvSharedBytes / row_bytes, static_cast<size_t>(std::max<int64_t>(1, m))}));
     launch_pdl(moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi>, dim3(grid), dim3(kRegGemvWarps * 32),
                token_tile * row_bytes, stream, x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s,
                static_cast<int>(n), lanes, token_tile, perm.offsets, perm.sorted_pairs, perm.active_experts,
@@ -1685,7 +1714,7 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
         if (launch_reg_gemv<XT, true, kEpi>(static_cast<const XT*>(x), experts.n_embd, top_k, experts.gate,
-                                            experts.up, experts.n_ff, grid.y, perm, h, stream))
+                                            experts.up, experts.n_ff, grid.y, m, perm, h, stream))
             return;
         if (gemv_single_token_tile(m, top_k, experts.n_experts))
             launch_pdl(moe_gemv_nvfp4_kernel_t1<XT, true, kEpi>, dim3(grid), dim3(kGemvWarps * 32), 0, stream,
@@ -1733,7 +1762,7 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
     if (launch_reg_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, nullptr, experts.down,
-                                                      experts.n_embd, grid_y_for(m, top_k, experts.n_experts),
+                                                      experts.n_embd, grid_y_for(m, top_k, experts.n_experts), m,
                                                       perm, o, stream)) {
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
