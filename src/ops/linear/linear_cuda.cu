@@ -79,6 +79,14 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[R][MT], int lane, 
     store_y(y + static_cast<int64_t>(mi) * n + row, out);
 }
 
+// The CUDA-core GEMVs below request their first weights (constants) before pdl_wait and read activations only
+// after it, through coherent loads (cuda/pdl.cuh, rule 1): a decode GEMV of a few MB is latency-bound, and its
+// first DRAM round trip then overlaps the kernel before it (a norm, the routing). They fill the GPU, so they
+// release their dependents only at exit. A warp with no rows still waits before it ends (rule 2).
+__device__ __forceinline__ void early_wait(bool& waited) {
+    if (!waited) pdl_wait(), waited = true;
+}
+
 // y[m, n] = x[m, k] W^T, W NVFP4. Chunk c of a row: 16 bytes of codes (elements 32c..32c+31) and the
 // 2 E4M3 scales of its two blocks.
 template <int MT, int R, class XT>
@@ -86,7 +94,8 @@ __global__ void __launch_bounds__(kThreads)
     gemv_nvfp4_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                       const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                       XT* __restrict__ y, int64_t n) {
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    // The first row group's first chunks are constants: requested before pdl_wait (early_wait, below).
+    bool waited = false;
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 5;
     const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
@@ -110,6 +119,7 @@ __global__ void __launch_bounds__(kThreads)
                 s_next[r] = __ldcs(ws + base[r] + lane);
             }
         }
+        early_wait(waited);
         for (int64_t c = lane; c < chunks; c += 32) {
             uint4 q[R];
             uint32_t s[R];
@@ -141,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
                     for (int mi = 0; mi < MT; ++mi) {
                         if (mi >= m) break;  // warp-uniform
                         float xv[8];
-                        load_x8(xc + static_cast<int64_t>(mi) * k + 8 * j, xv);
+                        load_x8<XLoad::Coherent>(xc + static_cast<int64_t>(mi) * k + 8 * j, xv);
 #pragma unroll
                         for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -158,6 +168,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         reduce_and_store<MT, R>(acc, lane, row0, m, n, out_scale, bias, y);
     }
+    early_wait(waited);
 }
 
 // ---- NVFP4 on the tensor cores ----
@@ -626,7 +637,7 @@ __global__ void __launch_bounds__(kThreads)
     static_assert(KS == 1 || KS == kWarps, "a row group is one warp or the whole CTA");
     constexpr int V = MT * R;
     __shared__ float part[KS > 1 ? KS : 1][V];
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    bool waited = false;  // first weights before pdl_wait (early_wait)
     const int lane = threadIdx.x & 31;
     const int sub = KS > 1 ? static_cast<int>(threadIdx.x >> 5) : 0;  // this warp's share of k
     const int64_t chunks = k >> 4;
@@ -652,6 +663,7 @@ __global__ void __launch_bounds__(kThreads)
                 q_next[r][1] = __ldcs(w + base[r] + 2 * first + 1);
             }
         }
+        early_wait(waited);
         for (int64_t c = first; c < chunks; c += step) {
             uint4 q[R][2];
 #pragma unroll
@@ -679,7 +691,7 @@ __global__ void __launch_bounds__(kThreads)
                 for (int mi = 0; mi < MT; ++mi) {
                     if (mi >= m) break;
                     float xv[8];
-                    load_x8(xc + static_cast<int64_t>(mi) * k + 8 * h, xv);
+                    load_x8<XLoad::Coherent>(xc + static_cast<int64_t>(mi) * k + 8 * h, xv);
 #pragma unroll
                     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -713,6 +725,7 @@ __global__ void __launch_bounds__(kThreads)
             __syncthreads();  // part is rewritten by the next row group
         }
     }
+    early_wait(waited);
 }
 
 // The 4 E4M3 codes of wd (element e in byte e) as float32, exactly.
@@ -729,7 +742,7 @@ template <int MT, int R, class XT>
 __global__ void __launch_bounds__(kThreads)
     gemv_fp8_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w, float scale,
                     const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    bool waited = false;  // first weights before pdl_wait (early_wait)
     constexpr int U = 2;  // chunks per lane and step
     const int lane = threadIdx.x & 31;
     const int64_t chunks = k >> 4;
@@ -755,6 +768,7 @@ __global__ void __launch_bounds__(kThreads)
             }
         };
         load_step(lane);
+        early_wait(waited);
         for (int64_t c0 = lane; c0 < chunks; c0 += 32 * U) {
             uint4 q[R][U];
 #pragma unroll
@@ -779,7 +793,7 @@ __global__ void __launch_bounds__(kThreads)
                     for (int mi = 0; mi < MT; ++mi) {
                         if (mi >= m) break;
                         float xv[8];
-                        load_x8(xc + static_cast<int64_t>(mi) * k + 8 * h, xv);
+                        load_x8<XLoad::Coherent>(xc + static_cast<int64_t>(mi) * k + 8 * h, xv);
 #pragma unroll
                         for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -797,6 +811,7 @@ __global__ void __launch_bounds__(kThreads)
             reduce_and_store<MT, R>(acc, lane, row0, m, n, scale, bias, y);
         }
     }
+    early_wait(waited);
 }
 
 // gemv_fp8_mma: one block per 16-row tile, its 4 warps splitting k (64-wide chunks c, c + 4, ...). A lane
