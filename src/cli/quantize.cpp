@@ -1,5 +1,6 @@
 // `nibble quantize SRC DST --format nvfp4 [--layout modelopt|compressed-tensors] [--exclude lm_head,...]
-//  [--calibration-data FILE]`: writes an NVFP4 checkpoint and prints each tensor's round-trip error.
+//  [--calibration-data FILE] [--per-tensor-global-scales]`: writes an NVFP4 checkpoint and prints each
+//  tensor's round-trip error.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -23,7 +24,7 @@ namespace {
 struct QuantizeCliOptions {
     std::string src, dst, format = "nvfp4", layout = "modelopt", calibration;
     std::vector<std::string> exclude = {"lm_head"};
-    bool no_architecture_exclusions = false;
+    bool no_architecture_exclusions = false, per_tensor_global_scales = false;
     size_t threads = 0;
     int64_t calibration_max_tokens = 512;
 };
@@ -36,6 +37,7 @@ void run_quantize(const QuantizeCliOptions& cli) {
     opt.dst_dir = cli.dst;
     opt.layout = cli.layout == "modelopt" ? QuantLayout::ModelOpt : QuantLayout::CompressedTensors;
     opt.architecture_exclusions = !cli.no_architecture_exclusions;
+    opt.fusion_group_global_scales = !cli.per_tensor_global_scales;
     opt.exclude.clear();
     for (const auto& e : cli.exclude)
         if (!e.empty()) opt.exclude.push_back(e);
@@ -92,6 +94,10 @@ void add_quantize_command(CLI::App& app) {
     cmd->add_flag("--no-architecture-exclusions", opt->no_architecture_exclusions,
                   "quantize also what the architecture's published recipe keeps in BF16 (NemotronH: attention "
                   "layers and the Mamba layer before each)");
+    cmd->add_flag("--per-tensor-global-scales", opt->per_tensor_global_scales,
+                  "give every tensor its own NVFP4 global scale (amax / 2688); by default a layer's q/k/v and an "
+                  "MLP's or expert's gate/up share one, from their joint amax, as ModelOpt exports them and "
+                  "engines that run each group as one GEMM (nibble's CUDA prefill, vLLM) expect");
     cmd->add_option("--calibration-data", opt->calibration,
                     "text file (tokenized with the model's tokenizer; samples separated by blank lines) or "
                     ".jsonl of {\"ids\": [...]} lines, run through the model to set activation scales");

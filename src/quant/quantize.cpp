@@ -64,11 +64,10 @@ struct QuantizedTensor {
     double rel_rms_error = 0.0;
 };
 
-// Quantizes W [n, k] (any float dtype) with ModelOpt's recipe, measuring the round-trip error.
-QuantizedTensor quantize_weight(const TensorInfo& t, ThreadPool& pool) {
+// The largest magnitude in W [n, k] (any float dtype); refuses a tensor holding an infinity.
+float tensor_amax(const TensorInfo& t, ThreadPool& pool) {
     const int64_t n = t.shape[0], k = t.shape[1];
     const size_t row_bytes = static_cast<size_t>(k) * dtype_size(t.dtype);
-    // Pass 1: the tensor's amax sets the global scale.
     std::vector<float> row_amax(static_cast<size_t>(n));
     pool.parallel_for(static_cast<size_t>(n), 8, [&](size_t b, size_t e) {
         std::vector<float> row(static_cast<size_t>(k));
@@ -83,11 +82,19 @@ QuantizedTensor quantize_weight(const TensorInfo& t, ThreadPool& pool) {
     for (float a : row_amax) amax = std::max(amax, a);
     NIBBLE_CHECK(std::isfinite(amax), "tensor {} in {}: holds a non-finite value; refusing to quantize it", t.name,
                  t.file);
+    return amax;
+}
+
+// Quantizes W [n, k] (any float dtype) with ModelOpt's recipe under global_scale (its own amax / 2688, or its
+// fusion group's), measuring the round-trip error.
+QuantizedTensor quantize_weight(const TensorInfo& t, float global_scale, ThreadPool& pool) {
+    const int64_t n = t.shape[0], k = t.shape[1];
+    const size_t row_bytes = static_cast<size_t>(k) * dtype_size(t.dtype);
     QuantizedTensor q;
-    q.global_scale = nvfp4_global_scale(amax);
+    q.global_scale = global_scale;
     q.packed.resize(static_cast<size_t>(n * k / 2));
     q.scales.resize(static_cast<size_t>(n * k / kNvfp4BlockSize));
-    // Pass 2: quantize rows, and dequantize them again for the error report.
+    // Quantize rows, and dequantize them again for the error report.
     std::vector<double> err(static_cast<size_t>(n)), ref(static_cast<size_t>(n));
     pool.parallel_for(static_cast<size_t>(n), 8, [&](size_t b, size_t e) {
         std::vector<float> row(static_cast<size_t>(k)), back(static_cast<size_t>(k));
@@ -127,7 +134,72 @@ LayoutNames layout_names(QuantLayout layout, const std::string& module) {
             module + ".input_global_scale"};
 }
 
+// One global scale per fusion group, and the input scale the group's members share: ModelOpt's HF export
+// (modelopt/torch/export/unified_export_hf.py, requantize_resmooth_fused_llm_layers) gathers the NVFP4
+// linears that read the same input tensor (q/k/v, gate/up; every expert's gate/up by the experts.N naming
+// rule) and quant_utils.py's preprocess_linear_fusion sets each one's weight amax and input amax to the
+// group's maximum. llm-compressor does the same for compressed-tensors (modifiers/utils/helpers.py,
+// update_fused_layer_weight_global_scales: q/k/v and gate/up take the smallest weight_global_scale, 2688 /
+// the largest amax). vLLM runs each group as one GEMM with one scale: ModelOpt linears keep
+// weight_scale_2.max() of the merged layer, and the fused-MoE loader keeps gate's weight_scale_2 for w13,
+// warning "w1_weight_scale_2 must match w3_weight_scale_2" otherwise.
+class GroupScales {
+public:
+    GroupScales(const QuantizeOptions& opt, const Checkpoint& ckpt, ThreadPool& pool)
+        : opt_(opt), ckpt_(ckpt), pool_(pool) {}
+
+    void add(const LinearWeight& w) { members_[group_of(w.name)].push_back(&w); }
+
+    // The members' largest amax / 2688, measured when a member of the group is first asked for.
+    float global_scale(const LinearWeight& w) {
+        const std::string group = group_of(w.name);
+        auto it = global_.find(group);
+        if (it != global_.end()) return it->second;
+        float amax = 0.0f;
+        for (const LinearWeight* m : members_.at(group))
+            amax = std::max(amax, tensor_amax(ckpt_.get(m->name + ".weight"), pool_));
+        return global_[group] = nvfp4_global_scale(amax);
+    }
+
+    // ModelOpt's input_scale (amax / 2688) from the members' largest calibrated input amax; the default
+    // without calibration.
+    float input_scale(const LinearWeight& w) const {
+        float amax = 0.0f;
+        for (const LinearWeight* m : members_.at(group_of(w.name))) {
+            auto it = opt_.input_amax.find(m->name);
+            if (it != opt_.input_amax.end()) amax = std::max(amax, it->second);
+        }
+        return amax > 0.0f ? nvfp4_global_scale(amax) : kDefaultInputScale;
+    }
+
+    // Groups of more than one member.
+    int64_t shared_groups() const {
+        int64_t n = 0;
+        for (const auto& [group, members] : members_) n += members.size() > 1;
+        return n;
+    }
+
+private:
+    std::string group_of(const std::string& module) const {
+        return opt_.fusion_group_global_scales ? global_scale_group(module) : module;
+    }
+    const QuantizeOptions& opt_;
+    const Checkpoint& ckpt_;
+    ThreadPool& pool_;
+    std::map<std::string, std::vector<const LinearWeight*>> members_;  // group -> its modules to quantize
+    std::map<std::string, float> global_;                              // group -> its global scale
+};
+
 }  // namespace
+
+std::string global_scale_group(const std::string& module) {
+    const size_t dot = module.rfind('.');
+    const std::string parent = dot == std::string::npos ? "" : module.substr(0, dot + 1);
+    const std::string leaf = dot == std::string::npos ? module : module.substr(dot + 1);
+    if (leaf == "q_proj" || leaf == "k_proj" || leaf == "v_proj") return parent + "{q,k,v}_proj";
+    if (leaf == "gate_proj" || leaf == "up_proj") return parent + "{gate,up}_proj";
+    return module;
+}
 
 std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, ThreadPool& pool) {
     const fs::path src(opt.src_dir), dst(opt.dst_dir);
@@ -174,6 +246,12 @@ std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, Thread
                      w->name, w->name, opt.src_dir);
         to_quantize[w->name + ".weight"] = w;
     }
+    GroupScales group_scales(opt, ckpt, pool);
+    for (const auto& [name, w] : to_quantize) group_scales.add(*w);
+    if (opt.fusion_group_global_scales && group_scales.shared_groups() > 0)
+        log::info("{} groups of projections (q/k/v, gate/up) share one global scale each, as ModelOpt "
+                  "exports them",
+                  group_scales.shared_groups());
     for (const auto& p : opt.exclude)
         NIBBLE_CHECK(used_patterns.count(p) != 0 || p == "lm_head",
                      "--exclude pattern '{}' matches no linear module of {}", p, opt.src_dir);
@@ -212,12 +290,9 @@ std::vector<TensorReport> quantize_checkpoint(const QuantizeOptions& opt, Thread
         } else {
             const LinearWeight& w = *it->second;
             const LayoutNames ln = layout_names(opt.layout, w.name);
-            QuantizedTensor q = quantize_weight(t, pool);
-            auto amax_it = opt.input_amax.find(w.name);
+            QuantizedTensor q = quantize_weight(t, group_scales.global_scale(w), pool);
             // ModelOpt: input_scale = amax / 2688; compressed-tensors stores its reciprocal.
-            const float input_scale =
-                amax_it != opt.input_amax.end() && amax_it->second > 0.0f ? nvfp4_global_scale(amax_it->second)
-                                                                          : kDefaultInputScale;
+            const float input_scale = group_scales.input_scale(w);
             float global = q.global_scale, input = input_scale;
             if (opt.layout == QuantLayout::CompressedTensors) {
                 global = 1.0f / q.global_scale;

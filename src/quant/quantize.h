@@ -30,6 +30,11 @@ struct QuantizeOptions {
     // Also keep unquantized what the architecture's published recipe does (Model::default_quant_exclusions():
     // NemotronH's attention layers and the Mamba layers feeding them, as ModelOpt exports Nemotron-H).
     bool architecture_exclusions = true;
+    // One NVFP4 global scale per fusion group (global_scale_group), from the group's joint amax and written
+    // to every member, as ModelOpt's export gives the projections engines run as one GEMM (vLLM's qkv_proj
+    // and gate_up_proj) one weight_scale_2; the members' input scales take the group's largest amax too.
+    // false: every tensor its own amax.
+    bool fusion_group_global_scales = true;
     // Activation amax per linear module from calibration; modules absent use kDefaultInputScale.
     std::map<std::string, float> input_amax;
     uint64_t max_shard_bytes = 5ull << 30;
@@ -42,6 +47,11 @@ struct TensorReport {
     double rel_rms_error = 0.0;  // ||w - dequant(quant(w))|| / ||w||, for quantized tensors
     int64_t bytes_in = 0, bytes_out = 0;
 };
+
+// The group whose members share one NVFP4 global scale: a layer's "P.q_proj", "P.k_proj" and "P.v_proj" are
+// "P.{q,k,v}_proj", an MLP's or expert's "P.gate_proj" and "P.up_proj" are "P.{gate,up}_proj" (an MLP
+// without a gate, NemotronH's relu2, is a group of one); any other module is its own group.
+std::string global_scale_group(const std::string& module);
 
 // Writes the quantized checkpoint into dst_dir (created; must not already hold a checkpoint) and returns
 // one report per source tensor. Refuses a source that is already quantized, a module to quantize whose

@@ -25,17 +25,21 @@ using test::quantized;
 using test::write_checkpoint;
 namespace fs = std::filesystem;
 
-// The pinned amax gives q, k and v one NVFP4 global scale; without it each has its own (host only: runs
-// without a GPU too).
+// Per-tensor global scales give q, k and v one NVFP4 global scale with the pinned amax and each its own
+// without; the quantizer's default (q/k/v's joint amax, as ModelOpt exports) gives one either way (host only:
+// runs without a GPU too).
 TEST(DecoderForwardQkvCheckpoint, SharedAmaxGivesOneGlobalScale) {
     const fs::path root = fs::temp_directory_path() / ("nibble-qkv-ckpt-" + std::to_string(::getpid()));
     const fs::path bf16 = write_checkpoint(root / "bf16", {}, 20);
-    const fs::path own = quantized(bf16, root / "own", QuantLayout::ModelOpt, false);
-    const fs::path shared = quantized(test::with_shared_qkv_amax(bf16, root / "bf16-shared", 0.5f, test::fresh_seed()),
-                                      root / "shared", QuantLayout::ModelOpt, false);
+    const fs::path own = quantized(bf16, root / "own", QuantLayout::ModelOpt, false, false);
+    const fs::path shared =
+        quantized(test::with_shared_qkv_amax(bf16, root / "bf16-shared", 0.5f, test::fresh_seed()), root / "shared",
+                  QuantLayout::ModelOpt, false, false);
+    const fs::path grouped = quantized(bf16, root / "grouped", QuantLayout::ModelOpt, false);
     {
         ThreadPool pool(0);
-        for (const auto& [dir, one_scale] : {std::pair{own, false}, std::pair{shared, true}}) {
+        for (const auto& [dir, one_scale] :
+             {std::pair{own, false}, std::pair{shared, true}, std::pair{grouped, true}}) {
             const std::unique_ptr<Model> model = load_model(dir.string(), pool);
             DecoderView view;
             ASSERT_TRUE(model->decoder_view(view));
@@ -57,12 +61,13 @@ protected:
         root_ = fs::temp_directory_path() / ("nibble-forward-qkv-" + std::to_string(::getpid()));
     }
     void TearDown() override { fs::remove_all(root_); }
-    // The NVFP4 (ModelOpt layout) quantization of a tiny checkpoint of `arch`, q/k/v sharing one global
-    // scale when shared.
+    // The NVFP4 (ModelOpt layout) quantization of a tiny checkpoint of `arch` with per-tensor global scales,
+    // q/k/v sharing one by a pinned amax when shared (the quantizer's default fusion-group scales would share
+    // one anyway; per-tensor keeps the !shared case apart).
     fs::path nvfp4_model(const test::TinyArch& arch, uint64_t seed, bool shared) {
         fs::path bf16 = write_checkpoint(root_ / "bf16", arch, seed);
         if (shared) bf16 = test::with_shared_qkv_amax(bf16, root_ / "bf16-shared", 0.5f, test::fresh_seed());
-        return quantized(bf16, root_ / "nvfp4", QuantLayout::ModelOpt, false);
+        return quantized(bf16, root_ / "nvfp4", QuantLayout::ModelOpt, false, false);
     }
     fs::path root_;
 };
@@ -95,7 +100,7 @@ TEST_F(DecoderForwardQkvCuda, Qwen2BiasSharedScaleOneGemm) {
                     {.fused_gemv = false});
 }
 
-// Each projection's own global scale (the quantizer's default: per-tensor amax): three GEMMs.
+// Each projection's own global scale (the quantizer's --per-tensor-global-scales): three GEMMs.
 TEST_F(DecoderForwardQkvCuda, LlamaOwnScalesThreeGemms) {
     const fs::path m = nvfp4_model({.head_dim = 128}, 24, false);
     test::expect_qkv_prefill_fusion(m, false, "llama nvfp4, q/k/v own scales");

@@ -137,12 +137,16 @@ inline fs::path write_checkpoint(const fs::path& dir, const TinyArch& a, uint64_
     return dir;
 }
 
-inline fs::path quantized(const fs::path& src, const fs::path& dst, QuantLayout layout, bool quantize_lm_head) {
+// fusion_group_global_scales false: every tensor its own NVFP4 global scale (--per-tensor-global-scales), so
+// q/k/v keep three unless their amax is pinned (shared_qkv_scale.h).
+inline fs::path quantized(const fs::path& src, const fs::path& dst, QuantLayout layout, bool quantize_lm_head,
+                          bool fusion_group_global_scales = true) {
     ThreadPool pool(0);
     QuantizeOptions o;
     o.src_dir = src.string();
     o.dst_dir = dst.string();
     o.layout = layout;
+    o.fusion_group_global_scales = fusion_group_global_scales;
     if (quantize_lm_head) o.exclude = {};
     o.progress = false;
     quantize_checkpoint(o, pool);

@@ -1,8 +1,8 @@
 // Helpers of the fused q/k/v prefill GEMM's forward tests (decoder_forward_qkv_test.cpp,
 // decoder_forward_fp8_test.cpp): a BF16 checkpoint whose q, k and v projections share their largest magnitude,
-// so that a per-tensor quantizer (quantize_checkpoint's NVFP4 global scale, the FP8 tests' amax / 448) gives
-// the three one scale, as ModelOpt's NVFP4 exports do; and the check that the uploaded layers do (or do not)
-// take the fused GEMM.
+// so that a per-tensor quantizer (the FP8 tests' amax / 448; quantize_checkpoint with per-tensor global
+// scales, whose default already shares q/k/v's) gives the three one scale, as ModelOpt's NVFP4 exports do;
+// and the check that the uploaded layers do (or do not) take the fused GEMM.
 #pragma once
 
 #include <gtest/gtest.h>

@@ -28,7 +28,11 @@ using namespace quant_test;
 TEST(QuantizeMoe, ModelOptExpertsBitIdenticalToTorchRecipeRouterKept) {
     TempDir out("qwen3");
     ThreadPool pool(2);
-    QuantizeOptions opt{.src_dir = (fixture("qwen3_moe") / "model").string(), .dst_dir = out.path.string(),
+    // One global scale per tensor, as the torch fixture (each expert's shared gate/up scale:
+    // quantize_fusion_groups_test.cpp).
+    QuantizeOptions opt{.src_dir = (fixture("qwen3_moe") / "model").string(),
+                        .dst_dir = out.path.string(),
+                        .fusion_group_global_scales = false,
                         .progress = false};
     const auto reports = quantize_checkpoint(opt, pool);
     Checkpoint ours(out.path.string());

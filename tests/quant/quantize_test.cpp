@@ -53,7 +53,11 @@ std::vector<int32_t> fixture_tokens(const std::string& name) {
 TEST(Quantize, ModelOptLayoutIsBitIdenticalToTorchRecipe) {
     TempDir out;
     ThreadPool pool(2);
-    QuantizeOptions opt{.src_dir = (fixture("qwen3_qknorm") / "model").string(), .dst_dir = out.path.string(),
+    // The torch recipe gives every tensor its own global scale; the default's shared ones for q/k/v and
+    // gate/up are checked against this output in quantize_fusion_groups_test.cpp.
+    QuantizeOptions opt{.src_dir = (fixture("qwen3_qknorm") / "model").string(),
+                        .dst_dir = out.path.string(),
+                        .fusion_group_global_scales = false,
                         .progress = false};
     const auto reports = quantize_checkpoint(opt, pool);
     Checkpoint ours(out.path.string());
@@ -96,6 +100,7 @@ TEST(Quantize, CompressedTensorsLayoutMatchesLlmCompressorNames) {
     QuantizeOptions opt{.src_dir = (fixture("llama_gqa") / "model").string(),
                         .dst_dir = out.path.string(),
                         .layout = QuantLayout::CompressedTensors,
+                        .fusion_group_global_scales = false,  // as the torch fixture: one per tensor
                         .progress = false};
     quantize_checkpoint(opt, pool);
     Checkpoint ours(out.path.string());
