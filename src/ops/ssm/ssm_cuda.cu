@@ -79,6 +79,12 @@ __global__ void __launch_bounds__(kConvThreads)
     }
 }
 
+// Coherent single loads (ld.global.ca) for a kernel that also loads before its pdl_wait (cuda/pdl.cuh, rule 1).
+__device__ __forceinline__ float load1_coherent(const float* p) { return __ldca(p); }
+__device__ __forceinline__ float load1_coherent(const __nv_bfloat16* p) {
+    return __uint_as_float(static_cast<uint32_t>(__ldca(reinterpret_cast<const unsigned short*>(p))) << 16);
+}
+
 constexpr int kScanWarps = 4;
 constexpr int kMaxStatePerLane = 8;  // state_size <= 256
 
@@ -101,37 +107,46 @@ template <class T, class ST>
 __global__ void __launch_bounds__(kScanWarps * 32)
     scan_kernel(ScanArgs a, const int32_t* __restrict__ seq_starts, const T* __restrict__ xbc,
                 const T* __restrict__ dt, void* const* __restrict__ states, T* __restrict__ y) {
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    // The state is read before pdl_wait: the previous step's scan wrote it (and the engine's state copies
+    // run before a step), so it is at least two launches back and complete (cuda/pdl.cuh, rule 2); the
+    // sequence table is the host's. Its DRAM round trip then overlaps in_proj's tail (decode is latency-bound:
+    // 2 MB a layer for Nemotron-3-Nano). Everything from in_proj (xbc, dt) is read after the wait, coherently.
+    // Warps without work wait too before they end.
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x / a.row_tiles;
     const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
-    if (i >= a.head_dim) return;  // the whole warp
     const int s = blockIdx.y;
-    const int64_t begin = seq_starts[s], end = seq_starts[s + 1];
-    if (begin == end) return;
+    const int64_t begin = __ldca(seq_starts + s), end = __ldca(seq_starts + s + 1);
+    if (i >= a.head_dim || begin == end) {  // the whole warp
+        pdl_wait();
+        return;
+    }
     const int N = a.state_size, g = h / a.heads_per_group;
-    ST* st = static_cast<ST*>(states[s]) + (static_cast<int64_t>(h) * a.head_dim + i) * N;
+    ST* st = static_cast<ST*>(const_cast<void*>(
+                 reinterpret_cast<const void*>(__ldca(reinterpret_cast<const unsigned long long*>(states + s))))) +
+             (static_cast<int64_t>(h) * a.head_dim + i) * N;
     float hs[kMaxStatePerLane];
 #pragma unroll
     for (int q = 0; q < kMaxStatePerLane; ++q) {
         const int k = lane + 32 * q;
         hs[q] = k < N ? load_state(st + k) : 0.0f;
     }
+    pdl_wait();  // fills the GPU: releases its dependents only at exit
     const float A = a.A[h], Dh = a.D[h], bias = a.dt_bias[h];
     // Inputs of step t + 1 load while step t computes: the loads do not depend on the state, so the
     // dependent chain per token is the arithmetic and the reduction, not a memory round trip.
     float nx, ndt, nB[kMaxStatePerLane], nC[kMaxStatePerLane];
     auto fetch = [&](int64_t t) {
         const T* row = xbc + t * a.xbc_stride;
-        nx = load1(row + static_cast<int64_t>(h) * a.head_dim + i);
-        ndt = load1(dt + t * a.dt_stride + h);
+        nx = load1_coherent(row + static_cast<int64_t>(h) * a.head_dim + i);
+        ndt = load1_coherent(dt + t * a.dt_stride + h);
         const T* B = row + a.b_off + static_cast<int64_t>(g) * N;
         const T* C = row + a.c_off + static_cast<int64_t>(g) * N;
 #pragma unroll
         for (int q = 0; q < kMaxStatePerLane; ++q) {
             const int k = lane + 32 * q;
-            nB[q] = k < N ? load1(B + k) : 0.0f;
-            nC[q] = k < N ? load1(C + k) : 0.0f;
+            nB[q] = k < N ? load1_coherent(B + k) : 0.0f;
+            nC[q] = k < N ? load1_coherent(C + k) : 0.0f;
         }
     };
     fetch(begin);
