@@ -431,19 +431,27 @@ __device__ __forceinline__ void split_pair(float x, float y, uint32_t& hi, uint3
     }
 }
 
-template <int N>
+// Coherent = true: streaming loads (ld.global.cs), for a kernel that loads before its pdl_wait (cuda/pdl.cuh,
+// rule 1); otherwise the non-coherent path.
+template <int N, bool Coherent = false>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t (&w)[N]) {
+    auto ld = [](const auto* q) {
+        if constexpr (Coherent)
+            return __ldcs(q);
+        else
+            return __ldg(q);
+    };
     if constexpr (N % 4 == 0) {
 #pragma unroll
         for (int i = 0; i < N / 4; ++i) {
-            const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+            const uint4 u = ld(reinterpret_cast<const uint4*>(p) + i);
             w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
         }
     } else if constexpr (N == 2) {
-        const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+        const uint2 u = ld(reinterpret_cast<const uint2*>(p));
         w[0] = u.x, w[1] = u.y;
     } else {
-        w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+        w[0] = ld(reinterpret_cast<const unsigned int*>(p));
     }
 }
 
@@ -479,9 +487,13 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
     return __half2(__half(r), __half(r));
 }
 
+// Decode: each warp's first tile of cached keys (positions below the new token's) is requested before
+// pdl_wait: those rows were written by earlier steps, and the sequence tables are the host's, so only the new
+// token's K/V row (the q/k/v preparation just before) and q wait. At the short contexts where decode attention
+// is latency-bound the first DRAM round trip then overlaps the kernel before. Loads before the wait are
+// coherent (cuda/pdl.cuh, rule 1); a CTA that returns early waits first (rule 2).
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParams p) {
-    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
     constexpr bool BF = KV == KvDtype::Bf16;
     constexpr int BITS = KV == KvDtype::Bf16 ? 16 : KV == KvDtype::Fp8 ? 8 : 4;
     constexpr int ROW_BYTES = HD * BITS / 8;
@@ -500,15 +512,70 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
     const int seq = blockIdx.y;
     const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
     const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
-    const int q0 = p.q_start[seq];
-    if (p.q_start[seq + 1] - q0 < 1) return;
-    const int pos = p.start_pos[seq];
+    const int q0 = __ldca(p.q_start + seq);
+    if (__ldca(p.q_start + seq + 1) - q0 < 1) {
+        pdl_wait();
+        return;
+    }
+    const int pos = __ldca(p.start_pos + seq);
     int lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
     int hi = pos + 1;
     lo = max(lo, split * p.keys_per_split);
     hi = min(hi, (split + 1) * p.keys_per_split);
     const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
     const bool row_ok = g < p.group;
+    const int64_t scale_area = static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES;
+
+    // Raw K/V words of the warp's tile at k0, for keys in [from, until) (others untouched): K of keys k0 + g
+    // and k0 + 8 + g (quarter t); V of keys k0 + {2t, 2t+1, 8+2t, 9+2t} (slice g).
+    uint32_t kr[2][KW], vr[4][VW];
+    uint32_t ksc[2] = {0, 0}, vsc[4] = {0, 0, 0, 0};
+    auto load_kv = [&](int k0, int from, int until) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int key = k0 + 8 * j + g;
+            if (key >= from && key < until) {
+                const int64_t base = static_cast<int64_t>(__ldca(table + key / p.block_size)) * p.block_bytes;
+                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                load_words<KW, true>(p.k + base + row * ROW_BYTES + t * (KQ * BITS / 8), kr[j]);
+                if constexpr (KV == KvDtype::Nvfp4) {
+                    const uint8_t* sp = p.k + base + scale_area + row * (HD / 16) + t * (KQ / 16);
+                    ksc[j] = KQ / 16 == 2 ? __ldcs(reinterpret_cast<const unsigned short*>(sp))
+                                          : __ldcs(reinterpret_cast<const unsigned char*>(sp));
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int key = k0 + (j >> 1) * 8 + 2 * t + (j & 1);
+            if (key >= from && key < until) {
+                const int64_t base = static_cast<int64_t>(__ldca(table + key / p.block_size)) * p.block_bytes;
+                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                load_words<VW, true>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), vr[j]);
+                if constexpr (KV == KvDtype::Nvfp4)
+                    vsc[j] = __ldcs(reinterpret_cast<const unsigned char*>(p.v + base + scale_area + row * (HD / 16) +
+                                                                           (g * VQ) / 16));
+            }
+        }
+    };
+    auto zero_kv = [&]() {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            ksc[j] = 0;
+#pragma unroll
+            for (int i = 0; i < KW; ++i) kr[j][i] = 0;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            vsc[j] = 0;
+#pragma unroll
+            for (int i = 0; i < VW; ++i) vr[j][i] = 0;
+        }
+    };
+    const int first_k0 = lo + 16 * warp;
+    zero_kv();
+    load_kv(first_k0, lo, min(hi, pos));  // cached keys only: not the new token's row
+    pdl_wait();                           // fills the GPU: releases its dependents only at exit
 
     // Q fragments (row g, this lane's quarter of head_dim), hi and lo parts; rows 8..15 are zero.
     uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
@@ -538,38 +605,13 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
 #pragma unroll
     for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m = -INFINITY, l = 0.0f;
-    const int64_t scale_area = static_cast<int64_t>(p.block_size) * p.n_kv_heads * ROW_BYTES;
 
-    for (int k0 = lo + 16 * warp; k0 < hi; k0 += 64) {
-        // Raw loads: K of keys k0 + g and k0 + 8 + g (quarter t); V of keys k0 + {2t, 2t+1, 8+2t, 9+2t} (slice g).
-        uint32_t kr[2][KW], vr[4][VW];
-        uint32_t ksc[2] = {0, 0}, vsc[4] = {0, 0, 0, 0};
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int key = k0 + 8 * j + g;
-#pragma unroll
-            for (int i = 0; i < KW; ++i) kr[j][i] = 0;
-            if (key < hi) {
-                const int64_t base = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes;
-                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
-                load_words<KW>(p.k + base + row * ROW_BYTES + t * (KQ * BITS / 8), kr[j]);
-                if constexpr (KV == KvDtype::Nvfp4) {
-                    const uint8_t* sp = p.k + base + scale_area + row * (HD / 16) + t * (KQ / 16);
-                    ksc[j] = KQ / 16 == 2 ? __ldg(reinterpret_cast<const unsigned short*>(sp)) : __ldg(sp);
-                }
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int key = k0 + (j >> 1) * 8 + 2 * t + (j & 1);
-#pragma unroll
-            for (int i = 0; i < VW; ++i) vr[j][i] = 0;
-            if (key < hi) {
-                const int64_t base = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes;
-                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
-                load_words<VW>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), vr[j]);
-                if constexpr (KV == KvDtype::Nvfp4) vsc[j] = __ldg(p.v + base + scale_area + row * (HD / 16) + (g * VQ) / 16);
-            }
+    for (int k0 = first_k0; k0 < hi; k0 += 64) {
+        if (k0 == first_k0) {
+            load_kv(k0, max(lo, pos), hi);  // the new token's row, if this tile holds it
+        } else {
+            zero_kv();
+            load_kv(k0, lo, hi);
         }
 
         // Scores of rows g (hi and lo parts of q) against the 16 keys.
