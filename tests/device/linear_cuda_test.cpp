@@ -288,6 +288,11 @@ TEST(LinearCuda, Nvfp4EachKernel) {
                     run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1, path);
     for (auto path : {Nvfp4Path::Mma, Nvfp4Path::CudaCore})
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, 1, bf16, false, path);
+    // The CUDA-core kernel's k split over the CTA's warps (few rows, k >= 4096; kShapes' 67 x 4096, 33 x 4128 and
+    // 45 x 14336 take it too) at Qwen3-30B-A3B's o_proj shape, and one row group more than a CTA per group.
+    for (const auto& s : {Shape{2048, 4096}, Shape{2113, 4096}})
+        for (int64_t m : {1, 3})
+            run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, true, m == 3, Nvfp4Path::CudaCore);
 }
 
 // The pipelined kernel (version 3) with its k split picked from the shape (0) and forced to 1, 2 and 4: every

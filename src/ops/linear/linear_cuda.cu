@@ -87,20 +87,58 @@ __device__ __forceinline__ void early_wait(bool& waited) {
     if (!waited) pdl_wait(), waited = true;
 }
 
+// Sums of the CTA's KS warps for V values each, in warp order (the same bits every run): warps that split k
+// (KS = kWarps) write their warp totals to part, and threads < V add them and store. Every thread of the CTA
+// calls it (two barriers).
+template <int MT, int R, int KS, class XT>
+__device__ __forceinline__ void split_reduce_and_store(float (&acc)[R][MT], float (&part)[KS][MT * R], int sub,
+                                                       int lane, int64_t row0, int m, int64_t n, float out_scale,
+                                                       const float* __restrict__ bias, XT* __restrict__ y) {
+    constexpr int V = MT * R;
+    float flat[V];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
+    int index = 0;
+    const float total = reduce_scatter<V>(flat, lane, index);
+    if ((lane & (32 / V - 1)) == 0) part[sub][index] = total;
+    __syncthreads();
+    if (threadIdx.x < V) {
+        const int v = static_cast<int>(threadIdx.x), r = v / MT, mi = v % MT;
+        float out = part[0][v];
+#pragma unroll
+        for (int s2 = 1; s2 < KS; ++s2) out += part[s2][v];
+        const int64_t row = row0 + r;
+        if (row < n && mi < m) {
+            out *= out_scale;
+            if (bias) out += bias[row];
+            store_y(y + static_cast<int64_t>(mi) * n + row, out);
+        }
+    }
+    __syncthreads();  // part is rewritten by the next row group
+}
+
 // y[m, n] = x[m, k] W^T, W NVFP4. Chunk c of a row: 16 bytes of codes (elements 32c..32c+31) and the
-// 2 E4M3 scales of its two blocks.
-template <int MT, int R, class XT>
+// 2 E4M3 scales of its two blocks. KS = 1: a warp owns R rows and all of k; KS = kWarps: the CTA's warps share
+// R rows and split k (warp w takes chunks lane + 32 (w + KS i)), for matrices of few rows (gemv_bf16_kernel).
+template <int MT, int R, class XT, int KS>
 __global__ void __launch_bounds__(kThreads)
     gemv_nvfp4_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
                       const unsigned short* __restrict__ ws, float out_scale, const float* __restrict__ bias,
                       XT* __restrict__ y, int64_t n) {
+    static_assert(KS == 1 || KS == kWarps, "a row group is one warp or the whole CTA");
+    __shared__ float part[KS][MT * R];
     // The first row group's first chunks are constants: requested before pdl_wait (early_wait, below).
     bool waited = false;
     const int lane = threadIdx.x & 31;
+    const int sub = KS > 1 ? static_cast<int>(threadIdx.x >> 5) : 0;  // this warp's share of k
     const int64_t chunks = k >> 5;
-    const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps * R;
-    for (int64_t row0 = warp * R; row0 < n; row0 += stride) {
+    const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / (32 * KS);
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * (kWarps / KS) * R;
+    const int64_t first = lane + 32 * sub, step = 32 * KS;
+    // With KS > 1 every warp of the CTA runs the same rows, so the barriers of the reduction are reached by all.
+    for (int64_t row0 = group * R; row0 < n; row0 += stride) {
         int64_t base[R];  // chunk index of each row's start; rows past n repeat the last (not stored)
 #pragma unroll
         for (int r = 0; r < R; ++r) base[r] = min(row0 + r, n - 1) * chunks;
@@ -112,24 +150,24 @@ __global__ void __launch_bounds__(kThreads)
 
         uint4 q_next[R];
         uint32_t s_next[R];
-        if (lane < chunks) {
+        if (first < chunks) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                q_next[r] = __ldcs(wq + base[r] + lane);
-                s_next[r] = __ldcs(ws + base[r] + lane);
+                q_next[r] = __ldcs(wq + base[r] + first);
+                s_next[r] = __ldcs(ws + base[r] + first);
             }
         }
         early_wait(waited);
-        for (int64_t c = lane; c < chunks; c += 32) {
+        for (int64_t c = first; c < chunks; c += step) {
             uint4 q[R];
             uint32_t s[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) q[r] = q_next[r], s[r] = s_next[r];
-            if (c + 32 < chunks) {
+            if (c + step < chunks) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
-                    q_next[r] = __ldcs(wq + base[r] + c + 32);
-                    s_next[r] = __ldcs(ws + base[r] + c + 32);
+                    q_next[r] = __ldcs(wq + base[r] + c + step);
+                    s_next[r] = __ldcs(ws + base[r] + c + step);
                 }
             }
             const XT* xc = x + c * 32;
@@ -166,7 +204,10 @@ __global__ void __launch_bounds__(kThreads)
                 }
             }
         }
-        reduce_and_store<MT, R>(acc, lane, row0, m, n, out_scale, bias, y);
+        if constexpr (KS == 1)
+            reduce_and_store<MT, R>(acc, lane, row0, m, n, out_scale, bias, y);
+        else
+            split_reduce_and_store<MT, R, KS>(acc, part, sub, lane, row0, m, n, out_scale, bias, y);
     }
     early_wait(waited);
 }
@@ -635,8 +676,7 @@ __global__ void __launch_bounds__(kThreads)
     gemv_bf16_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ w,
                      const float* __restrict__ bias, XT* __restrict__ y, int64_t n) {
     static_assert(KS == 1 || KS == kWarps, "a row group is one warp or the whole CTA");
-    constexpr int V = MT * R;
-    __shared__ float part[KS > 1 ? KS : 1][V];
+    __shared__ float part[KS][MT * R];
     bool waited = false;  // first weights before pdl_wait (early_wait)
     const int lane = threadIdx.x & 31;
     const int sub = KS > 1 ? static_cast<int>(threadIdx.x >> 5) : 0;  // this warp's share of k
@@ -699,31 +739,10 @@ __global__ void __launch_bounds__(kThreads)
                 }
             }
         }
-        if constexpr (KS == 1) {
+        if constexpr (KS == 1)
             reduce_and_store<MT, R>(acc, lane, row0, m, n, 1.0f, bias, y);
-        } else {
-            float flat[V];
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
-            int index = 0;
-            const float total = reduce_scatter<V>(flat, lane, index);
-            if ((lane & (32 / V - 1)) == 0) part[sub][index] = total;
-            __syncthreads();
-            if (threadIdx.x < V) {  // warps' sums in a fixed order: the same bits every run
-                const int v = static_cast<int>(threadIdx.x), r = v / MT, mi = v % MT;
-                float out = part[0][v];
-#pragma unroll
-                for (int s2 = 1; s2 < KS; ++s2) out += part[s2][v];
-                const int64_t row = row0 + r;
-                if (row < n && mi < m) {
-                    if (bias) out += bias[row];
-                    store_y(y + static_cast<int64_t>(mi) * n + row, out);
-                }
-            }
-            __syncthreads();  // part is rewritten by the next row group
-        }
+        else
+            split_reduce_and_store<MT, R, KS>(acc, part, sub, lane, row0, m, n, 1.0f, bias, y);
     }
     early_wait(waited);
 }
@@ -937,7 +956,15 @@ void launch_nvfp4(const XT* x, int m, const Nvfp4DeviceWeight& w, const float* b
     constexpr int R = rows_per_warp<MT>();
     // 2^14 undoes the fp16 placement of the E2M1 codes (exact: a power of two).
     const float out_scale = w.global_scale * 16384.0f;
-    launch_pdl(gemv_nvfp4_kernel<MT, R, XT>, dim3(grid_for(w.n, R, sms)), dim3(kThreads), 0, stream, x, m,
+    // Few rows (Qwen3-30B-A3B's o_proj, 2048 x 4096): the CTA's warps split k, one 32-chunk step a lane each.
+    if ((w.n + R - 1) / R < 2LL * kWarps * sms && (w.k >> 5) >= 32 * kWarps) {
+        const int grid = static_cast<int>(std::min<int64_t>((w.n + R - 1) / R, static_cast<int64_t>(sms) * 16));
+        launch_pdl(gemv_nvfp4_kernel<MT, R, XT, kWarps>, dim3(grid), dim3(kThreads), 0, stream, x, m, w.k,
+                   reinterpret_cast<const uint4*>(w.packed), reinterpret_cast<const unsigned short*>(w.scales),
+                   out_scale, bias, y, w.n);
+        return;
+    }
+    launch_pdl(gemv_nvfp4_kernel<MT, R, XT, 1>, dim3(grid_for(w.n, R, sms)), dim3(kThreads), 0, stream, x, m,
                w.k, reinterpret_cast<const uint4*>(w.packed),
                reinterpret_cast<const unsigned short*>(w.scales), out_scale, bias, y, w.n);
 }
