@@ -230,8 +230,9 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
     const int split_counts[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128};
     const KvDtype dtypes[] = {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4};
     uint64_t seed = 1234;
-    std::printf("\n| kv heads | dtype | depth | policy splits | policy us | best splits | best us | policy/best |\n"
-                "|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "\n| kv heads | dtype | depth | policy splits | policy us | best splits | best us | policy/best |\n"
+        "|---|---|---|---|---|---|---|---|\n");
     for (int64_t nkv : kv_heads) {
         for (KvDtype dt : dtypes) {
             for (int64_t depth : depths) {
@@ -245,11 +246,14 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                 d_bt.upload(ids.data(), d_bt.bytes());
                 d_qs.upload(q_start, 8);
                 d_sp.upload(start_pos, 4);
-                const nibble::cuda::AttentionBatch b{1, 1, d_qs.as<int32_t>(), d_sp.as<int32_t>(), d_bt.as<int32_t>(),
-                                                     n_blocks, 1, depth};
+                const nibble::cuda::AttentionBatch b{
+                    1, 1, d_qs.as<int32_t>(), d_sp.as<int32_t>(), d_bt.as<int32_t>(), n_blocks, 1, depth};
                 DeviceBuffer q(static_cast<size_t>(n_heads * hd * 2)), out(q.bytes());
-                nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
-                const int64_t row_bytes = dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+                nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu,
+                                              0x3c003c00u, stream);
+                const int64_t row_bytes = dt == KvDtype::Bf16  ? hd * 2
+                                          : dt == KvDtype::Fp8 ? hd
+                                                               : hd / 2 + hd / 16;
                 const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
                 const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
                 const size_t copies = std::max<size_t>(
@@ -260,15 +264,24 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                     vb.emplace_back(layer_bytes);
                     const uint32_t and_mask = dt == KvDtype::Bf16 ? 0x83ff83ffu : 0xf7f7f7f7u;
                     const uint32_t or_mask = dt == KvDtype::Bf16 ? 0x3c003c00u : 0u;
-                    nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask,
-                                                  stream);
-                    nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask,
-                                                  stream);
+                    nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask,
+                                                  or_mask, stream);
+                    nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask,
+                                                  or_mask, stream);
                 }
                 NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-                const nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(), vb[0].as<uint8_t>(), n_blocks, block_bytes, bs,
-                                                     nkv, hd, dt, 0.01f, 0.01f};
-                const int policy = nibble::cuda::paged_attention_splits(b, kv0, n_heads, prop.multiProcessorCount);
+                const nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(),
+                                                     vb[0].as<uint8_t>(),
+                                                     n_blocks,
+                                                     block_bytes,
+                                                     bs,
+                                                     nkv,
+                                                     hd,
+                                                     dt,
+                                                     0.01f,
+                                                     0.01f};
+                const int policy =
+                    nibble::cuda::paged_attention_splits(b, kv0, n_heads, prop.multiProcessorCount);
                 std::vector<int> counts;
                 for (int s : split_counts)
                     if (s == 1 || depth / s >= 32) counts.push_back(s);
@@ -276,20 +289,31 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                 double policy_us = 0, best_us = 1e30;
                 int best = 1;
                 std::printf("attention short nkv=%lld %-5s depth=%-5lld", static_cast<long long>(nkv),
-                            dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4",
+                            dt == KvDtype::Bf16  ? "bf16"
+                            : dt == KvDtype::Fp8 ? "fp8"
+                                                 : "nvfp4",
                             static_cast<long long>(depth));
                 for (int splits : counts) {
-                    const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, 1, n_heads, hd);
+                    const size_t ws_bytes =
+                        nibble::cuda::paged_attention_workspace_bytes(splits, 1, n_heads, hd);
                     DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
                     const nibble::cuda::AttentionArgs args{n_heads, 0.088f, 0};
                     size_t next = 0;
                     auto launch = [&] {
                         for (size_t c = 0; c < copies; ++c, ++next) {
                             const size_t i = next % copies;
-                            const nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks,
-                                                                block_bytes, bs, nkv, hd, dt, 0.01f, 0.01f};
-                            nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b, args, splits, ws.get(), ws_bytes,
-                                                          out.get(), stream);
+                            const nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(),
+                                                                vb[i].as<uint8_t>(),
+                                                                n_blocks,
+                                                                block_bytes,
+                                                                bs,
+                                                                nkv,
+                                                                hd,
+                                                                dt,
+                                                                0.01f,
+                                                                0.01f};
+                            nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b, args, splits, ws.get(),
+                                                          ws_bytes, out.get(), stream);
                         }
                     };
                     const double us = 1e3 * time_ms(stream, 2, 20, launch) / static_cast<double>(copies);
@@ -298,9 +322,12 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                     if (us < best_us) best_us = us, best = splits;
                 }
                 std::printf("\n");
-                std::printf("| %lld | %s | %lld | %d | %.1f | %d | %.1f | %.2fx |\n", static_cast<long long>(nkv),
-                            dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4",
-                            static_cast<long long>(depth), policy, policy_us, best, best_us, policy_us / best_us);
+                std::printf(
+                    "| %lld | %s | %lld | %d | %.1f | %d | %.1f | %.2fx |\n", static_cast<long long>(nkv),
+                    dt == KvDtype::Bf16  ? "bf16"
+                    : dt == KvDtype::Fp8 ? "fp8"
+                                         : "nvfp4",
+                    static_cast<long long>(depth), policy, policy_us, best, best_us, policy_us / best_us);
             }
         }
     }

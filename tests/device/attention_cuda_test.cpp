@@ -525,10 +525,10 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
 }
 
 // The decode split count (a host function), within 1..256. Up to 8192 keys (latency-bound, by CTAs and keys):
-// at least 64 CTAs when every split can keep >= 48 keys, never fewer than 48 keys a split, at most one wave of
-// resident CTAs beyond that floor. Longer caches (by bytes): every split reads >= 64 KiB of K + V unless there is
-// one split. Everywhere a smaller cache dtype gets at most 4x BF16's count at the same shape, and prefill keeps
-// the by-keys choice. Pointers are not read.
+// at least 64 CTAs when every split can keep >= 48 keys, never fewer than 48 keys a split, at most one wave
+// of resident CTAs beyond that floor. Longer caches (by bytes): every split reads >= 64 KiB of K + V unless
+// there is one split. Everywhere a smaller cache dtype gets at most 4x BF16's count at the same shape, and
+// prefill keeps the by-keys choice. Pointers are not read.
 TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
     for (int sm_count : {78, 132}) {
         for (int64_t n_seqs : {1, 3, 8, 32}) {

@@ -288,8 +288,9 @@ TEST(LinearCuda, Nvfp4EachKernel) {
                     run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, bf16, m % 2 == 1, path);
     for (auto path : {Nvfp4Path::Mma, Nvfp4Path::CudaCore})
         for (bool bf16 : {false, true}) run_case(pool, rng, Kind::Nvfp4Raw, 131, 1024, 1, bf16, false, path);
-    // The CUDA-core kernel's k split over the CTA's warps (few rows, k >= 4096; kShapes' 67 x 4096, 33 x 4128 and
-    // 45 x 14336 take it too) at Qwen3-30B-A3B's o_proj shape, and one row group more than a CTA per group.
+    // The CUDA-core kernel's k split over the CTA's warps (few rows, k >= 4096; kShapes' 67 x 4096, 33 x 4128
+    // and 45 x 14336 take it too) at Qwen3-30B-A3B's o_proj shape, and one row group more than a CTA per
+    // group.
     for (const auto& s : {Shape{2048, 4096}, Shape{2113, 4096}})
         for (int64_t m : {1, 3})
             run_case(pool, rng, Kind::Nvfp4Quantized, s.n, s.k, m, true, m == 3, Nvfp4Path::CudaCore);
@@ -467,9 +468,10 @@ TEST(LinearCuda, Bf16Weights) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
-    // Few rows with k >= 1024 run the k-split kernel (the CTA's 4 warps share the rows): 67 x 4096, 45 x 14336,
-    // a MoE router (128 x 2048), a narrow projection (256 x 2688: 168 chunks, uneven over the warps) and k = 1040
-    // (65 chunks: warps 2 and 3 take none). Many rows (4100 x 1024) and k < 1024 run one warp a row group.
+    // Few rows with k >= 1024 run the k-split kernel (the CTA's 4 warps share the rows): 67 x 4096, 45 x
+    // 14336, a MoE router (128 x 2048), a narrow projection (256 x 2688: 168 chunks, uneven over the warps)
+    // and k = 1040 (65 chunks: warps 2 and 3 take none). Many rows (4100 x 1024) and k < 1024 run one warp a
+    // row group.
     for (const auto& s : {Shape{1, 16}, Shape{67, 4096}, Shape{45, 14336}, Shape{130, 48}, Shape{48, 80},
                           Shape{128, 2048}, Shape{256, 2688}, Shape{33, 1040}, Shape{4100, 1024}})
         for (int64_t m : kMs)

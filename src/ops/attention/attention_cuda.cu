@@ -489,9 +489,9 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
 
 // Decode: each warp's first tile of cached keys (positions below the new token's) is requested before
 // pdl_wait: those rows were written by earlier steps, and the sequence tables are the host's, so only the new
-// token's K/V row (the q/k/v preparation just before) and q wait. At the short contexts where decode attention
-// is latency-bound the first DRAM round trip then overlaps the kernel before. Loads before the wait are
-// coherent (cuda/pdl.cuh, rule 1); a CTA that returns early waits first (rule 2).
+// token's K/V row (the q/k/v preparation just before) and q wait. At the short contexts where decode
+// attention is latency-bound the first DRAM round trip then overlaps the kernel before. Loads before the wait
+// are coherent (cuda/pdl.cuh, rule 1); a CTA that returns early waits first (rule 2).
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParams p) {
     constexpr bool BF = KV == KvDtype::Bf16;
@@ -553,8 +553,8 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
                 const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
                 load_words<VW, true>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), vr[j]);
                 if constexpr (KV == KvDtype::Nvfp4)
-                    vsc[j] = __ldcs(reinterpret_cast<const unsigned char*>(p.v + base + scale_area + row * (HD / 16) +
-                                                                           (g * VQ) / 16));
+                    vsc[j] = __ldcs(reinterpret_cast<const unsigned char*>(p.v + base + scale_area +
+                                                                           row * (HD / 16) + (g * VQ) / 16));
             }
         }
     };
@@ -1700,18 +1700,23 @@ int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int6
     // kernel's resident CTAs per SM (registers, listed above decode_pipe_kernel; Mma: 3).
     constexpr int64_t kMinSplitBytes = 64 * 1024;
     const int64_t ctas = b.n_seqs * kv.n_kv_heads;
-    const int64_t per_sm = kv.dtype == KvDtype::Bf16 ? 3 : kv.head_dim == 128 ? 2 : kv.dtype == KvDtype::Fp8 ? 4 : 3;
+    const int64_t per_sm = kv.dtype == KvDtype::Bf16  ? 3
+                           : kv.head_dim == 128       ? 2
+                           : kv.dtype == KvDtype::Fp8 ? 4
+                                                      : 3;
     const int64_t slots = std::max<int64_t>(1, per_sm * sm_count);
     if (b.max_kv_len <= 8192) {
-        // Short contexts are latency-bound: a split's CTA walks its keys in dependent steps, so the time follows
-        // the keys per CTA, not the bytes. Measured (nibble-kernel-bench attention-short, H100, 32 query heads,
-        // 4 and 8 KV heads, depths 576-8192, every dtype): the best counts make ~64 CTAs and <= ~352 keys a
-        // split, within 5-14% of the best everywhere and 1.1-1.3x faster than the bytes rule below at 576-8192
-        // keys. Never more than one wave (batches), never less than 48 keys a split.
+        // Short contexts are latency-bound: a split's CTA walks its keys in dependent steps, so the time
+        // follows the keys per CTA, not the bytes. Measured (nibble-kernel-bench attention-short, H100, 32
+        // query heads, 4 and 8 KV heads, depths 576-8192, every dtype): the best counts make ~64 CTAs and <=
+        // ~352 keys a split, within 5-14% of the best everywhere and 1.1-1.3x faster than the bytes rule
+        // below at 576-8192 keys. Never more than one wave (batches), never less than 48 keys a split.
         const int64_t by_ctas = (64 + ctas - 1) / ctas;
-        const int64_t by_keys = std::min<int64_t>((b.max_kv_len + 351) / 352, std::max<int64_t>(1, slots / ctas));
+        const int64_t by_keys =
+            std::min<int64_t>((b.max_kv_len + 351) / 352, std::max<int64_t>(1, slots / ctas));
         const int64_t most = std::max<int64_t>(1, b.max_kv_len / 48);
-        return static_cast<int>(std::clamp<int64_t>(std::max(by_ctas, by_keys), 1, std::min<int64_t>(most, 256)));
+        return static_cast<int>(
+            std::clamp<int64_t>(std::max(by_ctas, by_keys), 1, std::min<int64_t>(most, 256)));
     }
     const int64_t row_bytes = kv.dtype == KvDtype::Bf16 ? 2 * kv.head_dim
                             : kv.dtype == KvDtype::Fp8  ? kv.head_dim

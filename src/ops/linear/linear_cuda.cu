@@ -80,9 +80,9 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[R][MT], int lane, 
 }
 
 // The CUDA-core GEMVs below request their first weights (constants) before pdl_wait and read activations only
-// after it, through coherent loads (cuda/pdl.cuh, rule 1): a decode GEMV of a few MB is latency-bound, and its
-// first DRAM round trip then overlaps the kernel before it (a norm, the routing). They fill the GPU, so they
-// release their dependents only at exit. A warp with no rows still waits before it ends (rule 2).
+// after it, through coherent loads (cuda/pdl.cuh, rule 1): a decode GEMV of a few MB is latency-bound, and
+// its first DRAM round trip then overlaps the kernel before it (a norm, the routing). They fill the GPU, so
+// they release their dependents only at exit. A warp with no rows still waits before it ends (rule 2).
 __device__ __forceinline__ void early_wait(bool& waited) {
     if (!waited) pdl_wait(), waited = true;
 }
@@ -91,9 +91,10 @@ __device__ __forceinline__ void early_wait(bool& waited) {
 // (KS = kWarps) write their warp totals to part, and threads < V add them and store. Every thread of the CTA
 // calls it (two barriers).
 template <int MT, int R, int KS, class XT>
-__device__ __forceinline__ void split_reduce_and_store(float (&acc)[R][MT], float (&part)[KS][MT * R], int sub,
-                                                       int lane, int64_t row0, int m, int64_t n, float out_scale,
-                                                       const float* __restrict__ bias, XT* __restrict__ y) {
+__device__ __forceinline__ void split_reduce_and_store(float (&acc)[R][MT], float (&part)[KS][MT * R],
+                                                       int sub, int lane, int64_t row0, int m, int64_t n,
+                                                       float out_scale, const float* __restrict__ bias,
+                                                       XT* __restrict__ y) {
     constexpr int V = MT * R;
     float flat[V];
 #pragma unroll
@@ -120,8 +121,9 @@ __device__ __forceinline__ void split_reduce_and_store(float (&acc)[R][MT], floa
 }
 
 // y[m, n] = x[m, k] W^T, W NVFP4. Chunk c of a row: 16 bytes of codes (elements 32c..32c+31) and the
-// 2 E4M3 scales of its two blocks. KS = 1: a warp owns R rows and all of k; KS = kWarps: the CTA's warps share
-// R rows and split k (warp w takes chunks lane + 32 (w + KS i)), for matrices of few rows (gemv_bf16_kernel).
+// 2 E4M3 scales of its two blocks. KS = 1: a warp owns R rows and all of k; KS = kWarps: the CTA's warps
+// share R rows and split k (warp w takes chunks lane + 32 (w + KS i)), for matrices of few rows
+// (gemv_bf16_kernel).
 template <int MT, int R, class XT, int KS>
 __global__ void __launch_bounds__(kThreads)
     gemv_nvfp4_kernel(const XT* __restrict__ x, int m, int64_t k, const uint4* __restrict__ wq,
@@ -137,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / (32 * KS);
     const int64_t stride = static_cast<int64_t>(gridDim.x) * (kWarps / KS) * R;
     const int64_t first = lane + 32 * sub, step = 32 * KS;
-    // With KS > 1 every warp of the CTA runs the same rows, so the barriers of the reduction are reached by all.
+    // With KS > 1 every warp of the CTA runs the same rows, so the barriers of the reduction are reached by
+    // all.
     for (int64_t row0 = group * R; row0 < n; row0 += stride) {
         int64_t base[R];  // chunk index of each row's start; rows past n repeat the last (not stored)
 #pragma unroll
@@ -958,10 +961,11 @@ void launch_nvfp4(const XT* x, int m, const Nvfp4DeviceWeight& w, const float* b
     const float out_scale = w.global_scale * 16384.0f;
     // Few rows (Qwen3-30B-A3B's o_proj, 2048 x 4096): the CTA's warps split k, one 32-chunk step a lane each.
     if ((w.n + R - 1) / R < 2LL * kWarps * sms && (w.k >> 5) >= 32 * kWarps) {
-        const int grid = static_cast<int>(std::min<int64_t>((w.n + R - 1) / R, static_cast<int64_t>(sms) * 16));
+        const int grid =
+            static_cast<int>(std::min<int64_t>((w.n + R - 1) / R, static_cast<int64_t>(sms) * 16));
         launch_pdl(gemv_nvfp4_kernel<MT, R, XT, kWarps>, dim3(grid), dim3(kThreads), 0, stream, x, m, w.k,
-                   reinterpret_cast<const uint4*>(w.packed), reinterpret_cast<const unsigned short*>(w.scales),
-                   out_scale, bias, y, w.n);
+                   reinterpret_cast<const uint4*>(w.packed),
+                   reinterpret_cast<const unsigned short*>(w.scales), out_scale, bias, y, w.n);
         return;
     }
     launch_pdl(gemv_nvfp4_kernel<MT, R, XT, 1>, dim3(grid_for(w.n, R, sms)), dim3(kThreads), 0, stream, x, m,

@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(kConvThreads)
     }
 }
 
-// Coherent single loads (ld.global.ca) for a kernel that also loads before its pdl_wait (cuda/pdl.cuh, rule 1).
+// Coherent single loads (ld.global.ca) for a kernel that also loads before its pdl_wait (cuda/pdl.cuh, rule
+// 1).
 __device__ __forceinline__ float load1_coherent(const float* p) { return __ldca(p); }
 __device__ __forceinline__ float load1_coherent(const __nv_bfloat16* p) {
     return __uint_as_float(static_cast<uint32_t>(__ldca(reinterpret_cast<const unsigned short*>(p))) << 16);
@@ -109,9 +110,9 @@ __global__ void __launch_bounds__(kScanWarps * 32)
                 const T* __restrict__ dt, void* const* __restrict__ states, T* __restrict__ y) {
     // The state is read before pdl_wait: the previous step's scan wrote it (and the engine's state copies
     // run before a step), so it is at least two launches back and complete (cuda/pdl.cuh, rule 2); the
-    // sequence table is the host's. Its DRAM round trip then overlaps in_proj's tail (decode is latency-bound:
-    // 2 MB a layer for Nemotron-3-Nano). Everything from in_proj (xbc, dt) is read after the wait, coherently.
-    // Warps without work wait too before they end.
+    // sequence table is the host's. Its DRAM round trip then overlaps in_proj's tail (decode is
+    // latency-bound: 2 MB a layer for Nemotron-3-Nano). Everything from in_proj (xbc, dt) is read after the
+    // wait, coherently. Warps without work wait too before they end.
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x / a.row_tiles;
     const int i = (blockIdx.x % a.row_tiles) * kScanWarps + (threadIdx.x >> 5);
@@ -122,8 +123,8 @@ __global__ void __launch_bounds__(kScanWarps * 32)
         return;
     }
     const int N = a.state_size, g = h / a.heads_per_group;
-    ST* st = static_cast<ST*>(const_cast<void*>(
-                 reinterpret_cast<const void*>(__ldca(reinterpret_cast<const unsigned long long*>(states + s))))) +
+    ST* st = static_cast<ST*>(const_cast<void*>(reinterpret_cast<const void*>(
+                 __ldca(reinterpret_cast<const unsigned long long*>(states + s))))) +
              (static_cast<int64_t>(h) * a.head_dim + i) * N;
     float hs[kMaxStatePerLane];
 #pragma unroll
