@@ -7,7 +7,10 @@
 // block in griddepcontrol.wait until the predecessor has completed and its writes are visible.
 //
 // The contract every kernel launched through launch_pdl keeps (otherwise it races its predecessor):
-//   1. before pdl_wait(): read only constant data (weights, scales, tables, kernel parameters); write nothing;
+//   1. before pdl_wait(): read only constant data (weights, scales, tables, kernel parameters), or data last
+//      written at least two launches back (a MoE down GEMV's routing, a sequence's SSM state, decode attention's
+//      cached keys): a grid is only resident once its predecessor releases it, which every kernel does after
+//      its own pdl_wait() (rule 3), so the grid before that one has completed; write nothing;
 //      and a kernel that loads anything before pdl_wait() reads its predecessor's outputs with coherent loads
 //      only, never ld.global.nc (__ldg, or a const __restrict__ pointer the compiler turns into one): ptxas may
 //      move non-coherent loads above the wait, and did (gemv_nvfp4_pipe_kernel's activations, CUDA 13.0: the
@@ -15,7 +18,8 @@
 //      test PdlContract.NoNonCoherentLoadAboveGridDependencyWait checks every kernel's SASS for it;
 //   2. every CTA calls pdl_wait() before any early return, so the grid cannot complete before its
 //      predecessor has (which keeps the ordering transitive along a chain of such kernels);
-//   3. pdl_launch_dependents() may come anywhere: the dependent grid still waits for this whole grid. Where
+//   3. pdl_launch_dependents() may come anywhere after pdl_wait() (never before it: rule 1's reads of data two
+//      launches old rely on that order): the dependent grid still waits for this whole grid. Where
 //      it comes matters for speed: a dependent scheduled early holds SM slots while it waits, and if it too
 //      releases its own dependent at once, a whole chain of waiting grids can take the slots a one-wave
 //      GEMV needs (measured on H100: llama3-8b tg128 305 -> 268 tok/s with every kernel releasing at its
