@@ -138,7 +138,14 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
     const int64_t t = o.max_num_batched_tokens;
     const int64_t q_dim = rank.n_heads * rank.head_dim, kv_dim = rank.n_kv_heads * rank.head_dim;
     const int64_t logit_rows = std::min(o.max_num_seqs, t);
-    p.activation_bytes = t * (3 * rank.n_embd + 2 * q_dim + 2 * kv_dim + 2 * rank.n_ff) * 4;
+    // A MoE layer's shared expert (Qwen2-MoE's; NemotronH's too) runs through the MLP's hidden rows,
+    // widening them when it is the wider, and keeps its output rows [t, n_embd] beside the routed sum until
+    // the combine adds them: the rule gpu/decoder_forward.cpp allocates by (gpu/hybrid_forward.cpp holds
+    // one hidden buffer).
+    const bool shared_expert = any_moe && c.moe.n_shared_experts > 0;
+    const int64_t mlp_ff = shared_expert ? std::max(rank.n_ff, c.moe.n_ff_shared) : rank.n_ff;
+    const int64_t shared_rows = shared_expert ? rank.n_embd : 0;
+    p.activation_bytes = t * (3 * rank.n_embd + 2 * q_dim + 2 * kv_dim + 2 * mlp_ff + shared_rows) * 4;
     // With tp > 1 the all-gather's [tp, rows, ceil(vocab / tp)] buffer sits beside the assembled logits.
     const int64_t gather_width = tp == 1 ? 0 : tp * ((c.vocab_size + tp - 1) / tp);
     p.logits_bytes = logit_rows * (c.vocab_size + gather_width + c.n_embd) * 4;

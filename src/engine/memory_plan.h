@@ -7,9 +7,12 @@
 //   workspace  activations of one step, max_num_batched_tokens rows x the forward's buffer widths
 //              (3*hidden + 2*q_dim + 2*kv_dim + 2*intermediate) x 4 bytes (float32, the widest any backend
 //              uses); MoE models add the router's rows, n_experts x 4 + top_k x 8 (logits, chosen ids and
-//              weights); logits, min(max_num_seqs, max_num_batched_tokens) rows x (vocab + hidden) x 4 (the
-//              lm_head's gathered input rows too); attention scratch, split-K decode partials for the same
-//              rows: n_heads x kAttentionSplits x (head_dim + 2) x 4.
+//              weights), and with a shared expert (Qwen2-MoE's, NemotronH's) hidden more (its output rows,
+//              held until the combine adds them) and intermediate = max(intermediate, the shared expert's
+//              width) (it runs through the MLP's hidden rows); logits, min(max_num_seqs,
+//              max_num_batched_tokens) rows x (vocab + hidden) x 4 (the lm_head's gathered input rows too);
+//              attention scratch, split-K decode partials for the same rows: n_heads x kAttentionSplits x
+//              (head_dim + 2) x 4.
 //              The CUDA backend's forward (PlanOptions::cuda_forward) adds two more named lines:
 //                MoE workspace  the expert permutation and per-(token, expert) hidden and output rows of
 //                               max_num_batched_tokens tokens (ops/moe/moe_workspace.h, the layout the CUDA
