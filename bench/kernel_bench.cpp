@@ -91,6 +91,30 @@ struct Row {
     double us, gbps, frac;
 };
 
+// Bytes of one cached K (or V) row of head_dim hd in the KV dtype: BF16, E4M3, or E2M1 plus one E4M3 scale per 16.
+int64_t kv_row_bytes(nibble::KvDtype dt, int64_t hd) {
+    using nibble::KvDtype;
+    return dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+}
+
+// Layer copies of random K and V (enough that together they are >= 4x the L2, so each launch reads HBM): BF16
+// |v| < 2; E4M3 / E2M1 / scale bytes with bit 3 clear, never a NaN code.
+size_t fill_kv_copies(const cudaDeviceProp& prop, nibble::KvDtype dt, size_t layer_bytes, uint64_t& seed,
+                      std::vector<DeviceBuffer>& kb, std::vector<DeviceBuffer>& vb, cudaStream_t stream) {
+    const bool bf16 = dt == nibble::KvDtype::Bf16;
+    const size_t copies =
+        std::max<size_t>(1, (4 * static_cast<size_t>(prop.l2CacheSize) + 2 * layer_bytes - 1) / (2 * layer_bytes));
+    const uint32_t and_mask = bf16 ? 0x83ff83ffu : 0xf7f7f7f7u, or_mask = bf16 ? 0x3c003c00u : 0u;
+    for (size_t c = 0; c < copies; ++c) {
+        kb.emplace_back(layer_bytes);
+        vb.emplace_back(layer_bytes);
+        nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+        nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
+    }
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return copies;
+}
+
 // Decode attention: bytes of K and V read per launch over time, per KV dtype, depth and batch, the old
 // tensor-core decode kernel (DecodeKernel::Mma, splits by keys) against the launcher's default (Auto: the
 // pipelined kernel for FP8/NVFP4, splits by bytes) side by side. Batches: 1 and 8 sequences at the depth,
@@ -140,22 +164,11 @@ void bench_attention(const cudaDeviceProp& prop, cudaStream_t stream, double cop
             DeviceBuffer q(static_cast<size_t>(batch * n_heads * hd * 2)), out(q.bytes());
             nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
             for (KvDtype dt : dtypes) {
-                const int64_t row_bytes = dt == KvDtype::Bf16 ? hd * 2 : dt == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+                const int64_t row_bytes = kv_row_bytes(dt, hd);
                 const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
                 const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
-                const size_t copies = std::max<size_t>(
-                    1, (4 * static_cast<size_t>(prop.l2CacheSize) + 2 * layer_bytes - 1) / (2 * layer_bytes));
                 std::vector<DeviceBuffer> kb, vb;
-                for (size_t c = 0; c < copies; ++c) {
-                    kb.emplace_back(layer_bytes);
-                    vb.emplace_back(layer_bytes);
-                    // BF16 |v| < 2; E4M3 / E2M1 / scale bytes with bit 3 clear: never a NaN code.
-                    const uint32_t and_mask = dt == KvDtype::Bf16 ? 0x83ff83ffu : 0xf7f7f7f7u;
-                    const uint32_t or_mask = dt == KvDtype::Bf16 ? 0x3c003c00u : 0u;
-                    nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
-                    nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask, or_mask, stream);
-                }
-                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                const size_t copies = fill_kv_copies(prop, dt, layer_bytes, seed, kb, vb, stream);
                 ARow row{depth, batch, bk.mixed, dt, {0, 0, 0}, {0, 0, 0}, {0, 0, 0}};
                 // 0: old (Mma, splits by keys), 1: default (Auto, splits by bytes), 2 (NVFP4): Pipelined16.
                 const int n_variants = dt == KvDtype::Nvfp4 ? 3 : 2;
@@ -251,25 +264,10 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                 DeviceBuffer q(static_cast<size_t>(n_heads * hd * 2)), out(q.bytes());
                 nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu,
                                               0x3c003c00u, stream);
-                const int64_t row_bytes = dt == KvDtype::Bf16  ? hd * 2
-                                          : dt == KvDtype::Fp8 ? hd
-                                                               : hd / 2 + hd / 16;
-                const int64_t block_bytes = (bs * nkv * row_bytes + 15) / 16 * 16;
+                const int64_t block_bytes = (bs * nkv * kv_row_bytes(dt, hd) + 15) / 16 * 16;
                 const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
-                const size_t copies = std::max<size_t>(
-                    1, (4 * static_cast<size_t>(prop.l2CacheSize) + 2 * layer_bytes - 1) / (2 * layer_bytes));
                 std::vector<DeviceBuffer> kb, vb;
-                for (size_t c = 0; c < copies; ++c) {
-                    kb.emplace_back(layer_bytes);
-                    vb.emplace_back(layer_bytes);
-                    const uint32_t and_mask = dt == KvDtype::Bf16 ? 0x83ff83ffu : 0xf7f7f7f7u;
-                    const uint32_t or_mask = dt == KvDtype::Bf16 ? 0x3c003c00u : 0u;
-                    nibble::cuda::fill_random_u32(kb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask,
-                                                  or_mask, stream);
-                    nibble::cuda::fill_random_u32(vb.back().as<uint32_t>(), layer_bytes / 4, ++seed, and_mask,
-                                                  or_mask, stream);
-                }
-                NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+                const size_t copies = fill_kv_copies(prop, dt, layer_bytes, seed, kb, vb, stream);
                 const nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(),
                                                      vb[0].as<uint8_t>(),
                                                      n_blocks,

@@ -58,18 +58,25 @@ namespace {
 constexpr int kThreads = 128;  // small blocks spread a 4096-row matrix over all SMs
 constexpr int kWarps = kThreads / 32;
 
+// The warp's total of value `index` of acc (row-major: r * MT + mi), valid on the lanes with
+// (lane & (32 / (MT R) - 1)) == 0 (reduce_scatter).
+template <int MT, int R>
+__device__ __forceinline__ float warp_total(float (&acc)[R][MT], int lane, int& index) {
+    float flat[MT * R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
+    return reduce_scatter<MT * R>(flat, lane, index);
+}
+
 template <int MT, int R, class XT>
 __device__ __forceinline__ void reduce_and_store(float (&acc)[R][MT], int lane, int64_t row0, int m, int64_t n,
                                                  float out_scale, const float* __restrict__ bias,
                                                  XT* __restrict__ y) {
     constexpr int V = MT * R;
-    float flat[V];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
     int index = 0;
-    const float total = reduce_scatter<V>(flat, lane, index);
+    const float total = warp_total(acc, lane, index);
     if ((lane & (32 / V - 1)) != 0) return;
     const int r = index / MT, mi = index % MT;
     const int64_t row = row0 + r;
@@ -96,13 +103,8 @@ __device__ __forceinline__ void split_reduce_and_store(float (&acc)[R][MT], floa
                                                        float out_scale, const float* __restrict__ bias,
                                                        XT* __restrict__ y) {
     constexpr int V = MT * R;
-    float flat[V];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi) flat[r * MT + mi] = acc[r][mi];
     int index = 0;
-    const float total = reduce_scatter<V>(flat, lane, index);
+    const float total = warp_total(acc, lane, index);
     if ((lane & (32 / V - 1)) == 0) part[sub][index] = total;
     __syncthreads();
     if (threadIdx.x < V) {
