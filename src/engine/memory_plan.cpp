@@ -38,6 +38,12 @@ std::string lower(std::string_view s) {
 
 }  // namespace
 
+bool cuda_qkv_prepare_supported(int64_t head_dim, int64_t rotary_dim) {
+    constexpr int64_t kQkvPrepareMaxHeadDim = 256;  // cuda::kQkvPrepareMaxHeadDim
+    return head_dim > 0 && head_dim % 16 == 0 && head_dim <= kQkvPrepareMaxHeadDim && rotary_dim >= 0 &&
+           rotary_dim % 8 == 0 && rotary_dim <= head_dim;
+}
+
 KvDtype resolve_kv_cache_dtype(std::string_view requested, const QuantConfig& quant, KvDtype unquantized) {
     if (requested == "auto") {
         switch (quant.kv_cache) {
@@ -53,27 +59,45 @@ KvDtype resolve_kv_cache_dtype(std::string_view requested, const QuantConfig& qu
 }
 
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
-                                                                    const QuantConfig& quant) {
-    return weight_bytes_by_format(expected_weights(config), config, quant);
+                                                                    const QuantConfig& quant,
+                                                                    bool cuda_upload) {
+    return weight_bytes_by_format(expected_weights(config), config, quant, cuda_upload);
 }
 
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const std::vector<WeightSpec>& weights,
                                                                     const ModelConfig& config,
-                                                                    const QuantConfig& quant) {
-    const int64_t dense_size = static_cast<int64_t>(dtype_size(config.dtype));
-    const std::string dense_name = lower(dtype_name(config.dtype));
+                                                                    const QuantConfig& quant,
+                                                                    bool cuda_upload) {
+    // The CUDA upload converts dense matrices to BF16 (PinnedUploader::copy_as_bf16) whatever the
+    // checkpoint's dtype, and keeps vectors F32 (upload_floats).
+    const int64_t dense_size = cuda_upload ? 2 : static_cast<int64_t>(dtype_size(config.dtype));
+    const std::string dense_name = cuda_upload ? "bf16" : lower(dtype_name(config.dtype));
     std::map<std::string, int64_t> by;
     for (const WeightSpec& w : weights) {
         if (w.kind == WeightSpec::Kind::Dense) {
-            if (w.f32 || (w.f32_when_quantized && quant.method != QuantMethod::None))
+            if (cuda_upload) {
+                // 2-D: the embeddings (d.embed) and NemotronH's router (upload_linear, BF16 even from an F32
+                // checkpoint); the rest (norms, the Mamba mixer's conv1d, A_log, D, dt_bias, correction bias)
+                // upload_floats.
+                if (w.shape.ndim == 2)
+                    by["bf16"] += w.shape.numel() * 2;
+                else
+                    by["f32"] += w.shape.numel() * 4;
+            } else if (w.f32 || (w.f32_when_quantized && quant.method != QuantMethod::None)) {
                 by["f32"] += w.shape.numel() * 4;
-            else
+            } else {
                 by[dense_name] += w.shape.numel() * dense_size;
+            }
             continue;
         }
         const LinearSpec& l = w.linear;
         const int64_t nk = l.n_out * l.n_in;
-        if (l.bias) by[dense_name] += l.n_out * dense_size;
+        if (l.bias) {
+            if (cuda_upload)
+                by["f32"] += l.n_out * 4;  // DeviceLinear::bias, upload_floats
+            else
+                by[dense_name] += l.n_out * dense_size;
+        }
         const bool quantized = quant.method != QuantMethod::None && !quant.is_excluded(l.module);
         const int64_t activation_scale = quant.weight_only ? 0 : 4;
         if (!quantized) {
@@ -121,15 +145,17 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
 
     const int64_t tp = o.tensor_parallel_size;
     p.tensor_parallel_size = tp;
-    for (const auto& [name, bytes] : weight_bytes_by_format(c, quant)) p.model_weights_bytes += bytes;
+    for (const auto& [name, bytes] : weight_bytes_by_format(c, quant, o.cuda_forward))
+        p.model_weights_bytes += bytes;
     // Per GPU: rank 0's share (the largest) and the widths its blocks run with.
     ModelConfig rank = c;
     if (tp == 1) {
-        p.weights_by_format = weight_bytes_by_format(c, quant);
+        p.weights_by_format = weight_bytes_by_format(c, quant, o.cuda_forward);
     } else {
         check_tensor_parallel_quant(c, quant, tp);
         rank = rank_config(c, tensor_parallel_layout(c, tp, 0));
-        p.weights_by_format = weight_bytes_by_format(llama_rank_expected_weights(c, tp, 0), c, quant);
+        p.weights_by_format =
+            weight_bytes_by_format(llama_rank_expected_weights(c, tp, 0), c, quant, o.cuda_forward);
     }
     for (const auto& [name, bytes] : p.weights_by_format) p.weights_bytes += bytes;
     bool any_moe = c.has_layer(LayerKind::Moe);
@@ -157,19 +183,65 @@ MemoryPlan plan_memory(const ModelConfig& c, const QuantConfig& quant, const Pla
             p.moe_workspace_bytes =
                 static_cast<int64_t>(moe_workspace_layout(t, e.top_k, e.n_experts, rank.n_embd, e.n_ff).total);
     }
+    // The CUDA hybrid forward (NemotronH) has no dequantization pipeline nor fused q/k/v GEMM, and copies the
+    // router's input rows to float32 (gpu/hybrid_forward.cpp router_in_ [t, hidden] F32, and identity_rows_
+    // [t] int32 that gather them).
+    const bool hybrid = c.arch == Arch::NemotronH;
+    if (o.cuda_forward && hybrid && c.has_layer(LayerKind::Moe))
+        p.activation_bytes += t * (rank.n_embd + 1) * 4;
     if (o.cuda_forward && t > kCudaGemvMaxRows) {
-        // The decoder linears the GEMMs run (not the experts, not the lm_head, which always runs the GEMV).
+        // The decoder linears the GEMMs run (not the experts, not the lm_head, which always runs the GEMV):
+        // DeviceDecoder::max_linear_elems / DeviceHybrid::max_linear_elems (which counts NemotronH's router).
+        const std::vector<WeightSpec> specs =
+            tp == 1 ? expected_weights(c) : llama_rank_expected_weights(c, tp, 0);
+        std::map<std::string, const LinearSpec*> by_module;
         int64_t largest = 0;
         bool quantized = false;
-        for (const WeightSpec& w : tp == 1 ? expected_weights(c) : llama_rank_expected_weights(c, tp, 0)) {
+        for (const WeightSpec& w : specs) {
+            if (hybrid && w.kind == WeightSpec::Kind::Dense && w.name.ends_with(".mixer.gate.weight"))
+                largest = std::max(largest, w.shape.numel());
             const LinearSpec& l = w.linear;
             if (w.kind != WeightSpec::Kind::Linear || l.module == "lm_head" ||
                 l.module.find(".experts.") != std::string::npos)
                 continue;
+            by_module[l.module] = &l;
             largest = std::max(largest, l.n_out * l.n_in);
             quantized |= quant.method != QuantMethod::None && !quant.is_excluded(l.module);
         }
-        p.gemm_scratch_bytes = kCublasLtWorkspaceBytes + (quantized ? 3 * largest * 2 : 0);
+        // DecoderForward::plan_fused_qkv: layers whose q, k and v are all quantized run one GEMM over their
+        // stacked BF16 copies when the fused q/k norm + RoPE kernel takes the head. Their global scales must
+        // match too, which only the checkpoint tells: the plan assumes they do (the larger count).
+        int64_t qkv_width = 0, stacked_qkv = 0;
+        bool qkv_biased = false;
+        const int64_t rotary_dim =
+            static_cast<int64_t>(static_cast<float>(rank.head_dim) * c.rope.partial_rotary_factor);
+        if (!hybrid && quant.method != QuantMethod::None &&
+            cuda_qkv_prepare_supported(rank.head_dim, rotary_dim)) {
+            const std::string q_suffix = "self_attn.q_proj";
+            for (const auto& [module, q] : by_module) {
+                if (!module.ends_with(q_suffix)) continue;
+                const std::string prefix =
+                    module.substr(0, module.size() - std::string_view("q_proj").size());
+                const auto k = by_module.find(prefix + "k_proj"), v = by_module.find(prefix + "v_proj");
+                if (k == by_module.end() || v == by_module.end() || quant.is_excluded(module) ||
+                    quant.is_excluded(k->first) || quant.is_excluded(v->first))
+                    continue;
+                qkv_width = q->n_out + k->second->n_out + v->second->n_out;
+                stacked_qkv = std::max(stacked_qkv, qkv_width * q->n_in);
+                qkv_biased |= q->bias || k->second->bias || v->second->bias;
+            }
+        }
+        int64_t bytes = kCublasLtWorkspaceBytes;
+        if (quantized) bytes += largest * 2;  // GemmContext's dequantization scratch, [largest] BF16
+        // DequantPipeline's two buffers, [max(largest, stacked q/k/v)] BF16 each.
+        if (quantized && !hybrid) bytes += 2 * std::max(largest, stacked_qkv) * 2;
+        if (stacked_qkv > 0) {
+            // DecoderForward::qkv_ [t, q_dim + 2 kv_dim] BF16 (the GEMM path runs BF16 activations only), and
+            // with biases DecoderForward::qkv_bias_ [n_layers, q_dim + 2 kv_dim] F32.
+            bytes += t * qkv_width * 2;
+            if (qkv_biased) bytes += c.n_layers * qkv_width * 4;
+        }
+        p.gemm_scratch_bytes = bytes;
     }
     // Hybrid models: the Mamba mixer's rows (in_proj output, conv output, scan output), and one recurrent
     // state per sequence that may run (conv float32 + SSM in --mamba-ssm-cache-dtype), held beside the KV.

@@ -4,6 +4,10 @@
 //              dense tensors in config.json's dtype; NVFP4 linears n*k/2 (E2M1) + n*k/16 (E4M3 scales) + 4
 //              (global scale) + 4 (activation scale, absent for weight-only); FP8 linears n*k + 4 + 4; biases
 //              in the dense dtype; 8 bytes of KV scales per layer when the checkpoint declares a KV scheme.
+//              On the CUDA backend (PlanOptions::cuda_forward) as gpu/weight_upload.cpp and
+//              gpu/device_hybrid.cpp store them: dense matrices (embeddings, unquantized linears and experts,
+//              NemotronH's router) BF16 whatever the checkpoint's dtype; biases, norms and the other dense
+//              vectors (the Mamba mixer's conv1d, A_log, D, dt_bias, its norm) F32.
 //   workspace  activations of one step, max_num_batched_tokens rows x the forward's buffer widths
 //              (3*hidden + 2*q_dim + 2*kv_dim + 2*intermediate) x 4 bytes (float32, the widest any backend
 //              uses); MoE models add the router's rows, n_experts x 4 + top_k x 8 (logits, chosen ids and
@@ -18,9 +22,15 @@
 //                               max_num_batched_tokens tokens (ops/moe/moe_workspace.h, the layout the CUDA
 //                               MoE forward carves its workspace by);
 //                GEMM scratch   when steps may exceed kCudaGemvMaxRows rows (they then run cuBLASLt GEMMs):
-//                               cuBLASLt's 32 MiB workspace and, with quantized linears, three BF16 copies of
-//                               the largest decoder linear (the GEMM's own scratch and the two buffers the
-//                               prefill dequantization pipeline alternates between).
+//                               cuBLASLt's 32 MiB workspace and, with quantized linears, a BF16 copy of the
+//                               largest decoder linear (the GEMM's own scratch); the decoder (not the hybrid
+//                               forward) adds the two buffers its prefill dequantization pipeline alternates
+//                               between, each max(largest linear, a layer's stacked q/k/v) BF16 values, and
+//                               when q/k/v are quantized the fused q/k/v GEMM's output rows [t, q_dim +
+//                               2 kv_dim] BF16 (and, with q/k/v biases, their rows [n_layers, q_dim + 2
+//                               kv_dim] F32).
+//              Its activations of a hybrid MoE model also count the router's float32 copy of its input rows
+//              [t, hidden] and their row indices [t] int32.
 //   KV cache   kv_cache_memory_bytes when given, else gpu_memory_utilization x device memory - weights -
 //              workspace; cut into blocks of block_size tokens (KvCacheShape::block_bytes() per layer for K
 //              and for V), kv_tokens = blocks x block_size, max_concurrency = kv_tokens / max_model_len.
@@ -80,7 +90,7 @@ struct PlanOptions {
     SsmStateDtype mamba_ssm_cache_dtype = SsmStateDtype::F32;  // hybrid models' SSM state
     int64_t mamba_prefix_snapshots = -1;    // hybrid prefix caching: -1 auto (from the KV budget), 0 none
     int64_t tensor_parallel_size = 1;       // GPUs one model is split over; the plan is per GPU
-    bool cuda_forward = false;              // for the CUDA backend: count its MoE workspace and GEMM scratch
+    bool cuda_forward = false;  // for the CUDA backend: its weight formats, MoE workspace and GEMM scratch
 };
 
 struct MemoryPlan {
@@ -117,13 +127,20 @@ struct MemoryPlan {
     double max_concurrency = 0;       // kv_tokens / max_model_len
 };
 
-// Bytes of the model's weights as stored, by format (the "weights" line above).
+// Bytes of the model's weights as stored, by format (the "weights" line above); cuda_upload: as the CUDA
+// backend's upload stores them.
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const ModelConfig& config,
-                                                                    const QuantConfig& quant);
+                                                                    const QuantConfig& quant,
+                                                                    bool cuda_upload = false);
 // The same over a given tensor list (a tensor-parallel rank's shards: llama_rank_expected_weights).
 std::vector<std::pair<std::string, int64_t>> weight_bytes_by_format(const std::vector<WeightSpec>& weights,
                                                                     const ModelConfig& config,
-                                                                    const QuantConfig& quant);
+                                                                    const QuantConfig& quant,
+                                                                    bool cuda_upload = false);
+
+// The plan's copy of cuda::qkv_prepare_supported (ops/attention/qkv_prepare_cuda.h, which CPU builds cannot
+// include): whether the decoder's fused q/k/v prefill GEMM may run for this head and rotary width.
+bool cuda_qkv_prepare_supported(int64_t head_dim, int64_t rotary_dim);
 
 // Throws nibble::Error for bad options or a plan that does not fit.
 MemoryPlan plan_memory(const ModelConfig& config, const QuantConfig& quant, const PlanOptions& options);

@@ -71,9 +71,10 @@ TEST(PlanSynthetic, WeightBytesMatchTheHandCounts) {
     const nlohmann::json bf16 = plan_json("--synthetic llama3-8b --weights bf16 --device-profile gb10");
     EXPECT_EQ(bf16["weights_quantization"], "none");
     EXPECT_GT(bf16["weights_bytes"].get<int64_t>(), 2 * kLlama8bNvfp4);
+    // A device profile plans the CUDA upload, which keeps the 32 x 2 x 4096 + 4096 norm weights F32.
     const nlohmann::json head = plan_json("--synthetic llama3-8b --lm-head-nvfp4 --device-profile gb10");
     EXPECT_EQ(head["weights_bytes"].get<int64_t>(),
-              kLlama8bNvfp4 - int64_t{128256} * 4096 * 2 + nvfp4(128256, 4096));
+              kLlama8bNvfp4 - int64_t{128256} * 4096 * 2 + nvfp4(128256, 4096) + (32 * 2 * 4096 + 4096) * 2);
 }
 
 // Qwen3-30B-A3B on GB10, batch-1 decode: only the 8 chosen experts of 128 are read. By hand, per token:

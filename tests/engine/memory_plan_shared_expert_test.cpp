@@ -126,15 +126,19 @@ TEST(MemoryPlanSharedExpert, Qwen15MoeA27bBf16) {
     for (const bool cuda : {false, true}) {
         SCOPED_TRACE(cuda ? "cuda forward" : "host");
         expect_shared_expert_costs(c, QuantConfig{}, options(80 * kGiB, 8192, cuda), weights, activations, 0);
-        EXPECT_EQ(format_bytes(plan_memory(c, QuantConfig{}, options(80 * kGiB, 8192, cuda)), "bf16"),
-                  plan_memory(c, QuantConfig{}, options(80 * kGiB, 8192, cuda)).weights_bytes);
+        const MemoryPlan p = plan_memory(c, QuantConfig{}, options(80 * kGiB, 8192, cuda));
+        // The CUDA upload keeps norms (24 x 2 x 2048 + 2048) and q/k/v biases (24 x 6144) F32.
+        const int64_t f32 = cuda ? (24 * 2 * 2048 + 2048 + 24 * 6144) * 4 : 0;
+        EXPECT_EQ(format_bytes(p, "f32"), f32);
+        EXPECT_EQ(format_bytes(p, "bf16") + f32, p.weights_bytes);
     }
 }
 
 // The same model as a ModelOpt NVFP4 export (router and shared_expert_gate kept BF16, as the CUDA decoder
 // needs): the shared expert's three linears are NVFP4, its gate vector BF16; on the CUDA forward it is the
-// largest decoder linear the prefill GEMMs dequantize, so the GEMM scratch's three BF16 copies grow from
-// q_proj's [2048, 2048] to its [5632, 2048].
+// largest decoder linear the prefill GEMMs dequantize, so GemmContext's BF16 copy grows from q_proj's [2048,
+// 2048] to its [5632, 2048]; the dequantization pipeline's two buffers do not, already holding a layer's
+// stacked q/k/v [6144, 2048].
 TEST(MemoryPlanSharedExpert, Qwen15MoeA27bNvfp4) {
     const ModelConfig c = parse_model_config(qwen15_moe_a27b_config(), "Qwen1.5-MoE-A2.7B config.json");
     const QuantConfig q = parse_hf_quant_config(nlohmann::json::parse(R"({
@@ -148,7 +152,7 @@ TEST(MemoryPlanSharedExpert, Qwen15MoeA27bNvfp4) {
     const int64_t activations = kTokens * 2048 * 4;
     expect_shared_expert_costs(c, q, options(80 * kGiB, 8192, false), nvfp4 + bf16, activations, 0);
     expect_shared_expert_costs(c, q, options(80 * kGiB, 8192, true), nvfp4 + bf16, activations,
-                               3 * (int64_t{5632} * 2048 - int64_t{2048} * 2048) * 2);
+                               (int64_t{5632} * 2048 - int64_t{2048} * 2048) * 2);
     const MemoryPlan with = plan_memory(c, q, options(80 * kGiB, 8192, false));
     const MemoryPlan without = plan_memory(without_shared_expert(c), q, options(80 * kGiB, 8192, false));
     EXPECT_EQ(format_bytes(with, "nvfp4") - format_bytes(without, "nvfp4"), nvfp4);
@@ -188,7 +192,8 @@ TEST(MemoryPlanSharedExpert, Qwen2_57bA14bWidensTheHiddenRows) {
 // Qwen3-30B-A3B with BF16 experts (the unquantized checkpoint, or an NVFP4 export that leaves the experts
 // BF16): each expert weight costs 2 bytes. By hand: per layer q [4096, 2048], k and v [512, 2048], o [2048,
 // 4096], q/k norms 128 each, two norms 2048 each, router [128, 2048], 128 experts x 3 x [768, 2048];
-// embeddings and lm_head [151936, 2048], final norm 2048: 30,532,122,624 parameters, all BF16.
+// embeddings and lm_head [151936, 2048], final norm 2048: 30,532,122,624 parameters, all BF16 in the
+// checkpoint; the CUDA upload keeps the 48 x (2 x 128 + 2 x 2048) + 2048 norm weights F32.
 TEST(MemoryPlanSharedExpert, Qwen3MoeBf16ExpertsCostTwoBytesAWeight) {
     const RealShape bf16 = real_shape("qwen3-30b-a3b", {.nvfp4 = false});
     const int64_t per_layer = 2048 * (4096 + 512 + 512) + 4096 * 2048 + 2 * 128 + 2 * 2048 + 128 * 2048 +
@@ -196,9 +201,11 @@ TEST(MemoryPlanSharedExpert, Qwen3MoeBf16ExpertsCostTwoBytesAWeight) {
     const int64_t params = 48 * per_layer + 2 * int64_t{151936} * 2048 + 2048;
     EXPECT_EQ(params, 30'532'122'624);
     const MemoryPlan p = plan_memory(bf16.config, bf16.quant, options(80 * kGiB, 8192, true));
-    EXPECT_EQ(p.weights_bytes, params * 2);
-    ASSERT_EQ(p.weights_by_format.size(), 1u);
-    EXPECT_EQ(p.weights_by_format[0].first, "bf16");
+    const int64_t norms = 48 * (2 * 128 + 2 * 2048) + 2048;
+    EXPECT_EQ(p.weights_bytes, params * 2 + norms * 2);
+    ASSERT_EQ(p.weights_by_format.size(), 2u);
+    EXPECT_EQ(format_bytes(p, "bf16"), (params - norms) * 2);
+    EXPECT_EQ(format_bytes(p, "f32"), norms * 4);
 
     // An NVFP4 export whose experts stay BF16 against the one that quantizes them: each of the 48 x 128 x 3
     // expert matrices [768, 2048] costs 768 x 2048 x 2 bytes instead of its NVFP4 bytes; nothing else moves.
