@@ -10,6 +10,7 @@
 
 #include "checkpoint/quant_config.h"
 #include "engine/memory_plan.h"
+#include "modelopt_quant_config.h"
 #include "model/real_shapes.h"
 
 namespace nibble {
@@ -115,20 +116,10 @@ TEST(MemoryPlanCudaUpload, NemotronHDenseTensors) {
 // DecoderForward::qkv_ [t, q_dim + 2 kv_dim] BF16. Llama-3.1-8B with k_proj left BF16 cannot fuse; with it
 // NVFP4 the plan adds exactly those rows, [2048, 4096 + 2 x 1024] x 2 bytes (the largest linear, gate/up
 // [14336, 4096], is larger than the stacked q/k/v [6144, 4096], so the scratch buffers do not move).
-QuantConfig modelopt_nvfp4(const nlohmann::json& exclude) {
-    return parse_hf_quant_config({{"producer", {{"name", "modelopt"}, {"version", "0.29.0"}}},
-                                  {"quantization",
-                                   {{"quant_algo", "NVFP4"},
-                                    {"group_size", 16},
-                                    {"kv_cache_quant_algo", nullptr},
-                                    {"exclude_modules", exclude}}}},
-                                 "hf_quant_config.json");
-}
-
 TEST(MemoryPlanCudaUpload, FusedQkvRows) {
     const ModelConfig c = real_shape("llama3-8b").config;
-    const QuantConfig fused = modelopt_nvfp4({"lm_head"});
-    const QuantConfig unfused = modelopt_nvfp4({"lm_head", "model.layers.*.self_attn.k_proj"});
+    const QuantConfig fused = test::modelopt_nvfp4_config({"lm_head"});
+    const QuantConfig unfused = test::modelopt_nvfp4_config({"lm_head", "model.layers.*.self_attn.k_proj"});
     const MemoryPlan with = plan_memory(c, fused, options(true));
     const MemoryPlan without = plan_memory(c, unfused, options(true));
     EXPECT_EQ(with.gemm_scratch_bytes - without.gemm_scratch_bytes, kTokens * 6144 * 2);
@@ -150,8 +141,8 @@ TEST(MemoryPlanCudaUpload, FusedQkvRows) {
 TEST(MemoryPlanCudaUpload, DequantScratchHoldsTheStackedQkv) {
     ModelConfig c = real_shape("qwen3-8b").config;
     c.n_ff = 4096;  // every single linear is at most [4096, 4096]
-    const QuantConfig fused = modelopt_nvfp4({"lm_head"});
-    const QuantConfig unfused = modelopt_nvfp4({"lm_head", "model.layers.*.self_attn.k_proj"});
+    const QuantConfig fused = test::modelopt_nvfp4_config({"lm_head"});
+    const QuantConfig unfused = test::modelopt_nvfp4_config({"lm_head", "model.layers.*.self_attn.k_proj"});
     const int64_t with = plan_memory(c, fused, options(true)).gemm_scratch_bytes;
     const int64_t without = plan_memory(c, unfused, options(true)).gemm_scratch_bytes;
     EXPECT_EQ(with - without, 2 * (6144 - 4096) * int64_t{4096} * 2 + kTokens * 6144 * 2);
@@ -164,7 +155,7 @@ TEST(MemoryPlanCudaUpload, FusedQkvBiasRows) {
     const ModelConfig c = real_shape("llama3-8b").config;
     ModelConfig biased = c;
     biased.qkv_bias = true;
-    const QuantConfig q = modelopt_nvfp4({"lm_head"});
+    const QuantConfig q = test::modelopt_nvfp4_config({"lm_head"});
     EXPECT_EQ(plan_memory(biased, q, options(true)).gemm_scratch_bytes -
                   plan_memory(c, q, options(true)).gemm_scratch_bytes,
               32 * 6144 * 4);

@@ -14,6 +14,7 @@
 #include "checkpoint/model_config.h"
 #include "checkpoint/quant_config.h"
 #include "engine/memory_plan.h"
+#include "modelopt_quant_config.h"
 #include "model/real_shapes.h"
 
 namespace nibble {
@@ -141,12 +142,8 @@ TEST(MemoryPlanSharedExpert, Qwen15MoeA27bBf16) {
 // stacked q/k/v [6144, 2048].
 TEST(MemoryPlanSharedExpert, Qwen15MoeA27bNvfp4) {
     const ModelConfig c = parse_model_config(qwen15_moe_a27b_config(), "Qwen1.5-MoE-A2.7B config.json");
-    const QuantConfig q = parse_hf_quant_config(nlohmann::json::parse(R"({
-        "producer": {"name": "modelopt", "version": "0.29.0"},
-        "quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": null,
-                         "exclude_modules": ["lm_head", "model.layers.*.mlp.gate",
-                                             "model.layers.*.mlp.shared_expert_gate"]}})"),
-                                                "hf_quant_config.json");
+    const QuantConfig q = test::modelopt_nvfp4_config(
+        {"lm_head", "model.layers.*.mlp.gate", "model.layers.*.mlp.shared_expert_gate"});
     const int64_t nvfp4 = 24 * 3 * nvfp4_linear_bytes(5632, 2048), bf16 = 24 * 2048 * 2;
     EXPECT_EQ(nvfp4, 467'141'184);
     const int64_t activations = kTokens * 2048 * 4;
@@ -212,13 +209,7 @@ TEST(MemoryPlanSharedExpert, Qwen3MoeBf16ExpertsCostTwoBytesAWeight) {
     auto modelopt = [](bool experts_bf16) {
         nlohmann::json exclude = {"lm_head", "model.layers.*.mlp.gate"};
         if (experts_bf16) exclude.push_back("model.layers.*.mlp.experts.*");
-        return parse_hf_quant_config({{"producer", {{"name", "modelopt"}, {"version", "0.29.0"}}},
-                                      {"quantization",
-                                       {{"quant_algo", "NVFP4"},
-                                        {"group_size", 16},
-                                        {"kv_cache_quant_algo", nullptr},
-                                        {"exclude_modules", exclude}}}},
-                                     "hf_quant_config.json");
+        return test::modelopt_nvfp4_config(exclude);
     };
     const MemoryPlan mixed = plan_memory(bf16.config, modelopt(true), options(80 * kGiB, 8192, true));
     const MemoryPlan nvfp4 = plan_memory(bf16.config, modelopt(false), options(80 * kGiB, 8192, true));
