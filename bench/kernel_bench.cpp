@@ -268,18 +268,13 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                 const size_t layer_bytes = static_cast<size_t>(n_blocks * block_bytes);
                 std::vector<DeviceBuffer> kb, vb;
                 const size_t copies = fill_kv_copies(prop, dt, layer_bytes, seed, kb, vb, stream);
-                const nibble::cuda::PagedKvLayer kv0{kb[0].as<uint8_t>(),
-                                                     vb[0].as<uint8_t>(),
-                                                     n_blocks,
-                                                     block_bytes,
-                                                     bs,
-                                                     nkv,
-                                                     hd,
-                                                     dt,
-                                                     0.01f,
-                                                     0.01f};
+                auto layer = [&](size_t i) {  // copy i of the layer's cache
+                    return nibble::cuda::PagedKvLayer{
+                        kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes, bs, nkv, hd, dt, 0.01f, 0.01f};
+                };
+                const std::string dt_name(nibble::kv_dtype_name(dt));
                 const int policy =
-                    nibble::cuda::paged_attention_splits(b, kv0, n_heads, prop.multiProcessorCount);
+                    nibble::cuda::paged_attention_splits(b, layer(0), n_heads, prop.multiProcessorCount);
                 std::vector<int> counts;
                 for (int s : split_counts)
                     if (s == 1 || depth / s >= 32) counts.push_back(s);
@@ -287,10 +282,7 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                 double policy_us = 0, best_us = 1e30;
                 int best = 1;
                 std::printf("attention short nkv=%lld %-5s depth=%-5lld", static_cast<long long>(nkv),
-                            dt == KvDtype::Bf16  ? "bf16"
-                            : dt == KvDtype::Fp8 ? "fp8"
-                                                 : "nvfp4",
-                            static_cast<long long>(depth));
+                            dt_name.c_str(), static_cast<long long>(depth));
                 for (int splits : counts) {
                     const size_t ws_bytes =
                         nibble::cuda::paged_attention_workspace_bytes(splits, 1, n_heads, hd);
@@ -299,19 +291,8 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                     size_t next = 0;
                     auto launch = [&] {
                         for (size_t c = 0; c < copies; ++c, ++next) {
-                            const size_t i = next % copies;
-                            const nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(),
-                                                                vb[i].as<uint8_t>(),
-                                                                n_blocks,
-                                                                block_bytes,
-                                                                bs,
-                                                                nkv,
-                                                                hd,
-                                                                dt,
-                                                                0.01f,
-                                                                0.01f};
-                            nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b, args, splits, ws.get(),
-                                                          ws_bytes, out.get(), stream);
+                            nibble::cuda::paged_attention(q.get(), DType::BF16, layer(next % copies), b, args,
+                                                          splits, ws.get(), ws_bytes, out.get(), stream);
                         }
                     };
                     const double us = 1e3 * time_ms(stream, 2, 20, launch) / static_cast<double>(copies);
@@ -320,12 +301,9 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
                     if (us < best_us) best_us = us, best = splits;
                 }
                 std::printf("\n");
-                std::printf(
-                    "| %lld | %s | %lld | %d | %.1f | %d | %.1f | %.2fx |\n", static_cast<long long>(nkv),
-                    dt == KvDtype::Bf16  ? "bf16"
-                    : dt == KvDtype::Fp8 ? "fp8"
-                                         : "nvfp4",
-                    static_cast<long long>(depth), policy, policy_us, best, best_us, policy_us / best_us);
+                std::printf("| %lld | %s | %lld | %d | %.1f | %d | %.1f | %.2fx |\n", static_cast<long long>(nkv),
+                            dt_name.c_str(), static_cast<long long>(depth), policy, policy_us, best, best_us,
+                            policy_us / best_us);
             }
         }
     }
