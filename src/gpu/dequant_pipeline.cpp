@@ -69,13 +69,6 @@ void DequantPipeline::begin(std::vector<DequantGroup> order) {
     for (size_t i = 0; i < std::min<size_t>(2, order_.size()); ++i) issue(i);
 }
 
-void DequantPipeline::begin(const std::vector<const DeviceLinear*>& order) {
-    std::vector<DequantGroup> groups;
-    groups.reserve(order.size());
-    for (const DeviceLinear* w : order) groups.push_back(DequantGroup::one(*w));
-    begin(std::move(groups));
-}
-
 const uint16_t* DequantPipeline::acquire(const DequantGroup& g, cudaStream_t stream) {
     NIBBLE_CHECK(next_ < order_.size() && order_[next_] == g, "dequantization pipeline: {}{} used out of order",
                  g.parts[0]->name, g.count > 1 ? " (a group)" : "");

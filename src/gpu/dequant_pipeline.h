@@ -38,7 +38,6 @@ public:
     // Starts a forward whose GEMMs read these groups in this order; the first two are dequantized at once.
     // Work enqueued on `stream` before this call is not waited for (weights never change).
     void begin(std::vector<DequantGroup> order);
-    void begin(const std::vector<const DeviceLinear*>& order);  // a GEMM per weight
     bool active() const { return next_ < order_.size(); }
     // The BF16 copy of g (the next group of the order; checked), usable by work enqueued on `stream` next.
     const uint16_t* acquire(const DequantGroup& g, cudaStream_t stream);
