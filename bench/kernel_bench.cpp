@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -309,17 +310,32 @@ void bench_attention_short(const cudaDeviceProp& prop, cudaStream_t stream) {
     }
 }
 
-// Prefill attention: 512 query tokens after `depth` cached ones, TFLOP/s per KV dtype.
+// Prefill attention: 512 query tokens after `depth` cached ones, TFLOP/s per KV dtype, for both tensor-core
+// prefill kernels (Narrow: 8 warps of 16 rows, 1 CTA an SM; Wide: 4 warps of 32 rows, 2 CTAs an SM) at 1, 2
+// and 4 key splits and at the launcher's choice (paged_attention_splits, sized for Wide).
 void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
     using nibble::KvDtype;
+    using nibble::cuda::PrefillKernel;
     const int64_t n_heads = 32, nkv = 8, hd = 128, bs = 16, n_q = 512, n_layers = 32;
-    const int64_t depths[] = {0, 8192, 32768, 65536};
+    // NIBBLE_PREFILL_DEPTHS=65536 (a comma list) runs only those depths: one kernel's launches for a
+    // profiler.
+    std::vector<int64_t> depths = {0, 8192, 32768, 65536};
+    if (const char* env = std::getenv("NIBBLE_PREFILL_DEPTHS")) {
+        depths.clear();
+        const std::string list = env;
+        for (size_t at = 0; at < list.size();) {
+            const size_t comma = std::min(list.find(',', at), list.size());
+            depths.push_back(std::stoll(list.substr(at, comma - at)));
+            at = comma + 1;
+        }
+    }
     const KvDtype dtypes[] = {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4};
     struct PRow {
         int64_t depth;
         KvDtype dt;
-        double us, tflops;
-        int splits;
+        double narrow_us, wide_us, policy_us;
+        int narrow_splits, wide_splits, policy_splits;
+        double flops;
     };
     std::vector<PRow> rows;
     uint64_t seed = 499;
@@ -339,8 +355,9 @@ void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
                                        kv_len};
         DeviceBuffer q(static_cast<size_t>(n_q * n_heads * hd * 2)), out(q.bytes());
         nibble::cuda::fill_random_u32(q.as<uint32_t>(), q.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
-        const int splits = nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount);
-        const size_t ws_bytes = nibble::cuda::paged_attention_workspace_bytes(splits, n_q, n_heads, hd);
+        const int policy = nibble::cuda::paged_attention_splits(b, nkv, n_heads, prop.multiProcessorCount);
+        const size_t ws_bytes =
+            nibble::cuda::paged_attention_workspace_bytes(std::max(policy, 4), n_q, n_heads, hd);
         DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
         // Attended (query, key) pairs: query i sits at position depth + i and sees depth + i + 1 keys.
         const double pairs = static_cast<double>(n_q) * static_cast<double>(depth) + n_q * (n_q + 1) / 2.0;
@@ -363,37 +380,59 @@ void bench_prefill_attention(const cudaDeviceProp& prop, cudaStream_t stream) {
             }
             NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
             size_t next = 0;
-            auto launch = [&] {
-                for (size_t c = 0; c < copies; ++c, ++next) {
-                    const size_t i = next % copies;
-                    nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(), vb[i].as<uint8_t>(), n_blocks, block_bytes, bs,
-                                                  nkv, hd, dt, 0.01f, 0.01f};
-                    nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b,
-                                                  nibble::cuda::AttentionArgs{n_heads, 0.088f, 0}, splits, ws.get(),
-                                                  ws_bytes, out.get(), stream);
-                }
+            auto time_us = [&](PrefillKernel kernel, int splits) {
+                auto launch = [&] {
+                    for (size_t c = 0; c < copies; ++c, ++next) {
+                        const size_t i = next % copies;
+                        nibble::cuda::PagedKvLayer kv{kb[i].as<uint8_t>(),
+                                                      vb[i].as<uint8_t>(),
+                                                      n_blocks,
+                                                      block_bytes,
+                                                      bs,
+                                                      nkv,
+                                                      hd,
+                                                      dt,
+                                                      0.01f,
+                                                      0.01f};
+                        nibble::cuda::AttentionArgs args{n_heads, 0.088f, 0};
+                        args.prefill_kernel = kernel;
+                        nibble::cuda::paged_attention(q.get(), DType::BF16, kv, b, args, splits, ws.get(),
+                                                      ws_bytes, out.get(), stream);
+                    }
+                };
+                const int reps = depth >= 32768 ? 5 : 20;
+                return 1e3 * time_ms(stream, 1, reps, launch) / static_cast<double>(copies);
             };
-            const int reps = depth >= 32768 ? 10 : 20;
-            const double ms = time_ms(stream, 2, reps, launch) / static_cast<double>(copies);
-            const double tflops = flops / (ms * 1e-3) / 1e12;
-            rows.push_back({depth, dt, ms * 1e3, tflops, splits});
-            std::printf("attention prefill q=%lld depth=%-6lld %-5s splits=%-2d copies=%-3zu %9.1f us %6.1f TFLOP/s "
-                        "(%.3g FLOP)  32 layers: %.0f tok/s\n",
+            PRow row{depth, dt, 1e30, 1e30, 0.0, 0, 0, policy, flops};
+            std::printf("attention prefill q=%lld depth=%-6lld %-5s copies=%-3zu",
                         static_cast<long long>(n_q), static_cast<long long>(depth),
-                        dt == KvDtype::Bf16 ? "bf16" : dt == KvDtype::Fp8 ? "fp8" : "nvfp4", splits, copies, ms * 1e3,
-                        tflops, flops, static_cast<double>(n_q) / (n_layers * ms * 1e-3));
+                        std::string(nibble::kv_dtype_name(dt)).c_str(), copies);
+            for (PrefillKernel kernel : {PrefillKernel::Narrow, PrefillKernel::Wide}) {
+                const bool wide = kernel == PrefillKernel::Wide;
+                std::printf(" %s", wide ? "wide" : "narrow");
+                for (int splits : {1, 2, 4}) {
+                    const double us = time_us(kernel, splits);
+                    std::printf(" %d:%.1f", splits, us);
+                    double& best = wide ? row.wide_us : row.narrow_us;
+                    if (us < best) best = us, (wide ? row.wide_splits : row.narrow_splits) = splits;
+                    if (wide && splits == policy) row.policy_us = us;
+                }
+            }
+            if (row.policy_us == 0.0) row.policy_us = time_us(PrefillKernel::Wide, policy);
+            std::printf(" policy %d:%.1f us\n", policy, row.policy_us);
+            rows.push_back(row);
         }
     }
-    std::printf("\n| depth | splits | bf16 us | TFLOP/s | fp8 us | TFLOP/s | nvfp4 us | TFLOP/s | nvfp4/bf16 time | "
-                "attention-only pp512 tok/s (32 layers, bf16 / nvfp4) |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
-    for (size_t i = 0; i + 2 < rows.size(); i += 3) {
-        const PRow &a = rows[i], &f = rows[i + 1], &n = rows[i + 2];
-        std::printf("| %lldK | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f / %.0f |\n",
-                    static_cast<long long>(a.depth / 1024), a.splits, a.us, a.tflops, f.us, f.tflops, n.us, n.tflops,
-                    n.us / a.us, static_cast<double>(n_q) / (n_layers * a.us * 1e-6),
-                    static_cast<double>(n_q) / (n_layers * n.us * 1e-6));
-    }
+    std::printf(
+        "\n| depth | KV | narrow us (splits) | TFLOP/s | wide us (splits) | TFLOP/s | wide/narrow | launcher "
+        "(splits) us | attention-only pp512 tok/s, 32 layers |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    for (const PRow& r : rows)
+        std::printf("| %lldK | %s | %.1f (%d) | %.1f | %.1f (%d) | %.1f | %.2fx | %.1f (%d) | %.0f |\n",
+                    static_cast<long long>(r.depth / 1024), std::string(nibble::kv_dtype_name(r.dt)).c_str(),
+                    r.narrow_us, r.narrow_splits, r.flops / r.narrow_us / 1e6, r.wide_us, r.wide_splits,
+                    r.flops / r.wide_us / 1e6, r.narrow_us / r.wide_us, r.policy_us, r.policy_splits,
+                    static_cast<double>(n_q) / (n_layers * r.policy_us * 1e-6));
 }
 
 
@@ -994,6 +1033,87 @@ void bench_gemv_stream(const cudaDeviceProp& prop, cudaStream_t stream, double c
         }
     }
 }
+
+// The fused q/k/v GEMV at one token on the shapes of the dense models as served (tensor parallelism divides
+// the heads): the production launch (tensor-core pipe kernel, k split chosen), the pipe kernel at each k
+// split, the CUDA-core stream kernel (U = 2, 4), and three launches of the CUDA-core v1 kernel (k split for
+// few rows), each cycled over copies beyond 4x L2.
+void bench_gemv_qkv(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
+    using nibble::cuda::Nvfp4DeviceWeight;
+    using nibble::cuda::Nvfp4Projection;
+    struct Case {
+        const char* name;
+        int64_t q, kv, k;
+    };
+    const Case cases[] = {{"llama3-8b", 4096, 1024, 4096},
+                          {"llama3-70b tp1", 8192, 1024, 8192},
+                          {"llama3-70b tp2", 4096, 512, 8192},
+                          {"llama3-70b tp4", 2048, 256, 8192},
+                          {"qwen3-30b-a3b", 4096, 512, 2048}};
+    uint64_t seed = 8800;
+    std::printf(
+        "\n| q/k/v case | rows x k | MB | production us | pipe ks=1 | ks=2 | ks=4 | stream U=2 | U=4 | v1 x3 "
+        "| best "
+        "%% copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const Case& c : cases) {
+        const int64_t ns[3] = {c.q, c.kv, c.kv};
+        size_t set_bytes = 0;
+        for (int64_t n : ns) set_bytes += static_cast<size_t>(n * c.k / 2 + n * c.k / 16);
+        const size_t copies =
+            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
+        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
+        for (size_t cp = 0; cp < copies; ++cp)
+            for (int64_t n : ns) {
+                w[cp].emplace_back(static_cast<size_t>(n * c.k / 2));
+                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed,
+                                              ~0u, 0u, stream);
+                sc[cp].emplace_back(static_cast<size_t>(n * c.k / 16));  // E4M3 0x20..0x3f: never NaN
+                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
+                                              0x1f1f1f1fu, 0x20202020u, stream);
+            }
+        DeviceBuffer x(static_cast<size_t>(c.k * 2));
+        nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
+                                      stream);
+        std::vector<DeviceBuffer> y;
+        for (int64_t n : ns) y.emplace_back(static_cast<size_t>(n * 2));
+        NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        auto weight = [&](size_t cp, int i) {
+            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, ns[i], c.k};
+        };
+        // method: 0 production, 1..3 pipe ks 1/2/4, 4..5 stream U 2/4, 6 v1 x3
+        double us[7];
+        for (int method = 0; method < 7; ++method) {
+            size_t next = 0;
+            auto launch = [&] {
+                for (size_t cc = 0; cc < copies; ++cc, ++next) {
+                    const size_t cp = next % copies;
+                    Nvfp4Projection p[3];
+                    for (int i = 0; i < 3; ++i) p[i] = {weight(cp, i), nullptr, y[i].get()};
+                    if (method == 0)
+                        nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, 1, p, 3, stream);
+                    else if (method <= 3)
+                        nibble::cuda::gemv_nvfp4_fused(x.get(), DType::BF16, 1, p, 3, stream,
+                                                       1 << (method - 1));
+                    else if (method <= 5)
+                        nibble::cuda::gemv_nvfp4_stream_fused(x.get(), DType::BF16, 1, p, 3, stream,
+                                                              method == 4 ? 2 : 4);
+                    else
+                        for (int i = 0; i < 3; ++i)
+                            nibble::cuda::gemv_nvfp4(x.get(), DType::BF16, 1, weight(cp, i), nullptr,
+                                                     y[i].get(), stream);
+                }
+            };
+            us[method] = time_ms(stream, 2, 50, launch) / static_cast<double>(copies) * 1e3;
+        }
+        const double best = *std::min_element(us, us + 7);
+        std::printf(
+            "| %s | %lld+%lld+%lld x %lld | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% "
+            "|\n",
+            c.name, static_cast<long long>(c.q), static_cast<long long>(c.kv), static_cast<long long>(c.kv),
+            static_cast<long long>(c.k), set_bytes / 1e6, us[0], us[1], us[2], us[3], us[4], us[5], us[6],
+            100.0 * (set_bytes / (best * 1e-6) / 1e9) / copy_gbps);
+    }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1028,6 +1148,11 @@ int main(int argc, char** argv) {
         const std::string part = argc > 1 ? argv[1] : "all";
         if (part == "moe-prefill") {  // not in "all": minutes of GEMV runs at m = 2048
             bench_moe_prefill(stream);
+            NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
+            return 0;
+        }
+        if (part == "qkv") {  // not in "all": the fused q/k/v GEMV's candidates at one token
+            bench_gemv_qkv(prop, stream, copy_gbps);
             NIBBLE_CUDA_CHECK(cudaStreamDestroy(stream));
             return 0;
         }

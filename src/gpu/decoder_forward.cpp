@@ -585,11 +585,16 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         } else {
             launch_chosen(*attention, capture, stream, [&](const tune::KernelVariant* v) {
                 cuda::AttentionArgs chosen = args;
-                if (v != nullptr)  // several tensor-core decode kernels serve FP8/NVFP4 caches: the chosen one
+                if (v != nullptr) {  // several tensor-core kernels serve a shape: the chosen one
                     chosen.decode_kernel = v->name.starts_with("decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
                                            : v->name.starts_with("decode_pipe.") ? cuda::DecodeKernel::Pipelined
                                            : v->name.starts_with("decode_mma.")  ? cuda::DecodeKernel::Mma
                                                                                  : cuda::DecodeKernel::Auto;
+                    chosen.prefill_kernel = v->name.starts_with("prefill_wide.") ? cuda::PrefillKernel::Wide
+                                            : v->name.starts_with("prefill_mma.")
+                                                ? cuda::PrefillKernel::Narrow
+                                                : cuda::PrefillKernel::Auto;
+                }
                 cuda::paged_attention(q_.get(), act_, layer, ab, chosen, splits, workspace, workspace_bytes,
                                       attn_.get(), stream);
             }, "attention");

@@ -37,6 +37,15 @@ constexpr int kDecodeSplits[] = {1, 2, 4, 8, 16, 32};
 // attention_cuda.cu prefill_smem_bytes<HD>: 2 stages x (K, V) x [kPfKeys = 64][HD] 16-bit, dynamic.
 constexpr int64_t prefill_mma_smem(int hd) { return 2 * 2 * 64 * hd * 2; }
 
+// attention_cuda.cu prefill_wide_smem_bytes<KV, HD>: Q [128][HD] and K and V [64][HD] 16-bit (BF16: two
+// stages of K and V), and two raw stages of a key tile's K and V bytes (FP8: [64][HD] each; NVFP4: [64][HD / 2]
+// codes and [64][HD / 16] scales each).
+constexpr int64_t prefill_wide_smem(KvDtype kv, int hd) {
+    const int64_t raw_row = kv == KvDtype::Bf16 ? 0 : kv == KvDtype::Fp8 ? hd : hd / 2 + hd / 16;
+    const int64_t kv_stages = kv == KvDtype::Bf16 ? 2 : 1;
+    return (128 + 2 * 64 * kv_stages) * hd * 2 + 2 * 2 * 64 * raw_row;
+}
+
 // Prefill's splits (paged_attention_splits picks 1..16 for the tensor-core kernel).
 constexpr int kPrefillSplits[] = {1, 2, 4, 8, 16};
 
@@ -65,12 +74,14 @@ constexpr VariantApplies attn(int hd, int group_lo, int group_hi, KvDtype kv, bo
 
 // gemv_nvfp4 / gemv_bf16 launch m in tiles of up to 16 rows; each tile's size picks one instantiation.
 // CUDA-core kernels: 128 threads, rows_per_warp R = 2 for MT <= 8, else 1; no shared memory.
-// Attention: prefill with a BF16 q and >= 16 rows runs prefill_mma_kernel; decode with group <= 8 runs
-// decode_mma_kernel or, for FP8/NVFP4 caches, decode_pipe_kernel (AttentionArgs::decode_kernel picks: Mma,
-// Pipelined, or for NVFP4 Pipelined16; Auto takes Pipelined); decode with a larger group and the remaining prefills (F32 q, or fewer rows) run
-// paged_attention_kernel with NJ = rows / 4 (rows_per_warp: the group rounded up to a power of two >= 4 for
-// decode, 32 rows for prefill). NJ = 1 and 2 are compiled but never dispatched (group <= 8 decodes take the
-// tensor-core kernel), so they are not registered.
+// Attention: prefill with a BF16 q and >= 16 rows runs prefill_wide_kernel or prefill_mma_kernel
+// (AttentionArgs::prefill_kernel picks: Wide, Narrow; Auto takes Wide for FP8 / NVFP4 caches, Narrow for
+// BF16); decode with group <= 8 runs decode_mma_kernel or, for FP8/NVFP4 caches, decode_pipe_kernel
+// (AttentionArgs::decode_kernel picks: Mma, Pipelined, or for NVFP4 Pipelined16; Auto takes Pipelined); decode
+// with a larger group and the remaining prefills (F32 q, or fewer rows) run paged_attention_kernel with NJ =
+// rows / 4 (rows_per_warp: the group rounded up to a power of two >= 4 for decode, 32 rows for prefill). NJ =
+// 1 and 2 are compiled but never dispatched (group <= 8 decodes take the tensor-core kernel), so they are not
+// registered.
 constexpr KernelVariant kVariants[] = {
     // ---- NVFP4 GEMV ----
     {OpKind::GemvNvfp4, "mma.nt1", "gemv_nvfp4_mma_kernel<1, XT>",
@@ -80,15 +91,15 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 256, .static_smem_bytes = gemv_mma_smem(2), .regs_per_thread = 164},
      gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt1", "gemv_nvfp4_kernel<1, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 2 * 4, .regs_per_thread = 64}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 32, .regs_per_thread = 67}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt2", "gemv_nvfp4_kernel<2, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 4 * 4, .regs_per_thread = 72}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 64, .regs_per_thread = 80}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt4", "gemv_nvfp4_kernel<4, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 8 * 4, .regs_per_thread = 86}, gemv_rows(3, 4), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 128, .regs_per_thread = 104}, gemv_rows(3, 4), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt8", "gemv_nvfp4_kernel<8, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 16 * 4, .regs_per_thread = 96}, gemv_rows(5, 8), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 256, .regs_per_thread = 120}, gemv_rows(5, 8), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvNvfp4, "cuda_core.mt16", "gemv_nvfp4_kernel<16, 1, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 16 * 4, .regs_per_thread = 80}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 256, .regs_per_thread = 96}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     // W4A4 on Blackwell's FP4 tensor cores (mma.sync kind::mxf4nvf4.block_scale, sm_120a / sm_121a only):
     // the activations are quantized to NVFP4 first (fp4mma_quantize_kernel<XT>: 256 threads, <= 45 registers,
     // 32 bytes smem, which any device here holds), then 4 warps a 16-row tile; static smem partial[4][16][8]
@@ -100,30 +111,30 @@ constexpr KernelVariant kVariants[] = {
     // ---- BF16 GEMV (CUDA cores only) ----
     // KS = 4 (the CTA's warps split k, partial sums in static smem [4][MT * R] floats) for matrices of few rows.
     {OpKind::GemvBf16, "cuda_core.mt1", "gemv_bf16_kernel<1, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 2 * 4, .regs_per_thread = 72}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 32, .regs_per_thread = 80}, gemv_rows(1, 1), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt2", "gemv_bf16_kernel<2, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 4 * 4, .regs_per_thread = 80}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 64, .regs_per_thread = 87}, gemv_rows(2, 2), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt4", "gemv_bf16_kernel<4, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 8 * 4, .regs_per_thread = 80}, gemv_rows(3, 4), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 128, .regs_per_thread = 95}, gemv_rows(3, 4), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt8", "gemv_bf16_kernel<8, 2, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 16 * 4, .regs_per_thread = 96}, gemv_rows(5, 8), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 256, .regs_per_thread = 119}, gemv_rows(5, 8), {}, Measured::OnHopper, kLinearSrc},
     {OpKind::GemvBf16, "cuda_core.mt16", "gemv_bf16_kernel<16, 1, XT, 1 or 4>",
-     {.threads_per_block = 128, .static_smem_bytes = 4 * 16 * 4, .regs_per_thread = 64}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
+     {.threads_per_block = 128, .static_smem_bytes = 256, .regs_per_thread = 95}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     // ---- attention decode, tensor cores: group <= 8, __launch_bounds__(128, 3) ----
     {OpKind::AttentionDecode, "decode_mma.bf16.hd64", "decode_mma_kernel<Bf16, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 118, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 128, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.bf16.hd128", "decode_mma_kernel<Bf16, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 168, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd64", "decode_mma_kernel<Fp8, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 99, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 121, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd128", "decode_mma_kernel<Fp8, 128>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 156, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 160, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd64", "decode_mma_kernel<Nvfp4, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 116, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 136, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd128", "decode_mma_kernel<Nvfp4, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 167, .min_blocks_per_sm = 3},
@@ -186,7 +197,29 @@ constexpr KernelVariant kVariants[] = {
     {OpKind::AttentionDecode, "cuda_core.nvfp4.hd128.nj8", "paged_attention_kernel<Nvfp4, 128, 8>",
      {.threads_per_block = 128, .dynamic_smem_bytes = attention_tile_smem(128, 8), .regs_per_thread = 108},
      attn(128, 17, 32, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
-    // ---- attention prefill, tensor cores: BF16 q, >= 16 rows; __launch_bounds__(256, 1) ----
+    // ---- attention prefill, tensor cores, wide warps (PrefillKernel::Auto's for FP8 / NVFP4): BF16 q, >= 16 rows;
+    // __launch_bounds__(128, 2); registers from ptxas -v sm_90a (HD 128 at the cap of 255 with 52-100 bytes
+    // spilled) ----
+    {OpKind::AttentionPrefill, "prefill_wide.bf16.hd64", "prefill_wide_kernel<Bf16, 64>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Bf16, 64), .regs_per_thread = 237, .min_blocks_per_sm = 2},
+     attn(64, 1, 32, KvDtype::Bf16, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_wide.bf16.hd128", "prefill_wide_kernel<Bf16, 128>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Bf16, 128), .regs_per_thread = 255, .min_blocks_per_sm = 2},
+     attn(128, 1, 32, KvDtype::Bf16, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_wide.fp8.hd64", "prefill_wide_kernel<Fp8, 64>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Fp8, 64), .regs_per_thread = 236, .min_blocks_per_sm = 2},
+     attn(64, 1, 32, KvDtype::Fp8, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_wide.fp8.hd128", "prefill_wide_kernel<Fp8, 128>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Fp8, 128), .regs_per_thread = 255, .min_blocks_per_sm = 2},
+     attn(128, 1, 32, KvDtype::Fp8, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_wide.nvfp4.hd64", "prefill_wide_kernel<Nvfp4, 64>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Nvfp4, 64), .regs_per_thread = 237, .min_blocks_per_sm = 2},
+     attn(64, 1, 32, KvDtype::Nvfp4, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    {OpKind::AttentionPrefill, "prefill_wide.nvfp4.hd128", "prefill_wide_kernel<Nvfp4, 128>",
+     {.threads_per_block = 128, .dynamic_smem_bytes = prefill_wide_smem(KvDtype::Nvfp4, 128), .regs_per_thread = 255, .min_blocks_per_sm = 2},
+     attn(128, 1, 32, KvDtype::Nvfp4, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},
+    // ---- attention prefill, tensor cores, narrow warps (PrefillKernel::Narrow): BF16 q, >= 16 rows;
+    // __launch_bounds__(256, 1) ----
     {OpKind::AttentionPrefill, "prefill_mma.bf16.hd64", "prefill_mma_kernel<Bf16, 64>",
      {.threads_per_block = 256, .dynamic_smem_bytes = prefill_mma_smem(64), .regs_per_thread = 174, .min_blocks_per_sm = 1},
      attn(64, 1, 32, KvDtype::Bf16, takes_prefill_mma), kPrefillSplits, Measured::PendingHopper, kAttnSrc},

@@ -28,6 +28,12 @@ const KernelVariant* heuristic_variant(const OpShape& shape, std::span<const Ker
         for (const KernelVariant* v : eligible)
             if (name_starts_with(*v, cuda_core ? "cuda_core." : "mma.")) return v;
     }
+    if (shape.op == OpKind::AttentionPrefill) {
+        // paged_attention's PrefillKernel::Auto: the narrow kernel for a BF16 cache, the wide one otherwise.
+        for (const KernelVariant* v : eligible)
+            if (name_starts_with(*v, shape.kv_dtype == KvDtype::Bf16 ? "prefill_mma." : "prefill_wide."))
+                return v;
+    }
     if (shape.op == OpKind::AttentionDecode && shape.kv_dtype != KvDtype::Bf16) {
         // paged_attention's DecodeKernel::Auto: the pipelined kernel for FP8 / NVFP4 caches.
         for (const KernelVariant* v : eligible)

@@ -256,6 +256,7 @@ struct AttnCase {
     std::vector<SeqSpec> seqs;
     int n_splits = 0;  // 0: the launcher's choice (paged_attention_splits by keys); -1: its by-bytes overload
     cuda::DecodeKernel decode_kernel = cuda::DecodeKernel::Auto;
+    cuda::PrefillKernel prefill_kernel = cuda::PrefillKernel::Auto;
 };
 
 // Tolerance of one output element o_d of one (token, head) row, derived from float32 arithmetic on both sides
@@ -427,10 +428,10 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
     cuda::DeviceBuffer ws(std::max<size_t>(ws_bytes, 16));
     ws.fill_bytes(0xff);
     test::DeviceOut out(q.size(), c.bf16);
-    cuda::paged_attention(dq.buf.get(), c.bf16 ? DType::BF16 : DType::F32, dev.layer, batch,
-                          cuda::AttentionArgs{c.n_heads, scale, c.sliding_window, c.decode_kernel}, splits, ws.get(),
-                          ws_bytes,
-                          out.buf.get(), nullptr);
+    cuda::paged_attention(
+        dq.buf.get(), c.bf16 ? DType::BF16 : DType::F32, dev.layer, batch,
+        cuda::AttentionArgs{c.n_heads, scale, c.sliding_window, c.decode_kernel, c.prefill_kernel}, splits,
+        ws.get(), ws_bytes, out.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 
     // Which kernel runs (attention_cuda.cu): the tensor-core prefill kernel for BF16 q with >= 16 rows of
@@ -528,7 +529,8 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
 // at least 64 CTAs when every split can keep >= 48 keys, never fewer than 48 keys a split, at most one wave
 // of resident CTAs beyond that floor. Longer caches (by bytes): every split reads >= 64 KiB of K + V unless
 // there is one split. Everywhere a smaller cache dtype gets at most 4x BF16's count at the same shape, and
-// prefill keeps the by-keys choice. Pointers are not read.
+// prefill fills the resident slots of the kernel PrefillKernel::Auto runs for the dtype. Pointers are not
+// read.
 TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
     for (int sm_count : {78, 132}) {
         for (int64_t n_seqs : {1, 3, 8, 32}) {
@@ -574,6 +576,11 @@ TEST(PagedAttentionCuda, DecodeSplitsByBytes) {
     kv.head_dim = 128;
     kv.dtype = KvDtype::Nvfp4;
     EXPECT_EQ(cuda::paged_attention_splits(prefill, kv, 32, 132), cuda::paged_attention_splits(prefill, 8, 32, 132));
+    // 512 tokens x GQA 4 = 16 tiles of 128 rows a KV head, 128 CTAs: the wide kernel (FP8 / NVFP4, two CTAs
+    // an SM) takes 2 splits to fill 264 slots; the narrow one (BF16, one an SM) stays at one wave of 1.
+    EXPECT_EQ(cuda::paged_attention_splits(prefill, kv, 32, 132), 2);
+    kv.dtype = KvDtype::Bf16;
+    EXPECT_EQ(cuda::paged_attention_splits(prefill, kv, 32, 132), 1);
 }
 
 // Long decode on both kernels with the launcher's split choices (by keys and by bytes).
@@ -604,26 +611,36 @@ TEST(PagedAttentionCuda, PrefillMatchesCpu) {
     attention_case(pool, rng, {KvDtype::Fp8, 8, 8, 128, false, 0, seqs, 3});     // prefill with split-K
 }
 
-// The tensor-core prefill kernel (BF16 q): one batch mixing a fresh prompt, chunks after cached tokens
-// (start_pos > 0), lengths off the 64-key tile and off the 128-row tile, a 1-token sequence and a 7-token
-// one; GQA 1, 3 (rows of a tile not a multiple of the group), 4, 8 and 32 (4 tokens a tile); head_dim 64
-// and 128; sliding windows longer and shorter than a key tile; explicit splits (some empty).
+// The tensor-core prefill kernels (BF16 q; Wide, Auto's choice, and Narrow): one batch mixing a fresh
+// prompt, chunks after cached tokens (start_pos > 0), lengths off the 64-key tile and off the 128-row tile
+// (and off Wide's 32-row warps), a 1-token sequence and a 7-token one; GQA 1, 3 (rows of a tile not a
+// multiple of the group), 4, 8 and 32 (4 tokens a tile); head_dim 64 and 128; sliding windows longer and
+// shorter than a key tile; explicit splits (some empty); a single key tile (no refill) and two (one).
 TEST(PagedAttentionCuda, PrefillTensorCoresMatchCpu) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
     const std::vector<SeqSpec> mixed = {{600, 600}, {1400, 250}, {50, 7}, {1, 1}, {300, 129}, {77, 77}};
-    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
-        attention_case(pool, rng, {dt, 32, 8, 128, true, 0, mixed});    // GQA 4
-        attention_case(pool, rng, {dt, 16, 2, 64, true, 0, mixed});     // GQA 8, head_dim 64
-        attention_case(pool, rng, {dt, 4, 4, 128, true, 0, mixed});     // GQA 1
-        attention_case(pool, rng, {dt, 8, 8, 64, true, 0, mixed});      // GQA 1, head_dim 64
-        attention_case(pool, rng, {dt, 12, 4, 128, true, 0, mixed});    // GQA 3: 42 tokens, 126 of 128 rows
-        attention_case(pool, rng, {dt, 32, 1, 128, true, 0, {{300, 40}, {64, 64}, {5, 2}}});  // GQA 32
-        attention_case(pool, rng, {dt, 16, 4, 128, true, 200, mixed});  // window > key tile
-        attention_case(pool, rng, {dt, 16, 2, 64, true, 37, mixed});    // window < key tile
-        attention_case(pool, rng, {dt, 16, 4, 128, true, 0, mixed, 3});  // split-K
-        attention_case(pool, rng, {dt, 8, 2, 64, true, 100, {{3000, 70}, {40, 40}}, 37});  // empty splits
+    for (cuda::PrefillKernel pk : {cuda::PrefillKernel::Wide, cuda::PrefillKernel::Narrow}) {
+        for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+            auto run = [&](int64_t heads, int64_t kv_heads, int64_t hd, int64_t window,
+                           std::vector<SeqSpec> seqs, int splits = 0) {
+                AttnCase c{dt, heads, kv_heads, hd, true, window, std::move(seqs), splits};
+                c.prefill_kernel = pk;
+                attention_case(pool, rng, c);
+            };
+            run(32, 8, 128, 0, mixed);                           // GQA 4
+            run(16, 2, 64, 0, mixed);                            // GQA 8, head_dim 64
+            run(4, 4, 128, 0, mixed);                            // GQA 1
+            run(8, 8, 64, 0, mixed);                             // GQA 1, head_dim 64
+            run(12, 4, 128, 0, mixed);                           // GQA 3: 42 tokens, 126 of 128 rows
+            run(32, 1, 128, 0, {{300, 40}, {64, 64}, {5, 2}});   // GQA 32
+            run(16, 4, 128, 200, mixed);                         // window > key tile
+            run(16, 2, 64, 37, mixed);                           // window < key tile
+            run(16, 4, 128, 0, mixed, 3);                        // split-K
+            run(8, 2, 64, 100, {{3000, 70}, {40, 40}}, 37);      // empty splits
+            run(8, 2, 128, 0, {{64, 64}, {128, 20}, {40, 17}});  // one and two key tiles
+        }
     }
 }
 
@@ -671,15 +688,20 @@ TEST(PagedAttentionCuda, RejectsUnsupportedHeadDim) {
     }
 }
 
-// Long prefill on the tensor cores: 512 queries after 16K cached tokens (one split, then the launcher's
-// choice of splits for a grid of few CTAs).
+// Long prefill on the tensor cores, both kernels: 512 queries after 16K cached tokens (one split, then the
+// launcher's choice of splits for a grid of few CTAs).
 TEST(PagedAttentionCuda, PrefillTensorCoresLongMatchesCpu) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
     ThreadPool pool;
-    for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
-        attention_case(pool, rng, {dt, 16, 4, 128, true, 0, {{16384 + 512, 512}}, 1});
-        attention_case(pool, rng, {dt, 32, 8, 128, true, 0, {{8192 + 40, 40}, {1000, 100}}});
+    for (cuda::PrefillKernel pk : {cuda::PrefillKernel::Wide, cuda::PrefillKernel::Narrow}) {
+        for (KvDtype dt : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4}) {
+            AttnCase one{dt, 16, 4, 128, true, 0, {{16384 + 512, 512}}, 1};
+            AttnCase chosen{dt, 32, 8, 128, true, 0, {{8192 + 40, 40}, {1000, 100}}};
+            one.prefill_kernel = chosen.prefill_kernel = pk;
+            attention_case(pool, rng, one);
+            attention_case(pool, rng, chosen);
+        }
     }
 }
 

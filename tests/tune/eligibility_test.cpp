@@ -81,12 +81,16 @@ TEST(Registry, SharedMemoryMatchesTheKernels) {
     // prefill_smem_bytes<HD>: 2 stages x (K, V) x [64 keys][HD] x 2 bytes.
     EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_mma.nvfp4.hd128")->needs.dynamic_smem_bytes, 65536);
     EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_mma.bf16.hd64")->needs.dynamic_smem_bytes, 32768);
+    EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_wide.fp8.hd128")->needs.dynamic_smem_bytes,
+              98304);
+    EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "prefill_wide.nvfp4.hd128")->needs.dynamic_smem_bytes,
+              83968);
 }
 
-// Each attention shape has exactly the kernels paged_attention can run for it: tensor-core prefill for a BF16
-// q with >= 16 rows; for decode with group <= 8 the tensor-core decode kernel, and for FP8/NVFP4 caches also
-// the pipelined ones (AttentionArgs::decode_kernel chooses); CUDA cores otherwise. Every GEMV tile has one
-// CUDA-core variant.
+// Each attention shape has exactly the kernels paged_attention can run for it: the two tensor-core prefill
+// kernels for a BF16 q with >= 16 rows (Wide first: AttentionArgs::prefill_kernel's Auto); for decode with
+// group <= 8 the tensor-core decode kernel, and for FP8/NVFP4 caches also the pipelined ones
+// (AttentionArgs::decode_kernel chooses); CUDA cores otherwise. Every GEMV tile has one CUDA-core variant.
 TEST(Registry, DispatchCoverage) {
     for (KvDtype kv : {KvDtype::Bf16, KvDtype::Fp8, KvDtype::Nvfp4})
         for (int hd : {64, 128})
@@ -103,15 +107,18 @@ TEST(Registry, DispatchCoverage) {
                         const bool tc_decode = q_len == 1 && group <= 8;
                         // FP8 / NVFP4 decode on the tensor cores: Mma or Pipelined, and for NVFP4 Pipelined16
                         // (AttentionArgs::decode_kernel).
-                        const bool two = tc_decode && kv != KvDtype::Bf16;
-                        const size_t expected = !two ? 1u : kv == KvDtype::Nvfp4 ? 3u : 2u;
+                        const bool two = (tc_decode && kv != KvDtype::Bf16) || tc_prefill;
+                        const size_t expected = !two ? 1u : kv == KvDtype::Nvfp4 && tc_decode ? 3u : 2u;
                         ASSERT_EQ(names.size(), expected) << op_name(op) << " hd " << hd << " group " << group
                                                                << " q_len " << q_len << " " << kv_dtype_name(kv) << " "
                                                                << dtype_name(act);
-                        const std::string expect = tc_prefill ? "prefill_mma." : tc_decode ? "decode_mma." : "cuda_core.";
+                        const std::string expect = tc_prefill  ? "prefill_wide."
+                                                   : tc_decode ? "decode_mma."
+                                                               : "cuda_core.";
                         EXPECT_EQ(names[0].rfind(expect, 0), 0u) << names[0] << " for group " << group << " q_len " << q_len;
                         if (two) {
-                            EXPECT_EQ(names[1].rfind("decode_pipe.", 0), 0u) << names[1];
+                            EXPECT_EQ(names[1].rfind(tc_prefill ? "prefill_mma." : "decode_pipe.", 0), 0u)
+                                << names[1];
                         }
                         if (expected == 3) {
                             EXPECT_EQ(names[2].rfind("decode_pipe16.", 0), 0u) << names[2];

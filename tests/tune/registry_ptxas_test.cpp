@@ -1,8 +1,9 @@
 // The registry's resource figures against what ptxas reports for the kernels it names
 // (tests/tune/ptxas_resources.txt, written by scripts/ptxas_resources.py from `nvcc -Xptxas -v` for sm_90a
-// and sm_120a): every entry claims at least as many registers as the largest of the kernels it names, and
-// exactly their static shared memory. So eligibility, which trusts these figures, never admits a variant the
-// device cannot hold. Entries whose kernels the file does not list yet are reported, not failed.
+// and sm_120a): every entry claims at least as many registers and as much static shared memory as the largest
+// of the kernels it names (an entry naming a kernel's k-split instantiations too, "1 or 4", claims theirs).
+// So eligibility, which trusts these figures, never admits a variant the device cannot hold. Entries whose
+// kernels the file does not list yet are reported, not failed.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -37,7 +38,8 @@ std::vector<Resource> load_resources() {
 }
 
 // The registry's kernel field as a pattern over ptxas names: spaces dropped, XT standing for either
-// activation type, anything after " + " (a library call such as cuBLASLt) not a kernel of ours.
+// activation type, "A or B" for either number, anything after " + " (a library call such as cuBLASLt) not a
+// kernel of ours.
 std::regex kernel_pattern(std::string_view kernel) {
     std::string k(kernel.substr(0, kernel.find(" + ")));
     std::string out;
@@ -47,6 +49,7 @@ std::regex kernel_pattern(std::string_view kernel) {
         out += c;
     }
     out = std::regex_replace(out, std::regex("XT"), "(float|__nv_bfloat16)");
+    out = std::regex_replace(out, std::regex("(\\d+)or(\\d+)"), "($1|$2)");  // "1 or 4": either value
     return std::regex(out);
 }
 
@@ -62,7 +65,7 @@ TEST(RegistryPtxas, FiguresCoverTheCompiledKernels) {
             if (!std::regex_match(r.kernel, pattern)) continue;
             ++matches[r.arch];
             EXPECT_GE(v.needs.regs_per_thread, r.regs) << r.arch << " " << r.kernel;
-            EXPECT_EQ(v.needs.static_smem_bytes, r.static_smem) << r.arch << " " << r.kernel;
+            EXPECT_GE(v.needs.static_smem_bytes, r.static_smem) << r.arch << " " << r.kernel;
         }
         // A kernel registered after the file was last written is not checked (yet): say so, don't fail, so
         // that a new kernel's commit is not blocked on regenerating the file (`--check` in CI catches it).

@@ -1072,7 +1072,7 @@ void launch_decode_pipe(int64_t hd, bool narrow, const AttnParams& p, dim3 grid,
 // Resources per block (ptxas -v, sm_90a, CUDA 13.0, -O3): 256 threads, dynamic shared memory
 // prefill_smem_bytes<HD>() = 64 KiB (HD 128) / 32 KiB (HD 64), no static shared memory, 1 barrier, no
 // spills; registers BF16 / FP8 / NVFP4: 222 / 252 / 248 (HD 128), 174 / 190 / 194 (HD 64). So one CTA
-// (8 warps) per SM, register-bound (kPfCtasPerSm).
+// (8 warps) per SM, register-bound.
 constexpr int kPfWarps = 8;
 constexpr int kPfThreads = 32 * kPfWarps;
 constexpr int kPfRows = 16 * kPfWarps;
@@ -1081,9 +1081,6 @@ constexpr int kPfKeys = 64;
 // m16 row block. Fewer rows (decode, a few speculative tokens with a small group) stay on the decode /
 // CUDA-core kernels, where a 128-row tile would be mostly padding.
 constexpr int64_t kPfMinRows = 16;
-// Resident CTAs per SM of the prefill kernel (register-limited: __launch_bounds__(256, 1)); the split
-// heuristic fills SMs with this many.
-constexpr int kPfCtasPerSm = 1;
 
 template <int HD>
 constexpr size_t prefill_smem_bytes() {
@@ -1103,6 +1100,11 @@ __device__ __forceinline__ uint32_t swizzled(int row, int ch) {
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t addr, uint32_t (&r)[2]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(addr));
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
@@ -1480,6 +1482,445 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
     }
 }
 
+// ---- Prefill on the tensor cores, wide warps (flash-attention-2's tiling; the default) ----
+//
+// The kernel above gives each of its 8 warps 16 rows, so every warp reads the whole K and V tile from shared
+// memory for 16 rows of mma work: 64 ldmatrix.x4 per 128 mma a warp, 256 KB of shared-memory reads per
+// 128 x 64 tile, which alone take ~2,000 cycles at 128 B/clk, about the tile's tensor-core time; both were
+// at ~50% in its trace (~210 TFLOP/s). Here a CTA has 4 warps of 32 rows (two m16 row blocks): each K/V
+// fragment feeds both row blocks, Q is re-read from shared memory per tile instead of held in registers
+// (80 ldmatrix.x4 per 256 mma: 160 KB a tile), and two CTAs share an SM. K and V are single-buffered and
+// refilled as soon as the warps are done with them.
+// BF16 cache: two stages of K and V; tile t+1 goes by cp.async into the other stage while tile t is
+// computed, one barrier a tile (single-buffered refills after each mma phase, flash-attention-2's order,
+// measured 0.8x the narrow kernel: the cp.async latency was exposed).
+// FP8 / NVFP4: one K and one V tile, two barriers a tile:
+//   QK^T(K), dequantize V (tile t) | barrier | softmax, P.V(V), dequantize K (tile t+1) | barrier
+// (NVFP4: each dequantization a chunk per mma k-step, so its integer work sits between the same warp's mma;
+// FP8: whole tiles, V before Q K^T and K right after the barrier), and
+// the raw bytes of tile t+2 go by cp.async into one of two raw stages while tile t is computed (NVFP4:
+// e2m1 * 2^-14 by shift and mask times the group scale * 2^7 in one HMUL2, exact in fp16 as the decode
+// kernel's; 2^-7 goes into the score factor and the output).
+// Layout per CTA (dynamic shared memory): Q [128][HD], K [64][HD], V [64][HD] 16-bit, swizzled as above;
+// then BF16: a second K and V; FP8 / NVFP4: 2 raw stages of K codes [64][row bytes], V codes, and (NVFP4)
+// K and V scales [64][HD / 16].
+// Resources: see prefill_wide_smem_bytes and the registry (src/tune/registry.cpp).
+constexpr int kPwWarps = 4;
+constexpr int kPwThreads = 32 * kPwWarps;
+constexpr int kPwRows = 32 * kPwWarps;  // = kPfRows: same q tiles, grid and splits
+constexpr int kPwCtasPerSm = 2;
+static_assert(kPwRows == kPfRows, "both prefill kernels tile the queries alike");
+
+template <KvDtype KV, int HD>
+constexpr int pw_row_bytes() {
+    return KV == KvDtype::Fp8 ? HD : HD / 2;
+}
+template <KvDtype KV, int HD>
+constexpr int pw_raw_stage_bytes() {  // K codes, V codes, (NVFP4) K scales, V scales of one key tile
+    return KV == KvDtype::Bf16
+               ? 0
+               : 2 * kPfKeys * (pw_row_bytes<KV, HD>() + (KV == KvDtype::Nvfp4 ? HD / 16 : 0));
+}
+template <KvDtype KV, int HD>
+constexpr size_t prefill_wide_smem_bytes() {
+    // BF16: two stages of K and V; FP8 / NVFP4: one K and V, and two raw stages.
+    const size_t kv_stages = KV == KvDtype::Bf16 ? 2 : 1;
+    return static_cast<size_t>(kPwRows + 2 * kv_stages * kPfKeys) * HD * 2 +
+           2 * static_cast<size_t>(pw_raw_stage_bytes<KV, HD>());
+}
+
+// cp.async of 4 or 8 bytes (through L1; .cg takes only 16); zeros when !valid.
+template <int BYTES>
+__device__ __forceinline__ void cp_async_small(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(BYTES),
+                 "r"(valid ? BYTES : 0)
+                 : "memory");
+}
+
+template <KvDtype KV, int HD>
+__global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(const AttnParams p) {
+    pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
+    constexpr bool BF = KV == KvDtype::Bf16;
+    constexpr bool PERM = KV == KvDtype::Nvfp4;
+    constexpr int CH = HD / 8;       // 16-byte chunks of a 16-bit row
+    constexpr int KSTEPS = HD / 16;  // k-steps of Q K^T
+    constexpr int NT = HD / 8;       // n-tiles of the output
+    constexpr int KT = kPfKeys / 8;  // n-tiles of S
+    constexpr int TILE = kPfKeys * HD * 2;
+    constexpr int RB = pw_row_bytes<KV, HD>();
+    constexpr int CPR = BF ? CH : RB / 16;  // 16-byte chunks of a stored row
+    constexpr int NCH = kPfKeys * CPR;      // ... of a K (or V) tile
+    constexpr int ITER = NCH / kPwThreads;
+    constexpr int SROW = HD / 16;  // NVFP4 scale bytes of a row
+    constexpr float kUnplace = PERM ? 128.0f : 1.0f;
+    // NVFP4 dequantizes a chunk per mma k-step (measured 4% faster at 64K keys); FP8, whose 4 chunks a tile
+    // spilled more registers that way (8% slower), a whole tile at the start of each phase.
+    constexpr bool INTERLEAVE = PERM;
+    static_assert(NCH % kPwThreads == 0 && KSTEPS % 2 == 0 && NT % 2 == 0, "tile shapes");
+    static_assert(!PERM || kPfKeys * 2 == kPwThreads, "one NVFP4 scale row of K or V per thread");
+
+    extern __shared__ __align__(16) uint8_t pw_smem[];
+    uint8_t* const sq = pw_smem;
+    uint8_t* const sk = sq + kPwRows * HD * 2;
+    uint8_t* const sv = sk + TILE;
+    uint8_t* const raw0 = sv + TILE;  // FP8 / NVFP4: raw stage s at raw0 + s * pw_raw_stage_bytes
+    // BF16: K and V of stage s at sk + 2 s TILE and sv + 2 s TILE (stage 1 where the raw stages would be).
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int seq = blockIdx.y;
+    const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
+    const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
+    const int q0 = p.q_start[seq];
+    const int n_q = p.q_start[seq + 1] - q0;
+    const int tile_q0 = static_cast<int>(blockIdx.x) * p.q_tile;
+    if (tile_q0 >= n_q) return;
+    const int tile_nq = min(p.q_tile, n_q - tile_q0);
+    const int nrows = tile_nq * p.group;
+    const int pos_first = p.start_pos[seq] + tile_q0;
+    const int pos_last = pos_first + tile_nq - 1;
+    const int window = p.sliding_window;
+    int lo = window > 0 ? max(0, pos_first - window + 1) : 0;
+    int hi = pos_last + 1;  // exclusive
+    lo = max(lo, split * p.keys_per_split);
+    hi = min(hi, (split + 1) * p.keys_per_split);
+    const int k_first = lo < hi ? lo / kPfKeys * kPfKeys : 0;
+    const int n_tiles = lo < hi ? (hi - k_first + kPfKeys - 1) / kPfKeys : 0;
+    const int full_lo = max(lo, window > 0 ? pos_last - window + 1 : 0);
+    const int full_hi = min(hi, pos_first + 1);
+    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+    const float qk_scale = p.qk_scale * kUnplace;
+
+    // Byte offset of key `key`'s row in its block (K and V alike), or -1 outside [lo, hi).
+    auto row_offset = [&](int key, int64_t& base, int64_t& row) {
+        base = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes;
+        row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+    };
+    // BF16: K or V rows of the tile at k0 straight into `dst` (swizzled).
+    auto fetch_bf16 = [&](const uint8_t* src, uint8_t* dst, int k0) {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int ch = tid + it * kPwThreads, kk = ch / CH, c = ch % CH, key = k0 + kk;
+            const bool ok = key >= lo && key < hi;
+            int64_t off = 0;
+            if (ok) {
+                int64_t base, row;
+                row_offset(key, base, row);
+                off = base + row * (HD * 2) + c * 16;
+            }
+            cp_async16(smem_addr(dst + swizzled<HD>(kk, c)), src + off, ok);
+        }
+        cp_async_commit();
+    };
+    // FP8 / NVFP4: the raw bytes of K and V of the tile at k0 into raw stage `stage`.
+    auto fetch_raw = [&](int k0, int stage) {
+        uint8_t* const r = raw0 + stage * pw_raw_stage_bytes<KV, HD>();
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int ch = tid + it * kPwThreads, kk = ch / CPR, c = ch % CPR, key = k0 + kk;
+            const bool ok = key >= lo && key < hi;
+            int64_t off = 0;
+            if (ok) {
+                int64_t base, row;
+                row_offset(key, base, row);
+                off = base + row * RB + c * 16;
+            }
+            cp_async16(smem_addr(r + kk * RB + c * 16), p.k + off, ok);
+            cp_async16(smem_addr(r + kPfKeys * RB + kk * RB + c * 16), p.v + off, ok);
+        }
+        if constexpr (PERM) {  // thread tid: the scale row of key tid % 64 of K (tid < 64) or V
+            const int kk = tid % kPfKeys, key = k0 + kk;
+            const bool ok = key >= lo && key < hi;
+            int64_t off = 0;
+            if (ok) {
+                int64_t base, row;
+                row_offset(key, base, row);
+                off = base + static_cast<int64_t>(p.block_size) * p.n_kv_heads * RB + row * SROW;
+            }
+            const uint8_t* src = (tid < kPfKeys ? p.k : p.v) + off;
+            const uint32_t dst =
+                smem_addr(r + 2 * kPfKeys * RB + (tid < kPfKeys ? 0 : kPfKeys * SROW) + kk * SROW);
+            cp_async_small<SROW>(dst, src, ok);
+        }
+        cp_async_commit();
+    };
+    // FP8 / NVFP4: this thread's chunk `it` of raw stage `stage`'s K (which = 0) or V (1) into `dst` as fp16
+    // (NVFP4 times 2^-7).
+    auto dequant_raw_chunk = [&](int stage, int which, uint8_t* dst, int it) {
+        const uint8_t* const r = raw0 + stage * pw_raw_stage_bytes<KV, HD>();
+        const uint8_t* const codes = r + which * kPfKeys * RB;
+        {
+            const int ch = tid + it * kPwThreads, kk = ch / CPR, c = ch % CPR;
+            const uint4 raw = *reinterpret_cast<const uint4*>(codes + kk * RB + c * 16);
+            const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+            if constexpr (KV == KvDtype::Fp8) {
+                uint32_t h[8];
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const __half2_raw cv = __nv_cvt_fp8x2_to_halfraw2(
+                            static_cast<__nv_fp8x2_storage_t>((w[j] >> (16 * half)) & 0xffffu), __NV_E4M3);
+                        h[2 * j + half] = static_cast<uint32_t>(cv.x) | static_cast<uint32_t>(cv.y) << 16;
+                    }
+                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * c)) = make_uint4(h[0], h[1], h[2], h[3]);
+                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * c + 1)) =
+                    make_uint4(h[4], h[5], h[6], h[7]);
+            } else {
+                const uint8_t* const sc = r + 2 * kPfKeys * RB + which * kPfKeys * SROW + kk * SROW + 2 * c;
+                const __half2 s_lo = scale_x128_h2(sc[0]), s_hi = scale_x128_h2(sc[1]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    uint32_t h[4];
+                    e2m1x8_to_f16_pairs(w[i], i < 2 ? s_lo : s_hi, h);
+                    *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 4 * c + i)) =
+                        make_uint4(h[0], h[1], h[2], h[3]);
+                }
+            }
+        }
+    };
+
+    float o[2][NT][4];
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) o[rb][n][0] = o[rb][n][1] = o[rb][n][2] = o[rb][n][3] = 0.0f;
+    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+
+    if (n_tiles > 0) {  // uniform over the CTA
+        for (int i = tid; i < kPwRows * CH; i += kPwThreads) {
+            const int r = i / CH, ch = i % CH;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r < nrows) {
+                const int64_t token = q0 + tile_q0 + r / p.group;
+                const int64_t src = (token * p.n_heads + kvh * p.group + r % p.group) * HD + ch * 8;
+                val = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + src));
+                if constexpr (!BF) val = q_chunk_to_f16<PERM>(val);
+            }
+            *reinterpret_cast<uint4*>(sq + swizzled<HD>(r, ch)) = val;
+        }
+        if constexpr (BF) {
+            fetch_bf16(p.k, sk, k_first);
+            fetch_bf16(p.v, sv, k_first);
+            cp_async_wait_all();
+        } else {
+            fetch_raw(k_first, 0);
+            if (n_tiles > 1) fetch_raw(k_first + kPfKeys, 1);
+            if (n_tiles > 1)
+                asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            else
+                cp_async_wait_all();
+            __syncthreads();
+#pragma unroll
+            for (int it = 0; it < ITER; ++it)
+                dequant_raw_chunk(0, 0, sk, it);  // V of tile 0: during its Q K^T
+        }
+        __syncthreads();
+
+        const uint32_t qbase = smem_addr(sq);
+        const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;  // ldmatrix row of an m16 A fragment
+        for (int tt = 0; tt < n_tiles; ++tt) {
+            const int k0 = k_first + tt * kPfKeys;
+            const int stage_off = BF ? 2 * TILE * (tt & 1) : 0;
+            const uint32_t kbase = smem_addr(sk + stage_off), vbase = smem_addr(sv + stage_off);
+            if constexpr (BF) {  // tile t+1 into the other stage, waited for at the end of this tile
+                if (tt + 1 < n_tiles) {
+                    fetch_bf16(p.k, sk + 2 * TILE - stage_off, k0 + kPfKeys);
+                    fetch_bf16(p.v, sv + 2 * TILE - stage_off, k0 + kPfKeys);
+                }
+            }
+
+            // S = Q K^T: s[rb][j] holds rows 16 rb + g (0, 1) and + 8 (2, 3), keys 8j + 2t, + 1.
+            if constexpr (!BF && !INTERLEAVE) {
+#pragma unroll
+                for (int it = 0; it < ITER; ++it) dequant_raw_chunk(tt & 1, 1, sv, it);
+            }
+            float s[2][KT][4];
+#pragma unroll
+            for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+                for (int j = 0; j < KT; ++j) s[rb][j][0] = s[rb][j][1] = s[rb][j][2] = s[rb][j][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t qa[2][4];  // [row block]
+#pragma unroll
+                for (int rb = 0; rb < 2; ++rb)
+                    ldsm_x4(qbase + swizzled<HD>(32 * warp + 16 * rb + a_row, 2 * ks + (lane >> 4)), qa[rb]);
+#pragma unroll
+                for (int j = 0; j < KT; ++j) {
+                    uint32_t kb[2];  // keys 8j .. 8j + 7, k-step ks
+                    ldsm_x2(kbase + swizzled<HD>(8 * j + (lane & 7), 2 * ks + ((lane >> 3) & 1)), kb);
+#pragma unroll
+                    for (int rb = 0; rb < 2; ++rb) mma16816<BF>(s[rb][j], qa[rb], kb[0], kb[1]);
+                }
+                // FP8 / NVFP4: V of this tile (V is free since the last tile's barrier 2), a chunk per k-step
+                // so its integer work interleaves with the mma.
+                if constexpr (!BF && INTERLEAVE) {
+                    if (ks < ITER) dequant_raw_chunk(tt & 1, 1, sv, ks);
+                }
+            }
+            static_assert(BF || ITER <= KSTEPS, "one V chunk a k-step");
+
+            // FP8 / NVFP4, barrier 1: every warp is done with K and this tile's raw stage, V is in place, the
+            // next raw stage has landed; the stage just read takes the raw bytes of tile t+2.
+            if constexpr (!BF) {
+                cp_async_wait_all();
+                __syncthreads();
+                if (tt + 2 < n_tiles) fetch_raw(k0 + 2 * kPfKeys, tt & 1);
+                if constexpr (!INTERLEAVE) {
+                    if (tt + 1 < n_tiles) {
+#pragma unroll
+                        for (int it = 0; it < ITER; ++it) dequant_raw_chunk((tt + 1) & 1, 0, sk, it);
+                    }
+                }
+            }
+
+            if (k0 < full_lo || k0 + kPfKeys > full_hi) {  // this lane's rows: 32 warp + 16 rb + g + 8 i
+#pragma unroll
+                for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        const int qpos = pos_first + (32 * warp + 16 * rb + g + 8 * i) / p.group;
+                        const int row_lo = max(lo, window > 0 ? qpos - window + 1 : 0),
+                                  row_hi = min(hi, qpos + 1);
+#pragma unroll
+                        for (int j = 0; j < KT; ++j)
+#pragma unroll
+                            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                                const int key = k0 + 8 * j + 2 * t + (e & 1);
+                                if (key < row_lo || key >= row_hi) s[rb][j][e] = -INFINITY;
+                            }
+                    }
+            }
+
+            // Online softmax (base 2), as the kernel above.
+            float alpha[2][2];
+#pragma unroll
+            for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int j = 0; j < KT; ++j) mx = fmaxf(mx, fmaxf(s[rb][j][2 * i], s[rb][j][2 * i + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = fmaxf(m[rb][i], mx * qk_scale);
+                    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+                    alpha[rb][i] = exp2_ftz(m[rb][i] - m_use);
+                    m[rb][i] = m_new;
+                    float rs = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < KT; ++j)
+#pragma unroll
+                        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                            s[rb][j][e] = exp2_ftz(fmaf(s[rb][j][e], qk_scale, -m_use));
+                            rs += s[rb][j][e];
+                        }
+                    l[rb][i] = l[rb][i] * alpha[rb][i] + rs;
+                }
+            if (__any_sync(0xffffffffu, alpha[0][0] != 1.0f || alpha[0][1] != 1.0f || alpha[1][0] != 1.0f ||
+                                            alpha[1][1] != 1.0f)) {
+#pragma unroll
+                for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        o[rb][n][0] *= alpha[rb][0], o[rb][n][1] *= alpha[rb][0];
+                        o[rb][n][2] *= alpha[rb][1], o[rb][n][3] *= alpha[rb][1];
+                    }
+            }
+
+            // O += P V (k-step kk = keys 16 kk .. 16 kk + 15), each V fragment into both row blocks.
+#pragma unroll
+            for (int kk = 0; kk < kPfKeys / 16; ++kk) {
+                uint32_t pa[2][4];
+#pragma unroll
+                for (int rb = 0; rb < 2; ++rb) {
+                    pa[rb][0] = pack_pair<BF>(s[rb][2 * kk][0], s[rb][2 * kk][1]);
+                    pa[rb][1] = pack_pair<BF>(s[rb][2 * kk][2], s[rb][2 * kk][3]);
+                    pa[rb][2] = pack_pair<BF>(s[rb][2 * kk + 1][0], s[rb][2 * kk + 1][1]);
+                    pa[rb][3] = pack_pair<BF>(s[rb][2 * kk + 1][2], s[rb][2 * kk + 1][3]);
+                }
+                const int vrow = 16 * kk + a_row;
+#pragma unroll
+                for (int n = 0; n < NT; n += 2) {
+                    uint32_t vb[4];  // keys 16 kk .. 16 kk + 15 of dims 8n .. 8n + 15
+                    ldsm_x4_trans(vbase + swizzled<HD>(vrow, n + (lane >> 4)), vb);
+#pragma unroll
+                    for (int rb = 0; rb < 2; ++rb) {
+                        mma16816<BF>(o[rb][n], pa[rb], vb[0], vb[1]);
+                        mma16816<BF>(o[rb][n + 1], pa[rb], vb[2], vb[3]);
+                    }
+                }
+                // FP8 / NVFP4: K of the next tile (K is free since barrier 1), interleaved with the mma.
+                if constexpr (!BF && INTERLEAVE) {
+#pragma unroll
+                    for (int it = kk; it < ITER; it += kPfKeys / 16)
+                        if (tt + 1 < n_tiles) dequant_raw_chunk((tt + 1) & 1, 0, sk, it);
+                }
+            }
+
+            // Barrier 2: every warp is done with this tile's V (and, BF16, K); BF16: the next stage has
+            // landed; FP8 / NVFP4: K of the next tile is in place.
+            if constexpr (BF) cp_async_wait_all();
+            __syncthreads();
+        }
+    }
+
+    // Row sums over the quad, then the output (one split) or this split's partial.
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[rb][i] += __shfl_xor_sync(0xffffffffu, l[rb][i], 1);
+            l[rb][i] += __shfl_xor_sync(0xffffffffu, l[rb][i], 2);
+        }
+    const float v_scale = p.v_scale * kUnplace;
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = 32 * warp + 16 * rb + g + 8 * i;
+            if (r >= nrows) continue;
+            const int64_t token = q0 + tile_q0 + r / p.group;
+            const int64_t hrow = token * p.n_heads + kvh * p.group + r % p.group;
+            const int d0 = PERM ? t : 2 * t, d1 = PERM ? t + 4 : 2 * t + 1;
+            if (p.n_splits == 1) {
+                const float inv = l[rb][i] > 0.0f ? v_scale / l[rb][i] : 0.0f;
+                __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + hrow * HD;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    if constexpr (PERM) {
+                        out[8 * n + d0] = __float2bfloat16_rn(o[rb][n][2 * i] * inv);
+                        out[8 * n + d1] = __float2bfloat16_rn(o[rb][n][2 * i + 1] * inv);
+                    } else {
+                        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n + d0) =
+                            __floats2bfloat162_rn(o[rb][n][2 * i] * inv, o[rb][n][2 * i + 1] * inv);
+                    }
+                }
+            } else {
+                const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
+                float* po = p.part_o + prow * HD;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    po[8 * n + d0] = o[rb][n][2 * i] * v_scale;
+                    po[8 * n + d1] = o[rb][n][2 * i + 1] * v_scale;
+                }
+                if (t == 0) {
+                    p.part_m[prow] = m[rb][i];
+                    p.part_l[prow] = l[rb][i];
+                }
+            }
+        }
+}
+
+template <KvDtype KV, int HD>
+void launch_prefill_wide_hd(const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    constexpr size_t smem = prefill_wide_smem_bytes<KV, HD>();
+    auto kernel = prefill_wide_kernel<KV, HD>;
+    NIBBLE_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_pdl(kernel, dim3(grid), dim3(kPwThreads), smem, stream, p);
+}
+
 template <KvDtype KV, int HD>
 void launch_prefill_mma_hd(const AttnParams& p, dim3 grid, cudaStream_t stream) {
     constexpr size_t smem = prefill_smem_bytes<HD>();
@@ -1489,11 +1930,17 @@ void launch_prefill_mma_hd(const AttnParams& p, dim3 grid, cudaStream_t stream) 
 }
 
 template <KvDtype KV>
-void launch_prefill_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t stream) {
-    if (hd == 64)
+void launch_prefill_mma(int64_t hd, bool wide, const AttnParams& p, dim3 grid, cudaStream_t stream) {
+    if (wide) {
+        if (hd == 64)
+            launch_prefill_wide_hd<KV, 64>(p, grid, stream);
+        else
+            launch_prefill_wide_hd<KV, 128>(p, grid, stream);
+    } else if (hd == 64) {
         launch_prefill_mma_hd<KV, 64>(p, grid, stream);
-    else
+    } else {
         launch_prefill_mma_hd<KV, 128>(p, grid, stream);
+    }
 }
 
 // Whether a batch's prefill can take the tensor-core kernel (q BF16 and a positive scale also needed:
@@ -1663,25 +2110,34 @@ bool paged_attention_head_dim_supported(int64_t head_dim) {
     return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
 }
 
+namespace {
+// Tensor-core prefill: few CTAs, each long. Pick the split count s that minimizes the waves per split,
+// ceil(ctas s / slots) / s (the busiest SM's share of the work), plus 1% a split for the partials and the
+// combine; at least 512 keys a split, at most 16 splits. per_sm: the kernel's resident CTAs per SM.
+int prefill_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t group, int sm_count, int per_sm) {
+    const int64_t q_tile = std::max<int64_t>(1, kPfRows / group);
+    const int64_t ctas = b.n_seqs * n_kv_heads * ((b.max_q_len + q_tile - 1) / q_tile);
+    const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(sm_count) * per_sm);
+    const int64_t most = std::clamp<int64_t>(b.max_kv_len / 512, 1, 16);
+    int best = 1;
+    double best_cost = 1e30;
+    for (int64_t s = 1; s <= most; ++s) {
+        const double cost =
+            static_cast<double>((ctas * s + slots - 1) / slots) / static_cast<double>(s) + 0.01 * s;
+        if (cost < best_cost) best_cost = cost, best = static_cast<int>(s);
+    }
+    return best;
+}
+// Resident CTAs per SM of the prefill kernel PrefillKernel::Auto runs for a cache dtype: the narrow kernel
+// (BF16, register-bound __launch_bounds__(256, 1)) or the wide one.
+int prefill_ctas_per_sm(KvDtype dtype) { return dtype == KvDtype::Bf16 ? 1 : kPwCtasPerSm; }
+}  // namespace
+
 int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t n_heads, int sm_count) {
     if (n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / n_kv_heads;
-    if (prefill_rows_enough(group, b.max_q_len)) {
-        // Tensor-core prefill: few CTAs, each long. Pick the split count s that minimizes the waves per
-        // split, ceil(ctas s / slots) / s (the busiest SM's share of the work), plus 1% a split for the
-        // partials and the combine; at least 512 keys a split, at most 16 splits.
-        const int64_t q_tile = std::max<int64_t>(1, kPfRows / group);
-        const int64_t ctas = b.n_seqs * n_kv_heads * ((b.max_q_len + q_tile - 1) / q_tile);
-        const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(sm_count) * kPfCtasPerSm);
-        const int64_t most = std::clamp<int64_t>(b.max_kv_len / 512, 1, 16);
-        int best = 1;
-        double best_cost = 1e30;
-        for (int64_t s = 1; s <= most; ++s) {
-            const double cost = static_cast<double>((ctas * s + slots - 1) / slots) / static_cast<double>(s) + 0.01 * s;
-            if (cost < best_cost) best_cost = cost, best = static_cast<int>(s);
-        }
-        return best;
-    }
+    if (prefill_rows_enough(group, b.max_q_len))
+        return prefill_splits(b, n_kv_heads, group, sm_count, kPwCtasPerSm);
     const int64_t q_tile = b.max_q_len > 1 ? std::max<int64_t>(1, 32 / group) : 1;
     const int64_t ctas = b.n_seqs * n_kv_heads * ((b.max_q_len + q_tile - 1) / q_tile);
     const int64_t want = (4 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;  // ~4 CTAs per SM
@@ -1692,6 +2148,8 @@ int paged_attention_splits(const AttentionBatch& b, int64_t n_kv_heads, int64_t 
 int paged_attention_splits(const AttentionBatch& b, const PagedKvLayer& kv, int64_t n_heads, int sm_count) {
     if (kv.n_kv_heads <= 0 || b.n_seqs <= 0 || b.max_q_len <= 0) return 1;
     const int64_t group = n_heads / kv.n_kv_heads;
+    if (prefill_rows_enough(group, b.max_q_len) && tensor_core_head_dim(kv.head_dim))
+        return prefill_splits(b, kv.n_kv_heads, group, sm_count, prefill_ctas_per_sm(kv.dtype));
     if (b.max_q_len > 1 || group > 8 || !tensor_core_head_dim(kv.head_dim))  // prefill, CUDA-core decode: by keys
         return paged_attention_splits(b, kv.n_kv_heads, n_heads, sm_count);
     // Decode: each split reads at least kMinSplitBytes of K + V (so a 4-bit split covers ~3.5x the keys of
@@ -1788,10 +2246,18 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     const dim3 grid(static_cast<unsigned>((b.max_q_len + q_tile - 1) / q_tile), static_cast<unsigned>(b.n_seqs),
                     static_cast<unsigned>(kv.n_kv_heads * n_splits));
     if (prefill_mma) {
+        const bool wide = args.prefill_kernel == PrefillKernel::Wide ||
+                          (args.prefill_kernel == PrefillKernel::Auto && kv.dtype != KvDtype::Bf16);
         switch (kv.dtype) {
-            case KvDtype::Bf16: launch_prefill_mma<KvDtype::Bf16>(kv.head_dim, p, grid, stream); break;
-            case KvDtype::Fp8: launch_prefill_mma<KvDtype::Fp8>(kv.head_dim, p, grid, stream); break;
-            default: launch_prefill_mma<KvDtype::Nvfp4>(kv.head_dim, p, grid, stream); break;
+            case KvDtype::Bf16:
+                launch_prefill_mma<KvDtype::Bf16>(kv.head_dim, wide, p, grid, stream);
+                break;
+            case KvDtype::Fp8:
+                launch_prefill_mma<KvDtype::Fp8>(kv.head_dim, wide, p, grid, stream);
+                break;
+            default:
+                launch_prefill_mma<KvDtype::Nvfp4>(kv.head_dim, wide, p, grid, stream);
+                break;
         }
     } else if (tensor_cores && b.max_q_len == 1 && group <= 8) {
         // Decode on the tensor cores: the pipelined kernel for FP8 / NVFP4 unless Mma is asked for.

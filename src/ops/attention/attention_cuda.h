@@ -10,7 +10,8 @@
 // CTA writes a partial (unnormalized output, running max, running sum) to the workspace and a combine
 // kernel merges the splits. Which kernel runs:
 //   prefill with BF16 q (some sequence with >= 16 rows of query tokens x group, and scale > 0): the
-//     tensor-core prefill kernel (flash-attention-2 style, mma.sync m16n8k16, 128 rows x 64-key tiles);
+//     tensor-core prefill kernels (flash-attention-2 style, mma.sync m16n8k16, 128 rows x 64-key tiles;
+//     PrefillKernel);
 //   decode (one query token a sequence) with at most 8 query heads per KV head: a tensor-core decode
 //     kernel (AttentionArgs::decode_kernel; by default the pipelined one for FP8/NVFP4, Mma for BF16);
 //   otherwise (F32 q, larger decode groups, a few rows): the CUDA-core kernel, float32 throughout.
@@ -75,15 +76,25 @@ struct AttentionBatch {
 // Pipelined16: NVFP4 with 16-key warp steps and more warps per SM (FP8 / BF16 as Pipelined).
 enum class DecodeKernel { Auto, Mma, Pipelined, Pipelined16 };
 
+// Which tensor-core prefill kernel runs (kept selectable to compare them): Auto takes Wide for FP8 / NVFP4
+// caches and Narrow for BF16 (measured: docs/perf.md, session 8). Wide: 4 warps of 32 query rows a CTA, two
+// CTAs an SM, Q read from shared memory per key tile (flash-attention-2's tiling), the quantized K/V
+// dequantized once a tile into shared memory for the CTA. Narrow: 8 warps of 16 rows, Q in registers, one
+// CTA an SM (twice the K/V shared-memory reads per mma).
+enum class PrefillKernel { Auto, Narrow, Wide };
+
 struct AttentionArgs {
     int64_t n_heads = 0;
     float scale = 1.0f;          // applied to q.k, usually 1/sqrt(head_dim)
     int64_t sliding_window = 0;  // 0: every earlier position
     DecodeKernel decode_kernel = DecodeKernel::Auto;
+    PrefillKernel prefill_kernel = PrefillKernel::Auto;
 };
 
 // How many key-range splits to use so the grid fills `sm_count` SMs (1 when it already does, or the
-// context is short), and the workspace those splits need (0 for one split).
+// context is short), and the workspace those splits need (0 for one split). Tensor-core prefill counts two
+// resident CTAs an SM (the wide kernel's) here, and what the cache dtype's kernel holds in the overload
+// below.
 int paged_attention_splits(const AttentionBatch& batch, int64_t n_kv_heads, int64_t n_heads, int sm_count);
 // The same, with decode splits sized by the bytes a split reads rather than its keys (a 4-bit cache's split
 // covers ~3.5x the keys of a BF16 one for the same bytes), so each CTA moves enough bytes to hide its start.
