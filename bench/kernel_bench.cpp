@@ -1052,7 +1052,7 @@ void bench_gemv_qkv(const cudaDeviceProp& prop, cudaStream_t stream, double copy
                           {"qwen3-30b-a3b", 4096, 512, 2048}};
     uint64_t seed = 8800;
     std::printf(
-        "\n| q/k/v case | rows x k | MB | production us | pipe ks=1 | ks=2 | ks=4 | stream U=2 | U=4 | v1 x3 "
+        "\n| q/k/v case | rows x k | MB | pipe auto us | pipe ks=1 | ks=2 | ks=4 | stream U=2 | U=4 | v1 x3 "
         "| best "
         "%% copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Case& c : cases) {

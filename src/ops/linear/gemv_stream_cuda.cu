@@ -263,8 +263,10 @@ void launch_stream(const XT* x, int m, int64_t k, const StreamJob& job, cudaStre
                dim3(kStreamThreads), 0, stream, x, m, k, job);
 }
 
-int pick_chunks_per_lane(int requested, const char* what) {
-    if (requested == 0) return 2;
+// 0 picks by size: U = 4 (every step's loads issued at once) below 24 M weights a launch, U = 2 from there on
+// (nibble-kernel-bench qkv, H100: U = 4 won at 2560 x 8192 and 5120 x 2048, U = 2 at 6144 x 4096 and larger).
+int pick_chunks_per_lane(int requested, int64_t weights, const char* what) {
+    if (requested == 0) return weights < (int64_t{24} << 20) ? 4 : 2;
     if (requested != 2 && requested != 4)
         throw std::invalid_argument(std::string(what) + ": chunks_per_lane = " + std::to_string(requested) +
                                     ", expected 0 (default), 2 or 4");
@@ -335,7 +337,9 @@ void gemv_nvfp4_stream_fused(const void* x, DType dtype, int64_t m, const Nvfp4P
     const char* what = "gemv_nvfp4_stream";
     if (count < 1 || count > kMaxProjections || !projections)
         throw std::invalid_argument(std::string(what) + ": 1 to 3 projections, got " + std::to_string(count));
-    const int u = pick_chunks_per_lane(chunks_per_lane, what);
+    int64_t weights = 0;
+    for (int i = 0; i < count; ++i) weights += projections[i].w.n * projections[i].w.k;
+    const int u = pick_chunks_per_lane(chunks_per_lane, weights, what);
     StreamJob job;
     int used = 0;
     for (int i = 0; i < count; ++i) {
@@ -360,7 +364,7 @@ void gemv_nvfp4_stream_gate_up_silu(const void* x, DType dtype, int64_t m, const
                                     const float* gate_bias, const Nvfp4DeviceWeight& up, const float* up_bias,
                                     void* h, cudaStream_t stream, int chunks_per_lane) {
     const char* what = "gemv_nvfp4_stream_gate_up_silu";
-    const int u = pick_chunks_per_lane(chunks_per_lane, what);
+    const int u = pick_chunks_per_lane(chunks_per_lane, 2 * gate.n * gate.k, what);
     check_stream(x, dtype, m, h, gate, what);
     check_stream(x, dtype, m, h, up, what);
     if (gate.n != up.n || gate.k != up.k)

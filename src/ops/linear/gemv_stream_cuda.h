@@ -3,8 +3,10 @@
 // gemv_fp8 (linear_cuda.cu): a warp owns 2 weight rows, each lane loads U 16-byte code chunks (and their
 // E4M3 scale pairs) of both rows a step, the next step's loads issued while this step computes, so a warp
 // keeps ~2 U KB of weights in flight at ~60-90 registers (gemv_stream_cuda.cu explains). Candidates beside
-// gemv_nvfp4 / gemv_nvfp4_fused / gemv_nvfp4_gate_up_silu (linear_cuda.h), same contracts; nothing
-// dispatches to them until measured (`nibble-kernel-bench stream`).
+// gemv_nvfp4 / gemv_nvfp4_fused / gemv_nvfp4_gate_up_silu (linear_cuda.h), same contracts. The decoder
+// forward dispatches one-token gate/up + SwiGLU here, where it measured faster (`nibble-kernel-bench
+// stream`); one-token q/k/v measured 4-11% faster alone (`qkv`) but within +-2% in the whole models, and
+// stays on the tensor-core kernel (docs/perf.md, session 8).
 //
 // Layouts and preconditions: those of linear_cuda.h (x, y [m, n] in F32 or BF16, 16-byte aligned; NVFP4
 // packed [n, k / 2], scales [n, k / 16] E4M3, k % 32 == 0; bias [n] float32 or null). Checked:
@@ -15,7 +17,8 @@
 // reading x, the biases or writing y. Precondition: the previous kernel does not write these weights or
 // scales. Without a programmatic predecessor it is an ordinary launch.
 //
-// chunks_per_lane: U, the 16-byte code chunks a lane loads per row and step: 2 or 4, 0 = the default (2).
+// chunks_per_lane: U, the 16-byte code chunks a lane loads per row and step: 2 or 4, 0 = by size (4 below
+// 24 M weights a launch, 2 from there on).
 #pragma once
 
 #include <cuda_runtime.h>
