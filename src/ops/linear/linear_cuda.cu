@@ -996,8 +996,9 @@ void launch_pipe(const XT* x, int m, int64_t k, const PipeJob& job, cudaStream_t
 }
 
 // Warps per tile along k: 1 unless the tiles alone leave fewer than 12 warps an SM (BF16 at m <= 8 holds 16,
-// so 4096 rows take 4 and 14336 rows 2, each in one wave), and never fewer than 8 steps (8 KB of a tile's
-// weights) per warp, so the D-deep pipeline runs full most of the time.
+// so 4096 rows take 4 and 14336 rows 2, each in one wave), and never fewer than 4 steps (4 KB of a tile's
+// weights) per warp. (8 steps, the earlier floor, kept Qwen3's q/k/v, 5120 x 2048, at 2 warps: 6.7 us against
+// 6.1 at 4, nibble-kernel-bench qkv, H100.)
 int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
     if (requested != 0 && requested != 1 && requested != 2 && requested != 4)
         throw std::invalid_argument(std::string(what) + ": k_split = " + std::to_string(requested) +
@@ -1011,7 +1012,7 @@ int pipe_k_split(int64_t tiles, int64_t k, int requested, const char* what) {
     if (device != cached_device) cached_sms = current_sm_count(), cached_device = device;
     const int64_t wanted_warps = 12LL * cached_sms;
     int ks = 1;
-    while (ks < 4 && tiles * ks < wanted_warps && steps >= 16LL * ks) ks *= 2;
+    while (ks < 4 && tiles * ks < wanted_warps && steps >= 8LL * ks) ks *= 2;
     return ks;
 }
 
