@@ -160,11 +160,15 @@ private:
             int n = splits;
             if (n <= 0) n = cuda::paged_attention_splits(batch_, layer_.n_kv_heads, args_.n_heads, sm_count_);
             n = std::min(n, workspace_splits_);
-            // Several tensor-core decode kernels serve FP8/NVFP4 caches: run the one the variant names.
+            // Several tensor-core kernels serve a shape (decode with FP8/NVFP4 caches, prefill): run the one the
+            // variant names.
             args_.decode_kernel = starts_with(v.name, "decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
                                   : starts_with(v.name, "decode_pipe.")  ? cuda::DecodeKernel::Pipelined
                                   : starts_with(v.name, "decode_mma.")   ? cuda::DecodeKernel::Mma
                                                                          : cuda::DecodeKernel::Auto;
+            args_.prefill_kernel = starts_with(v.name, "prefill_wide.") ? cuda::PrefillKernel::Wide
+                                   : starts_with(v.name, "prefill_mma.") ? cuda::PrefillKernel::Narrow
+                                                                         : cuda::PrefillKernel::Auto;
             cuda::paged_attention(x_.get(), s.activation, layer_, batch_, args_, n, workspace_.get(), workspace_.bytes(),
                                   y_.get(), stream_);
         }
