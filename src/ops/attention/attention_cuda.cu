@@ -1225,6 +1225,140 @@ __device__ __forceinline__ void dequant_to_tile(const uint4& raw, uint32_t scale
     }
 }
 
+// ---- Pieces both tensor-core prefill kernels share ----
+
+// One prefill CTA's work: (sequence, KV head, tile of query rows, key split) from the grid, the tile's rows
+// (query tokens x the group) and the key range [lo, hi) they attend, walked in kPfKeys tiles from k_first.
+// Keys in [full_lo, full_hi) are attended by every row of the tile: tiles inside need no mask.
+struct PrefillCta {
+    int seq, kvh, split, q0, tile_q0, nrows, pos_first, lo, hi, k_first, n_tiles, full_lo, full_hi;
+    const int32_t* table;
+};
+// False when the CTA's query tile lies past its sequence's tokens (nothing to do).
+__device__ __forceinline__ bool prefill_cta(const AttnParams& p, PrefillCta& c) {
+    c.seq = blockIdx.y;
+    c.kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
+    c.split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
+    c.q0 = p.q_start[c.seq];
+    const int n_q = p.q_start[c.seq + 1] - c.q0;
+    c.tile_q0 = static_cast<int>(blockIdx.x) * p.q_tile;
+    if (c.tile_q0 >= n_q) return false;
+    const int tile_nq = min(p.q_tile, n_q - c.tile_q0);
+    c.nrows = tile_nq * p.group;
+    c.pos_first = p.start_pos[c.seq] + c.tile_q0;  // position of the tile's first query token
+    const int pos_last = c.pos_first + tile_nq - 1;
+    const int window = p.sliding_window;
+    c.lo = max(window > 0 ? max(0, c.pos_first - window + 1) : 0, c.split * p.keys_per_split);
+    c.hi = min(pos_last + 1, (c.split + 1) * p.keys_per_split);  // exclusive
+    c.k_first = c.lo < c.hi ? c.lo / kPfKeys * kPfKeys : 0;
+    c.n_tiles = c.lo < c.hi ? (c.hi - c.k_first + kPfKeys - 1) / kPfKeys : 0;
+    c.full_lo = max(c.lo, window > 0 ? pos_last - window + 1 : 0);
+    c.full_hi = min(c.hi, c.pos_first + 1);
+    c.table = p.block_tables + static_cast<int64_t>(c.seq) * p.max_blocks;
+    return true;
+}
+// The keys row `row` of the tile attends: [lo, hi).
+__device__ __forceinline__ void prefill_row_keys(const AttnParams& p, const PrefillCta& c, int row, int& lo, int& hi) {
+    const int qpos = c.pos_first + row / p.group;
+    lo = max(c.lo, p.sliding_window > 0 ? qpos - p.sliding_window + 1 : 0);
+    hi = min(c.hi, qpos + 1);
+}
+// The tile's q rows into a [ROWS][HD] 16-bit shared tile (swizzled; zeros past nrows): BF16 as stored for the
+// BF16 cache, fp16 for FP8 / NVFP4 (NVFP4: each 8-dim chunk in the order 0,4,1,5,2,6,3,7).
+template <int HD, int ROWS, int THREADS, bool BF, bool PERM>
+__device__ __forceinline__ void stage_q_rows(const AttnParams& p, const PrefillCta& c, uint8_t* dst) {
+    constexpr int CH = HD / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
+        const int r = i / CH, ch = i % CH;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r < c.nrows) {
+            const int64_t token = c.q0 + c.tile_q0 + r / p.group;
+            const int64_t src = (token * p.n_heads + c.kvh * p.group + r % p.group) * HD + ch * 8;
+            val = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + src));
+            if constexpr (!BF) val = q_chunk_to_f16<PERM>(val);
+        }
+        *reinterpret_cast<uint4*>(dst + swizzled<HD>(r, ch)) = val;
+    }
+}
+// Scores of keys outside each row's range to -inf, in a tile at k0 that straddles a bound: s[j] holds rows
+// g (e = 0, 1) and g + 8 (2, 3) of a 16-row block, keys k0 + 8j + 2t (+1); row_lo/hi: those two rows' ranges.
+template <int KT>
+__device__ __forceinline__ void mask_scores(float (&s)[KT][4], int k0, int t, const int (&row_lo)[2],
+                                            const int (&row_hi)[2]) {
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = k0 + 8 * j + 2 * t + (e & 1);
+            if (key < row_lo[e >> 1] || key >= row_hi[e >> 1]) s[j][e] = -INFINITY;
+        }
+}
+// Online softmax of one 16-row block's scores for a key tile (base 2, scores times qk_scale > 0 so the max
+// commutes with the scaling): s becomes P, m and l the rows' running max and sum, alpha their rescale factor.
+template <int KT>
+__device__ __forceinline__ void online_softmax(float (&s)[KT][4], float (&m)[2], float (&l)[2], float qk_scale,
+                                               float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < KT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[i], mx * qk_scale);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // rows with nothing attended yet
+        alpha[i] = exp2_ftz(m[i] - m_use);
+        m[i] = m_new;
+        float rs = 0.0f;
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+#pragma unroll
+            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+                s[j][e] = exp2_ftz(fmaf(s[j][e], qk_scale, -m_use));
+                rs += s[j][e];
+            }
+        }
+        l[i] = l[i] * alpha[i] + rs;
+    }
+}
+// Row `row` of the tile (lane t's half i of a 16-row block: o[n][2i], o[n][2i + 1]) to the output, or to this
+// split's partial with the row's max and sum (l: its quad-reduced sum). v_scale: the output's factor.
+template <int HD, bool PERM>
+__device__ __forceinline__ void store_prefill_row(const AttnParams& p, const PrefillCta& c, int row, int i, int t,
+                                                  const float (&o)[HD / 8][4], float m, float l, float v_scale) {
+    constexpr int NT = HD / 8;
+    const int64_t token = c.q0 + c.tile_q0 + row / p.group;
+    const int64_t hrow = token * p.n_heads + c.kvh * p.group + row % p.group;
+    // Dims of o[n][2i], o[n][2i + 1]: 8n + 2t, + 1, or 8n + t, + 4 in the NVFP4 order.
+    const int d0 = PERM ? t : 2 * t, d1 = PERM ? t + 4 : 2 * t + 1;
+    if (p.n_splits == 1) {
+        const float inv = l > 0.0f ? v_scale / l : 0.0f;
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + hrow * HD;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            if constexpr (PERM) {
+                out[8 * n + d0] = __float2bfloat16_rn(o[n][2 * i] * inv);
+                out[8 * n + d1] = __float2bfloat16_rn(o[n][2 * i + 1] * inv);
+            } else {
+                *reinterpret_cast<__nv_bfloat162*>(out + 8 * n + d0) =
+                    __floats2bfloat162_rn(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+            }
+        }
+    } else {
+        const int64_t prow = static_cast<int64_t>(c.split) * p.n_tokens * p.n_heads + hrow;
+        float* po = p.part_o + prow * HD;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            po[8 * n + d0] = o[n][2 * i] * v_scale;
+            po[8 * n + d1] = o[n][2 * i + 1] * v_scale;
+        }
+        if (t == 0) {
+            p.part_m[prow] = m;
+            p.part_l[prow] = l;
+        }
+    }
+}
+
 template <KvDtype KV, int HD>
 __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnParams p) {
     pdl_wait();  // fills the GPU: releases its dependents only at exit (cuda/pdl.cuh)
@@ -1247,37 +1381,15 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
     uint8_t* const stage1 = pf_smem + 2 * TILE;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int seq = blockIdx.y;
-    const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
-    const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
-    const int q0 = p.q_start[seq];
-    const int n_q = p.q_start[seq + 1] - q0;
-    const int tile_q0 = static_cast<int>(blockIdx.x) * p.q_tile;
-    if (tile_q0 >= n_q) return;
-    const int tile_nq = min(p.q_tile, n_q - tile_q0);
-    const int nrows = tile_nq * p.group;
-    const int pos_first = p.start_pos[seq] + tile_q0;  // position of the tile's first query token
-    const int pos_last = pos_first + tile_nq - 1;
-    const int window = p.sliding_window;
-    int lo = window > 0 ? max(0, pos_first - window + 1) : 0;
-    int hi = pos_last + 1;  // exclusive
-    lo = max(lo, split * p.keys_per_split);
-    hi = min(hi, (split + 1) * p.keys_per_split);
-    const int k_first = lo < hi ? lo / kPfKeys * kPfKeys : 0;
-    const int n_tiles = lo < hi ? (hi - k_first + kPfKeys - 1) / kPfKeys : 0;
-    // Keys in [full_lo, full_hi) are attended by every row of the tile: tiles inside need no mask.
-    const int full_lo = max(lo, window > 0 ? pos_last - window + 1 : 0);
-    const int full_hi = min(hi, pos_first + 1);
-    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+    PrefillCta c;
+    if (!prefill_cta(p, c)) return;
+    const int lo = c.lo, hi = c.hi, k_first = c.k_first, n_tiles = c.n_tiles, kvh = c.kvh;
+    const int32_t* table = c.table;
 
     // This lane's rows (g and g + 8 of the warp's 16): their key bounds.
     int row_lo[2], row_hi[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int qpos = pos_first + (16 * warp + g + 8 * i) / p.group;
-        row_lo[i] = max(lo, window > 0 ? qpos - window + 1 : 0);
-        row_hi[i] = min(hi, qpos + 1);
-    }
+    for (int i = 0; i < 2; ++i) prefill_row_keys(p, c, 16 * warp + g + 8 * i, row_lo[i], row_hi[i]);
 
     // Raw K/V of one tile in registers (FP8 / NVFP4): chunk tid + 256 it of each; zeros outside [lo, hi).
     uint4 rk[ITER], rv[ITER];
@@ -1338,17 +1450,7 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
 
     if (n_tiles > 0) {  // uniform over the CTA
         // Q rows into stage 1 (zeros past nrows), the first tile into stage 0.
-        for (int i = tid; i < kPfRows * CH; i += kPfThreads) {
-            const int r = i / CH, ch = i % CH;
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r < nrows) {
-                const int64_t token = q0 + tile_q0 + r / p.group;
-                const int64_t src = (token * p.n_heads + kvh * p.group + r % p.group) * HD + ch * 8;
-                val = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + src));
-                if constexpr (!BF) val = q_chunk_to_f16<PERM>(val);
-            }
-            *reinterpret_cast<uint4*>(stage1 + swizzled<HD>(r, ch)) = val;
-        }
+        stage_q_rows<HD, kPfRows, kPfThreads, BF, PERM>(p, c, stage1);
         if constexpr (BF) {
             load_bf16(k_first, stage0);
             cp_async_wait_all();
@@ -1401,40 +1503,9 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
                 }
             }
 
-            if (k0 < full_lo || k0 + kPfKeys > full_hi) {
-#pragma unroll
-                for (int j = 0; j < KT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = k0 + 8 * j + 2 * t + (e & 1);
-                        if (key < row_lo[e >> 1] || key >= row_hi[e >> 1]) s[j][e] = -INFINITY;
-                    }
-            }
-
-            // Online softmax (base 2, scores times qk_scale > 0 so the max commutes with the scaling).
+            if (k0 < c.full_lo || k0 + kPfKeys > c.full_hi) mask_scores(s, k0, t, row_lo, row_hi);
             float alpha[2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int j = 0; j < KT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[i], mx * p.qk_scale);
-                const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // rows with nothing attended yet
-                alpha[i] = exp2_ftz(m[i] - m_use);
-                m[i] = m_new;
-                float rs = 0.0f;
-#pragma unroll
-                for (int j = 0; j < KT; ++j) {
-#pragma unroll
-                    for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                        s[j][e] = exp2_ftz(fmaf(s[j][e], p.qk_scale, -m_use));
-                        rs += s[j][e];
-                    }
-                }
-                l[i] = l[i] * alpha[i] + rs;
-            }
+            online_softmax(s, m, l, p.qk_scale, alpha);
             // Once the row maxima settle (most tiles of a long context) alpha is 1 for the whole warp: skip
             // the rescale of the accumulators (exact either way).
             if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
@@ -1476,37 +1547,7 @@ __global__ void __launch_bounds__(kPfThreads, 1) prefill_mma_kernel(const AttnPa
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int r = 16 * warp + g + 8 * i;
-        if (r >= nrows) continue;
-        const int64_t token = q0 + tile_q0 + r / p.group;
-        const int64_t hrow = token * p.n_heads + kvh * p.group + r % p.group;
-        // Dims of o[n][2i], o[n][2i + 1]: 8n + 2t, + 1, or 8n + t, + 4 in the NVFP4 order.
-        const int d0 = PERM ? t : 2 * t, d1 = PERM ? t + 4 : 2 * t + 1;
-        if (p.n_splits == 1) {
-            const float inv = l[i] > 0.0f ? p.v_scale / l[i] : 0.0f;
-            __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + hrow * HD;
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                if constexpr (PERM) {
-                    out[8 * n + d0] = __float2bfloat16_rn(o[n][2 * i] * inv);
-                    out[8 * n + d1] = __float2bfloat16_rn(o[n][2 * i + 1] * inv);
-                } else {
-                    const __nv_bfloat162 v2 = __floats2bfloat162_rn(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-                    *reinterpret_cast<__nv_bfloat162*>(out + 8 * n + d0) = v2;
-                }
-            }
-        } else {
-            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
-            float* po = p.part_o + prow * HD;
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                po[8 * n + d0] = o[n][2 * i] * p.v_scale;
-                po[8 * n + d1] = o[n][2 * i + 1] * p.v_scale;
-            }
-            if (t == 0) {
-                p.part_m[prow] = m[i];
-                p.part_l[prow] = l[i];
-            }
-        }
+        if (r < c.nrows) store_prefill_row<HD, PERM>(p, c, r, i, t, o, m[i], l[i], p.v_scale);
     }
 }
 
@@ -1595,27 +1636,10 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
     // BF16: K and V of stage s at sk + 2 s TILE and sv + 2 s TILE (stage 1 where the raw stages would be).
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int seq = blockIdx.y;
-    const int kvh = static_cast<int>(blockIdx.z) % p.n_kv_heads;
-    const int split = static_cast<int>(blockIdx.z) / p.n_kv_heads;
-    const int q0 = p.q_start[seq];
-    const int n_q = p.q_start[seq + 1] - q0;
-    const int tile_q0 = static_cast<int>(blockIdx.x) * p.q_tile;
-    if (tile_q0 >= n_q) return;
-    const int tile_nq = min(p.q_tile, n_q - tile_q0);
-    const int nrows = tile_nq * p.group;
-    const int pos_first = p.start_pos[seq] + tile_q0;
-    const int pos_last = pos_first + tile_nq - 1;
-    const int window = p.sliding_window;
-    int lo = window > 0 ? max(0, pos_first - window + 1) : 0;
-    int hi = pos_last + 1;  // exclusive
-    lo = max(lo, split * p.keys_per_split);
-    hi = min(hi, (split + 1) * p.keys_per_split);
-    const int k_first = lo < hi ? lo / kPfKeys * kPfKeys : 0;
-    const int n_tiles = lo < hi ? (hi - k_first + kPfKeys - 1) / kPfKeys : 0;
-    const int full_lo = max(lo, window > 0 ? pos_last - window + 1 : 0);
-    const int full_hi = min(hi, pos_first + 1);
-    const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+    PrefillCta c;
+    if (!prefill_cta(p, c)) return;
+    const int lo = c.lo, hi = c.hi, k_first = c.k_first, n_tiles = c.n_tiles, kvh = c.kvh;
+    const int32_t* table = c.table;
     const float qk_scale = p.qk_scale * kUnplace;
 
     // Byte offset of key `key`'s row in its block (K and V alike), or -1 outside [lo, hi).
@@ -1715,17 +1739,7 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
     float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 
     if (n_tiles > 0) {  // uniform over the CTA
-        for (int i = tid; i < kPwRows * CH; i += kPwThreads) {
-            const int r = i / CH, ch = i % CH;
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r < nrows) {
-                const int64_t token = q0 + tile_q0 + r / p.group;
-                const int64_t src = (token * p.n_heads + kvh * p.group + r % p.group) * HD + ch * 8;
-                val = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + src));
-                if constexpr (!BF) val = q_chunk_to_f16<PERM>(val);
-            }
-            *reinterpret_cast<uint4*>(sq + swizzled<HD>(r, ch)) = val;
-        }
+        stage_q_rows<HD, kPwRows, kPwThreads, BF, PERM>(p, c, sq);
         if constexpr (BF) {
             fetch_bf16(p.k, sk, k_first);
             fetch_bf16(p.v, sv, k_first);
@@ -1802,49 +1816,18 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
                 }
             }
 
-            if (k0 < full_lo || k0 + kPfKeys > full_hi) {  // this lane's rows: 32 warp + 16 rb + g + 8 i
+            if (k0 < c.full_lo || k0 + kPfKeys > c.full_hi) {  // this lane's rows: 32 warp + 16 rb + g + 8 i
 #pragma unroll
-                for (int rb = 0; rb < 2; ++rb)
+                for (int rb = 0; rb < 2; ++rb) {
+                    int row_lo[2], row_hi[2];
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        const int qpos = pos_first + (32 * warp + 16 * rb + g + 8 * i) / p.group;
-                        const int row_lo = max(lo, window > 0 ? qpos - window + 1 : 0),
-                                  row_hi = min(hi, qpos + 1);
-#pragma unroll
-                        for (int j = 0; j < KT; ++j)
-#pragma unroll
-                            for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                                const int key = k0 + 8 * j + 2 * t + (e & 1);
-                                if (key < row_lo || key >= row_hi) s[rb][j][e] = -INFINITY;
-                            }
-                    }
+                    for (int i = 0; i < 2; ++i) prefill_row_keys(p, c, 32 * warp + 16 * rb + g + 8 * i, row_lo[i], row_hi[i]);
+                    mask_scores(s[rb], k0, t, row_lo, row_hi);
+                }
             }
-
-            // Online softmax (base 2), as the kernel above.
             float alpha[2][2];
 #pragma unroll
-            for (int rb = 0; rb < 2; ++rb)
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    float mx = -INFINITY;
-#pragma unroll
-                    for (int j = 0; j < KT; ++j) mx = fmaxf(mx, fmaxf(s[rb][j][2 * i], s[rb][j][2 * i + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float m_new = fmaxf(m[rb][i], mx * qk_scale);
-                    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-                    alpha[rb][i] = exp2_ftz(m[rb][i] - m_use);
-                    m[rb][i] = m_new;
-                    float rs = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < KT; ++j)
-#pragma unroll
-                        for (int e = 2 * i; e < 2 * i + 2; ++e) {
-                            s[rb][j][e] = exp2_ftz(fmaf(s[rb][j][e], qk_scale, -m_use));
-                            rs += s[rb][j][e];
-                        }
-                    l[rb][i] = l[rb][i] * alpha[rb][i] + rs;
-                }
+            for (int rb = 0; rb < 2; ++rb) online_softmax(s[rb], m[rb], l[rb], qk_scale, alpha[rb]);
             if (__any_sync(0xffffffffu, alpha[0][0] != 1.0f || alpha[0][1] != 1.0f || alpha[1][0] != 1.0f ||
                                             alpha[1][1] != 1.0f)) {
 #pragma unroll
@@ -1907,36 +1890,7 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int r = 32 * warp + 16 * rb + g + 8 * i;
-            if (r >= nrows) continue;
-            const int64_t token = q0 + tile_q0 + r / p.group;
-            const int64_t hrow = token * p.n_heads + kvh * p.group + r % p.group;
-            const int d0 = PERM ? t : 2 * t, d1 = PERM ? t + 4 : 2 * t + 1;
-            if (p.n_splits == 1) {
-                const float inv = l[rb][i] > 0.0f ? v_scale / l[rb][i] : 0.0f;
-                __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + hrow * HD;
-#pragma unroll
-                for (int n = 0; n < NT; ++n) {
-                    if constexpr (PERM) {
-                        out[8 * n + d0] = __float2bfloat16_rn(o[rb][n][2 * i] * inv);
-                        out[8 * n + d1] = __float2bfloat16_rn(o[rb][n][2 * i + 1] * inv);
-                    } else {
-                        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n + d0) =
-                            __floats2bfloat162_rn(o[rb][n][2 * i] * inv, o[rb][n][2 * i + 1] * inv);
-                    }
-                }
-            } else {
-                const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
-                float* po = p.part_o + prow * HD;
-#pragma unroll
-                for (int n = 0; n < NT; ++n) {
-                    po[8 * n + d0] = o[rb][n][2 * i] * v_scale;
-                    po[8 * n + d1] = o[rb][n][2 * i + 1] * v_scale;
-                }
-                if (t == 0) {
-                    p.part_m[prow] = m[rb][i];
-                    p.part_l[prow] = l[rb][i];
-                }
-            }
+            if (r < c.nrows) store_prefill_row<HD, PERM>(p, c, r, i, t, o[rb], m[rb][i], l[rb][i], v_scale);
         }
 }
 
