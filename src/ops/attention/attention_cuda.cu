@@ -1642,7 +1642,7 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
     const int32_t* table = c.table;
     const float qk_scale = p.qk_scale * kUnplace;
 
-    // Byte offset of key `key`'s row in its block (K and V alike), or -1 outside [lo, hi).
+    // Where key `key`'s row lies (K and V alike): its block's byte offset and its row in the block.
     auto row_offset = [&](int key, int64_t& base, int64_t& row) {
         base = static_cast<int64_t>(table[key / p.block_size]) * p.block_bytes;
         row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
@@ -1651,15 +1651,15 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
     auto fetch_bf16 = [&](const uint8_t* src, uint8_t* dst, int k0) {
 #pragma unroll
         for (int it = 0; it < ITER; ++it) {
-            const int ch = tid + it * kPwThreads, kk = ch / CH, c = ch % CH, key = k0 + kk;
+            const int ch = tid + it * kPwThreads, kk = ch / CH, col = ch % CH, key = k0 + kk;
             const bool ok = key >= lo && key < hi;
             int64_t off = 0;
             if (ok) {
                 int64_t base, row;
                 row_offset(key, base, row);
-                off = base + row * (HD * 2) + c * 16;
+                off = base + row * (HD * 2) + col * 16;
             }
-            cp_async16(smem_addr(dst + swizzled<HD>(kk, c)), src + off, ok);
+            cp_async16(smem_addr(dst + swizzled<HD>(kk, col)), src + off, ok);
         }
         cp_async_commit();
     };
@@ -1668,16 +1668,16 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
         uint8_t* const r = raw0 + stage * pw_raw_stage_bytes<KV, HD>();
 #pragma unroll
         for (int it = 0; it < ITER; ++it) {
-            const int ch = tid + it * kPwThreads, kk = ch / CPR, c = ch % CPR, key = k0 + kk;
+            const int ch = tid + it * kPwThreads, kk = ch / CPR, col = ch % CPR, key = k0 + kk;
             const bool ok = key >= lo && key < hi;
             int64_t off = 0;
             if (ok) {
                 int64_t base, row;
                 row_offset(key, base, row);
-                off = base + row * RB + c * 16;
+                off = base + row * RB + col * 16;
             }
-            cp_async16(smem_addr(r + kk * RB + c * 16), p.k + off, ok);
-            cp_async16(smem_addr(r + kPfKeys * RB + kk * RB + c * 16), p.v + off, ok);
+            cp_async16(smem_addr(r + kk * RB + col * 16), p.k + off, ok);
+            cp_async16(smem_addr(r + kPfKeys * RB + kk * RB + col * 16), p.v + off, ok);
         }
         if constexpr (PERM) {  // thread tid: the scale row of key tid % 64 of K (tid < 64) or V
             const int kk = tid % kPfKeys, key = k0 + kk;
@@ -1701,8 +1701,8 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
         const uint8_t* const r = raw0 + stage * pw_raw_stage_bytes<KV, HD>();
         const uint8_t* const codes = r + which * kPfKeys * RB;
         {
-            const int ch = tid + it * kPwThreads, kk = ch / CPR, c = ch % CPR;
-            const uint4 raw = *reinterpret_cast<const uint4*>(codes + kk * RB + c * 16);
+            const int ch = tid + it * kPwThreads, kk = ch / CPR, col = ch % CPR;
+            const uint4 raw = *reinterpret_cast<const uint4*>(codes + kk * RB + col * 16);
             const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
             if constexpr (KV == KvDtype::Fp8) {
                 uint32_t h[8];
@@ -1714,17 +1714,18 @@ __global__ void __launch_bounds__(kPwThreads, kPwCtasPerSm) prefill_wide_kernel(
                             static_cast<__nv_fp8x2_storage_t>((w[j] >> (16 * half)) & 0xffffu), __NV_E4M3);
                         h[2 * j + half] = static_cast<uint32_t>(cv.x) | static_cast<uint32_t>(cv.y) << 16;
                     }
-                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * c)) = make_uint4(h[0], h[1], h[2], h[3]);
-                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * c + 1)) =
+                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * col)) =
+                    make_uint4(h[0], h[1], h[2], h[3]);
+                *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 2 * col + 1)) =
                     make_uint4(h[4], h[5], h[6], h[7]);
             } else {
-                const uint8_t* const sc = r + 2 * kPfKeys * RB + which * kPfKeys * SROW + kk * SROW + 2 * c;
+                const uint8_t* const sc = r + 2 * kPfKeys * RB + which * kPfKeys * SROW + kk * SROW + 2 * col;
                 const __half2 s_lo = scale_x128_h2(sc[0]), s_hi = scale_x128_h2(sc[1]);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     uint32_t h[4];
                     e2m1x8_to_f16_pairs(w[i], i < 2 ? s_lo : s_hi, h);
-                    *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 4 * c + i)) =
+                    *reinterpret_cast<uint4*>(dst + swizzled<HD>(kk, 4 * col + i)) =
                         make_uint4(h[0], h[1], h[2], h[3]);
                 }
             }
