@@ -23,6 +23,7 @@
 #include "ops/moe/shared_expert_gate_cuda.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "ops/rope/rope_cuda.h"
+#include "tune/attention_variant_cuda.h"
 #include "tune/launch_guard_cuda.h"
 
 namespace nibble::gpu {
@@ -585,16 +586,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         } else {
             launch_chosen(*attention, capture, stream, [&](const tune::KernelVariant* v) {
                 cuda::AttentionArgs chosen = args;
-                if (v != nullptr) {  // several tensor-core kernels serve a shape: the chosen one
-                    chosen.decode_kernel = v->name.starts_with("decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
-                                           : v->name.starts_with("decode_pipe.") ? cuda::DecodeKernel::Pipelined
-                                           : v->name.starts_with("decode_mma.")  ? cuda::DecodeKernel::Mma
-                                                                                 : cuda::DecodeKernel::Auto;
-                    chosen.prefill_kernel = v->name.starts_with("prefill_wide.") ? cuda::PrefillKernel::Wide
-                                            : v->name.starts_with("prefill_mma.")
-                                                ? cuda::PrefillKernel::Narrow
-                                                : cuda::PrefillKernel::Auto;
-                }
+                if (v != nullptr) tune::select_attention_kernels(v->name, chosen);  // the chosen kernel
                 cuda::paged_attention(q_.get(), act_, layer, ab, chosen, splits, workspace, workspace_bytes,
                                       attn_.get(), stream);
             }, "attention");

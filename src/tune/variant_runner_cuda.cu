@@ -1,6 +1,4 @@
 // tune/variant_runner_cuda.h. No fmt/spdlog here: nvcc compiles this file.
-#include "tune/variant_runner_cuda.h"
-
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -13,7 +11,9 @@
 #include "ops/attention/attention_cuda.h"
 #include "ops/linear/gemv_fp4mma_cuda.h"
 #include "ops/linear/linear_cuda.h"
+#include "tune/attention_variant_cuda.h"
 #include "tune/launch_guard_cuda.h"
+#include "tune/variant_runner_cuda.h"
 
 namespace nibble::tune {
 
@@ -160,15 +160,9 @@ private:
             int n = splits;
             if (n <= 0) n = cuda::paged_attention_splits(batch_, layer_.n_kv_heads, args_.n_heads, sm_count_);
             n = std::min(n, workspace_splits_);
-            // Several tensor-core kernels serve a shape (decode with FP8/NVFP4 caches, prefill): run the one the
-            // variant names.
-            args_.decode_kernel = starts_with(v.name, "decode_pipe16.") ? cuda::DecodeKernel::Pipelined16
-                                  : starts_with(v.name, "decode_pipe.")  ? cuda::DecodeKernel::Pipelined
-                                  : starts_with(v.name, "decode_mma.")   ? cuda::DecodeKernel::Mma
-                                                                         : cuda::DecodeKernel::Auto;
-            args_.prefill_kernel = starts_with(v.name, "prefill_wide.") ? cuda::PrefillKernel::Wide
-                                   : starts_with(v.name, "prefill_mma.") ? cuda::PrefillKernel::Narrow
-                                                                         : cuda::PrefillKernel::Auto;
+            // Several tensor-core kernels serve a shape (decode with FP8/NVFP4 caches, prefill): the named
+            // one.
+            select_attention_kernels(v.name, args_);
             cuda::paged_attention(x_.get(), s.activation, layer_, batch_, args_, n, workspace_.get(), workspace_.bytes(),
                                   y_.get(), stream_);
         }
