@@ -782,12 +782,42 @@ void bench_moe_prefill(cudaStream_t stream) {
         }
     }
 }
+// NVFP4 weights of rows ns x k, in as many copies as make 4x L2 (at least 2) so that launches cycling over
+// them stream their weights from DRAM as a decode step does: random E2M1 codes, E4M3 scales 0x20..0x3f (2^-3
+// .. 1.875, never NaN). Each buffer draws the next seed, copy by copy, projection by projection, codes first.
+struct Nvfp4WeightCopies {
+    std::vector<int64_t> ns;
+    int64_t k = 0;
+    size_t set_bytes = 0, copies = 0;  // bytes of one copy (codes + scales of every projection)
+    std::vector<std::vector<DeviceBuffer>> codes, scales;
+    Nvfp4WeightCopies(const cudaDeviceProp& prop, std::vector<int64_t> rows, int64_t cols, uint64_t& seed,
+                      cudaStream_t stream)
+        : ns(std::move(rows)), k(cols) {
+        for (int64_t n : ns) set_bytes += static_cast<size_t>(n * k / 2 + n * k / 16);
+        copies = std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
+        codes.resize(copies);
+        scales.resize(copies);
+        for (size_t cp = 0; cp < copies; ++cp)
+            for (int64_t n : ns) {
+                codes[cp].emplace_back(static_cast<size_t>(n * k / 2));
+                nibble::cuda::fill_random_u32(codes[cp].back().as<uint32_t>(), codes[cp].back().bytes() / 4,
+                                              ++seed, ~0u, 0u, stream);
+                scales[cp].emplace_back(static_cast<size_t>(n * k / 16));
+                nibble::cuda::fill_random_u32(scales[cp].back().as<uint32_t>(), scales[cp].back().bytes() / 4,
+                                              ++seed, 0x1f1f1f1fu, 0x20202020u, stream);
+            }
+    }
+    // Projection i of copy cp, global scale 0.01.
+    nibble::cuda::Nvfp4DeviceWeight weight(size_t cp, size_t i) const {
+        return {codes[cp][i].as<uint8_t>(), scales[cp][i].as<uint8_t>(), 0.01f, ns[i], k};
+    }
+};
+
 // Fused NVFP4 launches against the separate ones they replace, at the Llama-3.1-8B shapes: q, k, v
 // (4096 + 1024 + 1024 rows, k = 4096) and gate + up with SwiGLU (2 x 14336 rows, k = 4096; the separate
 // path adds the silu_mul launch). Same method as the GEMV table: weight copies >= 4x L2 launched in turn,
 // median of 50 batches; bytes = weights + scales + x + every output written.
 void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
-    using nibble::cuda::Nvfp4DeviceWeight;
     using nibble::cuda::Nvfp4Projection;
     struct Case {
         const char* name;
@@ -803,20 +833,8 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
         "\n| fused case | m | separate (gemv_nvfp4) us | separate (v3) us | fused us | fused GB/s | "
         "%% copy | fused PDL us | separate/fused time |\n|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& c : cases) {
-        size_t set_bytes = 0;
-        for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * k / 2 + n * k / 16);
-        const size_t copies =
-            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
-        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
-        for (size_t cp = 0; cp < copies; ++cp)
-            for (int64_t n : c.ns) {
-                w[cp].emplace_back(static_cast<size_t>(n * k / 2));
-                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed,
-                                              ~0u, 0u, stream);
-                sc[cp].emplace_back(static_cast<size_t>(n * k / 16));
-                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
-                                              0x1f1f1f1fu, 0x20202020u, stream);
-            }
+        const Nvfp4WeightCopies wc(prop, c.ns, k, seed, stream);
+        const size_t set_bytes = wc.set_bytes, copies = wc.copies;
         DeviceBuffer x(static_cast<size_t>(max_m * k * 2));
         nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
                                       stream);
@@ -824,9 +842,7 @@ void bench_gemv_fused(const cudaDeviceProp& prop, cudaStream_t stream, double co
         for (int64_t n : c.ns) y.emplace_back(static_cast<size_t>(max_m * n * 2));
         DeviceBuffer h(static_cast<size_t>(max_m * c.ns[0] * 2));  // gate_up: [max_m, n_ff]
         NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-        auto weight = [&](size_t cp, size_t i) {
-            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, c.ns[i], k};
-        };
+        auto weight = [&](size_t cp, size_t i) { return wc.weight(cp, i); };
         for (int m : {1, 2, 4, 8, 16}) {
             double us[4];
             // 0 separate gemv_nvfp4, 1 separate v3, 2 fused, 3 fused again (the old PDL column: PDL is now a
@@ -942,7 +958,6 @@ void bench_gemv_fp8(const cudaDeviceProp& prop, cudaStream_t stream, double copy
 // >= 4x L2 launched in turn, median of 50 batches; bytes = weights + scales + x + every output written.
 // `nibble-kernel-bench stream` runs this part alone (not part of "all").
 void bench_gemv_stream(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
-    using nibble::cuda::Nvfp4DeviceWeight;
     using nibble::cuda::Nvfp4Projection;
     enum class Kind { Single, Fused, GateUp };
     struct Case {
@@ -961,29 +976,14 @@ void bench_gemv_stream(const cudaDeviceProp& prop, cudaStream_t stream, double c
     std::printf("\n| stream case | m | production us | GB/s | %% copy | stream U=2 us | GB/s | %% copy | stream U=4 us | "
                 "GB/s | %% copy | production / best stream time |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& c : cases) {
-        size_t set_bytes = 0;
-        for (int64_t n : c.ns) set_bytes += static_cast<size_t>(n * c.k / 2 + n * c.k / 16);
-        const size_t copies =
-            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
-        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
-        for (size_t cp = 0; cp < copies; ++cp)
-            for (int64_t n : c.ns) {
-                w[cp].emplace_back(static_cast<size_t>(n * c.k / 2));
-                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed, ~0u,
-                                              0u, stream);
-                // E4M3 scales 0x20..0x3f: 2^-3 .. 1.875, never NaN.
-                sc[cp].emplace_back(static_cast<size_t>(n * c.k / 16));
-                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
-                                              0x1f1f1f1fu, 0x20202020u, stream);
-            }
+        const Nvfp4WeightCopies wc(prop, c.ns, c.k, seed, stream);
+        const size_t set_bytes = wc.set_bytes, copies = wc.copies;
         DeviceBuffer x(static_cast<size_t>(max_m * c.k * 2));
         nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u, stream);
         std::vector<DeviceBuffer> y;  // [max_m, n] BF16 a projection (gate/up: y[0] is h)
         for (int64_t n : c.ns) y.emplace_back(static_cast<size_t>(max_m * n * 2));
         NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-        auto weight = [&](size_t cp, size_t i) {
-            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, c.ns[i], c.k};
-        };
+        auto weight = [&](size_t cp, size_t i) { return wc.weight(cp, i); };
         size_t out_elems = 0;
         for (int64_t n : c.ns) out_elems += static_cast<size_t>(n);
         if (c.kind == Kind::GateUp) out_elems = static_cast<size_t>(c.ns[0]);
@@ -1039,7 +1039,6 @@ void bench_gemv_stream(const cudaDeviceProp& prop, cudaStream_t stream, double c
 // split, the CUDA-core stream kernel (U = 2, 4), and three launches of the CUDA-core v1 kernel (k split for
 // few rows), each cycled over copies beyond 4x L2.
 void bench_gemv_qkv(const cudaDeviceProp& prop, cudaStream_t stream, double copy_gbps) {
-    using nibble::cuda::Nvfp4DeviceWeight;
     using nibble::cuda::Nvfp4Projection;
     struct Case {
         const char* name;
@@ -1057,29 +1056,15 @@ void bench_gemv_qkv(const cudaDeviceProp& prop, cudaStream_t stream, double copy
         "%% copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Case& c : cases) {
         const int64_t ns[3] = {c.q, c.kv, c.kv};
-        size_t set_bytes = 0;
-        for (int64_t n : ns) set_bytes += static_cast<size_t>(n * c.k / 2 + n * c.k / 16);
-        const size_t copies =
-            std::max<size_t>(2, (4 * static_cast<size_t>(prop.l2CacheSize) + set_bytes - 1) / set_bytes);
-        std::vector<std::vector<DeviceBuffer>> w(copies), sc(copies);
-        for (size_t cp = 0; cp < copies; ++cp)
-            for (int64_t n : ns) {
-                w[cp].emplace_back(static_cast<size_t>(n * c.k / 2));
-                nibble::cuda::fill_random_u32(w[cp].back().as<uint32_t>(), w[cp].back().bytes() / 4, ++seed,
-                                              ~0u, 0u, stream);
-                sc[cp].emplace_back(static_cast<size_t>(n * c.k / 16));  // E4M3 0x20..0x3f: never NaN
-                nibble::cuda::fill_random_u32(sc[cp].back().as<uint32_t>(), sc[cp].back().bytes() / 4, ++seed,
-                                              0x1f1f1f1fu, 0x20202020u, stream);
-            }
+        const Nvfp4WeightCopies wc(prop, {c.q, c.kv, c.kv}, c.k, seed, stream);
+        const size_t set_bytes = wc.set_bytes, copies = wc.copies;
         DeviceBuffer x(static_cast<size_t>(c.k * 2));
         nibble::cuda::fill_random_u32(x.as<uint32_t>(), x.bytes() / 4, ++seed, 0x83ff83ffu, 0x3c003c00u,
                                       stream);
         std::vector<DeviceBuffer> y;
         for (int64_t n : ns) y.emplace_back(static_cast<size_t>(n * 2));
         NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-        auto weight = [&](size_t cp, int i) {
-            return Nvfp4DeviceWeight{w[cp][i].as<uint8_t>(), sc[cp][i].as<uint8_t>(), 0.01f, ns[i], c.k};
-        };
+        auto weight = [&](size_t cp, int i) { return wc.weight(cp, static_cast<size_t>(i)); };
         // method: 0 production, 1..3 pipe ks 1/2/4, 4..5 stream U 2/4, 6 v1 x3
         double us[7];
         for (int method = 0; method < 7; ++method) {
