@@ -509,6 +509,10 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         half ^= 1;
     };
     bool h_ready = false;
+    // The norm that follows layer il: the next layer's input norm, or the final norm after the last layer.
+    auto next_norm_weight = [&](size_t il) {
+        return il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>() : w_.final_norm.as<float>();
+    };
     if (sharded) {  // each rank's vocabulary rows, summed into the residual stream
         cuda::embed_shard(static_cast<const uint16_t*>(w_.embed.get()), w_.tp.vocab.begin, c.vocab_size, d, b.tokens,
                           m, act_, proj, stream);
@@ -633,9 +637,18 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                 cuda::moe_route_softmax_permute(router_logits_.get(), act_, m, e.top_k, e.norm_topk_prob,
                                                 L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
                                                 moe_workspace_.get(), stream);
+                // The combine adds to the residual and makes the next layer's h (the final norm's after the
+                // last layer) itself: one launch fewer a layer, the same bits.
+                const cuda::MoeResidualNorm then_norm{.residual = x_.get(),
+                                                      .weight = next_norm_weight(il),
+                                                      .eps = c.norm_eps,
+                                                      .out = h_.get()};
                 cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
                                                  L.experts.device(), MoeActivation::SwiGlu, shared,
-                                                 moe_workspace_.get(), moe_out, stream);
+                                                 moe_workspace_.get(), nullptr, stream, cuda::MoeExpertKernel::Auto,
+                                                 &then_norm);
+                h_ready = true;
+                continue;
             }
             all_reduce(moe_out);
             layer_out = moe_out;
@@ -645,8 +658,7 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
         swiglu_mlp(L.gate, L.up, L.down, m, down_out, stream,
                    {gemv_choice(il, 4), gemv_choice(il, 5), gemv_choice(il, 6)}, capture);
         if (fuse_norm) {  // with the next layer's input norm, or the final norm after the last layer
-            reduce_norm(down_out, il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
-                                                            : w_.final_norm.as<float>());
+            reduce_norm(down_out, next_norm_weight(il));
             h_ready = true;
         } else {
             all_reduce(proj);

@@ -216,7 +216,7 @@ void HybridForward::relu2_mlp(const DeviceLinear& up, const DeviceLinear& down, 
     linear(down, ff_.get(), m, out, stream);
 }
 
-void HybridForward::moe(const DeviceHybridLayer& L, int64_t m, cudaStream_t stream) {
+void HybridForward::moe(const DeviceHybridLayer& L, int64_t m, const float* next_norm, cudaStream_t stream) {
     const ModelConfig& c = w_.config;
     // Router logits in float32 (transformers computes NemotronH's router in float32). Prefill-sized steps with
     // BF16 activations: one cuBLASLt GEMM of the BF16 operands with float32 output (the same float32 linear;
@@ -226,7 +226,7 @@ void HybridForward::moe(const DeviceHybridLayer& L, int64_t m, cudaStream_t stre
         L.router.bias_ptr() == nullptr) {
         cuda::gemm_bf16_f32(*gemm_, h_.get(), m, static_cast<const uint16_t*>(L.router.data), L.router.n_out,
                             L.router.n_in, router_logits_.as<float>(), stream);
-        route_and_run_experts(L, m, stream);
+        route_and_run_experts(L, m, next_norm, stream);
         return;
     }
     const void* router_in = h_.get();
@@ -236,20 +236,27 @@ void HybridForward::moe(const DeviceHybridLayer& L, int64_t m, cudaStream_t stre
         router_in = router_in_.get();
     }
     gemv(L.router, router_in, DType::F32, m, router_logits_.get(), stream);
-    route_and_run_experts(L, m, stream);
+    route_and_run_experts(L, m, next_norm, stream);
 }
 
-void HybridForward::route_and_run_experts(const DeviceHybridLayer& L, int64_t m, cudaStream_t stream) {
+void HybridForward::route_and_run_experts(const DeviceHybridLayer& L, int64_t m, const float* next_norm,
+                                          cudaStream_t stream) {
     const MoeConfig& e = w_.config.moe;
-    cuda::moe_route_sigmoid(router_logits_.get(), DType::F32, m, e.n_experts, e.top_k, L.correction_bias.as<float>(),
-                            e.n_group, e.topk_group, e.norm_topk_prob, e.routed_scaling_factor,
-                            moe_ids_.as<int32_t>(), moe_weights_.as<float>(), stream);
+    // Router and permutation in one launch at decode sizes.
+    cuda::moe_route_sigmoid_permute(router_logits_.get(), DType::F32, m, e.top_k, L.correction_bias.as<float>(),
+                                    e.n_group, e.topk_group, e.norm_topk_prob, e.routed_scaling_factor,
+                                    L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
+                                    moe_workspace_.get(), stream);
     relu2_mlp(L.up, L.down, m, shared_.get(), stream);  // the shared expert, added in the combine
-    cuda::moe_experts_nvfp4(h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k,
-                            L.experts.device(), MoeActivation::Relu2, shared_.get(), moe_workspace_.get(),
-                            proj_.get(), stream,
-                            // F32 is the exactness mode: the grouped GEMM would round its operands to BF16.
-                            act_ == DType::F32 ? cuda::MoeExpertKernel::Gemv : cuda::MoeExpertKernel::Auto);
+    // The combine adds to the residual and makes the next layer's h itself (one launch fewer, the same bits).
+    const cuda::MoeResidualNorm then_norm{.residual = x_.get(), .weight = next_norm, .eps = w_.config.norm_eps,
+                                          .out = h_.get()};
+    cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k,
+                                     L.experts.device(), MoeActivation::Relu2, shared_.get(), moe_workspace_.get(),
+                                     nullptr, stream,
+                                     // F32 is the exactness mode: the grouped GEMM would round its operands to BF16.
+                                     act_ == DType::F32 ? cuda::MoeExpertKernel::Gemv : cuda::MoeExpertKernel::Auto,
+                                     &then_norm);
 }
 
 void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits, void* workspace,
@@ -293,12 +300,14 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
                                    .scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim)),
                                    .sliding_window = c.sliding_window};
     cuda::embed(static_cast<const uint16_t*>(w_.embed.get()), c.vocab_size, d, b.tokens, m, act_, x_.get(), stream);
+    bool h_ready = false;  // a MoE layer's combine already made this layer's h (and added to x)
     for (size_t il = 0; il < w_.layers.size(); ++il) {
         const DeviceHybridLayer& L = w_.layers[il];
         if (il == 0)
             cuda::rmsnorm(x_.get(), act_, m, d, L.norm.as<float>(), c.norm_eps, h_.get(), stream);
-        else  // x += the previous layer's mixer output; h = norm(x)
+        else if (!h_ready)  // x += the previous layer's mixer output; h = norm(x)
             cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, L.norm.as<float>(), c.norm_eps, h_.get(), stream);
+        h_ready = false;
         switch (L.kind) {
             case LayerKind::Mamba: mamba(L, b, stream); break;
             case LayerKind::Attention: {
@@ -322,11 +331,18 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
                 break;
             }
             case LayerKind::Mlp: relu2_mlp(L.up, L.down, m, proj_.get(), stream); break;
-            case LayerKind::Moe: moe(L, m, stream); break;
+            case LayerKind::Moe:
+                moe(L, m,
+                    il + 1 < w_.layers.size() ? w_.layers[il + 1].norm.as<float>() : w_.final_norm.as<float>(),
+                    stream);
+                h_ready = true;
+                break;
         }
     }
     if (b.n_logit_rows == 0) return;
-    cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(), stream);
+    if (!h_ready)
+        cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(),
+                               stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
     gemv(w_.lm_head, selected_.get(), DType::F32, b.n_logit_rows, logits_.get(), stream);

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -38,6 +39,7 @@
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe.h"
 #include "ops/moe/moe_workspace.h"
+#include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "tensor/float_formats.h"
 #include "tensor/nvfp4.h"
 
@@ -339,6 +341,65 @@ TEST(MoeCuda, SigmoidRouterWarpShapes) {
         run_sigmoid(rng, 5, s, true, false, true, false);
         for (bool bf16 : {false, true}) run_sigmoid(rng, 21, s, true, false, bf16, true);
     }
+}
+
+// The fused sigmoid router + permutation against its two launches: ids, weights and the permutation bit for
+// bit, over group-limited and ungrouped shapes, more tokens than routing warps (m = 33, 129), ties, bias on
+// and off, and 257 experts / 1056 pairs (the two launches themselves).
+TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    const SigmoidShape shapes[] = {{128, 1, 1, 6}, {128, 8, 4, 6}, {256, 8, 4, 8}, {257, 1, 1, 8}, {16, 4, 2, 3}};
+    std::uniform_int_distribution<int> small(0, 3);
+    for (const SigmoidShape& sh : shapes)
+        for (int64_t m : {1, 3, 33, 132})
+            for (bool bf16 : {false, true})
+                for (bool ties : {false, true}) {
+                    const int64_t ne = sh.n_experts, k = sh.top_k, n = m * k;
+                    const bool norm = (m + k) % 2 == 1, with_bias = !ties || m % 2 == 1;
+                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
+                                 " groups " + std::to_string(sh.topk_group) + "/" + std::to_string(sh.n_group) +
+                                 (bf16 ? " bf16" : " f32") + (ties ? " ties" : ""));
+                    std::vector<float> logits = test::random_normal(rng, static_cast<size_t>(m * ne), 2.0f);
+                    if (ties)
+                        for (float& v : logits) v = static_cast<float>(small(rng));
+                    std::vector<float> bias = test::random_normal(rng, static_cast<size_t>(ne), 0.1f);
+                    auto dbias = upload_vec(bias);
+                    const float* b = with_bias ? dbias.as<float>() : nullptr;
+                    DeviceActs dl;
+                    dl.upload(logits, bf16);
+                    const DType dtype = bf16 ? DType::BF16 : DType::F32;
+                    cuda::MoeDeviceExperts ex;
+                    ex.n_experts = ne;
+                    ex.n_embd = 64;
+                    ex.n_ff = 32;
+                    const size_t bytes = cuda::moe_workspace_bytes(m, k, ne, ex.n_embd, ex.n_ff);
+                    const MoeWorkspaceLayout l = moe_workspace_layout(m, k, ne, ex.n_embd, ex.n_ff);
+                    auto ws_fused = poisoned(bytes), ws_two = poisoned(bytes);
+                    auto ids_fused = poisoned(static_cast<size_t>(n) * 4),
+                         w_fused = poisoned(static_cast<size_t>(n) * 4);
+                    auto ids_two = poisoned(static_cast<size_t>(n) * 4), w_two = poisoned(static_cast<size_t>(n) * 4);
+                    cuda::moe_route_sigmoid_permute(dl.buf.get(), dtype, m, k, b, sh.n_group, sh.topk_group, norm,
+                                                    2.5f, ex, ids_fused.as<int32_t>(), w_fused.as<float>(),
+                                                    ws_fused.get(), nullptr);
+                    cuda::moe_route_sigmoid(dl.buf.get(), dtype, m, ne, k, b, sh.n_group, sh.topk_group, norm, 2.5f,
+                                            ids_two.as<int32_t>(), w_two.as<float>(), nullptr);
+                    auto* base = ws_two.as<unsigned char>();
+                    const cuda::MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),
+                                                    reinterpret_cast<int32_t*>(base + l.offsets),
+                                                    reinterpret_cast<int32_t*>(base + l.sorted),
+                                                    reinterpret_cast<int32_t*>(base + l.position),
+                                                    reinterpret_cast<int32_t*>(base + l.active),
+                                                    reinterpret_cast<int32_t*>(base + l.n_active)};
+                    cuda::moe_permute(ids_two.as<int32_t>(), m, k, ne, perm, nullptr);
+                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                    const auto got_ids = download_vec<int32_t>(ids_fused, static_cast<size_t>(n));
+                    EXPECT_EQ(got_ids, download_vec<int32_t>(ids_two, static_cast<size_t>(n)));
+                    EXPECT_EQ(download_vec<uint32_t>(w_fused, static_cast<size_t>(n)),
+                              download_vec<uint32_t>(w_two, static_cast<size_t>(n)));
+                    for (int32_t id : got_ids) ASSERT_TRUE(id >= 0 && id < ne) << id;
+                    EXPECT_EQ(download_vec<uint32_t>(ws_fused, l.h / 4), download_vec<uint32_t>(ws_two, l.h / 4));
+                }
 }
 
 // Random distinct expert ids per token, or a skewed draw where every token picks from a few experts.
@@ -746,6 +807,77 @@ void run_experts(ThreadPool& pool, std::mt19937_64& rng, const ExpertsCase& c, i
                       with_shared ? dshared.buf.get() : nullptr, dt, y.buf.get(), nullptr);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     test::expect_close(y.download(), ref, tol, what);
+}
+
+// The combine fused with the residual add and the next RMSNorm against the two launches it replaces
+// (moe_combine into y, then rmsnorm_residual of y): residual and out equal bit for bit, with and without a
+// shared expert, some choices dropped (negative ids), widths of one and several 2048-column passes (Qwen3's
+// 2048, NemotronH's 2688) and a narrow one.
+TEST(MoeCuda, CombineResidualRmsnormMatchesTwoLaunches) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    for (int64_t d : {2048, 2688, 4104, 40})
+        for (int64_t m : {1, 3, 34})
+            for (int64_t k : {1, 6, 8})
+                for (bool bf16 : {false, true})
+                    for (bool with_shared : {false, true}) {
+                        SCOPED_TRACE("d=" + std::to_string(d) + " m=" + std::to_string(m) + " k=" +
+                                     std::to_string(k) + (bf16 ? " bf16" : " f32") +
+                                     (with_shared ? " shared" : ""));
+                        const int64_t n = m * k;
+                        const DType dtype = bf16 ? DType::BF16 : DType::F32;
+                        std::vector<float> o = test::random_normal(rng, static_cast<size_t>(n * d), 1.5f);
+                        std::vector<int32_t> ids(static_cast<size_t>(n)), position(static_cast<size_t>(n));
+                        std::vector<float> weights(static_cast<size_t>(n));
+                        std::iota(position.begin(), position.end(), 0);
+                        std::shuffle(position.begin(), position.end(), rng);
+                        std::uniform_int_distribution<int32_t> expert(-1, 15);  // -1: dropped
+                        std::uniform_real_distribution<float> weight(0.0f, 1.0f);
+                        for (auto& e : ids) e = expert(rng);
+                        for (auto& w : weights) w = weight(rng);
+                        std::vector<float> shared = test::random_normal(rng, static_cast<size_t>(m * d), 1.0f);
+                        std::vector<float> residual = test::random_normal(rng, static_cast<size_t>(m * d), 4.0f);
+                        std::vector<float> norm_w = test::random_normal(rng, static_cast<size_t>(d), 1.0f);
+                        auto d_o = upload_vec(o);
+                        auto d_ids = upload_vec(ids);
+                        auto d_w = upload_vec(weights);
+                        auto d_pos = upload_vec(position);
+                        auto d_norm = upload_vec(norm_w);
+                        DeviceActs d_shared, res_two, res_fused;
+                        d_shared.upload(shared, bf16);
+                        res_two.upload(residual, bf16);
+                        res_fused.upload(residual, bf16);
+                        const void* sh = with_shared ? d_shared.buf.get() : nullptr;
+                        DeviceOut y(static_cast<size_t>(m * d), bf16), out_two(static_cast<size_t>(m * d), bf16),
+                            out_fused(static_cast<size_t>(m * d), bf16);
+                        cuda::moe_combine(d_o.as<float>(), d_ids.as<int32_t>(), d_w.as<float>(),
+                                          d_pos.as<int32_t>(), m, k, d, sh, dtype, y.buf.get(), nullptr);
+                        cuda::rmsnorm_residual(y.buf.get(), res_two.buf.get(), dtype, m, d, d_norm.as<float>(),
+                                               1e-5f, out_two.buf.get(), nullptr);
+                        const cuda::MoeResidualNorm norm{.residual = res_fused.buf.get(),
+                                                         .weight = d_norm.as<float>(),
+                                                         .eps = 1e-5f,
+                                                         .out = out_fused.buf.get()};
+                        cuda::moe_combine_residual_rmsnorm(d_o.as<float>(), d_ids.as<int32_t>(), d_w.as<float>(),
+                                                           d_pos.as<int32_t>(), m, k, d, sh, dtype, norm, nullptr);
+                        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                        const size_t bytes = static_cast<size_t>(m * d) * (bf16 ? 2 : 4);
+                        const auto two = download_vec<uint8_t>(out_two.buf, bytes);
+                        EXPECT_EQ(download_vec<uint8_t>(out_fused.buf, bytes), two);
+                        EXPECT_EQ(download_vec<uint8_t>(res_fused.buf, bytes), download_vec<uint8_t>(res_two.buf, bytes));
+                        const std::vector<float> got = out_fused.download();
+                        ASSERT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+                    }
+    // A missing residual, weight or output, and a width the 8-column passes cannot take, are refused.
+    auto buf = poisoned(4096);
+    const cuda::MoeResidualNorm none{};
+    EXPECT_THROW(cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
+                                                    buf.as<int32_t>(), 1, 2, 64, nullptr, DType::F32, none, nullptr),
+                 std::invalid_argument);
+    const cuda::MoeResidualNorm some{.residual = buf.get(), .weight = buf.as<float>(), .eps = 1e-5f, .out = buf.get()};
+    EXPECT_THROW(cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
+                                                    buf.as<int32_t>(), 1, 2, 60, nullptr, DType::F32, some, nullptr),
+                 std::invalid_argument);
 }
 
 // Qwen3-MoE-like (SwiGLU) and NemotronH-like (relu^2, odd multiples of 32) shapes at small scale.

@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/block_sum.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
@@ -327,22 +328,30 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     if (lane < top_k) ids[t * top_k + lane] = id, weights[t * top_k + lane] = weight;
 }
 
-// Group scores (when some groups are excluded) go through shared memory, computed by the block kernel's
-// sequential scan with one lane per group.
+// One token's sigmoid routing by the calling warp (all 32 lanes): lane j < top_k gets choice j's id and
+// weight. Group scores (when some groups are excluded) go through the warp's own shared memory (choice_sh,
+// group_score, group_eligible: kWarpRouteMaxExperts each), computed by the block kernel's sequential scan
+// with one lane per group.
+struct SigmoidRouting {
+    const float* correction_bias;
+    int n_experts, top_k, n_group, topk_group;
+    bool norm_topk_prob;
+    float routed_scaling_factor;
+};
+struct SigmoidWarpScratch {
+    float* choice_sh;
+    float* group_score;
+    unsigned char* group_eligible;
+};
 template <class LT>
-__global__ void __launch_bounds__(kWarpRouteWarps * 32)
-    route_sigmoid_warp_kernel(const LT* __restrict__ logits, int64_t m, int n_experts, int top_k,
-                              const float* __restrict__ correction_bias, int n_group, int topk_group,
-                              bool norm_topk_prob, float routed_scaling_factor, int32_t* __restrict__ ids,
-                              float* __restrict__ weights) {
-    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
-    __shared__ float choice_sh[kWarpRouteWarps][kWarpRouteMaxExperts];
-    __shared__ float group_score[kWarpRouteWarps][kWarpRouteMaxExperts];
-    __shared__ unsigned char group_eligible[kWarpRouteWarps][kWarpRouteMaxExperts];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + warp;
-    if (t >= m) return;  // the whole warp; no block barrier below
-    const LT* l = logits + t * n_experts;
+__device__ __forceinline__ void route_sigmoid_warp_token(const LT* __restrict__ l, const SigmoidRouting& r,
+                                                         const SigmoidWarpScratch& sh, int& id, float& weight) {
+    const int lane = threadIdx.x & 31;
+    const int n_experts = r.n_experts, top_k = r.top_k, n_group = r.n_group, topk_group = r.topk_group;
+    const float* __restrict__ correction_bias = r.correction_bias;
+    float* const choice_sh = sh.choice_sh;
+    float* const group_score = sh.group_score;
+    unsigned char* const group_eligible = sh.group_eligible;
     const int per_group = n_experts / n_group;
     float choice[kWarpRouteSlots], sig[kWarpRouteSlots];  // of experts s * 32 + lane
     unsigned eligible = 0;                                // bit s: expert s * 32 + lane may be chosen
@@ -361,12 +370,12 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     if (topk_group < n_group) {
 #pragma unroll
         for (int s = 0; s < kWarpRouteSlots; ++s)
-            if (s * 32 + lane < n_experts) choice_sh[warp][s * 32 + lane] = choice[s];
+            if (s * 32 + lane < n_experts) choice_sh[s * 32 + lane] = choice[s];
         __syncwarp();
         for (int g = lane; g < n_group; g += 32) {  // the sum of its two best choice values, as the CPU scans
             float best = -INFINITY, second = -INFINITY;
             for (int e = g * per_group; e < (g + 1) * per_group; ++e) {
-                const float v = choice_sh[warp][e];
+                const float v = choice_sh[e];
                 if (v > best) {
                     second = best;
                     best = v;
@@ -374,25 +383,25 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
                     second = v;
                 }
             }
-            group_score[warp][g] = per_group >= 2 ? best + second : best;
-            group_eligible[warp][g] = 0;
+            group_score[g] = per_group >= 2 ? best + second : best;
+            group_eligible[g] = 0;
         }
         __syncwarp();
         for (int i = 0; i < topk_group; ++i) {
             float bv = 0.0f, unused = 0.0f;
             int bi = -1;
             for (int g = lane; g < n_group; g += 32)
-                if (!group_eligible[warp][g] && ranks_before(group_score[warp][g], g, bv, bi))
-                    bv = group_score[warp][g], bi = g;
+                if (!group_eligible[g] && ranks_before(group_score[g], g, bv, bi))
+                    bv = group_score[g], bi = g;
             warp_argmax(bv, bi, unused);
-            if (lane == 0) group_eligible[warp][bi] = 1;
+            if (lane == 0) group_eligible[bi] = 1;
             __syncwarp();
         }
         eligible = 0;
 #pragma unroll
         for (int s = 0; s < kWarpRouteSlots; ++s) {
             const int e = s * 32 + lane;
-            if (e < n_experts && group_eligible[warp][e / per_group]) eligible |= 1u << s;
+            if (e < n_experts && group_eligible[e / per_group]) eligible |= 1u << s;
         }
     }
     // Each round as the softmax router's: a max reduction over the choice keys, a min over the ids holding
@@ -420,11 +429,27 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
         total += bs;
         if (lane == j) my_id = bi, my_sig = bs;
     }
-    if (lane < top_k) {
-        const float denom = norm_topk_prob ? total + 1e-20f : 1.0f;
-        ids[t * top_k + lane] = my_id;
-        weights[t * top_k + lane] = my_sig / denom * routed_scaling_factor;
-    }
+    const float denom = r.norm_topk_prob ? total + 1e-20f : 1.0f;
+    id = my_id;
+    weight = my_sig / denom * r.routed_scaling_factor;
+}
+
+template <class LT>
+__global__ void __launch_bounds__(kWarpRouteWarps * 32)
+    route_sigmoid_warp_kernel(const LT* __restrict__ logits, int64_t m, const SigmoidRouting r,
+                              int32_t* __restrict__ ids, float* __restrict__ weights) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    __shared__ float choice_sh[kWarpRouteWarps][kWarpRouteMaxExperts];
+    __shared__ float group_score[kWarpRouteWarps][kWarpRouteMaxExperts];
+    __shared__ unsigned char group_eligible[kWarpRouteWarps][kWarpRouteMaxExperts];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpRouteWarps + warp;
+    if (t >= m) return;  // the whole warp; no block barrier below
+    int id;
+    float weight;
+    route_sigmoid_warp_token(logits + t * r.n_experts, r, {choice_sh[warp], group_score[warp], group_eligible[warp]},
+                             id, weight);
+    if (lane < r.top_k) ids[t * r.top_k + lane] = id, weights[t * r.top_k + lane] = weight;
 }
 
 // ---- permutation ----
@@ -611,6 +636,46 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
     }
     __syncthreads();
     permute_small_from_shared(count_sh, id_sh, m * top_k, n_experts, counts, offsets, sorted_pairs,
+                              pair_position, active_experts, n_active);
+}
+
+// The same for the sigmoid router (route_sigmoid_warp_token, as moe_route_sigmoid): warps 0 ..
+// kSigmoidPermuteWarps - 1 route the tokens (their group scratch is per warp, so not all 32 warps take tokens).
+constexpr int kSigmoidPermuteWarps = 8;
+
+template <class LT>
+__global__ void __launch_bounds__(kSmallPermuteThreads)
+    route_sigmoid_permute_kernel(const LT* __restrict__ logits, int m, const SigmoidRouting r,
+                                 int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
+                                 int32_t* __restrict__ offsets, int32_t* __restrict__ sorted_pairs,
+                                 int32_t* __restrict__ pair_position, int32_t* __restrict__ active_experts,
+                                 int32_t* __restrict__ n_active) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    __shared__ int count_sh[kSmallPermuteThreads];
+    __shared__ int id_sh[kSmallPermutePairs];
+    __shared__ float choice_sh[kSigmoidPermuteWarps][kWarpRouteMaxExperts];
+    __shared__ float group_score[kSigmoidPermuteWarps][kWarpRouteMaxExperts];
+    __shared__ unsigned char group_eligible[kSigmoidPermuteWarps][kWarpRouteMaxExperts];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    count_sh[tid] = 0;
+    __syncthreads();
+    if (warp < kSigmoidPermuteWarps) {
+        for (int t = warp; t < m; t += kSigmoidPermuteWarps) {  // warp-uniform
+            int id;
+            float weight;
+            route_sigmoid_warp_token(logits + static_cast<int64_t>(t) * r.n_experts, r,
+                                     {choice_sh[warp], group_score[warp], group_eligible[warp]}, id, weight);
+            if (lane < r.top_k) {  // id in [0, n_experts)
+                const int i = t * r.top_k + lane;
+                ids[i] = id;
+                weights[i] = weight;
+                id_sh[i] = id;
+                atomicAdd(&count_sh[id], 1);
+            }
+        }
+    }
+    __syncthreads();
+    permute_small_from_shared(count_sh, id_sh, m * r.top_k, r.n_experts, counts, offsets, sorted_pairs,
                               pair_position, active_experts, n_active);
 }
 
@@ -1399,9 +1464,33 @@ void launch_plain_gemv(const XT* x, int64_t k, int64_t top_k, int64_t pairs, con
 constexpr int kCombineThreads = 256;
 constexpr int kCombineTargetCtas = 264;  // two CTAs an SM of an H100: small m splits the columns
 
-// y[t] over the columns of column block cb, grid (m * col_blocks): token t = blockIdx.x / col_blocks. Warp 0
-// ranks the token's kept choices by (expert id, choice index) in parallel, which is the order the
-// insertion sort of a stable sort by id gives; every column then adds them in that order from zero.
+// Token t's kept choices (ids >= 0) ranked by (expert id, choice index), which is the order the insertion
+// sort of a stable sort by id gives: their sorted positions and weights in that order, and how many. Warp 0
+// (threads 0..31) calls it; the caller syncs before reading.
+__device__ __forceinline__ void rank_choices(const int32_t* __restrict__ ids, const float* __restrict__ weights,
+                                             const int32_t* __restrict__ pair_position, int64_t t, int top_k,
+                                             int* order_pos, float* order_w, int* n_routed) {
+    const int lane = threadIdx.x;
+    int e = -1, pos = 0;
+    float w = 0.0f;
+    if (lane < top_k) {
+        e = ids[t * top_k + lane];
+        w = weights[t * top_k + lane];
+        pos = pair_position[t * top_k + lane];  // a dropped choice's is unwritten: read, not used
+    }
+    const bool kept = e >= 0;  // a negative id was dropped by the permutation (another rank's expert)
+    int rank = 0;
+    for (int j = 0; j < top_k; ++j) {
+        const int ej = __shfl_sync(0xffffffffu, e, j);
+        if (ej >= 0 && (ej < e || (ej == e && j < lane))) ++rank;
+    }
+    if (kept) order_pos[rank] = pos, order_w[rank] = w;
+    const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
+    if (lane == 0) *n_routed = __popc(kept_mask);
+}
+
+// y[t] over the columns of column block cb, grid (m * col_blocks): token t = blockIdx.x / col_blocks. Every
+// column adds the token's ranked choices from zero (one fma each), then the shared expert's value.
 template <class YT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
@@ -1413,34 +1502,78 @@ __global__ void __launch_bounds__(kCombineThreads)
     __shared__ int n_routed;
     const int64_t t = blockIdx.x / col_blocks;
     const int cb = static_cast<int>(blockIdx.x % col_blocks);
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        int e = -1, pos = 0;
-        float w = 0.0f;
-        if (lane < top_k) {
-            e = ids[t * top_k + lane];
-            w = weights[t * top_k + lane];
-            pos = pair_position[t * top_k + lane];  // a dropped choice's is unwritten: read, not used
-        }
-        const bool kept = e >= 0;  // a negative id was dropped by the permutation (another rank's expert)
-        int rank = 0;
-        for (int j = 0; j < top_k; ++j) {
-            const int ej = __shfl_sync(0xffffffffu, e, j);
-            if (ej >= 0 && (ej < e || (ej == e && j < lane))) ++rank;
-        }
-        if (kept) order_pos[rank] = pos, order_w[rank] = w;
-        const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
-        if (lane == 0) n_routed = __popc(kept_mask);
-    }
+    if (threadIdx.x < 32) rank_choices(ids, weights, pair_position, t, top_k, order_pos, order_w, &n_routed);
     __syncthreads();
     const int n = n_routed;
     for (int64_t c = static_cast<int64_t>(cb) * kCombineThreads + threadIdx.x; c < n_embd;
          c += static_cast<int64_t>(kCombineThreads) * col_blocks) {
         float acc = 0.0f;
 #pragma unroll 8
-        for (int j = 0; j < n; ++j) acc += order_w[j] * o[static_cast<int64_t>(order_pos[j]) * n_embd + c];
+        for (int j = 0; j < n; ++j) acc = fmaf(order_w[j], o[static_cast<int64_t>(order_pos[j]) * n_embd + c], acc);
         if (shared != nullptr) acc += load1(shared + t * n_embd + c);
         store1(y + t * n_embd + c, acc);
+    }
+}
+
+// The combine of token t = blockIdx.x followed by rmsnorm_residual's arithmetic on it, in rmsnorm_kernel's
+// block shape (256 threads, 8 consecutive columns a thread per pass, the same fma chains and block_sum), so
+// residual and out come out bit for bit as moe_combine then rmsnorm_residual would leave them: each column's
+// sum rounded to T as moe_combine stores it, added to the residual and rounded again.
+constexpr int kCombineNormThreads = 256;
+
+template <class T>
+__global__ void __launch_bounds__(kCombineNormThreads)
+    combine_residual_rmsnorm_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
+                                    const float* __restrict__ weights, const int32_t* __restrict__ pair_position,
+                                    int top_k, int64_t n_embd, const T* __restrict__ shared, T* residual,
+                                    const float* __restrict__ norm_weight, float eps, T* __restrict__ out) {
+    pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
+    __shared__ int order_pos[kMaxTopK];
+    __shared__ float order_w[kMaxTopK];
+    __shared__ int n_routed;
+    __shared__ float scratch[32];
+    const int64_t t = blockIdx.x;
+    if (threadIdx.x < 32) rank_choices(ids, weights, pair_position, t, top_k, order_pos, order_w, &n_routed);
+    __syncthreads();
+    const int n = n_routed;
+    T* const rr = residual + t * n_embd;
+    float ss = 0.0f;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * 8; i < n_embd; i += kCombineNormThreads * 8) {
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 8
+        for (int j = 0; j < n; ++j) {
+            float oj[8];
+            load8(o + static_cast<int64_t>(order_pos[j]) * n_embd + i, oj);
+            const float w = order_w[j];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = fmaf(w, oj[e], v[e]);
+        }
+        if (shared != nullptr) {
+            float s[8];
+            load8(shared + t * n_embd + i, s);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] += s[e];
+        }
+        float r[8];
+        load8(rr + i, r);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = round_as(round_as(v[e], rr) + r[e], rr);
+        store8(rr + i, v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
+    }
+    ss = block_sum<kCombineNormThreads>(ss, scratch);
+    const float inv = rsqrtf(ss / static_cast<float>(n_embd) + eps);
+    T* const orow = out + t * n_embd;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * 8; i < n_embd; i += kCombineNormThreads * 8) {
+        float v[8];
+        load8(rr + i, v);  // this thread's own stores above
+        const float4 w0 = reinterpret_cast<const float4*>(norm_weight + i)[0];
+        const float4 w1 = reinterpret_cast<const float4*>(norm_weight + i)[1];
+        const float w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = w[e] * (v[e] * inv);
+        store8(orow + i, v);
     }
 }
 
@@ -1574,29 +1707,37 @@ void moe_route_softmax(const void* logits, DType dtype, int64_t m, int64_t n_exp
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+void check_sigmoid_router(DType dtype, int64_t m, int64_t n_experts, int64_t top_k, int64_t n_group,
+                          int64_t topk_group, const char* what) {
+    check_router(dtype, m, n_experts, top_k, what);
+    if (n_group < 1 || n_experts % n_group != 0 || topk_group < 1 || topk_group > n_group)
+        bad(std::string(what) + ": " + std::to_string(n_experts) + " experts in " + std::to_string(n_group) +
+            " groups, keeping " + std::to_string(topk_group));
+    if (top_k > topk_group * (n_experts / n_group))
+        bad(std::string(what) + ": top_k " + std::to_string(top_k) + " of " +
+            std::to_string(topk_group * (n_experts / n_group)) + " eligible experts");
+}
+
+}  // namespace
+
 void moe_route_sigmoid(const void* logits, DType dtype, int64_t m, int64_t n_experts, int64_t top_k,
                        const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                        float routed_scaling_factor, int32_t* ids, float* weights, cudaStream_t stream) {
-    check_router(dtype, m, n_experts, top_k, "moe_route_sigmoid");
-    if (n_group < 1 || n_experts % n_group != 0 || topk_group < 1 || topk_group > n_group)
-        bad("moe_route_sigmoid: " + std::to_string(n_experts) + " experts in " + std::to_string(n_group) +
-            " groups, keeping " + std::to_string(topk_group));
-    if (top_k > topk_group * (n_experts / n_group))
-        bad("moe_route_sigmoid: top_k " + std::to_string(top_k) + " of " +
-            std::to_string(topk_group * (n_experts / n_group)) + " eligible experts");
+    check_sigmoid_router(dtype, m, n_experts, top_k, n_group, topk_group, "moe_route_sigmoid");
     if (m == 0) return;
     const int ne = static_cast<int>(n_experts), k = static_cast<int>(top_k);
     const int ng = static_cast<int>(n_group), kg = static_cast<int>(topk_group);
     if (n_experts <= kWarpRouteMaxExperts) {
         const auto blocks = static_cast<unsigned>((m + kWarpRouteWarps - 1) / kWarpRouteWarps);
+        const SigmoidRouting r{correction_bias, ne, k, ng, kg, norm_topk_prob, routed_scaling_factor};
         if (dtype == DType::F32)
             launch_pdl(route_sigmoid_warp_kernel<float>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0, stream,
-                       static_cast<const float*>(logits), m, ne, k, correction_bias, ng, kg, norm_topk_prob,
-                       routed_scaling_factor, ids, weights);
+                       static_cast<const float*>(logits), m, r, ids, weights);
         else
             launch_pdl(route_sigmoid_warp_kernel<__nv_bfloat16>, dim3(blocks), dim3(kWarpRouteWarps * 32), 0,
-                       stream, static_cast<const __nv_bfloat16*>(logits), m, ne, k, correction_bias, ng, kg,
-                       norm_topk_prob, routed_scaling_factor, ids, weights);
+                       stream, static_cast<const __nv_bfloat16*>(logits), m, r, ids, weights);
         NIBBLE_CUDA_CHECK(cudaGetLastError());
         return;
     }
@@ -1803,6 +1944,34 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+void moe_combine_residual_rmsnorm(const float* o, const int32_t* ids, const float* weights,
+                                  const int32_t* pair_position, int64_t m, int64_t top_k, int64_t n_embd,
+                                  const void* shared, DType dtype, const MoeResidualNorm& norm, cudaStream_t stream) {
+    const char* what = "moe_combine_residual_rmsnorm";
+    check_dtype(dtype, what);
+    if (top_k < 1 || top_k > kMaxTopK || n_embd <= 0 || n_embd % 8 != 0 || m < 0 || m > 0x7fffffff)
+        bad(std::string(what) + ": m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_embd " +
+            std::to_string(n_embd) + " out of range (n_embd a positive multiple of 8, top_k 1.." +
+            std::to_string(kMaxTopK) + ")");
+    if (norm.residual == nullptr || norm.weight == nullptr || norm.out == nullptr)
+        bad(std::string(what) + ": residual, weight and out are required");
+    check_aligned(norm.residual, what, "residual");
+    check_aligned(norm.out, what, "out");
+    if (m == 0) return;
+    const auto blocks = static_cast<unsigned>(m);
+    const int k = static_cast<int>(top_k);
+    if (dtype == DType::F32)
+        launch_pdl(combine_residual_rmsnorm_kernel<float>, dim3(blocks), dim3(kCombineNormThreads), 0, stream, o,
+                   ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared),
+                   static_cast<float*>(norm.residual), norm.weight, norm.eps, static_cast<float*>(norm.out));
+    else
+        launch_pdl(combine_residual_rmsnorm_kernel<__nv_bfloat16>, dim3(blocks), dim3(kCombineNormThreads), 0,
+                   stream, o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
+                   static_cast<__nv_bfloat16*>(norm.residual), norm.weight, norm.eps,
+                   static_cast<__nv_bfloat16*>(norm.out));
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
 void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_t end, int32_t* local_ids,
                       cudaStream_t stream) {
     if (n_pairs < 0 || n_pairs > 0x7fffffff || begin < 0 || begin >= end || end > 1024)
@@ -1867,10 +2036,44 @@ void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
+void moe_route_sigmoid_permute(const void* logits, DType dtype, int64_t m, int64_t top_k,
+                               const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                               float routed_scaling_factor, const MoeDeviceExperts& experts, int32_t* ids,
+                               float* weights, void* workspace, cudaStream_t stream) {
+    const char* what = "moe_route_sigmoid_permute";
+    check_sigmoid_router(dtype, m, experts.n_experts, top_k, n_group, topk_group, what);
+    if (experts.n_embd < 1 || experts.n_ff < 1)  // the workspace layout needs them; the weights are not read
+        bad(std::string(what) + ": n_embd " + std::to_string(experts.n_embd) + " and n_ff " +
+            std::to_string(experts.n_ff) + " must be positive");
+    check_aligned(workspace, what, "workspace");
+    if (m == 0) return;
+    const MoePermutation perm = workspace_permutation(
+        workspace, moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff));
+    if (experts.n_experts > kWarpRouteMaxExperts || m * top_k > kSmallPermutePairs) {
+        moe_route_sigmoid(logits, dtype, m, experts.n_experts, top_k, correction_bias, n_group, topk_group,
+                          norm_topk_prob, routed_scaling_factor, ids, weights, stream);
+        moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
+        return;
+    }
+    const SigmoidRouting r{correction_bias,        static_cast<int>(experts.n_experts), static_cast<int>(top_k),
+                           static_cast<int>(n_group), static_cast<int>(topk_group),    norm_topk_prob,
+                           routed_scaling_factor};
+    const int mm = static_cast<int>(m);
+    if (dtype == DType::F32)
+        launch_pdl(route_sigmoid_permute_kernel<float>, dim3(1), dim3(kSmallPermuteThreads), 0, stream,
+                   static_cast<const float*>(logits), mm, r, ids, weights, perm.counts, perm.offsets,
+                   perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+    else
+        launch_pdl(route_sigmoid_permute_kernel<__nv_bfloat16>, dim3(1), dim3(kSmallPermuteThreads), 0, stream,
+                   static_cast<const __nv_bfloat16*>(logits), mm, r, ids, weights, perm.counts, perm.offsets,
+                   perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
 void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
                                 const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
                                 MoeActivation act, const void* shared, void* workspace, void* y,
-                                cudaStream_t stream, MoeExpertKernel kernel) {
+                                cudaStream_t stream, MoeExpertKernel kernel, const MoeResidualNorm* then_norm) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
@@ -1885,12 +2088,17 @@ void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int
                                                                       : MoeExpertKernel::Gemv;
     moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
     moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
-    moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
+    if (then_norm != nullptr)
+        moe_combine_residual_rmsnorm(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype,
+                                     *then_norm, stream);
+    else
+        moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
 }
 
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
-                       void* workspace, void* y, cudaStream_t stream, MoeExpertKernel kernel) {
+                       void* workspace, void* y, cudaStream_t stream, MoeExpertKernel kernel,
+                       const MoeResidualNorm* then_norm) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
@@ -1899,7 +2107,7 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
                                                                       experts.n_embd, experts.n_ff)),
                 stream);
     moe_experts_nvfp4_permuted(x, dtype, m, ids, weights, top_k, experts, act, shared, workspace, y, stream,
-                               kernel);
+                               kernel, then_norm);
 }
 
 }  // namespace nibble::cuda

@@ -131,6 +131,21 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
                  int64_t m, int64_t top_k, int64_t n_embd, const void* shared, DType dtype, void* y,
                  cudaStream_t stream);
 
+// What follows a combine in a pre-norm decoder, fused into it: residual += y, then out = rmsnorm(residual) *
+// weight (the next layer's input norm). moe_combine_residual_rmsnorm leaves residual and out bit for bit as
+// moe_combine into y and then rmsnorm_residual(y, residual, ...) would (y rounded to dtype first), without
+// storing y or launching the norm: one CTA a token (the norm needs the whole row). n_embd a multiple of 8;
+// residual and out [m, n_embd] in dtype, 16-byte aligned; weight [n_embd] float32.
+struct MoeResidualNorm {
+    void* residual = nullptr;
+    const float* weight = nullptr;
+    float eps = 0.0f;
+    void* out = nullptr;
+};
+void moe_combine_residual_rmsnorm(const float* o, const int32_t* ids, const float* weights,
+                                  const int32_t* pair_position, int64_t m, int64_t top_k, int64_t n_embd,
+                                  const void* shared, DType dtype, const MoeResidualNorm& norm, cudaStream_t stream);
+
 // Expert parallelism (a rank holding experts [begin, end) of the model's, the router replicated): for the
 // n_pairs routed ids, local_ids[i] = ids[i] - begin inside the range, else -1 (moe_localize_ids_cpu). Fed to
 // moe_experts_nvfp4 with the rank's experts, the output is the routed sum over this rank's experts only
@@ -141,13 +156,14 @@ void moe_localize_ids(const int32_t* ids, int64_t n_pairs, int64_t begin, int64_
 
 // The whole expert part of a step in one call: moe_permute, moe_experts_up_nvfp4, moe_experts_down_nvfp4
 // and moe_combine, with the permutation and h / o carved from `workspace` (device, 16-byte aligned, at
-// least moe_workspace_bytes(...) bytes).
+// least moe_workspace_bytes(...) bytes). With `then_norm` the combine is moe_combine_residual_rmsnorm
+// instead: y is not written (may be null).
 //   x, shared, y [m, n_embd] in dtype; ids, weights [m, top_k] (from a router above)
 size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t n_embd, int64_t n_ff);
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
                        void* workspace, void* y, cudaStream_t stream,
-                       MoeExpertKernel kernel = MoeExpertKernel::Auto);
+                       MoeExpertKernel kernel = MoeExpertKernel::Auto, const MoeResidualNorm* then_norm = nullptr);
 
 // Decode's router and permutation in one launch: moe_route_softmax (n_experts = experts.n_experts) into ids,
 // weights, then moe_permute of those ids into the permutation of moe_experts_nvfp4's `workspace` (same
@@ -156,10 +172,17 @@ void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids
 void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64_t top_k, bool norm_topk_prob,
                                const MoeDeviceExperts& experts, int32_t* ids, float* weights, void* workspace,
                                cudaStream_t stream);
+// The same for the sigmoid router: moe_route_sigmoid (n_experts = experts.n_experts) then moe_permute, in
+// one kernel when n_experts <= 256 and m top_k <= 1024.
+void moe_route_sigmoid_permute(const void* logits, DType dtype, int64_t m, int64_t top_k,
+                               const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                               float routed_scaling_factor, const MoeDeviceExperts& experts, int32_t* ids,
+                               float* weights, void* workspace, cudaStream_t stream);
 // moe_experts_nvfp4 minus its moe_permute: the workspace already holds the permutation of ids.
 void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
                                 const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
                                 MoeActivation act, const void* shared, void* workspace, void* y,
-                                cudaStream_t stream, MoeExpertKernel kernel = MoeExpertKernel::Auto);
+                                cudaStream_t stream, MoeExpertKernel kernel = MoeExpertKernel::Auto,
+                                const MoeResidualNorm* then_norm = nullptr);
 
 }  // namespace nibble::cuda

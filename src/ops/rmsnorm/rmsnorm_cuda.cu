@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/block_sum.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
@@ -15,18 +16,6 @@ namespace nibble::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < (kThreads / 32) ? scratch[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 template <class T, bool kResidual>
 __global__ void __launch_bounds__(kThreads)
@@ -52,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
     }
-    ss = block_sum(ss, scratch);
+    ss = block_sum<kThreads>(ss, scratch);
     const float inv = rsqrtf(ss / static_cast<float>(d) + eps);
     T* orow = out + row * d;
     for (int64_t i = static_cast<int64_t>(threadIdx.x) * 8; i < d; i += kThreads * 8) {

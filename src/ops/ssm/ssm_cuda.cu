@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/block_sum.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
 #include "cuda/vec8.cuh"
@@ -491,18 +492,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2)  // 2: room for 128 register
 
 constexpr int kNormThreads = 128;
 
-__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < kNormThreads / 32 ? scratch[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // One CTA per (row, group).
 template <class T>
 __global__ void __launch_bounds__(kNormThreads)
@@ -519,7 +508,7 @@ __global__ void __launch_bounds__(kNormThreads)
         const float gv = load1(yr + i) * silu(load1(zr + i));
         ss = fmaf(gv, gv, ss);
     }
-    ss = block_sum(ss, scratch);
+    ss = block_sum<kNormThreads>(ss, scratch);
     const float inv = 1.0f / sqrtf(ss / static_cast<float>(group_size) + eps);
     T* orow = out + r * d;
     for (int64_t i = g0 + threadIdx.x; i < g0 + group_size; i += kNormThreads) {
