@@ -25,8 +25,9 @@ constexpr int64_t attention_tile_smem(int hd, int nj) {
     return 4 * (r * hd + key_tile * (hd + 4) + key_tile * hd + r * key_tile + 3 * r);
 }
 
-// decode_mma_kernel<KV, HD>'s static __shared__: s_m[4][8], s_l[4][8] and s_o[4][8][HD], floats.
-constexpr int64_t decode_mma_smem(int hd) { return 4 * (4 * 8 + 4 * 8 + 4 * 8 * hd); }
+// decode_mma_kernel<KV, HD>'s static __shared__: s_m[4][8], s_l[4][8] and s_o[4][8][HD], and the merge's s_f[4][8]
+// and s_out[8] (merge_decode_warps), floats.
+constexpr int64_t decode_mma_smem(int hd) { return 4 * (4 * 8 + 4 * 8 + 4 * 8 * hd + 4 * 8 + 8); }
 
 // gemv_nvfp4_mma_kernel<NT>'s static __shared__ red[8 warps][NT * 8 tokens][16 rows], floats.
 constexpr int64_t gemv_mma_smem(int nt) { return 4 * 8 * (nt * 8) * 16; }
@@ -122,19 +123,19 @@ constexpr KernelVariant kVariants[] = {
      {.threads_per_block = 128, .static_smem_bytes = 256, .regs_per_thread = 95}, gemv_rows(9, 16), {}, Measured::OnHopper, kLinearSrc},
     // ---- attention decode, tensor cores: group <= 8, __launch_bounds__(128, 3) ----
     {OpKind::AttentionDecode, "decode_mma.bf16.hd64", "decode_mma_kernel<Bf16, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 128, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 144, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.bf16.hd128", "decode_mma_kernel<Bf16, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 168, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Bf16), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd64", "decode_mma_kernel<Fp8, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 121, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 136, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.fp8.hd128", "decode_mma_kernel<Fp8, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 160, .min_blocks_per_sm = 3},
      attn(128, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd64", "decode_mma_kernel<Nvfp4, 64>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 136, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 152, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_mma.nvfp4.hd128", "decode_mma_kernel<Nvfp4, 128>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 167, .min_blocks_per_sm = 3},
@@ -143,19 +144,19 @@ constexpr KernelVariant kVariants[] = {
     // the same CTA and shared arrays as decode_mma_kernel; decode_pipe_kernel<KV, HD, NSUB, MIN_CTAS> with
     // __launch_bounds__(128, MIN_CTAS). Pipelined16 (NVFP4 only): 16-key steps at 3 CTAs per SM ----
     {OpKind::AttentionDecode, "decode_pipe.fp8.hd64", "decode_pipe_kernel<Fp8, 64, 1, 2>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 128, .min_blocks_per_sm = 2},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 136, .min_blocks_per_sm = 2},
      attn(64, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_pipe.fp8.hd128", "decode_pipe_kernel<Fp8, 128, 1, 2>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 203, .min_blocks_per_sm = 2},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 208, .min_blocks_per_sm = 2},
      attn(128, 1, 8, KvDtype::Fp8), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd64", "decode_pipe_kernel<Nvfp4, 64, 2, 2>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 168, .min_blocks_per_sm = 2},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 184, .min_blocks_per_sm = 2},
      attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_pipe.nvfp4.hd128", "decode_pipe_kernel<Nvfp4, 128, 2, 2>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 254, .min_blocks_per_sm = 2},
      attn(128, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_pipe16.nvfp4.hd64", "decode_pipe_kernel<Nvfp4, 64, 1, 3>",
-     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 142, .min_blocks_per_sm = 3},
+     {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(64), .regs_per_thread = 152, .min_blocks_per_sm = 3},
      attn(64, 1, 8, KvDtype::Nvfp4), kDecodeSplits, Measured::OnHopper, kAttnSrc},
     {OpKind::AttentionDecode, "decode_pipe16.nvfp4.hd128", "decode_pipe_kernel<Nvfp4, 128, 1, 3>",
      {.threads_per_block = 128, .static_smem_bytes = decode_mma_smem(128), .regs_per_thread = 168, .min_blocks_per_sm = 3},

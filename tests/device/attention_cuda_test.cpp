@@ -40,11 +40,11 @@ cuda::DeviceBuffer upload_vec(const std::vector<T>& v) {
 }
 
 KvCacheShape make_shape(std::mt19937_64& rng, KvDtype dtype, int64_t n_blocks, int64_t n_kv_heads, int64_t head_dim,
-                        float scale_lo, float scale_hi) {
+                        float scale_lo, float scale_hi, int64_t block_size = 16) {
     KvCacheShape s;
     s.n_layers = 2;
     s.n_blocks = n_blocks;
-    s.block_size = 16;
+    s.block_size = block_size;
     s.n_kv_heads = n_kv_heads;
     s.head_dim = head_dim;
     s.dtype = dtype;
@@ -257,6 +257,7 @@ struct AttnCase {
     int n_splits = 0;  // 0: the launcher's choice (paged_attention_splits by keys); -1: its by-bytes overload
     cuda::DecodeKernel decode_kernel = cuda::DecodeKernel::Auto;
     cuda::PrefillKernel prefill_kernel = cuda::PrefillKernel::Auto;
+    int64_t block_size = 16;  // tokens a cache block (the kernels shift for powers of two and divide otherwise)
 };
 
 // Tolerance of one output element o_d of one (token, head) row, derived from float32 arithmetic on both sides
@@ -357,19 +358,20 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
                                                                                    : "";
     std::string name = std::string(kv_dtype_name(c.dtype)) + kernel_name + " heads=" + std::to_string(c.n_heads) + "/" +
                        std::to_string(c.n_kv_heads) + " hd=" + std::to_string(c.head_dim) +
-                       (c.bf16 ? " bf16" : " f32") + " window=" + std::to_string(c.sliding_window) + " seqs=";
+                       (c.bf16 ? " bf16" : " f32") + " window=" + std::to_string(c.sliding_window) +
+                       " block=" + std::to_string(c.block_size) + " seqs=";
     for (const auto& s : c.seqs) name += std::to_string(s.kv_len) + "/" + std::to_string(s.n_q) + " ";
     SCOPED_TRACE(name);
-    const int64_t hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / nkv;
+    const int64_t hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / nkv, bs = c.block_size;
     int64_t n_blocks = 3, max_blocks = 1, max_q = 1, max_kv = 1, n_tokens = 0;
     for (const auto& s : c.seqs) {
-        n_blocks += (s.kv_len + 15) / 16;
-        max_blocks = std::max(max_blocks, (s.kv_len + 15) / 16);
+        n_blocks += (s.kv_len + bs - 1) / bs;
+        max_blocks = std::max(max_blocks, (s.kv_len + bs - 1) / bs);
         max_q = std::max(max_q, s.n_q);
         max_kv = std::max(max_kv, s.kv_len);
         n_tokens += s.n_q;
     }
-    KvCache cache(make_shape(rng, c.dtype, n_blocks, nkv, hd, 0.5f, 2.0f));
+    KvCache cache(make_shape(rng, c.dtype, n_blocks, nkv, hd, 0.5f, 2.0f, bs));
     const auto ids = shuffled_blocks(rng, n_blocks);
     std::vector<int32_t> tables(static_cast<size_t>(c.seqs.size() * max_blocks), 0);
     std::vector<int32_t> q_start{0}, start_pos;
@@ -378,7 +380,7 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
     size_t next = 0;
     for (size_t si = 0; si < c.seqs.size(); ++si) {
         const auto& s = c.seqs[si];
-        const int64_t nb = (s.kv_len + 15) / 16;
+        const int64_t nb = (s.kv_len + bs - 1) / bs;
         int32_t* table = tables.data() + si * static_cast<size_t>(max_blocks);
         for (int64_t b = 0; b < nb; ++b) table[b] = ids[next++];
         const auto k = test::random_normal(rng, static_cast<size_t>(s.kv_len * nkv * hd));
@@ -391,11 +393,11 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
         vd[si].resize(v.size());
         for (int64_t j = 0; j < s.kv_len; ++j)
             for (int64_t h = 0; h < nkv; ++h) {
-                const int32_t blk = table[j / 16];
+                const int32_t blk = table[j / bs];
                 const size_t dst = static_cast<size_t>((h * s.kv_len + j) * hd);
-                kv_decode_head(cache.shape(), cache.k_layer_scale(kLayer), cache.k_block(kLayer, blk), j % 16, h,
+                kv_decode_head(cache.shape(), cache.k_layer_scale(kLayer), cache.k_block(kLayer, blk), j % bs, h,
                                kd[si].data() + dst);
-                kv_decode_head(cache.shape(), cache.v_layer_scale(kLayer), cache.v_block(kLayer, blk), j % 16, h,
+                kv_decode_head(cache.shape(), cache.v_layer_scale(kLayer), cache.v_block(kLayer, blk), j % bs, h,
                                vd[si].data() + dst);
             }
     }
@@ -482,6 +484,8 @@ TEST(PagedAttentionCuda, DecodeMatchesCpu) {
         attention_case(pool, rng, {dt, 4, 4, 128, false, 0, seqs});   // GQA 1
         attention_case(pool, rng, {dt, 32, 4, 64, true, 100, seqs});  // sliding window
         attention_case(pool, rng, {dt, 32, 2, 128, false, 0, seqs});  // GQA 16: the CUDA-core kernel
+        attention_case(pool, rng,  // the CUDA-core kernel over blocks of 12 tokens (divided, not shifted)
+                       {dt, 32, 2, 128, false, 0, seqs, 0, cuda::DecodeKernel::Auto, cuda::PrefillKernel::Auto, 12});
     }
 }
 
@@ -521,6 +525,10 @@ TEST(PagedAttentionCuda, DecodeKernelsMatchCpu) {
             attention_case(pool, rng, {dt, 16, 4, 128, false, 13, batch, 0, dk});   // window < warp step
             attention_case(pool, rng, {dt, 16, 2, 128, true, 0, {{9000, 1}, {40, 1}, {1, 1}}, 37, dk});  // empty splits
             attention_case(pool, rng, {dt, 32, 8, 64, false, 0, {{5000, 1}, {3, 1}}, 200, dk});  // 25-key splits
+            // Other block sizes: a larger power of two (shift and mask) and one that is not (division).
+            for (int64_t bs : {64, 12})
+                attention_case(pool, rng,
+                               {dt, 32, 8, 128, true, 0, batch, 0, dk, cuda::PrefillKernel::Auto, bs});
         }
     }
 }
@@ -640,6 +648,12 @@ TEST(PagedAttentionCuda, PrefillTensorCoresMatchCpu) {
             run(16, 4, 128, 0, mixed, 3);                        // split-K
             run(8, 2, 64, 100, {{3000, 70}, {40, 40}}, 37);      // empty splits
             run(8, 2, 128, 0, {{64, 64}, {128, 20}, {40, 17}});  // one and two key tiles
+            for (int64_t bs : {32, 12}) {                        // other block sizes: shifted, divided
+                AttnCase c{dt, 32, 8, 128, true, 0, mixed, 0};
+                c.prefill_kernel = pk;
+                c.block_size = bs;
+                attention_case(pool, rng, c);
+            }
         }
     }
 }

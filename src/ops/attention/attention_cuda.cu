@@ -19,6 +19,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
+#include "cuda/vec8.cuh"
 #include "ops/attention/attention_cuda.h"
 #include "ops/attention/kv_quant.cuh"
 
@@ -90,6 +91,7 @@ struct AttnParams {
     const uint8_t* v;
     int64_t block_bytes;
     int block_size, n_kv_heads, n_heads, group, q_tile;
+    int block_shift;  // log2(block_size) when it is a power of two (every cache nibble makes), else -1
     float qk_scale, v_scale;
     int sliding_window, keys_per_split, n_splits;
     const int32_t* q_start;
@@ -101,6 +103,19 @@ struct AttnParams {
     float* part_m;  // [n_splits, n_tokens, n_heads]
     float* part_l;  // [n_splits, n_tokens, n_heads]
 };
+
+// Logical block of `key` and its slot in the block: a shift and a mask for power-of-two block sizes (a
+// division by a runtime int is ~20 instructions, and the short-context decode kernels are instruction-latency
+// bound: docs/perf.md, session 9), a division otherwise. The decode kernels use it; the prefill and CUDA-core
+// kernels address a key tile at a time and keep the division (their register counts moved with the branch).
+struct KeySlot {
+    int block, slot;
+};
+__device__ __forceinline__ KeySlot key_slot(const AttnParams& p, int key) {
+    if (p.block_shift >= 0) return {key >> p.block_shift, key & (p.block_size - 1)};
+    const int block = key / p.block_size;
+    return {block, key - block * p.block_size};
+}
 
 template <int HD, int NJ>
 constexpr size_t attn_smem_bytes() {
@@ -515,6 +530,96 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
     return __half2(__half(r), __half(r));
 }
 
+// This lane's quarter of q row `qrow` (HD / 4 contiguous dims from `first`) as float, in 16-byte loads; zeros
+// when the row is past the group.
+template <int HD>
+__device__ __forceinline__ void load_q_quarter(const AttnParams& p, int64_t first, bool row_ok, float (&qv)[HD / 4]) {
+    constexpr int KQ = HD / 4;
+    if (!row_ok) {
+#pragma unroll
+        for (int i = 0; i < KQ; ++i) qv[i] = 0.0f;
+        return;
+    }
+    if (p.bf16) {
+        const uint4* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + first);
+#pragma unroll
+        for (int c = 0; c < KQ / 8; ++c) {
+            const uint4 u = src[c];
+            const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                qv[8 * c + 2 * j] = __uint_as_float(w[j] << 16);
+                qv[8 * c + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+            }
+        }
+    } else {
+        const float4* src = reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + first);
+#pragma unroll
+        for (int c = 0; c < KQ / 4; ++c) {
+            const float4 f = src[c];
+            qv[4 * c] = f.x, qv[4 * c + 1] = f.y, qv[4 * c + 2] = f.z, qv[4 * c + 3] = f.w;
+        }
+    }
+}
+
+// The end of a decode CTA (decode_mma_kernel, decode_pipe_kernel): the 4 warps' running max, sum and
+// unnormalized output of each query row (s_m, s_l, s_o, stored by the caller) merged into the output row
+// (one split) or the split's partial. Each row's factors are worked out once, by thread r, in the warps'
+// order (the arithmetic the per-element loop did before, once per row instead of per element), so the
+// per-element loop is 4 shared loads and fmas, 8 dims a thread with 16-byte accesses. v_mul: what the output is
+// multiplied by (the value scale, and NVFP4's placement).
+template <int HD>
+__device__ __forceinline__ void merge_decode_warps(const AttnParams& p, const float (&s_m)[4][8],
+                                                   const float (&s_l)[4][8], const float (&s_o)[4][8][HD], int q0,
+                                                   int kvh, int split, float v_mul) {
+    __shared__ float s_f[4][8], s_out[8];
+    const int tid = threadIdx.x;
+    __syncthreads();  // s_m, s_l, s_o of every warp
+    if (tid < p.group) {
+        const int r = tid;
+        float mm = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
+        float ll = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float f = s_m[w][r] == -INFINITY ? 0.0f : exp2f(s_m[w][r] - mm);  // 0: a warp without keys
+            s_f[w][r] = f;
+            ll += s_l[w][r] * f;
+        }
+        s_out[r] = p.n_splits == 1 ? v_mul / ll : v_mul;
+        if (p.n_splits > 1) {
+            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads +
+                                 static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + r;
+            p.part_m[prow] = mm;
+            p.part_l[prow] = ll;
+        }
+    }
+    __syncthreads();
+    for (int i = tid * 8; i < p.group * HD; i += kThreads * 8) {  // 8 consecutive dims of one row a thread
+        const int r = i / HD, d = i % HD;
+        float val[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float f = s_f[w][r];
+            const float4 a = *reinterpret_cast<const float4*>(&s_o[w][r][d]);
+            const float4 b = *reinterpret_cast<const float4*>(&s_o[w][r][d + 4]);
+            const float o8[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) val[e] += o8[e] * f;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) val[e] *= s_out[r];
+        const int64_t hrow = static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + r;
+        if (p.n_splits > 1)
+            store8(p.part_o + (static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow) * HD + d, val);
+        else if (p.bf16)
+            store8(static_cast<__nv_bfloat16*>(p.out) + hrow * HD + d, val);
+        else
+            store8(static_cast<float*>(p.out) + hrow * HD + d, val);
+    }
+}
+
 // Decode: each warp's first tile of cached keys (positions below the new token's) is requested before
 // pdl_wait: those rows were written by earlier steps, and the sequence tables are the host's, so only the new
 // token's K/V row (the q/k/v preparation just before) and q wait. At the short contexts where decode
@@ -534,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
     constexpr int NT = HD / 8;                  // P.V n-tiles
 
     __shared__ float s_m[4][8], s_l[4][8];
-    __shared__ float s_o[4][8][HD];
+    __shared__ __align__(16) float s_o[4][8][HD];  // 16-byte reads in merge_decode_warps
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int seq = blockIdx.y;
@@ -563,8 +668,9 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
         for (int j = 0; j < 2; ++j) {
             const int key = k0 + 8 * j + g;
             if (key >= from && key < until) {
-                const int64_t base = static_cast<int64_t>(__ldca(table + key / p.block_size)) * p.block_bytes;
-                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                const KeySlot ks = key_slot(p, key);
+                const int64_t base = static_cast<int64_t>(__ldca(table + ks.block)) * p.block_bytes;
+                const int64_t row = static_cast<int64_t>(ks.slot) * p.n_kv_heads + kvh;
                 load_words<KW, true>(p.k + base + row * ROW_BYTES + t * (KQ * BITS / 8), kr[j]);
                 if constexpr (KV == KvDtype::Nvfp4) {
                     const uint8_t* sp = p.k + base + scale_area + row * (HD / 16) + t * (KQ / 16);
@@ -577,8 +683,9 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
         for (int j = 0; j < 4; ++j) {
             const int key = k0 + (j >> 1) * 8 + 2 * t + (j & 1);
             if (key >= from && key < until) {
-                const int64_t base = static_cast<int64_t>(__ldca(table + key / p.block_size)) * p.block_bytes;
-                const int64_t row = static_cast<int64_t>(key % p.block_size) * p.n_kv_heads + kvh;
+                const KeySlot ks = key_slot(p, key);
+                const int64_t base = static_cast<int64_t>(__ldca(table + ks.block)) * p.block_bytes;
+                const int64_t row = static_cast<int64_t>(ks.slot) * p.n_kv_heads + kvh;
                 load_words<VW, true>(p.v + base + row * ROW_BYTES + g * (VQ * BITS / 8), vr[j]);
                 if constexpr (KV == KvDtype::Nvfp4)
                     vsc[j] = __ldcs(reinterpret_cast<const unsigned char*>(p.v + base + scale_area +
@@ -608,25 +715,12 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
     // Q fragments (row g, this lane's quarter of head_dim), hi and lo parts; rows 8..15 are zero.
     uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
     {
-        const int64_t qrow = (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ;
+        float qv[KQ];
+        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ, row_ok, qv);
 #pragma unroll
-        for (int s = 0; s < KSTEPS; ++s) {
+        for (int s = 0; s < KSTEPS; ++s)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float x = 0.0f, y = 0.0f;
-                if (row_ok) {
-                    const int64_t i = qrow + 4 * s + 2 * h;
-                    if (p.bf16) {
-                        x = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i]);
-                        y = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i + 1]);
-                    } else {
-                        x = static_cast<const float*>(p.q)[i];
-                        y = static_cast<const float*>(p.q)[i + 1];
-                    }
-                }
-                split_pair<BF>(x, y, qa_hi[s][h], qa_lo[s][h]);
-            }
-        }
+            for (int h = 0; h < 2; ++h) split_pair<BF>(qv[4 * s + 2 * h], qv[4 * s + 2 * h + 1], qa_hi[s][h], qa_lo[s][h]);
     }
 
     float o[NT][4];
@@ -713,36 +807,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
         s_o[warp][g][(2 * t) * VQ + n] = o[n][0] + o[n][2];
         s_o[warp][g][(2 * t + 1) * VQ + n] = o[n][1] + o[n][3];
     }
-    __syncthreads();
-    for (int i = tid; i < p.group * HD; i += kThreads) {
-        const int r = i / HD, d = i % HD;
-        float mm = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
-        float ll = 0.0f, oo = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            if (s_m[w][r] == -INFINITY) continue;
-            const float f = exp2f(s_m[w][r] - mm);
-            ll += s_l[w][r] * f;
-            oo += s_o[w][r][d] * f;
-        }
-        const int64_t hrow = static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + r;
-        if (p.n_splits == 1) {
-            const float val = oo * (p.v_scale / ll);
-            if (p.bf16)
-                static_cast<__nv_bfloat16*>(p.out)[hrow * HD + d] = __float2bfloat16_rn(val);
-            else
-                static_cast<float*>(p.out)[hrow * HD + d] = val;
-        } else {
-            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
-            p.part_o[prow * HD + d] = oo * p.v_scale;
-            if (d == 0) {
-                p.part_m[prow] = mm;
-                p.part_l[prow] = ll;
-            }
-        }
-    }
+    merge_decode_warps<HD>(p, s_m, s_l, s_o, q0, kvh, split, p.v_scale);
 }
 
 template <KvDtype KV>
@@ -766,14 +831,14 @@ void launch_decode_mma(int64_t hd, const AttnParams& p, dim3 grid, cudaStream_t 
 // 2^-7 is exact in fp16: <= 6 significant bits, a multiple of 2^-17, at most 21); the 2^7 goes into the
 // score factor and the output. The pair order permutes head_dim inside each 8-dim word: free for Q.K (q is
 // loaded in the same order), undone when the output is stored.
-// Resources per CTA (ptxas -v, sm_90a, CUDA 13.0, -O3): 128 threads, 16,640 B (HD 128) / 8,448 B (HD 64)
-// static shared memory, 1 barrier; registers (HD 128 / HD 64):
+// Resources per CTA (ptxas -v, sm_90a, CUDA 13.0, -O3): 128 threads, 16,800 B (HD 128) / 8,608 B (HD 64)
+// static shared memory, 1 barrier; registers (HD 128 / HD 64; tests/tune/ptxas_resources.txt has every
+// architecture's):
 //   NVFP4 Pipelined   (NSUB 2, __launch_bounds__(128, 2)): 254 / 168 -> 2 / 3 CTAs per SM
-//   NVFP4 Pipelined16 (NSUB 1, (128, 3)):                  168 / 122 -> 3 / 4 CTAs per SM
-//   FP8   Pipelined   (NSUB 1, (128, 2)):                  199 / 122 -> 2 / 4 CTAs per SM
-//   no spills.
-//   (FP8 at (128, 3) spilled 84 B at HD 128.) decode_mma_kernel (128, 3), for comparison: BF16 168 (32 B
-//   spilled) / 116, FP8 153 / 96, NVFP4 167 / 116.
+//   NVFP4 Pipelined16 (NSUB 1, (128, 3)):                  168 / 126 -> 3 / 4 CTAs per SM
+//   FP8   Pipelined   (NSUB 1, (128, 2)):                  198 / 124 -> 2 / 4 CTAs per SM
+//   (FP8 at (128, 3) spilled 84 B at HD 128.) decode_mma_kernel (128, 3), for comparison: BF16 168 / 120,
+//   FP8 158 / 113, NVFP4 161 / 125.
 __device__ __forceinline__ void e2m1x8_to_f16_pairs(uint32_t w, __half2 scale, uint32_t* out) {
     constexpr uint32_t kMag = 0x0e000e00u, kSign = 0x80008000u;
     const uint32_t b[4] = {((w << 9) & kMag) | ((w << 12) & kSign), ((w << 5) & kMag) | ((w << 8) & kSign),
@@ -819,7 +884,7 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     static_assert(STEP <= 32 && KW * PPW == 2 * KSTEPS && VW * PPW * 2 == NT, "fragment shapes");
 
     __shared__ float s_m[4][8], s_l[4][8];
-    __shared__ float s_o[4][8][HD];
+    __shared__ __align__(16) float s_o[4][8][HD];  // 16-byte reads in merge_decode_warps
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int seq = blockIdx.y;
@@ -839,25 +904,14 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     // Q fragments (row g; pair P = 2s + h of this lane's quarter of head_dim), hi and lo parts.
     uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
     {
-        const int64_t qrow = (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ;
+        float qv[KQ];
+        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ, row_ok, qv);
 #pragma unroll
-        for (int s = 0; s < KSTEPS; ++s) {
+        for (int s = 0; s < KSTEPS; ++s)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float x = 0.0f, y = 0.0f;
-                if (row_ok) {
-                    const int64_t i0 = qrow + pair_dim<PERM>(2 * s + h, 0), i1 = qrow + pair_dim<PERM>(2 * s + h, 1);
-                    if (p.bf16) {
-                        x = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i0]);
-                        y = __bfloat162float(static_cast<const __nv_bfloat16*>(p.q)[i1]);
-                    } else {
-                        x = static_cast<const float*>(p.q)[i0];
-                        y = static_cast<const float*>(p.q)[i1];
-                    }
-                }
-                split_pair<false>(x, y, qa_hi[s][h], qa_lo[s][h]);
-            }
-        }
+            for (int h = 0; h < 2; ++h)
+                split_pair<false>(qv[pair_dim<PERM>(2 * s + h, 0)], qv[pair_dim<PERM>(2 * s + h, 1)], qa_hi[s][h],
+                                  qa_lo[s][h]);
     }
 
     float o[NT][4];
@@ -878,9 +932,8 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     };
     auto load_table = [&](int kb) -> Where {
         const int key = kb + lane % STEP;
-        const int logical = key / p.block_size;
-        const int row = (key - logical * p.block_size) * p.n_kv_heads + kvh;
-        return {key < hi ? __ldg(table + logical) : 0, row};
+        const KeySlot ks = key_slot(p, key);
+        return {key < hi ? __ldg(table + ks.block) : 0, ks.slot * p.n_kv_heads + kvh};
     };
     auto load_raw = [&](Raw& r, int kb, const Where& where) {
 #pragma unroll
@@ -1021,37 +1074,7 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
         s_o[warp][g][(2 * t) * VQ + d] = o[n][0] + o[n][2];
         s_o[warp][g][(2 * t + 1) * VQ + d] = o[n][1] + o[n][3];
     }
-    __syncthreads();
-    const float v_mul = p.v_scale * kUnplace;
-    for (int i = tid; i < p.group * HD; i += kThreads) {
-        const int r = i / HD, d = i % HD;
-        float mm = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
-        float ll = 0.0f, oo = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            if (s_m[w][r] == -INFINITY) continue;
-            const float f = exp2f(s_m[w][r] - mm);
-            ll += s_l[w][r] * f;
-            oo += s_o[w][r][d] * f;
-        }
-        const int64_t hrow = static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + r;
-        if (p.n_splits == 1) {
-            const float val = oo * (v_mul / ll);
-            if (p.bf16)
-                static_cast<__nv_bfloat16*>(p.out)[hrow * HD + d] = __float2bfloat16_rn(val);
-            else
-                static_cast<float*>(p.out)[hrow * HD + d] = val;
-        } else {
-            const int64_t prow = static_cast<int64_t>(split) * p.n_tokens * p.n_heads + hrow;
-            p.part_o[prow * HD + d] = oo * v_mul;
-            if (d == 0) {
-                p.part_m[prow] = mm;
-                p.part_l[prow] = ll;
-            }
-        }
-    }
+    merge_decode_warps<HD>(p, s_m, s_l, s_o, q0, kvh, split, p.v_scale * kUnplace);
 }
 
 // Pipelined: NVFP4 NSUB 2 (32-key warp steps), FP8 NSUB 1 (its 16-key step already moves 4 KB), both at
@@ -2204,6 +2227,10 @@ void paged_attention(const void* q, DType dtype, const PagedKvLayer& kv, const A
     p.v = kv.v;
     p.block_bytes = kv.block_bytes;
     p.block_size = static_cast<int>(kv.block_size);
+    p.block_shift = -1;
+    if ((kv.block_size & (kv.block_size - 1)) == 0)
+        for (int b = 0; b < 31; ++b)
+            if ((int64_t{1} << b) == kv.block_size) p.block_shift = b;
     p.n_kv_heads = static_cast<int>(kv.n_kv_heads);
     p.n_heads = static_cast<int>(args.n_heads);
     p.group = static_cast<int>(group);
