@@ -106,8 +106,9 @@ struct AttnParams {
 
 // Logical block of `key` and its slot in the block: a shift and a mask for power-of-two block sizes (a
 // division by a runtime int is ~20 instructions, and the short-context decode kernels are instruction-latency
-// bound: docs/perf.md, session 9), a division otherwise. The decode kernels use it; the prefill and CUDA-core
-// kernels address a key tile at a time and keep the division (their register counts moved with the branch).
+// bound: docs/perf.md, session 9), a division otherwise. decode_mma_kernel uses it (12 keys a lane a step). The
+// pipelined decode kernel keeps its one division a lane a step: with key_slot its NVFP4 variant ran 6.7%
+// slower at 64K keys (H100, same call), and the prefill and CUDA-core kernels address a key tile at a time.
 struct KeySlot {
     int block, slot;
 };
@@ -932,8 +933,9 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     };
     auto load_table = [&](int kb) -> Where {
         const int key = kb + lane % STEP;
-        const KeySlot ks = key_slot(p, key);
-        return {key < hi ? __ldg(table + ks.block) : 0, ks.slot * p.n_kv_heads + kvh};
+        const int logical = key / p.block_size;
+        const int row = (key - logical * p.block_size) * p.n_kv_heads + kvh;
+        return {key < hi ? __ldg(table + logical) : 0, row};
     };
     auto load_raw = [&](Raw& r, int kb, const Where& where) {
 #pragma unroll
