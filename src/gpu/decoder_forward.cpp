@@ -511,7 +511,8 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
     bool h_ready = false;
     // The norm that follows layer il: the next layer's input norm, or the final norm after the last layer.
     auto next_norm_weight = [&](size_t il) {
-        return il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>() : w_.final_norm.as<float>();
+        return il + 1 < w_.layers.size() ? w_.layers[il + 1].attn_norm.as<float>()
+                                         : w_.final_norm.as<float>();
     };
     if (sharded) {  // each rank's vocabulary rows, summed into the residual stream
         cuda::embed_shard(static_cast<const uint16_t*>(w_.embed.get()), w_.tp.vocab.begin, c.vocab_size, d, b.tokens,
@@ -639,14 +640,12 @@ void DecoderForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t s
                                                 moe_workspace_.get(), stream);
                 // The combine adds to the residual and makes the next layer's h (the final norm's after the
                 // last layer) itself: one launch fewer a layer, the same bits.
-                const cuda::MoeResidualNorm then_norm{.residual = x_.get(),
-                                                      .weight = next_norm_weight(il),
-                                                      .eps = c.norm_eps,
-                                                      .out = h_.get()};
+                const cuda::MoeResidualNorm then_norm{
+                    .residual = x_.get(), .weight = next_norm_weight(il), .eps = c.norm_eps, .out = h_.get()};
                 cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, ids, moe_weights_.as<float>(), e.top_k,
                                                  L.experts.device(), MoeActivation::SwiGlu, shared,
-                                                 moe_workspace_.get(), nullptr, stream, cuda::MoeExpertKernel::Auto,
-                                                 &then_norm);
+                                                 moe_workspace_.get(), nullptr, stream,
+                                                 cuda::MoeExpertKernel::Auto, &then_norm);
                 h_ready = true;
                 continue;
             }

@@ -243,20 +243,19 @@ void HybridForward::route_and_run_experts(const DeviceHybridLayer& L, int64_t m,
                                           cudaStream_t stream) {
     const MoeConfig& e = w_.config.moe;
     // Router and permutation in one launch at decode sizes.
-    cuda::moe_route_sigmoid_permute(router_logits_.get(), DType::F32, m, e.top_k, L.correction_bias.as<float>(),
-                                    e.n_group, e.topk_group, e.norm_topk_prob, e.routed_scaling_factor,
-                                    L.experts.device(), moe_ids_.as<int32_t>(), moe_weights_.as<float>(),
-                                    moe_workspace_.get(), stream);
+    cuda::moe_route_sigmoid_permute(router_logits_.get(), DType::F32, m, e.top_k,
+                                    L.correction_bias.as<float>(), e.n_group, e.topk_group, e.norm_topk_prob,
+                                    e.routed_scaling_factor, L.experts.device(), moe_ids_.as<int32_t>(),
+                                    moe_weights_.as<float>(), moe_workspace_.get(), stream);
     relu2_mlp(L.up, L.down, m, shared_.get(), stream);  // the shared expert, added in the combine
     // The combine adds to the residual and makes the next layer's h itself (one launch fewer, the same bits).
-    const cuda::MoeResidualNorm then_norm{.residual = x_.get(), .weight = next_norm, .eps = w_.config.norm_eps,
-                                          .out = h_.get()};
-    cuda::moe_experts_nvfp4_permuted(h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k,
-                                     L.experts.device(), MoeActivation::Relu2, shared_.get(), moe_workspace_.get(),
-                                     nullptr, stream,
-                                     // F32 is the exactness mode: the grouped GEMM would round its operands to BF16.
-                                     act_ == DType::F32 ? cuda::MoeExpertKernel::Gemv : cuda::MoeExpertKernel::Auto,
-                                     &then_norm);
+    const cuda::MoeResidualNorm then_norm{
+        .residual = x_.get(), .weight = next_norm, .eps = w_.config.norm_eps, .out = h_.get()};
+    cuda::moe_experts_nvfp4_permuted(
+        h_.get(), act_, m, moe_ids_.as<int32_t>(), moe_weights_.as<float>(), e.top_k, L.experts.device(),
+        MoeActivation::Relu2, shared_.get(), moe_workspace_.get(), nullptr, stream,
+        // F32 is the exactness mode: the grouped GEMM would round its operands to BF16.
+        act_ == DType::F32 ? cuda::MoeExpertKernel::Gemv : cuda::MoeExpertKernel::Auto, &then_norm);
 }
 
 void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t stream, int splits, void* workspace,
@@ -333,7 +332,8 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
             case LayerKind::Mlp: relu2_mlp(L.up, L.down, m, proj_.get(), stream); break;
             case LayerKind::Moe:
                 moe(L, m,
-                    il + 1 < w_.layers.size() ? w_.layers[il + 1].norm.as<float>() : w_.final_norm.as<float>(),
+                    il + 1 < w_.layers.size() ? w_.layers[il + 1].norm.as<float>()
+                                              : w_.final_norm.as<float>(),
                     stream);
                 h_ready = true;
                 break;
@@ -341,8 +341,8 @@ void HybridForward::run(const DeviceBatch& b, DeviceKvCache& kv, cudaStream_t st
     }
     if (b.n_logit_rows == 0) return;
     if (!h_ready)
-        cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps, h_.get(),
-                               stream);
+        cuda::rmsnorm_residual(proj_.get(), x_.get(), act_, m, d, w_.final_norm.as<float>(), c.norm_eps,
+                               h_.get(), stream);
     // The lm_head runs on float32 rows: logits come out in float32 for the sampler and logprobs.
     cuda::gather_rows(h_.get(), act_, d, b.logit_rows, b.n_logit_rows, selected_.get(), DType::F32, stream);
     gemv(w_.lm_head, selected_.get(), DType::F32, b.n_logit_rows, logits_.get(), stream);

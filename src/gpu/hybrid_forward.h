@@ -79,7 +79,8 @@ private:
     // input norm, or the final norm), so the next layer starts from h.
     void moe(const DeviceHybridLayer& L, int64_t m, const float* next_norm, cudaStream_t stream);
     // From the router logits on: sigmoid top-k routing, the shared expert and the routed experts.
-    void route_and_run_experts(const DeviceHybridLayer& L, int64_t m, const float* next_norm, cudaStream_t stream);
+    void route_and_run_experts(const DeviceHybridLayer& L, int64_t m, const float* next_norm,
+                               cudaStream_t stream);
     // Copies one slot's conv and SSM state between the slot pool and a snapshot buffer.
     void copy_slot(bool to_snapshot, int32_t state_slot, int32_t snapshot, cudaStream_t stream);
 

@@ -39,8 +39,8 @@ cuda::DeviceBuffer upload_vec(const std::vector<T>& v) {
     return b;
 }
 
-KvCacheShape make_shape(std::mt19937_64& rng, KvDtype dtype, int64_t n_blocks, int64_t n_kv_heads, int64_t head_dim,
-                        float scale_lo, float scale_hi, int64_t block_size = 16) {
+KvCacheShape make_shape(std::mt19937_64& rng, KvDtype dtype, int64_t n_blocks, int64_t n_kv_heads,
+                        int64_t head_dim, float scale_lo, float scale_hi, int64_t block_size = 16) {
     KvCacheShape s;
     s.n_layers = 2;
     s.n_blocks = n_blocks;
@@ -257,7 +257,8 @@ struct AttnCase {
     int n_splits = 0;  // 0: the launcher's choice (paged_attention_splits by keys); -1: its by-bytes overload
     cuda::DecodeKernel decode_kernel = cuda::DecodeKernel::Auto;
     cuda::PrefillKernel prefill_kernel = cuda::PrefillKernel::Auto;
-    int64_t block_size = 16;  // tokens a cache block (the kernels shift for powers of two and divide otherwise)
+    int64_t block_size =
+        16;  // tokens a cache block (the kernels shift for powers of two and divide otherwise)
 };
 
 // Tolerance of one output element o_d of one (token, head) row, derived from float32 arithmetic on both sides
@@ -356,10 +357,10 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
                               : c.decode_kernel == cuda::DecodeKernel::Pipelined   ? " decode=pipelined"
                               : c.decode_kernel == cuda::DecodeKernel::Pipelined16 ? " decode=pipelined16"
                                                                                    : "";
-    std::string name = std::string(kv_dtype_name(c.dtype)) + kernel_name + " heads=" + std::to_string(c.n_heads) + "/" +
-                       std::to_string(c.n_kv_heads) + " hd=" + std::to_string(c.head_dim) +
-                       (c.bf16 ? " bf16" : " f32") + " window=" + std::to_string(c.sliding_window) +
-                       " block=" + std::to_string(c.block_size) + " seqs=";
+    std::string name =
+        std::string(kv_dtype_name(c.dtype)) + kernel_name + " heads=" + std::to_string(c.n_heads) + "/" +
+        std::to_string(c.n_kv_heads) + " hd=" + std::to_string(c.head_dim) + (c.bf16 ? " bf16" : " f32") +
+        " window=" + std::to_string(c.sliding_window) + " block=" + std::to_string(c.block_size) + " seqs=";
     for (const auto& s : c.seqs) name += std::to_string(s.kv_len) + "/" + std::to_string(s.n_q) + " ";
     SCOPED_TRACE(name);
     const int64_t hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / nkv, bs = c.block_size;
@@ -395,10 +396,10 @@ void attention_case(ThreadPool& pool, std::mt19937_64& rng, const AttnCase& c) {
             for (int64_t h = 0; h < nkv; ++h) {
                 const int32_t blk = table[j / bs];
                 const size_t dst = static_cast<size_t>((h * s.kv_len + j) * hd);
-                kv_decode_head(cache.shape(), cache.k_layer_scale(kLayer), cache.k_block(kLayer, blk), j % bs, h,
-                               kd[si].data() + dst);
-                kv_decode_head(cache.shape(), cache.v_layer_scale(kLayer), cache.v_block(kLayer, blk), j % bs, h,
-                               vd[si].data() + dst);
+                kv_decode_head(cache.shape(), cache.k_layer_scale(kLayer), cache.k_block(kLayer, blk), j % bs,
+                               h, kd[si].data() + dst);
+                kv_decode_head(cache.shape(), cache.v_layer_scale(kLayer), cache.v_block(kLayer, blk), j % bs,
+                               h, vd[si].data() + dst);
             }
     }
     DeviceLayer dev(cache, kLayer);
@@ -484,8 +485,9 @@ TEST(PagedAttentionCuda, DecodeMatchesCpu) {
         attention_case(pool, rng, {dt, 4, 4, 128, false, 0, seqs});   // GQA 1
         attention_case(pool, rng, {dt, 32, 4, 64, true, 100, seqs});  // sliding window
         attention_case(pool, rng, {dt, 32, 2, 128, false, 0, seqs});  // GQA 16: the CUDA-core kernel
-        attention_case(pool, rng,  // the CUDA-core kernel over blocks of 12 tokens (divided, not shifted)
-                       {dt, 32, 2, 128, false, 0, seqs, 0, cuda::DecodeKernel::Auto, cuda::PrefillKernel::Auto, 12});
+        attention_case(
+            pool, rng,  // the CUDA-core kernel over blocks of 12 tokens (divided, not shifted)
+            {dt, 32, 2, 128, false, 0, seqs, 0, cuda::DecodeKernel::Auto, cuda::PrefillKernel::Auto, 12});
     }
 }
 

@@ -266,6 +266,35 @@ TEST(MoeCuda, SoftmaxRouterWarpSizes) {
 // The fused decode router and permutation against the two launchers it replaces: bit-identical ids,
 // weights and workspace permutation (poisoned alike first), on both sides of its limits (n_experts 256 / 257,
 // m top_k 1024 / 1032), F32 and BF16 logits, with and without ties.
+// One router + permutation's outputs: ids and weights [n pairs], and the moe_experts_nvfp4 workspace.
+struct RoutedBuffers {
+    const cuda::DeviceBuffer& ids;
+    const cuda::DeviceBuffer& weights;
+    cuda::DeviceBuffer& workspace;
+};
+
+// Permutes the two-launch path's ids (moe_permute into its workspace), then expects the fused launch's ids,
+// weights and permutation (the workspace before h, padding included) equal to it bit for bit.
+void expect_fused_route_permute_equal(const RoutedBuffers& fused, const RoutedBuffers& two,
+                                      const MoeWorkspaceLayout& l, int64_t m, int64_t top_k,
+                                      int64_t n_experts) {
+    const int64_t n = m * top_k;
+    auto* base = two.workspace.as<unsigned char>();
+    const cuda::MoePermutation perm{
+        reinterpret_cast<int32_t*>(base + l.counts), reinterpret_cast<int32_t*>(base + l.offsets),
+        reinterpret_cast<int32_t*>(base + l.sorted), reinterpret_cast<int32_t*>(base + l.position),
+        reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active)};
+    cuda::moe_permute(two.ids.as<int32_t>(), m, top_k, n_experts, perm, nullptr);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got_ids = download_vec<int32_t>(fused.ids, static_cast<size_t>(n));
+    EXPECT_EQ(got_ids, download_vec<int32_t>(two.ids, static_cast<size_t>(n)));
+    EXPECT_EQ(download_vec<uint32_t>(fused.weights, static_cast<size_t>(n)),
+              download_vec<uint32_t>(two.weights, static_cast<size_t>(n)));
+    for (int32_t id : got_ids) ASSERT_TRUE(id >= 0 && id < n_experts) << id;
+    EXPECT_EQ(download_vec<uint32_t>(fused.workspace, l.h / 4),
+              download_vec<uint32_t>(two.workspace, l.h / 4));
+}
+
 TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
@@ -307,23 +336,8 @@ TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
                                                     ws_fused.get(), nullptr);
                     cuda::moe_route_softmax(dl.buf.get(), dtype, m, ne, k, norm, ids_two.as<int32_t>(),
                                             w_two.as<float>(), nullptr);
-                    auto* base = ws_two.as<unsigned char>();
-                    const cuda::MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),
-                                                    reinterpret_cast<int32_t*>(base + l.offsets),
-                                                    reinterpret_cast<int32_t*>(base + l.sorted),
-                                                    reinterpret_cast<int32_t*>(base + l.position),
-                                                    reinterpret_cast<int32_t*>(base + l.active),
-                                                    reinterpret_cast<int32_t*>(base + l.n_active)};
-                    cuda::moe_permute(ids_two.as<int32_t>(), m, k, ne, perm, nullptr);
-                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-                    const auto got_ids = download_vec<int32_t>(ids_fused, static_cast<size_t>(n));
-                    EXPECT_EQ(got_ids, download_vec<int32_t>(ids_two, static_cast<size_t>(n)));
-                    EXPECT_EQ(download_vec<uint32_t>(w_fused, static_cast<size_t>(n)),
-                              download_vec<uint32_t>(w_two, static_cast<size_t>(n)));
-                    for (int32_t id : got_ids) ASSERT_TRUE(id >= 0 && id < ne) << id;
-                    // The permutation parts (everything before h), padding included.
-                    EXPECT_EQ(download_vec<uint32_t>(ws_fused, l.h / 4),
-                              download_vec<uint32_t>(ws_two, l.h / 4));
+                    expect_fused_route_permute_equal({ids_fused, w_fused, ws_fused}, {ids_two, w_two, ws_two},
+                                                     l, m, k, ne);
                 }
 }
 
@@ -349,7 +363,8 @@ TEST(MoeCuda, SigmoidRouterWarpShapes) {
 TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
-    const SigmoidShape shapes[] = {{128, 1, 1, 6}, {128, 8, 4, 6}, {256, 8, 4, 8}, {257, 1, 1, 8}, {16, 4, 2, 3}};
+    const SigmoidShape shapes[] = {
+        {128, 1, 1, 6}, {128, 8, 4, 6}, {256, 8, 4, 8}, {257, 1, 1, 8}, {16, 4, 2, 3}};
     std::uniform_int_distribution<int> small(0, 3);
     for (const SigmoidShape& sh : shapes)
         for (int64_t m : {1, 3, 33, 132})
@@ -357,9 +372,10 @@ TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
                 for (bool ties : {false, true}) {
                     const int64_t ne = sh.n_experts, k = sh.top_k, n = m * k;
                     const bool norm = (m + k) % 2 == 1, with_bias = !ties || m % 2 == 1;
-                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" + std::to_string(k) +
-                                 " groups " + std::to_string(sh.topk_group) + "/" + std::to_string(sh.n_group) +
-                                 (bf16 ? " bf16" : " f32") + (ties ? " ties" : ""));
+                    SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) +
+                                 " k=" + std::to_string(k) + " groups " + std::to_string(sh.topk_group) +
+                                 "/" + std::to_string(sh.n_group) + (bf16 ? " bf16" : " f32") +
+                                 (ties ? " ties" : ""));
                     std::vector<float> logits = test::random_normal(rng, static_cast<size_t>(m * ne), 2.0f);
                     if (ties)
                         for (float& v : logits) v = static_cast<float>(small(rng));
@@ -378,27 +394,15 @@ TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
                     auto ws_fused = poisoned(bytes), ws_two = poisoned(bytes);
                     auto ids_fused = poisoned(static_cast<size_t>(n) * 4),
                          w_fused = poisoned(static_cast<size_t>(n) * 4);
-                    auto ids_two = poisoned(static_cast<size_t>(n) * 4), w_two = poisoned(static_cast<size_t>(n) * 4);
-                    cuda::moe_route_sigmoid_permute(dl.buf.get(), dtype, m, k, b, sh.n_group, sh.topk_group, norm,
-                                                    2.5f, ex, ids_fused.as<int32_t>(), w_fused.as<float>(),
-                                                    ws_fused.get(), nullptr);
-                    cuda::moe_route_sigmoid(dl.buf.get(), dtype, m, ne, k, b, sh.n_group, sh.topk_group, norm, 2.5f,
-                                            ids_two.as<int32_t>(), w_two.as<float>(), nullptr);
-                    auto* base = ws_two.as<unsigned char>();
-                    const cuda::MoePermutation perm{reinterpret_cast<int32_t*>(base + l.counts),
-                                                    reinterpret_cast<int32_t*>(base + l.offsets),
-                                                    reinterpret_cast<int32_t*>(base + l.sorted),
-                                                    reinterpret_cast<int32_t*>(base + l.position),
-                                                    reinterpret_cast<int32_t*>(base + l.active),
-                                                    reinterpret_cast<int32_t*>(base + l.n_active)};
-                    cuda::moe_permute(ids_two.as<int32_t>(), m, k, ne, perm, nullptr);
-                    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-                    const auto got_ids = download_vec<int32_t>(ids_fused, static_cast<size_t>(n));
-                    EXPECT_EQ(got_ids, download_vec<int32_t>(ids_two, static_cast<size_t>(n)));
-                    EXPECT_EQ(download_vec<uint32_t>(w_fused, static_cast<size_t>(n)),
-                              download_vec<uint32_t>(w_two, static_cast<size_t>(n)));
-                    for (int32_t id : got_ids) ASSERT_TRUE(id >= 0 && id < ne) << id;
-                    EXPECT_EQ(download_vec<uint32_t>(ws_fused, l.h / 4), download_vec<uint32_t>(ws_two, l.h / 4));
+                    auto ids_two = poisoned(static_cast<size_t>(n) * 4),
+                         w_two = poisoned(static_cast<size_t>(n) * 4);
+                    cuda::moe_route_sigmoid_permute(dl.buf.get(), dtype, m, k, b, sh.n_group, sh.topk_group,
+                                                    norm, 2.5f, ex, ids_fused.as<int32_t>(),
+                                                    w_fused.as<float>(), ws_fused.get(), nullptr);
+                    cuda::moe_route_sigmoid(dl.buf.get(), dtype, m, ne, k, b, sh.n_group, sh.topk_group, norm,
+                                            2.5f, ids_two.as<int32_t>(), w_two.as<float>(), nullptr);
+                    expect_fused_route_permute_equal({ids_fused, w_fused, ws_fused}, {ids_two, w_two, ws_two},
+                                                     l, m, k, ne);
                 }
 }
 
@@ -821,8 +825,8 @@ TEST(MoeCuda, CombineResidualRmsnormMatchesTwoLaunches) {
             for (int64_t k : {1, 6, 8})
                 for (bool bf16 : {false, true})
                     for (bool with_shared : {false, true}) {
-                        SCOPED_TRACE("d=" + std::to_string(d) + " m=" + std::to_string(m) + " k=" +
-                                     std::to_string(k) + (bf16 ? " bf16" : " f32") +
+                        SCOPED_TRACE("d=" + std::to_string(d) + " m=" + std::to_string(m) +
+                                     " k=" + std::to_string(k) + (bf16 ? " bf16" : " f32") +
                                      (with_shared ? " shared" : ""));
                         const int64_t n = m * k;
                         const DType dtype = bf16 ? DType::BF16 : DType::F32;
@@ -835,8 +839,10 @@ TEST(MoeCuda, CombineResidualRmsnormMatchesTwoLaunches) {
                         std::uniform_real_distribution<float> weight(0.0f, 1.0f);
                         for (auto& e : ids) e = expert(rng);
                         for (auto& w : weights) w = weight(rng);
-                        std::vector<float> shared = test::random_normal(rng, static_cast<size_t>(m * d), 1.0f);
-                        std::vector<float> residual = test::random_normal(rng, static_cast<size_t>(m * d), 4.0f);
+                        std::vector<float> shared =
+                            test::random_normal(rng, static_cast<size_t>(m * d), 1.0f);
+                        std::vector<float> residual =
+                            test::random_normal(rng, static_cast<size_t>(m * d), 4.0f);
                         std::vector<float> norm_w = test::random_normal(rng, static_cast<size_t>(d), 1.0f);
                         auto d_o = upload_vec(o);
                         auto d_ids = upload_vec(ids);
@@ -848,36 +854,43 @@ TEST(MoeCuda, CombineResidualRmsnormMatchesTwoLaunches) {
                         res_two.upload(residual, bf16);
                         res_fused.upload(residual, bf16);
                         const void* sh = with_shared ? d_shared.buf.get() : nullptr;
-                        DeviceOut y(static_cast<size_t>(m * d), bf16), out_two(static_cast<size_t>(m * d), bf16),
+                        DeviceOut y(static_cast<size_t>(m * d), bf16),
+                            out_two(static_cast<size_t>(m * d), bf16),
                             out_fused(static_cast<size_t>(m * d), bf16);
                         cuda::moe_combine(d_o.as<float>(), d_ids.as<int32_t>(), d_w.as<float>(),
                                           d_pos.as<int32_t>(), m, k, d, sh, dtype, y.buf.get(), nullptr);
-                        cuda::rmsnorm_residual(y.buf.get(), res_two.buf.get(), dtype, m, d, d_norm.as<float>(),
-                                               1e-5f, out_two.buf.get(), nullptr);
+                        cuda::rmsnorm_residual(y.buf.get(), res_two.buf.get(), dtype, m, d,
+                                               d_norm.as<float>(), 1e-5f, out_two.buf.get(), nullptr);
                         const cuda::MoeResidualNorm norm{.residual = res_fused.buf.get(),
                                                          .weight = d_norm.as<float>(),
                                                          .eps = 1e-5f,
                                                          .out = out_fused.buf.get()};
-                        cuda::moe_combine_residual_rmsnorm(d_o.as<float>(), d_ids.as<int32_t>(), d_w.as<float>(),
-                                                           d_pos.as<int32_t>(), m, k, d, sh, dtype, norm, nullptr);
+                        cuda::moe_combine_residual_rmsnorm(d_o.as<float>(), d_ids.as<int32_t>(),
+                                                           d_w.as<float>(), d_pos.as<int32_t>(), m, k, d, sh,
+                                                           dtype, norm, nullptr);
                         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
                         const size_t bytes = static_cast<size_t>(m * d) * (bf16 ? 2 : 4);
                         const auto two = download_vec<uint8_t>(out_two.buf, bytes);
                         EXPECT_EQ(download_vec<uint8_t>(out_fused.buf, bytes), two);
-                        EXPECT_EQ(download_vec<uint8_t>(res_fused.buf, bytes), download_vec<uint8_t>(res_two.buf, bytes));
+                        EXPECT_EQ(download_vec<uint8_t>(res_fused.buf, bytes),
+                                  download_vec<uint8_t>(res_two.buf, bytes));
                         const std::vector<float> got = out_fused.download();
-                        ASSERT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+                        ASSERT_TRUE(
+                            std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
                     }
     // A missing residual, weight or output, and a width the 8-column passes cannot take, are refused.
     auto buf = poisoned(4096);
     const cuda::MoeResidualNorm none{};
-    EXPECT_THROW(cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
-                                                    buf.as<int32_t>(), 1, 2, 64, nullptr, DType::F32, none, nullptr),
-                 std::invalid_argument);
-    const cuda::MoeResidualNorm some{.residual = buf.get(), .weight = buf.as<float>(), .eps = 1e-5f, .out = buf.get()};
-    EXPECT_THROW(cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
-                                                    buf.as<int32_t>(), 1, 2, 60, nullptr, DType::F32, some, nullptr),
-                 std::invalid_argument);
+    EXPECT_THROW(
+        cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
+                                           buf.as<int32_t>(), 1, 2, 64, nullptr, DType::F32, none, nullptr),
+        std::invalid_argument);
+    const cuda::MoeResidualNorm some{
+        .residual = buf.get(), .weight = buf.as<float>(), .eps = 1e-5f, .out = buf.get()};
+    EXPECT_THROW(
+        cuda::moe_combine_residual_rmsnorm(buf.as<float>(), buf.as<int32_t>(), buf.as<float>(),
+                                           buf.as<int32_t>(), 1, 2, 60, nullptr, DType::F32, some, nullptr),
+        std::invalid_argument);
 }
 
 // Qwen3-MoE-like (SwiGLU) and NemotronH-like (relu^2, odd multiples of 32) shapes at small scale.

@@ -68,14 +68,15 @@ TEST(Registry, EntriesAreWellFormed) {
 }
 
 // The shared-memory figures are those of the kernels: the CUDA-core attention tile for HD 128 / NJ 8
-// (attention_cuda.cu attn_smem_bytes: 4 * (32*128 + 32*132 + 32*128 + 32*32 + 3*32)), the tensor-core decode's
-// static arrays with the warp merge's (ptxas -v: 16800 bytes at HD 128, 8608 at HD 64), and the NVFP4 GEMV's
-// reduction buffer (4096 / 8192 bytes).
+// (attention_cuda.cu attn_smem_bytes: 4 * (32*128 + 32*132 + 32*128 + 32*32 + 3*32)), the tensor-core
+// decode's static arrays with the warp merge's (ptxas -v: 16800 bytes at HD 128, 8608 at HD 64), and the
+// NVFP4 GEMV's reduction buffer (4096 / 8192 bytes).
 TEST(Registry, SharedMemoryMatchesTheKernels) {
     EXPECT_EQ(find_variant(OpKind::AttentionPrefill, "cuda_core.bf16.hd128.nj8")->needs.dynamic_smem_bytes, 54144);
     EXPECT_EQ(find_variant(OpKind::AttentionDecode, "cuda_core.fp8.hd64.nj4")->needs.dynamic_smem_bytes,
               4 * (16 * 64 + 32 * 68 + 32 * 64 + 16 * 32 + 3 * 16));
-    EXPECT_EQ(find_variant(OpKind::AttentionDecode, "decode_mma.nvfp4.hd128")->needs.static_smem_bytes, 16800);
+    EXPECT_EQ(find_variant(OpKind::AttentionDecode, "decode_mma.nvfp4.hd128")->needs.static_smem_bytes,
+              16800);
     EXPECT_EQ(find_variant(OpKind::AttentionDecode, "decode_mma.bf16.hd64")->needs.static_smem_bytes, 8608);
     EXPECT_EQ(find_variant(OpKind::GemvNvfp4, "mma.nt1")->needs.static_smem_bytes, 4096);
     EXPECT_EQ(find_variant(OpKind::GemvNvfp4, "mma.nt2")->needs.static_smem_bytes, 8192);

@@ -106,8 +106,8 @@ struct AttnParams {
 
 // Logical block of `key` and its slot in the block: a shift and a mask for power-of-two block sizes (a
 // division by a runtime int is ~20 instructions, and the short-context decode kernels are instruction-latency
-// bound: docs/perf.md, session 9), a division otherwise. decode_mma_kernel uses it (12 keys a lane a step). The
-// pipelined decode kernel keeps its one division a lane a step: with key_slot its NVFP4 variant ran 6.7%
+// bound: docs/perf.md, session 9), a division otherwise. decode_mma_kernel uses it (12 keys a lane a step).
+// The pipelined decode kernel keeps its one division a lane a step: with key_slot its NVFP4 variant ran 6.7%
 // slower at 64K keys (H100, same call), and the prefill and CUDA-core kernels address a key tile at a time.
 struct KeySlot {
     int block, slot;
@@ -534,7 +534,8 @@ __device__ __forceinline__ __half2 scale_h2(uint32_t code) {
 // This lane's quarter of q row `qrow` (HD / 4 contiguous dims from `first`) as float, in 16-byte loads; zeros
 // when the row is past the group.
 template <int HD>
-__device__ __forceinline__ void load_q_quarter(const AttnParams& p, int64_t first, bool row_ok, float (&qv)[HD / 4]) {
+__device__ __forceinline__ void load_q_quarter(const AttnParams& p, int64_t first, bool row_ok,
+                                               float (&qv)[HD / 4]) {
     constexpr int KQ = HD / 4;
     if (!row_ok) {
 #pragma unroll
@@ -567,12 +568,12 @@ __device__ __forceinline__ void load_q_quarter(const AttnParams& p, int64_t firs
 // unnormalized output of each query row (s_m, s_l, s_o, stored by the caller) merged into the output row
 // (one split) or the split's partial. Each row's factors are worked out once, by thread r, in the warps'
 // order (the arithmetic the per-element loop did before, once per row instead of per element), so the
-// per-element loop is 4 shared loads and fmas, 8 dims a thread with 16-byte accesses. v_mul: what the output is
-// multiplied by (the value scale, and NVFP4's placement).
+// per-element loop is 4 shared loads and fmas, 8 dims a thread with 16-byte accesses. v_mul: what the output
+// is multiplied by (the value scale, and NVFP4's placement).
 template <int HD>
 __device__ __forceinline__ void merge_decode_warps(const AttnParams& p, const float (&s_m)[4][8],
-                                                   const float (&s_l)[4][8], const float (&s_o)[4][8][HD], int q0,
-                                                   int kvh, int split, float v_mul) {
+                                                   const float (&s_l)[4][8], const float (&s_o)[4][8][HD],
+                                                   int q0, int kvh, int split, float v_mul) {
     __shared__ float s_f[4][8], s_out[8];
     const int tid = threadIdx.x;
     __syncthreads();  // s_m, s_l, s_o of every warp
@@ -717,11 +718,13 @@ __global__ void __launch_bounds__(kThreads, 3) decode_mma_kernel(const AttnParam
     uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
     {
         float qv[KQ];
-        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ, row_ok, qv);
+        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ,
+                           row_ok, qv);
 #pragma unroll
         for (int s = 0; s < KSTEPS; ++s)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) split_pair<BF>(qv[4 * s + 2 * h], qv[4 * s + 2 * h + 1], qa_hi[s][h], qa_lo[s][h]);
+            for (int h = 0; h < 2; ++h)
+                split_pair<BF>(qv[4 * s + 2 * h], qv[4 * s + 2 * h + 1], qa_hi[s][h], qa_lo[s][h]);
     }
 
     float o[NT][4];
@@ -906,13 +909,14 @@ __global__ void __launch_bounds__(kThreads, MIN_CTAS) decode_pipe_kernel(const A
     uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
     {
         float qv[KQ];
-        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ, row_ok, qv);
+        load_q_quarter<HD>(p, (static_cast<int64_t>(q0) * p.n_heads + kvh * p.group + g) * HD + t * KQ,
+                           row_ok, qv);
 #pragma unroll
         for (int s = 0; s < KSTEPS; ++s)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                split_pair<false>(qv[pair_dim<PERM>(2 * s + h, 0)], qv[pair_dim<PERM>(2 * s + h, 1)], qa_hi[s][h],
-                                  qa_lo[s][h]);
+                split_pair<false>(qv[pair_dim<PERM>(2 * s + h, 0)], qv[pair_dim<PERM>(2 * s + h, 1)],
+                                  qa_hi[s][h], qa_lo[s][h]);
     }
 
     float o[NT][4];

@@ -345,7 +345,8 @@ struct SigmoidWarpScratch {
 };
 template <class LT>
 __device__ __forceinline__ void route_sigmoid_warp_token(const LT* __restrict__ l, const SigmoidRouting& r,
-                                                         const SigmoidWarpScratch& sh, int& id, float& weight) {
+                                                         const SigmoidWarpScratch& sh, int& id,
+                                                         float& weight) {
     const int lane = threadIdx.x & 31;
     const int n_experts = r.n_experts, top_k = r.top_k, n_group = r.n_group, topk_group = r.topk_group;
     const float* __restrict__ correction_bias = r.correction_bias;
@@ -447,8 +448,8 @@ __global__ void __launch_bounds__(kWarpRouteWarps * 32)
     if (t >= m) return;  // the whole warp; no block barrier below
     int id;
     float weight;
-    route_sigmoid_warp_token(logits + t * r.n_experts, r, {choice_sh[warp], group_score[warp], group_eligible[warp]},
-                             id, weight);
+    route_sigmoid_warp_token(logits + t * r.n_experts, r,
+                             {choice_sh[warp], group_score[warp], group_eligible[warp]}, id, weight);
     if (lane < r.top_k) ids[t * r.top_k + lane] = id, weights[t * r.top_k + lane] = weight;
 }
 
@@ -640,16 +641,17 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
 }
 
 // The same for the sigmoid router (route_sigmoid_warp_token, as moe_route_sigmoid): warps 0 ..
-// kSigmoidPermuteWarps - 1 route the tokens (their group scratch is per warp, so not all 32 warps take tokens).
+// kSigmoidPermuteWarps - 1 route the tokens (their group scratch is per warp, so not all 32 warps take
+// tokens).
 constexpr int kSigmoidPermuteWarps = 8;
 
 template <class LT>
 __global__ void __launch_bounds__(kSmallPermuteThreads)
     route_sigmoid_permute_kernel(const LT* __restrict__ logits, int m, const SigmoidRouting r,
-                                 int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
-                                 int32_t* __restrict__ offsets, int32_t* __restrict__ sorted_pairs,
-                                 int32_t* __restrict__ pair_position, int32_t* __restrict__ active_experts,
-                                 int32_t* __restrict__ n_active) {
+                                 int32_t* __restrict__ ids, float* __restrict__ weights,
+                                 int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                 int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ pair_position,
+                                 int32_t* __restrict__ active_experts, int32_t* __restrict__ n_active) {
     pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ int count_sh[kSmallPermuteThreads];
     __shared__ int id_sh[kSmallPermutePairs];
@@ -1467,7 +1469,8 @@ constexpr int kCombineTargetCtas = 264;  // two CTAs an SM of an H100: small m s
 // Token t's kept choices (ids >= 0) ranked by (expert id, choice index), which is the order the insertion
 // sort of a stable sort by id gives: their sorted positions and weights in that order, and how many. Warp 0
 // (threads 0..31) calls it; the caller syncs before reading.
-__device__ __forceinline__ void rank_choices(const int32_t* __restrict__ ids, const float* __restrict__ weights,
+__device__ __forceinline__ void rank_choices(const int32_t* __restrict__ ids,
+                                             const float* __restrict__ weights,
                                              const int32_t* __restrict__ pair_position, int64_t t, int top_k,
                                              int* order_pos, float* order_w, int* n_routed) {
     const int lane = threadIdx.x;
@@ -1509,7 +1512,8 @@ __global__ void __launch_bounds__(kCombineThreads)
          c += static_cast<int64_t>(kCombineThreads) * col_blocks) {
         float acc = 0.0f;
 #pragma unroll 8
-        for (int j = 0; j < n; ++j) acc = fmaf(order_w[j], o[static_cast<int64_t>(order_pos[j]) * n_embd + c], acc);
+        for (int j = 0; j < n; ++j)
+            acc = fmaf(order_w[j], o[static_cast<int64_t>(order_pos[j]) * n_embd + c], acc);
         if (shared != nullptr) acc += load1(shared + t * n_embd + c);
         store1(y + t * n_embd + c, acc);
     }
@@ -1524,8 +1528,9 @@ constexpr int kCombineNormThreads = 256;
 template <class T>
 __global__ void __launch_bounds__(kCombineNormThreads)
     combine_residual_rmsnorm_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids,
-                                    const float* __restrict__ weights, const int32_t* __restrict__ pair_position,
-                                    int top_k, int64_t n_embd, const T* __restrict__ shared, T* residual,
+                                    const float* __restrict__ weights,
+                                    const int32_t* __restrict__ pair_position, int top_k, int64_t n_embd,
+                                    const T* __restrict__ shared, T* residual,
                                     const float* __restrict__ norm_weight, float eps, T* __restrict__ out) {
     pdl_enter();  // inputs come from the kernels before (cuda/pdl.cuh)
     __shared__ int order_pos[kMaxTopK];
@@ -1946,13 +1951,14 @@ void moe_combine(const float* o, const int32_t* ids, const float* weights, const
 
 void moe_combine_residual_rmsnorm(const float* o, const int32_t* ids, const float* weights,
                                   const int32_t* pair_position, int64_t m, int64_t top_k, int64_t n_embd,
-                                  const void* shared, DType dtype, const MoeResidualNorm& norm, cudaStream_t stream) {
+                                  const void* shared, DType dtype, const MoeResidualNorm& norm,
+                                  cudaStream_t stream) {
     const char* what = "moe_combine_residual_rmsnorm";
     check_dtype(dtype, what);
     if (top_k < 1 || top_k > kMaxTopK || n_embd <= 0 || n_embd % 8 != 0 || m < 0 || m > 0x7fffffff)
-        bad(std::string(what) + ": m " + std::to_string(m) + ", top_k " + std::to_string(top_k) + ", n_embd " +
-            std::to_string(n_embd) + " out of range (n_embd a positive multiple of 8, top_k 1.." +
-            std::to_string(kMaxTopK) + ")");
+        bad(std::string(what) + ": m " + std::to_string(m) + ", top_k " + std::to_string(top_k) +
+            ", n_embd " + std::to_string(n_embd) +
+            " out of range (n_embd a positive multiple of 8, top_k 1.." + std::to_string(kMaxTopK) + ")");
     if (norm.residual == nullptr || norm.weight == nullptr || norm.out == nullptr)
         bad(std::string(what) + ": residual, weight and out are required");
     check_aligned(norm.residual, what, "residual");
@@ -1961,14 +1967,14 @@ void moe_combine_residual_rmsnorm(const float* o, const int32_t* ids, const floa
     const auto blocks = static_cast<unsigned>(m);
     const int k = static_cast<int>(top_k);
     if (dtype == DType::F32)
-        launch_pdl(combine_residual_rmsnorm_kernel<float>, dim3(blocks), dim3(kCombineNormThreads), 0, stream, o,
-                   ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared),
+        launch_pdl(combine_residual_rmsnorm_kernel<float>, dim3(blocks), dim3(kCombineNormThreads), 0, stream,
+                   o, ids, weights, pair_position, k, n_embd, static_cast<const float*>(shared),
                    static_cast<float*>(norm.residual), norm.weight, norm.eps, static_cast<float*>(norm.out));
     else
         launch_pdl(combine_residual_rmsnorm_kernel<__nv_bfloat16>, dim3(blocks), dim3(kCombineNormThreads), 0,
-                   stream, o, ids, weights, pair_position, k, n_embd, static_cast<const __nv_bfloat16*>(shared),
-                   static_cast<__nv_bfloat16*>(norm.residual), norm.weight, norm.eps,
-                   static_cast<__nv_bfloat16*>(norm.out));
+                   stream, o, ids, weights, pair_position, k, n_embd,
+                   static_cast<const __nv_bfloat16*>(shared), static_cast<__nv_bfloat16*>(norm.residual),
+                   norm.weight, norm.eps, static_cast<__nv_bfloat16*>(norm.out));
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -2004,6 +2010,18 @@ MoePermutation workspace_permutation(void* workspace, const MoeWorkspaceLayout& 
         reinterpret_cast<int32_t*>(base + l.active), reinterpret_cast<int32_t*>(base + l.n_active)};
 }
 
+// What the fused router + permutation launchers check of their experts and workspace, and the permutation
+// they fill (moe_experts_nvfp4's workspace layout).
+MoePermutation fused_route_permutation(int64_t m, int64_t top_k, const MoeDeviceExperts& experts,
+                                       void* workspace, const char* what) {
+    if (experts.n_embd < 1 || experts.n_ff < 1)  // the workspace layout needs them; the weights are not read
+        bad(std::string(what) + ": n_embd " + std::to_string(experts.n_embd) + " and n_ff " +
+            std::to_string(experts.n_ff) + " must be positive");
+    check_aligned(workspace, what, "workspace");
+    return workspace_permutation(
+        workspace, moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff));
+}
+
 }  // namespace
 
 void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64_t top_k, bool norm_topk_prob,
@@ -2011,13 +2029,8 @@ void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64
                                cudaStream_t stream) {
     const char* what = "moe_route_softmax_permute";
     check_router(dtype, m, experts.n_experts, top_k, what);
-    if (experts.n_embd < 1 || experts.n_ff < 1)  // the workspace layout needs them; the weights are not read
-        bad(std::string(what) + ": n_embd " + std::to_string(experts.n_embd) + " and n_ff " +
-            std::to_string(experts.n_ff) + " must be positive");
-    check_aligned(workspace, what, "workspace");
+    const MoePermutation perm = fused_route_permutation(m, top_k, experts, workspace, what);
     if (m == 0) return;
-    const MoePermutation perm = workspace_permutation(
-        workspace, moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff));
     if (experts.n_experts > kWarpRouteMaxExperts || m * top_k > kSmallPermutePairs) {
         moe_route_softmax(logits, dtype, m, experts.n_experts, top_k, norm_topk_prob, ids, weights, stream);
         moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
@@ -2037,43 +2050,41 @@ void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64
 }
 
 void moe_route_sigmoid_permute(const void* logits, DType dtype, int64_t m, int64_t top_k,
-                               const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                               float routed_scaling_factor, const MoeDeviceExperts& experts, int32_t* ids,
-                               float* weights, void* workspace, cudaStream_t stream) {
+                               const float* correction_bias, int64_t n_group, int64_t topk_group,
+                               bool norm_topk_prob, float routed_scaling_factor,
+                               const MoeDeviceExperts& experts, int32_t* ids, float* weights, void* workspace,
+                               cudaStream_t stream) {
     const char* what = "moe_route_sigmoid_permute";
     check_sigmoid_router(dtype, m, experts.n_experts, top_k, n_group, topk_group, what);
-    if (experts.n_embd < 1 || experts.n_ff < 1)  // the workspace layout needs them; the weights are not read
-        bad(std::string(what) + ": n_embd " + std::to_string(experts.n_embd) + " and n_ff " +
-            std::to_string(experts.n_ff) + " must be positive");
-    check_aligned(workspace, what, "workspace");
+    const MoePermutation perm = fused_route_permutation(m, top_k, experts, workspace, what);
     if (m == 0) return;
-    const MoePermutation perm = workspace_permutation(
-        workspace, moe_workspace_layout(m, top_k, experts.n_experts, experts.n_embd, experts.n_ff));
     if (experts.n_experts > kWarpRouteMaxExperts || m * top_k > kSmallPermutePairs) {
         moe_route_sigmoid(logits, dtype, m, experts.n_experts, top_k, correction_bias, n_group, topk_group,
                           norm_topk_prob, routed_scaling_factor, ids, weights, stream);
         moe_permute(ids, m, top_k, experts.n_experts, perm, stream);
         return;
     }
-    const SigmoidRouting r{correction_bias,        static_cast<int>(experts.n_experts), static_cast<int>(top_k),
-                           static_cast<int>(n_group), static_cast<int>(topk_group),    norm_topk_prob,
-                           routed_scaling_factor};
+    const SigmoidRouting r{
+        correction_bias,           static_cast<int>(experts.n_experts), static_cast<int>(top_k),
+        static_cast<int>(n_group), static_cast<int>(topk_group),        norm_topk_prob,
+        routed_scaling_factor};
     const int mm = static_cast<int>(m);
     if (dtype == DType::F32)
         launch_pdl(route_sigmoid_permute_kernel<float>, dim3(1), dim3(kSmallPermuteThreads), 0, stream,
                    static_cast<const float*>(logits), mm, r, ids, weights, perm.counts, perm.offsets,
                    perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
     else
-        launch_pdl(route_sigmoid_permute_kernel<__nv_bfloat16>, dim3(1), dim3(kSmallPermuteThreads), 0, stream,
-                   static_cast<const __nv_bfloat16*>(logits), mm, r, ids, weights, perm.counts, perm.offsets,
-                   perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
+        launch_pdl(route_sigmoid_permute_kernel<__nv_bfloat16>, dim3(1), dim3(kSmallPermuteThreads), 0,
+                   stream, static_cast<const __nv_bfloat16*>(logits), mm, r, ids, weights, perm.counts,
+                   perm.offsets, perm.sorted_pairs, perm.pair_position, perm.active_experts, perm.n_active);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
 void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
                                 const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
                                 MoeActivation act, const void* shared, void* workspace, void* y,
-                                cudaStream_t stream, MoeExpertKernel kernel, const MoeResidualNorm* then_norm) {
+                                cudaStream_t stream, MoeExpertKernel kernel,
+                                const MoeResidualNorm* then_norm) {
     check_experts(experts, m, top_k, "moe_experts_nvfp4");
     check_aligned(workspace, "moe_experts_nvfp4", "workspace");
     if (m == 0) return;
@@ -2089,8 +2100,8 @@ void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int
     moe_experts_up_nvfp4(x, dtype, m, top_k, experts, act, perm, h, stream, kernel);
     moe_experts_down_nvfp4(h, m, top_k, experts, perm, o, stream, kernel);
     if (then_norm != nullptr)
-        moe_combine_residual_rmsnorm(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype,
-                                     *then_norm, stream);
+        moe_combine_residual_rmsnorm(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared,
+                                     dtype, *then_norm, stream);
     else
         moe_combine(o, ids, weights, perm.pair_position, m, top_k, experts.n_embd, shared, dtype, y, stream);
 }

@@ -144,7 +144,8 @@ struct MoeResidualNorm {
 };
 void moe_combine_residual_rmsnorm(const float* o, const int32_t* ids, const float* weights,
                                   const int32_t* pair_position, int64_t m, int64_t top_k, int64_t n_embd,
-                                  const void* shared, DType dtype, const MoeResidualNorm& norm, cudaStream_t stream);
+                                  const void* shared, DType dtype, const MoeResidualNorm& norm,
+                                  cudaStream_t stream);
 
 // Expert parallelism (a rank holding experts [begin, end) of the model's, the router replicated): for the
 // n_pairs routed ids, local_ids[i] = ids[i] - begin inside the range, else -1 (moe_localize_ids_cpu). Fed to
@@ -163,7 +164,8 @@ size_t moe_workspace_bytes(int64_t m, int64_t top_k, int64_t n_experts, int64_t 
 void moe_experts_nvfp4(const void* x, DType dtype, int64_t m, const int32_t* ids, const float* weights,
                        int64_t top_k, const MoeDeviceExperts& experts, MoeActivation act, const void* shared,
                        void* workspace, void* y, cudaStream_t stream,
-                       MoeExpertKernel kernel = MoeExpertKernel::Auto, const MoeResidualNorm* then_norm = nullptr);
+                       MoeExpertKernel kernel = MoeExpertKernel::Auto,
+                       const MoeResidualNorm* then_norm = nullptr);
 
 // Decode's router and permutation in one launch: moe_route_softmax (n_experts = experts.n_experts) into ids,
 // weights, then moe_permute of those ids into the permutation of moe_experts_nvfp4's `workspace` (same
@@ -175,9 +177,10 @@ void moe_route_softmax_permute(const void* logits, DType dtype, int64_t m, int64
 // The same for the sigmoid router: moe_route_sigmoid (n_experts = experts.n_experts) then moe_permute, in
 // one kernel when n_experts <= 256 and m top_k <= 1024.
 void moe_route_sigmoid_permute(const void* logits, DType dtype, int64_t m, int64_t top_k,
-                               const float* correction_bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                               float routed_scaling_factor, const MoeDeviceExperts& experts, int32_t* ids,
-                               float* weights, void* workspace, cudaStream_t stream);
+                               const float* correction_bias, int64_t n_group, int64_t topk_group,
+                               bool norm_topk_prob, float routed_scaling_factor,
+                               const MoeDeviceExperts& experts, int32_t* ids, float* weights, void* workspace,
+                               cudaStream_t stream);
 // moe_experts_nvfp4 minus its moe_permute: the workspace already holds the permutation of ids.
 void moe_experts_nvfp4_permuted(const void* x, DType dtype, int64_t m, const int32_t* ids,
                                 const float* weights, int64_t top_k, const MoeDeviceExperts& experts,
