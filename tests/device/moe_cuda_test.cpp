@@ -38,6 +38,7 @@
 #include "ops/linear/linear.h"
 #include "ops/linear/linear_cuda.h"
 #include "ops/moe/moe.h"
+#include "ops/moe/moe_mma_gemv.h"
 #include "ops/moe/moe_workspace.h"
 #include "ops/rmsnorm/rmsnorm_cuda.h"
 #include "tensor/float_formats.h"
@@ -1039,6 +1040,62 @@ TEST(MoeCuda, ExpertsBf16Gemm) {
     const ExpertsCase q{MoeActivation::SwiGlu, 128, 128, 64, 8, true};
     ASSERT_TRUE(cuda::moe_prefers_gemm(2048, q.top_k, q.n_experts, DType::BF16));
     run_experts(pool, rng, q, 2048, true, Draw::Uniform, true, true);
+}
+
+// The tensor-core GEMV (ops/moe/moe_mma_gemv_cuda.cu, steps of 2+ tokens) over its layouts: k split over 8
+// warps (up k = 4096, SwiGLU and relu^2), 4 warps of 6 spans (k = 2688), a split warp left without spans (k =
+// 1056: 9 spans over 4 warps of 3) and a last span with one chunk of 4; down over one warp per row group with
+// a partial span (k = 736: 23 chunks) and 64-row CTAs past n (n_embd 96). m = 2, 9 and 17 over few experts:
+// several 8-token (BF16) and 4-token (float32: hi and lo columns) tiles an expert.
+const ExpertsCase kMmaGemvCases[] = {
+    {MoeActivation::SwiGlu, 4, 4096, 64, 2}, {MoeActivation::Relu2, 4, 4096, 96, 2},
+    {MoeActivation::Relu2, 6, 2688, 736, 2}, {MoeActivation::SwiGlu, 4, 1056, 96, 2},
+    {MoeActivation::SwiGlu, 8, 96, 736, 3},
+};
+
+TEST(MoeCuda, ExpertsNvfp4MmaGemv) {
+    NIBBLE_REQUIRE_GPU();
+    std::mt19937_64 rng(test::fresh_seed());
+    ThreadPool pool;
+    for (const auto& c : kMmaGemvCases) {
+        ASSERT_TRUE(cuda::moe_mma_gemv_preferred(
+            2, c.n_embd, c.act == MoeActivation::SwiGlu ? cuda::MoeGemvOp::SwiGlu : cuda::MoeGemvOp::Relu2));
+        for (int64_t m : {2, 9, 17})
+            for (bool bf16 : {false, true})
+                run_experts(pool, rng, c, m, bf16, m == 2 ? Draw::Uniform : Draw::Few, m == 9,
+                            m == 17 && bf16, cuda::MoeExpertKernel::Gemv);
+    }
+}
+
+// The tensor-core GEMV's split of k over warps, and where the launchers take it (host only).
+TEST(MoeCuda, MmaGemvLayoutAndChoice) {
+    using cuda::MoeGemvOp;
+    const auto qwen_up = cuda::moe_mma_gemv_layout(2048, MoeGemvOp::SwiGlu);
+    EXPECT_TRUE(qwen_up.supported);
+    EXPECT_EQ(qwen_up.k_splits, 4);
+    EXPECT_EQ(qwen_up.spans_per_warp, 4);
+    EXPECT_EQ(qwen_up.warps, 4);
+    EXPECT_EQ(qwen_up.row_groups, 1);
+    const auto qwen_down = cuda::moe_mma_gemv_layout(768, MoeGemvOp::Down);
+    EXPECT_EQ(qwen_down.k_splits, 1);
+    EXPECT_EQ(qwen_down.spans_per_warp, 6);
+    EXPECT_EQ(qwen_down.row_groups, 4);
+    const auto wide = cuda::moe_mma_gemv_layout(4096, MoeGemvOp::SwiGlu);
+    EXPECT_EQ(wide.k_splits, 8);
+    EXPECT_EQ(wide.warps, 8);
+    EXPECT_EQ(wide.row_groups, 1);
+    const auto nemotron_up = cuda::moe_mma_gemv_layout(2688, MoeGemvOp::Relu2);
+    EXPECT_EQ(nemotron_up.k_splits, 4);
+    EXPECT_EQ(nemotron_up.spans_per_warp, 6);
+    EXPECT_FALSE(cuda::moe_mma_gemv_layout(4128, MoeGemvOp::SwiGlu).supported);  // 33 spans > 8 warps x 4
+    EXPECT_TRUE(cuda::moe_mma_gemv_layout(6144, MoeGemvOp::Relu2).supported);    // 48 spans = 8 warps x 6
+    EXPECT_FALSE(cuda::moe_mma_gemv_layout(6272, MoeGemvOp::Relu2).supported);
+    EXPECT_FALSE(cuda::moe_mma_gemv_layout(100, MoeGemvOp::Down).supported);  // not a multiple of 32
+    EXPECT_FALSE(cuda::moe_mma_gemv_preferred(1, 2048, MoeGemvOp::SwiGlu));   // one token: the register GEMV
+    EXPECT_TRUE(cuda::moe_mma_gemv_preferred(2, 2048, MoeGemvOp::SwiGlu));
+    EXPECT_TRUE(cuda::moe_mma_gemv_preferred(8, 768, MoeGemvOp::Down));
+    EXPECT_FALSE(
+        cuda::moe_mma_gemv_preferred(8, 1856, MoeGemvOp::Down));  // split over warps: measured slower
 }
 
 TEST(MoeCuda, RejectsBadArguments) {

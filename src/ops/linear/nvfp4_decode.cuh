@@ -19,17 +19,25 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
 __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t h) {
     return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
-__device__ __forceinline__ void e2m1x8_to_float(uint32_t w, float (&v)[8]) {
+// The same 8 codes as four fp16 pairs (bit patterns of __half2, value * 2^-14 each, exact; fp16 subnormals
+// for +-0.5): h[0] = {v0, v2}, h[1] = {v4, v6}, h[2] = {v1, v3}, h[3] = {v5, v7} (low half first).
+__device__ __forceinline__ void e2m1x8_to_half2(uint32_t w, uint32_t (&h)[4]) {
     const uint32_t te = w & 0x0f0f0f0fu;         // codes of elements 0, 2, 4, 6 (one per byte)
     const uint32_t to = (w >> 4) & 0x0f0f0f0fu;  // codes of elements 1, 3, 5, 7
     // 2 * code + 112 * sign = 2 * eem + 128 * sign; (code & 8) = 8 * sign
     const uint32_t he = te * 2u + (te & 0x08080808u) * 14u;
     const uint32_t ho = to * 2u + (to & 0x08080808u) * 14u;
+    h[0] = __byte_perm(he, 0u, 0x1404), h[1] = __byte_perm(he, 0u, 0x3424);
+    h[2] = __byte_perm(ho, 0u, 0x1404), h[3] = __byte_perm(ho, 0u, 0x3424);
+}
+__device__ __forceinline__ void e2m1x8_to_float(uint32_t w, float (&v)[8]) {
+    uint32_t h[4];
+    e2m1x8_to_half2(w, h);
     float2 p;
-    p = half2_bits_to_float2(__byte_perm(he, 0u, 0x1404)), v[0] = p.x, v[2] = p.y;
-    p = half2_bits_to_float2(__byte_perm(he, 0u, 0x3424)), v[4] = p.x, v[6] = p.y;
-    p = half2_bits_to_float2(__byte_perm(ho, 0u, 0x1404)), v[1] = p.x, v[3] = p.y;
-    p = half2_bits_to_float2(__byte_perm(ho, 0u, 0x3424)), v[5] = p.x, v[7] = p.y;
+    p = half2_bits_to_float2(h[0]), v[0] = p.x, v[2] = p.y;
+    p = half2_bits_to_float2(h[1]), v[4] = p.x, v[6] = p.y;
+    p = half2_bits_to_float2(h[2]), v[1] = p.x, v[3] = p.y;
+    p = half2_bits_to_float2(h[3]), v[5] = p.x, v[7] = p.y;
 }
 
 // E4M3 code (low 8 bits of b) to float32, exactly: the bits moved into float32's exponent/mantissa give

@@ -16,6 +16,8 @@
 // Up to k = 4096 the GEMV keeps 2 (SwiGLU) or 4 rows a lane of weights in registers instead, loaded first,
 // reads its inputs from swizzled shared memory (staged as float32, up to 8 rows at a time), and reuses the
 // registers for every token of the expert: the same per-row arithmetic (moe_reg_gemv_nvfp4_kernel).
+// Steps of 2+ tokens take the tensor-core GEMV of ops/moe/moe_mma_gemv_cuda.cu where it measured faster
+// (moe_mma_gemv_preferred).
 // Combine: CTAs over (token, column block), the choices ranked by expert id by one warp with shuffles.
 // Grouped GEMM (prefill, MoeExpertKernel::Gemm): tensor cores over (expert, 64 positions, 128 weight rows)
 // tiles, weights dequantized to BF16 in shared memory; see the comment above moe_gemm_nvfp4_kernel.
@@ -31,6 +33,8 @@
 #include "cuda/vec8.cuh"
 #include "ops/linear/nvfp4_decode.cuh"
 #include "ops/moe/moe_cuda.h"
+#include "ops/moe/moe_gemv_common.cuh"
+#include "ops/moe/moe_mma_gemv.h"
 #include "ops/moe/moe_workspace.h"
 
 namespace nibble::cuda {
@@ -693,8 +697,6 @@ constexpr int kGemvTokenTile = 8;
 // gets about this many (gemv_lanes_per_row), all in flight together.
 constexpr int kGemvChunksInFlight = 4;
 
-enum class Epilogue { None, SwiGlu, Relu2 };
-
 // Sum over the `lanes` (a power of two) consecutive lanes of a segment; every lane of it gets the sum.
 // All 32 lanes must call it. lanes = 32 adds in warp_sum's order.
 __device__ __forceinline__ float segment_sum(float v, int lanes) {
@@ -889,17 +891,6 @@ __device__ __forceinline__ float4 load4_float(const __nv_bfloat16* p) {
     const uint2 u = __ldca(reinterpret_cast<const uint2*>(p));
     return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
                        __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
-}
-
-// An expert's weight descriptor through coherent loads (the down instance reads it before its pdl_wait).
-__device__ __forceinline__ Nvfp4DeviceWeight load_weight_coherent(const Nvfp4DeviceWeight* p) {
-    Nvfp4DeviceWeight w;
-    w.packed = reinterpret_cast<const uint8_t*>(__ldca(reinterpret_cast<const unsigned long long*>(&p->packed)));
-    w.scales = reinterpret_cast<const uint8_t*>(__ldca(reinterpret_cast<const unsigned long long*>(&p->scales)));
-    w.global_scale = __ldca(&p->global_scale);
-    w.n = __ldca(reinterpret_cast<const long long*>(&p->n));
-    w.k = __ldca(reinterpret_cast<const long long*>(&p->k));
-    return w;
 }
 
 // out[p, n] for the sorted positions p of one active expert (blockIdx.y = slot in the active list); input
@@ -1857,6 +1848,13 @@ void moe_experts_up_nvfp4(const void* x, DType dtype, int64_t m, int64_t top_k,
     }
     const int lanes = gemv_lanes_per_row(experts.n_embd);
     const dim3 grid(gemv_grid_x(experts.n_ff, lanes), grid_y_for(m, top_k, experts.n_experts));
+    const MoeGemvOp op = swiglu ? MoeGemvOp::SwiGlu : MoeGemvOp::Relu2;
+    if (moe_mma_gemv_preferred(m, experts.n_embd, op) &&
+        moe_mma_gemv(x, dtype, op, experts.n_embd, top_k, experts.gate, experts.up, experts.n_ff, grid.y, m,
+                     perm, h, stream)) {
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     const int k = static_cast<int>(top_k);
     auto launch = [&]<class XT, Epilogue kEpi>() {
         if (launch_reg_gemv<XT, true, kEpi>(static_cast<const XT*>(x), experts.n_embd, top_k, experts.gate,
@@ -1907,6 +1905,12 @@ void moe_experts_down_nvfp4(const float* h, int64_t m, int64_t top_k, const MoeD
         return;
     }
     const int lanes = gemv_lanes_per_row(experts.n_ff);
+    if (moe_mma_gemv_preferred(m, experts.n_ff, MoeGemvOp::Down) &&
+        moe_mma_gemv(h, DType::F32, MoeGemvOp::Down, experts.n_ff, top_k, nullptr, experts.down,
+                     experts.n_embd, grid_y_for(m, top_k, experts.n_experts), m, perm, o, stream)) {
+        NIBBLE_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     if (launch_reg_gemv<float, false, Epilogue::None>(h, experts.n_ff, top_k, nullptr, experts.down,
                                                       experts.n_embd, grid_y_for(m, top_k, experts.n_experts), m,
                                                       perm, o, stream)) {
