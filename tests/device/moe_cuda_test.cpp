@@ -919,7 +919,10 @@ TEST(MoeCuda, ExpertsNvfp4) {
 // (k <= 4096: weights in registers, inputs staged 8 rows at a time, fewer at large k; 16 rows a warp at
 // down's k = 768) gets warps without rows (n_embd 96 and 160), a warp with some rows (96 at 64 rows a warp),
 // n_ff 4096 (32 lanes of 4 chunks, 3 rows staged: several tiles at m = 17), and k = 4128 (past it: the
-// generic GEMV, its 8-token tile at m = 17) for down and for both up epilogues.
+// generic GEMV, its 8-token tile at m = 17) for down and for both up epilogues. Those are the one-token runs;
+// at m = 2 and 17 the same shapes take the tensor-core GEMV (moe_mma_gemv_preferred), k split over 2, 4 and 8
+// warps for down (k = 1856, 4096, 4128: 15, 32 and 33 spans), except k = 4128 for SwiGLU (past it: the
+// generic GEMV).
 const ExpertsCase kGemvRowGroupCases[] = {
     {MoeActivation::SwiGlu, 8, 768, 256, 3},  {MoeActivation::Relu2, 8, 2048, 1856, 2},
     {MoeActivation::Relu2, 8, 96, 256, 2},    {MoeActivation::SwiGlu, 4, 160, 800, 2},
@@ -1094,8 +1097,12 @@ TEST(MoeCuda, MmaGemvLayoutAndChoice) {
     EXPECT_FALSE(cuda::moe_mma_gemv_preferred(1, 2048, MoeGemvOp::SwiGlu));   // one token: the register GEMV
     EXPECT_TRUE(cuda::moe_mma_gemv_preferred(2, 2048, MoeGemvOp::SwiGlu));
     EXPECT_TRUE(cuda::moe_mma_gemv_preferred(8, 768, MoeGemvOp::Down));
-    EXPECT_FALSE(
-        cuda::moe_mma_gemv_preferred(8, 1856, MoeGemvOp::Down));  // split over warps: measured slower
+    EXPECT_TRUE(cuda::moe_mma_gemv_preferred(8, 1856, MoeGemvOp::Down));
+    const auto nemotron_down = cuda::moe_mma_gemv_layout(1856, MoeGemvOp::Down);  // 15 spans, the last half
+    EXPECT_EQ(nemotron_down.k_splits, 2);
+    EXPECT_EQ(nemotron_down.spans_per_warp, 8);
+    EXPECT_EQ(nemotron_down.row_groups, 2);
+    EXPECT_FALSE(cuda::moe_mma_gemv_preferred(8, 8224, MoeGemvOp::Down));  // 65 spans > 8 warps x 8
 }
 
 TEST(MoeCuda, RejectsBadArguments) {

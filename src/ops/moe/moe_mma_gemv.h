@@ -28,13 +28,12 @@ struct MoeMmaGemvLayout {
 };
 MoeMmaGemvLayout moe_mma_gemv_layout(int64_t k, MoeGemvOp op);
 
-// Whether the launchers of moe_cuda.cu take this kernel (measured on H100 against the CUDA-core register
-// GEMV, docs/perf.md, session 10): for steps of 2 or more tokens, the up projection (faster or equal on both
-// MoE shapes at m = 8, 32, 64: Qwen3-30B-A3B 56.7 / 128.7 / 199.2 us against 61.2 / 193.2 / 353.4) and the
-// down projection when one warp holds a row's whole k (k_splits = 1, Qwen3-30B-A3B's k = 768: 29.6 / 67.8
-// against 32.6 / 97.1; Nemotron-3-Nano's k = 1856 over 4 splits was slower). One-token steps stay on the
-// register GEMV, faster there (up 10.0 against 9.9 us, tg128 393 against 398 tok/s): both wait on one wave of
-// weight loads.
+// Whether the launchers of moe_cuda.cu take this kernel: steps of 2 or more tokens (measured on H100 against
+// the CUDA-core register GEMV, `nibble-kernel-bench moe`, docs/perf.md session 10; up / down us at m = 8, 32,
+// 64: Qwen3-30B-A3B 56.1 / 31.9, 127.0 / 73.7, 176.5 / 100.5 against 61.2 / 32.6, 193.2 / 97.1, 353.4 /
+// 165.5; Nemotron-3-Nano 91.0 / 80.6, 255.1 / 219.3, 367.4 / 314.8 against 90.7 / 77.7, 312.6 / 249.1, 558.1
+// / 433.9). One-token steps stay on the register GEMV, as fast there (Qwen3 up 10.0 against 9.9 us; tg128 393
+// against 398 tok/s): both wait on one wave of weight loads.
 bool moe_mma_gemv_preferred(int64_t m, int64_t k, MoeGemvOp op);
 
 // out[p, :] for every sorted position p of the active experts (perm), NVFP4 weights w1s[e] (up or down) and,

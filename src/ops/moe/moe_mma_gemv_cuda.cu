@@ -50,9 +50,13 @@ constexpr int kColumns = 8;            // mma n: B rows per tile
 constexpr size_t kStageBytes = 36864;  // shared memory for a tile's B rows (+ 8 KB of partial sums <= 48 KB)
 
 __host__ __device__ constexpr int sets_of(Epilogue e) { return e == Epilogue::SwiGlu ? 2 : 1; }
-// Spans a warp holds in registers, 2 rows x sets x spans 16-byte chunks a lane: SwiGLU 4 (64 registers, ~164
-// in all), one matrix 6 (48; <= 128 in all, so that 16 warps fit an SM: ptxas spills at 8).
-__host__ __device__ constexpr int max_spans_of(Epilogue e) { return e == Epilogue::SwiGlu ? 4 : 6; }
+// Spans a warp holds in registers, 2 rows x sets x spans 16-byte chunks a lane: SwiGLU 4 and down 8 (64
+// registers, ~164 in all), relu^2's up 6 (48; <= 128 in all, so that 16 warps fit an SM).
+__host__ __device__ constexpr int max_spans_of(Epilogue e) {
+    return e == Epilogue::SwiGlu ? 4 : e == Epilogue::Relu2 ? 6 : 8;
+}
+// Fewer than 2 CTAs of 8 warps an SM for the 64-register variants (ptxas spills them at 128).
+__host__ __device__ constexpr int min_ctas_of(Epilogue e) { return e == Epilogue::Relu2 ? 2 : 1; }
 
 __device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                               uint32_t b1) {
@@ -167,9 +171,8 @@ __device__ __forceinline__ void stage_tile(const XT* __restrict__ x, int k, int 
     __syncthreads();
 }
 
-// SwiGLU holds twice the codes: no second CTA bound (ptxas then spills at 128 registers).
 template <class XT, bool kGather, Epilogue kEpi>
-__global__ void __launch_bounds__(kMaxWarps * 32, kEpi == Epilogue::SwiGlu ? 1 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, min_ctas_of(kEpi))
     moe_mma_gemv_kernel(const XT* __restrict__ x, int k, int top_k, const Nvfp4DeviceWeight* __restrict__ w0s,
                         const Nvfp4DeviceWeight* __restrict__ w1s, int n, MoeMmaGemvLayout lay,
                         int tile_tokens, int stride_units, const int32_t* __restrict__ offsets,
@@ -355,7 +358,9 @@ MoeMmaGemvLayout moe_mma_gemv_layout(int64_t k, MoeGemvOp op) {
     const int64_t spans = (k + kSpanCodes - 1) / kSpanCodes;
     // The fewest warps a row group (each holding up to max_spans): fewer, longer warps than the GPU can hold
     // at once would leave a second wave.
-    const int max_spans = max_spans_of(op == MoeGemvOp::SwiGlu ? Epilogue::SwiGlu : Epilogue::None);
+    const int max_spans = max_spans_of(op == MoeGemvOp::SwiGlu  ? Epilogue::SwiGlu
+                                       : op == MoeGemvOp::Relu2 ? Epilogue::Relu2
+                                                                : Epilogue::None);
     int splits = 1;
     while (splits < kMaxWarps && (spans + splits - 1) / splits > max_spans) splits *= 2;
     const int64_t per_warp = (spans + splits - 1) / splits;
@@ -370,7 +375,7 @@ MoeMmaGemvLayout moe_mma_gemv_layout(int64_t k, MoeGemvOp op) {
 
 bool moe_mma_gemv_preferred(int64_t m, int64_t k, MoeGemvOp op) {
     const MoeMmaGemvLayout lay = moe_mma_gemv_layout(k, op);
-    return m >= 2 && lay.supported && (op != MoeGemvOp::Down || lay.k_splits == 1);
+    return m >= 2 && lay.supported;
 }
 
 bool moe_mma_gemv(const void* x, DType x_dtype, MoeGemvOp op, int64_t k, int64_t top_k,
