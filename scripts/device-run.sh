@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (the `device` tool): unpacks binaries and the shared libraries that machine
 # lacks from .carry/pack.tar.xz (built here for sm_90a), then runs the device tests and the benchmarks named
-# by the arguments: tests[:FILTER], bench[:ARGS...], kbench[:PART], startup[:SERVE FLAGS] (serve start to
+# by the arguments: tests[:FILTER], bench[:ARGS...], kbench[:PART], wave (nibble-wave-probe), startup[:SERVE FLAGS] (serve start to
 # first token on a synthetic 8B NVFP4 checkpoint), tpserve[:N] (nibble serve -tp N against -tp 1:
 # scripts/tp-serve-check.sh; needs N GPUs), trace:[NIBBLE_TRACE_*=V ...] ARGS (`nibble ARGS` under the CUPTI
 # kernel tracer: docs/perf.md, Kernel traces without nsys; report in $OUT/trace[-N].txt). Logs go to $OUT.
@@ -30,6 +30,7 @@ for step in "$@"; do
                grep '^\[  FAILED  \]' "$out/tests.log" | sed 's/, where GetParam.*//' ;;
         bench) "$root/bin/nibble" bench $arg 2>&1 | tee -a "$out/bench.log" | grep -v "^\[" ;;
         kbench) "$root/bin/nibble-kernel-bench" $arg 2>&1 | tee -a "$out/kbench.log" | tail -40 ;;
+        wave) "$root/bin/nibble-wave-probe" 2>&1 | tee -a "$out/wave.log" ;;
         tpserve) NCCL_NVLS_ENABLE=0 scripts/tp-serve-check.sh "$root/bin/nibble" "" "${arg:-2}" 2>&1 | tee -a "$out/tpserve.log" | tail -40 ;;
         trace) read -ra words <<< "$arg"; envs=()
                while [[ "${words[0]:-}" == NIBBLE_TRACE_*=* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done

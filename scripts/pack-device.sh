@@ -7,10 +7,10 @@
 set -euo pipefail
 build="${1:-build-cuda}"
 out="${2:-.carry/pack.tar.xz}"
-cmake --build "$build" -j2 --target nibble nibble-device-tests nibble-kernel-bench
+cmake --build "$build" -j2 --target nibble nibble-device-tests nibble-kernel-bench nibble-wave-probe
 pack="$(mktemp -d)"
 mkdir -p "$pack/bin" "$pack/lib" .carry
-cp "$build/nibble" "$build/nibble-device-tests" "$build/nibble-kernel-bench" "$pack/bin/"
+cp "$build/nibble" "$build/nibble-device-tests" "$build/nibble-kernel-bench" "$build/nibble-wave-probe" "$pack/bin/"
 for b in "$pack"/bin/*; do ldd "$b" | awk '/=> \//{print $3}'; done | sort -u |
     grep -v -E 'lib(c|m|stdc\+\+|gcc_s|pthread|dl|rt|nccl|cublas|cublasLt)\.so|ld-linux' |
     xargs -I{} cp -L {} "$pack/lib/"

@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "cuda/cuda_check.h"
+#include "cuda/mma_sync.cuh"
 #include "cuda/pdl.cuh"
 #include "ops/linear/nvfp4_decode.cuh"
 #include "ops/moe/moe_gemv_common.cuh"
@@ -57,15 +58,6 @@ __host__ __device__ constexpr int max_spans_of(Epilogue e) {
 }
 // Fewer than 2 CTAs of 8 warps an SM for the 64-register variants (ptxas spills them at 128).
 __host__ __device__ constexpr int min_ctas_of(Epilogue e) { return e == Epilogue::Relu2 ? 2 : 1; }
-
-__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, __half2 s) {
     const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), s);
