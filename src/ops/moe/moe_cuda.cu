@@ -908,7 +908,7 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
     moe_reg_gemv_nvfp4_kernel(const XT* __restrict__ x, int k, int top_k,
                               const Nvfp4DeviceWeight* __restrict__ w0s,
                               const Nvfp4DeviceWeight* __restrict__ w1s, int n, int lanes_per_row,
-                              int token_tile, const int32_t* __restrict__ offsets,
+                              int token_tile, int one_token, const int32_t* __restrict__ offsets,
                               const int32_t* __restrict__ sorted_pairs,
                               const int32_t* __restrict__ active_experts,
                               const int32_t* __restrict__ n_active, float* __restrict__ out) {
@@ -918,12 +918,14 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
     constexpr int kRows = reg_gemv_rows(kEpi);
     constexpr int kSets = kGated ? 2 : 1;  // weight matrices read: [0] = w1 (up / down), [1] = w0 (gate)
     extern __shared__ float4 x_sh[];       // [token_tile][k / 4], swizzled (reg_gemv_swizzle)
+    // Both loads at once (slot < gridDim.y <= n_experts: in bounds; the expert is used only when active): one
+    // round trip less before the weight loads.
     const int active = __ldca(n_active);
+    const int e = __ldca(active_experts + blockIdx.y);
     if (static_cast<int>(blockIdx.y) >= active) {  // the whole CTA, before any barrier
         if constexpr (kEarlyWeights) pdl_wait();   // rule 2: no CTA ends before its predecessor
         return;
     }
-    const int e = __ldca(active_experts + blockIdx.y);  // slot < gridDim.y <= n_experts: in bounds
     Nvfp4DeviceWeight w[kSets];
     w[0] = load_weight_coherent(w1s + e);
     if constexpr (kGated) w[1] = load_weight_coherent(w0s + e);
@@ -968,7 +970,8 @@ __global__ void __launch_bounds__(kRegGemvWarps * 32)
         for (int idx = threadIdx.x; idx < nb * quads; idx += kRegGemvWarps * 32) {
             const int i = idx / quads, f = idx - i * quads;
             const int p = begin + t0 + i;
-            const int64_t src = kGather ? __ldca(sorted_pairs + p) / top_k : p;
+            // A one-token step's pairs are all token 0: no round trip through sorted_pairs.
+            const int64_t src = kGather ? (one_token ? 0 : __ldca(sorted_pairs + p) / top_k) : p;
             x_sh[i * quads + reg_gemv_swizzle(f)] = load4_float(x + src * k + 4 * f);
         }
         __syncthreads();
@@ -1054,8 +1057,8 @@ bool launch_reg_gemv(const XT* x, int64_t k, int64_t top_k, const Nvfp4DeviceWei
         {static_cast<size_t>(kRegGemvTokenTile), kRegGemvSharedBytes / row_bytes, static_cast<size_t>(std::max<int64_t>(1, m))}));
     launch_pdl(moe_reg_gemv_nvfp4_kernel<XT, kGather, kEpi>, dim3(grid), dim3(kRegGemvWarps * 32),
                token_tile * row_bytes, stream, x, static_cast<int>(k), static_cast<int>(top_k), w0s, w1s,
-               static_cast<int>(n), lanes, token_tile, perm.offsets, perm.sorted_pairs, perm.active_experts,
-               perm.n_active, out);
+               static_cast<int>(n), lanes, token_tile, m == 1 ? 1 : 0, perm.offsets, perm.sorted_pairs,
+               perm.active_experts, perm.n_active, out);
     return true;
 }
 
