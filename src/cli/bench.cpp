@@ -1,9 +1,12 @@
 // `nibble bench`: llama-bench-style throughput of the CUDA backend. For each KV cache dtype and depth d:
 //   pp<P> @ d<D>: one prompt of P tokens prefilled on top of D cached tokens (tokens/s of the prompt);
-//   tg<N> @ d<D>: N greedy decode steps of one sequence after D cached tokens (tokens/s generated).
+//   tg<N> @ d<D>: N greedy decode steps of one sequence after D cached tokens (tokens/s generated);
+//   tg<N> xB @ d<D> (-b B, B > 1): the same with B sequences decoding together, one token each a step
+//   (tokens/s generated over all B; each sequence has its own D cached tokens).
 // Each figure is the mean and standard deviation over -r repeats, and is quoted against its physical limit,
 // measured on the card in the same run: generation against copy bandwidth over the bytes one token reads
-// (every weight once plus the KV cache at that depth; a MoE layer's router and top_k experts only), prompt
+// (every weight once plus the KV cache at that depth; a MoE layer's router and top_k experts only; a batched
+// step's B tokens read the experts B tokens pick on average under uniform routing, and B caches), prompt
 // processing against the BF16 matrix rate over the FLOPs one token needs (the weights it passes through and
 // attention). Models come from a checkpoint (--model DIR) or are
 // random weights of a real architecture's shape made on the device (--synthetic llama3-8b). Hybrid models
@@ -59,6 +62,7 @@ struct BenchOptions {
     std::vector<int64_t> prompt = {512};
     std::vector<int64_t> gen = {128};
     std::vector<int64_t> depth = {0};
+    std::vector<int64_t> batch = {1};  // sequences decoding together in the tg tests
     std::vector<std::string> kv = {"bf16"};
     int repeats = 5;
     std::string output = "md";
@@ -140,12 +144,15 @@ double prompt_flops(const Weights& w, int64_t p, int64_t d) {
     return 2.0 * linear_params * static_cast<double>(p) + 2.0 * static_cast<double>(w.lm_head.n_out * w.lm_head.n_in) + attn;
 }
 
-// Bytes one generated token reads at cache length `len`: every streamed weight once (MoE layers: the router
-// and top_k experts, what one sequence's token touches), the KV cache, one embedding row.
+// Bytes one decode step of `seqs` sequences reads at cache length `len` each: every streamed weight once (MoE
+// layers: the router and the experts the step's tokens pick, top_k for one token), each sequence's KV cache,
+// recurrent state and embedding row.
 template <class Weights>
-double token_bytes(const Weights& w, const KvCacheShape& kv, double len) {
-    return static_cast<double>(w.streamed_bytes_per_token()) + len * static_cast<double>(kv.bytes_per_token()) +
-           static_cast<double>(w.config.n_embd * 2) + static_cast<double>(state_bytes_per_token(w));
+double step_bytes(const Weights& w, const KvCacheShape& kv, double len, int64_t seqs) {
+    const auto n = static_cast<double>(seqs);
+    return w.streamed_bytes_per_step(seqs) +
+           n * (len * static_cast<double>(kv.bytes_per_token()) + static_cast<double>(w.config.n_embd * 2) +
+                static_cast<double>(state_bytes_per_token(w)));
 }
 
 std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t n, int64_t vocab) {
@@ -202,39 +209,57 @@ std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& k
     const int64_t max_p = *std::max_element(o.prompt.begin(), o.prompt.end());
     const int64_t max_n = *std::max_element(o.gen.begin(), o.gen.end());
     const int64_t max_d = *std::max_element(o.depth.begin(), o.depth.end());
+    const int64_t max_b = *std::max_element(o.batch.begin(), o.batch.end());
     const int64_t block = 16;
     const int64_t max_len = max_d + std::max(max_p, max_n) + block;
     const int64_t blocks = (max_len + block - 1) / block;
-    std::vector<int32_t> table(static_cast<size_t>(blocks));
-    for (int64_t i = 0; i < blocks; ++i) table[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+    // Sequence s's blocks: s * blocks .. (s + 1) * blocks - 1 (sequence 0 runs the pp tests).
+    std::vector<std::vector<int32_t>> tables(static_cast<size_t>(max_b),
+                                             std::vector<int32_t>(static_cast<size_t>(blocks)));
+    for (int64_t s = 0; s < max_b; ++s)
+        for (int64_t i = 0; i < blocks; ++i)
+            tables[static_cast<size_t>(s)][static_cast<size_t>(i)] = static_cast<int32_t>(s * blocks + i);
     std::mt19937_64 rng(42);
 
     std::vector<Row> rows;
     for (KvDtype kv : kv_dtypes) {
-        gpu::CudaModelRunner runner(weights, {.kv_dtype = kv,
-                                              .num_blocks = blocks,
-                                              .block_size = block,
-                                              .max_model_len = max_len,
-                                              .max_num_batched_tokens = std::max(max_p, o.prefill_chunk),
-                                              .max_num_seqs = 1,
-                                              .act_dtype = DType::BF16,
-                                              .max_cudagraph_capture_size = o.enforce_eager ? 0 : 1,
-                                              .fused_gemv = !o.unfused,
-                                              .kernel_choices = kernel_choices,
-                                              .num_state_slots = 1,
-                                              .stream = stream});
+        gpu::CudaModelRunner runner(weights,
+                                    {.kv_dtype = kv,
+                                     .num_blocks = blocks * max_b,
+                                     .block_size = block,
+                                     .max_model_len = max_len,
+                                     .max_num_batched_tokens = std::max({max_p, o.prefill_chunk, max_b}),
+                                     .max_num_seqs = max_b,
+                                     .act_dtype = DType::BF16,
+                                     .max_cudagraph_capture_size = o.enforce_eager ? 0 : max_b,
+                                     .fused_gemv = !o.unfused,
+                                     .kernel_choices = kernel_choices,
+                                     .num_state_slots = max_b,
+                                     .stream = stream});
         if constexpr (std::is_same_v<Weights, gpu::DeviceDecoder>) runner.set_communicator(comm);
         const KvCacheShape& shape = runner.kv_cache().shape();
         std::vector<float> logits;
         std::vector<int32_t> next;
-        auto prefill = [&](const std::vector<int32_t>& tokens, int64_t start) {
-            const RunnerSequence s{.tokens = tokens, .block_table = table, .start_pos = start, .needs_logits = true,
-                                   .state_slot = 0};
+        auto prefill_seq = [&](int64_t seq, const std::vector<int32_t>& tokens, int64_t start) {
+            const RunnerSequence s{.tokens = tokens,
+                                   .block_table = tables[static_cast<size_t>(seq)],
+                                   .start_pos = start,
+                                   .needs_logits = true,
+                                   .state_slot = static_cast<int32_t>(seq)};
             runner.execute_greedy(std::span(&s, 1), next);
         };
+        auto prefill = [&](const std::vector<int32_t>& tokens, int64_t start) {
+            prefill_seq(0, tokens, start);
+        };
         for (int64_t d : o.depth) {
-            // Fill the cache to depth d (untimed), in chunks.
-            for (int64_t at = 0; at < d; at += o.prefill_chunk) prefill(random_tokens(rng, std::min(o.prefill_chunk, d - at), c.vocab_size), at);
+            // Fill sequence 0's cache to depth d (untimed), in chunks; the other sequences' before the first
+            // batched test.
+            auto fill = [&](int64_t seq) {
+                for (int64_t at = 0; at < d; at += o.prefill_chunk)
+                    prefill_seq(seq, random_tokens(rng, std::min(o.prefill_chunk, d - at), c.vocab_size), at);
+            };
+            fill(0);
+            bool others_filled = false;
             for (int64_t p : o.prompt) {
                 if (p == 0) continue;
                 std::vector<double> tps;
@@ -249,24 +274,42 @@ std::vector<Row> bench_rank(const BenchOptions& o, const std::vector<KvDtype>& k
                 rows.push_back({kv_dtype_name(kv).data(), "pp" + std::to_string(p), d, stat_of(tps),
                                 limits.bf16_flops_per_s / flops_per_token, "BF16 matmul"});
             }
-            for (int64_t n : o.gen) {
-                if (n == 0) continue;
-                std::vector<double> tps;
-                for (int r = 0; r <= o.repeats; ++r) {  // the first run warms up
-                    std::vector<int32_t> tok = {static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size))};
-                    const auto t0 = std::chrono::steady_clock::now();
-                    for (int64_t i = 0; i < n; ++i) {
-                        const RunnerSequence s{.tokens = tok, .block_table = table, .start_pos = d + i,
-                                               .needs_logits = true, .state_slot = 0};
-                        runner.execute_greedy(std::span(&s, 1), next);
-                        tok[0] = next[0];
+            for (int64_t b : o.batch)
+                for (int64_t n : o.gen) {
+                    if (n == 0 || b == 0) continue;
+                    if (b > 1 && !others_filled) {
+                        for (int64_t seq = 1; seq < max_b; ++seq) fill(seq);
+                        others_filled = true;
                     }
-                    if (r > 0) tps.push_back(static_cast<double>(n) / seconds_since(t0));
+                    std::vector<double> tps;
+                    std::vector<std::vector<int32_t>> tok(static_cast<size_t>(b));
+                    std::vector<RunnerSequence> seqs(static_cast<size_t>(b));
+                    for (int r = 0; r <= o.repeats; ++r) {  // the first run warms up
+                        for (auto& t : tok)
+                            t = {static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size))};
+                        const auto t0 = std::chrono::steady_clock::now();
+                        for (int64_t i = 0; i < n; ++i) {
+                            for (int64_t q = 0; q < b; ++q) {
+                                const auto qi = static_cast<size_t>(q);
+                                seqs[qi] = {.tokens = tok[qi],
+                                            .block_table = tables[qi],
+                                            .start_pos = d + i,
+                                            .needs_logits = true,
+                                            .state_slot = static_cast<int32_t>(q)};
+                            }
+                            runner.execute_greedy(std::span(seqs), next);
+                            for (int64_t q = 0; q < b; ++q)
+                                tok[static_cast<size_t>(q)][0] = next[static_cast<size_t>(q)];
+                        }
+                        if (r > 0) tps.push_back(static_cast<double>(n * b) / seconds_since(t0));
+                    }
+                    const double len = static_cast<double>(d) + static_cast<double>(n) / 2.0;
+                    const double bytes = step_bytes(*weights, shape, len, b);
+                    rows.push_back({kv_dtype_name(kv).data(),
+                                    "tg" + std::to_string(n) + (b > 1 ? " x" + std::to_string(b) : ""), d,
+                                    stat_of(tps), static_cast<double>(b) * limits.copy_bytes_per_s / bytes,
+                                    "copy bandwidth"});
                 }
-                const double bytes = token_bytes(*weights, shape, static_cast<double>(d) + static_cast<double>(n) / 2.0);
-                rows.push_back({kv_dtype_name(kv).data(), "tg" + std::to_string(n), d, stat_of(tps),
-                                limits.copy_bytes_per_s / bytes, "copy bandwidth"});
-            }
         }
     }
 
@@ -441,7 +484,7 @@ void run_bench(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app) {
     auto o = std::make_shared<BenchOptions>();
-    auto lists = std::make_shared<std::vector<std::string>>(4);
+    auto lists = std::make_shared<std::vector<std::string>>(5);
     CLI::App* cmd = app.add_subcommand("bench", "llama-bench-style prompt and generation throughput on the CUDA backend");
     cmd->add_option("--model,-m", o->model_dir, "a checkpoint directory");
     cmd->add_option("--synthetic", o->synthetic, "random weights of a real shape: llama3-8b, llama3-70b, qwen3-8b, mistral-7b, qwen3-30b-a3b, "
@@ -452,6 +495,10 @@ void add_bench_command(CLI::App& app) {
     cmd->add_option("-n,--n-gen", (*lists)[1], "generated tokens, comma-separated (default 128)");
     cmd->add_option("-d,--n-depth", (*lists)[2], "cached tokens before each test, comma-separated (default 0)");
     cmd->add_option("--kv-cache-dtype", (*lists)[3], "bf16, fp8, nvfp4, comma-separated (default bf16)");
+    cmd->add_option(
+        "-b,--batch", (*lists)[4],
+        "sequences decoding together in the tg tests, comma-separated (default 1; B > 1: tg<N> xB, tokens/s "
+        "over all B)");
     cmd->add_option("-r,--repetitions", o->repeats, "repeats of each test (default 5)");
     cmd->add_option("-o,--output", o->output, "md (default) or json");
     cmd->add_flag("--enforce-eager", o->enforce_eager, "decode without CUDA graphs (to measure what they save)");
@@ -471,6 +518,8 @@ void add_bench_command(CLI::App& app) {
         if (!(*lists)[1].empty()) o->gen = split_list<int64_t>((*lists)[1], "-n");
         if (!(*lists)[2].empty()) o->depth = split_list<int64_t>((*lists)[2], "-d");
         if (!(*lists)[3].empty()) o->kv = split_list<std::string>((*lists)[3], "--kv-cache-dtype");
+        if (!(*lists)[4].empty()) o->batch = split_list<int64_t>((*lists)[4], "-b");
+        for (int64_t b : o->batch) NIBBLE_CHECK(b >= 1 && b <= 256, "-b {}: each batch must be 1 .. 256", b);
         NIBBLE_CHECK(o->prefill_chunk > 0, "--prefill-chunk {}: must be positive", o->prefill_chunk);
 #if defined(NIBBLE_HAVE_CUDA)
         run_bench(*o);

@@ -1,11 +1,13 @@
 #include "gpu/device_decoder.h"
 
-#include <algorithm>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "base/error.h"
-#include "model/real_shapes.h"
 #include "cuda/fill_random.h"
+#include "model/real_shapes.h"
 #include "ops/attention/attention_cuda.h"
 #include "ops/rope/rope.h"
 
@@ -91,11 +93,27 @@ int64_t routed_share(const ModelConfig& c, const DeviceMoeExperts& e, int64_t pe
 
 }  // namespace
 
+double DeviceMoeExperts::expected_active(int64_t total, int64_t top_k, int64_t tokens) const {
+    const double pick =
+        total > 0 ? std::min(1.0, static_cast<double>(top_k) / static_cast<double>(total)) : 1.0;
+    return static_cast<double>(n_experts) * (1.0 - std::pow(1.0 - pick, static_cast<double>(tokens)));
+}
+
 int64_t DeviceDecoder::streamed_bytes_per_token() const {
     int64_t total = lm_head.stored_bytes();
     for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
     for (const DeviceDecoderLayer& L : layers)
         if (L.moe) total += routed_share(config, L.experts, L.experts.expert_bytes());
+    return total;
+}
+
+double DeviceDecoder::streamed_bytes_per_step(int64_t tokens) const {
+    double total = static_cast<double>(lm_head.stored_bytes());
+    for (const DeviceLinear* w : linears(*this)) total += static_cast<double>(w->stored_bytes());
+    for (const DeviceDecoderLayer& L : layers)
+        if (L.moe)
+            total += L.experts.expected_active(config.moe.n_experts, config.moe.top_k, tokens) *
+                     static_cast<double>(L.experts.expert_bytes());
     return total;
 }
 

@@ -56,6 +56,10 @@ struct DeviceMoeExperts {
         return bf16.bytes() != 0 ? n_mats * n_ff * n_embd * 2 : n_mats * (n_ff * n_embd / 2 + n_ff * n_embd / 16);
     }
     int64_t bytes() const { return n_experts * expert_bytes(); }
+    // Of the n_experts held here (out of `total`, each token choosing top_k of them), how many a decode step
+    // of `tokens` tokens runs on average under uniform routing: n_experts (1 - (1 - top_k / total)^tokens);
+    // for one token top_k n_experts / total (top_k on a rank holding all).
+    double expected_active(int64_t total, int64_t top_k, int64_t tokens) const;
     cuda::MoeDeviceExperts device() const;
 };
 
@@ -101,6 +105,9 @@ struct DeviceDecoder {
     // expert and top_k experts; a tensor-parallel rank holding E_r of the E experts: top_k E_r / E of them, the average under
     // uniform routing), the embedding rows aside.
     int64_t streamed_bytes_per_token() const;
+    // The same for a decode step of `tokens` sequences: MoE layers stream the experts those tokens pick on
+    // average (DeviceMoeExperts::expected_active).
+    double streamed_bytes_per_step(int64_t tokens) const;
     // Multiply-accumulates per token in the linear layers (MoE layers: the router, the shared expert and
     // top_k experts), the lm_head and attention aside.
     int64_t active_linear_params() const;

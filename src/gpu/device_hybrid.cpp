@@ -51,6 +51,16 @@ int64_t DeviceHybrid::streamed_bytes_per_token() const {
     return total;
 }
 
+double DeviceHybrid::streamed_bytes_per_step(int64_t tokens) const {
+    double total = static_cast<double>(lm_head.stored_bytes());
+    for (const DeviceLinear* w : linears(*this)) total += static_cast<double>(w->stored_bytes());
+    for (const DeviceHybridLayer& L : layers)
+        if (L.kind == LayerKind::Moe)
+            total += L.experts.expected_active(config.moe.n_experts, config.moe.top_k, tokens) *
+                     static_cast<double>(L.experts.expert_bytes());
+    return total;
+}
+
 int64_t DeviceHybrid::active_linear_params() const {
     int64_t total = 0;
     for (const DeviceLinear* w : linears(*this)) total += w->n_out * w->n_in;

@@ -333,3 +333,23 @@ INSTANTIATE_TEST_SUITE_P(Weights, SyntheticQwen3Moe, ::testing::Bool(),
 
 }  // namespace
 }  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// The experts a batched decode step reads on average (nibble bench's bound for tg xB): top_k for one token
+// on a rank holding every expert, top_k E_r / E on one holding E_r, and the union of B uniform choices
+// E_r (1 - (1 - top_k / E)^B) towards all of them (host only).
+TEST(DeviceMoeExperts, ExpectedActiveExperts) {
+    gpu::DeviceMoeExperts all;
+    all.n_experts = 128;
+    EXPECT_DOUBLE_EQ(all.expected_active(128, 8, 1), 8.0);
+    EXPECT_DOUBLE_EQ(all.expected_active(128, 8, 2), 128.0 * (1.0 - (120.0 / 128.0) * (120.0 / 128.0)));
+    EXPECT_NEAR(all.expected_active(128, 8, 256), 128.0, 1e-4);
+    gpu::DeviceMoeExperts half;
+    half.n_experts = 64;  // a rank's share
+    EXPECT_DOUBLE_EQ(half.expected_active(128, 8, 1), 4.0);
+}
+
+}  // namespace
+}  // namespace nibble
