@@ -296,6 +296,31 @@ void expect_fused_route_permute_equal(const RoutedBuffers& fused, const RoutedBu
               download_vec<uint32_t>(two.workspace, l.h / 4));
 }
 
+// The buffers of one fused-vs-two-launches comparison, poisoned alike: experts of the workspace's widths
+// (their weights are not read) and each side's ids, weights and workspace.
+struct FusedRouteCase {
+    int64_t m, k, n_experts;
+    cuda::MoeDeviceExperts experts;
+    MoeWorkspaceLayout layout;
+    cuda::DeviceBuffer ws_fused, ws_two, ids_fused, w_fused, ids_two, w_two;
+    FusedRouteCase(int64_t m_, int64_t k_, int64_t ne)
+        : m(m_),
+          k(k_),
+          n_experts(ne),
+          experts{.n_experts = ne, .n_embd = 64, .n_ff = 32},
+          layout(moe_workspace_layout(m, k, ne, experts.n_embd, experts.n_ff)),
+          ws_fused(poisoned(cuda::moe_workspace_bytes(m, k, ne, experts.n_embd, experts.n_ff))),
+          ws_two(poisoned(cuda::moe_workspace_bytes(m, k, ne, experts.n_embd, experts.n_ff))),
+          ids_fused(poisoned(static_cast<size_t>(m * k) * 4)),
+          w_fused(poisoned(static_cast<size_t>(m * k) * 4)),
+          ids_two(poisoned(static_cast<size_t>(m * k) * 4)),
+          w_two(poisoned(static_cast<size_t>(m * k) * 4)) {}
+    void expect_equal() {
+        expect_fused_route_permute_equal({ids_fused, w_fused, ws_fused}, {ids_two, w_two, ws_two}, layout, m,
+                                         k, n_experts);
+    }
+};
+
 TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
     NIBBLE_REQUIRE_GPU();
     std::mt19937_64 rng(test::fresh_seed());
@@ -308,7 +333,7 @@ TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
              {Shape{1, 8}, Shape{3, 6}, Shape{33, 1}, Shape{128, 8}, Shape{129, 8}, Shape{32, 32}})
             for (bool bf16 : {false, true})
                 for (bool ties : {false, true}) {
-                    const int64_t m = sh.m, k = std::min(sh.k, ne), n = m * k;
+                    const int64_t m = sh.m, k = std::min(sh.k, ne);
                     const bool norm = (m + k) % 2 == 1;
                     SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) + " k=" +
                                  std::to_string(k) + (bf16 ? " bf16" : " f32") + (ties ? " ties" : ""));
@@ -321,24 +346,13 @@ TEST(MoeCuda, RouteSoftmaxPermuteMatchesTwoLaunches) {
                     DeviceActs dl;
                     dl.upload(logits, bf16);
                     const DType dtype = bf16 ? DType::BF16 : DType::F32;
-                    cuda::MoeDeviceExperts ex;
-                    ex.n_experts = ne;
-                    ex.n_embd = 64;
-                    ex.n_ff = 32;
-                    const size_t bytes = cuda::moe_workspace_bytes(m, k, ne, ex.n_embd, ex.n_ff);
-                    const MoeWorkspaceLayout l = moe_workspace_layout(m, k, ne, ex.n_embd, ex.n_ff);
-                    auto ws_fused = poisoned(bytes), ws_two = poisoned(bytes);
-                    auto ids_fused = poisoned(static_cast<size_t>(n) * 4),
-                         w_fused = poisoned(static_cast<size_t>(n) * 4);
-                    auto ids_two = poisoned(static_cast<size_t>(n) * 4),
-                         w_two = poisoned(static_cast<size_t>(n) * 4);
-                    cuda::moe_route_softmax_permute(dl.buf.get(), dtype, m, k, norm, ex,
-                                                    ids_fused.as<int32_t>(), w_fused.as<float>(),
-                                                    ws_fused.get(), nullptr);
-                    cuda::moe_route_softmax(dl.buf.get(), dtype, m, ne, k, norm, ids_two.as<int32_t>(),
-                                            w_two.as<float>(), nullptr);
-                    expect_fused_route_permute_equal({ids_fused, w_fused, ws_fused}, {ids_two, w_two, ws_two},
-                                                     l, m, k, ne);
+                    FusedRouteCase c(m, k, ne);
+                    cuda::moe_route_softmax_permute(dl.buf.get(), dtype, m, k, norm, c.experts,
+                                                    c.ids_fused.as<int32_t>(), c.w_fused.as<float>(),
+                                                    c.ws_fused.get(), nullptr);
+                    cuda::moe_route_softmax(dl.buf.get(), dtype, m, ne, k, norm, c.ids_two.as<int32_t>(),
+                                            c.w_two.as<float>(), nullptr);
+                    c.expect_equal();
                 }
 }
 
@@ -371,7 +385,7 @@ TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
         for (int64_t m : {1, 3, 33, 132})
             for (bool bf16 : {false, true})
                 for (bool ties : {false, true}) {
-                    const int64_t ne = sh.n_experts, k = sh.top_k, n = m * k;
+                    const int64_t ne = sh.n_experts, k = sh.top_k;
                     const bool norm = (m + k) % 2 == 1, with_bias = !ties || m % 2 == 1;
                     SCOPED_TRACE("m=" + std::to_string(m) + " E=" + std::to_string(ne) +
                                  " k=" + std::to_string(k) + " groups " + std::to_string(sh.topk_group) +
@@ -386,24 +400,13 @@ TEST(MoeCuda, RouteSigmoidPermuteMatchesTwoLaunches) {
                     DeviceActs dl;
                     dl.upload(logits, bf16);
                     const DType dtype = bf16 ? DType::BF16 : DType::F32;
-                    cuda::MoeDeviceExperts ex;
-                    ex.n_experts = ne;
-                    ex.n_embd = 64;
-                    ex.n_ff = 32;
-                    const size_t bytes = cuda::moe_workspace_bytes(m, k, ne, ex.n_embd, ex.n_ff);
-                    const MoeWorkspaceLayout l = moe_workspace_layout(m, k, ne, ex.n_embd, ex.n_ff);
-                    auto ws_fused = poisoned(bytes), ws_two = poisoned(bytes);
-                    auto ids_fused = poisoned(static_cast<size_t>(n) * 4),
-                         w_fused = poisoned(static_cast<size_t>(n) * 4);
-                    auto ids_two = poisoned(static_cast<size_t>(n) * 4),
-                         w_two = poisoned(static_cast<size_t>(n) * 4);
+                    FusedRouteCase c(m, k, ne);
                     cuda::moe_route_sigmoid_permute(dl.buf.get(), dtype, m, k, b, sh.n_group, sh.topk_group,
-                                                    norm, 2.5f, ex, ids_fused.as<int32_t>(),
-                                                    w_fused.as<float>(), ws_fused.get(), nullptr);
+                                                    norm, 2.5f, c.experts, c.ids_fused.as<int32_t>(),
+                                                    c.w_fused.as<float>(), c.ws_fused.get(), nullptr);
                     cuda::moe_route_sigmoid(dl.buf.get(), dtype, m, ne, k, b, sh.n_group, sh.topk_group, norm,
-                                            2.5f, ids_two.as<int32_t>(), w_two.as<float>(), nullptr);
-                    expect_fused_route_permute_equal({ids_fused, w_fused, ws_fused}, {ids_two, w_two, ws_two},
-                                                     l, m, k, ne);
+                                            2.5f, c.ids_two.as<int32_t>(), c.w_two.as<float>(), nullptr);
+                    c.expect_equal();
                 }
 }
 

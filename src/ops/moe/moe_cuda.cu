@@ -611,6 +611,18 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
                               pair_position, active_experts, n_active);
 }
 
+// A routed token's choice (lane < top_k: id in [0, n_experts)) into ids / weights and the fused kernels'
+// shared permutation state (the ids and per-expert counts permute_small_from_shared reads).
+__device__ __forceinline__ void store_choice(int t, int lane, int top_k, int id, float weight, int32_t* ids,
+                                             float* weights, int* id_sh, int* count_sh) {
+    if (lane >= top_k) return;
+    const int i = t * top_k + lane;
+    ids[i] = id;
+    weights[i] = weight;
+    id_sh[i] = id;
+    atomicAdd(&count_sh[id], 1);
+}
+
 // Decode's router and permutation in one launch (n_experts <= kWarpRouteMaxExperts, m top_k <=
 // kSmallPermutePairs): the 32 warps route the tokens (route_softmax_warp_token, as moe_route_softmax), the
 // choices go to ids / weights and into the shared state of permute_small_kernel, which then runs as there.
@@ -632,13 +644,7 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
         float weight;
         route_softmax_warp_token(logits + static_cast<int64_t>(t) * n_experts, n_experts, top_k,
                                  norm_topk_prob, id, weight);
-        if (lane < top_k) {  // id in [0, n_experts)
-            const int i = t * top_k + lane;
-            ids[i] = id;
-            weights[i] = weight;
-            id_sh[i] = id;
-            atomicAdd(&count_sh[id], 1);
-        }
+        store_choice(t, lane, top_k, id, weight, ids, weights, id_sh, count_sh);
     }
     __syncthreads();
     permute_small_from_shared(count_sh, id_sh, m * top_k, n_experts, counts, offsets, sorted_pairs,
@@ -672,13 +678,7 @@ __global__ void __launch_bounds__(kSmallPermuteThreads)
             float weight;
             route_sigmoid_warp_token(logits + static_cast<int64_t>(t) * r.n_experts, r,
                                      {choice_sh[warp], group_score[warp], group_eligible[warp]}, id, weight);
-            if (lane < r.top_k) {  // id in [0, n_experts)
-                const int i = t * r.top_k + lane;
-                ids[i] = id;
-                weights[i] = weight;
-                id_sh[i] = id;
-                atomicAdd(&count_sh[id], 1);
-            }
+            store_choice(t, lane, r.top_k, id, weight, ids, weights, id_sh, count_sh);
         }
     }
     __syncthreads();
