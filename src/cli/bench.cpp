@@ -193,8 +193,7 @@ std::shared_ptr<tune::KernelChoices> bench_kernel_choices(const std::string& mod
 template <class Weights>
 void log_weights(const std::string& name, const Weights& w, double seconds) {
     log::info("{}: {:.2f} GB of weights on the device in {:.1f} s; {:.3f} GB streamed per token", name,
-              static_cast<double>(w.device_bytes()) / 1e9, seconds,
-              static_cast<double>(w.streamed_bytes_per_token()) / 1e9);
+              static_cast<double>(w.device_bytes()) / 1e9, seconds, w.streamed_bytes_per_step(1) / 1e9);
 }
 
 // The tests of every KV dtype on one rank's weights. Under tensor parallelism every rank runs this with the

@@ -99,14 +99,6 @@ double DeviceMoeExperts::expected_active(int64_t total, int64_t top_k, int64_t t
     return static_cast<double>(n_experts) * (1.0 - std::pow(1.0 - pick, static_cast<double>(tokens)));
 }
 
-int64_t DeviceDecoder::streamed_bytes_per_token() const {
-    int64_t total = lm_head.stored_bytes();
-    for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
-    for (const DeviceDecoderLayer& L : layers)
-        if (L.moe) total += routed_share(config, L.experts, L.experts.expert_bytes());
-    return total;
-}
-
 double DeviceDecoder::streamed_bytes_per_step(int64_t tokens) const {
     double total = static_cast<double>(lm_head.stored_bytes());
     for (const DeviceLinear* w : linears(*this)) total += static_cast<double>(w->stored_bytes());

@@ -101,12 +101,10 @@ struct DeviceDecoder {
     bool sharded() const { return tp.tp_size > 1; }
     int64_t vocab_size() const { return sharded() ? full_vocab : config.vocab_size; }
 
-    // Weights one token's decode step streams: every linear layer once (MoE layers: the router, the shared
-    // expert and top_k experts; a tensor-parallel rank holding E_r of the E experts: top_k E_r / E of them, the average under
-    // uniform routing), the embedding rows aside.
-    int64_t streamed_bytes_per_token() const;
-    // The same for a decode step of `tokens` sequences: MoE layers stream the experts those tokens pick on
-    // average (DeviceMoeExperts::expected_active).
+    // Weights a decode step of `tokens` sequences streams: every linear layer once (MoE layers: the router,
+    // the shared expert and the experts those tokens pick on average under uniform routing,
+    // DeviceMoeExperts::expected_active: top_k for one token, top_k E_r / E on a tensor-parallel rank holding
+    // E_r of the E experts), the embedding rows aside.
     double streamed_bytes_per_step(int64_t tokens) const;
     // Multiply-accumulates per token in the linear layers (MoE layers: the router, the shared expert and
     // top_k experts), the lm_head and attention aside.

@@ -43,14 +43,6 @@ std::vector<const DeviceLinear*> linears(const DeviceHybrid& h) {
 
 }  // namespace
 
-int64_t DeviceHybrid::streamed_bytes_per_token() const {
-    int64_t total = lm_head.stored_bytes();
-    for (const DeviceLinear* w : linears(*this)) total += w->stored_bytes();
-    for (const DeviceHybridLayer& L : layers)
-        if (L.kind == LayerKind::Moe) total += std::min(config.moe.top_k, L.experts.n_experts) * L.experts.expert_bytes();
-    return total;
-}
-
 double DeviceHybrid::streamed_bytes_per_step(int64_t tokens) const {
     double total = static_cast<double>(lm_head.stored_bytes());
     for (const DeviceLinear* w : linears(*this)) total += static_cast<double>(w->stored_bytes());

@@ -50,10 +50,8 @@ struct DeviceHybrid {
 
     // The per-sequence recurrent state the forward keeps (one slot's shape, ssm_state.h).
     MambaStateShape state_shape(SsmStateDtype dtype) const;
-    // Weights one token's decode step streams (MoE layers: router, shared expert and top_k experts).
-    int64_t streamed_bytes_per_token() const;
-    // The same for a decode step of `tokens` sequences (DeviceMoeExperts::expected_active experts a MoE
-    // layer).
+    // Weights a decode step of `tokens` sequences streams (MoE layers: router, shared expert and the
+    // DeviceMoeExperts::expected_active experts: top_k for one token).
     double streamed_bytes_per_step(int64_t tokens) const;
     // Multiply-accumulates per token in the linear layers (MoE: top_k experts), the lm_head aside.
     int64_t active_linear_params() const;
